@@ -1,0 +1,234 @@
+"""Functional batch norm: the only place that validates and converts input, allocates outputs and calls kernels.
+
+Semantics follow ``torch.nn.functional.batch_norm``. Inputs are (N, C, *) arrays; the kernels see them as
+C-contiguous (N, C, S) arrays of the compute dtype (float32 or float64), copied only when that is needed.
+"""
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _kernels
+
+_COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class BatchNormSaved(NamedTuple):
+    """What a forward keeps for its backward.
+
+    Attributes
+    ----------
+    x : ndarray
+        The input as a C-contiguous (N, C, S) array of the compute dtype (a view of the caller's array when no
+        conversion was needed: modifying that array before the backward changes the gradient).
+    mean, invstd : ndarray
+        (C,) float64 mean and 1/sqrt(var + eps) the forward used.
+    weight : ndarray or None
+        (C,) gamma in the compute dtype.
+    use_batch_stats : bool
+        True when the forward normalised with batch statistics.
+    shape : tuple
+        Shape of the forward's input.
+    dtype : numpy.dtype
+        dtype of the forward's output, and of dx.
+    """
+
+    x: np.ndarray
+    mean: np.ndarray
+    invstd: np.ndarray
+    weight: Optional[np.ndarray]
+    use_batch_stats: bool
+    shape: tuple
+    dtype: np.dtype
+
+
+def _float_array(a, name):
+    """Return ``a`` if it is a floating ndarray, else raise TypeError naming what it is."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of floating dtype, got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), got {a.dtype}")
+    return a
+
+
+def _compute_dtype(x_dtype, dtype):
+    """The dtype kernels run in: ``dtype`` if given, else x's (float16 -> float32, wider floats -> float64)."""
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype not in _COMPUTE:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        return dtype
+    if x_dtype.itemsize <= 4:
+        return _COMPUTE[0]
+    return _COMPUTE[1]
+
+
+def _channel_array(a, name, C):
+    """Validate that ``a`` is a floating ndarray of shape (C,) and return it."""
+    a = _float_array(a, name)
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, got {a.shape}")
+    return a
+
+
+def _channel_param(a, name, C, dt):
+    """Validate an optional (C,) parameter and return it as a contiguous array of dtype dt."""
+    return None if a is None else np.ascontiguousarray(_channel_array(a, name, C), dtype=dt)
+
+
+def _running_stat(a, name, C, dt):
+    """Validate a running statistic that the kernel updates in place: (C,), dtype dt, contiguous, writeable."""
+    a = _channel_array(a, name, C)
+    if a.dtype != dt:
+        raise TypeError(f"{name} must have the compute dtype {dt} to be updated in place, got {a.dtype}")
+    if not (a.flags.c_contiguous and a.flags.writeable):
+        raise ValueError(f"{name} must be a writeable contiguous array to be updated in place")
+    return a
+
+
+def _out_array(out, name, shape, dt, inputs):
+    """Validate ``out`` (shape, dtype, contiguous, writeable, no overlap with inputs) or allocate it."""
+    if out is None:
+        return np.empty(shape, dtype=dt)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dt:
+        raise ValueError(f"{name} must have shape {shape} and dtype {dt}, got shape {out.shape} and dtype {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"{name} must be a writeable C-contiguous array")
+    if any(np.may_share_memory(out, a) for a in inputs if a is not None):
+        raise ValueError(f"{name} must not share memory with an input")
+    return out
+
+
+def _check_scalars(momentum, eps):
+    """eps must be finite and >= 0; momentum a number in [0, 1]."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
+               out=None, dtype=None, return_saved=False):
+    """Batch normalisation over the channel axis 1 of an (N, C, *) array.
+
+    y = weight*(x - mean)/sqrt(var + eps) + bias, per channel, with the batch's mean and biased variance when
+    ``training`` (and, if given, the running statistics updated in place:
+    r = (1 - momentum)*r + momentum*batch_stat, with the unbiased variance), else the running statistics.
+
+    Parameters
+    ----------
+    x : ndarray
+        Input of shape (N, C, *), any floating dtype, layout and strides. Never modified.
+    running_mean, running_var : ndarray or None
+        (C,) running statistics. Updated in place when ``training`` (then they must be contiguous, writeable and
+        of the compute dtype); required when not ``training``.
+    weight, bias : ndarray or None
+        (C,) gamma and beta; None means 1 and 0.
+    training : bool
+        Normalise with batch statistics (True) or with the running statistics (False).
+    momentum : float
+        Factor of the running-statistic update, in [0, 1].
+    eps : float
+        Added to the variance, finite and >= 0.
+    out : ndarray, optional
+        Preallocated output: shape of x, the output dtype, C-contiguous, not overlapping any input.
+    dtype : {None, float32, float64}
+        Compute dtype; default float64 for float64 (and wider) input, float32 otherwise.
+    return_saved : bool
+        Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
+
+    Returns
+    -------
+    y : ndarray
+        Output of the compute dtype (float16 for float16 input), shape of x.
+    saved : BatchNormSaved
+        Only with ``return_saved``.
+    """
+    x = _float_array(x, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
+    _check_scalars(momentum, eps)
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    S = math.prod(shape[2:])
+    dt = _compute_dtype(x.dtype, dtype)
+    out_dt = x.dtype if x.dtype == np.float16 else dt
+    training = bool(training)
+    if training and N * S == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+    update = training and (running_mean is not None or running_var is not None)
+    if update:
+        running_mean = _running_stat(running_mean, "running_mean", C, dt)
+        running_var = _running_stat(running_var, "running_var", C, dt)
+    elif not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        rm = _channel_param(running_mean, "running_mean", C, np.float64)
+        rv = _channel_param(running_var, "running_var", C, np.float64)
+    weight = _channel_param(weight, "weight", C, dt)
+    bias = _channel_param(bias, "bias", C, dt)
+    y = _out_array(out, "out", shape, out_dt, (x, running_mean, running_var, weight, bias))
+
+    x3 = np.ascontiguousarray(x, dtype=dt).reshape(N, C, S)
+    if training:
+        mean, invstd = np.empty(C), np.empty(C)
+    else:
+        mean, invstd = rm.copy(), 1.0 / np.sqrt(rv + eps)
+    if x3.size:
+        y3 = y.reshape(N, C, S) if out_dt == dt else np.empty((N, C, S), dtype=dt)
+        _kernels.forward(x3, y3, running_mean if update else None, running_var if update else None, weight, bias,
+                         mean, invstd, training, update, float(momentum), float(eps))
+        if out_dt != dt:
+            y[...] = y3.reshape(shape)
+    elif training:
+        mean.fill(np.nan)
+        invstd.fill(np.nan)
+    if not return_saved:
+        return y
+    return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, out_dt)
+
+
+def batch_norm_backward(dy, saved, *, out=None):
+    """Gradients of :func:`batch_norm` with respect to its input, weight and bias.
+
+    Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
+    xhat = (x - mean)*invstd, m = N*S values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),
+    dbias = sum(dy).
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to the forward's output; same shape as the forward's input.
+    saved : BatchNormSaved
+        From ``batch_norm(..., return_saved=True)``.
+    out : ndarray, optional
+        Preallocated dx: shape of dy, dtype ``saved.dtype``, C-contiguous, not overlapping dy or saved.x.
+
+    Returns
+    -------
+    dx : ndarray
+        Shape of the forward's input, dtype ``saved.dtype``.
+    dweight, dbias : ndarray
+        (C,) in the compute dtype (computed whether or not the forward had a weight).
+    """
+    if not isinstance(saved, BatchNormSaved):
+        raise TypeError(f"saved must be the BatchNormSaved of a forward, got {type(saved).__name__}")
+    dy = _float_array(dy, "grad_output")
+    if dy.shape != saved.shape:
+        raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
+    x3 = saved.x
+    N, C, S = x3.shape
+    dt = x3.dtype
+    dx = _out_array(out, "out", saved.shape, saved.dtype, (dy, x3))
+    dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)
+    if x3.size:
+        dy3 = np.ascontiguousarray(dy, dtype=dt).reshape(N, C, S)
+        dx3 = dx.reshape(N, C, S) if saved.dtype == dt else np.empty((N, C, S), dtype=dt)
+        _kernels.backward(x3, dy3, dx3, saved.mean, saved.invstd, saved.weight, dweight, dbias,
+                          saved.use_batch_stats)
+        if saved.dtype != dt:
+            dx[...] = dx3.reshape(saved.shape)
+    return dx, dweight, dbias

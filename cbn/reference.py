@@ -1,0 +1,51 @@
+"""Pure-NumPy float64 batch norm: the test oracle and the benchmark baseline.
+
+Same signatures as :mod:`cbn.functional` (``out`` and ``dtype`` are not offered); every computation is done in
+float64 with NumPy's pairwise sums, straight from the formulas.
+"""
+import numpy as np
+
+from .functional import BatchNormSaved
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
+               return_saved=False):
+    """Float64 reference of :func:`cbn.functional.batch_norm` (running statistics updated in place)."""
+    shape = x.shape
+    N, C = shape[0], shape[1]
+    x3 = np.asarray(x, dtype=np.float64).reshape(N, C, -1)
+    if training:
+        m = x3.shape[0] * x3.shape[2]
+        mean = x3.mean(axis=(0, 2))
+        var = ((x3 - mean[:, None]) ** 2).mean(axis=(0, 2))
+        if running_mean is not None and m > 0:
+            running_mean[...] = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
+            running_var[...] = (1 - momentum) * running_var.astype(np.float64) + momentum * var * m / (m - 1)
+    else:
+        mean = np.asarray(running_mean, dtype=np.float64)
+        var = np.asarray(running_var, dtype=np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
+    b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
+    y = ((x3 - mean[:, None]) * (invstd * w)[:, None] + b[:, None]).reshape(shape)
+    if not return_saved:
+        return y
+    return y, BatchNormSaved(x3, mean, invstd, None if weight is None else w, bool(training), shape, y.dtype)
+
+
+def batch_norm_backward(dy, saved):
+    """Float64 reference of :func:`cbn.functional.batch_norm_backward`: returns (dx, dweight, dbias)."""
+    x3 = saved.x.astype(np.float64)
+    N, C, S = x3.shape
+    dy3 = np.asarray(dy, dtype=np.float64).reshape(N, C, S)
+    w = np.ones(C) if saved.weight is None else saved.weight.astype(np.float64)
+    xhat = (x3 - saved.mean[:, None]) * saved.invstd[:, None]
+    dbias = dy3.sum(axis=(0, 2))
+    dweight = (dy3 * xhat).sum(axis=(0, 2))
+    g = (w * saved.invstd)[:, None]
+    if saved.use_batch_stats:
+        m = N * S
+        dx = g * (dy3 - dbias[:, None] / m - xhat * dweight[:, None] / m)
+    else:
+        dx = g * dy3
+    return dx.reshape(saved.shape), dweight, dbias
