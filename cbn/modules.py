@@ -1,0 +1,276 @@
+"""Batch-norm layer objects with the API and semantics of torch.nn.BatchNorm{1,2,3}d, on NumPy arrays."""
+import json
+import numbers
+import os
+
+import numpy as np
+
+from . import functional as F
+
+FORMAT = "cbn.batchnorm"
+FORMAT_VERSION = 1
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _BatchNorm:
+    """Common implementation of BatchNorm1d/2d/3d; subclasses set ``_ndims`` (accepted input ranks)."""
+
+    _ndims = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
+        F._check_scalars(0.0 if momentum is None else momentum, eps)
+        dtype = np.dtype(dtype)
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.training = True
+        C = self.num_features
+        self.weight = np.ones(C, dtype) if self.affine else None
+        self.bias = np.zeros(C, dtype) if self.affine else None
+        self.running_mean = np.zeros(C, dtype) if self.track_running_stats else None
+        self.running_var = np.ones(C, dtype) if self.track_running_stats else None
+        self.num_batches_tracked = 0
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None
+
+    # -- mode -------------------------------------------------------------------------------------------------
+    def train(self, mode=True):
+        """Set training mode (batch statistics) or eval mode; return self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode (running statistics); return self."""
+        return self.train(False)
+
+    # -- computation ------------------------------------------------------------------------------------------
+    def forward(self, x, out=None):
+        """Normalise ``x`` of shape (N, C, *); in training with running stats, update them.
+
+        Parameters
+        ----------
+        x : ndarray
+            Input of one of the accepted ranks, any floating dtype (converted to the layer dtype; float16 is
+            computed in float32 and returned as float16).
+        out : ndarray, optional
+            Preallocated output (shape of x, output dtype, C-contiguous).
+
+        Returns
+        -------
+        ndarray
+            The normalised output.
+        """
+        x = F._float_array(x, "input")
+        if x.ndim not in self._ndims:
+            want = " or ".join(f"{d}D" for d in self._ndims)
+            raise ValueError(f"expected {want} input, got {x.ndim}D input")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels, got {x.shape[1]}")
+        count = self.num_batches_tracked
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            count += 1
+            factor = 1.0 / count if self.momentum is None else self.momentum
+        use_batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        y, saved = F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                                self.weight, self.bias, use_batch_stats, factor, self.eps, out=out,
+                                dtype=self.dtype, return_saved=True)
+        if saved.x.size:
+            self.num_batches_tracked = count
+        self._saved = saved
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy, out=None):
+        """Gradient of the last forward's input; also sets ``grad_weight`` and ``grad_bias`` (None if not affine).
+
+        Parameters
+        ----------
+        dy : ndarray
+            Gradient of the loss with respect to the last forward's output.
+        out : ndarray, optional
+            Preallocated dx (shape of dy, the forward's output dtype, C-contiguous).
+
+        Returns
+        -------
+        ndarray
+            dx, the gradient with respect to the last forward's input.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward called before forward: there is no saved input to differentiate")
+        dx, dweight, dbias = F.batch_norm_backward(dy, self._saved, out=out)
+        self.grad_weight = dweight if self.affine else None
+        self.grad_bias = dbias if self.affine else None
+        return dx
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def reset_running_stats(self):
+        """Running mean 0, running variance 1, num_batches_tracked 0."""
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """Reset the running statistics, weight to 1 and bias to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.fill(1)
+            self.bias.fill(0)
+
+    def _state_keys(self):
+        keys = ["weight", "bias"] if self.affine else []
+        return keys + (["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else [])
+
+    def state_dict(self):
+        """Return a dict of copies, with torch's keys: weight, bias, running_mean, running_var, num_batches_tracked."""
+        state = {}
+        for key in self._state_keys():
+            value = getattr(self, key)
+            state[key] = np.array(value, dtype=np.int64) if key == "num_batches_tracked" else value.copy()
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Load parameters and statistics (e.g. ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``).
+
+        All entries are checked before any is assigned: on any error the layer is unchanged.
+
+        Raises
+        ------
+        KeyError
+            ``strict`` and a key is missing or unexpected.
+        ValueError
+            A shape is wrong, a running statistic is not finite, a variance is negative, or the counter is not a
+            non-negative integer.
+        TypeError
+            A value cannot be read as a real array.
+        """
+        keys = self._state_keys()
+        missing = [k for k in keys if k not in state]
+        unexpected = [k for k in state if k not in keys]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
+        new = {}
+        for key in keys:
+            if key not in state:
+                continue
+            value = np.asarray(state[key])
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"{key} must be a real numeric array, got dtype {value.dtype}")
+            if key == "num_batches_tracked":
+                if value.shape not in ((), (1,)) or value.dtype.kind not in "iu" or int(value.reshape(())) < 0:
+                    raise ValueError(f"num_batches_tracked must be a non-negative integer, got {value!r}")
+                new[key] = int(value.reshape(()))
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
+            if key.startswith("running") and not np.all(np.isfinite(value)):
+                raise ValueError(f"{key} must be finite")
+            if key == "running_var" and np.any(value < 0):
+                raise ValueError(f"running_var must be >= 0, got min {value.min()}")
+            new[key] = value.astype(self.dtype)
+        for key, value in new.items():
+            setattr(self, key, value)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_saved"] = None  # the last forward's input is not part of the layer's state
+        return state
+
+    def extra_repr(self):
+        """Hyperparameters as torch prints them (plus the dtype when it is not float32)."""
+        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+             f"track_running_stats={self.track_running_stats}")
+        return s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def save(self, path):
+        """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            File to write (written as given, no suffix added).
+        """
+        config = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(self).__name__,
+                  "num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                  "affine": self.affine, "track_running_stats": self.track_running_stats,
+                  "dtype": self.dtype.name, "training": self.training}
+        with open(os.fspath(path), "wb") as f:
+            np.savez(f, __config__=np.array(json.dumps(config)), **self.state_dict())
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) input; see :class:`BatchNorm2d`."""
+
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) input, like torch.nn.BatchNorm2d.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float
+        Added to the variance (finite, >= 0).
+    momentum : float or None
+        Running-statistic factor in [0, 1]; None means the cumulative average over all batches seen.
+    affine : bool
+        Learn weight (gamma) and bias (beta).
+    track_running_stats : bool
+        Keep running statistics for eval; without them batch statistics are used in both modes.
+    dtype : {float32, float64}
+        Dtype of the parameters, statistics and computation.
+    """
+
+    _ndims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over (N, C, D, H, W) input; see :class:`BatchNorm2d`."""
+
+    _ndims = (5,)
+
+
+_CLASSES = {cls.__name__: cls for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d)}
+
+
+def load(path):
+    """Load a layer written by ``save``; reads with ``allow_pickle=False``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    BatchNorm1d, BatchNorm2d or BatchNorm3d
+    """
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    config = json.loads(str(arrays.pop("__config__")))
+    if config.get("format") != FORMAT or not 1 <= config.get("version", 0) <= FORMAT_VERSION:
+        raise ValueError(f"not a cbn layer file of a known version (format {FORMAT!r} version <= "
+                         f"{FORMAT_VERSION}), got format {config.get('format')!r} version {config.get('version')!r}")
+    if config["class"] not in _CLASSES:
+        raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(_CLASSES)}")
+    layer = _CLASSES[config["class"]](config["num_features"], config["eps"], config["momentum"], config["affine"],
+                                      config["track_running_stats"], config["dtype"])
+    layer.load_state_dict(arrays)
+    return layer.train(config["training"])
