@@ -61,7 +61,7 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         cc = self.compiler
-        base = ["/O2"] if cc.compiler_type == "msvc" else ["-O3"]
+        base = ["/O2", "/fp:precise"] if cc.compiler_type == "msvc" else ["-O3", "-ffp-contract=off"]
         cflags, lflags = openmp_flags(cc)
         if os.environ.get("CBN_NO_OPENMP") == "1":
             cflags, lflags = [], []
@@ -83,7 +83,8 @@ extensions = [
     Extension(
         "cbn._kernels",
         ["cbn/_kernels.pyx"],
-        include_dirs=[np.get_include()],
+        depends=["cbn/_reduce.h"],
+        include_dirs=[np.get_include(), "cbn"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]

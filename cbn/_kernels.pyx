@@ -33,16 +33,22 @@ cdef extern from *:
     int cbn_get_max_threads() noexcept nogil
     void cbn_set_num_threads(int n) noexcept nogil
 
+cdef extern from "_reduce.h" nogil:
+    void cbn_row_moments_f(const float *x, Py_ssize_t n, double k, double *s)
+    void cbn_row_moments_d(const double *x, Py_ssize_t n, double k, double *s)
+    void cbn_row_grad_sums_f(const float *x, const float *dy, Py_ssize_t n, double mu, double *s)
+    void cbn_row_grad_sums_d(const double *x, const double *dy, Py_ssize_t n, double mu, double *s)
+
 ctypedef fused floating:
     float
     double
 
-# Elements per statistics block (fixed: the determinism contract depends on it never varying with threads).
+# Elements per block (fixed: the determinism contract depends on it never varying with the thread count).
 cdef Py_ssize_t BLOCK = 16384
+# Rows shorter than this are processed in memory order (groups of whole images); longer rows channel by channel.
+cdef Py_ssize_t SHORT_ROW = 1024
 # Below this many elements a kernel runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 65536
-# Accumulator lanes: independent partial sums the compiler can keep in vector registers.
-DEF LANES = 8
 
 
 def openmp_enabled():
@@ -72,117 +78,152 @@ cdef inline int _threads(Py_ssize_t n_elements, Py_ssize_t n_tasks) noexcept nog
     return <int>min(<Py_ssize_t>cbn_get_max_threads(), n_tasks)
 
 
-cdef struct Blocks:
-    # Block k of a channel covers rows [n0, n1) and columns [i0, i1) of that channel's (N, S) plane:
-    # rb = k // ncol, cb = k % ncol, n0 = rb*rows, i0 = cb*width.
+cdef struct Tiles:
+    # Tiling of a plane of nrows rows of S values into tiles of about BLOCK values:
+    # tile k covers rows [(k // ncol)*rows, +rows) and columns [(k % ncol)*width, +width).
+    Py_ssize_t nrows
     Py_ssize_t rows
     Py_ssize_t ncol
     Py_ssize_t width
-    Py_ssize_t per_channel
+    Py_ssize_t count
 
 
-cdef Blocks _blocks(Py_ssize_t N, Py_ssize_t S) noexcept nogil:
-    """Fixed tiling of an (N, S) channel plane into blocks of about BLOCK elements."""
-    cdef Blocks b
+cdef struct Span:
+    # Rows r0 + j*rstep (j < nrows) of the (N*C, S) row matrix, columns [i0, i1).
+    Py_ssize_t r0
+    Py_ssize_t nrows
+    Py_ssize_t rstep
+    Py_ssize_t i0
+    Py_ssize_t i1
+
+
+cdef struct Layout:
+    # Statistics blocks. by_image: block k = images [k*rows, +rows), all channels, in memory order; its partial
+    # sums are part[2*(k*C + c)]. Otherwise block k = tile k % tiles.count of channel k // tiles.count's (N, S)
+    # plane; its partial sums are part[2*k].
+    bint by_image
+    Py_ssize_t rows
+    Tiles tiles
+    Py_ssize_t nblocks
+
+
+cdef Tiles _tiles(Py_ssize_t nrows, Py_ssize_t S) noexcept nogil:
+    """Fixed tiling of an (nrows, S) plane: whole rows when S < BLOCK, else rows cut into equal column chunks."""
+    cdef Tiles t
+    t.nrows = nrows
     if S >= BLOCK:
-        b.rows = 1
-        b.ncol = (S + BLOCK - 1) // BLOCK
-        b.width = (S + b.ncol - 1) // b.ncol
+        t.rows = 1
+        t.ncol = (S + BLOCK - 1) // BLOCK
+        t.width = (S + t.ncol - 1) // t.ncol
     else:
-        b.rows = max(1, BLOCK // S)
-        b.ncol = 1
-        b.width = S
-    b.per_channel = ((N + b.rows - 1) // b.rows) * b.ncol
-    return b
+        t.rows = max(1, BLOCK // S)
+        t.ncol = 1
+        t.width = S
+    t.count = ((nrows + t.rows - 1) // t.rows) * t.ncol
+    return t
 
 
-cdef inline void _bounds(Blocks b, Py_ssize_t k, Py_ssize_t N, Py_ssize_t S, Py_ssize_t *n0, Py_ssize_t *n1,
-                         Py_ssize_t *i0, Py_ssize_t *i1) noexcept nogil:
-    n0[0] = (k // b.ncol) * b.rows
-    n1[0] = min(N, n0[0] + b.rows)
-    i0[0] = (k % b.ncol) * b.width
-    i1[0] = min(S, i0[0] + b.width)
+cdef inline Span _tile_span(Tiles t, Py_ssize_t k, Py_ssize_t S, Py_ssize_t first, Py_ssize_t step) noexcept nogil:
+    """Span of tile k, where plane row n is matrix row first + n*step."""
+    cdef Span s
+    cdef Py_ssize_t n0 = (k // t.ncol) * t.rows
+    s.r0 = first + n0 * step
+    s.nrows = min(t.nrows - n0, t.rows)
+    s.rstep = step
+    s.i0 = (k % t.ncol) * t.width
+    s.i1 = min(S, s.i0 + t.width)
+    return s
 
 
-cdef void _block_moments(const floating *x,   # IN  channel start, rows of S values, row stride cs
-                         Py_ssize_t cs, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t i0, Py_ssize_t i1,
-                         double *out) noexcept nogil:  # OUT (count, mean, M2) of the block
-    """Block moments from shifted sums, K = the block's first value.
-
-    s1 = sum(x - K), s2 = sum((x - K)**2), mean = K + s1/n, M2 = s2 - s1**2/n. Because K is a value of the block,
-    M2 >= (K - mean)**2 and s2 <= (n + 1)*M2, so the subtraction loses at most log2(n + 1) bits of a double.
-    """
-    cdef double K = x[n0 * cs + i0]
-    cdef double a[LANES]
-    cdef double q[LANES]
-    cdef double v, s1 = 0.0, s2 = 0.0
-    cdef Py_ssize_t n, i, l, iv = i0 + ((i1 - i0) // LANES) * LANES
-    cdef const floating *row
-    for l in range(LANES):
-        a[l] = 0.0
-        q[l] = 0.0
-    for n in range(n0, n1):
-        row = x + n * cs
-        for i in range(i0, iv, LANES):
-            for l in range(LANES):
-                v = <double>row[i + l] - K
-                a[l] += v
-                q[l] += v * v
-        for i in range(iv, i1):
-            v = <double>row[i] - K
-            s1 += v
-            s2 += v * v
-    for l in range(LANES):
-        s1 += a[l]
-        s2 += q[l]
-    cdef double cnt = <double>((n1 - n0) * (i1 - i0))
-    out[0] = cnt
-    out[1] = K + s1 / cnt
-    out[2] = s2 - s1 * s1 / cnt
-    if out[2] < 0.0:
-        out[2] = 0.0
+cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    """Statistics blocks of an (N, C, S) tensor (depends on the shape only)."""
+    cdef Layout L
+    L.by_image = S < SHORT_ROW
+    if L.by_image:
+        L.rows = max(1, BLOCK // (C * S))
+        L.nblocks = (N + L.rows - 1) // L.rows
+    else:
+        L.tiles = _tiles(N, S)
+        L.nblocks = C * L.tiles.count
+    return L
 
 
-cdef void _merge_moments(const double *part, Py_ssize_t nb, double *mean, double *m2) noexcept nogil:
-    """Chan's parallel merge of nb (count, mean, M2) triples, in block order.
+cdef inline Span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    cdef Span s
+    if L.by_image:
+        s.r0 = k * L.rows * C
+        s.nrows = min(N - k * L.rows, L.rows) * C
+        s.rstep = 1
+        s.i0 = 0
+        s.i1 = S
+        return s
+    return _tile_span(L.tiles, k % L.tiles.count, S, k // L.tiles.count, C)
 
-    d = mean_b - mean_a, n = n_a + n_b: mean = mean_a + d*n_b/n, M2 = M2_a + M2_b + d**2*n_a*n_b/n.
-    """
-    cdef double na = part[0], mu = part[1], M2 = part[2], nb_, d, n
+
+cdef inline double *_block_part(Layout L, double *part, Py_ssize_t k, Py_ssize_t C) noexcept nogil:
+    """Where block k's partial sums start (per channel: part[2*c] when by_image, else one pair)."""
+    return part + 2 * k * (C if L.by_image else 1)
+
+
+cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double *s) noexcept nogil:
+    """s[0], s[1] = channel c's two partial sums added over its blocks in block order."""
     cdef Py_ssize_t k
-    for k in range(1, nb):
-        nb_ = part[3 * k]
-        d = part[3 * k + 1] - mu
-        n = na + nb_
-        mu = mu + d * (nb_ / n)
-        M2 = M2 + part[3 * k + 2] + d * d * (na * nb_ / n)
-        na = n
-    mean[0] = mu
-    m2[0] = M2
+    s[0] = 0.0
+    s[1] = 0.0
+    if L.by_image:
+        for k in range(L.nblocks):
+            s[0] += part[2 * (k * C + c)]
+            s[1] += part[2 * (k * C + c) + 1]
+    else:
+        for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
+            s[0] += part[2 * k]
+            s[1] += part[2 * k + 1]
 
 
-cdef void _normalize_block(const floating *x, floating *y,   # IN x, OUT y: channel starts, row stride cs
-                           Py_ssize_t cs, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t i0, Py_ssize_t i1,
-                           const double *coef) noexcept nogil:  # IN (hi, scale, shift)
-    """y = (x - hi)*scale + shift in the data type.
+cdef void _span_moments(const floating *x, Span s, Py_ssize_t S, Py_ssize_t C,
+                        const double *K,               # IN (C,) shift: a value of each channel
+                        double *out, Py_ssize_t cstride) noexcept nogil:   # INOUT pairs at out[2*c*cstride]
+    """out += (sum(x - K[c]), sum((x - K[c])**2)) over each row of the span, c the row's channel.
 
-    With mean = hi + lo (hi the mean rounded to the data type), scale = gamma*invstd, shift = beta - lo*scale:
-    y = gamma*(x - mean)*invstd + beta. x - hi is exact for x near the mean, so float32 keeps the mean's double
+    With K a value of the channel, the channel's M2 = s2 - s1**2/m satisfies s2 <= (m + 1)*M2: the subtraction
+    loses at most log2(m + 1) bits of a double, and nothing for data near K.
+    """
+    cdef Py_ssize_t j, r, c = s.r0 % C, dc = s.rstep % C
+    for j in range(s.nrows):
+        r = (s.r0 + j * s.rstep) * S + s.i0
+        if floating is float:
+            cbn_row_moments_f(x + r, s.i1 - s.i0, K[c], out + 2 * c * cstride)
+        else:
+            cbn_row_moments_d(x + r, s.i1 - s.i0, K[c], out + 2 * c * cstride)
+        c += dc
+        if c >= C:
+            c -= C
+
+
+cdef void _span_affine(const floating *x, floating *y, Span s, Py_ssize_t S, Py_ssize_t C,
+                       const double *coef) noexcept nogil:   # IN (C, 3): hi, scale, shift
+    """y = (x - hi)*scale + shift per row, in the data type.
+
+    With mean = hi + lo (hi the mean rounded to the data type), scale = gamma*invstd, shift = beta - lo*scale this
+    is y = gamma*(x - mean)*invstd + beta; x - hi is exact for x near the mean, so float32 keeps the mean's double
     precision instead of rounding it first.
     """
-    cdef floating hi = <floating>coef[0], scale = <floating>coef[1], shift = <floating>coef[2]
-    cdef Py_ssize_t n, i
-    cdef const floating *xr
-    cdef floating *yr
-    for n in range(n0, n1):
-        xr = x + n * cs
-        yr = y + n * cs
-        for i in range(i0, i1):
-            yr[i] = (xr[i] - hi) * scale + shift
+    cdef floating hi, scale, shift
+    cdef Py_ssize_t j, i, r, c = s.r0 % C, dc = s.rstep % C
+    for j in range(s.nrows):
+        r = (s.r0 + j * s.rstep) * S
+        hi = <floating>coef[3 * c]
+        scale = <floating>coef[3 * c + 1]
+        shift = <floating>coef[3 * c + 2]
+        for i in range(s.i0, s.i1):
+            y[r + i] = (x[r + i] - hi) * scale + shift
+        c += dc
+        if c >= C:
+            c -= C
 
 
-cdef void _normalize_coef(const floating *like, double mean, double invstd, double gamma, double beta,
-                          double *coef) noexcept nogil:  # OUT (hi, scale, shift)
+cdef void _affine_coef(const floating *like, double mean, double invstd, double gamma, double beta,
+                       double *coef) noexcept nogil:  # OUT (hi, scale, shift)
     """hi = mean rounded to the data type of like, lo = mean - hi, scale = gamma*invstd, shift = beta - lo*scale."""
     cdef double hi = <double>(<floating>mean)
     coef[0] = hi
@@ -190,25 +231,29 @@ cdef void _normalize_coef(const floating *like, double mean, double invstd, doub
     coef[2] = beta - (mean - hi) * coef[1]
 
 
-cdef void _train_channel_stats(const floating *x, Py_ssize_t c, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                               Blocks b, const double *part,   # IN this channel's block moments
-                               floating *running_mean, floating *running_var,   # INOUT (or NULL)
-                               const floating *weight, const floating *bias,   # IN (or NULL)
-                               double momentum, double eps,
-                               double *mean, double *invstd, double *coef) noexcept nogil:  # OUT
-    """Merge a channel's blocks: mean, var = M2/m, invstd = 1/sqrt(var + eps), the normalisation coefficients.
+cdef void _finish_stats(const floating *like, Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
+                        double m, const double *K,
+                        floating *running_mean, floating *running_var,   # INOUT (C,) or NULL
+                        const floating *weight, const floating *bias,    # IN (C,) or NULL
+                        double momentum, double eps,
+                        double *mean, double *invstd, double *coef) noexcept nogil:  # OUT (C,), (C,), (C, 3)
+    """Channel c: mean = K + s1/m, M2 = s2 - s1**2/m, var = M2/m, invstd = 1/sqrt(var + eps), coefficients.
 
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
     """
-    cdef double mu, M2, m = <double>(N * S)
-    _merge_moments(part, b.per_channel, &mu, &M2)
-    mean[c] = mu
+    cdef double s[2]
+    cdef double M2
+    _merge(L, part, c, C, s)
+    M2 = s[1] - s[0] * s[0] / m
+    if M2 < 0.0:
+        M2 = 0.0
+    mean[c] = K[c] + s[0] / m
     invstd[c] = 1.0 / sqrt(M2 / m + eps)
     if running_mean != NULL:
-        running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mu)
+        running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
         running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (M2 / (m - 1.0)))
-    _normalize_coef(x, mu, invstd[c], weight[c] if weight != NULL else 1.0,
-                    bias[c] if bias != NULL else 0.0, coef + 3 * c)
+    _affine_coef(like, mean[c], invstd[c], weight[c] if weight != NULL else 1.0,
+                 bias[c] if bias != NULL else 0.0, coef + 3 * c)
 
 
 def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
@@ -225,139 +270,115 @@ def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 w
     use_batch_stats: mean and var (biased) of the batch, written to mean and invstd, and with update_running the
     running statistics are updated in place; otherwise mean and invstd come in from the running statistics.
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], cs = C * S
-    cdef Blocks b = _blocks(N, S)
-    cdef Py_ssize_t nb = b.per_channel, c, k, t, n0, n1, i0, i1
-    cdef double[::1] part = np.empty(3 * C * nb if use_batch_stats else 1)
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, k, t
+    cdef double m = <double>(N * S)
+    cdef Layout L = _layout(N, C, S)
+    cdef Tiles T = _tiles(N * C, S)
+    cdef double[::1] part = np.zeros(2 * (L.nblocks * C if L.by_image else L.nblocks) if use_batch_stats else 1)
     cdef double[::1] coef = np.empty(3 * C)
+    cdef double[::1] K = np.empty(C)
     cdef const floating *px = &x[0, 0, 0]
     cdef floating *py = &y[0, 0, 0]
-    cdef floating *prm = NULL
-    cdef floating *prv = NULL
+    cdef floating *prm = &running_mean[0] if update_running else NULL
+    cdef floating *prv = &running_var[0] if update_running else NULL
     cdef const floating *pw = &weight[0] if weight is not None else NULL
     cdef const floating *pb = &bias[0] if bias is not None else NULL
-    cdef int nt = _threads(N * cs, C * nb)
-    cdef bint by_channel = nt == 1 or C >= 4 * nt
-    if update_running:
-        prm = &running_mean[0]
-        prv = &running_var[0]
+    cdef int nt = _threads(N * C * S, T.count if not use_batch_stats else L.nblocks)
     if not use_batch_stats:
         for c in range(C):
-            _normalize_coef(px, mean[c], invstd[c], pw[c] if pw != NULL else 1.0,
-                            pb[c] if pb != NULL else 0.0, &coef[3 * c])
-        for t in prange(C * nb, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            c = t // nb
-            _bounds(b, t % nb, N, S, &n0, &n1, &i0, &i1)
-            _normalize_block(px + c * S, py + c * S, cs, n0, n1, i0, i1, &coef[3 * c])
-    elif by_channel:
-        # One task per channel: its blocks' moments, the merge, then normalisation while the channel is in cache.
+            _affine_coef(px, mean[c], invstd[c], pw[c] if pw != NULL else 1.0, pb[c] if pb != NULL else 0.0,
+                         &coef[3 * c])
+        for t in prange(T.count, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            _span_affine(px, py, _tile_span(T, t, S, 0, 1), S, C, &coef[0])
+        return
+    for c in range(C):
+        K[c] = px[c * S]
+    if not L.by_image and (nt == 1 or C >= 4 * nt):
+        # One task per channel: its blocks' sums, the statistics, then normalisation while it is in cache.
         for c in prange(C, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            for k in range(nb):
-                _bounds(b, k, N, S, &n0, &n1, &i0, &i1)
-                _block_moments(px + c * S, cs, n0, n1, i0, i1, &part[3 * (c * nb + k)])
-            _train_channel_stats(px, c, N, C, S, b, &part[3 * c * nb], prm, prv, pw, pb, momentum, eps,
-                                 &mean[0], &invstd[0], &coef[0])
-            for k in range(nb):
-                _bounds(b, k, N, S, &n0, &n1, &i0, &i1)
-                _normalize_block(px + c * S, py + c * S, cs, n0, n1, i0, i1, &coef[3 * c])
-    else:
-        # Few channels: blocks in parallel, merge, then the same static block schedule normalises, so each
-        # thread revisits the blocks it just read.
-        with nogil:
-            for t in prange(C * nb, schedule='static', num_threads=nt):
-                c = t // nb
-                _bounds(b, t % nb, N, S, &n0, &n1, &i0, &i1)
-                _block_moments(px + c * S, cs, n0, n1, i0, i1, &part[3 * t])
-            for c in range(C):
-                _train_channel_stats(px, c, N, C, S, b, &part[3 * c * nb], prm, prv, pw, pb, momentum, eps,
-                                     &mean[0], &invstd[0], &coef[0])
-            for t in prange(C * nb, schedule='static', num_threads=nt):
-                c = t // nb
-                _bounds(b, t % nb, N, S, &n0, &n1, &i0, &i1)
-                _normalize_block(px + c * S, py + c * S, cs, n0, n1, i0, i1, &coef[3 * c])
+            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
+                _span_moments(px, _block_span(L, k, N, C, S), S, C, &K[0], _block_part(L, &part[0], k, C), 0)
+            _finish_stats(px, L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
+                          &mean[0], &invstd[0], &coef[0])
+            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
+                _span_affine(px, py, _block_span(L, k, N, C, S), S, C, &coef[0])
+        return
+    # Blocks in parallel, statistics, then the same static block schedule normalises, so each thread revisits
+    # the blocks it just read.
+    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+        _span_moments(px, _block_span(L, k, N, C, S), S, C, &K[0], _block_part(L, &part[0], k, C),
+                      1 if L.by_image else 0)
+    for c in range(C):
+        _finish_stats(px, L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
+                      &mean[0], &invstd[0], &coef[0])
+    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+        _span_affine(px, py, _block_span(L, k, N, C, S), S, C, &coef[0])
 
 
-cdef void _block_grad_sums(const floating *x, const floating *dy,   # IN channel starts, row stride cs
-                           Py_ssize_t cs, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t i0, Py_ssize_t i1,
-                           double mean, double *out) noexcept nogil:  # OUT (sum dy, sum dy*(x - mean))
-    """Block sums in double: sum(dy) and sum(dy*(x - mean)), centred before multiplying."""
-    cdef double a[LANES]
-    cdef double q[LANES]
-    cdef double g, sdy = 0.0, sdyx = 0.0
-    cdef Py_ssize_t n, i, l, iv = i0 + ((i1 - i0) // LANES) * LANES
-    cdef const floating *xr
-    cdef const floating *gr
-    for l in range(LANES):
-        a[l] = 0.0
-        q[l] = 0.0
-    for n in range(n0, n1):
-        xr = x + n * cs
-        gr = dy + n * cs
-        for i in range(i0, iv, LANES):
-            for l in range(LANES):
-                g = gr[i + l]
-                a[l] += g
-                q[l] += g * (<double>xr[i + l] - mean)
-        for i in range(iv, i1):
-            g = gr[i]
-            sdy += g
-            sdyx += g * (<double>xr[i] - mean)
-    for l in range(LANES):
-        sdy += a[l]
-        sdyx += q[l]
-    out[0] = sdy
-    out[1] = sdyx
+cdef void _span_grad_sums(const floating *x, const floating *dy, Span s, Py_ssize_t S, Py_ssize_t C,
+                          const double *mean,               # IN (C,)
+                          double *out, Py_ssize_t cstride) noexcept nogil:  # INOUT pairs at out[2*c*cstride]
+    """out += (sum(dy), sum(dy*(x - mean[c]))) over each row of the span, in double, centred before multiplying."""
+    cdef Py_ssize_t j, r, c = s.r0 % C, dc = s.rstep % C
+    for j in range(s.nrows):
+        r = (s.r0 + j * s.rstep) * S + s.i0
+        if floating is float:
+            cbn_row_grad_sums_f(x + r, dy + r, s.i1 - s.i0, mean[c], out + 2 * c * cstride)
+        else:
+            cbn_row_grad_sums_d(x + r, dy + r, s.i1 - s.i0, mean[c], out + 2 * c * cstride)
+        c += dc
+        if c >= C:
+            c -= C
 
 
-cdef void _grad_channel(const floating *like, Py_ssize_t c, double m, Py_ssize_t nb,
-                        const double *part,                     # IN the channel's block sums
-                        const double *mean, const double *invstd,   # IN (C,) statistics the forward used
-                        const floating *weight,                 # IN (C,) gamma or NULL
-                        bint use_batch_stats,
-                        floating *dweight, floating *dbias,     # OUT (C,)
-                        double *coef) noexcept nogil:           # OUT (hi, A, B, K) for this channel
+cdef void _finish_grad(const floating *like, Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
+                       const double *mean, const double *invstd,   # IN (C,) statistics the forward used
+                       const floating *weight,                     # IN (C,) gamma or NULL
+                       bint use_batch_stats,
+                       floating *dweight, floating *dbias,         # OUT (C,)
+                       double *coef) noexcept nogil:               # OUT (C, 4): hi, A, B, K
     """dbeta = sum dy, dgamma = invstd*sum dy*(x - mean), and the coefficients of dx = dy*A - (x - hi)*B + K.
 
     Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m), so A = g, B = g*invstd*dgamma/m,
     K = B*lo - g*dbeta/m with mean = hi + lo. Eval: dx = g*dy (A = g, B = K = 0).
     """
-    cdef double sdy = 0.0, sdyx = 0.0, g, B
-    cdef Py_ssize_t k
-    for k in range(nb):
-        sdy += part[2 * k]
-        sdyx += part[2 * k + 1]
-    dbias[c] = <floating>sdy
-    dweight[c] = <floating>(sdyx * invstd[c])
+    cdef double s[2]
+    cdef double g, B
+    cdef double *cf = coef + 4 * c
+    _merge(L, part, c, C, s)
+    dbias[c] = <floating>s[0]
+    dweight[c] = <floating>(s[1] * invstd[c])
     g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
-    coef[0] = <double>(<floating>mean[c])
-    coef[1] = g
-    coef[2] = 0.0
-    coef[3] = 0.0
+    cf[0] = <double>(<floating>mean[c])
+    cf[1] = g
+    cf[2] = 0.0
+    cf[3] = 0.0
     if use_batch_stats:
-        B = g * invstd[c] * (sdyx * invstd[c]) / m
-        coef[2] = B
-        coef[3] = B * (mean[c] - coef[0]) - g * sdy / m
+        B = g * invstd[c] * (s[1] * invstd[c]) / m
+        cf[2] = B
+        cf[3] = B * (mean[c] - cf[0]) - g * s[0] / m
 
 
-cdef void _grad_block(const floating *x, const floating *dy, floating *dx,   # IN, IN, OUT channel starts
-                      Py_ssize_t cs, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t i0, Py_ssize_t i1,
-                      const double *coef, bint use_batch_stats) noexcept nogil:  # IN (hi, A, B, K)
+cdef void _span_grad(const floating *x, const floating *dy, floating *dx, Span s, Py_ssize_t S, Py_ssize_t C,
+                     const double *coef, bint use_batch_stats) noexcept nogil:  # IN (C, 4): hi, A, B, K
     """dx = dy*A - (x - hi)*B + K (training) or dx = dy*A (eval: dx does not depend on x)."""
-    cdef floating hi = <floating>coef[0], A = <floating>coef[1], B = <floating>coef[2], K = <floating>coef[3]
-    cdef Py_ssize_t n, i
-    cdef const floating *xr
-    cdef const floating *gr
-    cdef floating *dr
-    for n in range(n0, n1):
-        xr = x + n * cs
-        gr = dy + n * cs
-        dr = dx + n * cs
+    cdef floating hi, A, B, K
+    cdef Py_ssize_t j, i, r, c = s.r0 % C, dc = s.rstep % C
+    for j in range(s.nrows):
+        r = (s.r0 + j * s.rstep) * S
+        hi = <floating>coef[4 * c]
+        A = <floating>coef[4 * c + 1]
+        B = <floating>coef[4 * c + 2]
+        K = <floating>coef[4 * c + 3]
         if use_batch_stats:
-            for i in range(i0, i1):
-                dr[i] = gr[i] * A - (xr[i] - hi) * B + K
+            for i in range(s.i0, s.i1):
+                dx[r + i] = dy[r + i] * A - (x[r + i] - hi) * B + K
         else:
-            for i in range(i0, i1):
-                dr[i] = gr[i] * A
+            for i in range(s.i0, s.i1):
+                dx[r + i] = dy[r + i] * A
+        c += dc
+        if c >= C:
+            c -= C
 
 
 def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's input, N*S >= 1
@@ -374,41 +395,35 @@ def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's inp
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd.
     Eval (running statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], cs = C * S
-    cdef Blocks b = _blocks(N, S)
-    cdef Py_ssize_t nb = b.per_channel, c, k, t, n0, n1, i0, i1
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, k
     cdef double m = <double>(N * S)
-    cdef double[::1] part = np.empty(2 * C * nb)
+    cdef Layout L = _layout(N, C, S)
+    cdef double[::1] part = np.zeros(2 * (L.nblocks * C if L.by_image else L.nblocks))
     cdef double[::1] coef = np.empty(4 * C)
     cdef const floating *px = &x[0, 0, 0]
     cdef const floating *pg = &dy[0, 0, 0]
     cdef floating *pd = &dx[0, 0, 0]
     cdef const floating *pw = &weight[0] if weight is not None else NULL
-    cdef int nt = _threads(N * cs, C * nb)
-    if nt == 1 or C >= 4 * nt:
+    cdef int nt = _threads(N * C * S, L.nblocks)
+    if not L.by_image and (nt == 1 or C >= 4 * nt):
         # One task per channel: block sums, their merge, then dx while the channel is in cache.
         for c in prange(C, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            for k in range(nb):
-                _bounds(b, k, N, S, &n0, &n1, &i0, &i1)
-                _block_grad_sums(px + c * S, pg + c * S, cs, n0, n1, i0, i1, mean[c], &part[2 * (c * nb + k)])
-            _grad_channel(px, c, m, nb, &part[2 * c * nb], &mean[0], &invstd[0], pw, use_batch_stats,
-                          &dweight[0], &dbias[0], &coef[4 * c])
-            for k in range(nb):
-                _bounds(b, k, N, S, &n0, &n1, &i0, &i1)
-                _grad_block(px + c * S, pg + c * S, pd + c * S, cs, n0, n1, i0, i1, &coef[4 * c], use_batch_stats)
-    else:
-        with nogil:
-            for t in prange(C * nb, schedule='static', num_threads=nt):
-                c = t // nb
-                _bounds(b, t % nb, N, S, &n0, &n1, &i0, &i1)
-                _block_grad_sums(px + c * S, pg + c * S, cs, n0, n1, i0, i1, mean[c], &part[2 * t])
-            for c in range(C):
-                _grad_channel(px, c, m, nb, &part[2 * c * nb], &mean[0], &invstd[0], pw, use_batch_stats,
-                              &dweight[0], &dbias[0], &coef[4 * c])
-            for t in prange(C * nb, schedule='static', num_threads=nt):
-                c = t // nb
-                _bounds(b, t % nb, N, S, &n0, &n1, &i0, &i1)
-                _grad_block(px + c * S, pg + c * S, pd + c * S, cs, n0, n1, i0, i1, &coef[4 * c], use_batch_stats)
+            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
+                _span_grad_sums(px, pg, _block_span(L, k, N, C, S), S, C, &mean[0],
+                                _block_part(L, &part[0], k, C), 0)
+            _finish_grad(px, L, &part[0], c, C, m, &mean[0], &invstd[0], pw, use_batch_stats,
+                         &dweight[0], &dbias[0], &coef[0])
+            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
+                _span_grad(px, pg, pd, _block_span(L, k, N, C, S), S, C, &coef[0], use_batch_stats)
+        return
+    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+        _span_grad_sums(px, pg, _block_span(L, k, N, C, S), S, C, &mean[0], _block_part(L, &part[0], k, C),
+                        1 if L.by_image else 0)
+    for c in range(C):
+        _finish_grad(px, L, &part[0], c, C, m, &mean[0], &invstd[0], pw, use_batch_stats,
+                     &dweight[0], &dbias[0], &coef[0])
+    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+        _span_grad(px, pg, pd, _block_span(L, k, N, C, S), S, C, &coef[0], use_batch_stats)
 
 
 def copy(const floating[::1] src, floating[::1] dst):

@@ -1,0 +1,212 @@
+"""``python -m cbn.bench``: speed of cbn against the NumPy reference, PyTorch (when importable) and the roofline.
+
+For each shape, dtype and thread count it times (medians of repeated calls) the training forward (with the
+running-statistic update), the eval forward and the training backward of cbn, the float64 NumPy reference
+(``cbn.reference``), PyTorch's ``native_batch_norm`` / ``native_batch_norm_backward`` at the same thread count, and
+the roofline: a multi-threaded copy (the floor for forward and eval) and add (the floor for backward) of the same
+tensor. cbn's results are checked against the reference as it runs.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import cbn
+from cbn import _kernels
+from cbn import functional as F
+from cbn import reference as R
+
+SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7), (8, 3, 224, 224),
+          (256, 128, 8, 8), (64, 16, 32, 32), (1, 64, 56, 56), (2, 8, 4, 4)]
+OPS = ("train", "eval", "backward")
+
+
+def median_time(fn, budget, min_runs=5, max_runs=10000):
+    """Median seconds per call of ``fn`` over repeated calls: at least ``min_runs``, about ``budget`` seconds."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < budget and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _torch_calls(x, dy, threads):
+    """Closures timing PyTorch's CPU batch-norm kernels on the same data, or None when torch is missing."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+    C = x.shape[1]
+    w, b = torch.ones(C, dtype=tx.dtype), torch.zeros(C, dtype=tx.dtype)
+    rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
+    bn = torch.ops.aten.native_batch_norm
+    _, smean, sinvstd = bn(tx, w, b, rm, rv, True, 0.1, 1e-5)
+    return {
+        "train": lambda: bn(tx, w, b, rm, rv, True, 0.1, 1e-5),
+        "eval": lambda: bn(tx, w, b, rm, rv, False, 0.1, 1e-5),
+        "backward": lambda: torch.ops.aten.native_batch_norm_backward(
+            tdy, tx, w, rm, rv, smean, sinvstd, True, 1e-5, [True, True, True]),
+    }
+
+
+def _check(y, dx, x, dy, dtype):
+    """Max errors of cbn's training forward and backward against the float64 reference, and whether they pass."""
+    C = x.shape[1]
+    yr, saved = R.batch_norm(x, np.zeros(C), np.ones(C), np.ones(C), np.zeros(C), True, 0.1, 1e-5,
+                             return_saved=True)
+    dxr = R.batch_norm_backward(dy, saved)[0]
+    err_y = float(np.max(np.abs(y - yr)))
+    err_dx = float(np.max(np.abs(dx - dxr)) / max(np.max(np.abs(dxr)), 1e-300))
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    return err_y, err_dx, bool(err_y <= tol * max(1.0, float(np.max(np.abs(yr)))) and err_dx <= 1e3 * tol)
+
+
+def bench_case(shape, dtype, threads, budget, with_reference=True):
+    """Time every op of one case; return a dict of medians (seconds), ratios and the correctness check."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    cbn.set_num_threads(threads)
+    bn = cbn.BatchNorm2d(C, dtype=dtype) if len(shape) == 4 else cbn.BatchNorm1d(C, dtype=dtype)
+    y, dx = np.empty_like(x), np.empty_like(x)
+    flat_x, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), np.empty(x.size, dtype)
+    times = {"cbn": {}, "numpy": {}, "torch": {}}
+    times["cbn"]["train"] = median_time(lambda: bn.forward(x, out=y), budget)
+    bn.forward(x, out=y)
+    times["cbn"]["backward"] = median_time(lambda: bn.backward(dy, out=dx), budget)
+    err_y, err_dx, ok = _check(y, bn.backward(dy), x, dy, dtype)
+    bn.eval()
+    times["cbn"]["eval"] = median_time(lambda: bn.forward(x, out=y), budget)
+    roof = {"copy": median_time(lambda: _kernels.copy(flat_x, flat_out), budget),
+            "add": median_time(lambda: _kernels.add(flat_x, flat_dy, flat_out), budget)}
+    if with_reference:
+        rm, rv, w, b = np.zeros(C), np.ones(C), np.ones(C), np.zeros(C)
+        _, saved = R.batch_norm(x, rm, rv, w, b, True, return_saved=True)
+        ref = {"train": lambda: R.batch_norm(x, rm, rv, w, b, True),
+               "eval": lambda: R.batch_norm(x, rm, rv, w, b, False),
+               "backward": lambda: R.batch_norm_backward(dy, saved)}
+        for op in OPS:
+            times["numpy"][op] = median_time(ref[op], budget, min_runs=3)
+    torch_calls = _torch_calls(x, dy, threads)
+    if torch_calls:
+        for op in OPS:
+            times["torch"][op] = median_time(torch_calls[op], budget)
+    floor = {"train": roof["copy"], "eval": roof["copy"], "backward": roof["add"]}
+    rows = []
+    for op in OPS:
+        t = times["cbn"][op]
+        rows.append({"shape": list(shape), "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
+                     "MB": x.nbytes / 1e6, "cbn_us": t * 1e6, "roofline_us": floor[op] * 1e6,
+                     "cbn_over_roofline": t / floor[op],
+                     "numpy_over_cbn": times["numpy"][op] / t if op in times["numpy"] else None,
+                     "torch_over_cbn": times["torch"][op] / t if op in times["torch"] else None,
+                     "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok})
+    return rows
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+HEADER = (f"{'shape':>18} {'dtype':>7} {'thr':>3} {'op':>8} {'MB':>7} {'cbn us':>10} {'cbn/roof':>8} "
+          f"{'numpy/cbn':>9} {'torch/cbn':>9} {'ok':>3}")
+
+
+def format_row(r):
+    """One table line: time, ratio to the roofline, speedups over NumPy and PyTorch, correctness."""
+    return (f"{str(tuple(r['shape'])):>18} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} {r['MB']:7.1f} "
+            f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {_fmt(r['numpy_over_cbn'], '9.1f')} "
+            f"{_fmt(r['torch_over_cbn'], '9.2f')} {'yes' if r['correct'] else 'NO':>3}")
+
+
+def header():
+    """Versions and machine the numbers belong to."""
+    try:
+        import torch
+        tv = torch.__version__
+    except ImportError:
+        tv = "not installed"
+    return {"cbn": cbn.__version__, "numpy": np.__version__, "torch": tv, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "openmp": _kernels.openmp_enabled(), "build": _kernels.build_info()}
+
+
+def plot(rows, path):
+    """Bar chart of cbn/roofline and torch/cbn per shape and op (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({(r["dtype"], r["threads"]) for r in rows})
+    fig, axes = plt.subplots(len(keys), 2, figsize=(14, 3.5 * len(keys)), squeeze=False)
+    for (dtype, threads), (ax1, ax2) in zip(keys, axes):
+        sel = [r for r in rows if r["dtype"] == dtype and r["threads"] == threads]
+        shapes = list(dict.fromkeys(str(tuple(r["shape"])) for r in sel))
+        for j, op in enumerate(OPS):
+            vals = {str(tuple(r["shape"])): r for r in sel if r["op"] == op}
+            xs = np.arange(len(shapes)) + (j - 1) * 0.27
+            ax1.bar(xs, [vals[s]["cbn_over_roofline"] for s in shapes], 0.27, label=op)
+            ax2.bar(xs, [vals[s]["torch_over_cbn"] or 0 for s in shapes], 0.27, label=op)
+        for ax, title, line in ((ax1, "cbn time / roofline (lower is better)", 1.0),
+                                (ax2, "PyTorch time / cbn time (higher is better)", 1.0)):
+            ax.axhline(line, color="k", lw=0.8)
+            ax.set_xticks(range(len(shapes)), shapes, rotation=30, fontsize=7)
+            ax.set_title(f"{title} - {dtype}, {threads} thread(s)", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    """Command line: run the benchmark, print the table, optionally write JSON and a PNG."""
+    p = argparse.ArgumentParser(prog="python -m cbn.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default=str(cbn.get_num_threads()), help="comma-separated thread counts")
+    p.add_argument("--dtype", default="float32", help="comma-separated: float32,float64")
+    p.add_argument("--shapes", default="all", help="'all', 'small' or shapes like 8x3x224x224,2x8x4x4")
+    p.add_argument("--budget", type=float, default=0.2, help="seconds of repetitions per measurement")
+    p.add_argument("--no-reference", action="store_true", help="skip timing the slow NumPy reference")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--plot", help="write a PNG chart to this file (needs matplotlib)")
+    a = p.parse_args(argv)
+    if a.shapes == "all":
+        shapes = SHAPES
+    elif a.shapes == "small":
+        shapes = [s for s in SHAPES if np.prod(s) * 4 < 50e6]
+    else:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    info = header()
+    print("cbn benchmark: medians; cbn/roof = cbn time / (copy for train and eval, add for backward);")
+    print("numpy/cbn and torch/cbn = how many times faster cbn is. " +
+          ", ".join(f"{k} {v}" for k, v in info.items()))
+    print(HEADER)
+    rows = []
+    saved_threads = cbn.get_num_threads()
+    try:
+        for threads in (int(t) for t in a.threads.split(",")):
+            for dtype in a.dtype.split(","):
+                for shape in shapes:
+                    new = bench_case(shape, np.dtype(dtype), threads, a.budget, not a.no_reference)
+                    for r in new:
+                        print(format_row(r), flush=True)
+                    rows += new
+    finally:
+        cbn.set_num_threads(saved_threads)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"header": info, "rows": rows}, f, indent=1)
+    if a.plot:
+        plot(rows, a.plot)
+    return 0 if all(r["correct"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
