@@ -20,6 +20,14 @@
 #define CBN_CLONES
 #endif
 
+/* Sum of the lanes as a fixed pairwise tree (vectorisable, short dependency chain). */
+static inline double cbn_fold(double *a) {
+    ptrdiff_t h, l;
+    for (h = CBN_LANES / 2; h > 0; h /= 2)
+        for (l = 0; l < h; l++) a[l] += a[l + h];
+    return a[0];
+}
+
 /* s[0] += sum(x - k), s[1] += sum((x - k)^2) over n values, in double. */
 #define CBN_DEFINE_ROW_MOMENTS(NAME, T)                                                              \
 CBN_CLONES static void NAME(const T *CBN_RESTRICT x, ptrdiff_t n, double k, double *CBN_RESTRICT s) {         \
@@ -27,10 +35,9 @@ CBN_CLONES static void NAME(const T *CBN_RESTRICT x, ptrdiff_t n, double k, doub
     ptrdiff_t i, l, nv = n / CBN_LANES * CBN_LANES;                                                 \
     for (i = 0; i < nv; i += CBN_LANES)                                                             \
         for (l = 0; l < CBN_LANES; l++) { double v = (double)x[i + l] - k; a[l] += v; q[l] += v * v; } \
-    for (; i < n; i++) { double v = (double)x[i] - k; a[0] += v; q[0] += v * v; }                  \
-    for (l = 1; l < CBN_LANES; l++) { a[0] += a[l]; q[0] += q[l]; }                                 \
-    s[0] += a[0];                                                                                   \
-    s[1] += q[0];                                                                                   \
+    for (l = 0; l < n - nv; l++) { double v = (double)x[nv + l] - k; a[l] += v; q[l] += v * v; }   \
+    s[0] += cbn_fold(a);                                                                            \
+    s[1] += cbn_fold(q);                                                                            \
 }
 
 /* s[0] += sum(dy), s[1] += sum(dy * (x - mu)) over n values, in double (centred before multiplying). */
@@ -43,10 +50,11 @@ CBN_CLONES static void NAME(const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy, p
         for (l = 0; l < CBN_LANES; l++) {                                                           \
             double g = (double)dy[i + l]; a[l] += g; q[l] += g * ((double)x[i + l] - mu);           \
         }                                                                                           \
-    for (; i < n; i++) { double g = (double)dy[i]; a[0] += g; q[0] += g * ((double)x[i] - mu); }   \
-    for (l = 1; l < CBN_LANES; l++) { a[0] += a[l]; q[0] += q[l]; }                                 \
-    s[0] += a[0];                                                                                   \
-    s[1] += q[0];                                                                                   \
+    for (l = 0; l < n - nv; l++) {                                                                  \
+        double g = (double)dy[nv + l]; a[l] += g; q[l] += g * ((double)x[nv + l] - mu);             \
+    }                                                                                               \
+    s[0] += cbn_fold(a);                                                                            \
+    s[1] += cbn_fold(q);                                                                            \
 }
 
 CBN_DEFINE_ROW_MOMENTS(cbn_row_moments_f, float)

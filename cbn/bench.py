@@ -7,6 +7,7 @@ the roofline: a multi-threaded copy (the floor for forward and eval) and add (th
 tensor. cbn's results are checked against the reference as it runs.
 """
 import argparse
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -58,6 +59,11 @@ def _torch_calls(x, dy, threads):
     }
 
 
+def _data(shape, dtype):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal(shape) * 2 + 3).astype(dtype), rng.standard_normal(shape).astype(dtype)
+
+
 def _check(y, dx, x, dy, dtype):
     """Max errors of cbn's training forward and backward against the float64 reference, and whether they pass."""
     C = x.shape[1]
@@ -71,47 +77,52 @@ def _check(y, dx, x, dy, dtype):
 
 
 def bench_case(shape, dtype, threads, budget, with_reference=True):
-    """Time every op of one case; return a dict of medians (seconds), ratios and the correctness check."""
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
+    """Time cbn, the roofline and the NumPy reference on one case; return one row per op (times in us)."""
+    x, dy = _data(shape, dtype)
     C = shape[1]
     cbn.set_num_threads(threads)
     bn = cbn.BatchNorm2d(C, dtype=dtype) if len(shape) == 4 else cbn.BatchNorm1d(C, dtype=dtype)
     y, dx = np.empty_like(x), np.empty_like(x)
     flat_x, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), np.empty(x.size, dtype)
-    times = {"cbn": {}, "numpy": {}, "torch": {}}
-    times["cbn"]["train"] = median_time(lambda: bn.forward(x, out=y), budget)
+    t = {"train": median_time(lambda: bn.forward(x, out=y), budget)}
     bn.forward(x, out=y)
-    times["cbn"]["backward"] = median_time(lambda: bn.backward(dy, out=dx), budget)
+    t["backward"] = median_time(lambda: bn.backward(dy, out=dx), budget)
     err_y, err_dx, ok = _check(y, bn.backward(dy), x, dy, dtype)
     bn.eval()
-    times["cbn"]["eval"] = median_time(lambda: bn.forward(x, out=y), budget)
-    roof = {"copy": median_time(lambda: _kernels.copy(flat_x, flat_out), budget),
-            "add": median_time(lambda: _kernels.add(flat_x, flat_dy, flat_out), budget)}
+    t["eval"] = median_time(lambda: bn.forward(x, out=y), budget)
+    copy = median_time(lambda: _kernels.copy(flat_x, flat_out), budget)
+    add = median_time(lambda: _kernels.add(flat_x, flat_dy, flat_out), budget)
+    floor = {"train": copy, "eval": copy, "backward": add}
+    ref = {}
     if with_reference:
         rm, rv, w, b = np.zeros(C), np.ones(C), np.ones(C), np.zeros(C)
         _, saved = R.batch_norm(x, rm, rv, w, b, True, return_saved=True)
-        ref = {"train": lambda: R.batch_norm(x, rm, rv, w, b, True),
-               "eval": lambda: R.batch_norm(x, rm, rv, w, b, False),
-               "backward": lambda: R.batch_norm_backward(dy, saved)}
-        for op in OPS:
-            times["numpy"][op] = median_time(ref[op], budget, min_runs=3)
-    torch_calls = _torch_calls(x, dy, threads)
-    if torch_calls:
-        for op in OPS:
-            times["torch"][op] = median_time(torch_calls[op], budget)
-    floor = {"train": roof["copy"], "eval": roof["copy"], "backward": roof["add"]}
-    rows = []
-    for op in OPS:
-        t = times["cbn"][op]
-        rows.append({"shape": list(shape), "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
-                     "MB": x.nbytes / 1e6, "cbn_us": t * 1e6, "roofline_us": floor[op] * 1e6,
-                     "cbn_over_roofline": t / floor[op],
-                     "numpy_over_cbn": times["numpy"][op] / t if op in times["numpy"] else None,
-                     "torch_over_cbn": times["torch"][op] / t if op in times["torch"] else None,
-                     "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok})
-    return rows
+        calls = {"train": lambda: R.batch_norm(x, rm, rv, w, b, True),
+                 "eval": lambda: R.batch_norm(x, rm, rv, w, b, False),
+                 "backward": lambda: R.batch_norm_backward(dy, saved)}
+        ref = {op: median_time(calls[op], budget, min_runs=3) for op in OPS}
+    return [{"shape": list(shape), "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
+             "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "roofline_us": floor[op] * 1e6,
+             "cbn_over_roofline": t[op] / floor[op],
+             "numpy_over_cbn": ref[op] / t[op] if ref else None, "torch_us": None, "torch_over_cbn": None,
+             "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
+
+
+def add_torch(rows, budget):
+    """Time PyTorch on every case of ``rows`` and fill in torch_us and torch_over_cbn (no-op without torch).
+
+    PyTorch runs after all cbn measurements: its OpenMP threads keep spinning after a call and would slow down
+    whatever runs next in the process.
+    """
+    for i in range(0, len(rows), len(OPS)):
+        case = rows[i:i + len(OPS)]
+        shape, dtype, threads = tuple(case[0]["shape"]), case[0]["dtype"], case[0]["threads"]
+        calls = _torch_calls(*_data(shape, dtype), threads)
+        if calls is None:
+            return
+        for r in case:
+            r["torch_us"] = median_time(calls[r["op"]], budget) * 1e6
+            r["torch_over_cbn"] = r["torch_us"] / r["cbn_us"]
 
 
 def _fmt(v, spec):
@@ -132,9 +143,8 @@ def format_row(r):
 def header():
     """Versions and machine the numbers belong to."""
     try:
-        import torch
-        tv = torch.__version__
-    except ImportError:
+        tv = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
         tv = "not installed"
     return {"cbn": cbn.__version__, "numpy": np.__version__, "torch": tv, "python": platform.python_version(),
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
@@ -187,19 +197,20 @@ def main(argv=None):
     print("cbn benchmark: medians; cbn/roof = cbn time / (copy for train and eval, add for backward);")
     print("numpy/cbn and torch/cbn = how many times faster cbn is. " +
           ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(HEADER)
     rows = []
     saved_threads = cbn.get_num_threads()
     try:
         for threads in (int(t) for t in a.threads.split(",")):
             for dtype in a.dtype.split(","):
                 for shape in shapes:
-                    new = bench_case(shape, np.dtype(dtype), threads, a.budget, not a.no_reference)
-                    for r in new:
-                        print(format_row(r), flush=True)
-                    rows += new
+                    rows += bench_case(shape, np.dtype(dtype), threads, a.budget, not a.no_reference)
+                    print(f"  measured {shape} {dtype} at {threads} thread(s)", file=sys.stderr, flush=True)
+        add_torch(rows, a.budget)
     finally:
         cbn.set_num_threads(saved_threads)
+    print(HEADER)
+    for r in rows:
+        print(format_row(r))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"header": info, "rows": rows}, f, indent=1)
