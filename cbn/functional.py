@@ -155,7 +155,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:])
     dt = _compute_dtype(x.dtype, dtype)
-    out_dt = x.dtype if x.dtype == np.float16 else dt
+    out_dt = np.dtype(np.float16) if x.dtype.itemsize == 2 else dt
     training = bool(training)
     if training and N * S == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")

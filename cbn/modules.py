@@ -189,9 +189,9 @@ class _BatchNorm:
         return state
 
     def extra_repr(self):
-        """Hyperparameters as torch prints them (plus the dtype when it is not float32)."""
+        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32)."""
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-             f"track_running_stats={self.track_running_stats}")
+             f"bias={self.affine}, track_running_stats={self.track_running_stats}")
         return s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
 
     def __repr__(self):

@@ -1,0 +1,209 @@
+"""cbn layers against the float64 reference (cbn.reference) with torch's layer semantics reproduced in the test."""
+import numpy as np
+import pytest
+
+import cbn
+from cbn import reference as R
+from bn_helpers import RefLayer, assert_rel, max_err
+
+# float64: ~1e-10 relative to the largest reference value; float32: 2e-6 absolute on unit-scale outputs
+# (|y| <~ 6), running statistics ~1e-6 relative, gradients 1e-5 relative to max|ref|.
+TOL = {
+    np.float64: dict(y_abs=None, y_rel=1e-10, stat=1e-10, grad=1e-10),
+    np.float32: dict(y_abs=2e-6, y_rel=None, stat=1e-6, grad=1e-5),
+}
+
+
+def check_output(y, y_ref, dtype, what):
+    assert y.dtype == np.dtype(dtype), f"{what}: dtype {y.dtype}"
+    assert y.shape == y_ref.shape
+    tol = TOL[dtype]
+    if tol["y_abs"] is not None:
+        assert np.max(np.abs(y_ref)) < 8, "test data must be unit scale for the absolute float32 bound"
+        err = max_err(y, y_ref)
+        assert err <= tol["y_abs"], f"{what}: max |y - y_ref| = {err:.3e} > {tol['y_abs']:.1e}"
+    else:
+        assert_rel(y, y_ref, tol["y_rel"], what)
+
+
+def check_state(layer, ref, dtype, what):
+    assert layer.num_batches_tracked == ref.num_batches_tracked, what
+    if ref.running_mean is None:
+        assert layer.running_mean is None and layer.running_var is None
+        return
+    assert layer.running_mean.dtype == np.dtype(dtype) and layer.running_var.dtype == np.dtype(dtype)
+    assert_rel(layer.running_mean, ref.running_mean, TOL[dtype]["stat"], what + " running_mean", floor=1.0)
+    assert_rel(layer.running_var, ref.running_var, TOL[dtype]["stat"], what + " running_var", floor=1.0)
+
+
+def check_backward(layer, ref, dy, dtype, what):
+    dx = layer.backward(dy)
+    dx_ref, dw_ref, db_ref = ref.backward(dy)
+    assert dx.dtype == np.dtype(dtype) and dx.shape == dy.shape
+    g = TOL[dtype]["grad"]
+    assert_rel(dx, dx_ref, g, what + " dx")
+    if layer.affine:
+        assert layer.grad_weight.dtype == np.dtype(dtype) and layer.grad_weight.shape == (layer.num_features,)
+        assert_rel(layer.grad_weight, dw_ref, g, what + " grad_weight")
+        assert_rel(layer.grad_bias, db_ref, g, what + " grad_bias")
+    else:
+        assert layer.grad_weight is None and layer.grad_bias is None
+
+
+def make_pair(cls, C, dtype, affine, track, momentum, rng):
+    layer = cls(C, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    w = b = None
+    if affine:
+        layer.weight[...] = rng.uniform(0.5, 1.2, C)
+        layer.bias[...] = rng.uniform(-0.5, 0.5, C)
+        w, b = layer.weight.astype(np.float64), layer.bias.astype(np.float64)
+    ref = RefLayer(C, momentum=momentum, affine=affine, track_running_stats=track, weight=w, bias=b)
+    return layer, ref
+
+
+def run_steps(layer, ref, shapes, dtype, rng, *, training, do_backward=True, what=""):
+    for step, shape in enumerate(shapes):
+        x = (rng.standard_normal(shape) * rng.uniform(0.5, 2.0) + rng.uniform(-1, 1)).astype(dtype)
+        x_copy = x.copy()
+        y = layer(x)
+        y_ref = ref.forward(x)
+        tag = f"{what} {'train' if training else 'eval'} step {step}"
+        check_output(y, y_ref, dtype, tag)
+        check_state(layer, ref, dtype, tag)
+        if do_backward:
+            dy = rng.standard_normal(shape).astype(dtype)
+            check_backward(layer, ref, dy, dtype, tag)
+        np.testing.assert_array_equal(x, x_copy)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm2d_matches_reference(mode, dtype, affine, track, momentum):
+    rng = np.random.default_rng(1234)
+    C = 5
+    layer, ref = make_pair(cbn.BatchNorm2d, C, dtype, affine, track, momentum, rng)
+    train_shapes = [(6, C, 7, 9), (4, C, 5, 11), (8, C, 3, 6)]
+    run_steps(layer, ref, train_shapes, dtype, rng, training=True, do_backward=(mode == "train"), what="2d")
+    if mode == "eval":
+        assert layer.eval() is layer
+        ref.training = False
+        counter = layer.num_batches_tracked
+        stats = None if not track else (layer.running_mean.copy(), layer.running_var.copy())
+        run_steps(layer, ref, [(5, C, 6, 7), (2, C, 4, 4), (1, C, 1, 1) if track else (3, C, 2, 1)], dtype, rng,
+                  training=False, what="2d")
+        assert layer.num_batches_tracked == counter
+        if track:
+            np.testing.assert_array_equal(layer.running_mean, stats[0])
+            np.testing.assert_array_equal(layer.running_var, stats[1])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,shapes", [
+    (cbn.BatchNorm1d, [(16, 6), (9, 6), (32, 6)]),
+    (cbn.BatchNorm1d, [(4, 6, 13), (7, 6, 5), (2, 6, 30)]),
+    (cbn.BatchNorm3d, [(3, 6, 4, 5, 6), (2, 6, 3, 3, 7), (5, 6, 2, 4, 3)]),
+], ids=["1d-NC", "1d-NCL", "3d"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_other_classes_match_reference(cls, shapes, dtype, momentum, affine):
+    rng = np.random.default_rng(99)
+    C = 6
+    layer, ref = make_pair(cls, C, dtype, affine, True, momentum, rng)
+    run_steps(layer, ref, shapes, dtype, rng, training=True, what=cls.__name__)
+    layer.eval()
+    ref.training = False
+    run_steps(layer, ref, shapes[:2], dtype, rng, training=False, what=cls.__name__)
+
+
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+def test_float32_offset_training_is_exact(offset):
+    """Data far from zero: float32 output within 2e-6 of the float64 result on the same float32 input."""
+    rng = np.random.default_rng(7)
+    x = (offset + rng.standard_normal((16, 8, 32, 32))).astype(np.float32)
+    layer = cbn.BatchNorm2d(8)
+    y = layer(x)
+    rm, rv = np.zeros(8), np.ones(8)
+    y_ref = R.batch_norm(x, rm, rv, training=True, momentum=0.1)
+    err = max_err(y, y_ref)
+    print(f"\nfloat32 offset {offset:g} training: max |y - y_ref| = {err:.3e}")
+    assert y.dtype == np.float32
+    assert err <= 2e-6, f"max |y - y_ref| = {err:.3e}"
+    assert_rel(layer.running_mean, rm, 1e-6, "running_mean")
+    assert_rel(layer.running_var, rv, 1e-6, "running_var", floor=1.0)
+    # backward stays accurate too
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    _, saved = R.batch_norm(x, None, None, training=True, return_saved=True)
+    dx_ref, dw_ref, db_ref = R.batch_norm_backward(dy, saved)
+    assert_rel(dx, dx_ref, 1e-5, "dx")
+    assert_rel(layer.grad_weight, dw_ref, 1e-5, "grad_weight")
+    assert_rel(layer.grad_bias, db_ref, 1e-5, "grad_bias")
+
+
+@pytest.mark.parametrize("offset", [1e4, -2.5e5])
+def test_float32_offset_eval_is_exact(offset):
+    """Eval with running statistics far from zero: exact against the reference given the same (float32) stats."""
+    rng = np.random.default_rng(8)
+    C = 4
+    x = (offset + rng.standard_normal((8, C, 16, 16)) * np.array([1, 2, 0.5, 3])[:, None, None]).astype(np.float32)
+    layer = cbn.BatchNorm2d(C).eval()
+    layer.running_mean[...] = (offset + rng.standard_normal(C) * 0.3).astype(np.float32)
+    layer.running_var[...] = np.array([1.0, 4.0, 0.25, 9.0], np.float32) * rng.uniform(0.8, 1.2, C)
+    layer.weight[...] = rng.uniform(0.5, 1.0, C)
+    layer.bias[...] = rng.uniform(-0.5, 0.5, C)
+    y = layer(x)
+    y_ref = R.batch_norm(x, layer.running_mean.astype(np.float64), layer.running_var.astype(np.float64),
+                         layer.weight, layer.bias, training=False)
+    err = max_err(y, y_ref)
+    print(f"\nfloat32 offset {offset:g} eval: max |y - y_ref| = {err:.3e} (max |y| {np.max(np.abs(y_ref)):.2f})")
+    assert err <= 2e-6
+
+
+def _finite_diff(f, a, h):
+    g = np.zeros_like(a)
+    it = np.nditer(a, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = a[i]
+        a[i] = old + h
+        fp = f()
+        a[i] = old - h
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_backward_finite_differences(mode):
+    """Central differences of loss = sum(y * G) in float64 against the analytic backward."""
+    rng = np.random.default_rng(3)
+    shape = (3, 2, 3, 4)
+    x = rng.standard_normal(shape) * 1.5 + 0.3
+    G = rng.standard_normal(shape)
+    if mode == "train":
+        layer = cbn.BatchNorm2d(2, track_running_stats=False, dtype=np.float64)
+    else:
+        layer = cbn.BatchNorm2d(2, dtype=np.float64).eval()
+        layer.running_mean[...] = [0.2, -0.4]
+        layer.running_var[...] = [1.7, 0.6]
+    layer.weight[...] = [1.3, -0.7]
+    layer.bias[...] = [0.1, 0.5]
+
+    def loss():
+        return float(np.sum(layer(x) * G))
+
+    layer(x)
+    dx = layer.backward(G)
+    dw, db = layer.grad_weight.copy(), layer.grad_bias.copy()
+    h = 1e-6
+    num_dx = _finite_diff(loss, x, h)
+    num_dw = _finite_diff(loss, layer.weight, h)
+    num_db = _finite_diff(loss, layer.bias, h)
+    for name, a, n in (("dx", dx, num_dx), ("dweight", dw, num_dw), ("dbias", db, num_db)):
+        err = max_err(a, n)
+        scale = max(np.max(np.abs(n)), 1.0)
+        assert err <= 1e-7 * scale, f"{mode} {name}: max |analytic - numeric| = {err:.3e}"

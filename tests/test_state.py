@@ -1,0 +1,315 @@
+"""State: pickle, deepcopy, save/load, state_dict and load_state_dict (atomic), repr, resets, mode switches."""
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+import cbn
+from bn_helpers import snapshot, trained_layer
+
+LAYERS = [
+    (cbn.BatchNorm1d, (7, 5)),
+    (cbn.BatchNorm1d, (4, 5, 9)),
+    (cbn.BatchNorm2d, (4, 5, 6, 3)),
+    (cbn.BatchNorm3d, (3, 5, 2, 3, 4)),
+]
+LAYER_IDS = ["1d-NC", "1d-NCL", "2d", "3d"]
+HYPER = ("num_features", "eps", "momentum", "affine", "track_running_stats", "dtype", "training")
+
+
+def configured(cls, shape, *, momentum, dtype, affine=True, track=True, training=True, seed=0):
+    layer = trained_layer(cls, shape[1], shape, dtype=dtype, seed=seed, steps=3, eps=1e-3, momentum=momentum,
+                          affine=affine, track_running_stats=track)
+    return layer.train(training)
+
+
+def assert_same_layer(a, b, x):
+    assert type(a) is type(b)
+    for h in HYPER:
+        va, vb = getattr(a, h), getattr(b, h)
+        assert va == vb and type(va) is type(vb), h
+    assert snapshot(a) == snapshot(b)
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        va, vb = getattr(a, key), getattr(b, key)
+        assert (va is None) == (vb is None)
+        if va is not None:
+            assert va is not vb, f"{key} must not be shared"
+            assert vb.flags.writeable and vb.flags.c_contiguous
+    ya, yb = a(x), b(x)
+    np.testing.assert_array_equal(ya, yb)
+    assert ya.dtype == yb.dtype
+    assert snapshot(a) == snapshot(b)
+    dy = np.linspace(-1, 1, x.size).reshape(x.shape).astype(x.dtype)
+    np.testing.assert_array_equal(a.backward(dy), b.backward(dy))
+
+
+def roundtrip_cases():
+    for (cls, shape), lid in zip(LAYERS, LAYER_IDS):
+        for momentum in (0.1, None):
+            for dtype in (np.float32, np.float64):
+                for training in (True, False):
+                    yield pytest.param(cls, shape, momentum, dtype, training,
+                                       id=f"{lid}-m{momentum}-{np.dtype(dtype).name}-{'train' if training else 'eval'}")
+
+
+def _pickle(layer, tmp_path):
+    return pickle.loads(pickle.dumps(layer))
+
+
+def _deepcopy(layer, tmp_path):
+    return copy.deepcopy(layer)
+
+
+def _saveload(layer, tmp_path):
+    path = tmp_path / "layer.cbn"
+    layer.save(path)
+    assert path.exists()
+    return cbn.load(path)
+
+
+def _saveload_str(layer, tmp_path):
+    path = str(tmp_path / "layer.npz")
+    layer.save(path)
+    return cbn.load(path)
+
+
+@pytest.mark.parametrize("how", [_pickle, _deepcopy, _saveload, _saveload_str],
+                         ids=["pickle", "deepcopy", "save-load", "save-load-str"])
+@pytest.mark.parametrize("cls,shape,momentum,dtype,training", list(roundtrip_cases()))
+def test_roundtrip(how, cls, shape, momentum, dtype, training, tmp_path):
+    layer = configured(cls, shape, momentum=momentum, dtype=dtype, training=training)
+    assert layer.num_batches_tracked == 3
+    before = snapshot(layer)
+    other = how(layer, tmp_path)
+    assert snapshot(layer) == before
+    x = (np.random.default_rng(1).standard_normal(shape) * 2 + 1).astype(dtype)
+    assert_same_layer(layer, other, x)
+
+
+@pytest.mark.parametrize("how", [_pickle, _deepcopy, _saveload], ids=["pickle", "deepcopy", "save-load"])
+@pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
+def test_roundtrip_without_affine_or_stats(how, affine, track, tmp_path):
+    shape = (4, 3, 5, 5)
+    layer = configured(cbn.BatchNorm2d, shape, momentum=0.3, dtype=np.float64, affine=affine, track=track,
+                       training=False)
+    other = how(layer, tmp_path)
+    x = np.random.default_rng(2).standard_normal(shape)
+    assert_same_layer(layer, other, x)
+
+
+def test_copies_are_independent():
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
+    for other in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        before = snapshot(layer)
+        other(np.ones((2, 3, 4, 4), np.float32) * np.arange(32, dtype=np.float32).reshape(2, 1, 4, 4))
+        other.weight[...] = 7
+        assert snapshot(layer) == before
+
+
+def test_pickle_after_forward_then_backward_on_copy_needs_forward():
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    layer(x)
+    clone = pickle.loads(pickle.dumps(layer))
+    clone(x)
+    np.testing.assert_array_equal(clone.backward(np.ones_like(x)), layer.backward(np.ones_like(x)))
+
+
+# -- state_dict --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("affine,track,keys", [
+    (True, True, ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]),
+    (False, True, ["running_mean", "running_var", "num_batches_tracked"]),
+    (True, False, ["weight", "bias"]),
+    (False, False, []),
+])
+def test_state_dict_keys(affine, track, keys):
+    layer = cbn.BatchNorm2d(4, affine=affine, track_running_stats=track)
+    sd = layer.state_dict()
+    assert list(sd) == keys
+    if track:
+        c = sd["num_batches_tracked"]
+        assert isinstance(c, np.ndarray) and c.shape == () and c.dtype == np.int64 and int(c) == 0
+
+
+def test_state_dict_is_a_copy():
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
+    before = snapshot(layer)
+    sd = layer.state_dict()
+    for k, v in sd.items():
+        v[...] = 0 if k != "running_var" else 5
+    assert snapshot(layer) == before
+
+
+def test_load_state_dict_copies_and_converts():
+    src = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float64)
+    sd = src.state_dict()
+    # read-only, strided, float64 source arrays into a float32 layer
+    loaded = {}
+    for k, v in sd.items():
+        if v.ndim:
+            w = np.zeros(2 * v.size)
+            w[::2] = v
+            v = w[::2]
+            v.flags.writeable = False
+        loaded[k] = v
+    layer = cbn.BatchNorm2d(3, dtype=np.float32)
+    layer.load_state_dict(loaded)
+    assert layer.num_batches_tracked == 3 and isinstance(layer.num_batches_tracked, int)
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        a = getattr(layer, k)
+        assert a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+        np.testing.assert_array_equal(a, sd[k].astype(np.float32))
+    before = snapshot(layer)
+    w[...] = 123.0  # the layer must not alias the source arrays
+    assert snapshot(layer) == before
+    # and the layer can still train (running stats are updated in place)
+    layer(np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32))
+    assert layer.num_batches_tracked == 4
+
+
+def test_load_state_dict_negative_strides_then_train():
+    layer = cbn.BatchNorm2d(3)
+    sd = layer.state_dict()
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        sd[k] = np.array([1.0, 2.0, 3.0], np.float32)[::-1]
+    layer.load_state_dict(sd)
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        a = getattr(layer, k)
+        assert a.flags.c_contiguous and a.flags.writeable
+        np.testing.assert_array_equal(a, [3.0, 2.0, 1.0])
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    layer(x)
+    np.testing.assert_allclose(layer.running_mean, 0.9 * np.array([3.0, 2.0, 1.0]) + 0.1 * x.mean(axis=(0, 2, 3)),
+                               rtol=1e-6)
+
+
+def test_load_state_dict_counter_forms():
+    layer = cbn.BatchNorm2d(2)
+    sd = layer.state_dict()
+    for value, expect in ((np.array(5), 5), (np.array([6], np.int32), 6), (7, 7), (np.uint8(8), 8)):
+        sd["num_batches_tracked"] = value
+        layer.load_state_dict(sd)
+        assert layer.num_batches_tracked == expect
+
+
+def test_nonstrict_subset():
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
+    before = snapshot(layer)
+    new_mean = np.array([1.5, -2.0, 0.25], np.float32)
+    layer.load_state_dict({"running_mean": new_mean, "something_else": np.zeros(3)}, strict=False)
+    np.testing.assert_array_equal(layer.running_mean, new_mean)
+    after = snapshot(layer)
+    for k in ("weight", "bias", "running_var", "num_batches_tracked"):
+        assert after[k] == before[k], k
+    # a layer without running stats ignores them non-strictly
+    plain = cbn.BatchNorm2d(3, track_running_stats=False)
+    full = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32).state_dict()
+    plain.load_state_dict(full, strict=False)
+    np.testing.assert_array_equal(plain.weight, full["weight"])
+    assert plain.running_mean is None
+
+
+def _bad_state_cases():
+    C = 3
+    good = lambda: configured(cbn.BatchNorm2d, (4, C, 5, 5), momentum=0.1, dtype=np.float64, seed=9).state_dict()
+
+    def mod(**changes):
+        sd = good()
+        for k, v in changes.items():
+            if v is KeyError:
+                del sd[k]
+            else:
+                sd[k] = v
+        return sd
+
+    return [
+        ("weight-shape", mod(weight=np.ones(C + 1)), True, ValueError, r"weight.*\(3,\).*\(4,\)"),
+        ("running_var-shape", mod(running_var=np.ones((C, 1))), True, ValueError, r"running_var.*\(3,\).*\(3, 1\)"),
+        ("missing-strict", mod(running_var=KeyError), True, KeyError, r"missing.*running_var"),
+        ("unexpected-strict", mod(extra=np.zeros(C)), True, KeyError, r"unexpected.*extra"),
+        ("mean-nan", mod(running_mean=np.array([0.0, np.nan, 1.0])), True, ValueError, r"running_mean.*finite"),
+        ("var-inf", mod(running_var=np.array([1.0, np.inf, 1.0])), True, ValueError, r"running_var.*finite"),
+        ("var-negative", mod(running_var=np.array([1.0, -0.5, 1.0])), True, ValueError, r"running_var.*-0\.5"),
+        ("counter-negative", mod(num_batches_tracked=np.array(-1)), True, ValueError, r"num_batches_tracked.*-1"),
+        ("counter-float", mod(num_batches_tracked=np.array(2.5)), True, ValueError, r"num_batches_tracked"),
+        ("complex", mod(bias=np.ones(C, complex)), True, TypeError, r"bias.*complex"),
+        # non-strict: the bad entry still aborts the whole load
+        ("nonstrict-var-negative", mod(running_var=np.array([1.0, 1.0, -1.0]), weight=KeyError), False, ValueError,
+         r"running_var"),
+        ("nonstrict-shape-last", mod(running_var=np.ones(C + 2)), False, ValueError, r"running_var"),
+    ]
+
+
+@pytest.mark.parametrize("name,state,strict,exc,match", _bad_state_cases(), ids=[c[0] for c in _bad_state_cases()])
+def test_load_state_dict_is_atomic(name, state, strict, exc, match):
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32, seed=1)
+    before = snapshot(layer)
+    # all good entries differ from the layer's, so a partial load would show
+    assert not np.array_equal(state["running_mean"], layer.running_mean)
+    with pytest.raises(exc, match=match):
+        layer.load_state_dict(state, strict=strict)
+    assert snapshot(layer) == before
+
+
+# -- repr, resets, modes -------------------------------------------------------------------------------------------
+def test_repr_like_torch():
+    assert repr(cbn.BatchNorm2d(64)) == \
+        "BatchNorm2d(64, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)"
+    assert repr(cbn.BatchNorm1d(3, eps=1e-3, momentum=None, affine=False, track_running_stats=False)) == \
+        "BatchNorm1d(3, eps=0.001, momentum=None, affine=False, bias=False, track_running_stats=False)"
+    r = repr(cbn.BatchNorm3d(8, dtype=np.float64))
+    assert r.startswith("BatchNorm3d(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True")
+    assert "float64" in r
+
+
+def test_reset_running_stats_and_parameters():
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
+    w, b = layer.weight.copy(), layer.bias.copy()
+    assert layer.num_batches_tracked == 3
+    layer.reset_running_stats()
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(layer.running_var, np.ones(3, np.float32))
+    assert layer.running_mean.dtype == np.float32 and layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.weight, w)
+    np.testing.assert_array_equal(layer.bias, b)
+    layer(np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32))
+    layer.reset_parameters()
+    np.testing.assert_array_equal(layer.weight, np.ones(3))
+    np.testing.assert_array_equal(layer.bias, np.zeros(3))
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+    assert layer.num_batches_tracked == 0
+    # without affine / stats the resets are no-ops that do not fail
+    plain = cbn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    plain.reset_running_stats()
+    plain.reset_parameters()
+    assert plain.weight is None and plain.running_mean is None
+
+
+def test_defaults():
+    layer = cbn.BatchNorm2d(3)
+    assert layer.training is True and layer.dtype == np.float32
+    assert layer.eps == 1e-5 and layer.momentum == 0.1 and layer.affine and layer.track_running_stats
+    np.testing.assert_array_equal(layer.weight, np.ones(3))
+    np.testing.assert_array_equal(layer.bias, np.zeros(3))
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+    assert layer.num_batches_tracked == 0
+    for a in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
+        assert a.dtype == np.float32
+
+
+def test_train_eval_return_self():
+    layer = cbn.BatchNorm1d(2)
+    assert layer.eval() is layer and layer.training is False
+    assert layer.train() is layer and layer.training is True
+    assert layer.train(False) is layer and layer.training is False
+    assert layer.train(True) is layer and layer.training is True
+
+
+def test_load_rejects_foreign_file(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, weight=np.ones(3))
+    with pytest.raises((KeyError, ValueError)):
+        cbn.load(path)

@@ -1,0 +1,157 @@
+"""Thread count never changes a bit of any result; thread controls work; show_config reports OpenMP."""
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import cbn
+
+def openmp_on():
+    """Whether this build has OpenMP, as show_config() reports it."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cbn.show_config()
+    line = [ln for ln in buf.getvalue().splitlines() if "openmp" in ln.lower()]
+    return bool(line) and line[0].split(":", 1)[1].strip().startswith("on")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
+
+# (class name, shape): parallel ones (>= 65536 elements) cover both kernel paths: one task per channel (C >= 4*threads)
+# and blocks of few channels split over threads.
+SHAPES = [
+    ("BatchNorm2d", (8, 3, 128, 128)),
+    ("BatchNorm2d", (16, 64, 16, 16)),
+    ("BatchNorm2d", (4, 2, 300, 300)),
+    ("BatchNorm1d", (64, 16)),
+    ("BatchNorm1d", (4096, 32)),
+    ("BatchNorm1d", (70001, 2)),
+    ("BatchNorm1d", (3, 5, 40000)),
+    ("BatchNorm3d", (2, 3, 16, 40, 40)),
+]
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import cbn
+
+    shapes = {shapes!r}
+    out = {{"threads": np.array(cbn.get_num_threads())}}
+    for i, (name, shape) in enumerate(shapes):
+        for dtype in (np.float32, np.float64):
+            rng = np.random.default_rng(i)
+            C = shape[1]
+            x1 = (rng.standard_normal(shape) * 3 + 1e3).astype(dtype)
+            x2 = (rng.standard_normal(shape) * 0.5 - 2).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            bn = getattr(cbn, name)(C, dtype=dtype, momentum=None)
+            bn.weight[...] = rng.uniform(0.5, 1.5, C)
+            bn.bias[...] = rng.uniform(-1, 1, C)
+            key = f"{{i}}_{{np.dtype(dtype).name}}_"
+            out[key + "y1"] = bn(x1)
+            out[key + "dx1"] = bn.backward(dy)
+            out[key + "gw1"] = bn.grad_weight
+            out[key + "gb1"] = bn.grad_bias
+            out[key + "y2"] = bn(x2)
+            out[key + "dx2"] = bn.backward(dy)
+            out[key + "rm"] = bn.running_mean.copy()
+            out[key + "rv"] = bn.running_var.copy()
+            bn.eval()
+            out[key + "ye"] = bn(x1)
+            out[key + "dxe"] = bn.backward(dy)
+            out[key + "gwe"] = bn.grad_weight
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def _run(tmp_path, n):
+    script = tmp_path / "det.py"
+    script.write_text(SCRIPT.format(shapes=SHAPES))
+    path = tmp_path / f"threads{n}.npz"
+    env = dict(os.environ, OMP_NUM_THREADS=str(n), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("OMP_THREAD_LIMIT", None)
+    res = subprocess.run([sys.executable, str(script), str(path)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_bitwise_identical_across_thread_counts(tmp_path):
+    runs = {n: _run(tmp_path, n) for n in (1, 2, 3)}
+    for n, r in runs.items():
+        if openmp_on():
+            assert int(r["threads"]) == n, f"OMP_NUM_THREADS={n} gave {int(r['threads'])} threads"
+    base = runs[1]
+    for n in (2, 3):
+        assert set(runs[n]) == set(base)
+        for k in base:
+            if k == "threads":
+                continue
+            a, b = base[k], runs[n][k]
+            assert a.dtype == b.dtype and a.shape == b.shape, k
+            assert a.tobytes() == b.tobytes(), (f"{k}: 1 vs {n} threads differ, max diff "
+                                                f"{np.max(np.abs(a.astype(float) - b.astype(float))):.3e}")
+
+
+@pytest.fixture
+def restore_threads():
+    old = cbn.get_num_threads()
+    yield old
+    cbn.set_num_threads(old)
+
+
+def test_bitwise_identical_in_process(restore_threads):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 3, 130, 130)) * 2 + 50).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    results = []
+    for n in (1, 2, 4):
+        cbn.set_num_threads(n)
+        bn = cbn.BatchNorm2d(3)
+        y = bn(x)
+        dx = bn.backward(dy)
+        results.append([y, dx, bn.grad_weight, bn.grad_bias, bn.running_mean, bn.running_var])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_set_get_num_threads(restore_threads):
+    if not openmp_on():
+        pytest.skip("serial build: one thread")
+    for n in (1, 3, 2):
+        cbn.set_num_threads(n)
+        assert cbn.get_num_threads() == n
+    cbn.set_num_threads(np.int64(1))
+    assert cbn.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_set_num_threads_rejects(restore_threads, bad):
+    with pytest.raises(ValueError, match=r">= 1.*got " + re.escape(repr(bad))):
+        cbn.set_num_threads(bad)
+    assert cbn.get_num_threads() == restore_threads
+
+
+def test_threadpoolctl_limits(restore_threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if openmp_on():
+        cbn.set_num_threads(2)
+    before = cbn.get_num_threads()
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert cbn.get_num_threads() == 1
+    assert cbn.get_num_threads() == before
+
+
+def test_show_config(capsys):
+    cbn.show_config()
+    out = capsys.readouterr().out
+    assert "openmp" in out
+    assert cbn.__version__ in out
