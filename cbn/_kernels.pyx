@@ -284,35 +284,26 @@ def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 w
     cdef const floating *pw = &weight[0] if weight is not None else NULL
     cdef const floating *pb = &bias[0] if bias is not None else NULL
     cdef int nt = _threads(N * C * S, T.count if not use_batch_stats else L.nblocks)
-    if not use_batch_stats:
-        for c in range(C):
-            _affine_coef(px, mean[c], invstd[c], pw[c] if pw != NULL else 1.0, pb[c] if pb != NULL else 0.0,
-                         &coef[3 * c])
-        for t in prange(T.count, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            _span_affine(px, py, _tile_span(T, t, S, 0, 1), S, C, &coef[0])
-        return
-    for c in range(C):
-        K[c] = px[c * S]
-    if not L.by_image and (nt == 1 or C >= 4 * nt):
-        # One task per channel: its blocks' sums, the statistics, then normalisation while it is in cache.
-        for c in prange(C, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
-                _span_moments(px, _block_span(L, k, N, C, S), S, C, &K[0], _block_part(L, &part[0], k, C), 0)
-            _finish_stats(px, L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
-                          &mean[0], &invstd[0], &coef[0])
-            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
+    with nogil:
+        if not use_batch_stats:
+            for c in range(C):
+                _affine_coef(px, mean[c], invstd[c], pw[c] if pw != NULL else 1.0, pb[c] if pb != NULL else 0.0,
+                             &coef[3 * c])
+            for t in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _span_affine(px, py, _tile_span(T, t, S, 0, 1), S, C, &coef[0])
+        else:
+            for c in range(C):
+                K[c] = px[c * S]
+            # Block sums in parallel, the statistics, then the same static block schedule normalises, so each
+            # thread revisits the blocks it just read.
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _span_moments(px, _block_span(L, k, N, C, S), S, C, &K[0], _block_part(L, &part[0], k, C),
+                              1 if L.by_image else 0)
+            for c in range(C):
+                _finish_stats(px, L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
+                              &mean[0], &invstd[0], &coef[0])
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 _span_affine(px, py, _block_span(L, k, N, C, S), S, C, &coef[0])
-        return
-    # Blocks in parallel, statistics, then the same static block schedule normalises, so each thread revisits
-    # the blocks it just read.
-    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        _span_moments(px, _block_span(L, k, N, C, S), S, C, &K[0], _block_part(L, &part[0], k, C),
-                      1 if L.by_image else 0)
-    for c in range(C):
-        _finish_stats(px, L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
-                      &mean[0], &invstd[0], &coef[0])
-    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        _span_affine(px, py, _block_span(L, k, N, C, S), S, C, &coef[0])
 
 
 cdef void _span_grad_sums(const floating *x, const floating *dy, Span s, Py_ssize_t S, Py_ssize_t C,
@@ -405,25 +396,16 @@ def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's inp
     cdef floating *pd = &dx[0, 0, 0]
     cdef const floating *pw = &weight[0] if weight is not None else NULL
     cdef int nt = _threads(N * C * S, L.nblocks)
-    if not L.by_image and (nt == 1 or C >= 4 * nt):
-        # One task per channel: block sums, their merge, then dx while the channel is in cache.
-        for c in prange(C, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
-                _span_grad_sums(px, pg, _block_span(L, k, N, C, S), S, C, &mean[0],
-                                _block_part(L, &part[0], k, C), 0)
+    with nogil:
+        # Block sums in parallel, their merge, then dx over the same static block schedule.
+        for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            _span_grad_sums(px, pg, _block_span(L, k, N, C, S), S, C, &mean[0], _block_part(L, &part[0], k, C),
+                            1 if L.by_image else 0)
+        for c in range(C):
             _finish_grad(px, L, &part[0], c, C, m, &mean[0], &invstd[0], pw, use_batch_stats,
                          &dweight[0], &dbias[0], &coef[0])
-            for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
-                _span_grad(px, pg, pd, _block_span(L, k, N, C, S), S, C, &coef[0], use_batch_stats)
-        return
-    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        _span_grad_sums(px, pg, _block_span(L, k, N, C, S), S, C, &mean[0], _block_part(L, &part[0], k, C),
-                        1 if L.by_image else 0)
-    for c in range(C):
-        _finish_grad(px, L, &part[0], c, C, m, &mean[0], &invstd[0], pw, use_batch_stats,
-                     &dweight[0], &dbias[0], &coef[0])
-    for k in prange(L.nblocks, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        _span_grad(px, pg, pd, _block_span(L, k, N, C, S), S, C, &coef[0], use_batch_stats)
+        for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            _span_grad(px, pg, pd, _block_span(L, k, N, C, S), S, C, &coef[0], use_batch_stats)
 
 
 def copy(const floating[::1] src, floating[::1] dst):
