@@ -47,6 +47,8 @@ ctypedef fused floating:
 cdef Py_ssize_t BLOCK = 16384
 # Rows shorter than this are processed in memory order (groups of whole images); longer rows channel by channel.
 cdef Py_ssize_t SHORT_ROW = 1024
+# Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
+cdef Py_ssize_t PART_DOUBLES = 1 << 19
 # Below this many elements a kernel runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 65536
 
@@ -138,9 +140,13 @@ cdef inline Span _tile_span(Tiles t, Py_ssize_t k, Py_ssize_t S, Py_ssize_t firs
 cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
     """Statistics blocks of an (N, C, S) tensor (depends on the shape only)."""
     cdef Layout L
+    cdef Py_ssize_t cap
     L.by_image = S < SHORT_ROW
     if L.by_image:
-        L.rows = max(1, BLOCK // (C * S))
+        # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
+        # PART_DOUBLES doubles in all for huge C.
+        cap = max(2, min(64, PART_DOUBLES // (2 * C)))
+        L.rows = max(max(1, BLOCK // (C * S)), (N + cap - 1) // cap)
         L.nblocks = (N + L.rows - 1) // L.rows
     else:
         L.tiles = _tiles(N, S)
@@ -201,37 +207,30 @@ cdef void _span_moments(const floating *x, Span s, Py_ssize_t S, Py_ssize_t C,
 
 
 cdef void _span_affine(const floating *x, floating *y, Span s, Py_ssize_t S, Py_ssize_t C,
-                       const double *coef) noexcept nogil:   # IN (C, 3): hi, scale, shift
-    """y = (x - hi)*scale + shift per row, in the data type.
-
-    With mean = hi + lo (hi the mean rounded to the data type), scale = gamma*invstd, shift = beta - lo*scale this
-    is y = gamma*(x - mean)*invstd + beta; x - hi is exact for x near the mean, so float32 keeps the mean's double
-    precision instead of rounding it first.
-    """
-    cdef floating hi, scale, shift
+                       const double *coef) noexcept nogil:   # IN (C, 3): mean, scale, beta
+    """y = (x - mean)*scale + beta per row, scale = gamma*invstd, in double and rounded once to the data type."""
+    cdef double mu, scale, beta
     cdef Py_ssize_t j, i, r, c = s.r0 % C, dc = s.rstep % C
     for j in range(s.nrows):
         r = (s.r0 + j * s.rstep) * S
-        hi = <floating>coef[3 * c]
-        scale = <floating>coef[3 * c + 1]
-        shift = <floating>coef[3 * c + 2]
+        mu = coef[3 * c]
+        scale = coef[3 * c + 1]
+        beta = coef[3 * c + 2]
         for i in range(s.i0, s.i1):
-            y[r + i] = (x[r + i] - hi) * scale + shift
+            y[r + i] = <floating>((<double>x[r + i] - mu) * scale + beta)
         c += dc
         if c >= C:
             c -= C
 
 
-cdef void _affine_coef(const floating *like, double mean, double invstd, double gamma, double beta,
-                       double *coef) noexcept nogil:  # OUT (hi, scale, shift)
-    """hi = mean rounded to the data type of like, lo = mean - hi, scale = gamma*invstd, shift = beta - lo*scale."""
-    cdef double hi = <double>(<floating>mean)
-    coef[0] = hi
+cdef inline void _affine_coef(double mean, double invstd, double gamma, double beta,
+                              double *coef) noexcept nogil:  # OUT (mean, scale, beta)
+    coef[0] = mean
     coef[1] = gamma * invstd
-    coef[2] = beta - (mean - hi) * coef[1]
+    coef[2] = beta
 
 
-cdef void _finish_stats(const floating *like, Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
+cdef void _finish_stats(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
                         double m, const double *K,
                         floating *running_mean, floating *running_var,   # INOUT (C,) or NULL
                         const floating *weight, const floating *bias,    # IN (C,) or NULL
@@ -252,8 +251,8 @@ cdef void _finish_stats(const floating *like, Layout L, const double *part, Py_s
     if running_mean != NULL:
         running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
         running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (M2 / (m - 1.0)))
-    _affine_coef(like, mean[c], invstd[c], weight[c] if weight != NULL else 1.0,
-                 bias[c] if bias != NULL else 0.0, coef + 3 * c)
+    _affine_coef(mean[c], invstd[c], weight[c] if weight != NULL else 1.0, bias[c] if bias != NULL else 0.0,
+                 coef + 3 * c)
 
 
 def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
@@ -287,7 +286,7 @@ def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 w
     with nogil:
         if not use_batch_stats:
             for c in range(C):
-                _affine_coef(px, mean[c], invstd[c], pw[c] if pw != NULL else 1.0, pb[c] if pb != NULL else 0.0,
+                _affine_coef(mean[c], invstd[c], pw[c] if pw != NULL else 1.0, pb[c] if pb != NULL else 0.0,
                              &coef[3 * c])
             for t in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 _span_affine(px, py, _tile_span(T, t, S, 0, 1), S, C, &coef[0])
@@ -300,7 +299,7 @@ def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 w
                 _span_moments(px, _block_span(L, k, N, C, S), S, C, &K[0], _block_part(L, &part[0], k, C),
                               1 if L.by_image else 0)
             for c in range(C):
-                _finish_stats(px, L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
+                _finish_stats(L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
                               &mean[0], &invstd[0], &coef[0])
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 _span_affine(px, py, _block_span(L, k, N, C, S), S, C, &coef[0])
@@ -322,51 +321,50 @@ cdef void _span_grad_sums(const floating *x, const floating *dy, Span s, Py_ssiz
             c -= C
 
 
-cdef void _finish_grad(const floating *like, Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
+cdef void _finish_grad(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
                        const double *mean, const double *invstd,   # IN (C,) statistics the forward used
                        const floating *weight,                     # IN (C,) gamma or NULL
                        bint use_batch_stats,
                        floating *dweight, floating *dbias,         # OUT (C,)
-                       double *coef) noexcept nogil:               # OUT (C, 4): hi, A, B, K
-    """dbeta = sum dy, dgamma = invstd*sum dy*(x - mean), and the coefficients of dx = dy*A - (x - hi)*B + K.
+                       double *coef) noexcept nogil:               # OUT (C, 4): mean, A, B, K
+    """dbeta = sum dy, dgamma = invstd*sum dy*(x - mean), and the coefficients of dx = dy*A - (x - mean)*B + K.
 
     Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m), so A = g, B = g*invstd*dgamma/m,
-    K = B*lo - g*dbeta/m with mean = hi + lo. Eval: dx = g*dy (A = g, B = K = 0).
+    K = -g*dbeta/m. Eval: dx = g*dy (A = g, B = K = 0).
     """
     cdef double s[2]
-    cdef double g, B
+    cdef double g
     cdef double *cf = coef + 4 * c
     _merge(L, part, c, C, s)
     dbias[c] = <floating>s[0]
     dweight[c] = <floating>(s[1] * invstd[c])
     g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
-    cf[0] = <double>(<floating>mean[c])
+    cf[0] = mean[c]
     cf[1] = g
     cf[2] = 0.0
     cf[3] = 0.0
     if use_batch_stats:
-        B = g * invstd[c] * (s[1] * invstd[c]) / m
-        cf[2] = B
-        cf[3] = B * (mean[c] - cf[0]) - g * s[0] / m
+        cf[2] = g * invstd[c] * (s[1] * invstd[c]) / m
+        cf[3] = -g * s[0] / m
 
 
 cdef void _span_grad(const floating *x, const floating *dy, floating *dx, Span s, Py_ssize_t S, Py_ssize_t C,
-                     const double *coef, bint use_batch_stats) noexcept nogil:  # IN (C, 4): hi, A, B, K
-    """dx = dy*A - (x - hi)*B + K (training) or dx = dy*A (eval: dx does not depend on x)."""
-    cdef floating hi, A, B, K
+                     const double *coef, bint use_batch_stats) noexcept nogil:  # IN (C, 4): mean, A, B, K
+    """dx = dy*A - (x - mean)*B + K (training) or dx = dy*A (eval: dx does not depend on x), in double."""
+    cdef double mu, A, B, K
     cdef Py_ssize_t j, i, r, c = s.r0 % C, dc = s.rstep % C
     for j in range(s.nrows):
         r = (s.r0 + j * s.rstep) * S
-        hi = <floating>coef[4 * c]
-        A = <floating>coef[4 * c + 1]
-        B = <floating>coef[4 * c + 2]
-        K = <floating>coef[4 * c + 3]
+        mu = coef[4 * c]
+        A = coef[4 * c + 1]
+        B = coef[4 * c + 2]
+        K = coef[4 * c + 3]
         if use_batch_stats:
             for i in range(s.i0, s.i1):
-                dx[r + i] = dy[r + i] * A - (x[r + i] - hi) * B + K
+                dx[r + i] = <floating>(<double>dy[r + i] * A - (<double>x[r + i] - mu) * B + K)
         else:
             for i in range(s.i0, s.i1):
-                dx[r + i] = dy[r + i] * A
+                dx[r + i] = <floating>(<double>dy[r + i] * A)
         c += dc
         if c >= C:
             c -= C
@@ -402,7 +400,7 @@ def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's inp
             _span_grad_sums(px, pg, _block_span(L, k, N, C, S), S, C, &mean[0], _block_part(L, &part[0], k, C),
                             1 if L.by_image else 0)
         for c in range(C):
-            _finish_grad(px, L, &part[0], c, C, m, &mean[0], &invstd[0], pw, use_batch_stats,
+            _finish_grad(L, &part[0], c, C, m, &mean[0], &invstd[0], pw, use_batch_stats,
                          &dweight[0], &dbias[0], &coef[0])
         for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
             _span_grad(px, pg, pd, _block_span(L, k, N, C, S), S, C, &coef[0], use_batch_stats)

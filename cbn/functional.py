@@ -45,11 +45,11 @@ class BatchNormSaved(NamedTuple):
 
 def _float_array(a, name):
     """Return ``a`` if it is a floating ndarray, else raise TypeError naming what it is."""
-    if not isinstance(a, np.ndarray):
+    if not isinstance(a, np.ndarray) or isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a numpy.ndarray of floating dtype, got {type(a).__name__}")
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), got {a.dtype}")
-    return a
+    return a if type(a) is np.ndarray else a.view(np.ndarray)
 
 
 def _compute_dtype(x_dtype, dtype):
@@ -74,7 +74,7 @@ def _channel_array(a, name, C):
 
 def _channel_param(a, name, C, dt):
     """Validate an optional (C,) parameter and return it as a contiguous array of dtype dt."""
-    return None if a is None else np.ascontiguousarray(_channel_array(a, name, C), dtype=dt)
+    return None if a is None else _contiguous(_channel_array(a, name, C), dt)
 
 
 def _running_stat(a, name, C, dt):
@@ -82,8 +82,8 @@ def _running_stat(a, name, C, dt):
     a = _channel_array(a, name, C)
     if a.dtype != dt:
         raise TypeError(f"{name} must have the compute dtype {dt} to be updated in place, got {a.dtype}")
-    if not (a.flags.c_contiguous and a.flags.writeable):
-        raise ValueError(f"{name} must be a writeable contiguous array to be updated in place")
+    if not (a.flags.c_contiguous and a.flags.writeable and a.flags.aligned):
+        raise ValueError(f"{name} must be a writeable, aligned, contiguous array to be updated in place")
     return a
 
 
@@ -95,11 +95,21 @@ def _out_array(out, name, shape, dt, inputs):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape or out.dtype != dt:
         raise ValueError(f"{name} must have shape {shape} and dtype {dt}, got shape {out.shape} and dtype {out.dtype}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"{name} must be a writeable C-contiguous array")
-    if any(np.may_share_memory(out, a) for a in inputs if a is not None):
-        raise ValueError(f"{name} must not share memory with an input")
+    if not (out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
+        raise ValueError(f"{name} must be a writeable, aligned, C-contiguous array")
+    _check_no_overlap(name, out, inputs)
     return out
+
+
+def _check_no_overlap(name, a, others):
+    """Raise ValueError if ``a`` may share memory with one of ``others`` (None entries are skipped)."""
+    if any(np.may_share_memory(a, b) for b in others if b is not None):
+        raise ValueError(f"{name} must not share memory with another argument")
+
+
+def _contiguous(a, dt):
+    """``a`` as an aligned C-contiguous array of dtype dt (a copy only when needed)."""
+    return np.require(a, dtype=dt, requirements="CA")
 
 
 def _check_scalars(momentum, eps):
@@ -163,6 +173,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if update:
         running_mean = _running_stat(running_mean, "running_mean", C, dt)
         running_var = _running_stat(running_var, "running_var", C, dt)
+        _check_no_overlap("running_mean", running_mean, (x, running_var, weight, bias))
+        _check_no_overlap("running_var", running_var, (x, weight, bias))
     elif not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
@@ -172,23 +184,43 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     bias = _channel_param(bias, "bias", C, dt)
     y = _out_array(out, "out", shape, out_dt, (x, running_mean, running_var, weight, bias))
 
-    x3 = np.ascontiguousarray(x, dtype=dt).reshape(N, C, S)
+    x3 = _contiguous(x, dt).reshape(N, C, S)
     if training:
         mean, invstd = np.empty(C), np.empty(C)
     else:
         mean, invstd = rm.copy(), 1.0 / np.sqrt(rv + eps)
     if x3.size:
-        y3 = y.reshape(N, C, S) if out_dt == dt else np.empty((N, C, S), dtype=dt)
+        y3 = y.view(np.ndarray).reshape(N, C, S) if out_dt == dt else np.empty((N, C, S), dtype=dt)
         _kernels.forward(x3, y3, running_mean if update else None, running_var if update else None, weight, bias,
                          mean, invstd, training, update, float(momentum), float(eps))
         if out_dt != dt:
-            y[...] = y3.reshape(shape)
+            with np.errstate(all="ignore"):  # float16 overflow gives inf, like torch, and never raises late
+                y[...] = y3.reshape(shape)
     elif training:
         mean.fill(np.nan)
         invstd.fill(np.nan)
     if not return_saved:
         return y
     return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, out_dt)
+
+
+def _check_saved(saved):
+    """Check that ``saved`` is a consistent BatchNormSaved as batch_norm made it (it may have been edited)."""
+    if not isinstance(saved, BatchNormSaved):
+        raise TypeError(f"saved must be the BatchNormSaved of a forward, got {type(saved).__name__}")
+    x3 = saved.x
+    ok = (isinstance(x3, np.ndarray) and x3.ndim == 3 and x3.dtype in _COMPUTE and x3.flags.c_contiguous
+          and x3.flags.aligned and len(saved.shape) >= 2 and x3.shape[:2] == tuple(saved.shape[:2])
+          and x3.size == math.prod(saved.shape) and np.dtype(saved.dtype) in (x3.dtype, np.float16))
+
+    def channel_ok(a, dt):
+        return (isinstance(a, np.ndarray) and a.shape == (x3.shape[1],) and a.dtype == dt and a.flags.c_contiguous
+                and a.flags.aligned)
+
+    ok = (ok and channel_ok(saved.mean, np.float64) and channel_ok(saved.invstd, np.float64)
+          and (saved.weight is None or channel_ok(saved.weight, x3.dtype)))
+    if not ok:
+        raise ValueError("saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True)")
 
 
 def batch_norm_backward(dy, saved, *, out=None):
@@ -214,21 +246,21 @@ def batch_norm_backward(dy, saved, *, out=None):
     dweight, dbias : ndarray
         (C,) in the compute dtype (computed whether or not the forward had a weight).
     """
-    if not isinstance(saved, BatchNormSaved):
-        raise TypeError(f"saved must be the BatchNormSaved of a forward, got {type(saved).__name__}")
+    _check_saved(saved)
     dy = _float_array(dy, "grad_output")
     if dy.shape != saved.shape:
         raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
     x3 = saved.x
     N, C, S = x3.shape
     dt = x3.dtype
-    dx = _out_array(out, "out", saved.shape, saved.dtype, (dy, x3))
+    dx = _out_array(out, "out", saved.shape, saved.dtype, (dy, x3, saved.weight, saved.mean, saved.invstd))
     dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)
     if x3.size:
-        dy3 = np.ascontiguousarray(dy, dtype=dt).reshape(N, C, S)
-        dx3 = dx.reshape(N, C, S) if saved.dtype == dt else np.empty((N, C, S), dtype=dt)
+        dy3 = _contiguous(dy, dt).reshape(N, C, S)
+        dx3 = dx.view(np.ndarray).reshape(N, C, S) if saved.dtype == dt else np.empty((N, C, S), dtype=dt)
         _kernels.backward(x3, dy3, dx3, saved.mean, saved.invstd, saved.weight, dweight, dbias,
                           saved.use_batch_stats)
         if saved.dtype != dt:
-            dx[...] = dx3.reshape(saved.shape)
+            with np.errstate(all="ignore"):
+                dx[...] = dx3.reshape(saved.shape)
     return dx, dweight, dbias

@@ -85,8 +85,7 @@ class _BatchNorm:
         y, saved = F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
                                 self.weight, self.bias, use_batch_stats, factor, self.eps, out=out,
                                 dtype=self.dtype, return_saved=True)
-        if saved.x.size:
-            self.num_batches_tracked = count
+        self.num_batches_tracked = count
         self._saved = saved
         return y
 
@@ -175,11 +174,13 @@ class _BatchNorm:
                 continue
             if value.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
+            with np.errstate(all="ignore"):
+                value = value.astype(self.dtype)
             if key.startswith("running") and not np.all(np.isfinite(value)):
-                raise ValueError(f"{key} must be finite")
+                raise ValueError(f"{key} must be finite in {self.dtype}")
             if key == "running_var" and np.any(value < 0):
                 raise ValueError(f"running_var must be >= 0, got min {value.min()}")
-            new[key] = value.astype(self.dtype)
+            new[key] = value
         for key, value in new.items():
             setattr(self, key, value)
 
@@ -199,7 +200,7 @@ class _BatchNorm:
 
     # -- files ------------------------------------------------------------------------------------------------
     def save(self, path):
-        """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside).
+        """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
 
         Parameters
         ----------
@@ -210,8 +211,16 @@ class _BatchNorm:
                   "num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
                   "affine": self.affine, "track_running_stats": self.track_running_stats,
                   "dtype": self.dtype.name, "training": self.training}
-        with open(os.fspath(path), "wb") as f:
-            np.savez(f, __config__=np.array(json.dumps(config)), **self.state_dict())
+        arrays = dict(self.state_dict(), __config__=np.array(json.dumps(config)))
+        path = os.fspath(path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)  # atomic: the file is either the old one or the complete new one
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -264,10 +273,14 @@ def load(path):
     """
     with np.load(os.fspath(path), allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
-    config = json.loads(str(arrays.pop("__config__")))
-    if config.get("format") != FORMAT or not 1 <= config.get("version", 0) <= FORMAT_VERSION:
-        raise ValueError(f"not a cbn layer file of a known version (format {FORMAT!r} version <= "
-                         f"{FORMAT_VERSION}), got format {config.get('format')!r} version {config.get('version')!r}")
+    config = json.loads(str(arrays.pop("__config__", "null")))
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") not in range(
+            1, FORMAT_VERSION + 1):
+        got = (config.get("format"), config.get("version")) if isinstance(config, dict) else config
+        raise ValueError(f"not a cbn layer file of a known version (format {FORMAT!r}, version 1 to "
+                         f"{FORMAT_VERSION}), got {got!r}")
+    if not isinstance(config.get("training"), bool):
+        raise ValueError(f"config 'training' must be true or false, got {config.get('training')!r}")
     if config["class"] not in _CLASSES:
         raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(_CLASSES)}")
     layer = _CLASSES[config["class"]](config["num_features"], config["eps"], config["momentum"], config["affine"],

@@ -251,21 +251,19 @@ def test_non_finite_stays_in_its_channel(bad, dtype):
 @pytest.mark.parametrize("cls,shape", [(cbn.BatchNorm1d, (0, 3)), (cbn.BatchNorm1d, (0, 3, 7)),
                                        (cbn.BatchNorm2d, (0, 3, 4, 4)), (cbn.BatchNorm3d, (0, 3, 2, 2, 2))])
 def test_empty_batch(cls, shape, momentum):
+    # Like torch 2.13: an empty training batch counts as a batch (num_batches_tracked += 1) but leaves the running
+    # statistics unchanged; in eval nothing changes.
     bn = trained_layer(cls, 3, (4,) + shape[1:], momentum=momentum)
     before = snapshot(bn)
-    for training in (True, False):
+    for training, counted in ((False, 0), (True, 1)):
         bn.train(training)
         x = np.empty(shape, np.float32)
         y = bn(x)
         assert y.shape == shape and y.dtype == np.float32
-        assert snapshot(bn) == before
+        assert snapshot(bn) == dict(before, num_batches_tracked=before["num_batches_tracked"] + counted)
         dx = bn.backward(np.empty(shape, np.float32))
         assert dx.shape == shape
-        assert snapshot(bn) == before
-    # the next real batch uses the unchanged counter (momentum None: factor 1/(count + 1))
-    bn.train()
-    bn(np.ones((4,) + shape[1:], np.float32))
-    assert bn.num_batches_tracked == before["num_batches_tracked"] + 1
+        assert snapshot(bn) == dict(before, num_batches_tracked=before["num_batches_tracked"] + counted)
 
 
 @pytest.mark.parametrize("value", [3.7, -1e4 + 0.1, 0.0])
