@@ -171,6 +171,11 @@ cdef inline double *_block_part(Layout L, double *part, Py_ssize_t k, Py_ssize_t
     return part + 2 * k * (C if L.by_image else 1)
 
 
+cdef inline Py_ssize_t _part_size(Layout L, Py_ssize_t C) noexcept nogil:
+    """Doubles of partial sums for all blocks: a pair per channel per block (by_image) or a pair per block."""
+    return 2 * L.nblocks * (C if L.by_image else 1)
+
+
 cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double *s) noexcept nogil:
     """s[0], s[1] = channel c's two partial sums added over its blocks in block order."""
     cdef Py_ssize_t k
@@ -273,7 +278,7 @@ def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 w
     cdef double m = <double>(N * S)
     cdef Layout L = _layout(N, C, S)
     cdef Tiles T = _tiles(N * C, S)
-    cdef double[::1] part = np.zeros(2 * (L.nblocks * C if L.by_image else L.nblocks) if use_batch_stats else 1)
+    cdef double[::1] part = np.zeros(_part_size(L, C) if use_batch_stats else 1)
     cdef double[::1] coef = np.empty(3 * C)
     cdef double[::1] K = np.empty(C)
     cdef const floating *px = &x[0, 0, 0]
@@ -387,7 +392,7 @@ def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's inp
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, k
     cdef double m = <double>(N * S)
     cdef Layout L = _layout(N, C, S)
-    cdef double[::1] part = np.zeros(2 * (L.nblocks * C if L.by_image else L.nblocks))
+    cdef double[::1] part = np.zeros(_part_size(L, C))
     cdef double[::1] coef = np.empty(4 * C)
     cdef const floating *px = &x[0, 0, 0]
     cdef const floating *pg = &dy[0, 0, 0]
