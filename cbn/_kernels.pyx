@@ -11,6 +11,7 @@ threads produces bitwise the same result; threads only change which block is com
 import numpy as np
 from cython.parallel import prange
 from libc.math cimport sqrt
+from libc.stdlib cimport calloc, free
 
 cdef extern from *:
     """
@@ -34,10 +35,15 @@ cdef extern from *:
     void cbn_set_num_threads(int n) noexcept nogil
 
 cdef extern from "_reduce.h" nogil:
-    void cbn_row_moments_f(const float *x, Py_ssize_t n, double k, double *s)
-    void cbn_row_moments_d(const double *x, Py_ssize_t n, double k, double *s)
-    void cbn_row_grad_sums_f(const float *x, const float *dy, Py_ssize_t n, double mu, double *s)
-    void cbn_row_grad_sums_d(const double *x, const double *dy, Py_ssize_t n, double mu, double *s)
+    ctypedef struct cbn_span:
+        # Rows r0 + j*rstep (j < nrows) of the (N*C, S) row matrix, columns [i0, i1).
+        Py_ssize_t r0, nrows, rstep, i0, i1
+    enum:
+        CBN_MOMENTS, CBN_AFFINE, CBN_GRAD_SUMS, CBN_GRAD
+    void cbn_span_f(int op, const float *x, const float *dy, float *out, cbn_span s, Py_ssize_t S, Py_ssize_t C,
+                    const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off)
+    void cbn_span_d(int op, const double *x, const double *dy, double *out, cbn_span s, Py_ssize_t S,
+                    Py_ssize_t C, const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off)
 
 ctypedef fused floating:
     float
@@ -80,6 +86,15 @@ cdef inline int _threads(Py_ssize_t n_elements, Py_ssize_t n_tasks) noexcept nog
     return <int>min(<Py_ssize_t>cbn_get_max_threads(), n_tasks)
 
 
+cdef inline void _span(int op, const floating *x, const floating *dy, floating *out, cbn_span s, Py_ssize_t S,
+                       Py_ssize_t C, const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off) noexcept nogil:
+    """Apply op to every row of span s (the operations are defined in _reduce.h)."""
+    if floating is float:
+        cbn_span_f(op, x, dy, out, s, S, C, p, acc, cs, off)
+    else:
+        cbn_span_d(op, x, dy, out, s, S, C, p, acc, cs, off)
+
+
 cdef struct Tiles:
     # Tiling of a plane of nrows rows of S values into tiles of about BLOCK values:
     # tile k covers rows [(k // ncol)*rows, +rows) and columns [(k % ncol)*width, +width).
@@ -90,19 +105,10 @@ cdef struct Tiles:
     Py_ssize_t count
 
 
-cdef struct Span:
-    # Rows r0 + j*rstep (j < nrows) of the (N*C, S) row matrix, columns [i0, i1).
-    Py_ssize_t r0
-    Py_ssize_t nrows
-    Py_ssize_t rstep
-    Py_ssize_t i0
-    Py_ssize_t i1
-
-
 cdef struct Layout:
-    # Statistics blocks. by_image: block k = images [k*rows, +rows), all channels, in memory order; its partial
-    # sums are part[2*(k*C + c)]. Otherwise block k = tile k % tiles.count of channel k // tiles.count's (N, S)
-    # plane; its partial sums are part[2*k].
+    # Blocks. by_image: block k = images [k*rows, +rows), all channels, in memory order; its partial sums are
+    # part[2*C*k + c] and part[2*C*k + C + c]. Otherwise block k = tile k % tiles.count of channel
+    # k // tiles.count's (N, S) plane; its partial sums are part[2*k] and part[2*k + 1].
     bint by_image
     Py_ssize_t rows
     Tiles tiles
@@ -125,9 +131,10 @@ cdef Tiles _tiles(Py_ssize_t nrows, Py_ssize_t S) noexcept nogil:
     return t
 
 
-cdef inline Span _tile_span(Tiles t, Py_ssize_t k, Py_ssize_t S, Py_ssize_t first, Py_ssize_t step) noexcept nogil:
+cdef inline cbn_span _tile_span(Tiles t, Py_ssize_t k, Py_ssize_t S, Py_ssize_t first,
+                                Py_ssize_t step) noexcept nogil:
     """Span of tile k, where plane row n is matrix row first + n*step."""
-    cdef Span s
+    cdef cbn_span s
     cdef Py_ssize_t n0 = (k // t.ncol) * t.rows
     s.r0 = first + n0 * step
     s.nrows = min(t.nrows - n0, t.rows)
@@ -142,6 +149,8 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
     cdef Layout L
     cdef Py_ssize_t cap
     L.by_image = S < SHORT_ROW
+    L.tiles = _tiles(N, S)
+    L.rows = 1
     if L.by_image:
         # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
         # PART_DOUBLES doubles in all for huge C.
@@ -149,13 +158,12 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
         L.rows = max(max(1, BLOCK // (C * S)), (N + cap - 1) // cap)
         L.nblocks = (N + L.rows - 1) // L.rows
     else:
-        L.tiles = _tiles(N, S)
         L.nblocks = C * L.tiles.count
     return L
 
 
-cdef inline Span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    cdef Span s
+cdef inline cbn_span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    cdef cbn_span s
     if L.by_image:
         s.r0 = k * L.rows * C
         s.nrows = min(N - k * L.rows, L.rows) * C
@@ -167,13 +175,31 @@ cdef inline Span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_t C,
 
 
 cdef inline double *_block_part(Layout L, double *part, Py_ssize_t k, Py_ssize_t C) noexcept nogil:
-    """Where block k's partial sums start (per channel: part[2*c] when by_image, else one pair)."""
+    """Where block k's partial sums start."""
     return part + 2 * k * (C if L.by_image else 1)
 
 
 cdef inline Py_ssize_t _part_size(Layout L, Py_ssize_t C) noexcept nogil:
     """Doubles of partial sums for all blocks: a pair per channel per block (by_image) or a pair per block."""
     return 2 * L.nblocks * (C if L.by_image else 1)
+
+
+cdef void _block_sums(int op, const floating *x, const floating *dy, Layout L, Py_ssize_t N, Py_ssize_t C,
+                      Py_ssize_t S, const double *p, double *part, int nt) noexcept nogil:
+    """Partial sums of op (CBN_MOMENTS or CBN_GRAD_SUMS) of every block, in parallel."""
+    cdef Py_ssize_t k
+    for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+        _span(op, x, dy, <floating *>NULL, _block_span(L, k, N, C, S), S, C, p, _block_part(L, part, k, C),
+              1 if L.by_image else 0, C if L.by_image else 1)
+
+
+cdef void _block_apply(int op, const floating *x, const floating *dy, floating *out, Layout L, Py_ssize_t N,
+                       Py_ssize_t C, Py_ssize_t S, const double *p, int nt) noexcept nogil:
+    """Elementwise op (CBN_AFFINE or CBN_GRAD) over every block with the static schedule of _block_sums, so
+    each thread revisits the blocks it has just read."""
+    cdef Py_ssize_t k
+    for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+        _span(op, x, dy, out, _block_span(L, k, N, C, S), S, C, p, NULL, 0, 0)
 
 
 cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double *s) noexcept nogil:
@@ -183,67 +209,26 @@ cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, doubl
     s[1] = 0.0
     if L.by_image:
         for k in range(L.nblocks):
-            s[0] += part[2 * (k * C + c)]
-            s[1] += part[2 * (k * C + c) + 1]
+            s[0] += part[2 * C * k + c]
+            s[1] += part[2 * C * k + C + c]
     else:
         for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
             s[0] += part[2 * k]
             s[1] += part[2 * k + 1]
 
 
-cdef void _span_moments(const floating *x, Span s, Py_ssize_t S, Py_ssize_t C,
-                        const double *K,               # IN (C,) shift: a value of each channel
-                        double *out, Py_ssize_t cstride) noexcept nogil:   # INOUT pairs at out[2*c*cstride]
-    """out += (sum(x - K[c]), sum((x - K[c])**2)) over each row of the span, c the row's channel.
-
-    With K a value of the channel, the channel's M2 = s2 - s1**2/m satisfies s2 <= (m + 1)*M2: the subtraction
-    loses at most log2(m + 1) bits of a double, and nothing for data near K.
-    """
-    cdef Py_ssize_t j, r, c = s.r0 % C, dc = s.rstep % C
-    for j in range(s.nrows):
-        r = (s.r0 + j * s.rstep) * S + s.i0
-        if floating is float:
-            cbn_row_moments_f(x + r, s.i1 - s.i0, K[c], out + 2 * c * cstride)
-        else:
-            cbn_row_moments_d(x + r, s.i1 - s.i0, K[c], out + 2 * c * cstride)
-        c += dc
-        if c >= C:
-            c -= C
-
-
-cdef void _span_affine(const floating *x, floating *y, Span s, Py_ssize_t S, Py_ssize_t C,
-                       const double *coef) noexcept nogil:   # IN (C, 3): mean, scale, beta
-    """y = (x - mean)*scale + beta per row, scale = gamma*invstd, in double and rounded once to the data type."""
-    cdef double mu, scale, beta
-    cdef Py_ssize_t j, i, r, c = s.r0 % C, dc = s.rstep % C
-    for j in range(s.nrows):
-        r = (s.r0 + j * s.rstep) * S
-        mu = coef[3 * c]
-        scale = coef[3 * c + 1]
-        beta = coef[3 * c + 2]
-        for i in range(s.i0, s.i1):
-            y[r + i] = <floating>((<double>x[r + i] - mu) * scale + beta)
-        c += dc
-        if c >= C:
-            c -= C
-
-
-cdef inline void _affine_coef(double mean, double invstd, double gamma, double beta,
-                              double *coef) noexcept nogil:  # OUT (mean, scale, beta)
-    coef[0] = mean
-    coef[1] = gamma * invstd
-    coef[2] = beta
-
-
-cdef void _finish_stats(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
-                        double m, const double *K,
+cdef void _finish_stats(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
                         floating *running_mean, floating *running_var,   # INOUT (C,) or NULL
                         const floating *weight, const floating *bias,    # IN (C,) or NULL
                         double momentum, double eps,
-                        double *mean, double *invstd, double *coef) noexcept nogil:  # OUT (C,), (C,), (C, 3)
-    """Channel c: mean = K + s1/m, M2 = s2 - s1**2/m, var = M2/m, invstd = 1/sqrt(var + eps), coefficients.
+                        double *mean, double *invstd,                    # OUT (C,)
+                        double *coef) noexcept nogil:                    # INOUT (4, C): IN shift K, OUT affine
+    """Channel c: mean = K + s1/m, M2 = s2 - s1**2/m, var = M2/m, invstd = 1/sqrt(var + eps).
 
+    s1, s2 are the sums of x - K and (x - K)**2, K = coef[c] a value of the channel, so s2 <= (m + 1)*M2: the
+    subtraction loses at most log2(m + 1) bits of a double, and nothing for data near K.
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
+    Affine coefficients of y = (x - mean)*scale + beta: coef[c], coef[C + c], coef[2C + c] = mean, gamma*invstd, beta.
     """
     cdef double s[2]
     cdef double M2
@@ -251,13 +236,19 @@ cdef void _finish_stats(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C
     M2 = s[1] - s[0] * s[0] / m
     if M2 < 0.0:
         M2 = 0.0
-    mean[c] = K[c] + s[0] / m
+    mean[c] = coef[c] + s[0] / m
     invstd[c] = 1.0 / sqrt(M2 / m + eps)
     if running_mean != NULL:
         running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
         running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (M2 / (m - 1.0)))
-    _affine_coef(mean[c], invstd[c], weight[c] if weight != NULL else 1.0, bias[c] if bias != NULL else 0.0,
-                 coef + 3 * c)
+    _affine_coef(mean[c], invstd[c], weight, bias, c, C, coef)
+
+
+cdef inline void _affine_coef(double mean, double invstd, const floating *weight, const floating *bias,
+                              Py_ssize_t c, Py_ssize_t C, double *coef) noexcept nogil:  # OUT (4, C)
+    coef[c] = mean
+    coef[C + c] = (<double>weight[c] if weight != NULL else 1.0) * invstd
+    coef[2 * C + c] = <double>bias[c] if bias != NULL else 0.0
 
 
 def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
@@ -274,56 +265,39 @@ def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 w
     use_batch_stats: mean and var (biased) of the batch, written to mean and invstd, and with update_running the
     running statistics are updated in place; otherwise mean and invstd come in from the running statistics.
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, k, t
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, t
     cdef double m = <double>(N * S)
     cdef Layout L = _layout(N, C, S)
     cdef Tiles T = _tiles(N * C, S)
-    cdef double[::1] part = np.zeros(_part_size(L, C) if use_batch_stats else 1)
-    cdef double[::1] coef = np.empty(3 * C)
-    cdef double[::1] K = np.empty(C)
     cdef const floating *px = &x[0, 0, 0]
     cdef floating *py = &y[0, 0, 0]
     cdef floating *prm = &running_mean[0] if update_running else NULL
     cdef floating *prv = &running_var[0] if update_running else NULL
     cdef const floating *pw = &weight[0] if weight is not None else NULL
     cdef const floating *pb = &bias[0] if bias is not None else NULL
-    cdef int nt = _threads(N * C * S, T.count if not use_batch_stats else L.nblocks)
+    cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.by_image else T.count)
+    # coef: (4, C) coefficients of the operations; part: the blocks' partial sums.
+    cdef double *coef = <double *>calloc(4 * C + (_part_size(L, C) if use_batch_stats else 0), sizeof(double))
+    cdef double *part = coef + 4 * C
+    if coef == NULL:
+        raise MemoryError()
     with nogil:
         if not use_batch_stats:
             for c in range(C):
-                _affine_coef(mean[c], invstd[c], pw[c] if pw != NULL else 1.0, pb[c] if pb != NULL else 0.0,
-                             &coef[3 * c])
-            for t in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                _span_affine(px, py, _tile_span(T, t, S, 0, 1), S, C, &coef[0])
+                _affine_coef(mean[c], invstd[c], pw, pb, c, C, coef)
+            if L.by_image:
+                _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
+            else:  # memory-order tiles of whole rows
+                for t in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                    _span(CBN_AFFINE, px, <floating *>NULL, py, _tile_span(T, t, S, 0, 1), S, C, coef, NULL, 0, 0)
         else:
             for c in range(C):
-                K[c] = px[c * S]
-            # Block sums in parallel, the statistics, then the same static block schedule normalises, so each
-            # thread revisits the blocks it just read.
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                _span_moments(px, _block_span(L, k, N, C, S), S, C, &K[0], _block_part(L, &part[0], k, C),
-                              1 if L.by_image else 0)
+                coef[c] = px[c * S]
+            _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
             for c in range(C):
-                _finish_stats(L, &part[0], c, C, m, &K[0], prm, prv, pw, pb, momentum, eps,
-                              &mean[0], &invstd[0], &coef[0])
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                _span_affine(px, py, _block_span(L, k, N, C, S), S, C, &coef[0])
-
-
-cdef void _span_grad_sums(const floating *x, const floating *dy, Span s, Py_ssize_t S, Py_ssize_t C,
-                          const double *mean,               # IN (C,)
-                          double *out, Py_ssize_t cstride) noexcept nogil:  # INOUT pairs at out[2*c*cstride]
-    """out += (sum(dy), sum(dy*(x - mean[c]))) over each row of the span, in double, centred before multiplying."""
-    cdef Py_ssize_t j, r, c = s.r0 % C, dc = s.rstep % C
-    for j in range(s.nrows):
-        r = (s.r0 + j * s.rstep) * S + s.i0
-        if floating is float:
-            cbn_row_grad_sums_f(x + r, dy + r, s.i1 - s.i0, mean[c], out + 2 * c * cstride)
-        else:
-            cbn_row_grad_sums_d(x + r, dy + r, s.i1 - s.i0, mean[c], out + 2 * c * cstride)
-        c += dc
-        if c >= C:
-            c -= C
+                _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, &mean[0], &invstd[0], coef)
+            _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
+    free(coef)
 
 
 cdef void _finish_grad(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
@@ -331,48 +305,25 @@ cdef void _finish_grad(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
                        const floating *weight,                     # IN (C,) gamma or NULL
                        bint use_batch_stats,
                        floating *dweight, floating *dbias,         # OUT (C,)
-                       double *coef) noexcept nogil:               # OUT (C, 4): mean, A, B, K
-    """dbeta = sum dy, dgamma = invstd*sum dy*(x - mean), and the coefficients of dx = dy*A - (x - mean)*B + K.
+                       double *coef) noexcept nogil:               # OUT (4, C)
+    """dbeta = sum dy, dgamma = invstd*sum dy*(x - mean), and the coefficients of dx.
 
-    Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m), so A = g, B = g*invstd*dgamma/m,
-    K = -g*dbeta/m. Eval: dx = g*dy (A = g, B = K = 0).
+    Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m) = dy*A - (x - mean)*B + D with A = g,
+    B = g*invstd*dgamma/m, D = -g*dbeta/m: coef[:, c] = (mean, A, B, D) for CBN_GRAD.
+    Eval: dx = g*dy, coef[:, c] = (0, g, 0, 0) for CBN_AFFINE applied to dy.
     """
     cdef double s[2]
     cdef double g
-    cdef double *cf = coef + 4 * c
     _merge(L, part, c, C, s)
     dbias[c] = <floating>s[0]
     dweight[c] = <floating>(s[1] * invstd[c])
     g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
-    cf[0] = mean[c]
-    cf[1] = g
-    cf[2] = 0.0
-    cf[3] = 0.0
+    coef[C + c] = g
     if use_batch_stats:
-        cf[2] = g * invstd[c] * (s[1] * invstd[c]) / m
-        cf[3] = -g * s[0] / m
-
-
-cdef void _span_grad(const floating *x, const floating *dy, floating *dx, Span s, Py_ssize_t S, Py_ssize_t C,
-                     const double *coef, bint use_batch_stats) noexcept nogil:  # IN (C, 4): mean, A, B, K
-    """dx = dy*A - (x - mean)*B + K (training) or dx = dy*A (eval: dx does not depend on x), in double."""
-    cdef double mu, A, B, K
-    cdef Py_ssize_t j, i, r, c = s.r0 % C, dc = s.rstep % C
-    for j in range(s.nrows):
-        r = (s.r0 + j * s.rstep) * S
-        mu = coef[4 * c]
-        A = coef[4 * c + 1]
-        B = coef[4 * c + 2]
-        K = coef[4 * c + 3]
-        if use_batch_stats:
-            for i in range(s.i0, s.i1):
-                dx[r + i] = <floating>(<double>dy[r + i] * A - (<double>x[r + i] - mu) * B + K)
-        else:
-            for i in range(s.i0, s.i1):
-                dx[r + i] = <floating>(<double>dy[r + i] * A)
-        c += dc
-        if c >= C:
-            c -= C
+        coef[2 * C + c] = g * invstd[c] * (s[1] * invstd[c]) / m
+        coef[3 * C + c] = -g * s[0] / m
+    else:
+        coef[c] = 0.0
 
 
 def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's input, N*S >= 1
@@ -389,26 +340,30 @@ def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's inp
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd.
     Eval (running statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, k
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
     cdef double m = <double>(N * S)
     cdef Layout L = _layout(N, C, S)
-    cdef double[::1] part = np.zeros(_part_size(L, C))
-    cdef double[::1] coef = np.empty(4 * C)
     cdef const floating *px = &x[0, 0, 0]
     cdef const floating *pg = &dy[0, 0, 0]
     cdef floating *pd = &dx[0, 0, 0]
     cdef const floating *pw = &weight[0] if weight is not None else NULL
     cdef int nt = _threads(N * C * S, L.nblocks)
+    cdef double *coef = <double *>calloc(4 * C + _part_size(L, C), sizeof(double))
+    cdef double *part = coef + 4 * C
+    if coef == NULL:
+        raise MemoryError()
     with nogil:
-        # Block sums in parallel, their merge, then dx over the same static block schedule.
-        for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            _span_grad_sums(px, pg, _block_span(L, k, N, C, S), S, C, &mean[0], _block_part(L, &part[0], k, C),
-                            1 if L.by_image else 0)
         for c in range(C):
-            _finish_grad(L, &part[0], c, C, m, &mean[0], &invstd[0], pw, use_batch_stats,
-                         &dweight[0], &dbias[0], &coef[0])
-        for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-            _span_grad(px, pg, pd, _block_span(L, k, N, C, S), S, C, &coef[0], use_batch_stats)
+            coef[c] = mean[c]
+        # Block sums in parallel, their merge, then dx over the same static block schedule.
+        _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
+        for c in range(C):
+            _finish_grad(L, part, c, C, m, &mean[0], &invstd[0], pw, use_batch_stats, &dweight[0], &dbias[0], coef)
+        if use_batch_stats:
+            _block_apply(CBN_GRAD, px, pg, pd, L, N, C, S, coef, nt)
+        else:
+            _block_apply(CBN_AFFINE, pg, <floating *>NULL, pd, L, N, C, S, coef, nt)
+    free(coef)
 
 
 def copy(const floating[::1] src, floating[::1] dst):

@@ -1,16 +1,23 @@
-/* Row reductions of cbn's kernels, in plain C so that compilers vectorise them: L independent double lanes, each
- * accumulated in index order and folded in a fixed pairwise order, so a result depends on the row alone, never on
- * the thread count. Rows shorter than CBN_LONG_ROW use 8 lanes (a cheap fold), longer rows 32 (more independent
- * work per step). Built with -ffp-contract=off, the instruction set does not change the result either: with GCC on
- * x86-64 Linux each function is cloned for AVX2 and AVX-512 and picked at load time (target_clones). */
+/* The inner loops of cbn's kernels, in plain C so that compilers vectorise them.
+ *
+ * A span is a set of rows of the (N*C, S) row matrix (see cbn_span); cbn_span_f / cbn_span_d apply one operation
+ * to every row of a span, row by row, or, for S == 1 spans of whole images, channel-vectorised over each image.
+ *
+ * Exactness and determinism: reductions accumulate in double over L independent lanes, each in index order, folded
+ * in a fixed pairwise order; S == 1 sums run image by image, one accumulator per channel. A result therefore
+ * depends on the span alone, never on the thread count. Elementwise operations compute in double and round once.
+ * Built with -ffp-contract=off (no fused multiply-add), the instruction set does not change a result either: with
+ * GCC on x86-64 Linux cbn_span_* are cloned for AVX2 and AVX-512 and picked at load time (target_clones). */
 #ifndef CBN_REDUCE_H
 #define CBN_REDUCE_H
 #include <stddef.h>
 
 #if defined(_MSC_VER)
 #define CBN_RESTRICT __restrict
+#define CBN_INLINE static __forceinline
 #else
 #define CBN_RESTRICT __restrict__
+#define CBN_INLINE static inline __attribute__((always_inline))
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -19,62 +26,125 @@
 #define CBN_CLONES
 #endif
 
-#define CBN_LONG_ROW 128
+/* Rows of the span: r0 + j*rstep for j < nrows, columns [i0, i1); row r belongs to channel r % C. */
+typedef struct {
+    ptrdiff_t r0, nrows, rstep, i0, i1;
+} cbn_span;
 
-/* Fold L lanes pairwise: a[l] += a[l + h] for h = L/2, L/4, ..., 1; return a[0]. */
+/* The operations. p holds per-channel coefficients as consecutive (C,) arrays p[0..3]; sums go to s0[c*cs] and
+ * s0[c*cs + off] (cs = 1: one pair of (C,) arrays, off = C; cs = 0: one pair for the whole span, off = 1).
+ *   CBN_MOMENTS:   s0 += sum(x - p0),   s1 += sum((x - p0)^2)          (p0: a value of the channel)
+ *   CBN_AFFINE:    out = (x - p0)*p1 + p2                             (y = gamma*invstd*(x - mean) + beta)
+ *   CBN_GRAD_SUMS: s0 += sum(dy),       s1 += sum(dy*(x - p0))         (centred before multiplying)
+ *   CBN_GRAD:      out = dy*p1 - (x - p0)*p2 + p3                      (dx of the training backward) */
+enum { CBN_MOMENTS = 0, CBN_AFFINE = 1, CBN_GRAD_SUMS = 2, CBN_GRAD = 3 };
+
+/* Rows shorter than this reduce over 8 lanes (a cheap fold), longer ones over 32 (more independent work). */
+#define CBN_LONG_ROW 128
+/* Channels per pass of the S == 1 sums, so that their accumulators stay in L1. */
+#define CBN_COL_CHUNK 512
+
 #define CBN_FOLD(a, L)                                                                                \
     for (h = (L) / 2; h > 0; h /= 2)                                                                  \
         for (l = 0; l < h; l++) a[l] += a[l + h];
 
-/* s[0] += sum(x - k), s[1] += sum((x - k)^2) over n values, in double, with L lanes. */
-#define CBN_DEFINE_ROW_MOMENTS(NAME, T, L)                                                            \
-CBN_CLONES static void NAME(const T *CBN_RESTRICT x, ptrdiff_t n, double k, double *CBN_RESTRICT s) { \
+/* Row reduction over L lanes: *s0 += sum(a_), *s1 += sum(b_) for the per-element terms that TERMS computes
+ * from index I. A function of its own (cloned): inlined into a larger loop, GCC no longer vectorises the lanes. */
+#define CBN_ROW_SUMS(NAME, T, L, TERMS)                                                               \
+CBN_CLONES static void NAME(const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy, ptrdiff_t n, double k,         \
+                     double *CBN_RESTRICT s0, double *CBN_RESTRICT s1) {                              \
     double a[L] = {0}, q[L] = {0};                                                                    \
     ptrdiff_t i, l, h, nv = n / (L) * (L);                                                            \
+    (void)dy;                                                                                         \
     for (i = 0; i < nv; i += (L))                                                                     \
-        for (l = 0; l < (L); l++) { double v = (double)x[i + l] - k; a[l] += v; q[l] += v * v; }      \
-    for (l = 0; l < n - nv; l++) { double v = (double)x[nv + l] - k; a[l] += v; q[l] += v * v; }     \
+        for (l = 0; l < (L); l++) { ptrdiff_t I = i + l; double a_, b_; TERMS; a[l] += a_; q[l] += b_; } \
+    for (l = 0; l < n - nv; l++) { ptrdiff_t I = nv + l; double a_, b_; TERMS; a[l] += a_; q[l] += b_; } \
     CBN_FOLD(a, L)                                                                                    \
     CBN_FOLD(q, L)                                                                                    \
-    s[0] += a[0];                                                                                     \
-    s[1] += q[0];                                                                                     \
+    *s0 += a[0];                                                                                      \
+    *s1 += q[0];                                                                                      \
 }
 
-/* s[0] += sum(dy), s[1] += sum(dy * (x - mu)) over n values, in double (centred before multiplying), L lanes. */
-#define CBN_DEFINE_ROW_GRAD_SUMS(NAME, T, L)                                                          \
-CBN_CLONES static void NAME(const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy, ptrdiff_t n, double mu, \
-                            double *CBN_RESTRICT s) {                                                 \
-    double a[L] = {0}, q[L] = {0};                                                                    \
-    ptrdiff_t i, l, h, nv = n / (L) * (L);                                                            \
-    for (i = 0; i < nv; i += (L))                                                                     \
-        for (l = 0; l < (L); l++) {                                                                   \
-            double g = (double)dy[i + l]; a[l] += g; q[l] += g * ((double)x[i + l] - mu);             \
-        }                                                                                             \
-    for (l = 0; l < n - nv; l++) {                                                                    \
-        double g = (double)dy[nv + l]; a[l] += g; q[l] += g * ((double)x[nv + l] - mu);               \
+#define CBN_MOMENT_TERMS a_ = (double)x[I] - k; b_ = a_ * a_
+#define CBN_GRAD_TERMS a_ = (double)dy[I]; b_ = a_ * ((double)x[I] - k)
+
+#define CBN_DEFINE_SPAN(SFX, T)                                                                       \
+CBN_ROW_SUMS(cbn_moments8_##SFX, T, 8, CBN_MOMENT_TERMS)                                              \
+CBN_ROW_SUMS(cbn_moments32_##SFX, T, 32, CBN_MOMENT_TERMS)                                            \
+CBN_ROW_SUMS(cbn_grad_sums8_##SFX, T, 8, CBN_GRAD_TERMS)                                              \
+CBN_ROW_SUMS(cbn_grad_sums32_##SFX, T, 32, CBN_GRAD_TERMS)                                            \
+                                                                                                      \
+/* One row of n values of channel coefficients (k, a, b, d) = (p0, p1, p2, p3)[c]. */                 \
+CBN_INLINE void cbn_row_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy,               \
+                              T *CBN_RESTRICT out, ptrdiff_t n, double k, double a, double b, double d, \
+                              double *s0, double *s1) {                                               \
+    ptrdiff_t i;                                                                                      \
+    if (op == CBN_MOMENTS) {                                                                          \
+        if (n < CBN_LONG_ROW) cbn_moments8_##SFX(x, dy, n, k, s0, s1);                                \
+        else cbn_moments32_##SFX(x, dy, n, k, s0, s1);                                                \
+    } else if (op == CBN_GRAD_SUMS) {                                                                 \
+        if (n < CBN_LONG_ROW) cbn_grad_sums8_##SFX(x, dy, n, k, s0, s1);                              \
+        else cbn_grad_sums32_##SFX(x, dy, n, k, s0, s1);                                              \
+    } else if (op == CBN_AFFINE) {                                                                    \
+        for (i = 0; i < n; i++) out[i] = (T)(((double)x[i] - k) * a + b);                             \
+    } else {                                                                                          \
+        for (i = 0; i < n; i++) out[i] = (T)((double)dy[i] * a - ((double)x[i] - k) * b + d);         \
     }                                                                                                 \
-    CBN_FOLD(a, L)                                                                                    \
-    CBN_FOLD(q, L)                                                                                    \
-    s[0] += a[0];                                                                                     \
-    s[1] += q[0];                                                                                     \
-}
-
-#define CBN_DEFINE_TYPE(SUFFIX, T)                                                                    \
-CBN_DEFINE_ROW_MOMENTS(cbn_row_moments_short_##SUFFIX, T, 8)                                          \
-CBN_DEFINE_ROW_MOMENTS(cbn_row_moments_long_##SUFFIX, T, 32)                                          \
-CBN_DEFINE_ROW_GRAD_SUMS(cbn_row_grad_sums_short_##SUFFIX, T, 8)                                      \
-CBN_DEFINE_ROW_GRAD_SUMS(cbn_row_grad_sums_long_##SUFFIX, T, 32)                                      \
-static inline void cbn_row_moments_##SUFFIX(const T *x, ptrdiff_t n, double k, double *s) {          \
-    if (n < CBN_LONG_ROW) cbn_row_moments_short_##SUFFIX(x, n, k, s);                                 \
-    else cbn_row_moments_long_##SUFFIX(x, n, k, s);                                                   \
 }                                                                                                     \
-static inline void cbn_row_grad_sums_##SUFFIX(const T *x, const T *dy, ptrdiff_t n, double mu,        \
-                                              double *s) {                                            \
-    if (n < CBN_LONG_ROW) cbn_row_grad_sums_short_##SUFFIX(x, dy, n, mu, s);                          \
-    else cbn_row_grad_sums_long_##SUFFIX(x, dy, n, mu, s);                                            \
+                                                                                                      \
+/* nimg whole images of C channels with S == 1: the operation vectorised over channels. */            \
+CBN_INLINE void cbn_cols_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy,              \
+                               T *CBN_RESTRICT out, ptrdiff_t nimg, ptrdiff_t C,                      \
+                               const double *CBN_RESTRICT p, double *CBN_RESTRICT s0,                 \
+                               double *CBN_RESTRICT s1) {                                             \
+    const double *k = p, *a = p + C, *b = p + 2 * C, *d = p + 3 * C;                                  \
+    ptrdiff_t i, c, c0, c1;                                                                           \
+    if (op == CBN_AFFINE) {                                                                           \
+        for (i = 0; i < nimg; i++)                                                                    \
+            for (c = 0; c < C; c++) out[i * C + c] = (T)(((double)x[i * C + c] - k[c]) * a[c] + b[c]); \
+    } else if (op == CBN_GRAD) {                                                                      \
+        for (i = 0; i < nimg; i++)                                                                    \
+            for (c = 0; c < C; c++)                                                                   \
+                out[i * C + c] = (T)((double)dy[i * C + c] * a[c] - ((double)x[i * C + c] - k[c]) * b[c] + d[c]); \
+    } else {                                                                                          \
+        for (c0 = 0; c0 < C; c0 += CBN_COL_CHUNK) {                                                   \
+            c1 = c0 + CBN_COL_CHUNK < C ? c0 + CBN_COL_CHUNK : C;                                     \
+            for (i = 0; i < nimg; i++) {                                                              \
+                const T *xi = x + i * C, *gi = dy + i * C;                                            \
+                if (op == CBN_MOMENTS)                                                                \
+                    for (c = c0; c < c1; c++) {                                                       \
+                        double v = (double)xi[c] - k[c]; s0[c] += v; s1[c] += v * v;                  \
+                    }                                                                                 \
+                else                                                                                  \
+                    for (c = c0; c < c1; c++) {                                                       \
+                        double g = (double)gi[c]; s0[c] += g; s1[c] += g * ((double)xi[c] - k[c]);    \
+                    }                                                                                 \
+            }                                                                                         \
+        }                                                                                             \
+    }                                                                                                 \
+}                                                                                                     \
+                                                                                                      \
+/* Apply op to every row of span s of the (N*C, S) matrices x, dy, out (see the operations above). */ \
+CBN_CLONES static void cbn_span_##SFX(int op, const T *x, const T *dy, T *out, cbn_span s, ptrdiff_t S, \
+                                      ptrdiff_t C, const double *p, double *acc, ptrdiff_t cs,        \
+                                      ptrdiff_t off) {                                                \
+    ptrdiff_t j, r, c = s.r0 % C, dc = s.rstep % C;                                                   \
+    if (S == 1 && s.rstep == 1 && c == 0 && s.nrows % C == 0) {                                       \
+        cbn_cols_##SFX(op, x + s.r0, dy ? dy + s.r0 : dy, out ? out + s.r0 : out, s.nrows / C, C, p,  \
+                       acc, acc ? acc + off : acc);                                                   \
+        return;                                                                                       \
+    }                                                                                                 \
+    for (j = 0; j < s.nrows; j++) {                                                                   \
+        double *s0 = acc ? acc + c * cs : acc;                                                        \
+        r = (s.r0 + j * s.rstep) * S + s.i0;                                                          \
+        cbn_row_##SFX(op, x + r, dy ? dy + r : dy, out ? out + r : out, s.i1 - s.i0, p[c], p[C + c],  \
+                      p[2 * C + c], p[3 * C + c], s0, s0 ? s0 + off : s0);                            \
+        c += dc;                                                                                      \
+        if (c >= C) c -= C;                                                                           \
+    }                                                                                                 \
 }
 
-CBN_DEFINE_TYPE(f, float)
-CBN_DEFINE_TYPE(d, double)
+CBN_DEFINE_SPAN(f, float)
+CBN_DEFINE_SPAN(d, double)
 
 #endif
