@@ -1,14 +1,16 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Compiled batch-norm kernels (NCHW viewed as (N, C, S), S = product of the spatial sizes).
 
-Every kernel takes caller-validated, C-contiguous memoryviews, writes into caller-allocated outputs, runs without
-the GIL and never raises. Arguments are marked IN, OUT or INOUT.
+The entry points take caller-validated, aligned, C-contiguous ndarrays of one compute dtype (float32 or float64;
+statistics float64) or None where allowed, and read only their data pointers: no buffer acquisition or type dispatch
+per call. They write into caller-allocated outputs, run without the GIL and raise only MemoryError when the small
+scratch cannot be allocated. Arguments are marked IN, OUT or INOUT.
 
 Determinism: each channel's N*S values are cut into fixed blocks whose size depends only on (N, S), never on the
 thread count. Each block's partial result is kept and the partials are merged in block order, so any number of
 threads produces bitwise the same result; threads only change which block is computed where.
 """
-import numpy as np
+cimport numpy as cnp
 from cython.parallel import prange
 from libc.math cimport sqrt
 from libc.stdlib cimport calloc, free
@@ -48,6 +50,13 @@ cdef extern from "_reduce.h" nogil:
 ctypedef fused floating:
     float
     double
+
+cnp.import_array()
+
+
+cdef inline void *_data(object a) noexcept:
+    """Data pointer of a validated ndarray, NULL for None."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 # Elements per block (fixed: the determinism contract depends on it never varying with the thread count).
 cdef Py_ssize_t BLOCK = 16384
@@ -251,39 +260,56 @@ cdef inline void _affine_coef(double mean, double invstd, const floating *weight
     coef[2 * C + c] = <double>bias[c] if bias != NULL else 0.0
 
 
-def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
-            floating[:, :, ::1] y,              # OUT (N, C, S)
-            floating[::1] running_mean,         # INOUT (C,) or None
-            floating[::1] running_var,          # INOUT (C,) or None
-            const floating[::1] weight,         # IN (C,) gamma or None (= 1)
-            const floating[::1] bias,           # IN (C,) beta or None (= 0)
-            double[::1] mean,                   # OUT (C,) batch mean, or IN (C,) running mean
-            double[::1] invstd,                 # OUT (C,) batch 1/sqrt(var + eps), or IN (C,) the running one
+def forward(cnp.ndarray x,                    # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
+            cnp.ndarray y,                    # OUT (N, C, S)
+            running_mean, running_var,        # INOUT (C,) each, or None
+            weight, bias,                     # IN (C,) gamma and beta, or None (= 1 and 0)
+            cnp.ndarray mean,                 # OUT (C,) float64 batch mean, or IN (C,) running mean
+            cnp.ndarray invstd,               # OUT (C,) float64 1/sqrt(var + eps) (IN: running var, when eval)
             bint use_batch_stats, bint update_running, double momentum, double eps):
     """Batch-norm forward: y = gamma*(x - mean)*invstd + beta, per channel.
 
     use_batch_stats: mean and var (biased) of the batch, written to mean and invstd, and with update_running the
-    running statistics are updated in place; otherwise mean and invstd come in from the running statistics.
+    running statistics are updated in place. Otherwise mean and var come in as the running statistics, and var is
+    replaced by invstd = 1/sqrt(var + eps).
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, t
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(x)
+    cdef int status
+    if not update_running:
+        running_mean = running_var = None
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+        status = _forward(<const float *>_data(x), <float *>_data(y), <float *>_data(running_mean),
+                          <float *>_data(running_var), <const float *>_data(weight), <const float *>_data(bias),
+                          <double *>_data(mean), <double *>_data(invstd), shape[0], shape[1], shape[2],
+                          use_batch_stats, momentum, eps)
+    else:
+        status = _forward(<const double *>_data(x), <double *>_data(y), <double *>_data(running_mean),
+                          <double *>_data(running_var), <const double *>_data(weight), <const double *>_data(bias),
+                          <double *>_data(mean), <double *>_data(invstd), shape[0], shape[1], shape[2],
+                          use_batch_stats, momentum, eps)
+    if status:
+        raise MemoryError()
+
+
+cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv,
+                  const floating *pw, const floating *pb, double *mean, double *invstd,
+                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint use_batch_stats, double momentum,
+                  double eps) noexcept:
+    """forward on data pointers (prm, prv, pw, pb may be NULL); returns -1 if scratch allocation fails, else 0."""
+    cdef Py_ssize_t c, t
     cdef double m = <double>(N * S)
     cdef Layout L = _layout(N, C, S)
     cdef Tiles T = _tiles(N * C, S)
-    cdef const floating *px = &x[0, 0, 0]
-    cdef floating *py = &y[0, 0, 0]
-    cdef floating *prm = &running_mean[0] if update_running else NULL
-    cdef floating *prv = &running_var[0] if update_running else NULL
-    cdef const floating *pw = &weight[0] if weight is not None else NULL
-    cdef const floating *pb = &bias[0] if bias is not None else NULL
     cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.by_image else T.count)
     # coef: (4, C) coefficients of the operations; part: the blocks' partial sums.
     cdef double *coef = <double *>calloc(4 * C + (_part_size(L, C) if use_batch_stats else 0), sizeof(double))
     cdef double *part = coef + 4 * C
     if coef == NULL:
-        raise MemoryError()
+        return -1
     with nogil:
         if not use_batch_stats:
             for c in range(C):
+                invstd[c] = 1.0 / sqrt(invstd[c] + eps)
                 _affine_coef(mean[c], invstd[c], pw, pb, c, C, coef)
             if L.by_image:
                 _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
@@ -295,9 +321,10 @@ def forward(const floating[:, :, ::1] x,        # IN (N, C, S), N*S >= 1 (>= 2 w
                 coef[c] = px[c * S]
             _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
             for c in range(C):
-                _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, &mean[0], &invstd[0], coef)
+                _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
             _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
     free(coef)
+    return 0
 
 
 cdef void _finish_grad(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
@@ -326,44 +353,61 @@ cdef void _finish_grad(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
         coef[c] = 0.0
 
 
-def backward(const floating[:, :, ::1] x,       # IN (N, C, S) the forward's input, N*S >= 1
-             const floating[:, :, ::1] dy,      # IN (N, C, S)
-             floating[:, :, ::1] dx,            # OUT (N, C, S)
-             const double[::1] mean,            # IN (C,) mean the forward used
-             const double[::1] invstd,          # IN (C,) invstd the forward used
-             const floating[::1] weight,        # IN (C,) gamma or None (= 1)
-             floating[::1] dweight,             # OUT (C,) sum dy*xhat
-             floating[::1] dbias,               # OUT (C,) sum dy
+def backward(cnp.ndarray x,                   # IN (N, C, S) the forward's input, N*S >= 1
+             cnp.ndarray dy,                  # IN (N, C, S)
+             cnp.ndarray dx,                  # OUT (N, C, S)
+             cnp.ndarray mean,                # IN (C,) float64 mean the forward used
+             cnp.ndarray invstd,              # IN (C,) float64 invstd the forward used
+             weight,                          # IN (C,) gamma or None (= 1)
+             cnp.ndarray dweight,             # OUT (C,) sum dy*xhat
+             cnp.ndarray dbias,               # OUT (C,) sum dy
              bint use_batch_stats):
     """Batch-norm backward.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd.
     Eval (running statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(x)
+    cdef int status
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+        status = _backward(<const float *>_data(x), <const float *>_data(dy), <float *>_data(dx),
+                           <const double *>_data(mean), <const double *>_data(invstd), <const float *>_data(weight),
+                           <float *>_data(dweight), <float *>_data(dbias), shape[0], shape[1], shape[2],
+                           use_batch_stats)
+    else:
+        status = _backward(<const double *>_data(x), <const double *>_data(dy), <double *>_data(dx),
+                           <const double *>_data(mean), <const double *>_data(invstd), <const double *>_data(weight),
+                           <double *>_data(dweight), <double *>_data(dbias), shape[0], shape[1], shape[2],
+                           use_batch_stats)
+    if status:
+        raise MemoryError()
+
+
+cdef int _backward(const floating *px, const floating *pg, floating *pd, const double *mean, const double *invstd,
+                   const floating *pw, floating *dweight, floating *dbias, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                   bint use_batch_stats) noexcept:
+    """backward on data pointers (pw may be NULL); returns -1 if scratch allocation fails, else 0."""
+    cdef Py_ssize_t c
     cdef double m = <double>(N * S)
     cdef Layout L = _layout(N, C, S)
-    cdef const floating *px = &x[0, 0, 0]
-    cdef const floating *pg = &dy[0, 0, 0]
-    cdef floating *pd = &dx[0, 0, 0]
-    cdef const floating *pw = &weight[0] if weight is not None else NULL
     cdef int nt = _threads(N * C * S, L.nblocks)
     cdef double *coef = <double *>calloc(4 * C + _part_size(L, C), sizeof(double))
     cdef double *part = coef + 4 * C
     if coef == NULL:
-        raise MemoryError()
+        return -1
     with nogil:
         for c in range(C):
             coef[c] = mean[c]
         # Block sums in parallel, their merge, then dx over the same static block schedule.
         _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
         for c in range(C):
-            _finish_grad(L, part, c, C, m, &mean[0], &invstd[0], pw, use_batch_stats, &dweight[0], &dbias[0], coef)
+            _finish_grad(L, part, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
         if use_batch_stats:
             _block_apply(CBN_GRAD, px, pg, pd, L, N, C, S, coef, nt)
         else:
             _block_apply(CBN_AFFINE, pg, <floating *>NULL, pd, L, N, C, S, coef, nt)
     free(coef)
+    return 0
 
 
 def copy(const floating[::1] src, floating[::1] dst):

@@ -49,7 +49,7 @@ enum { CBN_MOMENTS = 0, CBN_AFFINE = 1, CBN_GRAD_SUMS = 2, CBN_GRAD = 3 };
         for (l = 0; l < h; l++) a[l] += a[l + h];
 
 /* Row reduction over L lanes: *s0 += sum(a_), *s1 += sum(b_) for the per-element terms that TERMS computes
- * from index I. A function of its own (cloned): inlined into a larger loop, GCC no longer vectorises the lanes. */
+ * from index e. A function of its own (cloned): inlined into a larger loop, GCC no longer vectorises the lanes. */
 #define CBN_ROW_SUMS(NAME, T, L, TERMS)                                                               \
 CBN_CLONES static void NAME(const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy, ptrdiff_t n, double k,         \
                      double *CBN_RESTRICT s0, double *CBN_RESTRICT s1) {                              \
@@ -57,16 +57,16 @@ CBN_CLONES static void NAME(const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy, p
     ptrdiff_t i, l, h, nv = n / (L) * (L);                                                            \
     (void)dy;                                                                                         \
     for (i = 0; i < nv; i += (L))                                                                     \
-        for (l = 0; l < (L); l++) { ptrdiff_t I = i + l; double a_, b_; TERMS; a[l] += a_; q[l] += b_; } \
-    for (l = 0; l < n - nv; l++) { ptrdiff_t I = nv + l; double a_, b_; TERMS; a[l] += a_; q[l] += b_; } \
+        for (l = 0; l < (L); l++) { ptrdiff_t e = i + l; double a_, b_; TERMS; a[l] += a_; q[l] += b_; } \
+    for (l = 0; l < n - nv; l++) { ptrdiff_t e = nv + l; double a_, b_; TERMS; a[l] += a_; q[l] += b_; } \
     CBN_FOLD(a, L)                                                                                    \
     CBN_FOLD(q, L)                                                                                    \
     *s0 += a[0];                                                                                      \
     *s1 += q[0];                                                                                      \
 }
 
-#define CBN_MOMENT_TERMS a_ = (double)x[I] - k; b_ = a_ * a_
-#define CBN_GRAD_TERMS a_ = (double)dy[I]; b_ = a_ * ((double)x[I] - k)
+#define CBN_MOMENT_TERMS a_ = (double)x[e] - k; b_ = a_ * a_
+#define CBN_GRAD_TERMS a_ = (double)dy[e]; b_ = a_ * ((double)x[e] - k)
 
 #define CBN_DEFINE_SPAN(SFX, T)                                                                       \
 CBN_ROW_SUMS(cbn_moments8_##SFX, T, 8, CBN_MOMENT_TERMS)                                              \

@@ -101,22 +101,37 @@ def _out_array(out, name, shape, dt, inputs):
     return out
 
 
+def _owns_memory(a):
+    """True when ``a`` is the sole owner of its buffer (then no other array object overlaps it)."""
+    return a.base is None and a.flags.owndata
+
+
 def _check_no_overlap(name, a, others):
     """Raise ValueError if ``a`` may share memory with one of ``others`` (None entries are skipped)."""
-    if any(np.may_share_memory(a, b) for b in others if b is not None):
-        raise ValueError(f"{name} must not share memory with another argument")
+    a_owns = _owns_memory(a)
+    for b in others:
+        if b is None or (a_owns and b is not a and _owns_memory(b)):
+            continue
+        if np.may_share_memory(a, b):
+            raise ValueError(f"{name} must not share memory with another argument")
 
 
 def _contiguous(a, dt):
     """``a`` as an aligned C-contiguous array of dtype dt (a copy only when needed)."""
-    return np.require(a, dtype=dt, requirements="CA")
+    a = np.ascontiguousarray(a, dtype=dt)
+    return a if a.flags.aligned else a.copy()
+
+
+def _is_real(v):
+    """True for a real number that is not a bool."""
+    return type(v) is float or type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Real))
 
 
 def _check_scalars(momentum, eps):
     """eps must be finite and >= 0; momentum a number in [0, 1]."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+    if not (_is_real(eps) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+    if not (_is_real(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
 
@@ -178,8 +193,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     elif not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        rm = _channel_param(running_mean, "running_mean", C, np.float64)
-        rv = _channel_param(running_var, "running_var", C, np.float64)
+        # Float64 copies: the kernel turns the variance into invstd in place; both are saved for the backward.
+        mean = _channel_array(running_mean, "running_mean", C).astype(np.float64)
+        invstd = _channel_array(running_var, "running_var", C).astype(np.float64)
     weight = _channel_param(weight, "weight", C, dt)
     bias = _channel_param(bias, "bias", C, dt)
     y = _out_array(out, "out", shape, out_dt, (x, running_mean, running_var, weight, bias))
@@ -187,8 +203,6 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     x3 = _contiguous(x, dt).reshape(N, C, S)
     if training:
         mean, invstd = np.empty(C), np.empty(C)
-    else:
-        mean, invstd = rm.copy(), 1.0 / np.sqrt(rv + eps)
     if x3.size:
         y3 = y.view(np.ndarray).reshape(N, C, S) if out_dt == dt else np.empty((N, C, S), dtype=dt)
         _kernels.forward(x3, y3, running_mean if update else None, running_var if update else None, weight, bias,
@@ -199,6 +213,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     elif training:
         mean.fill(np.nan)
         invstd.fill(np.nan)
+    else:
+        np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
     if not return_saved:
         return y
     return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, out_dt)

@@ -118,6 +118,18 @@ def test_other_classes_match_reference(cls, shapes, dtype, momentum, affine):
     run_steps(layer, ref, shapes[:2], dtype, rng, training=False, what=cls.__name__)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [1, 513, 1300])
+def test_wide_2d_input_matches_reference(C, dtype):
+    """(N, C) input with more channels than one pass of the channel-vectorised kernel, serial and parallel."""
+    rng = np.random.default_rng(C)
+    layer, ref = make_pair(cbn.BatchNorm1d, C, dtype, True, True, 0.1, rng)
+    run_steps(layer, ref, [(7, C), (160, C)], dtype, rng, training=True, what="wide")
+    layer.eval()
+    ref.training = False
+    run_steps(layer, ref, [(5, C), (160, C)], dtype, rng, training=False, what="wide")
+
+
 @pytest.mark.parametrize("offset", [1e4, -3e4])
 def test_float32_offset_training_is_exact(offset):
     """Data far from zero: float32 output within 2e-6 of the float64 result on the same float32 input."""

@@ -31,6 +31,7 @@ SHAPES = [
     ("BatchNorm2d", (4, 2, 300, 300)),
     ("BatchNorm1d", (64, 16)),
     ("BatchNorm1d", (4096, 32)),
+    ("BatchNorm1d", (200, 1300)),
     ("BatchNorm1d", (70001, 2)),
     ("BatchNorm1d", (3, 5, 40000)),
     ("BatchNorm3d", (2, 3, 16, 40, 40)),
