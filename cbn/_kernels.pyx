@@ -38,8 +38,8 @@ cdef extern from *:
 
 cdef extern from "_reduce.h" nogil:
     ctypedef struct cbn_span:
-        # Rows r0 + j*rstep (j < nrows) of the (N*C, S) row matrix, columns [i0, i1).
-        Py_ssize_t r0, nrows, rstep, i0, i1
+        # Runs j < nruns of run consecutive rows from row r0 + j*rstep of the (N*C, S) matrix, columns [i0, i1).
+        Py_ssize_t r0, nruns, rstep, run, i0, i1
     enum:
         CBN_MOMENTS, CBN_AFFINE, CBN_GRAD_SUMS, CBN_GRAD
     void cbn_span_f(int op, const float *x, const float *dy, float *out, cbn_span s, Py_ssize_t S, Py_ssize_t C,
@@ -64,6 +64,11 @@ cdef Py_ssize_t BLOCK = 16384
 cdef Py_ssize_t SHORT_ROW = 1024
 # Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
 cdef Py_ssize_t PART_DOUBLES = 1 << 19
+# Channel groups (one task computes the statistics and the output of whole channels, reading each value a second
+# time from cache instead of memory) hold about GROUP elements, are used when a channel has at most 4*GROUP
+# elements, and need at least MIN_GROUPS groups so that threads have enough tasks.
+cdef Py_ssize_t GROUP = 65536
+cdef Py_ssize_t MIN_GROUPS = 32
 # Below this many elements a kernel runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 65536
 
@@ -114,11 +119,15 @@ cdef struct Tiles:
     Py_ssize_t count
 
 
+cdef enum Kind:
+    BY_IMAGE  # block k = images [k*rows, +rows), all channels; sums part[2*C*k + c], part[2*C*k + C + c]
+    TILES     # block k = tile k % tiles.count of channel k // tiles.count's (N, S) plane; sums part[2*k], +1
+    GROUPS    # block k = channels [k*rows, +rows) of all images, sums part[c], part[C + c]: statistics, finish
+              # and output of a group in one task
+
+
 cdef struct Layout:
-    # Blocks. by_image: block k = images [k*rows, +rows), all channels, in memory order; its partial sums are
-    # part[2*C*k + c] and part[2*C*k + C + c]. Otherwise block k = tile k % tiles.count of channel
-    # k // tiles.count's (N, S) plane; its partial sums are part[2*k] and part[2*k + 1].
-    bint by_image
+    Kind kind
     Py_ssize_t rows
     Tiles tiles
     Py_ssize_t nblocks
@@ -142,55 +151,70 @@ cdef Tiles _tiles(Py_ssize_t nrows, Py_ssize_t S) noexcept nogil:
 
 cdef inline cbn_span _tile_span(Tiles t, Py_ssize_t k, Py_ssize_t S, Py_ssize_t first,
                                 Py_ssize_t step) noexcept nogil:
-    """Span of tile k, where plane row n is matrix row first + n*step."""
+    """Span of tile k, where plane row n is matrix row first + n*step (step 1: one run of consecutive rows)."""
     cdef cbn_span s
-    cdef Py_ssize_t n0 = (k // t.ncol) * t.rows
+    cdef Py_ssize_t n0 = (k // t.ncol) * t.rows, rows = min(t.nrows - n0, t.rows)
     s.r0 = first + n0 * step
-    s.nrows = min(t.nrows - n0, t.rows)
+    s.nruns = 1 if step == 1 else rows
     s.rstep = step
+    s.run = rows if step == 1 else 1
     s.i0 = (k % t.ncol) * t.width
     s.i1 = min(S, s.i0 + t.width)
     return s
 
 
-cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    """Statistics blocks of an (N, C, S) tensor (depends on the shape only)."""
+cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse) noexcept nogil:
+    """Blocks of an (N, C, S) tensor (they depend on the shape only); GROUPS only when fuse is set."""
     cdef Layout L
-    cdef Py_ssize_t cap
-    L.by_image = S < SHORT_ROW
+    cdef Py_ssize_t cap, plane = N * S
     L.tiles = _tiles(N, S)
-    L.rows = 1
-    if L.by_image:
+    L.rows = max(1, GROUP // plane)
+    L.nblocks = (C + L.rows - 1) // L.rows
+    if fuse and plane <= 4 * GROUP and L.nblocks >= MIN_GROUPS:
+        L.kind = GROUPS
+    elif S < SHORT_ROW:
+        L.kind = BY_IMAGE
         # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
         # PART_DOUBLES doubles in all for huge C.
         cap = max(2, min(64, PART_DOUBLES // (2 * C)))
         L.rows = max(max(1, BLOCK // (C * S)), (N + cap - 1) // cap)
         L.nblocks = (N + L.rows - 1) // L.rows
     else:
+        L.kind = TILES
         L.nblocks = C * L.tiles.count
     return L
 
 
 cdef inline cbn_span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
     cdef cbn_span s
-    if L.by_image:
+    if L.kind == TILES:
+        return _tile_span(L.tiles, k % L.tiles.count, S, k // L.tiles.count, C)
+    s.rstep = C
+    s.i0 = 0
+    s.i1 = S
+    if L.kind == GROUPS:
+        s.r0 = k * L.rows
+        s.nruns = N
+        s.run = min(C - s.r0, L.rows)
+    else:
         s.r0 = k * L.rows * C
-        s.nrows = min(N - k * L.rows, L.rows) * C
-        s.rstep = 1
-        s.i0 = 0
-        s.i1 = S
-        return s
-    return _tile_span(L.tiles, k % L.tiles.count, S, k // L.tiles.count, C)
+        s.nruns = min(N - k * L.rows, L.rows)
+        s.run = C
+    return s
 
 
 cdef inline double *_block_part(Layout L, double *part, Py_ssize_t k, Py_ssize_t C) noexcept nogil:
     """Where block k's partial sums start."""
-    return part + 2 * k * (C if L.by_image else 1)
+    if L.kind == GROUPS:
+        return part
+    return part + 2 * k * (C if L.kind == BY_IMAGE else 1)
 
 
 cdef inline Py_ssize_t _part_size(Layout L, Py_ssize_t C) noexcept nogil:
-    """Doubles of partial sums for all blocks: a pair per channel per block (by_image) or a pair per block."""
-    return 2 * L.nblocks * (C if L.by_image else 1)
+    """Doubles of partial sums: a pair per channel per block (BY_IMAGE), per block (TILES) or per channel."""
+    if L.kind == GROUPS:
+        return 2 * C
+    return 2 * L.nblocks * (C if L.kind == BY_IMAGE else 1)
 
 
 cdef void _block_sums(int op, const floating *x, const floating *dy, Layout L, Py_ssize_t N, Py_ssize_t C,
@@ -199,7 +223,7 @@ cdef void _block_sums(int op, const floating *x, const floating *dy, Layout L, P
     cdef Py_ssize_t k
     for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
         _span(op, x, dy, <floating *>NULL, _block_span(L, k, N, C, S), S, C, p, _block_part(L, part, k, C),
-              1 if L.by_image else 0, C if L.by_image else 1)
+              0 if L.kind == TILES else 1, 1 if L.kind == TILES else C)
 
 
 cdef void _block_apply(int op, const floating *x, const floating *dy, floating *out, Layout L, Py_ssize_t N,
@@ -216,7 +240,10 @@ cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, doubl
     cdef Py_ssize_t k
     s[0] = 0.0
     s[1] = 0.0
-    if L.by_image:
+    if L.kind == GROUPS:
+        s[0] = part[c]
+        s[1] = part[C + c]
+    elif L.kind == BY_IMAGE:
         for k in range(L.nblocks):
             s[0] += part[2 * C * k + c]
             s[1] += part[2 * C * k + C + c]
@@ -296,11 +323,12 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
                   Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint use_batch_stats, double momentum,
                   double eps) noexcept:
     """forward on data pointers (prm, prv, pw, pb may be NULL); returns -1 if scratch allocation fails, else 0."""
-    cdef Py_ssize_t c, t
+    cdef Py_ssize_t c, k
     cdef double m = <double>(N * S)
-    cdef Layout L = _layout(N, C, S)
+    cdef Layout L = _layout(N, C, S, use_batch_stats)
     cdef Tiles T = _tiles(N * C, S)
-    cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.by_image else T.count)
+    cdef cbn_span s
+    cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.kind == BY_IMAGE else T.count)
     # coef: (4, C) coefficients of the operations; part: the blocks' partial sums.
     cdef double *coef = <double *>calloc(4 * C + (_part_size(L, C) if use_batch_stats else 0), sizeof(double))
     cdef double *part = coef + 4 * C
@@ -311,14 +339,23 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             for c in range(C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
                 _affine_coef(mean[c], invstd[c], pw, pb, c, C, coef)
-            if L.by_image:
+            if L.kind == BY_IMAGE:
                 _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
             else:  # memory-order tiles of whole rows
-                for t in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                    _span(CBN_AFFINE, px, <floating *>NULL, py, _tile_span(T, t, S, 0, 1), S, C, coef, NULL, 0, 0)
+                for k in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                    _span(CBN_AFFINE, px, <floating *>NULL, py, _tile_span(T, k, S, 0, 1), S, C, coef, NULL, 0, 0)
+            free(coef)
+            return 0
+        for c in range(C):
+            coef[c] = px[c * S]
+        if L.kind == GROUPS:
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                s = _block_span(L, k, N, C, S)
+                _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, coef, part, 1, C)
+                for c in range(s.r0, s.r0 + s.run):
+                    _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
+                _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
         else:
-            for c in range(C):
-                coef[c] = px[c * S]
             _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
             for c in range(C):
                 _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
@@ -387,10 +424,14 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
                    const floating *pw, floating *dweight, floating *dbias, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                    bint use_batch_stats) noexcept:
     """backward on data pointers (pw may be NULL); returns -1 if scratch allocation fails, else 0."""
-    cdef Py_ssize_t c
+    cdef Py_ssize_t c, k
     cdef double m = <double>(N * S)
-    cdef Layout L = _layout(N, C, S)
+    cdef Layout L = _layout(N, C, S, True)
+    cdef cbn_span s
     cdef int nt = _threads(N * C * S, L.nblocks)
+    cdef int op = CBN_GRAD if use_batch_stats else CBN_AFFINE    # eval: dx = (dy - 0)*g + 0
+    cdef const floating *pa = px if use_batch_stats else pg
+    cdef const floating *pb = pg if use_batch_stats else NULL
     cdef double *coef = <double *>calloc(4 * C + _part_size(L, C), sizeof(double))
     cdef double *part = coef + 4 * C
     if coef == NULL:
@@ -398,14 +439,19 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
     with nogil:
         for c in range(C):
             coef[c] = mean[c]
-        # Block sums in parallel, their merge, then dx over the same static block schedule.
-        _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
-        for c in range(C):
-            _finish_grad(L, part, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
-        if use_batch_stats:
-            _block_apply(CBN_GRAD, px, pg, pd, L, N, C, S, coef, nt)
+        if L.kind == GROUPS:
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                s = _block_span(L, k, N, C, S)
+                _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, coef, part, 1, C)
+                for c in range(s.r0, s.r0 + s.run):
+                    _finish_grad(L, part, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+                _span(op, pa, pb, pd, s, S, C, coef, NULL, 0, 0)
         else:
-            _block_apply(CBN_AFFINE, pg, <floating *>NULL, pd, L, N, C, S, coef, nt)
+            # Block sums in parallel, their merge, then dx over the same static block schedule.
+            _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
+            for c in range(C):
+                _finish_grad(L, part, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+            _block_apply(op, pa, pb, pd, L, N, C, S, coef, nt)
     free(coef)
     return 0
 

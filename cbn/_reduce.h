@@ -1,7 +1,7 @@
 /* The inner loops of cbn's kernels, in plain C so that compilers vectorise them.
  *
  * A span is a set of rows of the (N*C, S) row matrix (see cbn_span); cbn_span_f / cbn_span_d apply one operation
- * to every row of a span, row by row, or, for S == 1 spans of whole images, channel-vectorised over each image.
+ * to every row of a span, row by row, or, when S == 1, vectorised over the channels of each run.
  *
  * Exactness and determinism: reductions accumulate in double over L independent lanes, each in index order, folded
  * in a fixed pairwise order; S == 1 sums run image by image, one accumulator per channel. A result therefore
@@ -26,13 +26,14 @@
 #define CBN_CLONES
 #endif
 
-/* Rows of the span: r0 + j*rstep for j < nrows, columns [i0, i1); row r belongs to channel r % C. */
+/* Rows of the span: nruns runs of run consecutive rows, run j starting at row r0 + j*rstep (rstep a multiple of C
+ * when nruns > 1), columns [i0, i1); row r belongs to channel r % C. */
 typedef struct {
-    ptrdiff_t r0, nrows, rstep, i0, i1;
+    ptrdiff_t r0, nruns, rstep, run, i0, i1;
 } cbn_span;
 
-/* The operations. p holds per-channel coefficients as consecutive (C,) arrays p[0..3]; sums go to s0[c*cs] and
- * s0[c*cs + off] (cs = 1: one pair of (C,) arrays, off = C; cs = 0: one pair for the whole span, off = 1).
+/* The operations. p holds per-channel coefficients as consecutive (C,) arrays p[0..3]; sums go to acc[c*cs] and
+ * acc[c*cs + off] (cs = 1: one pair of (C,) arrays, off = C; cs = 0: one pair for the whole span, off = 1).
  *   CBN_MOMENTS:   s0 += sum(x - p0),   s1 += sum((x - p0)^2)          (p0: a value of the channel)
  *   CBN_AFFINE:    out = (x - p0)*p1 + p2                             (y = gamma*invstd*(x - mean) + beta)
  *   CBN_GRAD_SUMS: s0 += sum(dy),       s1 += sum(dy*(x - p0))         (centred before multiplying)
@@ -51,7 +52,7 @@ enum { CBN_MOMENTS = 0, CBN_AFFINE = 1, CBN_GRAD_SUMS = 2, CBN_GRAD = 3 };
 /* Row reduction over L lanes: *s0 += sum(a_), *s1 += sum(b_) for the per-element terms that TERMS computes
  * from index e. A function of its own (cloned): inlined into a larger loop, GCC no longer vectorises the lanes. */
 #define CBN_ROW_SUMS(NAME, T, L, TERMS)                                                               \
-CBN_CLONES static void NAME(const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy, ptrdiff_t n, double k,         \
+CBN_CLONES static void NAME(const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy, ptrdiff_t n, double k, \
                      double *CBN_RESTRICT s0, double *CBN_RESTRICT s1) {                              \
     double a[L] = {0}, q[L] = {0};                                                                    \
     ptrdiff_t i, l, h, nv = n / (L) * (L);                                                            \
@@ -75,7 +76,7 @@ CBN_ROW_SUMS(cbn_grad_sums8_##SFX, T, 8, CBN_GRAD_TERMS)                        
 CBN_ROW_SUMS(cbn_grad_sums32_##SFX, T, 32, CBN_GRAD_TERMS)                                            \
                                                                                                       \
 /* One row of n values of channel coefficients (k, a, b, d) = (p0, p1, p2, p3)[c]. */                 \
-CBN_INLINE void cbn_row_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy,               \
+CBN_INLINE void cbn_row_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy,              \
                               T *CBN_RESTRICT out, ptrdiff_t n, double k, double a, double b, double d, \
                               double *s0, double *s1) {                                               \
     ptrdiff_t i;                                                                                      \
@@ -92,25 +93,32 @@ CBN_INLINE void cbn_row_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_REST
     }                                                                                                 \
 }                                                                                                     \
                                                                                                       \
-/* nimg whole images of C channels with S == 1: the operation vectorised over channels. */            \
-CBN_INLINE void cbn_cols_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy,              \
-                               T *CBN_RESTRICT out, ptrdiff_t nimg, ptrdiff_t C,                      \
-                               const double *CBN_RESTRICT p, double *CBN_RESTRICT s0,                 \
-                               double *CBN_RESTRICT s1) {                                             \
-    const double *k = p, *a = p + C, *b = p + 2 * C, *d = p + 3 * C;                                  \
+/* S == 1: nimg runs of w channels, run i at x + i*ld, coefficient arrays p[0..3] at stride pstride: the \
+ * operation vectorised over channels; sums accumulate image by image, one accumulator per channel. */ \
+CBN_INLINE void cbn_cols_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RESTRICT dy,             \
+                               T *CBN_RESTRICT out, ptrdiff_t nimg, ptrdiff_t ld, ptrdiff_t w,        \
+                               const double *CBN_RESTRICT p, ptrdiff_t pstride,                       \
+                               double *CBN_RESTRICT s0, double *CBN_RESTRICT s1) {                    \
+    const double *k = p, *a = p + pstride, *b = p + 2 * pstride, *d = p + 3 * pstride;                \
     ptrdiff_t i, c, c0, c1;                                                                           \
     if (op == CBN_AFFINE) {                                                                           \
-        for (i = 0; i < nimg; i++)                                                                    \
-            for (c = 0; c < C; c++) out[i * C + c] = (T)(((double)x[i * C + c] - k[c]) * a[c] + b[c]); \
+        for (i = 0; i < nimg; i++) {                                                                  \
+            const T *xi = x + i * ld;                                                                 \
+            T *oi = out + i * ld;                                                                     \
+            for (c = 0; c < w; c++) oi[c] = (T)(((double)xi[c] - k[c]) * a[c] + b[c]);                \
+        }                                                                                             \
     } else if (op == CBN_GRAD) {                                                                      \
-        for (i = 0; i < nimg; i++)                                                                    \
-            for (c = 0; c < C; c++)                                                                   \
-                out[i * C + c] = (T)((double)dy[i * C + c] * a[c] - ((double)x[i * C + c] - k[c]) * b[c] + d[c]); \
+        for (i = 0; i < nimg; i++) {                                                                  \
+            const T *xi = x + i * ld, *gi = dy + i * ld;                                              \
+            T *oi = out + i * ld;                                                                     \
+            for (c = 0; c < w; c++)                                                                   \
+                oi[c] = (T)((double)gi[c] * a[c] - ((double)xi[c] - k[c]) * b[c] + d[c]);             \
+        }                                                                                             \
     } else {                                                                                          \
-        for (c0 = 0; c0 < C; c0 += CBN_COL_CHUNK) {                                                   \
-            c1 = c0 + CBN_COL_CHUNK < C ? c0 + CBN_COL_CHUNK : C;                                     \
+        for (c0 = 0; c0 < w; c0 += CBN_COL_CHUNK) {                                                   \
+            c1 = c0 + CBN_COL_CHUNK < w ? c0 + CBN_COL_CHUNK : w;                                     \
             for (i = 0; i < nimg; i++) {                                                              \
-                const T *xi = x + i * C, *gi = dy + i * C;                                            \
+                const T *xi = x + i * ld, *gi = dy + i * ld;                                          \
                 if (op == CBN_MOMENTS)                                                                \
                     for (c = c0; c < c1; c++) {                                                       \
                         double v = (double)xi[c] - k[c]; s0[c] += v; s1[c] += v * v;                  \
@@ -128,19 +136,21 @@ CBN_INLINE void cbn_cols_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RES
 CBN_CLONES static void cbn_span_##SFX(int op, const T *x, const T *dy, T *out, cbn_span s, ptrdiff_t S, \
                                       ptrdiff_t C, const double *p, double *acc, ptrdiff_t cs,        \
                                       ptrdiff_t off) {                                                \
-    ptrdiff_t j, r, c = s.r0 % C, dc = s.rstep % C;                                                   \
-    if (S == 1 && s.rstep == 1 && c == 0 && s.nrows % C == 0) {                                       \
-        cbn_cols_##SFX(op, x + s.r0, dy ? dy + s.r0 : dy, out ? out + s.r0 : out, s.nrows / C, C, p,  \
-                       acc, acc ? acc + off : acc);                                                   \
+    ptrdiff_t j, q, r, c, c0 = s.r0 % C;                                                              \
+    if (S == 1 && c0 + s.run <= C && (acc == NULL || cs == 1)) {                                      \
+        double *s0 = acc ? acc + c0 : acc;                                                            \
+        cbn_cols_##SFX(op, x + s.r0, dy ? dy + s.r0 : dy, out ? out + s.r0 : out, s.nruns, s.rstep,   \
+                       s.run, p + c0, C, s0, s0 ? s0 + off : s0);                                     \
         return;                                                                                       \
     }                                                                                                 \
-    for (j = 0; j < s.nrows; j++) {                                                                   \
-        double *s0 = acc ? acc + c * cs : acc;                                                        \
-        r = (s.r0 + j * s.rstep) * S + s.i0;                                                          \
-        cbn_row_##SFX(op, x + r, dy ? dy + r : dy, out ? out + r : out, s.i1 - s.i0, p[c], p[C + c],  \
-                      p[2 * C + c], p[3 * C + c], s0, s0 ? s0 + off : s0);                            \
-        c += dc;                                                                                      \
-        if (c >= C) c -= C;                                                                           \
+    for (j = 0; j < s.nruns; j++) {                                                                   \
+        for (q = 0, c = c0; q < s.run; q++) {                                                         \
+            double *s0 = acc ? acc + c * cs : acc;                                                    \
+            r = (s.r0 + j * s.rstep + q) * S + s.i0;                                                  \
+            cbn_row_##SFX(op, x + r, dy ? dy + r : dy, out ? out + r : out, s.i1 - s.i0, p[c],        \
+                          p[C + c], p[2 * C + c], p[3 * C + c], s0, s0 ? s0 + off : s0);              \
+            if (++c == C) c = 0;                                                                      \
+        }                                                                                             \
     }                                                                                                 \
 }
 

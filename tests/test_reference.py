@@ -61,9 +61,11 @@ def make_pair(cls, C, dtype, affine, track, momentum, rng):
     return layer, ref
 
 
-def run_steps(layer, ref, shapes, dtype, rng, *, training, do_backward=True, what=""):
+def run_steps(layer, ref, shapes, dtype, rng, *, training, do_backward=True, what="", sample=None):
+    """Forward (and backward) steps against the reference; ``sample(shape)`` draws the unit-scale data."""
     for step, shape in enumerate(shapes):
-        x = (rng.standard_normal(shape) * rng.uniform(0.5, 2.0) + rng.uniform(-1, 1)).astype(dtype)
+        base = rng.standard_normal(shape) if sample is None else sample(shape)
+        x = (base * rng.uniform(0.5, 2.0) + rng.uniform(-1, 1)).astype(dtype)
         x_copy = x.copy()
         y = layer(x)
         y_ref = ref.forward(x)
@@ -116,6 +118,27 @@ def test_other_classes_match_reference(cls, shapes, dtype, momentum, affine):
     layer.eval()
     ref.training = False
     run_steps(layer, ref, shapes[:2], dtype, rng, training=False, what=cls.__name__)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,shape", [
+    (cbn.BatchNorm2d, (2, 32, 200, 200)),   # one channel per group
+    (cbn.BatchNorm2d, (64, 512, 8, 8)),     # 16 channels per group, short rows
+    (cbn.BatchNorm1d, (2048, 1024)),        # S = 1, channel-vectorised groups
+], ids=["2d-wide-rows", "2d-short-rows", "1d-NC"])
+def test_channel_groups_match_reference(cls, shape, dtype):
+    """Tensors with enough channels for the one-task-per-channel-group kernels (>= 2M values; uniform data, as
+    millions of normal samples reach |y| >= 8, beyond the absolute float32 bound's premise)."""
+    rng = np.random.default_rng(7)
+
+    def sample(shape):
+        return rng.uniform(-1.7, 1.7, shape)
+
+    layer, ref = make_pair(cls, shape[1], dtype, True, True, 0.1, rng)
+    run_steps(layer, ref, [shape], dtype, rng, training=True, what="groups", sample=sample)
+    layer.eval()
+    ref.training = False
+    run_steps(layer, ref, [shape], dtype, rng, training=False, what="groups", sample=sample)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

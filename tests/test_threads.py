@@ -32,6 +32,9 @@ SHAPES = [
     ("BatchNorm1d", (64, 16)),
     ("BatchNorm1d", (4096, 32)),
     ("BatchNorm1d", (200, 1300)),
+    ("BatchNorm2d", (2, 32, 200, 200)),  # channel groups (>= 32 tasks of whole channels)
+    ("BatchNorm2d", (64, 512, 8, 8)),
+    ("BatchNorm1d", (2048, 1024)),
     ("BatchNorm1d", (70001, 2)),
     ("BatchNorm1d", (3, 5, 40000)),
     ("BatchNorm3d", (2, 3, 16, 40, 40)),
