@@ -64,11 +64,13 @@ cdef Py_ssize_t BLOCK = 16384
 cdef Py_ssize_t SHORT_ROW = 1024
 # Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
 cdef Py_ssize_t PART_DOUBLES = 1 << 19
-# Channel groups (one task computes the statistics and the output of whole channels, reading each value a second
-# time from cache instead of memory) hold about GROUP elements, are used when a channel has at most 4*GROUP
-# elements, and need at least MIN_GROUPS groups so that threads have enough tasks.
-cdef Py_ssize_t GROUP = 65536
-cdef Py_ssize_t MIN_GROUPS = 32
+# One task per channel (its statistics and its output together, so the second sweep reads cache, not memory): for
+# tensors of at least FUSE_MIN elements (beyond the last-level cache, where two sweeps would read memory twice)
+# with at least FUSE_CHANNELS channels (tasks for the threads) of long rows and at most FUSE_PLANE elements each (to
+# stay in cache). Measured here: with short rows (strided runs of a few KB) it is slower than sweeping in memory order.
+cdef Py_ssize_t FUSE_MIN = 1 << 22
+cdef Py_ssize_t FUSE_CHANNELS = 32
+cdef Py_ssize_t FUSE_PLANE = 1 << 18
 # Below this many elements a kernel runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 65536
 
@@ -122,8 +124,8 @@ cdef struct Tiles:
 cdef enum Kind:
     BY_IMAGE  # block k = images [k*rows, +rows), all channels; sums part[2*C*k + c], part[2*C*k + C + c]
     TILES     # block k = tile k % tiles.count of channel k // tiles.count's (N, S) plane; sums part[2*k], +1
-    GROUPS    # block k = channels [k*rows, +rows) of all images, sums part[c], part[C + c]: statistics, finish
-              # and output of a group in one task
+    CHANNELS  # block k = channel k of all images, sums part[k], part[C + k]: statistics, finish and output of
+              # the channel in one task
 
 
 cdef struct Layout:
@@ -164,14 +166,14 @@ cdef inline cbn_span _tile_span(Tiles t, Py_ssize_t k, Py_ssize_t S, Py_ssize_t 
 
 
 cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse) noexcept nogil:
-    """Blocks of an (N, C, S) tensor (they depend on the shape only); GROUPS only when fuse is set."""
+    """Blocks of an (N, C, S) tensor (they depend on the shape only); CHANNELS only when fuse is set."""
     cdef Layout L
-    cdef Py_ssize_t cap, plane = N * S
+    cdef Py_ssize_t cap
     L.tiles = _tiles(N, S)
-    L.rows = max(1, GROUP // plane)
-    L.nblocks = (C + L.rows - 1) // L.rows
-    if fuse and plane <= 4 * GROUP and L.nblocks >= MIN_GROUPS:
-        L.kind = GROUPS
+    L.rows = 1
+    L.nblocks = C
+    if fuse and S >= SHORT_ROW and N * S <= FUSE_PLANE and C >= FUSE_CHANNELS and N * C * S >= FUSE_MIN:
+        L.kind = CHANNELS
     elif S < SHORT_ROW:
         L.kind = BY_IMAGE
         # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
@@ -192,10 +194,10 @@ cdef inline cbn_span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_
     s.rstep = C
     s.i0 = 0
     s.i1 = S
-    if L.kind == GROUPS:
-        s.r0 = k * L.rows
+    if L.kind == CHANNELS:
+        s.r0 = k
         s.nruns = N
-        s.run = min(C - s.r0, L.rows)
+        s.run = 1
     else:
         s.r0 = k * L.rows * C
         s.nruns = min(N - k * L.rows, L.rows)
@@ -205,14 +207,14 @@ cdef inline cbn_span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_
 
 cdef inline double *_block_part(Layout L, double *part, Py_ssize_t k, Py_ssize_t C) noexcept nogil:
     """Where block k's partial sums start."""
-    if L.kind == GROUPS:
+    if L.kind == CHANNELS:
         return part
     return part + 2 * k * (C if L.kind == BY_IMAGE else 1)
 
 
 cdef inline Py_ssize_t _part_size(Layout L, Py_ssize_t C) noexcept nogil:
     """Doubles of partial sums: a pair per channel per block (BY_IMAGE), per block (TILES) or per channel."""
-    if L.kind == GROUPS:
+    if L.kind == CHANNELS:
         return 2 * C
     return 2 * L.nblocks * (C if L.kind == BY_IMAGE else 1)
 
@@ -240,7 +242,7 @@ cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, doubl
     cdef Py_ssize_t k
     s[0] = 0.0
     s[1] = 0.0
-    if L.kind == GROUPS:
+    if L.kind == CHANNELS:
         s[0] = part[c]
         s[1] = part[C + c]
     elif L.kind == BY_IMAGE:
@@ -348,12 +350,11 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             return 0
         for c in range(C):
             coef[c] = px[c * S]
-        if L.kind == GROUPS:
+        if L.kind == CHANNELS:
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(L, k, N, C, S)
                 _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, coef, part, 1, C)
-                for c in range(s.r0, s.r0 + s.run):
-                    _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
+                _finish_stats(L, part, k, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
                 _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
         else:
             _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
@@ -439,12 +440,11 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
     with nogil:
         for c in range(C):
             coef[c] = mean[c]
-        if L.kind == GROUPS:
+        if L.kind == CHANNELS:
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(L, k, N, C, S)
                 _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, coef, part, 1, C)
-                for c in range(s.r0, s.r0 + s.run):
-                    _finish_grad(L, part, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+                _finish_grad(L, part, k, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
                 _span(op, pa, pb, pd, s, S, C, coef, NULL, 0, 0)
         else:
             # Block sums in parallel, their merge, then dx over the same static block schedule.

@@ -122,12 +122,12 @@ def test_other_classes_match_reference(cls, shapes, dtype, momentum, affine):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,shape", [
-    (cbn.BatchNorm2d, (2, 32, 200, 200)),   # one channel per group
-    (cbn.BatchNorm2d, (64, 512, 8, 8)),     # 16 channels per group, short rows
-    (cbn.BatchNorm1d, (2048, 1024)),        # S = 1, channel-vectorised groups
-], ids=["2d-wide-rows", "2d-short-rows", "1d-NC"])
-def test_channel_groups_match_reference(cls, shape, dtype):
-    """Tensors with enough channels for the one-task-per-channel-group kernels (>= 2M values; uniform data, as
+    (cbn.BatchNorm2d, (2, 32, 256, 256)),   # one task per channel
+    (cbn.BatchNorm2d, (64, 512, 8, 8)),     # many channels, short rows
+    (cbn.BatchNorm1d, (2048, 1024)),        # S = 1, many channels
+], ids=["2d-per-channel", "2d-short-rows", "1d-NC"])
+def test_large_tensors_match_reference(cls, shape, dtype):
+    """Millions of values: one task per channel (>= 4M values), and many blocks of many channels (uniform data, as
     millions of normal samples reach |y| >= 8, beyond the absolute float32 bound's premise)."""
     rng = np.random.default_rng(7)
 
@@ -135,10 +135,10 @@ def test_channel_groups_match_reference(cls, shape, dtype):
         return rng.uniform(-1.7, 1.7, shape)
 
     layer, ref = make_pair(cls, shape[1], dtype, True, True, 0.1, rng)
-    run_steps(layer, ref, [shape], dtype, rng, training=True, what="groups", sample=sample)
+    run_steps(layer, ref, [shape], dtype, rng, training=True, what="large", sample=sample)
     layer.eval()
     ref.training = False
-    run_steps(layer, ref, [shape], dtype, rng, training=False, what="groups", sample=sample)
+    run_steps(layer, ref, [shape], dtype, rng, training=False, what="large", sample=sample)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
