@@ -13,7 +13,12 @@ threads produces bitwise the same result; threads only change which block is com
 cimport numpy as cnp
 from cython.parallel import prange
 from libc.math cimport sqrt
+from libc.stdint cimport uintptr_t
 from libc.stdlib cimport calloc, free
+
+cdef extern from "Python.h":
+    int PyTraceMalloc_Track(unsigned int domain, uintptr_t ptr, size_t size)
+    int PyTraceMalloc_Untrack(unsigned int domain, uintptr_t ptr)
 
 cdef extern from *:
     """
@@ -52,6 +57,22 @@ ctypedef fused floating:
     double
 
 cnp.import_array()
+
+
+cdef unsigned int TRACE_DOMAIN = 0x63626e  # tracemalloc domain of the kernels' scratch ("cbn")
+
+
+cdef double *_scratch(Py_ssize_t n) noexcept:
+    """n zeroed doubles of scratch, visible to tracemalloc; NULL if allocation fails. Release with _release."""
+    cdef double *p = <double *>calloc(n, sizeof(double))
+    if p != NULL:
+        PyTraceMalloc_Track(TRACE_DOMAIN, <uintptr_t>p, n * sizeof(double))
+    return p
+
+
+cdef void _release(double *p) noexcept:
+    PyTraceMalloc_Untrack(TRACE_DOMAIN, <uintptr_t>p)
+    free(p)
 
 
 cdef inline void *_data(object a) noexcept:
@@ -332,7 +353,7 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
     cdef cbn_span s
     cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.kind == BY_IMAGE else T.count)
     # coef: (4, C) coefficients of the operations; part: the blocks' partial sums.
-    cdef double *coef = <double *>calloc(4 * C + (_part_size(L, C) if use_batch_stats else 0), sizeof(double))
+    cdef double *coef = _scratch(4 * C + (_part_size(L, C) if use_batch_stats else 0))
     cdef double *part = coef + 4 * C
     if coef == NULL:
         return -1
@@ -346,22 +367,21 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             else:  # memory-order tiles of whole rows
                 for k in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                     _span(CBN_AFFINE, px, <floating *>NULL, py, _tile_span(T, k, S, 0, 1), S, C, coef, NULL, 0, 0)
-            free(coef)
-            return 0
-        for c in range(C):
-            coef[c] = px[c * S]
-        if L.kind == CHANNELS:
+        elif L.kind == CHANNELS:
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(L, k, N, C, S)
+                coef[k] = px[k * S]
                 _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, coef, part, 1, C)
                 _finish_stats(L, part, k, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
                 _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
         else:
+            for c in range(C):
+                coef[c] = px[c * S]
             _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
             for c in range(C):
                 _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
             _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
-    free(coef)
+    _release(coef)
     return 0
 
 
@@ -433,7 +453,7 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
     cdef int op = CBN_GRAD if use_batch_stats else CBN_AFFINE    # eval: dx = (dy - 0)*g + 0
     cdef const floating *pa = px if use_batch_stats else pg
     cdef const floating *pb = pg if use_batch_stats else NULL
-    cdef double *coef = <double *>calloc(4 * C + _part_size(L, C), sizeof(double))
+    cdef double *coef = _scratch(4 * C + _part_size(L, C))
     cdef double *part = coef + 4 * C
     if coef == NULL:
         return -1
@@ -452,7 +472,7 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
             for c in range(C):
                 _finish_grad(L, part, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
             _block_apply(op, pa, pb, pd, L, N, C, S, coef, nt)
-    free(coef)
+    _release(coef)
     return 0
 
 

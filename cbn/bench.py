@@ -4,7 +4,9 @@ For each shape, dtype and thread count it times (medians of repeated calls) the 
 running-statistic update), the eval forward and the training backward of cbn, the float64 NumPy reference
 (``cbn.reference``), PyTorch's ``native_batch_norm`` / ``native_batch_norm_backward`` at the same thread count, and
 the roofline: a multi-threaded copy (the floor for forward and eval) and add (the floor for backward) of the same
-tensor. cbn's results are checked against the reference as it runs.
+tensor. cbn and its roofline are timed round-robin, call after call, so that drift on a shared machine touches
+both alike. cbn's results are checked against the reference as it runs, and tracemalloc records what each call
+allocates (numpy arrays and the kernels' scratch) beyond its output.
 """
 import argparse
 import importlib.metadata
@@ -13,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -26,16 +29,39 @@ SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 
 OPS = ("train", "eval", "backward")
 
 
-def median_time(fn, budget, min_runs=5, max_runs=10000):
-    """Median seconds per call of ``fn`` over repeated calls: at least ``min_runs``, about ``budget`` seconds."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < budget and len(times) < max_runs):
-        t0 = time.perf_counter()
+def median_times(fns, budget, min_runs=5, max_runs=10000):
+    """Median seconds per call of each function of the dict ``fns``, called round-robin (one call of each per
+    round) for at least ``min_runs`` rounds and about ``budget`` seconds per function."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_runs or (time.perf_counter() - start < budget * len(fns) and rounds < max_runs):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def median_time(fn, budget, min_runs=5):
+    """Median seconds per call of ``fn`` over repeated calls (see median_times)."""
+    return median_times({0: fn}, budget, min_runs)[0]
+
+
+def allocated(fn, output=0):
+    """Peak bytes that tracemalloc sees allocated during one call of ``fn``, less ``output`` bytes."""
+    fn()
+    tracemalloc.start()
+    try:
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    del result
+    return peak - output
 
 
 def _torch_calls(x, dy, threads):
@@ -81,18 +107,23 @@ def bench_case(shape, dtype, threads, budget, with_reference=True):
     x, dy = _data(shape, dtype)
     C = shape[1]
     cbn.set_num_threads(threads)
-    bn = cbn.BatchNorm2d(C, dtype=dtype) if len(shape) == 4 else cbn.BatchNorm1d(C, dtype=dtype)
+    train = cbn.BatchNorm2d(C, dtype=dtype) if len(shape) == 4 else cbn.BatchNorm1d(C, dtype=dtype)
+    ev = train.__class__(C, dtype=dtype).eval()
     y, dx = np.empty_like(x), np.empty_like(x)
     flat_x, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), np.empty(x.size, dtype)
-    t = {"train": median_time(lambda: bn.forward(x, out=y), budget)}
-    bn.forward(x, out=y)
-    t["backward"] = median_time(lambda: bn.backward(dy, out=dx), budget)
-    err_y, err_dx, ok = _check(y, bn.backward(dy), x, dy, dtype)
-    bn.eval()
-    t["eval"] = median_time(lambda: bn.forward(x, out=y), budget)
-    copy = median_time(lambda: _kernels.copy(flat_x, flat_out), budget)
-    add = median_time(lambda: _kernels.add(flat_x, flat_dy, flat_out), budget)
-    floor = {"train": copy, "eval": copy, "backward": add}
+    train.forward(x, out=y)
+    calls = {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
+             "backward": lambda: train.backward(dy, out=dx),
+             "copy": lambda: _kernels.copy(flat_x, flat_out), "add": lambda: _kernels.add(flat_x, flat_dy, flat_out)}
+    t = median_times(calls, budget)
+    floor = {"train": t["copy"], "eval": t["copy"], "backward": t["add"]}
+    # Bytes allocated beyond the output: with out=, and without (then the output itself is returned).
+    alloc_out = {op: allocated(calls[op]) for op in OPS}
+    alloc_new = {"train": allocated(lambda: train.forward(x), x.nbytes),
+                 "eval": allocated(lambda: ev.forward(x), x.nbytes),
+                 "backward": allocated(lambda: train.backward(dy), x.nbytes)}
+    train.forward(x, out=y)
+    err_y, err_dx, ok = _check(y, train.backward(dy), x, dy, dtype)
     ref = {}
     if with_reference:
         rm, rv, w, b = np.zeros(C), np.ones(C), np.ones(C), np.zeros(C)
@@ -104,7 +135,8 @@ def bench_case(shape, dtype, threads, budget, with_reference=True):
     return [{"shape": list(shape), "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
              "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "roofline_us": floor[op] * 1e6,
              "cbn_over_roofline": t[op] / floor[op],
-             "numpy_over_cbn": ref[op] / t[op] if ref else None, "torch_us": None, "torch_over_cbn": None,
+             "numpy_us": ref[op] * 1e6 if ref else None, "numpy_over_cbn": ref[op] / t[op] if ref else None, "torch_us": None, "torch_over_cbn": None,
+             "alloc_bytes_out": alloc_out[op], "alloc_bytes": alloc_new[op],
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
 
@@ -130,14 +162,45 @@ def _fmt(v, spec):
 
 
 HEADER = (f"{'shape':>18} {'dtype':>7} {'thr':>3} {'op':>8} {'MB':>7} {'cbn us':>10} {'cbn/roof':>8} "
-          f"{'numpy/cbn':>9} {'torch/cbn':>9} {'ok':>3}")
+          f"{'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
 
 
 def format_row(r):
-    """One table line: time, ratio to the roofline, speedups over NumPy and PyTorch, correctness."""
+    """One table line: time, ratio to the roofline, speedups over NumPy and PyTorch, allocation, correctness."""
     return (f"{str(tuple(r['shape'])):>18} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} {r['MB']:7.1f} "
             f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {_fmt(r['numpy_over_cbn'], '9.1f')} "
-            f"{_fmt(r['torch_over_cbn'], '9.2f')} {'yes' if r['correct'] else 'NO':>3}")
+            f"{_fmt(r['torch_over_cbn'], '9.2f')} {r['alloc_bytes_out'] / 1e3:9.1f} "
+            f"{'yes' if r['correct'] else 'NO':>3}")
+
+
+def target_misses(rows):
+    """Lines naming each row that misses one of the performance targets of the benchmark suite (float32 only)."""
+    misses = []
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((tuple(r["shape"]), r["dtype"], r["threads"]), {})[r["op"]] = r
+    for (shape, dtype, threads), ops in by_case.items():
+        if dtype != "float32":
+            continue
+        big = ops["train"]["MB"] >= 50
+        limits = {"train": 1.5 if big else 2.0, "backward": 1.5 if big else 2.0, "eval": 1.2}
+        name = f"{shape} {dtype} {threads} thr"
+        for op, limit in limits.items():
+            if ops[op]["cbn_over_roofline"] > limit:
+                misses.append(f"{name}: {op} {ops[op]['cbn_over_roofline']:.2f}x roofline > {limit}")
+            if ops[op]["alloc_bytes_out"] > max(64e3, 0.05 * ops[op]["MB"] * 1e6):
+                misses.append(f"{name}: {op} with out= allocates {ops[op]['alloc_bytes_out'] / 1e3:.0f} KB")
+        for op, limit in (("train", 2.0), ("backward", 1.5)):
+            if ops[op]["torch_over_cbn"] is not None and ops[op]["torch_over_cbn"] < limit:
+                misses.append(f"{name}: {op} only {ops[op]['torch_over_cbn']:.2f}x faster than PyTorch < {limit}")
+        if ops["train"]["numpy_us"] is not None:
+            speedup = ((ops["train"]["numpy_us"] + ops["backward"]["numpy_us"])
+                       / (ops["train"]["cbn_us"] + ops["backward"]["cbn_us"]))
+            if speedup < 10:
+                misses.append(f"{name}: forward+backward only {speedup:.1f}x faster than the NumPy reference < 10")
+        if shape == (2, 8, 4, 4) and ops["train"]["cbn_us"] > 10:
+            misses.append(f"{name}: train call {ops['train']['cbn_us']:.1f} us > 10 us")
+    return misses
 
 
 def header():
@@ -211,6 +274,8 @@ def main(argv=None):
     print(HEADER)
     for r in rows:
         print(format_row(r))
+    misses = target_misses(rows)
+    print(f"targets (float32): {len(misses)} missed" + "".join(f"\n  {m}" for m in misses))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"header": info, "rows": rows}, f, indent=1)
