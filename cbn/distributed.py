@@ -14,6 +14,8 @@ import numpy as np
 from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
+_BLOCK = 1 << 15  # values per block of the backward's float64 temporaries, which then stay in cache
+
 
 def _mpi():
     """The mpi4py.MPI module, or an ImportError that says how to install it."""
@@ -53,15 +55,26 @@ def _raise_if_rejected(ok, error, what):
                            f"their input (see the error raised there); no state changed")
 
 
-def _moments(x3):
-    """Per-channel (count, mean, M2 = sum((x - mean)**2)) of an (N, C, S) array, two passes in float64."""
-    count = x3.shape[0] * x3.shape[2]
-    if count == 0:
-        return 0, np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
-    mean = x3.sum(axis=(0, 2), dtype=np.float64) / count
-    d = np.subtract(x3, mean[:, None], dtype=np.float64)
-    np.square(d, out=d)
-    return count, mean, d.sum(axis=(0, 2))
+def _moments(x, dtype, out):
+    """Per-channel (count, mean, M2 = sum((x - mean)**2)) of the shard ``x``, in double, from the kernels.
+
+    The training forward with eps = 0 (its output goes to ``out``, to be overwritten) gives the mean and
+    invstd = 1/sqrt(M2/count); M2 = count/invstd**2 recovers M2 to a few ulps (0 when invstd is inf).
+    """
+    C = x.shape[1]
+    count = x.shape[0] * math.prod(x.shape[2:])
+    if count <= 1:  # the kernel wants two values; one value is its own mean with M2 = 0
+        return count, F._contiguous(x, dtype).reshape(count, C).sum(axis=0, dtype=np.float64), np.zeros(C)
+    _, saved = F.batch_norm(x, None, None, training=True, momentum=0.0, eps=0.0, out=out, dtype=dtype,
+                            return_saved=True)
+    with np.errstate(all="ignore"):
+        return count, saved.mean, count / (saved.invstd * saved.invstd)
+
+
+def _blocks(nrows, S):
+    """Fixed slices of the rows of an (nrows, S) matrix, about _BLOCK values each (at least one row)."""
+    step = max(1, _BLOCK // max(S, 1))
+    return [slice(a, min(a + step, nrows)) for a in range(0, nrows, step)]
 
 
 def _merge(rows, C):
@@ -113,7 +126,7 @@ class _SyncBatchNorm(_BatchNorm):
             x = self._check_input(x)
             out = F._out_array(out, "out", x.shape, np.dtype(np.float16) if x.dtype.itemsize == 2 else self.dtype,
                                (x, self.weight, self.bias, self.running_mean, self.running_var))
-            count, mean, M2 = _moments(F._contiguous(x, self.dtype).reshape(x.shape[0], C, math.prod(x.shape[2:])))
+            count, mean, M2 = _moments(x, self.dtype, out)
             local = np.concatenate(([count], mean, M2))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
@@ -150,18 +163,23 @@ class _SyncBatchNorm(_BatchNorm):
         if self._global_count is None:
             return super().backward(dy, out)
         saved = self._saved
-        x3 = saved.x
-        N, C, S = x3.shape
+        N, C, S = saved.x.shape
+        x2 = saved.x.reshape(N * C, S)  # row r holds channel r % C
+        ch = np.tile(np.arange(C), N)
+        mu = saved.mean[ch][:, None]
         error, local = None, np.zeros(2 * C + 1)
         try:
             dy = F._float_array(dy, "grad_output")
             if dy.shape != saved.shape:
                 raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
-            dx = F._out_array(out, "out", saved.shape, saved.dtype, (dy, x3, saved.weight))
-            dy3 = F._contiguous(dy, x3.dtype).reshape(N, C, S)
-            xc = np.subtract(x3, saved.mean[:, None], dtype=np.float64)  # centred before multiplying
-            t = np.multiply(dy3, xc)
-            local = np.concatenate(([1.0], dy3.sum(axis=(0, 2), dtype=np.float64), t.sum(axis=(0, 2))))
+            dx = F._out_array(out, "out", saved.shape, saved.dtype, (dy, saved.x, saved.weight))
+            dy2 = F._contiguous(dy, saved.x.dtype).reshape(N * C, S)
+            sums = np.zeros((2, N * C))
+            for b in _blocks(N * C, S):
+                xc = np.subtract(x2[b], mu[b], dtype=np.float64)  # centred before multiplying
+                sums[0, b] = dy2[b].sum(axis=1, dtype=np.float64)
+                sums[1, b] = np.multiply(xc, dy2[b], out=xc).sum(axis=1)
+            local = np.concatenate(([1.0], np.bincount(ch, sums[0], C), np.bincount(ch, sums[1], C)))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
         rows = _gather(self.comm, local)
@@ -174,15 +192,17 @@ class _SyncBatchNorm(_BatchNorm):
         with np.errstate(all="ignore"):  # M = 0 (every shard empty): dx is empty, B and K unused
             B = g * invstd * (total[C:] * invstd) / M
             K = -g * total[:C] / M
-        # dx = g*dy - (x - mean)*B + K
-        np.multiply(xc, B[:, None], out=xc)
-        np.multiply(dy3, g[:, None], out=t)
-        t -= xc
-        t += K[:, None]
-        with np.errstate(all="ignore"):  # float16 overflow gives inf and never raises late
-            dx[...] = t.reshape(saved.shape)
-        self.grad_weight = (local[C + 1:] * invstd).astype(x3.dtype) if self.affine else None
-        self.grad_bias = local[1:C + 1].astype(x3.dtype) if self.affine else None
+        g, B, K = g[ch][:, None], B[ch][:, None], K[ch][:, None]
+        dx2 = dx.view(np.ndarray).reshape(N * C, S)
+        for b in _blocks(N * C, S):  # dx = g*dy - (x - mean)*B + K in double, rounded once
+            xc = np.subtract(x2[b], mu[b], dtype=np.float64)
+            t = np.multiply(dy2[b], g[b], dtype=np.float64)
+            t -= np.multiply(xc, B[b], out=xc)
+            t += K[b]
+            with np.errstate(all="ignore"):  # float16 overflow gives inf and never raises late
+                dx2[b] = t
+        self.grad_weight = (local[C + 1:] * invstd).astype(self.dtype) if self.affine else None
+        self.grad_bias = local[1:C + 1].astype(self.dtype) if self.affine else None
         return dx
 
     def __getstate__(self):
