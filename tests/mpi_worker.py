@@ -64,10 +64,10 @@ def same_on_all_ranks(*arrays):
 
 
 def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, affine=True, track=True,
-                                  offset=0.0):
+                                  offset=0.0, constant=False):
     """3 training steps (forward + backward) and an eval forward of SyncBatchNorm on shards vs BatchNorm on all."""
     case = f"{cls.__name__} counts={counts} tail={tail} {np.dtype(dtype).name} momentum={momentum} " \
-           f"affine={affine} track={track} offset={offset}"
+           f"affine={affine} track={track} offset={offset} constant={constant}"
     rng = np.random.default_rng(seed)
     C = 3
     kw = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
@@ -87,6 +87,8 @@ def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, 
             layer.training = training
         x = (rng.standard_normal((sum(counts), C) + tail) * rng.uniform(0.5, 3, (1, C) + (1,) * len(tail))
              + offset).astype(dtype)
+        if constant:  # a channel with zero variance
+            x[:, 0] = 7.0
         dy = rng.standard_normal(x.shape).astype(dtype)
         # Eval without running statistics uses each shard's own statistics and communicates nothing (as torch).
         local = not training and not track
@@ -223,7 +225,8 @@ def main():
                               (cbn.SyncBatchNorm1d, (6,)), (cbn.SyncBatchNorm3d, (2, 3, 2))):
                 seed += 1
                 check_equal_to_single_process(cls, counts, tail, dtype, seed)
-        for kw in (dict(momentum=None), dict(affine=False), dict(track=False), dict(offset=1e3)):
+        for kw in (dict(momentum=None), dict(affine=False), dict(track=False), dict(offset=1e3),
+                   dict(constant=True)):
             seed += 1
             check_equal_to_single_process(cbn.SyncBatchNorm2d, with_empty, (4, 5), dtype, seed, **kw)
         seed += 1
