@@ -44,8 +44,9 @@ def main():
     P = comm.Get_size()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if comm.Get_rank() == 0:
+        library = MPI.Get_library_version().split(",")[0].strip(" \0\n")  # e.g. "Open MPI v4.1.4"
         print(f"# cbn {cbn.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
-              f"{MPI.Get_library_version().split(",")[0].strip(" \0\n")}, {P} ranks x {cbn.get_num_threads()} "
+              f"{library}, {P} ranks x {cbn.get_num_threads()} "
               f"thread(s), float32, {platform.machine()}")
         print(f"{'shard (per rank)':>20} {'ranks':>5} {'local fwd':>10} {'sync fwd':>10} {'comm fwd':>9} "
               f"{'comm %':>6} {'local bwd':>10} {'sync bwd':>10} {'comm bwd':>9} {'comm %':>6}")
