@@ -9,11 +9,14 @@ from ._kernels import build_info as _build_info
 from ._kernels import get_num_threads
 from ._kernels import openmp_enabled as _openmp_enabled
 from ._kernels import set_num_threads as _set_num_threads
+from .distributed import (SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, convert_sync_batchnorm,
+                          revert_sync_batchnorm)
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional", "load", "get_num_threads", "set_num_threads",
-           "show_config", "__version__"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
+           "convert_sync_batchnorm", "revert_sync_batchnorm", "functional", "load", "get_num_threads",
+           "set_num_threads", "show_config", "__version__"]
 
 
 def set_num_threads(n):

@@ -12,10 +12,18 @@ FORMAT_VERSION = 1
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+_CLASSES = {}  # layer classes by name, for load(): every subclass of _BatchNorm registers itself
+
+
 class _BatchNorm:
     """Common implementation of BatchNorm1d/2d/3d; subclasses set ``_ndims`` (accepted input ranks)."""
 
     _ndims = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            _CLASSES[cls.__name__] = cls
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype=np.float32):
@@ -69,12 +77,7 @@ class _BatchNorm:
         ndarray
             The normalised output.
         """
-        x = F._float_array(x, "input")
-        if x.ndim not in self._ndims:
-            want = " or ".join(f"{d}D" for d in self._ndims)
-            raise ValueError(f"expected {want} input, got {x.ndim}D input")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels, got {x.shape[1]}")
+        x = self._check_input(x)
         count = self.num_batches_tracked
         factor = 0.0
         if self.training and self.track_running_stats:
@@ -90,6 +93,16 @@ class _BatchNorm:
         return y
 
     __call__ = forward
+
+    def _check_input(self, x):
+        """Return ``x`` as a floating ndarray of an accepted rank with ``num_features`` channels, or raise."""
+        x = F._float_array(x, "input")
+        if x.ndim not in self._ndims:
+            want = " or ".join(f"{d}D" for d in self._ndims)
+            raise ValueError(f"expected {want} input, got {x.ndim}D input")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels, got {x.shape[1]}")
+        return x
 
     def backward(self, dy, out=None):
         """Gradient of the last forward's input; also sets ``grad_weight`` and ``grad_bias`` (None if not affine).
@@ -257,9 +270,6 @@ class BatchNorm3d(_BatchNorm):
     _ndims = (5,)
 
 
-_CLASSES = {cls.__name__: cls for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d)}
-
-
 def load(path):
     """Load a layer written by ``save``; reads with ``allow_pickle=False``.
 
@@ -269,7 +279,7 @@ def load(path):
 
     Returns
     -------
-    BatchNorm1d, BatchNorm2d or BatchNorm3d
+    BatchNorm1d, BatchNorm2d, BatchNorm3d (or SyncBatchNorm1d/2d/3d, on COMM_WORLD)
     """
     with np.load(os.fspath(path), allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}

@@ -1,0 +1,309 @@
+"""Synchronised batch norm for data-parallel training over MPI (mpi4py): statistics of the global batch.
+
+Every rank of a communicator holds a shard of the batch (any size, zero included). Training forward: each rank
+computes its per-channel (count, mean, M2) in float64, one Allgather collects them and every rank merges them with
+Chan's formula in rank order, so all ranks get bitwise the same statistics and running statistics. Backward: one
+Allgather of the per-channel (sum dy, sum dy*(x - mean)), added in rank order. Eval needs no communication.
+mpi4py is imported only when a synchronised layer is made (``pip install cbn[mpi]``).
+"""
+import math
+import types
+
+import numpy as np
+
+from . import functional as F
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+
+_BLOCK = 1 << 15  # values per block of the backward's float64 temporaries, which then stay in cache
+
+
+def _mpi():
+    """The mpi4py.MPI module, or an ImportError that says how to install it."""
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as e:
+        raise ImportError(f"cbn's SyncBatchNorm needs mpi4py and an MPI library: pip install cbn[mpi] "
+                          f"(and an MPI such as Open MPI); importing mpi4py.MPI failed: {e}") from e
+    return MPI
+
+
+def _check_comm(comm):
+    """``comm`` if it is an mpi4py intracommunicator, COMM_WORLD if it is None; else TypeError."""
+    MPI = _mpi()
+    if comm is None:
+        return MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"comm must be an mpi4py.MPI.Intracomm (e.g. MPI.COMM_WORLD), got {comm!r}")
+    return comm
+
+
+def _gather(comm, row):
+    """Every rank's float64 row (all of the same length), stacked in rank order: one Allgather."""
+    row = np.ascontiguousarray(row, dtype=np.float64)
+    rows = np.empty((comm.Get_size(), row.size))
+    comm.Allgather(row, rows)
+    return rows
+
+
+def _raise_if_rejected(ok, error, what):
+    """Raise on every rank when any rank rejected its input: its own error there, RuntimeError elsewhere."""
+    if error is not None:
+        raise error
+    bad = np.flatnonzero(ok == 0)
+    if bad.size:
+        raise RuntimeError(f"SyncBatchNorm {what} abandoned on every rank: rank(s) {bad.tolist()} rejected "
+                           f"their input (see the error raised there); no state changed")
+
+
+def _moments(x, dtype, out):
+    """Per-channel (count, mean, M2 = sum((x - mean)**2)) of the shard ``x``, in double, from the kernels.
+
+    The training forward with eps = 0 (its output goes to ``out``, to be overwritten) gives the mean and
+    invstd = 1/sqrt(M2/count); M2 = count/invstd**2 recovers M2 to a few ulps (0 when invstd is inf).
+    """
+    C = x.shape[1]
+    count = x.shape[0] * math.prod(x.shape[2:])
+    if count <= 1:  # the kernel wants two values; one value is its own mean with M2 = 0
+        return count, F._contiguous(x, dtype).reshape(count, C).sum(axis=0, dtype=np.float64), np.zeros(C)
+    _, saved = F.batch_norm(x, None, None, training=True, momentum=0.0, eps=0.0, out=out, dtype=dtype,
+                            return_saved=True)
+    with np.errstate(all="ignore"):
+        return count, saved.mean, count / (saved.invstd * saved.invstd)
+
+
+def _blocks(nrows, S):
+    """Fixed slices of the rows of an (nrows, S) matrix, about _BLOCK values each (at least one row)."""
+    step = max(1, _BLOCK // max(S, 1))
+    return [slice(a, min(a + step, nrows)) for a in range(0, nrows, step)]
+
+
+def _merge(rows, C):
+    """Chan's parallel merge of rows (count, mean[C], M2[C]) in row order: (count, mean, M2) of their union.
+
+    delta = mean_b - mean_a, n = n_a + n_b: mean = mean_a + delta*n_b/n, M2 = M2_a + M2_b + delta**2*n_a*n_b/n.
+    """
+    n, mean, M2 = 0.0, np.zeros(C), np.zeros(C)
+    for row in rows:
+        nb = row[0]
+        if nb == 0:
+            continue
+        total = n + nb
+        delta = row[1:C + 1] - mean
+        mean = mean + delta * (nb / total)
+        M2 = M2 + row[C + 1:] + delta * delta * (n * nb / total)
+        n = total
+    return n, mean, M2
+
+
+class _SyncBatchNorm(_BatchNorm):
+    """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 dtype=np.float32, comm=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+        self.comm = _check_comm(comm)
+        self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
+
+    def forward(self, x, out=None):
+        """Normalise this rank's shard ``x``; in training with the statistics of all ranks' shards together.
+
+        A collective operation in training mode: every rank of ``comm`` must call it (its shard may be empty).
+        The running statistics are updated identically on every rank. Eval uses the running statistics (or,
+        with ``track_running_stats=False``, this shard's statistics, as torch does) and communicates nothing.
+
+        Raises
+        ------
+        ValueError, TypeError
+            On a rank whose input (or ``out``) is bad; the other ranks raise RuntimeError. ValueError on every
+            rank when the ranks' channel counts differ or all shards together hold a single value per channel.
+        """
+        if not self.training:
+            self._global_count = None
+            return super().forward(x, out)
+        comm, C = self.comm, self.num_features
+        error, local = None, np.zeros(2 * C + 1)
+        try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
+            x = self._check_input(x)
+            out = F._out_array(out, "out", x.shape, np.dtype(np.float16) if x.dtype.itemsize == 2 else self.dtype,
+                               (x, self.weight, self.bias, self.running_mean, self.running_var))
+            count, mean, M2 = _moments(x, self.dtype, out)
+            local = np.concatenate(([count], mean, M2))
+        except Exception as e:  # raised below, after the other ranks have heard of it
+            error = e
+        header = _gather(comm, [C, error is None])
+        _raise_if_rejected(header[:, 1], error, "forward")
+        if np.any(header[:, 0] != C):
+            raise ValueError(f"every rank must have the same number of channels, expected {C} (rank "
+                             f"{comm.Get_rank()}), got {header[:, 0].astype(np.int64).tolist()} on ranks 0, 1, ...")
+        n, mean, M2 = _merge(_gather(comm, local), C)
+        if n == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got 1 over all ranks")
+        var = M2 / n if n else np.full(C, np.nan)
+        y, saved = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps, out=out,
+                                dtype=self.dtype, return_saved=True)
+        if self.track_running_stats:
+            self.num_batches_tracked += 1
+            if n:
+                f = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+                self.running_mean[...] = (1.0 - f) * self.running_mean.astype(np.float64) + f * mean
+                self.running_var[...] = (1.0 - f) * self.running_var.astype(np.float64) + f * (M2 / (n - 1.0))
+        self._saved, self._global_count = saved, n
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy, out=None):
+        """Gradient of the last forward's input; a collective operation after a training forward.
+
+        dx = g*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M) with the sums over all ranks (M values per channel),
+        computed in float64 and rounded once. ``grad_weight`` = sum(dy*xhat) and ``grad_bias`` = sum(dy) over
+        this rank's shard, as in torch's SyncBatchNorm: all-reduce them with the other parameters' gradients
+        (their sum over the ranks is the gradient of the whole batch).
+        """
+        if self._global_count is None:
+            return super().backward(dy, out)
+        saved = self._saved
+        N, C, S = saved.x.shape
+        x2 = saved.x.reshape(N * C, S)  # row r holds channel r % C
+        ch = np.tile(np.arange(C), N)
+        mu = saved.mean[ch][:, None]
+        error, local = None, np.zeros(2 * C + 1)
+        try:
+            dy = F._float_array(dy, "grad_output")
+            if dy.shape != saved.shape:
+                raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
+            dx = F._out_array(out, "out", saved.shape, saved.dtype, (dy, saved.x, saved.weight))
+            dy2 = F._contiguous(dy, saved.x.dtype).reshape(N * C, S)
+            sums = np.zeros((2, N * C))
+            for b in _blocks(N * C, S):
+                xc = np.subtract(x2[b], mu[b], dtype=np.float64)  # centred before multiplying
+                sums[0, b] = dy2[b].sum(axis=1, dtype=np.float64)
+                sums[1, b] = np.multiply(xc, dy2[b], out=xc).sum(axis=1)
+            local = np.concatenate(([1.0], np.bincount(ch, sums[0], C), np.bincount(ch, sums[1], C)))
+        except Exception as e:  # raised below, after the other ranks have heard of it
+            error = e
+        rows = _gather(self.comm, local)
+        _raise_if_rejected(rows[:, 0], error, "backward")
+        total = rows[0, 1:].copy()
+        for row in rows[1:]:  # rank order: the same bits on every rank
+            total += row[1:]
+        M, invstd = self._global_count, saved.invstd
+        g = invstd if saved.weight is None else saved.weight * invstd
+        with np.errstate(all="ignore"):  # M = 0 (every shard empty): dx is empty, B and K unused
+            B = g * invstd * (total[C:] * invstd) / M
+            K = -g * total[:C] / M
+        g, B, K = g[ch][:, None], B[ch][:, None], K[ch][:, None]
+        dx2 = dx.view(np.ndarray).reshape(N * C, S)
+        for b in _blocks(N * C, S):  # dx = g*dy - (x - mean)*B + K in double, rounded once
+            xc = np.subtract(x2[b], mu[b], dtype=np.float64)
+            t = np.multiply(dy2[b], g[b], dtype=np.float64)
+            t -= np.multiply(xc, B[b], out=xc)
+            t += K[b]
+            with np.errstate(all="ignore"):  # float16 overflow gives inf and never raises late
+                dx2[b] = t
+        self.grad_weight = (local[C + 1:] * invstd).astype(self.dtype) if self.affine else None
+        self.grad_bias = local[1:C + 1].astype(self.dtype) if self.affine else None
+        return dx
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["comm"] = None  # communicators cannot be pickled: an unpickled layer uses COMM_WORLD
+        state["_global_count"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.comm = _check_comm(self.comm)
+
+
+class SyncBatchNorm1d(_SyncBatchNorm, BatchNorm1d):
+    """:class:`BatchNorm1d` with the training statistics of all ranks of ``comm``; see :class:`SyncBatchNorm2d`."""
+
+
+class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
+    """:class:`BatchNorm2d` whose training statistics are those of the batch of all ranks of an MPI communicator.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, dtype
+        As :class:`BatchNorm2d`.
+    comm : mpi4py.MPI.Intracomm, optional
+        The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the
+        communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it).
+    """
+
+
+class SyncBatchNorm3d(_SyncBatchNorm, BatchNorm3d):
+    """:class:`BatchNorm3d` with the training statistics of all ranks of ``comm``; see :class:`SyncBatchNorm2d`."""
+
+
+_SYNC = {BatchNorm1d: SyncBatchNorm1d, BatchNorm2d: SyncBatchNorm2d, BatchNorm3d: SyncBatchNorm3d}
+_PLAIN = {sync: plain for plain, sync in _SYNC.items()}
+_SYNC_ONLY = ("comm", "_global_count")
+
+
+def _as_class(layer, cls, **extra):
+    """A ``cls`` layer with the attributes of ``layer`` (arrays shared, not copied) and no saved forward."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v for k, v in vars(layer).items() if k not in _SYNC_ONLY}, _saved=None, **extra)
+    return new
+
+
+def _swap_layers(obj, swap, memo):
+    """``obj`` with each layer replaced by ``swap(layer)``: lists, dicts and attributes in place, tuples rebuilt.
+
+    ``memo`` maps id(object) to its result, so shared layers stay shared and cycles end.
+    """
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, _BatchNorm):
+        memo[id(obj)] = swap(obj)
+        return memo[id(obj)]
+    memo[id(obj)] = obj
+    if isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+        return obj
+    if isinstance(obj, tuple):
+        items = [_swap_layers(v, swap, memo) for v in obj]
+        if any(a is not b for a, b in zip(items, obj)):
+            memo[id(obj)] = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        return memo[id(obj)]
+    if isinstance(obj, (list, dict)):
+        items, assign = (enumerate(obj) if isinstance(obj, list) else obj.items()), obj.__setitem__
+    elif hasattr(obj, "__dict__"):
+        items, assign = vars(obj).items(), lambda k, v: setattr(obj, k, v)
+    else:
+        return obj
+    for k, v in list(items):
+        new = _swap_layers(v, swap, memo)
+        if new is not v:
+            assign(k, new)
+    return obj
+
+
+def convert_sync_batchnorm(model, comm=None):
+    """Replace every cbn BatchNorm1d/2d/3d in ``model`` by a SyncBatchNorm1d/2d/3d with the same state.
+
+    Like torch's ``SyncBatchNorm.convert_sync_batchnorm``: the new layers share the old ones' arrays (weight,
+    bias, running statistics) and keep hyperparameters, mode and counter.
+
+    Parameters
+    ----------
+    model : layer, list, tuple, dict or object
+        A layer, or a container or object whose items or attributes hold layers (searched recursively; lists,
+        dicts and attributes are updated in place, tuples rebuilt).
+    comm : mpi4py.MPI.Intracomm, optional
+        Communicator of the new layers; default COMM_WORLD.
+
+    Returns
+    -------
+    The converted model (a new layer when ``model`` is a layer).
+    """
+    comm = _check_comm(comm)
+    return _swap_layers(model, lambda layer: _as_class(layer, _SYNC[type(layer)], comm=comm, _global_count=None)
+                        if type(layer) in _SYNC else layer, {})
+
+
+def revert_sync_batchnorm(model):
+    """Inverse of :func:`convert_sync_batchnorm`: SyncBatchNorm1d/2d/3d back to BatchNorm1d/2d/3d, state kept."""
+    return _swap_layers(model, lambda layer: _as_class(layer, _PLAIN[type(layer)])
+                        if type(layer) in _PLAIN else layer, {})

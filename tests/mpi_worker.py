@@ -1,0 +1,243 @@
+"""MPI side of tests/test_mpi.py: run as ``mpirun -n P python -m mpi4py tests/mpi_worker.py``.
+
+Every rank takes its shard (uneven sizes, some empty) of a batch that all ranks generate from one seed, runs the
+SyncBatchNorm layer and a single-process cbn BatchNorm on the whole batch, and asserts that outputs, gradients and
+running statistics agree (relative to the largest reference value: float64 <= 1e-12, float32 <= 2e-6), that the
+statistics are bitwise identical on all ranks, and that bad input raises on every rank without hanging or changing
+state. Rank 0 prints one line ``CBN_MPI_RESULT {json}`` with the worst errors per dtype.
+"""
+import copy
+import json
+import os
+import pickle
+import sys
+import tempfile
+
+import numpy as np
+from mpi4py import MPI
+
+import cbn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bn_helpers import RefLayer, snapshot  # noqa: E402
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+BOUND = {"float64": 1e-12, "float32": 2e-6}
+worst = {}  # (dtype, quantity) -> worst relative error over all cases and ranks
+
+
+def rel_err(actual, desired, scale=None):
+    """max|actual - desired| / scale, scale = max|desired| by default (a floor keeps it finite)."""
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape, (actual.shape, desired.shape)
+    if not desired.size:
+        return 0.0
+    scale = float(np.max(np.abs(desired))) if scale is None else scale
+    return float(np.max(np.abs(actual - desired)) / max(scale, 1e-300))
+
+
+def dx_scale(layer, dy, dx_ref):
+    """Scale of dx = g*(dy - mean(dy) - xhat*mean(dy*xhat)): its terms g*dy can cancel (e.g. two values per
+    channel), so errors are measured against max(|dx|, |g*dy|), the size of what was subtracted."""
+    g = layer._saved.invstd * (1.0 if layer.weight is None else layer.weight)
+    terms = np.abs(np.moveaxis(np.asarray(dy, np.float64), 1, -1) * g)
+    return max(float(np.max(terms, initial=0.0)), float(np.max(np.abs(dx_ref), initial=0.0)))
+
+
+def record(dtype, what, err, case):
+    err = comm.allreduce(err, op=MPI.MAX)
+    key = f"{np.dtype(dtype).name} {what}"
+    worst[key] = max(worst.get(key, 0.0), err)
+    assert err <= BOUND[np.dtype(dtype).name], f"{case}: {key} relative error {err:.3e}"
+
+
+def ordered_sum(a):
+    """Sum over the ranks of a float64 array, in rank order (a test-side reduction of per-rank gradients)."""
+    rows = comm.allgather(np.asarray(a, np.float64))
+    return sum(rows[1:], rows[0].copy())
+
+
+def same_on_all_ranks(*arrays):
+    blob = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    return all(b == blob for b in comm.allgather(blob))
+
+
+def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, affine=True, track=True,
+                                  offset=0.0, constant=False):
+    """3 training steps (forward + backward) and an eval forward of SyncBatchNorm on shards vs BatchNorm on all."""
+    case = f"{cls.__name__} counts={counts} tail={tail} {np.dtype(dtype).name} momentum={momentum} " \
+           f"affine={affine} track={track} offset={offset} constant={constant}"
+    rng = np.random.default_rng(seed)
+    C = 3
+    kw = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    sync = cls(C, **kw)
+    plain = {cbn.SyncBatchNorm1d: cbn.BatchNorm1d, cbn.SyncBatchNorm2d: cbn.BatchNorm2d,
+             cbn.SyncBatchNorm3d: cbn.BatchNorm3d}[cls](C, **kw)
+    ref = RefLayer(C, momentum=momentum, affine=affine, track_running_stats=track)
+    if affine:
+        sync.weight[...] = plain.weight[...] = rng.uniform(0.5, 1.5, C)
+        sync.bias[...] = plain.bias[...] = rng.uniform(-0.5, 0.5, C)
+        ref.weight, ref.bias = plain.weight.astype(np.float64), plain.bias.astype(np.float64)
+    lo = sum(counts[:rank])
+    mine = slice(lo, lo + counts[rank])
+    for step in range(4):
+        training = step < 3
+        for layer in (sync, plain, ref):
+            layer.training = training
+        x = (rng.standard_normal((sum(counts), C) + tail) * rng.uniform(0.5, 3, (1, C) + (1,) * len(tail))
+             + offset).astype(dtype)
+        if constant:  # a channel with zero variance
+            x[:, 0] = 7.0
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        # Eval without running statistics uses each shard's own statistics and communicates nothing (as torch).
+        local = not training and not track
+        xs, dys, part = (x[mine], dy[mine], slice(None)) if local else (x, dy, mine)
+        total = (lambda g: g) if local else ordered_sum
+        y = sync(x[mine])
+        dx = sync.backward(dy[mine])
+        y_all, dx_all = plain(xs), plain.backward(dys)
+        record(dtype, "y", rel_err(y, y_all[part]), case)
+        record(dtype, "dx", rel_err(dx, dx_all[part], dx_scale(plain, dys, dx_all)), case)
+        if affine:
+            record(dtype, "dweight", rel_err(total(sync.grad_weight), plain.grad_weight), case)
+            record(dtype, "dbias", rel_err(total(sync.grad_bias), plain.grad_bias), case)
+        if track:
+            record(dtype, "running_mean", rel_err(sync.running_mean, plain.running_mean), case)
+            record(dtype, "running_var", rel_err(sync.running_var, plain.running_var), case)
+            assert sync.num_batches_tracked == plain.num_batches_tracked, case
+        if training:  # identical statistics and running statistics on every rank, bit for bit
+            stats = [sync._saved.mean, sync._saved.invstd] + ([sync.running_mean, sync.running_var] if track else [])
+            assert same_on_all_ranks(*stats), f"{case}: statistics differ between ranks"
+        if dtype == np.float64 and not local:  # and the float64 reference agrees too
+            y_ref = ref.forward(x)
+            dx_ref, dw_ref, db_ref = ref.backward(dy)
+            record(dtype, "y vs reference", rel_err(y, y_ref[mine]), case)
+            record(dtype, "dx vs reference", rel_err(dx, dx_ref[mine], dx_scale(plain, dy, dx_ref)), case)
+            if affine:
+                record(dtype, "dweight vs reference", rel_err(ordered_sum(sync.grad_weight), dw_ref), case)
+            if track:
+                record(dtype, "running_var vs reference", rel_err(sync.running_var, ref.running_var), case)
+
+
+def expect_error(fn, exc, text, case):
+    """fn() must raise exc with text in its message (checked on the calling rank)."""
+    try:
+        fn()
+    except exc as e:
+        assert text in str(e), f"{case}: message {str(e)!r} lacks {text!r}"
+    else:
+        raise AssertionError(f"{case}: no {exc.__name__} raised on rank {rank}")
+
+
+def check_errors():
+    # A rank with a different channel count: ValueError on every rank, no state changed.
+    layer = cbn.SyncBatchNorm2d(3 if rank < size - 1 else 4, dtype=np.float64)
+    before = snapshot(layer)
+    expect_error(lambda: layer(np.ones((2, layer.num_features, 2, 2))), ValueError, "same number of channels",
+                 "channel mismatch")
+    assert snapshot(layer) == before
+    # Bad input on rank 0 only: its own ValueError there, RuntimeError naming rank 0 elsewhere.
+    layer = cbn.SyncBatchNorm2d(3)
+    before = snapshot(layer)
+    x = np.ones((2, 3)) if rank == 0 else np.ones((2, 3, 2, 2))
+    expect_error(lambda: layer(x), ValueError if rank == 0 else RuntimeError,
+                 "expected 4D input" if rank == 0 else "rank(s) [0] rejected", "bad input on rank 0")
+    assert snapshot(layer) == before
+    # One value per channel over all ranks: ValueError everywhere.
+    layer = cbn.SyncBatchNorm1d(3)
+    before = snapshot(layer)
+    x = np.ones((1 if rank == 0 else 0, 3))
+    expect_error(lambda: layer(x), ValueError, "more than 1 value per channel", "single value")
+    assert snapshot(layer) == before
+    # One value per rank is fine when there are several ranks.
+    layer(np.full((1, 3), float(rank)))
+    assert np.allclose(layer.running_mean, 0.1 * (size - 1) / 2)
+    # Every shard empty: empty output and gradient, running statistics unchanged, counter counts (as BatchNorm).
+    layer = cbn.SyncBatchNorm2d(3)
+    before = snapshot(layer)
+    y = layer(np.ones((0, 3, 2, 2), np.float32))
+    assert y.shape == (0, 3, 2, 2) and layer.backward(np.ones_like(y)).shape == y.shape
+    assert layer.num_batches_tracked == 1 and snapshot(layer)["running_var"] == before["running_var"]
+    # A bad gradient on the last rank: ValueError there, RuntimeError elsewhere.
+    layer(np.arange(24.0).reshape(2, 3, 2, 2) + rank)
+    dy = np.ones((2, 3, 2, 2)) if rank < size - 1 else np.ones((2, 3, 2))
+    expect_error(lambda: layer.backward(dy), ValueError if rank == size - 1 else RuntimeError,
+                 "grad_output must have" if rank == size - 1 else f"rank(s) [{size - 1}] rejected", "bad dy")
+    expect_error(lambda: cbn.SyncBatchNorm2d(3, comm="world"), TypeError, "mpi4py.MPI.Intracomm", "bad comm")
+
+
+def check_eval_is_local():
+    """Eval forward and backward communicate nothing: rank 0 alone runs them (a collective would hang here)."""
+    layer = cbn.SyncBatchNorm2d(3).eval()
+    if rank == 0:
+        y = layer(np.ones((2, 3, 2, 2), np.float32))
+        layer.backward(np.ones_like(y))
+    comm.Barrier()
+
+
+def check_convert_and_state():
+    class Net:
+        pass
+
+    net = Net()
+    shared = cbn.BatchNorm2d(4)
+    net.blocks = [shared, {"bn": cbn.BatchNorm1d(2), "again": shared}, (cbn.BatchNorm3d(5), 7)]
+    net.head = shared
+    net.me = net
+    shared.weight[...] = 2.0
+    shared(np.random.default_rng(rank).standard_normal((3, 4, 2, 2)).astype(np.float32))
+    state, weight = shared.state_dict(), shared.weight
+    sub = comm.Split(rank % 2)
+    assert cbn.convert_sync_batchnorm(net, comm=sub) is net
+    bn = net.head
+    assert type(bn) is cbn.SyncBatchNorm2d and bn.comm is sub and bn.weight is weight
+    assert net.blocks[0] is bn and net.blocks[1]["again"] is bn
+    assert type(net.blocks[1]["bn"]) is cbn.SyncBatchNorm1d and type(net.blocks[2][0]) is cbn.SyncBatchNorm3d
+    assert all(np.array_equal(v, state[k]) for k, v in bn.state_dict().items())
+    bn(np.ones((1, 4, 2, 2), np.float32) * sub.Get_rank())  # trains on the sub-communicator
+    copied = pickle.loads(pickle.dumps(bn))
+    assert type(copied) is cbn.SyncBatchNorm2d and copied.comm == MPI.COMM_WORLD
+    assert copy.deepcopy(bn).state_dict().keys() == bn.state_dict().keys()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bn.npz")
+        bn.save(path)
+        loaded = cbn.load(path)
+    assert type(loaded) is cbn.SyncBatchNorm2d
+    assert all(np.array_equal(v, bn.state_dict()[k]) for k, v in loaded.state_dict().items())
+    state = bn.state_dict()
+    assert cbn.revert_sync_batchnorm(net) is net
+    assert type(net.head) is cbn.BatchNorm2d and net.blocks[1]["again"] is net.head and not hasattr(net.head, "comm")
+    assert type(net.blocks[2][0]) is cbn.BatchNorm3d and net.head.weight is weight
+    assert all(np.array_equal(v, state[k]) for k, v in net.head.state_dict().items())
+    sub.Free()
+
+
+def main():
+    # Shard sizes: uneven, with empty ranks, and (1d) one value on some ranks.
+    uneven = [1, 2, 3, 4][:size]
+    with_empty = [3, 0, 4, 0][:size]
+    first_only = [5] + [0] * (size - 1)
+    seed = 0
+    for dtype in (np.float64, np.float32):
+        for counts in (uneven, with_empty, first_only):
+            for cls, tail in ((cbn.SyncBatchNorm2d, (4, 5)), (cbn.SyncBatchNorm1d, ()),
+                              (cbn.SyncBatchNorm1d, (6,)), (cbn.SyncBatchNorm3d, (2, 3, 2))):
+                seed += 1
+                check_equal_to_single_process(cls, counts, tail, dtype, seed)
+        for kw in (dict(momentum=None), dict(affine=False), dict(track=False), dict(offset=1e3),
+                   dict(constant=True)):
+            seed += 1
+            check_equal_to_single_process(cbn.SyncBatchNorm2d, with_empty, (4, 5), dtype, seed, **kw)
+        seed += 1
+        check_equal_to_single_process(cbn.SyncBatchNorm1d, [1] * size, (), dtype, seed)
+        seed += 1  # longer rows
+        check_equal_to_single_process(cbn.SyncBatchNorm2d, uneven, (16, 16), dtype, seed)
+    check_errors()
+    check_eval_is_local()
+    check_convert_and_state()
+    if rank == 0:
+        print("CBN_MPI_RESULT " + json.dumps({"size": size, "worst_relative_error": worst}), flush=True)
+
+
+main()
