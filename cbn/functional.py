@@ -82,7 +82,7 @@ def _running_stat(a, name, C, dt):
     a = _channel_array(a, name, C)
     if a.dtype != dt:
         raise TypeError(f"{name} must have the compute dtype {dt} to be updated in place, got {a.dtype}")
-    if not (a.flags.c_contiguous and a.flags.writeable and a.flags.aligned):
+    if not _writeable_contiguous(a):
         raise ValueError(f"{name} must be a writeable, aligned, contiguous array to be updated in place")
     return a
 
@@ -95,10 +95,16 @@ def _out_array(out, name, shape, dt, inputs):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape or out.dtype != dt:
         raise ValueError(f"{name} must have shape {shape} and dtype {dt}, got shape {out.shape} and dtype {out.dtype}")
-    if not (out.flags.c_contiguous and out.flags.writeable and out.flags.aligned):
+    if not _writeable_contiguous(out):
         raise ValueError(f"{name} must be a writeable, aligned, C-contiguous array")
     _check_no_overlap(name, out, inputs)
     return out
+
+
+def _writeable_contiguous(a):
+    """True when ``a`` is C-contiguous, writeable and aligned."""
+    flags = a.flags
+    return flags.c_contiguous and flags.writeable and flags.aligned
 
 
 def _owns_memory(a):
