@@ -276,7 +276,7 @@ cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, doubl
             s[1] += part[2 * k + 1]
 
 
-cdef void _finish_stats(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
+cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double m,
                         floating *running_mean, floating *running_var,   # INOUT (C,) or NULL
                         const floating *weight, const floating *bias,    # IN (C,) or NULL
                         double momentum, double eps,
@@ -289,13 +289,10 @@ cdef void _finish_stats(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
     Affine coefficients of y = (x - mean)*scale + beta: coef[c], coef[C + c], coef[2C + c] = mean, gamma*invstd, beta.
     """
-    cdef double s[2]
-    cdef double M2
-    _merge(L, part, c, C, s)
-    M2 = s[1] - s[0] * s[0] / m
+    cdef double M2 = s2 - s1 * s1 / m
     if M2 < 0.0:
         M2 = 0.0
-    mean[c] = coef[c] + s[0] / m
+    mean[c] = coef[c] + s1 / m
     invstd[c] = 1.0 / sqrt(M2 / m + eps)
     if running_mean != NULL:
         running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
@@ -351,6 +348,7 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
     cdef Layout L = _layout(N, C, S, use_batch_stats)
     cdef Tiles T = _tiles(N * C, S)
     cdef cbn_span s
+    cdef double sums[2]
     cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.kind == BY_IMAGE else T.count)
     # coef: (4, C) coefficients of the operations; part: the blocks' partial sums.
     cdef double *coef = _scratch(4 * C + (_part_size(L, C) if use_batch_stats else 0))
@@ -372,58 +370,61 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
                 s = _block_span(L, k, N, C, S)
                 coef[k] = px[k * S]
                 _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, coef, part, 1, C)
-                _finish_stats(L, part, k, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
+                _finish_stats(part[k], part[C + k], k, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
                 _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
         else:
             for c in range(C):
                 coef[c] = px[c * S]
             _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
             for c in range(C):
-                _finish_stats(L, part, c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
+                _merge(L, part, c, C, sums)
+                _finish_stats(sums[0], sums[1], c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
             _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
     _release(coef)
     return 0
 
 
-cdef void _finish_grad(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double m,
+cdef void _finish_grad(double s0, double s1, Py_ssize_t c, Py_ssize_t C, double m,
                        const double *mean, const double *invstd,   # IN (C,) statistics the forward used
                        const floating *weight,                     # IN (C,) gamma or NULL
                        bint use_batch_stats,
                        floating *dweight, floating *dbias,         # OUT (C,)
                        double *coef) noexcept nogil:               # OUT (4, C)
-    """dbeta = sum dy, dgamma = invstd*sum dy*(x - mean), and the coefficients of dx.
+    """From s0 = sum dy, s1 = sum dy*(x - mean) over m values of channel c: dbeta = s0, dgamma = invstd*s1, and
+    the coefficients of dx.
 
     Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m) = dy*A - (x - mean)*B + D with A = g,
     B = g*invstd*dgamma/m, D = -g*dbeta/m: coef[:, c] = (mean, A, B, D) for CBN_GRAD.
     Eval: dx = g*dy, coef[:, c] = (0, g, 0, 0) for CBN_AFFINE applied to dy.
     """
-    cdef double s[2]
-    cdef double g
-    _merge(L, part, c, C, s)
-    dbias[c] = <floating>s[0]
-    dweight[c] = <floating>(s[1] * invstd[c])
-    g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
+    cdef double g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
+    dbias[c] = <floating>s0
+    dweight[c] = <floating>(s1 * invstd[c])
     coef[C + c] = g
     if use_batch_stats:
-        coef[2 * C + c] = g * invstd[c] * (s[1] * invstd[c]) / m
-        coef[3 * C + c] = -g * s[0] / m
+        coef[2 * C + c] = g * invstd[c] * (s1 * invstd[c]) / m
+        coef[3 * C + c] = -g * s0 / m
     else:
         coef[c] = 0.0
 
 
 def backward(cnp.ndarray x,                   # IN (N, C, S) the forward's input, N*S >= 1
              cnp.ndarray dy,                  # IN (N, C, S)
-             cnp.ndarray dx,                  # OUT (N, C, S)
+             dx,                              # OUT (N, C, S), or None: sums only
              cnp.ndarray mean,                # IN (C,) float64 mean the forward used
              cnp.ndarray invstd,              # IN (C,) float64 invstd the forward used
              weight,                          # IN (C,) gamma or None (= 1)
              cnp.ndarray dweight,             # OUT (C,) sum dy*xhat
              cnp.ndarray dbias,               # OUT (C,) sum dy
-             bint use_batch_stats):
+             bint use_batch_stats,
+             sums=None,                       # (2, C) float64: OUT when dx is None, else IN or None
+             double count=0):                 # values per channel that IN sums cover
     """Batch-norm backward.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd.
     Eval (running statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
+    Data-parallel use: with dx None, only the sums (sum dy, sum dy*(x - mean)) of this tensor go to sums; given
+    sums (and their count m) of a larger batch, dx uses them instead of this tensor's own.
     """
     cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(x)
     cdef int status
@@ -431,29 +432,32 @@ def backward(cnp.ndarray x,                   # IN (N, C, S) the forward's input
         status = _backward(<const float *>_data(x), <const float *>_data(dy), <float *>_data(dx),
                            <const double *>_data(mean), <const double *>_data(invstd), <const float *>_data(weight),
                            <float *>_data(dweight), <float *>_data(dbias), shape[0], shape[1], shape[2],
-                           use_batch_stats)
+                           use_batch_stats, <double *>_data(sums), count)
     else:
         status = _backward(<const double *>_data(x), <const double *>_data(dy), <double *>_data(dx),
                            <const double *>_data(mean), <const double *>_data(invstd), <const double *>_data(weight),
                            <double *>_data(dweight), <double *>_data(dbias), shape[0], shape[1], shape[2],
-                           use_batch_stats)
+                           use_batch_stats, <double *>_data(sums), count)
     if status:
         raise MemoryError()
 
 
 cdef int _backward(const floating *px, const floating *pg, floating *pd, const double *mean, const double *invstd,
                    const floating *pw, floating *dweight, floating *dbias, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                   bint use_batch_stats) noexcept:
-    """backward on data pointers (pw may be NULL); returns -1 if scratch allocation fails, else 0."""
+                   bint use_batch_stats, double *sums, double count) noexcept:
+    """backward on data pointers (pw, sums may be NULL; pd NULL: sums only); returns -1 if scratch allocation
+    fails, else 0."""
     cdef Py_ssize_t c, k
-    cdef double m = <double>(N * S)
-    cdef Layout L = _layout(N, C, S, True)
+    cdef bint given = sums != NULL and pd != NULL
+    cdef double m = count if given else <double>(N * S)
+    cdef Layout L = _layout(N, C, S, sums == NULL)   # one task per channel only when all is done in one call
     cdef cbn_span s
+    cdef double local[2]
     cdef int nt = _threads(N * C * S, L.nblocks)
     cdef int op = CBN_GRAD if use_batch_stats else CBN_AFFINE    # eval: dx = (dy - 0)*g + 0
     cdef const floating *pa = px if use_batch_stats else pg
     cdef const floating *pb = pg if use_batch_stats else NULL
-    cdef double *coef = _scratch(4 * C + _part_size(L, C))
+    cdef double *coef = _scratch(4 * C + (0 if given else _part_size(L, C)))
     cdef double *part = coef + 4 * C
     if coef == NULL:
         return -1
@@ -464,14 +468,24 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(L, k, N, C, S)
                 _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, coef, part, 1, C)
-                _finish_grad(L, part, k, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+                _finish_grad(part[k], part[C + k], k, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
                 _span(op, pa, pb, pd, s, S, C, coef, NULL, 0, 0)
         else:
-            # Block sums in parallel, their merge, then dx over the same static block schedule.
-            _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
+            # Block sums in parallel (unless given), their merge, then dx over the same static block schedule.
+            if not given:
+                _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
             for c in range(C):
-                _finish_grad(L, part, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
-            _block_apply(op, pa, pb, pd, L, N, C, S, coef, nt)
+                if given:
+                    local[0] = sums[c]
+                    local[1] = sums[C + c]
+                else:
+                    _merge(L, part, c, C, local)
+                    if sums != NULL:
+                        sums[c] = local[0]
+                        sums[C + c] = local[1]
+                _finish_grad(local[0], local[1], c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+            if pd != NULL:
+                _block_apply(op, pa, pb, pd, L, N, C, S, coef, nt)
     _release(coef)
     return 0
 

@@ -14,7 +14,6 @@ import numpy as np
 from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
-_BLOCK = 1 << 15  # values per block of the backward's float64 temporaries, which then stay in cache
 
 
 def _mpi():
@@ -69,12 +68,6 @@ def _moments(x, dtype, out):
                             return_saved=True)
     with np.errstate(all="ignore"):
         return count, saved.mean, count / (saved.invstd * saved.invstd)
-
-
-def _blocks(nrows, S):
-    """Fixed slices of the rows of an (nrows, S) matrix, about _BLOCK values each (at least one row)."""
-    step = max(1, _BLOCK // max(S, 1))
-    return [slice(a, min(a + step, nrows)) for a in range(0, nrows, step)]
 
 
 def _merge(rows, C):
@@ -147,7 +140,8 @@ class _SyncBatchNorm(_BatchNorm):
                 f = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
                 self.running_mean[...] = (1.0 - f) * self.running_mean.astype(np.float64) + f * mean
                 self.running_var[...] = (1.0 - f) * self.running_var.astype(np.float64) + f * (M2 / (n - 1.0))
-        self._saved, self._global_count = saved, n
+        # Normalised with (global) batch statistics: the backward differentiates through them.
+        self._saved, self._global_count = saved._replace(use_batch_stats=True), n
         return y
 
     __call__ = forward
@@ -163,23 +157,13 @@ class _SyncBatchNorm(_BatchNorm):
         if self._global_count is None:
             return super().backward(dy, out)
         saved = self._saved
-        N, C, S = saved.x.shape
-        x2 = saved.x.reshape(N * C, S)  # row r holds channel r % C
-        ch = np.tile(np.arange(C), N)
-        mu = saved.mean[ch][:, None]
+        C = saved.x.shape[1]
         error, local = None, np.zeros(2 * C + 1)
         try:
-            dy = F._float_array(dy, "grad_output")
-            if dy.shape != saved.shape:
-                raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
+            dy = F._grad_output(dy, saved)
             dx = F._out_array(out, "out", saved.shape, saved.dtype, (dy, saved.x, saved.weight))
-            dy2 = F._contiguous(dy, saved.x.dtype).reshape(N * C, S)
-            sums = np.zeros((2, N * C))
-            for b in _blocks(N * C, S):
-                xc = np.subtract(x2[b], mu[b], dtype=np.float64)  # centred before multiplying
-                sums[0, b] = dy2[b].sum(axis=1, dtype=np.float64)
-                sums[1, b] = np.multiply(xc, dy2[b], out=xc).sum(axis=1)
-            local = np.concatenate(([1.0], np.bincount(ch, sums[0], C), np.bincount(ch, sums[1], C)))
+            sums, dweight, dbias = F.batch_norm_grad_sums(dy, saved)
+            local = np.concatenate(([1.0], sums.ravel()))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
         rows = _gather(self.comm, local)
@@ -187,22 +171,10 @@ class _SyncBatchNorm(_BatchNorm):
         total = rows[0, 1:].copy()
         for row in rows[1:]:  # rank order: the same bits on every rank
             total += row[1:]
-        M, invstd = self._global_count, saved.invstd
-        g = invstd if saved.weight is None else saved.weight * invstd
-        with np.errstate(all="ignore"):  # M = 0 (every shard empty): dx is empty, B and K unused
-            B = g * invstd * (total[C:] * invstd) / M
-            K = -g * total[:C] / M
-        g, B, K = g[ch][:, None], B[ch][:, None], K[ch][:, None]
-        dx2 = dx.view(np.ndarray).reshape(N * C, S)
-        for b in _blocks(N * C, S):  # dx = g*dy - (x - mean)*B + K in double, rounded once
-            xc = np.subtract(x2[b], mu[b], dtype=np.float64)
-            t = np.multiply(dy2[b], g[b], dtype=np.float64)
-            t -= np.multiply(xc, B[b], out=xc)
-            t += K[b]
-            with np.errstate(all="ignore"):  # float16 overflow gives inf and never raises late
-                dx2[b] = t
-        self.grad_weight = (local[C + 1:] * invstd).astype(self.dtype) if self.affine else None
-        self.grad_bias = local[1:C + 1].astype(self.dtype) if self.affine else None
+        if saved.x.size:  # dx = g*dy - (x - mean)*B + K with the global sums, in double, rounded once
+            F.batch_norm_backward(dy, saved, out=dx, grad_sums=total.reshape(2, C), count=int(self._global_count))
+        self.grad_weight = dweight if self.affine else None
+        self.grad_bias = dbias if self.affine else None
         return dx
 
     def __getstate__(self):

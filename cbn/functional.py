@@ -245,7 +245,42 @@ def _check_saved(saved):
         raise ValueError("saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True)")
 
 
-def batch_norm_backward(dy, saved, *, out=None):
+def _grad_output(dy, saved):
+    """Validate ``saved`` and ``dy`` (a floating array of the forward input's shape) and return dy."""
+    _check_saved(saved)
+    dy = _float_array(dy, "grad_output")
+    if dy.shape != saved.shape:
+        raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
+    return dy
+
+
+def batch_norm_grad_sums(dy, saved):
+    """Per-channel sums that a training backward combines: what data-parallel ranks add up.
+
+    Parameters
+    ----------
+    dy, saved
+        As :func:`batch_norm_backward`.
+
+    Returns
+    -------
+    sums : ndarray
+        (2, C) float64: sum(dy) and sum(dy*(x - mean)) per channel, over this batch.
+    dweight, dbias : ndarray
+        (C,) this batch's gradients of weight and bias, in the compute dtype.
+    """
+    dy = _grad_output(dy, saved)
+    x3 = saved.x
+    C = x3.shape[1]
+    sums = np.zeros((2, C))
+    dweight, dbias = np.zeros(C, dtype=x3.dtype), np.zeros(C, dtype=x3.dtype)
+    if x3.size:
+        _kernels.backward(x3, _contiguous(dy, x3.dtype).reshape(x3.shape), None, saved.mean, saved.invstd,
+                          saved.weight, dweight, dbias, saved.use_batch_stats, sums)
+    return sums, dweight, dbias
+
+
+def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     """Gradients of :func:`batch_norm` with respect to its input, weight and bias.
 
     Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
@@ -260,28 +295,38 @@ def batch_norm_backward(dy, saved, *, out=None):
         From ``batch_norm(..., return_saved=True)``.
     out : ndarray, optional
         Preallocated dx: shape of dy, dtype ``saved.dtype``, C-contiguous, not overlapping dy or saved.x.
+    grad_sums : ndarray, optional
+        (2, C) float64 sums of :func:`batch_norm_grad_sums` over a larger batch of which this one is a part
+        (data-parallel training, where the forward used that batch's statistics); they replace this batch's sums,
+        and ``count`` its m.
+    count : int, optional
+        Values per channel of the batch that ``grad_sums`` covers; required with ``grad_sums``.
 
     Returns
     -------
     dx : ndarray
         Shape of the forward's input, dtype ``saved.dtype``.
     dweight, dbias : ndarray
-        (C,) in the compute dtype (computed whether or not the forward had a weight).
+        (C,) in the compute dtype (computed whether or not the forward had a weight), from the sums used.
     """
-    _check_saved(saved)
-    dy = _float_array(dy, "grad_output")
-    if dy.shape != saved.shape:
-        raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
+    dy = _grad_output(dy, saved)
     x3 = saved.x
     N, C, S = x3.shape
     dt = x3.dtype
+    if grad_sums is not None or count is not None:
+        grad_sums = _float_array(grad_sums, "grad_sums")
+        if grad_sums.shape != (2, C):
+            raise ValueError(f"grad_sums must have shape (2, {C}), got {grad_sums.shape}")
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            raise ValueError(f"count must be an integer >= 1 with grad_sums, got {count!r}")
+        grad_sums = _contiguous(grad_sums, np.float64)
     dx = _out_array(out, "out", saved.shape, saved.dtype, (dy, x3, saved.weight, saved.mean, saved.invstd))
     dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)
     if x3.size:
         dy3 = _contiguous(dy, dt).reshape(N, C, S)
         dx3 = dx.view(np.ndarray).reshape(N, C, S) if saved.dtype == dt else np.empty((N, C, S), dtype=dt)
         _kernels.backward(x3, dy3, dx3, saved.mean, saved.invstd, saved.weight, dweight, dbias,
-                          saved.use_batch_stats)
+                          saved.use_batch_stats, grad_sums, float(count or 0))
         if saved.dtype != dt:
             with np.errstate(all="ignore"):
                 dx[...] = dx3.reshape(saved.shape)

@@ -300,3 +300,17 @@ def test_input_never_modified(dtype, training):
     assert x.tobytes() == xc.tobytes() and dy.tobytes() == dyc.tobytes()
     np.testing.assert_array_equal(bn.weight, w)
     np.testing.assert_array_equal(bn.bias, b)
+
+
+@pytest.mark.parametrize("grad_sums,count,match", [
+    (np.zeros((2, 4)), 10, r"grad_sums must have shape \(2, 3\), got \(2, 4\)"),
+    (np.zeros((2, 3)), None, "count must be an integer >= 1 with grad_sums, got None"),
+    (np.zeros((2, 3)), 0, "count must be an integer >= 1 with grad_sums, got 0"),
+    (np.zeros((2, 3)), 2.5, "count must be an integer >= 1 with grad_sums, got 2.5"),
+    (None, 10, "grad_sums must be a numpy.ndarray of floating dtype, got NoneType"),
+])
+def test_backward_grad_sums_rejects(grad_sums, count, match):
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    _, saved = cbn.functional.batch_norm(x, None, None, training=True, return_saved=True)
+    with pytest.raises((TypeError, ValueError), match=match):
+        cbn.functional.batch_norm_backward(np.ones_like(x), saved, grad_sums=grad_sums, count=count)

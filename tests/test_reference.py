@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import cbn
+from cbn import functional as F
 from cbn import reference as R
 from bn_helpers import RefLayer, assert_rel, max_err
 
@@ -242,3 +243,28 @@ def test_backward_finite_differences(mode):
         err = max_err(a, n)
         scale = max(np.max(np.abs(n)), 1.0)
         assert err <= 1e-7 * scale, f"{mode} {name}: max |analytic - numeric| = {err:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 5, 7), (64, 3, 40, 40), (2, 32, 256, 256)])
+def test_backward_from_grad_sums(shape, dtype):
+    """batch_norm_grad_sums + batch_norm_backward(grad_sums=, count=) equal the one-call backward."""
+    rng = np.random.default_rng(3)
+    C = shape[1]
+    x = rng.uniform(-2, 2, shape).astype(dtype)
+    dy = rng.uniform(-1, 1, shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    _, saved = F.batch_norm(x, None, None, w, None, True, return_saved=True)
+    dx, dw, db = F.batch_norm_backward(dy, saved)
+    sums, dw2, db2 = F.batch_norm_grad_sums(dy, saved)
+    dx2, dw3, db3 = F.batch_norm_backward(dy, saved, grad_sums=sums, count=x.size // C)
+    _, ref_saved = R.batch_norm(x, None, None, w, None, True, return_saved=True)
+    ref_dx, ref_dw, ref_db = R.batch_norm_backward(dy, ref_saved)
+    g = TOL[dtype]["grad"]
+    for got in (dx, dx2):
+        assert_rel(got, ref_dx, g, "dx")
+    for got in (dw, dw2, dw3):
+        assert_rel(got, ref_dw, g, "dweight")
+    for got in (db, db2, db3):
+        assert_rel(got, ref_db, g, "dbias")
+    np.testing.assert_allclose(sums[0], ref_db, rtol=1e-10, atol=1e-10 * np.abs(ref_db).max())
