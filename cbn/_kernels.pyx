@@ -308,7 +308,7 @@ cdef inline void _affine_coef(double mean, double invstd, const floating *weight
 
 
 def forward(cnp.ndarray x,                    # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
-            cnp.ndarray y,                    # OUT (N, C, S)
+            y,                                # OUT (N, C, S), or None: statistics only
             running_mean, running_var,        # INOUT (C,) each, or None
             weight, bias,                     # IN (C,) gamma and beta, or None (= 1 and 0)
             cnp.ndarray mean,                 # OUT (C,) float64 batch mean, or IN (C,) running mean
@@ -318,7 +318,8 @@ def forward(cnp.ndarray x,                    # IN (N, C, S), N*S >= 1 (>= 2 whe
 
     use_batch_stats: mean and var (biased) of the batch, written to mean and invstd, and with update_running the
     running statistics are updated in place. Otherwise mean and var come in as the running statistics, and var is
-    replaced by invstd = 1/sqrt(var + eps).
+    replaced by invstd = 1/sqrt(var + eps). With y None (and use_batch_stats): the batch mean and, in invstd's
+    place, M2 = sum((x - mean)**2) per channel, nothing else (for data-parallel statistics).
     """
     cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(x)
     cdef int status
@@ -345,7 +346,7 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
     """forward on data pointers (prm, prv, pw, pb may be NULL); returns -1 if scratch allocation fails, else 0."""
     cdef Py_ssize_t c, k
     cdef double m = <double>(N * S)
-    cdef Layout L = _layout(N, C, S, use_batch_stats)
+    cdef Layout L = _layout(N, C, S, use_batch_stats and py != NULL)
     cdef Tiles T = _tiles(N * C, S)
     cdef cbn_span s
     cdef double sums[2]
@@ -378,8 +379,13 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
             for c in range(C):
                 _merge(L, part, c, C, sums)
-                _finish_stats(sums[0], sums[1], c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
-            _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
+                if py == NULL:  # statistics only: mean and M2
+                    mean[c] = coef[c] + sums[0] / m
+                    invstd[c] = max(0.0, sums[1] - sums[0] * sums[0] / m)
+                else:
+                    _finish_stats(sums[0], sums[1], c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
+            if py != NULL:
+                _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
     _release(coef)
     return 0
 

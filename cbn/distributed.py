@@ -6,7 +6,6 @@ Chan's formula in rank order, so all ranks get bitwise the same statistics and r
 Allgather of the per-channel (sum dy, sum dy*(x - mean)), added in rank order. Eval needs no communication.
 mpi4py is imported only when a synchronised layer is made (``pip install cbn[mpi]``).
 """
-import math
 import types
 
 import numpy as np
@@ -52,22 +51,6 @@ def _raise_if_rejected(ok, error, what):
     if bad.size:
         raise RuntimeError(f"SyncBatchNorm {what} abandoned on every rank: rank(s) {bad.tolist()} rejected "
                            f"their input (see the error raised there); no state changed")
-
-
-def _moments(x, dtype, out):
-    """Per-channel (count, mean, M2 = sum((x - mean)**2)) of the shard ``x``, in double, from the kernels.
-
-    The training forward with eps = 0 (its output goes to ``out``, to be overwritten) gives the mean and
-    invstd = 1/sqrt(M2/count); M2 = count/invstd**2 recovers M2 to a few ulps (0 when invstd is inf).
-    """
-    C = x.shape[1]
-    count = x.shape[0] * math.prod(x.shape[2:])
-    if count <= 1:  # the kernel wants two values; one value is its own mean with M2 = 0
-        return count, F._contiguous(x, dtype).reshape(count, C).sum(axis=0, dtype=np.float64), np.zeros(C)
-    _, saved = F.batch_norm(x, None, None, training=True, momentum=0.0, eps=0.0, out=out, dtype=dtype,
-                            return_saved=True)
-    with np.errstate(all="ignore"):
-        return count, saved.mean, count / (saved.invstd * saved.invstd)
 
 
 def _merge(rows, C):
@@ -119,7 +102,7 @@ class _SyncBatchNorm(_BatchNorm):
             x = self._check_input(x)
             out = F._out_array(out, "out", x.shape, np.dtype(np.float16) if x.dtype.itemsize == 2 else self.dtype,
                                (x, self.weight, self.bias, self.running_mean, self.running_var))
-            count, mean, M2 = _moments(x, self.dtype, out)
+            count, mean, M2 = F.batch_norm_stats(x, dtype=self.dtype)
             local = np.concatenate(([count], mean, M2))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e

@@ -226,6 +226,38 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, out_dt)
 
 
+def batch_norm_stats(x, *, dtype=None):
+    """Per-channel statistics of an (N, C, *) batch, in float64: what data-parallel ranks combine.
+
+    Parameters
+    ----------
+    x : ndarray
+        Input of shape (N, C, *), any floating dtype, layout and strides.
+    dtype : {None, float32, float64}
+        Compute dtype, as :func:`batch_norm`.
+
+    Returns
+    -------
+    count : int
+        Values per channel, N*prod(shape[2:]).
+    mean, M2 : ndarray
+        (C,) mean and sum of squared deviations from it (the biased variance is M2/count); NaN when count is 0,
+        and M2 = 0 when count is 1.
+    """
+    x = _float_array(x, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
+    N, C = x.shape[0], x.shape[1]
+    count = N * math.prod(x.shape[2:])
+    x3 = _contiguous(x, _compute_dtype(x.dtype, dtype)).reshape(N, C, -1 if count else 0)
+    mean, M2 = np.full(C, np.nan), np.full(C, np.nan)
+    if count == 1:
+        mean[...], M2[...] = x3[0, :, 0], 0.0
+    elif count:
+        _kernels.forward(x3, None, None, None, None, None, mean, M2, True, False, 0.0, 0.0)
+    return count, mean, M2
+
+
 def _check_saved(saved):
     """Check that ``saved`` is a consistent BatchNormSaved as batch_norm made it (it may have been edited)."""
     if not isinstance(saved, BatchNormSaved):

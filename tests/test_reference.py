@@ -268,3 +268,21 @@ def test_backward_from_grad_sums(shape, dtype):
     for got in (db, db2, db3):
         assert_rel(got, ref_db, g, "dbias")
     np.testing.assert_allclose(sums[0], ref_db, rtol=1e-10, atol=1e-10 * np.abs(ref_db).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 3, 4), (1, 3), (1, 3, 1, 1), (5, 3), (6, 3, 7, 9), (2, 32, 256, 256)])
+def test_batch_norm_stats(shape, dtype):
+    rng = np.random.default_rng(5)
+    x = (rng.uniform(-1, 1, shape) + 1e3).astype(dtype)
+    count, mean, M2 = F.batch_norm_stats(x)
+    axes = (0,) + tuple(range(2, x.ndim))
+    assert count == x.size // shape[1]
+    if count == 0:
+        assert np.isnan(mean).all() and np.isnan(M2).all()
+        return
+    x64 = x.astype(np.float64)
+    ref_mean = x64.mean(axis=axes)
+    ref_M2 = ((x64 - ref_mean.reshape((1, -1) + (1,) * (x.ndim - 2))) ** 2).sum(axis=axes)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-14)
+    np.testing.assert_allclose(M2, ref_M2, rtol=1e-10, atol=1e-10 * count)
