@@ -258,22 +258,30 @@ cdef void _block_apply(int op, const floating *x, const floating *dy, floating *
         _span(op, x, dy, out, _block_span(L, k, N, C, S), S, C, p, NULL, 0, 0)
 
 
-cdef void _merge(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C, double *s) noexcept nogil:
-    """s[0], s[1] = channel c's two partial sums added over its blocks in block order."""
-    cdef Py_ssize_t k
-    s[0] = 0.0
-    s[1] = 0.0
-    if L.kind == CHANNELS:
+cdef void _merge(Layout L, double *part, Py_ssize_t C) noexcept nogil:
+    """Add every channel's partial sums over its blocks in block order, into its first block's pair (in place,
+    memory order: for BY_IMAGE the blocks' (2, C) arrays are added one after another)."""
+    cdef Py_ssize_t k, j, c, T = L.tiles.count
+    if L.kind == BY_IMAGE:
+        for k in range(1, L.nblocks):
+            for j in range(2 * C):
+                part[j] += part[2 * C * k + j]
+    elif L.kind == TILES:
+        for c in range(C):
+            for k in range(c * T + 1, (c + 1) * T):
+                part[2 * c * T] += part[2 * k]
+                part[2 * c * T + 1] += part[2 * k + 1]
+
+
+cdef inline void _channel_sums(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
+                               double *s) noexcept nogil:
+    """s[0], s[1] = channel c's two sums after _merge."""
+    if L.kind == TILES:
+        s[0] = part[2 * c * L.tiles.count]
+        s[1] = part[2 * c * L.tiles.count + 1]
+    else:
         s[0] = part[c]
         s[1] = part[C + c]
-    elif L.kind == BY_IMAGE:
-        for k in range(L.nblocks):
-            s[0] += part[2 * C * k + c]
-            s[1] += part[2 * C * k + C + c]
-    else:
-        for k in range(c * L.tiles.count, (c + 1) * L.tiles.count):
-            s[0] += part[2 * k]
-            s[1] += part[2 * k + 1]
 
 
 cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double m,
@@ -377,8 +385,9 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             for c in range(C):
                 coef[c] = px[c * S]
             _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
+            _merge(L, part, C)
             for c in range(C):
-                _merge(L, part, c, C, sums)
+                _channel_sums(L, part, c, C, sums)
                 if py == NULL:  # statistics only: mean and M2
                     mean[c] = coef[c] + sums[0] / m
                     invstd[c] = max(0.0, sums[1] - sums[0] * sums[0] / m)
@@ -480,12 +489,14 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
             # Block sums in parallel (unless given), their merge, then dx over the same static block schedule.
             if not given:
                 _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
+            if not given:
+                _merge(L, part, C)
             for c in range(C):
                 if given:
                     local[0] = sums[c]
                     local[1] = sums[C + c]
                 else:
-                    _merge(L, part, c, C, local)
+                    _channel_sums(L, part, c, C, local)
                     if sums != NULL:
                         sums[c] = local[0]
                         sums[C + c] = local[1]
