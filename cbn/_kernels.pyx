@@ -81,7 +81,8 @@ cdef inline void *_data(object a) noexcept:
 
 # Elements per block (fixed: the determinism contract depends on it never varying with the thread count).
 cdef Py_ssize_t BLOCK = 16384
-# Rows shorter than this are processed in memory order (groups of whole images); longer rows channel by channel.
+# Rows shorter than this (or than 8*SHORT_ROW, given >= 32 images) are processed in memory order (groups of whole
+# images); longer rows channel by channel.
 cdef Py_ssize_t SHORT_ROW = 1024
 # Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
 cdef Py_ssize_t PART_DOUBLES = 1 << 19
@@ -195,7 +196,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse) noexcep
     L.nblocks = C
     if fuse and S >= SHORT_ROW and N * S <= FUSE_PLANE and C >= FUSE_CHANNELS and N * C * S >= FUSE_MIN:
         L.kind = CHANNELS
-    elif S < SHORT_ROW:
+    elif S < SHORT_ROW or (S < 8 * SHORT_ROW and N >= 32):  # many images of rows up to 32 KB: memory order
         L.kind = BY_IMAGE
         # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
         # PART_DOUBLES doubles in all for huge C.

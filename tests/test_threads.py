@@ -34,6 +34,7 @@ SHAPES = [
     ("BatchNorm1d", (200, 1300)),
     ("BatchNorm2d", (2, 32, 256, 256)),  # one task per channel (>= 4M values)
     ("BatchNorm2d", (64, 512, 8, 8)),
+    ("BatchNorm2d", (32, 4, 40, 40)),  # rows of 1600 values in memory order
     ("BatchNorm1d", (70001, 2)),
     ("BatchNorm1d", (3, 5, 40000)),
     ("BatchNorm3d", (2, 3, 16, 40, 40)),
