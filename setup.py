@@ -1,8 +1,10 @@
 """Build the one compiled extension, cbn._kernels, with OpenMP when the compiler supports it.
 
-CBN_NO_OPENMP=1 forces a serial build; CBN_REQUIRE_OPENMP=1 makes a missing OpenMP an error instead of a warning.
+CBN_NO_OPENMP=1 forces a serial build; CBN_REQUIRE_OPENMP=1 makes a missing OpenMP an error instead of a warning
+(release wheels). On macOS the OpenMP runtime (libomp) is found through CFLAGS (-I) and LDFLAGS (-L, -Wl,-rpath).
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,22 +38,32 @@ def openmp_flags(compiler):
     return ["-fopenmp"], ["-fopenmp"]
 
 
+def env_flag(name):
+    """Return True for NAME=1, False for unset, empty or 0; raise on anything else."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise RuntimeError(f"{name} must be 1, 0 or unset, got {value!r}")
+    return value == "1"
+
+
 def probe_openmp(compiler, cflags, lflags):
-    """Compile, link and run a tiny OpenMP program; return True when all three work."""
+    """Compile, link and run a tiny OpenMP program; return None when all three work, else the reason."""
     tmp = tempfile.mkdtemp()
+    # distutils links executables without LDFLAGS: pass its search paths and libraries (macOS libomp) explicitly
+    ldflags = [f for f in shlex.split(os.environ.get("LDFLAGS", "")) if f.startswith(("-L", "-l", "-Wl,-rpath"))]
     try:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
             f.write(OPENMP_PROBE)
         objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
         exe = os.path.join(tmp, "probe")
-        compiler.link_executable(objs, exe, extra_postargs=lflags)
+        compiler.link_executable(objs, exe, extra_preargs=ldflags, extra_postargs=lflags)
         if compiler.compiler_type == "msvc":
             exe += ".exe"
         subprocess.run([exe], check=True, capture_output=True, timeout=60)
-        return True
-    except Exception:  # any failure of compile, link or run means no usable OpenMP
-        return False
+        return None
+    except Exception as e:  # any failure of compile, link or run means no usable OpenMP
+        return f"{type(e).__name__}: {e}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -63,12 +75,16 @@ class BuildExt(build_ext):
         cc = self.compiler
         base = ["/O2", "/fp:precise"] if cc.compiler_type == "msvc" else ["-O3", "-ffp-contract=off"]
         cflags, lflags = openmp_flags(cc)
-        if os.environ.get("CBN_NO_OPENMP") == "1":
-            cflags, lflags = [], []
-        elif not probe_openmp(cc, cflags, lflags):
-            if os.environ.get("CBN_REQUIRE_OPENMP") == "1":
-                raise RuntimeError("CBN_REQUIRE_OPENMP=1 but the compiler cannot build an OpenMP program")
-            warnings.warn("OpenMP not available: building cbn serially (one thread)")
+        no_openmp, require_openmp = env_flag("CBN_NO_OPENMP"), env_flag("CBN_REQUIRE_OPENMP")
+        if no_openmp and require_openmp:
+            raise RuntimeError("CBN_NO_OPENMP=1 and CBN_REQUIRE_OPENMP=1 contradict each other: set one")
+        failure = None if no_openmp else probe_openmp(cc, cflags, lflags)
+        if failure and require_openmp:
+            raise RuntimeError(f"CBN_REQUIRE_OPENMP=1 but the compiler cannot build and run an OpenMP program "
+                               f"with {' '.join(cflags)} | link {' '.join(lflags)}: {failure}")
+        if failure:
+            warnings.warn(f"OpenMP not available ({failure}): building cbn serially (one thread)")
+        if no_openmp or failure:
             cflags, lflags = [], []
         compiler_name = getattr(cc, "compiler_so", None) or [cc.compiler_type]
         info = f"{os.path.basename(compiler_name[0])} {' '.join(base + cflags)} | link {' '.join(lflags)}".strip()

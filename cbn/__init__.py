@@ -1,36 +1,23 @@
 """cbn: fast, exact, deterministic CPU batch normalization for NumPy arrays (Cython + OpenMP kernels)."""
-import numbers
+import os
 import platform
 
 import numpy as np
 
 from . import functional
 from ._kernels import build_info as _build_info
-from ._kernels import get_num_threads
 from ._kernels import openmp_enabled as _openmp_enabled
-from ._kernels import set_num_threads as _set_num_threads
 from .distributed import (SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, convert_sync_batchnorm,
                           revert_sync_batchnorm)
+from .functional import available_cpus, get_num_threads, max_num_threads, set_num_threads
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
            "convert_sync_batchnorm", "revert_sync_batchnorm", "functional", "load", "get_num_threads",
-           "set_num_threads", "show_config", "__version__"]
+           "set_num_threads", "max_num_threads", "available_cpus", "show_config", "__version__"]
 
-
-def set_num_threads(n):
-    """Set the number of threads cbn's parallel kernels use (for the calling thread; like omp_set_num_threads).
-
-    Parameters
-    ----------
-    n : int
-        At least 1. OMP_NUM_THREADS sets the default; threadpoolctl's ``threadpool_limits(n, user_api="openmp")``
-        works too.
-    """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"number of threads must be an integer >= 1, got {n!r}")
-    _set_num_threads(int(n))
+functional._apply_default_threads()  # the importing thread gets cbn's default thread count right away
 
 
 def show_config():
@@ -39,5 +26,6 @@ def show_config():
           f"  numpy:    {np.__version__}\n"
           f"  python:   {platform.python_version()} ({platform.machine()})\n"
           f"  openmp:   {'on' if _openmp_enabled() else 'off (serial build)'}\n"
-          f"  threads:  {get_num_threads()}\n"
+          f"  threads:  {get_num_threads()} (available CPUs: {available_cpus()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})\n"
           f"  compiler: {_build_info()}")

@@ -144,6 +144,111 @@ def test_set_num_threads_rejects(restore_threads, bad):
     assert cbn.get_num_threads() == restore_threads
 
 
+@pytest.mark.parametrize("extra", [1, 10**6, 2**31, 2**70])
+def test_set_num_threads_rejects_absurd_counts(restore_threads, extra):
+    limit = cbn.max_num_threads()
+    assert limit == max(64, 4 * os.cpu_count())
+    bad = limit + extra
+    with pytest.raises(ValueError, match=rf"<= {limit} .*got {bad}$"):
+        cbn.set_num_threads(bad)
+    assert cbn.get_num_threads() == restore_threads
+    cbn.set_num_threads(limit)  # the limit itself is accepted (a serial build keeps one thread)
+    assert cbn.get_num_threads() == (limit if openmp_on() else 1)
+
+
+def test_build_has_openmp_unless_serial_is_intended():
+    """A build or wheel that lost OpenMP by accident fails here; CBN_EXPECT_SERIAL=1 says a serial build is meant."""
+    expect_serial = os.environ.get("CBN_EXPECT_SERIAL") == "1"
+    assert cbn._openmp_enabled() == openmp_on()
+    assert openmp_on() != expect_serial, (f"build has OpenMP: {openmp_on()}, CBN_EXPECT_SERIAL="
+                                          f"{os.environ.get('CBN_EXPECT_SERIAL')!r}; build info: {cbn._build_info()}")
+
+
+def test_vendored_openmp_runtime():
+    """In a repaired wheel, threadpoolctl sees the OpenMP runtime bundled with cbn, and it is the one cbn drives."""
+    if os.environ.get("CBN_EXPECT_VENDORED_OPENMP") != "1":
+        pytest.skip("only for an installed, repaired wheel: set CBN_EXPECT_VENDORED_OPENMP=1")
+    from threadpoolctl import threadpool_info
+
+    pkg = os.path.dirname(os.path.realpath(cbn.__file__))
+    vendored = {os.path.join(os.path.dirname(pkg), "cbn.libs"), os.path.join(pkg, ".dylibs")}  # auditwheel,
+    libs = [i for i in threadpool_info() if i["user_api"] == "openmp"]                     # delvewheel; delocate
+    ours = [i for i in libs if os.path.dirname(os.path.realpath(i["filepath"])) in vendored]
+    assert len(ours) == 1, f"want one OpenMP runtime in {sorted(vendored)}, threadpoolctl sees {libs}"
+    assert ours[0]["num_threads"] == cbn.get_num_threads()
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_cpu_limit(tmp_path):
+    proc, mount = tmp_path / "cgroup", tmp_path / "fs"
+    lim = cbn.functional._cgroup_cpu_limit
+    assert lim(str(tmp_path / "missing"), str(mount)) is None
+    _write(proc, "12:cpu,cpuacct:/x\n")  # cgroup v1 only
+    assert lim(str(proc), str(mount)) is None
+    _write(proc, "0::/a/b\n")
+    assert lim(str(proc), str(mount)) is None  # no cpu.max anywhere
+    _write(mount / "a" / "b" / "cpu.max", "max 100000\n")
+    assert lim(str(proc), str(mount)) is None  # no quota
+    _write(mount / "a" / "cpu.max", "250000 100000\n")
+    assert lim(str(proc), str(mount)) == 3  # 2.5 CPUs of the parent, rounded up
+    _write(mount / "a" / "b" / "cpu.max", "50000 100000\n")
+    assert lim(str(proc), str(mount)) == 1  # the tightest level wins, at least 1
+    _write(mount / "cpu.max", "garbage\n")
+    assert lim(str(proc), str(mount)) == 1
+    _write(proc, "0::/\n")
+    assert lim(str(proc), str(mount)) is None
+
+
+DEFAULT_SCRIPT = textwrap.dedent("""
+    import os, sys, threading
+    if sys.argv[1] != "all":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import cbn
+    from cbn import _kernels
+    seen = {}
+    def worker(key):
+        seen[key] = cbn.get_num_threads()
+    t = threading.Thread(target=worker, args=("thread",)); t.start(); t.join()  # the default holds in every thread
+    seen["main"] = cbn.get_num_threads()
+    # a lower default (e.g. a container quota) wins over the runtime's own count in a new thread
+    cbn.functional._DEFAULT_THREADS = 1 if cbn.functional._DEFAULT_THREADS is not None else None
+    t = threading.Thread(target=lambda: seen.update(runtime=_kernels.get_num_threads())); t.start(); t.join()
+    t = threading.Thread(target=worker, args=("clamped",)); t.start(); t.join()
+    print(seen["main"], seen["thread"], seen["runtime"], seen["clamped"], cbn.available_cpus())
+""")
+
+
+@pytest.mark.parametrize("cpus", ["all", "one"])
+def test_default_thread_count(tmp_path, cpus):
+    if cpus == "one" and not hasattr(os, "sched_setaffinity"):
+        pytest.skip("CPU affinity is set with os.sched_setaffinity, which this platform lacks")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("OMP_NUM_THREADS", None)
+    res = subprocess.run([sys.executable, "-c", DEFAULT_SCRIPT, cpus], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    main, thread, runtime, clamped, available = map(int, res.stdout.split())
+    if not openmp_on():
+        assert (main, thread, clamped) == (1, 1, 1)
+        return
+    assert available == (cbn.available_cpus() if cpus == "all" else 1)
+    assert main == thread == min(runtime, available)  # the default lowers the runtime's count, never raises it
+    assert clamped == 1  # a lower default (runtime is 2+ on a multi-core machine) reaches new threads
+
+
+def test_omp_num_threads_wins(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="3", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "import threading, cbn; t = threading.Thread(target=lambda: print(cbn.get_num_threads())); t.start()"
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) == (3 if openmp_on() else 1)
+
+
 def test_threadpoolctl_limits(restore_threads):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     if openmp_on():

@@ -1,10 +1,19 @@
-"""Parity with torch.nn.BatchNorm1d/2d/3d (skipped when torch is not installed)."""
+"""Parity with torch.nn.BatchNorm1d/2d/3d (skipped when torch is not installed, failed when CBN_EXPECT_TORCH=1)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
 import cbn
 
-torch = pytest.importorskip("torch")
+if os.environ.get("CBN_EXPECT_TORCH") == "1":
+    import torch  # CI installed it: a missing torch is a failure, not a skip
+else:
+    torch = pytest.importorskip("torch")
 
 TORCH_CLASSES = {cbn.BatchNorm1d: torch.nn.BatchNorm1d, cbn.BatchNorm2d: torch.nn.BatchNorm2d,
                  cbn.BatchNorm3d: torch.nn.BatchNorm3d}
@@ -178,3 +187,52 @@ def test_one_value_per_channel_message_matches_torch():
 @pytest.mark.parametrize("kwargs", [{}, dict(eps=1e-3, momentum=None, affine=False, track_running_stats=False)])
 def test_repr_matches_torch(kwargs):
     assert repr(cbn.BatchNorm2d(16, **kwargs)) == repr(torch.nn.BatchNorm2d(16, **kwargs))
+
+
+SIDE_BY_SIDE = textwrap.dedent("""
+    import json, sys
+    if sys.argv[1] == "torch-first":
+        import torch, cbn
+    else:
+        import cbn, torch
+    import numpy as np
+    from threadpoolctl import threadpool_info
+    from cbn import reference as R
+
+    torch.set_num_threads(2)
+    cbn.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 8, 48, 48)) * 2 + 3).astype(np.float32)  # large enough for parallel kernels
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    errs = []
+    for _ in range(3):  # interleave parallel regions of both runtimes
+        tx = torch.from_numpy(x).requires_grad_(True)
+        ty = torch.nn.functional.batch_norm(tx, None, None, training=True)
+        ty.backward(torch.from_numpy(dy))
+        bn = cbn.BatchNorm2d(8, affine=False, track_running_stats=False)
+        y, dx = bn(x), bn.backward(dy)
+        ry = R.batch_norm(x.astype(np.float64), None, None, training=True)
+        errs.append([float(np.max(np.abs(y - ry))), float(np.max(np.abs(ty.detach().numpy() - ry))),
+                     float(np.max(np.abs(dx - tx.grad.numpy())))])
+    libs = [i["filepath"] for i in threadpool_info() if i["user_api"] == "openmp"]
+    print(json.dumps({"errs": errs, "openmp": libs, "cbn": cbn.__file__}))
+""")
+
+
+@pytest.mark.parametrize("order", ["torch-first", "cbn-first"])
+def test_side_by_side_with_torch_openmp(tmp_path, order):
+    """torch and cbn in one process, both multi-threaded: no crash, both right; a wheel brings its own runtime."""
+    pytest.importorskip("threadpoolctl")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", SIDE_BY_SIDE, order], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-2000:]}"
+    out = json.loads(res.stdout.splitlines()[-1])
+    for err_cbn, err_torch, dx_diff in out["errs"]:
+        assert err_cbn < 2e-5 and err_torch < 1e-4 and dx_diff < 1e-4, out["errs"]
+    if cbn._openmp_enabled():
+        assert out["openmp"], "threadpoolctl sees no OpenMP runtime"
+    if os.environ.get("CBN_EXPECT_VENDORED_OPENMP") == "1":
+        assert len(set(out["openmp"])) >= 2, f"want cbn's vendored and torch's OpenMP runtimes, got {out['openmp']}"
+
