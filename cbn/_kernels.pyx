@@ -86,13 +86,15 @@ cdef Py_ssize_t BLOCK = 16384
 cdef Py_ssize_t SHORT_ROW = 1024
 # Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
 cdef Py_ssize_t PART_DOUBLES = 1 << 19
-# One task per channel (its statistics and its output together, so the second sweep reads cache, not memory): for
-# tensors of at least FUSE_MIN elements (beyond the last-level cache, where two sweeps would read memory twice)
-# with at least FUSE_CHANNELS channels (tasks for the threads) of long rows and at most FUSE_PLANE elements each (to
-# stay in cache). Measured here: with short rows (strided runs of a few KB) it is slower than sweeping in memory order.
+# Tasks of whole channels (statistics, finish and output of a group of channels in one task, so that the second
+# sweep reads the last-level cache, not memory): for tensors of at least FUSE_MIN elements (beyond that cache, where
+# two sweeps in memory order would read memory twice) with at least FUSE_CHANNELS channels. A group holds as many
+# channels as fit in FUSE_GROUP elements, but no more than C/FUSE_CHANNELS (enough tasks for the threads), and its
+# runs (one per image) are at least SHORT_ROW long. Measured here: groups of one channel with runs of a few KB were
+# slower than two sweeps in memory order; runs of 25-100 KB are faster.
 cdef Py_ssize_t FUSE_MIN = 1 << 22
-cdef Py_ssize_t FUSE_CHANNELS = 32
-cdef Py_ssize_t FUSE_PLANE = 1 << 18
+cdef Py_ssize_t FUSE_CHANNELS = 16
+cdef Py_ssize_t FUSE_GROUP = 1 << 20
 # Below this many elements a kernel runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 65536
 
@@ -146,8 +148,8 @@ cdef struct Tiles:
 cdef enum Kind:
     BY_IMAGE  # block k = images [k*rows, +rows), all channels; sums part[2*C*k + c], part[2*C*k + C + c]
     TILES     # block k = tile k % tiles.count of channel k // tiles.count's (N, S) plane; sums part[2*k], +1
-    CHANNELS  # block k = channel k of all images, sums part[k], part[C + k]: statistics, finish and output of
-              # the channel in one task
+    CHANNELS  # block k = channels [k*rows, +rows) of all images, sums part[c], part[C + c]: statistics, finish
+              # and output of those channels in one task
 
 
 cdef struct Layout:
@@ -192,10 +194,11 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse) noexcep
     cdef Layout L
     cdef Py_ssize_t cap
     L.tiles = _tiles(N, S)
-    L.rows = 1
     L.nblocks = C
-    if fuse and S >= SHORT_ROW and N * S <= FUSE_PLANE and C >= FUSE_CHANNELS and N * C * S >= FUSE_MIN:
+    L.rows = max(1, min(FUSE_GROUP // (N * S), C // FUSE_CHANNELS))
+    if fuse and L.rows * S >= SHORT_ROW and N * S <= FUSE_GROUP and N * C * S >= FUSE_MIN and C >= FUSE_CHANNELS:
         L.kind = CHANNELS
+        L.nblocks = (C + L.rows - 1) // L.rows
     elif S < SHORT_ROW or (S < 8 * SHORT_ROW and N >= 32):  # many images of rows up to 32 KB: memory order
         L.kind = BY_IMAGE
         # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
@@ -217,9 +220,9 @@ cdef inline cbn_span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_
     s.i0 = 0
     s.i1 = S
     if L.kind == CHANNELS:
-        s.r0 = k
+        s.r0 = k * L.rows
         s.nruns = N
-        s.run = 1
+        s.run = min(C - s.r0, L.rows)
     else:
         s.r0 = k * L.rows * C
         s.nruns = min(N - k * L.rows, L.rows)
@@ -378,9 +381,12 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
         elif L.kind == CHANNELS:
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(L, k, N, C, S)
-                coef[k] = px[k * S]
+                for c in range(s.r0, s.r0 + s.run):
+                    coef[c] = px[c * S]
                 _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, coef, part, 1, C)
-                _finish_stats(part[k], part[C + k], k, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
+                for c in range(s.r0, s.r0 + s.run):
+                    _finish_stats(part[c], part[C + c], c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd,
+                                  coef)
                 _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
         else:
             for c in range(C):
@@ -484,7 +490,9 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(L, k, N, C, S)
                 _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, coef, part, 1, C)
-                _finish_grad(part[k], part[C + k], k, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+                for c in range(s.r0, s.r0 + s.run):
+                    _finish_grad(part[c], part[C + c], c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias,
+                                 coef)
                 _span(op, pa, pb, pd, s, S, C, coef, NULL, 0, 0)
         else:
             # Block sums in parallel (unless given), their merge, then dx over the same static block schedule.

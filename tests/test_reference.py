@@ -123,12 +123,12 @@ def test_other_classes_match_reference(cls, shapes, dtype, momentum, affine):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,shape", [
-    (cbn.BatchNorm2d, (2, 32, 256, 256)),   # one task per channel
+    (cbn.BatchNorm2d, (2, 32, 256, 256)),   # tasks of whole channels (groups of 2)
     (cbn.BatchNorm2d, (64, 512, 8, 8)),     # many channels, short rows
     (cbn.BatchNorm1d, (2048, 1024)),        # S = 1, many channels
 ], ids=["2d-per-channel", "2d-short-rows", "1d-NC"])
 def test_large_tensors_match_reference(cls, shape, dtype):
-    """Millions of values: one task per channel (>= 4M values), and many blocks of many channels (uniform data, as
+    """Millions of values: tasks of whole channels (>= 4M values), and many blocks of many channels (uniform data, as
     millions of normal samples reach |y| >= 8, beyond the absolute float32 bound's premise)."""
     rng = np.random.default_rng(7)
 

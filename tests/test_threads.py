@@ -24,7 +24,7 @@ def openmp_on():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
 
 # (class name, shape): parallel ones (>= 65536 elements) cover the kernel layouts: blocks of whole images (short
-# rows), tiles of one channel (long rows), and one task per channel (>= 4M values of >= 32 channels).
+# rows), tiles of one channel (long rows), and tasks of whole channels (>= 4M values of >= 16 channels).
 SHAPES = [
     ("BatchNorm2d", (8, 3, 128, 128)),
     ("BatchNorm2d", (16, 64, 16, 16)),
@@ -32,7 +32,7 @@ SHAPES = [
     ("BatchNorm1d", (64, 16)),
     ("BatchNorm1d", (4096, 32)),
     ("BatchNorm1d", (200, 1300)),
-    ("BatchNorm2d", (2, 32, 256, 256)),  # one task per channel (>= 4M values)
+    ("BatchNorm2d", (2, 32, 256, 256)),  # tasks of whole channels (>= 4M values)
     ("BatchNorm2d", (64, 512, 8, 8)),
     ("BatchNorm2d", (32, 4, 40, 40)),  # rows of 1600 values in memory order
     ("BatchNorm1d", (70001, 2)),
