@@ -126,7 +126,7 @@ def test_other_classes_match_reference(cls, shapes, dtype, momentum, affine):
     (cbn.BatchNorm2d, (2, 32, 256, 256)),   # tasks of whole channels (groups of 2)
     (cbn.BatchNorm2d, (64, 512, 8, 8)),     # many channels, short rows
     (cbn.BatchNorm1d, (2048, 1024)),        # S = 1, many channels
-], ids=["2d-per-channel", "2d-short-rows", "1d-NC"])
+], ids=["2d-channel-groups", "2d-short-rows", "1d-NC"])
 def test_large_tensors_match_reference(cls, shape, dtype):
     """Millions of values: tasks of whole channels (>= 4M values), and many blocks of many channels (uniform data, as
     millions of normal samples reach |y| >= 8, beyond the absolute float32 bound's premise)."""
