@@ -47,6 +47,8 @@ class BatchNormSaved(NamedTuple):
 
 def _float_array(a, name):
     """Return ``a`` if it is a floating ndarray, else raise TypeError naming what it is."""
+    if type(a) is np.ndarray and a.dtype.kind == "f":  # the common case, checked first
+        return a
     if not isinstance(a, np.ndarray) or isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a numpy.ndarray of floating dtype, got {type(a).__name__}")
     if a.dtype.kind != "f":
