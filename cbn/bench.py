@@ -209,8 +209,20 @@ def header():
     except importlib.metadata.PackageNotFoundError:
         tv = "not installed"
     return {"cbn": cbn.__version__, "numpy": np.__version__, "torch": tv, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "machine": platform.machine(), "processor": _cpu_model(), "cpus": cbn.available_cpus(),
             "openmp": _kernels.openmp_enabled(), "build": _kernels.build_info()}
+
+
+def _cpu_model():
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def plot(rows, path):
