@@ -6,9 +6,10 @@ statistics float64) or None where allowed, and read only their data pointers: no
 per call. They write into caller-allocated outputs, run without the GIL and raise only MemoryError when the small
 scratch cannot be allocated. Arguments are marked IN, OUT or INOUT.
 
-Determinism: each channel's N*S values are cut into fixed blocks whose size depends only on (N, S), never on the
-thread count. Each block's partial result is kept and the partials are merged in block order, so any number of
-threads produces bitwise the same result; threads only change which block is computed where.
+Determinism: the values are cut into fixed blocks (see Layout) that depend on the shape (N, C, S) only, never on
+the thread count, and every statistics or gradient call of one shape uses the same blocks. Each block's partial
+sums are kept and merged in block order, so any number of threads produces bitwise the same result; threads only
+change which block is computed where.
 """
 cimport numpy as cnp
 from cython.parallel import prange
@@ -288,13 +289,14 @@ cdef inline void _channel_sums(Layout L, const double *part, Py_ssize_t c, Py_ss
         s[1] = part[C + c]
 
 
-cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double m,
+cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double m, bint stats_only,
                         floating *running_mean, floating *running_var,   # INOUT (C,) or NULL
                         const floating *weight, const floating *bias,    # IN (C,) or NULL
                         double momentum, double eps,
                         double *mean, double *invstd,                    # OUT (C,)
                         double *coef) noexcept nogil:                    # INOUT (4, C): IN shift K, OUT affine
-    """Channel c: mean = K + s1/m, M2 = s2 - s1**2/m, var = M2/m, invstd = 1/sqrt(var + eps).
+    """Channel c: mean = K + s1/m, M2 = s2 - s1**2/m, var = M2/m, invstd = 1/sqrt(var + eps) (stats_only: M2 in
+    invstd's place, and nothing else). NaN stays NaN.
 
     s1, s2 are the sums of x - K and (x - K)**2, K = coef[c] a value of the channel, so s2 <= (m + 1)*M2: the
     subtraction loses at most log2(m + 1) bits of a double, and nothing for data near K.
@@ -305,6 +307,9 @@ cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double
     if M2 < 0.0:
         M2 = 0.0
     mean[c] = coef[c] + s1 / m
+    if stats_only:
+        invstd[c] = M2
+        return
     invstd[c] = 1.0 / sqrt(M2 / m + eps)
     if running_mean != NULL:
         running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
@@ -320,7 +325,7 @@ cdef inline void _affine_coef(double mean, double invstd, const floating *weight
 
 
 def forward(cnp.ndarray x,                    # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
-            y,                                # OUT (N, C, S), or None: statistics only
+            y,                                # OUT (N, C, S), or None: statistics only (use_batch_stats only)
             running_mean, running_var,        # INOUT (C,) each, or None
             weight, bias,                     # IN (C,) gamma and beta, or None (= 1 and 0)
             cnp.ndarray mean,                 # OUT (C,) float64 batch mean, or IN (C,) running mean
@@ -358,16 +363,21 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
     """forward on data pointers (prm, prv, pw, pb may be NULL); returns -1 if scratch allocation fails, else 0."""
     cdef Py_ssize_t c, k
     cdef double m = <double>(N * S)
-    cdef Layout L = _layout(N, C, S, use_batch_stats and py != NULL)
+    cdef bint stats_only = py == NULL
+    cdef Layout L = _layout(N, C, S, use_batch_stats)
     cdef Tiles T = _tiles(N * C, S)
     cdef cbn_span s
     cdef double sums[2]
     cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.kind == BY_IMAGE else T.count)
+    cdef double *coef
+    cdef double *part
+    if stats_only and not use_batch_stats:
+        return 0
     # coef: (4, C) coefficients of the operations; part: the blocks' partial sums.
-    cdef double *coef = _scratch(4 * C + (_part_size(L, C) if use_batch_stats else 0))
-    cdef double *part = coef + 4 * C
+    coef = _scratch(4 * C + (_part_size(L, C) if use_batch_stats else 0))
     if coef == NULL:
         return -1
+    part = coef + 4 * C
     with nogil:
         if not use_batch_stats:
             for c in range(C):
@@ -385,9 +395,10 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
                     coef[c] = px[c * S]
                 _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, coef, part, 1, C)
                 for c in range(s.r0, s.r0 + s.run):
-                    _finish_stats(part[c], part[C + c], c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd,
-                                  coef)
-                _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
+                    _finish_stats(part[c], part[C + c], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps,
+                                  mean, invstd, coef)
+                if not stats_only:
+                    _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
         else:
             for c in range(C):
                 coef[c] = px[c * S]
@@ -395,12 +406,9 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             _merge(L, part, C)
             for c in range(C):
                 _channel_sums(L, part, c, C, sums)
-                if py == NULL:  # statistics only: mean and M2
-                    mean[c] = coef[c] + sums[0] / m
-                    invstd[c] = max(0.0, sums[1] - sums[0] * sums[0] / m)
-                else:
-                    _finish_stats(sums[0], sums[1], c, C, m, prm, prv, pw, pb, momentum, eps, mean, invstd, coef)
-            if py != NULL:
+                _finish_stats(sums[0], sums[1], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps, mean, invstd,
+                              coef)
+            if not stats_only:
                 _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
     _release(coef)
     return 0
@@ -415,9 +423,10 @@ cdef void _finish_grad(double s0, double s1, Py_ssize_t c, Py_ssize_t C, double 
     """From s0 = sum dy, s1 = sum dy*(x - mean) over m values of channel c: dbeta = s0, dgamma = invstd*s1, and
     the coefficients of dx.
 
-    Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m) = dy*A - (x - mean)*B + D with A = g,
-    B = g*invstd*dgamma/m, D = -g*dbeta/m: coef[:, c] = (mean, A, B, D) for CBN_GRAD.
-    Eval: dx = g*dy, coef[:, c] = (0, g, 0, 0) for CBN_AFFINE applied to dy.
+    Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m) = (dy - dbeta/m)*A - (x - mean)*B with
+    A = g, B = g*invstd*dgamma/m: coef[:, c] = (mean, A, B, dbeta/m) for CBN_GRAD (both differences are taken
+    before scaling, which keeps dx exact when dy or x sit far from zero). Eval: dx = g*dy,
+    coef[:, c] = (0, g, 0, 0) for CBN_AFFINE applied to dy.
     """
     cdef double g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
     dbias[c] = <floating>s0
@@ -425,9 +434,11 @@ cdef void _finish_grad(double s0, double s1, Py_ssize_t c, Py_ssize_t C, double 
     coef[C + c] = g
     if use_batch_stats:
         coef[2 * C + c] = g * invstd[c] * (s1 * invstd[c]) / m
-        coef[3 * C + c] = -g * s0 / m
+        coef[3 * C + c] = s0 / m
     else:
         coef[c] = 0.0
+        coef[2 * C + c] = 0.0
+        coef[3 * C + c] = 0.0
 
 
 def backward(cnp.ndarray x,                   # IN (N, C, S) the forward's input, N*S >= 1
@@ -472,48 +483,58 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
     cdef Py_ssize_t c, k
     cdef bint given = sums != NULL and pd != NULL
     cdef double m = count if given else <double>(N * S)
-    cdef Layout L = _layout(N, C, S, sums == NULL)   # one task per channel only when all is done in one call
+    cdef Layout L = _layout(N, C, S, True)
     cdef cbn_span s
-    cdef double local[2]
     cdef int nt = _threads(N * C * S, L.nblocks)
     cdef int op = CBN_GRAD if use_batch_stats else CBN_AFFINE    # eval: dx = (dy - 0)*g + 0
     cdef const floating *pa = px if use_batch_stats else pg
     cdef const floating *pb = pg if use_batch_stats else NULL
-    cdef double *coef = _scratch(4 * C + (0 if given else _part_size(L, C)))
-    cdef double *part = coef + 4 * C
+    cdef double *part
+    cdef double *coef = _scratch(4 * C + _part_size(L, C))
     if coef == NULL:
         return -1
+    part = coef + 4 * C
     with nogil:
         for c in range(C):
             coef[c] = mean[c]
         if L.kind == CHANNELS:
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(L, k, N, C, S)
-                _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, coef, part, 1, C)
+                if not given:
+                    _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, coef, part, 1, C)
                 for c in range(s.r0, s.r0 + s.run):
-                    _finish_grad(part[c], part[C + c], c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias,
-                                 coef)
-                _span(op, pa, pb, pd, s, S, C, coef, NULL, 0, 0)
+                    _grad_channel(L, part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias,
+                                  coef)
+                if pd != NULL:
+                    _span(op, pa, pb, pd, s, S, C, coef, NULL, 0, 0)
         else:
             # Block sums in parallel (unless given), their merge, then dx over the same static block schedule.
             if not given:
                 _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
-            if not given:
                 _merge(L, part, C)
             for c in range(C):
-                if given:
-                    local[0] = sums[c]
-                    local[1] = sums[C + c]
-                else:
-                    _channel_sums(L, part, c, C, local)
-                    if sums != NULL:
-                        sums[c] = local[0]
-                        sums[C + c] = local[1]
-                _finish_grad(local[0], local[1], c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+                _grad_channel(L, part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
             if pd != NULL:
                 _block_apply(op, pa, pb, pd, L, N, C, S, coef, nt)
     _release(coef)
     return 0
+
+
+cdef inline void _grad_channel(Layout L, const double *part, double *sums, bint given, Py_ssize_t c, Py_ssize_t C,
+                               double m, const double *mean, const double *invstd, const floating *weight,
+                               bint use_batch_stats, floating *dweight, floating *dbias,
+                               double *coef) noexcept nogil:
+    """Channel c's sums (given ones, or its merged partial sums, then copied to sums when there), and _finish_grad."""
+    cdef double local[2]
+    if given:
+        local[0] = sums[c]
+        local[1] = sums[C + c]
+    else:
+        _channel_sums(L, part, c, C, local)
+        if sums != NULL:
+            sums[c] = local[0]
+            sums[C + c] = local[1]
+    _finish_grad(local[0], local[1], c, C, m, mean, invstd, weight, use_batch_stats, dweight, dbias, coef)
 
 
 def copy(const floating[::1] src, floating[::1] dst):

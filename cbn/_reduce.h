@@ -6,8 +6,9 @@
  * Exactness and determinism: reductions accumulate in double over L independent lanes, each in index order, folded
  * in a fixed pairwise order; S == 1 sums run image by image, one accumulator per channel. A result therefore
  * depends on the span alone, never on the thread count. Elementwise operations compute in double and round once,
- * except the float32 backward's rows (CBN_GRAD), computed in float (GT) with the mean split into two floats,
- * hi + lo, and (x - hi) - lo: half the vector work, an error of a few float ulps in dx.
+ * except the float32 backward's rows (CBN_GRAD with S > 1), computed in float (GT) with the means of x and dy each
+ * split into two floats, hi + lo, centred as (x - hi) - lo before scaling: half the vector work, an error of a few
+ * float ulps of the terms in dx. S == 1 computes CBN_GRAD in double.
  * Built with -ffp-contract=off (no fused multiply-add), the instruction set does not change a result either: with
  * GCC on x86-64 Linux cbn_span_* are cloned for AVX2 and AVX-512 and picked at load time (target_clones). */
 #ifndef CBN_REDUCE_H
@@ -39,7 +40,7 @@ typedef struct {
  *   CBN_MOMENTS:   s0 += sum(x - p0),   s1 += sum((x - p0)^2)          (p0: a value of the channel)
  *   CBN_AFFINE:    out = (x - p0)*p1 + p2                             (y = gamma*invstd*(x - mean) + beta)
  *   CBN_GRAD_SUMS: s0 += sum(dy),       s1 += sum(dy*(x - p0))         (centred before multiplying)
- *   CBN_GRAD:      out = dy*p1 - (x - p0)*p2 + p3                      (dx of the training backward) */
+ *   CBN_GRAD:      out = (dy - p3)*p1 - (x - p0)*p2                    (dx of the training backward) */
 enum { CBN_MOMENTS = 0, CBN_AFFINE = 1, CBN_GRAD_SUMS = 2, CBN_GRAD = 3 };
 
 /* Rows shorter than this reduce over 8 lanes (a cheap fold), longer ones over 32 (more independent work). */
@@ -91,8 +92,10 @@ CBN_INLINE void cbn_row_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_REST
     } else if (op == CBN_AFFINE) {                                                                    \
         for (i = 0; i < n; i++) out[i] = (T)(((double)x[i] - k) * a + b);                             \
     } else {                                                                                          \
-        const GT hi = (GT)k, lo = (GT)(k - (double)hi), ga = (GT)a, gb = (GT)b, gd = (GT)d;            \
-        for (i = 0; i < n; i++) out[i] = (T)((GT)dy[i] * ga - (((GT)x[i] - hi) - lo) * gb + gd);      \
+        const GT hi = (GT)k, lo = (GT)(k - (double)hi), dhi = (GT)d, dlo = (GT)(d - (double)dhi);      \
+        const GT ga = (GT)a, gb = (GT)b;                                                              \
+        for (i = 0; i < n; i++)                                                                       \
+            out[i] = (T)((((GT)dy[i] - dhi) - dlo) * ga - (((GT)x[i] - hi) - lo) * gb);               \
     }                                                                                                 \
 }                                                                                                     \
                                                                                                       \
@@ -115,19 +118,19 @@ CBN_INLINE void cbn_cols_##SFX(int op, const T *CBN_RESTRICT x, const T *CBN_RES
             const T *xi = x + i * ld, *gi = dy + i * ld;                                              \
             T *oi = out + i * ld;                                                                     \
             for (c = 0; c < w; c++)                                                                   \
-                oi[c] = (T)((double)gi[c] * a[c] - ((double)xi[c] - k[c]) * b[c] + d[c]);             \
+                oi[c] = (T)(((double)gi[c] - d[c]) * a[c] - ((double)xi[c] - k[c]) * b[c]);           \
         }                                                                                             \
     } else {                                                                                          \
         for (c0 = 0; c0 < w; c0 += CBN_COL_CHUNK) {                                                   \
             c1 = c0 + CBN_COL_CHUNK < w ? c0 + CBN_COL_CHUNK : w;                                     \
             for (i = 0; i < nimg; i++) {                                                              \
-                const T *xi = x + i * ld, *gi = dy + i * ld;                                          \
+                const T *xi = x + i * ld, *gi;                                                        \
                 if (op == CBN_MOMENTS)                                                                \
                     for (c = c0; c < c1; c++) {                                                       \
                         double v = (double)xi[c] - k[c]; s0[c] += v; s1[c] += v * v;                  \
                     }                                                                                 \
                 else                                                                                  \
-                    for (c = c0; c < c1; c++) {                                                       \
+                    for (gi = dy + i * ld, c = c0; c < c1; c++) {                                     \
                         double g = (double)gi[c]; s0[c] += g; s1[c] += g * ((double)xi[c] - k[c]);    \
                     }                                                                                 \
             }                                                                                         \

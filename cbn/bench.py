@@ -134,7 +134,8 @@ def bench_case(shape, dtype, threads, budget, with_reference=True):
     return [{"shape": list(shape), "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
              "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "roofline_us": floor[op] * 1e6,
              "cbn_over_roofline": t[op] / floor[op],
-             "numpy_us": ref[op] * 1e6 if ref else None, "numpy_over_cbn": ref[op] / t[op] if ref else None, "torch_us": None, "torch_over_cbn": None,
+             "numpy_us": ref[op] * 1e6 if ref else None, "numpy_over_cbn": ref[op] / t[op] if ref else None,
+             "torch_us": None, "torch_over_cbn": None,
              "alloc_bytes_out": alloc_out[op], "alloc_bytes": alloc_new[op],
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 

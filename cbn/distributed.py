@@ -133,9 +133,9 @@ class _SyncBatchNorm(_BatchNorm):
         """Gradient of the last forward's input; a collective operation after a training forward.
 
         dx = g*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M) with the sums over all ranks (M values per channel),
-        computed in float64 and rounded once. ``grad_weight`` = sum(dy*xhat) and ``grad_bias`` = sum(dy) over
-        this rank's shard, as in torch's SyncBatchNorm: all-reduce them with the other parameters' gradients
-        (their sum over the ranks is the gradient of the whole batch).
+        computed by the kernels as BatchNorm's backward is. ``grad_weight`` = sum(dy*xhat) and ``grad_bias`` =
+        sum(dy) over this rank's shard, as in torch's SyncBatchNorm: all-reduce them with the other parameters'
+        gradients (their sum over the ranks is the gradient of the whole batch).
         """
         if self._global_count is None:
             return super().backward(dy, out)
@@ -154,7 +154,7 @@ class _SyncBatchNorm(_BatchNorm):
         total = rows[0, 1:].copy()
         for row in rows[1:]:  # rank order: the same bits on every rank
             total += row[1:]
-        if saved.x.size:  # dx = g*dy - (x - mean)*B + K with the global sums, in double, rounded once
+        if saved.x.size:  # dx = (dy - sum(dy)/M)*g - (x - mean)*B with the global sums
             F.batch_norm_backward(dy, saved, out=dx, grad_sums=total.reshape(2, C), count=int(self._global_count))
         self.grad_weight = dweight if self.affine else None
         self.grad_bias = dbias if self.affine else None

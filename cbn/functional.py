@@ -252,13 +252,14 @@ def batch_norm_stats(x, *, dtype=None):
     x = _float_array(x, "input")
     if x.ndim < 2:
         raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
-    N, C = x.shape[0], x.shape[1]
-    count = N * math.prod(x.shape[2:])
-    x3 = _contiguous(x, _compute_dtype(x.dtype, dtype)).reshape(N, C, -1 if count else 0)
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    count = N * S
+    x3 = _contiguous(x, _compute_dtype(x.dtype, dtype)).reshape(N, C, S)
     mean, M2 = np.full(C, np.nan), np.full(C, np.nan)
     if count == 1:
         mean[...], M2[...] = x3[0, :, 0], 0.0
-    elif count:
+    elif count and C:
+        _apply_default_threads()
         _kernels.forward(x3, None, None, None, None, None, mean, M2, True, False, 0.0, 0.0)
     return count, mean, M2
 
@@ -312,6 +313,7 @@ def batch_norm_grad_sums(dy, saved):
     sums = np.zeros((2, C))
     dweight, dbias = np.zeros(C, dtype=x3.dtype), np.zeros(C, dtype=x3.dtype)
     if x3.size:
+        _apply_default_threads()
         _kernels.backward(x3, _contiguous(dy, x3.dtype).reshape(x3.shape), None, saved.mean, saved.invstd,
                           saved.weight, dweight, dbias, saved.use_batch_stats, sums)
     return sums, dweight, dbias
@@ -354,8 +356,9 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
         grad_sums = _float_array(grad_sums, "grad_sums")
         if grad_sums.shape != (2, C):
             raise ValueError(f"grad_sums must have shape (2, {C}), got {grad_sums.shape}")
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-            raise ValueError(f"count must be an integer >= 1 with grad_sums, got {count!r}")
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < max(1, N * S):
+            raise ValueError(f"count must be an integer >= {max(1, N * S)} (the values per channel here) with "
+                             f"grad_sums, got {count!r}")
         grad_sums = _contiguous(grad_sums, np.float64)
     dx = _out_array(out, "out", saved.shape, saved.dtype, (dy, x3, saved.weight, saved.mean, saved.invstd))
     dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)

@@ -304,9 +304,11 @@ def test_input_never_modified(dtype, training):
 
 @pytest.mark.parametrize("grad_sums,count,match", [
     (np.zeros((2, 4)), 10, r"grad_sums must have shape \(2, 3\), got \(2, 4\)"),
-    (np.zeros((2, 3)), None, "count must be an integer >= 1 with grad_sums, got None"),
-    (np.zeros((2, 3)), 0, "count must be an integer >= 1 with grad_sums, got 0"),
-    (np.zeros((2, 3)), 2.5, "count must be an integer >= 1 with grad_sums, got 2.5"),
+    (np.zeros((2, 3)), None, r"count must be an integer >= 20 \(the values per channel here\) with grad_sums, "
+                             r"got None"),
+    (np.zeros((2, 3)), 0, r"count must be an integer >= 20 .* got 0"),
+    (np.zeros((2, 3)), 19, r"count must be an integer >= 20 .* got 19"),
+    (np.zeros((2, 3)), 20.5, r"count must be an integer >= 20 .* got 20.5"),
     (None, 10, "grad_sums must be a numpy.ndarray of floating dtype, got NoneType"),
 ])
 def test_backward_grad_sums_rejects(grad_sums, count, match):

@@ -261,6 +261,10 @@ def test_backward_from_grad_sums(shape, dtype):
     _, ref_saved = R.batch_norm(x, None, None, w, None, True, return_saved=True)
     ref_dx, ref_dw, ref_db = R.batch_norm_backward(dy, ref_saved)
     g = TOL[dtype]["grad"]
+    # the same blocks in both calls: bitwise the same results
+    np.testing.assert_array_equal(dx2, dx)
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db3, db)
     for got in (dx, dx2):
         assert_rel(got, ref_dx, g, "dx")
     for got in (dw, dw2, dw3):
@@ -271,14 +275,16 @@ def test_backward_from_grad_sums(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(0, 3, 4), (1, 3), (1, 3, 1, 1), (5, 3), (6, 3, 7, 9), (2, 32, 256, 256)])
+@pytest.mark.parametrize("shape", [(0, 3, 4), (4, 0, 5, 5), (1, 3), (1, 3, 1, 1), (5, 3), (6, 3, 7, 9),
+                                   (2, 32, 256, 256)])
 def test_batch_norm_stats(shape, dtype):
     rng = np.random.default_rng(5)
     x = (rng.uniform(-1, 1, shape) + 1e3).astype(dtype)
     count, mean, M2 = F.batch_norm_stats(x)
     axes = (0,) + tuple(range(2, x.ndim))
-    assert count == x.size // shape[1]
-    if count == 0:
+    assert count == shape[0] * int(np.prod(shape[2:]))
+    assert mean.shape == M2.shape == (shape[1],)
+    if count == 0 or shape[1] == 0:
         assert np.isnan(mean).all() and np.isnan(M2).all()
         return
     x64 = x.astype(np.float64)
@@ -286,3 +292,22 @@ def test_batch_norm_stats(shape, dtype):
     ref_M2 = ((x64 - ref_mean.reshape((1, -1) + (1,) * (x.ndim - 2))) ** 2).sum(axis=axes)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-14)
     np.testing.assert_allclose(M2, ref_M2, rtol=1e-10, atol=1e-10 * count)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7), (64, 3, 40, 40), (2, 32, 256, 256), (300, 40)])
+def test_batch_norm_stats_match_the_forward_bitwise(shape):
+    """The statistics-only call sums in the same blocks as the training forward (SyncBatchNorm relies on it)."""
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    count, mean, M2 = F.batch_norm_stats(x)
+    _, saved = F.batch_norm(x, None, None, training=True, eps=1e-5, return_saved=True)
+    np.testing.assert_array_equal(mean, saved.mean)
+    np.testing.assert_array_equal(1.0 / np.sqrt(M2 / count + 1e-5), saved.invstd)
+
+
+def test_batch_norm_stats_keep_nan_and_inf():
+    x = np.random.default_rng(4).standard_normal((4, 3, 5))
+    x[1, 1, 2] = np.nan
+    x[2, 2, 3] = np.inf
+    _, mean, M2 = F.batch_norm_stats(x)
+    assert np.isfinite(mean[0]) and np.isfinite(M2[0])
+    assert np.isnan(mean[1]) and np.isnan(M2[1]) and not np.isfinite(M2[2])
