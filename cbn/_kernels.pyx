@@ -85,6 +85,9 @@ cdef Py_ssize_t BLOCK = 16384
 # Rows shorter than this (or than 8*SHORT_ROW, given >= 32 images) are processed in memory order (groups of whole
 # images); longer rows channel by channel.
 cdef Py_ssize_t SHORT_ROW = 1024
+# Rows shorter than this, in memory order, run as one row of C*S "channels" per image (see Plan.expand): a call
+# per row of a few values would cost more than the row.
+cdef Py_ssize_t SMALL_S = 8
 # Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
 cdef Py_ssize_t PART_DOUBLES = 1 << 19
 # Tasks of whole channels (statistics, finish and output of a group of channels in one task, so that the second
@@ -200,7 +203,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse) noexcep
     if fuse and L.rows * S >= SHORT_ROW and N * S <= FUSE_GROUP and N * C * S >= FUSE_MIN and C >= FUSE_CHANNELS:
         L.kind = CHANNELS
         L.nblocks = (C + L.rows - 1) // L.rows
-    elif S < SHORT_ROW or (S < 8 * SHORT_ROW and N >= 32):  # many images of rows up to 32 KB: memory order
+    elif (S < SHORT_ROW and (N >= 8 or S < SMALL_S)) or (S < 8 * SHORT_ROW and N >= 32):  # memory order
         L.kind = BY_IMAGE
         # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
         # PART_DOUBLES doubles in all for huge C.
@@ -289,6 +292,72 @@ cdef inline void _channel_sums(Layout L, const double *part, Py_ssize_t c, Py_ss
         s[1] = part[C + c]
 
 
+cdef struct Plan:
+    # The blocks and scratch of one kernel call.
+    Layout L           # blocks of the (N, C, S) tensor
+    bint expand        # BY_IMAGE with 1 < S < SMALL_S: sums and elementwise passes run on the (N, C*S, 1) view,
+                       # one column per (channel, s), and per-channel sums are the columns' sums added in s order
+    Layout E           # blocks of that view
+    double *coef       # (4, C) coefficients of the operations (see _reduce.h)
+    double *part       # partial sums of L's blocks
+    double *coef_e     # (4, C*S) coefficients of the view's columns
+    double *part_e     # partial sums of E's blocks
+    int nt             # threads
+
+
+cdef int _plan(Plan *P, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse, bint with_sums) noexcept:
+    """Blocks and zeroed scratch for a call (with_sums: room for partial sums); -1 if allocation fails."""
+    cdef Py_ssize_t n
+    P.L = _layout(N, C, S, fuse)
+    P.expand = P.L.kind == BY_IMAGE and 1 < S < SMALL_S
+    n = 4 * C + (_part_size(P.L, C) if with_sums else 0)
+    if P.expand:
+        P.E = _layout(N, C * S, 1, False)
+        n += 4 * C * S + (_part_size(P.E, C * S) if with_sums else 0)
+    P.coef = _scratch(n)
+    if P.coef == NULL:
+        return -1
+    P.part = P.coef + 4 * C
+    P.coef_e = P.part + (_part_size(P.L, C) if with_sums else 0)
+    P.part_e = P.coef_e + 4 * C * S
+    P.nt = _threads(N * C * S, P.E.nblocks if P.expand else P.L.nblocks)
+    return 0
+
+
+cdef void _sums(int op, const floating *x, const floating *dy, Plan *P, Py_ssize_t N, Py_ssize_t C,
+                Py_ssize_t S) noexcept nogil:
+    """Every channel's sums of op (CBN_MOMENTS or CBN_GRAD_SUMS; shift P.coef[c]) over its blocks, merged in block
+    order: afterwards _channel_sums(P.L, P.part, c, C) reads them."""
+    cdef Py_ssize_t c, j, q, CS = C * S
+    if not P.expand:
+        _block_sums(op, x, dy, P.L, N, C, S, P.coef, P.part, P.nt)
+        _merge(P.L, P.part, C)
+        return
+    for j in range(CS):
+        P.coef_e[j] = P.coef[j // S]
+    _block_sums(op, x, dy, P.E, N, CS, 1, P.coef_e, P.part_e, P.nt)
+    _merge(P.E, P.part_e, CS)
+    for c in range(C):  # into block 0's pairs, as _merge leaves BY_IMAGE sums
+        P.part[c] = 0.0
+        P.part[C + c] = 0.0
+        for q in range(c * S, (c + 1) * S):
+            P.part[c] += P.part_e[q]
+            P.part[C + c] += P.part_e[CS + q]
+
+
+cdef void _apply(int op, const floating *x, const floating *dy, floating *out, Plan *P, Py_ssize_t N,
+                 Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    """Elementwise op (CBN_AFFINE or CBN_GRAD) with coefficients P.coef over every block."""
+    cdef Py_ssize_t a, j, CS = C * S
+    if not P.expand:
+        _block_apply(op, x, dy, out, P.L, N, C, S, P.coef, P.nt)
+        return
+    for a in range(4):
+        for j in range(CS):
+            P.coef_e[a * CS + j] = P.coef[a * C + j // S]
+    _block_apply(op, x, dy, out, P.E, N, CS, 1, P.coef_e, P.nt)
+
+
 cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double m, bint stats_only,
                         floating *running_mean, floating *running_var,   # INOUT (C,) or NULL
                         const floating *weight, const floating *bias,    # IN (C,) or NULL
@@ -364,53 +433,50 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
     cdef Py_ssize_t c, k
     cdef double m = <double>(N * S)
     cdef bint stats_only = py == NULL
-    cdef Layout L = _layout(N, C, S, use_batch_stats)
+    cdef Plan P
     cdef Tiles T = _tiles(N * C, S)
     cdef cbn_span s
     cdef double sums[2]
-    cdef int nt = _threads(N * C * S, L.nblocks if use_batch_stats or L.kind == BY_IMAGE else T.count)
-    cdef double *coef
-    cdef double *part
+    cdef int nt
     if stats_only and not use_batch_stats:
         return 0
-    # coef: (4, C) coefficients of the operations; part: the blocks' partial sums.
-    coef = _scratch(4 * C + (_part_size(L, C) if use_batch_stats else 0))
-    if coef == NULL:
+    if _plan(&P, N, C, S, use_batch_stats, use_batch_stats):
         return -1
-    part = coef + 4 * C
+    nt = P.nt
     with nogil:
         if not use_batch_stats:
             for c in range(C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
-                _affine_coef(mean[c], invstd[c], pw, pb, c, C, coef)
-            if L.kind == BY_IMAGE:
-                _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
+                _affine_coef(mean[c], invstd[c], pw, pb, c, C, P.coef)
+            if P.L.kind == BY_IMAGE:
+                _apply(CBN_AFFINE, px, <floating *>NULL, py, &P, N, C, S)
             else:  # memory-order tiles of whole rows
+                nt = _threads(N * C * S, T.count)
                 for k in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                    _span(CBN_AFFINE, px, <floating *>NULL, py, _tile_span(T, k, S, 0, 1), S, C, coef, NULL, 0, 0)
-        elif L.kind == CHANNELS:
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                s = _block_span(L, k, N, C, S)
+                    _span(CBN_AFFINE, px, <floating *>NULL, py, _tile_span(T, k, S, 0, 1), S, C, P.coef, NULL, 0,
+                          0)
+        elif P.L.kind == CHANNELS:
+            for k in prange(P.L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                s = _block_span(P.L, k, N, C, S)
                 for c in range(s.r0, s.r0 + s.run):
-                    coef[c] = px[c * S]
-                _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, coef, part, 1, C)
+                    P.coef[c] = px[c * S]
+                _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, P.coef, P.part, 1, C)
                 for c in range(s.r0, s.r0 + s.run):
-                    _finish_stats(part[c], part[C + c], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps,
-                                  mean, invstd, coef)
+                    _finish_stats(P.part[c], P.part[C + c], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps,
+                                  mean, invstd, P.coef)
                 if not stats_only:
-                    _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, coef, NULL, 0, 0)
+                    _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, P.coef, NULL, 0, 0)
         else:
             for c in range(C):
-                coef[c] = px[c * S]
-            _block_sums(CBN_MOMENTS, px, <floating *>NULL, L, N, C, S, coef, part, nt)
-            _merge(L, part, C)
+                P.coef[c] = px[c * S]
+            _sums(CBN_MOMENTS, px, <floating *>NULL, &P, N, C, S)
             for c in range(C):
-                _channel_sums(L, part, c, C, sums)
+                _channel_sums(P.L, P.part, c, C, sums)
                 _finish_stats(sums[0], sums[1], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps, mean, invstd,
-                              coef)
+                              P.coef)
             if not stats_only:
-                _block_apply(CBN_AFFINE, px, <floating *>NULL, py, L, N, C, S, coef, nt)
-    _release(coef)
+                _apply(CBN_AFFINE, px, <floating *>NULL, py, &P, N, C, S)
+    _release(P.coef)
     return 0
 
 
@@ -483,40 +549,38 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
     cdef Py_ssize_t c, k
     cdef bint given = sums != NULL and pd != NULL
     cdef double m = count if given else <double>(N * S)
-    cdef Layout L = _layout(N, C, S, True)
+    cdef Plan P
     cdef cbn_span s
-    cdef int nt = _threads(N * C * S, L.nblocks)
     cdef int op = CBN_GRAD if use_batch_stats else CBN_AFFINE    # eval: dx = (dy - 0)*g + 0
     cdef const floating *pa = px if use_batch_stats else pg
     cdef const floating *pb = pg if use_batch_stats else NULL
-    cdef double *part
-    cdef double *coef = _scratch(4 * C + _part_size(L, C))
-    if coef == NULL:
+    cdef int nt
+    if _plan(&P, N, C, S, True, True):
         return -1
-    part = coef + 4 * C
+    nt = P.nt
     with nogil:
         for c in range(C):
-            coef[c] = mean[c]
-        if L.kind == CHANNELS:
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                s = _block_span(L, k, N, C, S)
+            P.coef[c] = mean[c]
+        if P.L.kind == CHANNELS:
+            for k in prange(P.L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                s = _block_span(P.L, k, N, C, S)
                 if not given:
-                    _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, coef, part, 1, C)
+                    _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, P.coef, P.part, 1, C)
                 for c in range(s.r0, s.r0 + s.run):
-                    _grad_channel(L, part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias,
-                                  coef)
+                    _grad_channel(P.L, P.part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight,
+                                  dbias, P.coef)
                 if pd != NULL:
-                    _span(op, pa, pb, pd, s, S, C, coef, NULL, 0, 0)
+                    _span(op, pa, pb, pd, s, S, C, P.coef, NULL, 0, 0)
         else:
             # Block sums in parallel (unless given), their merge, then dx over the same static block schedule.
             if not given:
-                _block_sums(CBN_GRAD_SUMS, px, pg, L, N, C, S, coef, part, nt)
-                _merge(L, part, C)
+                _sums(CBN_GRAD_SUMS, px, pg, &P, N, C, S)
             for c in range(C):
-                _grad_channel(L, part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias, coef)
+                _grad_channel(P.L, P.part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias,
+                              P.coef)
             if pd != NULL:
-                _block_apply(op, pa, pb, pd, L, N, C, S, coef, nt)
-    _release(coef)
+                _apply(op, pa, pb, pd, &P, N, C, S)
+    _release(P.coef)
     return 0
 
 

@@ -107,7 +107,7 @@ def test_batchnorm2d_matches_reference(mode, dtype, affine, track, momentum):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,shapes", [
     (cbn.BatchNorm1d, [(16, 6), (9, 6), (32, 6)]),
-    (cbn.BatchNorm1d, [(4, 6, 13), (7, 6, 5), (2, 6, 30)]),
+    (cbn.BatchNorm1d, [(4, 6, 13), (7, 6, 5), (2, 6, 30), (300, 6, 3), (9, 6, 2)]),
     (cbn.BatchNorm3d, [(3, 6, 4, 5, 6), (2, 6, 3, 3, 7), (5, 6, 2, 4, 3)]),
 ], ids=["1d-NC", "1d-NCL", "3d"])
 @pytest.mark.parametrize("affine", [True, False])

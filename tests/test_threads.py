@@ -35,6 +35,8 @@ SHAPES = [
     ("BatchNorm2d", (2, 32, 256, 256)),  # tasks of whole channels (>= 4M values)
     ("BatchNorm2d", (64, 512, 8, 8)),
     ("BatchNorm2d", (32, 4, 40, 40)),  # rows of 1600 values in memory order
+    ("BatchNorm1d", (4096, 24, 3)),  # rows of 3 values: run as 72 columns per image
+    ("BatchNorm2d", (1, 512, 28, 28)),  # one image: tiles of channels
     ("BatchNorm1d", (70001, 2)),
     ("BatchNorm1d", (3, 5, 40000)),
     ("BatchNorm3d", (2, 3, 16, 40, 40)),
