@@ -121,7 +121,7 @@ def _check_scalars(momentum, eps):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               out=None, dtype=None, return_saved=False):
+               out=None, dtype=None, return_saved=False, nan_guard=False):
     """Batch normalisation over the channel axis 1 of an (N, C, *) array.
 
     y = weight*(x - mean)/sqrt(var + eps) + bias, per channel, with the batch's mean and biased variance when
@@ -149,6 +149,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         Compute dtype; default float64 for float64 (and wider) input, float32 otherwise.
     return_saved : bool
         Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
+    nan_guard : bool
+        When updating running statistics, update only the channels whose new running mean and variance are both
+        finite: a channel whose batch holds NaN or Inf (or whose statistics overflow the dtype) keeps its running
+        statistics (its output is not guarded). Off by default (torch's behaviour: the statistics take the NaN).
 
     Returns
     -------
@@ -185,14 +189,21 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     y = _out_array(out, "out", shape, out_dt, (x, running_mean, running_var, weight, bias))
 
     x3 = _contiguous(x, dt).reshape(N, C, S)
+    new_mean, new_var = (running_mean, running_var) if update else (None, None)
+    if update and nan_guard:  # the kernel updates copies; only the finite channels are committed below
+        new_mean, new_var = running_mean.copy(), running_var.copy()
     if training:
         mean, invstd = np.empty(C), np.empty(C)
     else:
         mean, invstd = rm.copy(), 1.0 / np.sqrt(rv + eps)
     if x3.size:
         y3 = y.view(np.ndarray).reshape(N, C, S) if out_dt == dt else np.empty((N, C, S), dtype=dt)
-        _kernels.forward(x3, y3, running_mean if update else None, running_var if update else None, weight, bias,
-                         mean, invstd, training, update, float(momentum), float(eps))
+        _kernels.forward(x3, y3, new_mean, new_var, weight, bias, mean, invstd, training, update, float(momentum),
+                         float(eps))
+        if update and nan_guard:
+            finite = np.isfinite(new_mean) & np.isfinite(new_var)
+            np.copyto(running_mean, new_mean, where=finite)
+            np.copyto(running_var, new_var, where=finite)
         if out_dt != dt:
             with np.errstate(all="ignore"):  # float16 overflow gives inf, like torch, and never raises late
                 y[...] = y3.reshape(shape)
