@@ -3,6 +3,7 @@ import json
 import numbers
 import os
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -159,11 +160,13 @@ class _BatchNorm:
         KeyError
             ``strict`` and a key is missing or unexpected.
         ValueError
-            A shape is wrong, a running statistic is not finite, a variance is negative, or the counter is not a
-            non-negative integer.
+            A shape is wrong, a value overflows the layer dtype, a running statistic is not finite, a variance is
+            negative, or the counter is not a non-negative integer.
         TypeError
-            A value cannot be read as a real array.
+            ``state`` is not a mapping, or a value cannot be read as a real array.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
         keys = self._state_keys()
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in keys]
@@ -184,9 +187,15 @@ class _BatchNorm:
             if value.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
             with np.errstate(all="ignore"):
-                value = value.astype(self.dtype)
-            if key.startswith("running") and not np.all(np.isfinite(value)):
-                raise ValueError(f"{key} must be finite in {self.dtype}")
+                cast = value.astype(self.dtype)
+            lost = np.flatnonzero(np.isfinite(value) & ~np.isfinite(cast))
+            if lost.size:
+                raise ValueError(f"{key} must be representable in {self.dtype}, got {value[lost[0]]} at index "
+                                 f"{lost[0]}")
+            bad = np.flatnonzero(~np.isfinite(cast))
+            if key.startswith("running") and bad.size:
+                raise ValueError(f"{key} must be finite, got {cast[bad[0]]} at index {bad[0]}")
+            value = cast
             if key == "running_var" and np.any(value < 0):
                 raise ValueError(f"running_var must be >= 0, got min {value.min()}")
             new[key] = value

@@ -74,6 +74,20 @@ def snapshot(layer):
     return snap
 
 
+def full_snapshot(layer):
+    """snapshot() plus the mode, the gradients and the saved forward (identity and bytes of every field)."""
+    snap = dict(snapshot(layer), training=layer.training)
+    for key in ("grad_weight", "grad_bias"):
+        a = getattr(layer, key)
+        snap[key] = None if a is None else (id(a), a.tobytes())
+    saved = layer._saved
+    if saved is not None:
+        saved = (id(saved),) + tuple((id(v), v.dtype.str, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else v
+                                     for v in saved)
+    snap["_saved"] = saved
+    return snap
+
+
 def trained_layer(cls, C, shape, dtype=np.float32, seed=0, steps=2, **kw):
     """A layer with non-default weight, bias, running stats and counter."""
     rng = np.random.default_rng(seed)
