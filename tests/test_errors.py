@@ -3,6 +3,7 @@ statistics, counter, parameters, mode, gradients and saved forward) byte-for-byt
 
 Also the special values: NaN/Inf confined to their channel, empty batches, constant channels, inputs never modified.
 """
+import pickle
 import re
 
 import numpy as np
@@ -343,6 +344,42 @@ def test_non_finite_stays_in_its_channel(bad, dtype):
     ye, ye2 = full(xe), part(xe[:, good])
     assert np.all(np.isfinite(ye[:, good]))
     np.testing.assert_allclose(ye[:, good], ye2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_guard_keeps_running_stats_of_poisoned_channels(bad, momentum, dtype):
+    rng = np.random.default_rng(11)
+    guarded = trained_layer(cbn.BatchNorm2d, 3, SHAPE, dtype=dtype, seed=2, momentum=momentum, nan_guard=True)
+    plain = trained_layer(cbn.BatchNorm2d, 3, SHAPE, dtype=dtype, seed=2, momentum=momentum)
+    assert snapshot(guarded) == snapshot(plain)  # the guard changes nothing on finite data
+    assert "nan_guard=True" in repr(guarded) and "nan_guard" not in repr(plain)
+    for step in range(3):
+        x = rng.standard_normal(SHAPE).astype(dtype)
+        x[1, 1, 2, 3] = bad
+        before = snapshot(guarded)
+        y, yp = guarded(x), plain(x)
+        assert y.tobytes() == yp.tobytes(), "the guard must not change the output"
+        assert guarded.num_batches_tracked == plain.num_batches_tracked == before["num_batches_tracked"] + 1
+        for key in ("running_mean", "running_var"):
+            g, p = getattr(guarded, key), getattr(plain, key)
+            assert np.all(np.isfinite(g)) and not np.isfinite(p[1])
+            assert g[[0, 2]].tobytes() == p[[0, 2]].tobytes()
+            assert g[1].tobytes() == np.frombuffer(before[key][2], dtype)[1].tobytes(), f"{key}[1] was updated"
+    # the functional form, and the guard survives pickle and save/load
+    rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+    F.batch_norm(x, rm, rv, training=True, nan_guard=True)
+    assert np.all(np.isfinite(rm)) and rm[1] == 0 and rv[1] == 1 and rm[0] != 0
+    assert pickle.loads(pickle.dumps(guarded)).nan_guard is True
+
+
+def test_nan_guard_survives_save_and_load(tmp_path):
+    layer = cbn.BatchNorm1d(2, nan_guard=True)
+    layer.save(tmp_path / "g.npz")
+    assert cbn.load(tmp_path / "g.npz").nan_guard is True
+    cbn.BatchNorm1d(2).save(tmp_path / "p.npz")
+    assert cbn.load(tmp_path / "p.npz").nan_guard is False
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -325,6 +325,7 @@ def test_channels_are_independent(data, poisoned, garbage, seed):
     poisoned = sorted(c for c in poisoned if c < C)
     clean = [c for c in range(C) if c not in poisoned]
     assume(poisoned)
+    original = x
     x = np.array(x)  # writeable copy, same dtype
     rng = np.random.default_rng(seed)
     big = float(np.finfo(x.dtype).max) / 4
@@ -349,7 +350,14 @@ def test_channels_are_independent(data, poisoned, garbage, seed):
     with np.errstate(all="ignore"):
         for guard, bn in layers.items():
             ys[guard] = (bn(x), bn.backward(dy), bn.grad_weight, bn.grad_bias)
-    # clean channels: as if the poisoned ones were not there
+    # clean channels: bitwise what they are without the poison ...
+    unpoisoned = _layer(original, weight, bias)
+    y0, dx0 = unpoisoned(original), unpoisoned.backward(dy)
+    for guard, (y, dx, gw, gb) in ys.items():
+        assert y[:, clean].tobytes() == y0[:, clean].tobytes() and dx[:, clean].tobytes() == dx0[:, clean].tobytes()
+        assert gw[clean].tobytes() == unpoisoned.grad_weight[clean].tobytes()
+        assert layers[guard].running_var[clean].tobytes() == unpoisoned.running_var[clean].tobytes()
+    # ... and what the reference gives for them alone
     if clean:
         sub = np.ascontiguousarray(x[:, clean])
         w64, b64 = weight[clean].astype(np.float64), bias[clean].astype(np.float64)
