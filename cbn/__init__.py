@@ -13,14 +13,14 @@ from ._kernels import set_num_threads as _set_num_threads
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
 
 __version__ = "0.1.0"
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional", "load", "get_num_threads", "set_num_threads",
+           "show_config", "__version__"]
 
 if _openmp_enabled() and hasattr(os, "register_at_fork"):
     # GNU libgomp hangs in the first parallel region of a forked child whose parent already ran one (its thread
     # pool is not fork-safe), so a forked child starts with 1 thread. For threads in child processes use the
     # multiprocessing "spawn" or "forkserver" start method.
     os.register_at_fork(after_in_child=lambda: _set_num_threads(1))
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional", "load", "get_num_threads", "set_num_threads",
-           "show_config", "__version__"]
 
 
 def set_num_threads(n):

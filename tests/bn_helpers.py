@@ -163,7 +163,10 @@ def backward_tolerance(x, dy, mean, invstd, weight, use_batch_stats, ref, dtype)
     sum_dyxh = np.sum(np.abs(dy * xhat), axis=(0, 2))
     # double-precision errors of the two sums (naive summation bound), then one rounding to dtype
     e_db = m * EPS64 * sum_dy
-    e_dw = m * EPS64 * sum_dyxh + 2 * sum_dy * delta * invstd * (1 + xh ** 2) + np.abs(dw_ref) * rel_inv
+    # (the last term: products dy*(x - mean) that fall into double's subnormal range round to a multiple of
+    # 2**-1074 before the sum is scaled by invstd)
+    e_dw = (m * EPS64 * sum_dyxh + 2 * sum_dy * delta * invstd * (1 + xh ** 2) + np.abs(dw_ref) * rel_inv
+            + m * float(np.finfo(np.float64).smallest_subnormal) * invstd)
     tol_db = 2 * eps * np.abs(db_ref) + e_db
     tol_dw = 2 * eps * np.abs(dw_ref) + e_dw
     gdy = _per_channel_max(dy) * g
