@@ -287,8 +287,8 @@ def test_training_output_invariant_to_positive_affine_input_map(data, seed):
 
 @given(data=bn_inputs(min_n=1))
 def test_training_output_has_mean_beta_and_std_gamma(data):
-    """Per channel, the training output has mean beta and std |gamma|*sqrt(var/(var + eps)) (var: the batch's
-    biased variance), within the per-element error bound."""
+    """Per channel, the training output has mean beta and std |gamma|*sd/sqrt(sd**2 + eps) (sd: the batch's biased
+    standard deviation), within the per-element error bound."""
     x, _, weight, bias = data
     C = x.shape[1]
     assume(x.size // C > 1)
@@ -299,14 +299,17 @@ def test_training_output_has_mean_beta_and_std_gamma(data):
                                 bn.eps, return_saved=True)
     tol = forward_tolerance(x3, saved.mean, saved.invstd, bn.weight.astype(np.float64), bn.bias.astype(np.float64),
                             y_ref, x.dtype.type)
-    var = np.mean((x3 - x3.mean(axis=(0, 2), keepdims=True)) ** 2, axis=(0, 2))
+    dev = x3 - x3.mean(axis=(0, 2), keepdims=True)
+    s = np.max(np.abs(dev), axis=(0, 2), keepdims=True)
+    s[s == 0] = 1
+    sd = np.sqrt(np.mean((dev / s) ** 2, axis=(0, 2))) * s[:, 0, 0]  # scaled: squares of tiny x would underflow
     y3 = _as3(y)
     scale = np.max(np.abs(y3), axis=(0, 2))
     scale[scale == 0] = 1
     rounding = 1e-13 * scale  # of the float64 mean and std below (scaled: squares of tiny y would underflow)
     gamma, beta = bn.weight.astype(np.float64), bn.bias.astype(np.float64)
     assert_per_channel(y3.mean(axis=(0, 2)), beta, tol + rounding, "mean of y")
-    assert_per_channel((y3 / scale[:, None]).std(axis=(0, 2)) * scale, np.abs(gamma) * np.sqrt(var / (var + bn.eps)),
+    assert_per_channel((y3 / scale[:, None]).std(axis=(0, 2)) * scale, np.abs(gamma) * sd / np.sqrt(sd ** 2 + bn.eps),
                        tol + rounding, "std of y")
 
 
