@@ -302,7 +302,7 @@ def test_training_output_has_mean_beta_and_std_gamma(data):
     dev = x3 - x3.mean(axis=(0, 2), keepdims=True)
     s = np.max(np.abs(dev), axis=(0, 2), keepdims=True)
     s[s == 0] = 1
-    sd = np.sqrt(np.mean((dev / s) ** 2, axis=(0, 2))) * s[:, 0, 0]  # scaled: squares of tiny x would underflow
+    sd = np.sqrt(np.mean((dev / s) ** 2, axis=(0, 2))) * s[0, :, 0]  # scaled: squares of tiny x would underflow
     y3 = _as3(y)
     scale = np.max(np.abs(y3), axis=(0, 2))
     scale[scale == 0] = 1
