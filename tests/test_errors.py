@@ -130,6 +130,19 @@ def test_bad_input(layer, x, name, call, exc, expected, actual, training):
     raises_unchanged(layer, exc, expected, actual, call, layer, x, dy)
 
 
+@pytest.mark.parametrize("cls,bad_shape,expected,actual", [
+    (cbn.BatchNorm1d, (4,), r"expected 2D or 3D", r"got 1D"),
+    (cbn.BatchNorm1d, (4, 3, 2, 2), r"expected 2D or 3D", r"got 4D"),
+    (cbn.BatchNorm3d, (4, 3, 5, 5), r"expected 5D", r"got 4D"),
+    (cbn.BatchNorm3d, (2, 3, 2, 2, 2, 2), r"expected 5D", r"got 6D"),
+])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_wrong_ndim_1d_3d(cls, bad_shape, expected, actual, training):
+    good = {cbn.BatchNorm1d: (4, 3, 2), cbn.BatchNorm3d: (2, 3, 2, 2, 2)}[cls]
+    bn = trained_layer(cls, 3, good).train(training)
+    raises_unchanged(bn, ValueError, expected, actual, bn, np.ones(bad_shape, np.float32))
+
+
 def test_backward_before_forward(layer):
     fresh = cbn.BatchNorm2d(3)
     fresh.load_state_dict(layer.state_dict())

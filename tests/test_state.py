@@ -395,3 +395,33 @@ def test_load_rejects_foreign_file(tmp_path):
     np.savez(path, weight=np.ones(3))
     with pytest.raises((KeyError, ValueError)):
         cbn.load(path)
+
+
+def _write(path, config, **arrays):
+    np.savez(path, __config__=np.array(json.dumps(config)), **arrays)
+
+
+_V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_features": 3, "eps": 1e-5,
+       "momentum": 0.1, "affine": True, "track_running_stats": True, "dtype": "float32", "training": True}
+
+
+@pytest.mark.parametrize("config,exc,expected,actual", [
+    (dict(_V1, version=2), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 1\)",
+     r"got \('cbn\.batchnorm', 2\)"),
+    (dict(_V1, format="other"), ValueError, r"format 'cbn\.batchnorm'", r"got \('other', 1\)"),
+    (None, ValueError, r"known version", r"got None"),
+    (dict(_V1, training="yes"), ValueError, r"'training' must be true or false", r"got 'yes'"),
+    (dict(_V1, nan_guard=1), ValueError, r"'nan_guard' must be true or false", r"got 1"),
+    (dict(_V1, **{"class": "Conv2d"}), ValueError, r"one of \['BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d'\]",
+     r"unknown layer class 'Conv2d'"),
+], ids=["future-version", "foreign-format", "no-config", "training-str", "nan_guard-int", "unknown-class"])
+def test_load_rejects_bad_files(tmp_path, config, exc, expected, actual):
+    path = tmp_path / "bad.npz"
+    state = cbn.BatchNorm2d(3).state_dict()
+    if config is None:
+        np.savez(path, **state)
+    else:
+        _write(path, config, **state)
+    with pytest.raises(exc) as info:
+        cbn.load(path)
+    assert re.search(expected, str(info.value)) and re.search(actual, str(info.value)), str(info.value)
