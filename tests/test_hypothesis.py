@@ -86,8 +86,15 @@ def bn_inputs(draw, min_n=1):
     return x, dy, weight, bias
 
 
+def _c64(a):
+    """``a`` as a C-contiguous float64 array: the reference's NumPy sums are pairwise (accurate to a few eps) only
+    along contiguous rows; on Fortran-order or broadcast layouts they add naively and lose more than the error
+    model allows the reference."""
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
 def _as3(a):
-    a = np.asarray(a, np.float64)
+    a = _c64(a)
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
@@ -109,7 +116,7 @@ def _check_forward_backward(bn, x, dy, y, w64, b64, ref_y, saved, use_batch_stat
     epsilon, the gradients of the parameters (computed in the layer dtype) with the layer dtype's."""
     dtype, ldt = x.dtype.type, bn.dtype.type
     x3 = _as3(x)
-    ref = R.batch_norm_backward(np.asarray(dy, np.float64), saved)
+    ref = R.batch_norm_backward(_c64(dy), saved)
     # float16 output beyond float16's range is inf (like torch): not what this check is about
     assume(max(np.max(np.abs(ref_y), initial=0), np.max(np.abs(ref[0]), initial=0)) < np.finfo(dtype).max / 2)
     tol_y = forward_tolerance(x3, saved.mean, saved.invstd, w64, b64, _as3(ref_y), dtype)
@@ -166,7 +173,7 @@ def test_train_then_eval_against_reference(data, momentum, affine, track):
         for step, xs in enumerate((x, (x * 0.5).astype(dtype)[::-1])):
             f = (1.0 / (step + 1) if momentum is None else momentum) if track else 0.0
             y = bn(xs)
-            y_ref, saved = R.batch_norm(np.asarray(xs, np.float64), rm_ref if track else None,
+            y_ref, saved = R.batch_norm(_c64(xs), rm_ref if track else None,
                                         rv_ref if track else None, w64, b64, True, f, bn.eps, return_saved=True)
             _check_forward_backward(bn, xs, dy, y, w64, b64, y_ref, saved, True, f"train step {step}")
             if track:
@@ -190,13 +197,13 @@ def test_train_then_eval_against_reference(data, momentum, affine, track):
     if track:
         rm, rv = bn.running_mean.astype(np.float64), bn.running_var.astype(np.float64)
         y = bn(x)
-        y_ref, saved = R.batch_norm(np.asarray(x, np.float64), rm, rv, w64, b64, False, 0.0, bn.eps,
+        y_ref, saved = R.batch_norm(_c64(x), rm, rv, w64, b64, False, 0.0, bn.eps,
                                     return_saved=True)
         _check_forward_backward(bn, x, dy, y, w64, b64, y_ref, saved, False, "eval")
         np.testing.assert_array_equal(bn.running_mean, rm.astype(ldt))
     elif m > 1:
         y = bn(x)
-        y_ref, saved = R.batch_norm(np.asarray(x, np.float64), None, None, w64, b64, True, 0.0, bn.eps,
+        y_ref, saved = R.batch_norm(_c64(x), None, None, w64, b64, True, 0.0, bn.eps,
                                     return_saved=True)
         _check_forward_backward(bn, x, dy, y, w64, b64, y_ref, saved, True, "eval, batch stats")
     assert x.tobytes() == x_copy.tobytes() and dy.tobytes() == dy_copy.tobytes()
@@ -226,24 +233,23 @@ def test_permuting_the_batch_permutes_the_output(data, perm_seed):
     if np.array_equal(perm, np.arange(x.shape[0])):
         perm = perm[::-1]
     a, b = _layer(x, weight, bias), _layer(x, weight, bias)
-    ya, yb = a(x), b(x[perm])
-    y_ref, saved = R.batch_norm(np.asarray(x, np.float64), np.zeros(x.shape[1]), np.ones(x.shape[1]),
-                                a.weight.astype(np.float64), a.bias.astype(np.float64), True, a.momentum, a.eps,
-                                return_saved=True)
-    tol_y, tol_dx = _check_forward_backward(a, x, dy, ya, a.weight.astype(np.float64), a.bias.astype(np.float64),
-                                            y_ref, saved, True, "x")
-    dxb = b.backward(dy[perm])
+    w64, b64 = a.weight.astype(np.float64), a.bias.astype(np.float64)
+    C, m = x.shape[1], x.size // x.shape[1]
+    out = []
+    for bn, xs, dys in ((a, x, dy), (b, x[perm], dy[perm])):  # each within the bounds of the reference
+        rm, rv = np.zeros(C), np.ones(C)
+        y = bn(xs)
+        y_ref, saved = R.batch_norm(_c64(xs), rm, rv, w64, b64, True, bn.momentum, bn.eps, return_saved=True)
+        tol_y, tol_dx = _check_forward_backward(bn, xs, dys, y, w64, b64, y_ref, saved, True, "y")
+        t_rm, t_rv = _stat_tolerance(_as3(xs), saved.mean, 1 / saved.invstd ** 2 - bn.eps, m, bn.momentum, rm, rv,
+                                     a.dtype.type)
+        out.append((y, bn.backward(dys), tol_y, tol_dx, t_rm, t_rv))
+    (ya, dxa, tol_y, tol_dx, t_rm, t_rv), (yb, dxb) = out[0], out[1][:2]
+    # and the two agree: the permuted batch gives the permuted results
     assert_per_channel(yb, ya[perm], 2 * tol_y, "y of the permuted batch")
-    assert_per_channel(dxb, a.backward(dy)[perm], 2 * tol_dx, "dx of the permuted batch")
-    ldt = a.dtype.type
-    m = x.size // x.shape[1]
-    t_rm, t_rv = _stat_tolerance(_as3(x), saved.mean, 1 / saved.invstd ** 2 - a.eps, m, a.momentum, a.running_mean,
-                                 a.running_var, ldt)
+    assert_per_channel(dxb, dxa[perm], 2 * tol_dx, "dx of the permuted batch")
     assert_per_channel(b.running_mean, a.running_mean, 2 * t_rm, "running_mean")
     assert_per_channel(b.running_var, a.running_var, 2 * t_rv, "running_var")
-    scale = np.finfo(ldt).eps * 8 * (np.abs(a.grad_weight) + np.abs(a.grad_bias) + m * EPS64 * 1e3 + 1e-30)
-    assert_per_channel(b.grad_bias, a.grad_bias, scale + 2 * m * EPS64 * np.sum(np.abs(_as3(dy)), axis=(0, 2)),
-                       "grad_bias")
 
 
 @st.composite
@@ -277,7 +283,7 @@ def test_training_output_invariant_to_positive_affine_input_map(data, seed):
     for xs in (x, z):
         bn = _layer(xs, affine=False, eps=0.0)
         y = bn(xs)
-        y_ref, saved = R.batch_norm(xs.astype(np.float64), None, None, None, None, True, 0.0, 0.0, return_saved=True)
+        y_ref, saved = R.batch_norm(_c64(xs), None, None, None, None, True, 0.0, 0.0, return_saved=True)
         results.append((y, bn.backward(dy)) + _check_forward_backward(bn, xs, dy, y, None, None, y_ref, saved, True,
                                                                         "y"))
     (yx, dxx, tyx, tdx), (yz, dxz, tyz, tdz) = results
@@ -365,9 +371,9 @@ def test_channels_are_independent(data, poisoned, garbage, seed):
         sub = np.ascontiguousarray(x[:, clean])
         w64, b64 = weight[clean].astype(np.float64), bias[clean].astype(np.float64)
         rm_ref, rv_ref = np.zeros(len(clean)), np.ones(len(clean))
-        y_ref, saved = R.batch_norm(sub.astype(np.float64), rm_ref, rv_ref, w64, b64, True, 0.1, 1e-5,
+        y_ref, saved = R.batch_norm(_c64(sub), rm_ref, rv_ref, w64, b64, True, 0.1, 1e-5,
                                     return_saved=True)
-        ref = R.batch_norm_backward(np.asarray(dy[:, clean], np.float64), saved)
+        ref = R.batch_norm_backward(_c64(dy[:, clean]), saved)
         x3, dy3 = _as3(sub), _as3(dy[:, clean])
         tol_y = forward_tolerance(x3, saved.mean, saved.invstd, w64, b64, _as3(y_ref), x.dtype.type)
         tol_dx = backward_tolerance(x3, dy3, saved.mean, saved.invstd, w64, True, ref, x.dtype.type)[0]
@@ -404,7 +410,7 @@ def test_tolerance_model_rejects_float32_shortcut(dtype):
     to float32 is outside the float32 bound on data far from zero, and cbn is inside it."""
     rng = np.random.default_rng(0)
     x = (1e4 + rng.standard_normal((8, 2, 16))).astype(np.float32)
-    y_ref, saved = R.batch_norm(x.astype(np.float64), None, None, training=True, return_saved=True)
+    y_ref, saved = R.batch_norm(_c64(x), None, None, training=True, return_saved=True)
     alpha = saved.invstd.astype(np.float32)
     beta = (-saved.mean * saved.invstd).astype(np.float32)
     shortcut = x * alpha[:, None] + beta[:, None]
