@@ -2,8 +2,10 @@
 
 CBN_NO_OPENMP=1 forces a serial build; CBN_REQUIRE_OPENMP=1 makes a missing OpenMP an error instead of a warning
 (release wheels). On macOS the OpenMP runtime (libomp) is found through CFLAGS (-I) and LDFLAGS (-L, -Wl,-rpath).
+CBN_SANITIZE=1 builds a test build with AddressSanitizer, UBSan and bounds-checked Cython (see .ci/sanitize).
 """
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -86,6 +88,8 @@ class BuildExt(build_ext):
             warnings.warn(f"OpenMP not available ({failure}): building cbn serially (one thread)")
         if no_openmp or failure:
             cflags, lflags = [], []
+        if SANITIZE:
+            base, lflags = base + SANITIZE_FLAGS, lflags + SANITIZE_FLAGS
         compiler_name = getattr(cc, "compiler_so", None) or [cc.compiler_type]
         info = f"{os.path.basename(compiler_name[0])} {' '.join(base + cflags)} | link {' '.join(lflags)}".strip()
         for ext in self.extensions:
@@ -95,10 +99,34 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+# -- CBN_SANITIZE=1: ASan + UBSan, and the Cython checks on (bounds, negative indices, uninitialised views) ---------
+SANITIZE = env_flag("CBN_SANITIZE")
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                  "-g", "-O1"]
+CHECKS = {"boundscheck": True, "wraparound": True, "initializedcheck": True}
+
+
+def checked_source(pyx):
+    """Copy ``pyx`` to build/sanitize/ with the CHECKS turned on in its ``# cython:`` header (which would override
+    cythonize's compiler_directives) and return the copy's path."""
+    with open(pyx) as f:
+        text = f.read()
+    for name in CHECKS:
+        text = re.sub(rf"\b{name}\s*=\s*False\b", f"{name}=True", text)
+    path = os.path.join("build", "sanitize", os.path.basename(pyx))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+KERNELS = checked_source("cbn/_kernels.pyx") if SANITIZE else "cbn/_kernels.pyx"
+# ----------------------------------------------------------------------------------------------------------------
+
 extensions = [
     Extension(
         "cbn._kernels",
-        ["cbn/_kernels.pyx"],
+        [KERNELS],
         depends=["cbn/_reduce.h"],
         include_dirs=[np.get_include(), "cbn"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
@@ -106,6 +134,6 @@ extensions = [
 ]
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}),
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": 3, **(CHECKS if SANITIZE else {})}),
     cmdclass={"build_ext": BuildExt},
 )

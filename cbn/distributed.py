@@ -6,6 +6,7 @@ Chan's formula in rank order, so all ranks get bitwise the same statistics and r
 Allgather of the per-channel (sum dy, sum dy*(x - mean)), added in rank order. Eval needs no communication.
 mpi4py is imported only when a synchronised layer is made (``pip install cbn[mpi]``).
 """
+import threading
 import types
 
 import numpy as np
@@ -75,8 +76,8 @@ class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, comm=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+                 dtype=np.float32, nan_guard=False, comm=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard)
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
 
@@ -96,12 +97,17 @@ class _SyncBatchNorm(_BatchNorm):
         if not self.training:
             self._global_count = None
             return super().forward(x, out)
+        with self._lock:
+            return self._sync_forward(x, out)
+
+    def _sync_forward(self, x, out):
         comm, C = self.comm, self.num_features
         error, local = None, np.zeros(2 * C + 1)
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
             x = self._check_input(x)
             out = F._out_array(out, "out", x.shape, np.dtype(np.float16) if x.dtype.itemsize == 2 else self.dtype,
-                               (x, self.weight, self.bias, self.running_mean, self.running_var))
+                               {"input": x, "weight": self.weight, "bias": self.bias,
+                                "running_mean": self.running_mean, "running_var": self.running_var})
             count, mean, M2 = F.batch_norm_stats(x, dtype=self.dtype)
             local = np.concatenate(([count], mean, M2))
         except Exception as e:  # raised below, after the other ranks have heard of it
@@ -121,8 +127,14 @@ class _SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked += 1
             if n:
                 f = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-                self.running_mean[...] = (1.0 - f) * self.running_mean.astype(np.float64) + f * mean
-                self.running_var[...] = (1.0 - f) * self.running_var.astype(np.float64) + f * (M2 / (n - 1.0))
+                with np.errstate(all="ignore"):
+                    new_mean = ((1.0 - f) * self.running_mean.astype(np.float64) + f * mean).astype(self.dtype)
+                    new_var = ((1.0 - f) * self.running_var.astype(np.float64)
+                               + f * (M2 / (n - 1.0))).astype(self.dtype)
+                # nan_guard: only channels with finite new statistics are updated (as BatchNorm does)
+                keep = np.isfinite(new_mean) & np.isfinite(new_var) if self.nan_guard else True
+                np.copyto(self.running_mean, new_mean, where=keep)
+                np.copyto(self.running_var, new_var, where=keep)
         # Normalised with (global) batch statistics: the backward differentiates through them.
         self._saved, self._global_count = saved._replace(use_batch_stats=True), n
         return y
@@ -137,14 +149,19 @@ class _SyncBatchNorm(_BatchNorm):
         sum(dy) over this rank's shard, as in torch's SyncBatchNorm: all-reduce them with the other parameters'
         gradients (their sum over the ranks is the gradient of the whole batch).
         """
-        if self._global_count is None:
-            return super().backward(dy, out)
+        with self._lock:
+            if self._global_count is None:
+                return super().backward(dy, out)
+            return self._sync_backward(dy, out)
+
+    def _sync_backward(self, dy, out):
         saved = self._saved
         C = saved.x.shape[1]
         error, local = None, np.zeros(2 * C + 1)
         try:
             dy = F._grad_output(dy, saved)
-            dx = F._out_array(out, "out", saved.shape, saved.dtype, (dy, saved.x, saved.weight))
+            dx = F._out_array(out, "out", saved.shape, saved.dtype,
+                              {"grad_output": dy, "the saved input": saved.x, "saved.weight": saved.weight})
             sums, dweight, dbias = F.batch_norm_grad_sums(dy, saved)
             local = np.concatenate(([1.0], sums.ravel()))
         except Exception as e:  # raised below, after the other ranks have heard of it
@@ -167,7 +184,7 @@ class _SyncBatchNorm(_BatchNorm):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self.comm = _check_comm(self.comm)
 
 
@@ -180,7 +197,7 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, dtype
+    num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard
         As :class:`BatchNorm2d`.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the
@@ -198,9 +215,11 @@ _SYNC_ONLY = ("comm", "_global_count")
 
 
 def _as_class(layer, cls, **extra):
-    """A ``cls`` layer with the attributes of ``layer`` (arrays shared, not copied) and no saved forward."""
+    """A ``cls`` layer with the attributes of ``layer`` (arrays shared, not copied), its own lock and no saved
+    forward."""
     new = cls.__new__(cls)
-    new.__dict__.update({k: v for k, v in vars(layer).items() if k not in _SYNC_ONLY}, _saved=None, **extra)
+    new.__dict__.update({k: v for k, v in vars(layer).items() if k not in _SYNC_ONLY}, _saved=None,
+                        _lock=threading.RLock(), **extra)
     return new
 
 

@@ -87,7 +87,8 @@ def _running_stat(a, name, C, dt):
     if a.dtype != dt:
         raise TypeError(f"{name} must have the compute dtype {dt} to be updated in place, got {a.dtype}")
     if not _writeable_contiguous(a):
-        raise ValueError(f"{name} must be a writeable, aligned, contiguous array to be updated in place")
+        raise ValueError(f"{name} must be a writeable, aligned, contiguous array to be updated in place, got "
+                         f"{_flags(a)}")
     return a
 
 
@@ -100,7 +101,7 @@ def _out_array(out, name, shape, dt, inputs):
     if out.shape != shape or out.dtype != dt:
         raise ValueError(f"{name} must have shape {shape} and dtype {dt}, got shape {out.shape} and dtype {out.dtype}")
     if not _writeable_contiguous(out):
-        raise ValueError(f"{name} must be a writeable, aligned, C-contiguous array")
+        raise ValueError(f"{name} must be a writeable, aligned, C-contiguous array, got {_flags(out)}")
     _check_no_overlap(name, out, inputs)
     return out
 
@@ -111,19 +112,24 @@ def _writeable_contiguous(a):
     return flags.c_contiguous and flags.writeable and flags.aligned
 
 
+def _flags(a):
+    """The memory flags that the kernels need, as the error messages show them."""
+    return f"writeable={a.flags.writeable}, aligned={a.flags.aligned}, C-contiguous={a.flags.c_contiguous}"
+
+
 def _owns_memory(a):
     """True when ``a`` is the sole owner of its buffer (then no other array object overlaps it)."""
     return a.base is None and a.flags.owndata
 
 
 def _check_no_overlap(name, a, others):
-    """Raise ValueError if ``a`` may share memory with one of ``others`` (None entries are skipped)."""
+    """Raise ValueError if ``a`` may share memory with one of ``others`` ({name: array or None})."""
     a_owns = _owns_memory(a)
-    for b in others:
-        if b is None or (a_owns and b is not a and _owns_memory(b)):
+    for other, b in others.items():
+        if b is None or (a_owns and b is not a and type(b) is np.ndarray and _owns_memory(b)):
             continue
         if np.may_share_memory(a, b):
-            raise ValueError(f"{name} must not share memory with another argument")
+            raise ValueError(f"{name} must not share memory with another argument, got memory shared with {other}")
 
 
 def _contiguous(a, dt):
@@ -146,7 +152,7 @@ def _check_scalars(momentum, eps):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               out=None, dtype=None, return_saved=False):
+               out=None, dtype=None, return_saved=False, nan_guard=False):
     """Batch normalisation over the channel axis 1 of an (N, C, *) array.
 
     y = weight*(x - mean)/sqrt(var + eps) + bias, per channel, with the batch's mean and biased variance when
@@ -174,6 +180,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         Compute dtype; default float64 for float64 (and wider) input, float32 otherwise.
     return_saved : bool
         Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
+    nan_guard : bool
+        When updating running statistics, update only the channels whose new running mean and variance are both
+        finite: a channel whose batch holds NaN or Inf (or whose statistics overflow the dtype) keeps its running
+        statistics (its output is not guarded). Off by default (torch's behaviour: the statistics take the NaN).
 
     Returns
     -------
@@ -198,26 +208,36 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if update:
         running_mean = _running_stat(running_mean, "running_mean", C, dt)
         running_var = _running_stat(running_var, "running_var", C, dt)
-        _check_no_overlap("running_mean", running_mean, (x, running_var, weight, bias))
-        _check_no_overlap("running_var", running_var, (x, weight, bias))
+        _check_no_overlap("running_mean", running_mean,
+                          {"input": x, "running_var": running_var, "weight": weight, "bias": bias})
+        _check_no_overlap("running_var", running_var, {"input": x, "weight": weight, "bias": bias})
     elif not training:
         if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
+            raise ValueError(f"running_mean and running_var are required when training=False, got "
+                             f"{type(running_mean).__name__} and {type(running_var).__name__}")
         # Float64 copies: the kernel turns the variance into invstd in place; both are saved for the backward.
         mean = _channel_array(running_mean, "running_mean", C).astype(np.float64)
         invstd = _channel_array(running_var, "running_var", C).astype(np.float64)
     weight = _channel_param(weight, "weight", C, dt)
     bias = _channel_param(bias, "bias", C, dt)
-    y = _out_array(out, "out", shape, out_dt, (x, running_mean, running_var, weight, bias))
+    y = _out_array(out, "out", shape, out_dt, {"input": x, "running_mean": running_mean, "running_var": running_var,
+                                               "weight": weight, "bias": bias})
 
     x3 = _contiguous(x, dt).reshape(N, C, S)
+    new_mean, new_var = (running_mean, running_var) if update else (None, None)
+    if update and nan_guard:  # the kernel updates copies; only the finite channels are committed below
+        new_mean, new_var = running_mean.copy(), running_var.copy()
     if training:
         mean, invstd = np.empty(C), np.empty(C)
     if x3.size:
         _apply_default_threads()
         y3 = y.view(np.ndarray).reshape(N, C, S) if out_dt == dt else np.empty((N, C, S), dtype=dt)
-        _kernels.forward(x3, y3, running_mean if update else None, running_var if update else None, weight, bias,
-                         mean, invstd, training, update, float(momentum), float(eps))
+        _kernels.forward(x3, y3, new_mean, new_var, weight, bias, mean, invstd, training, update, float(momentum),
+                         float(eps))
+        if update and nan_guard:
+            finite = np.isfinite(new_mean) & np.isfinite(new_var)
+            np.copyto(running_mean, new_mean, where=finite)
+            np.copyto(running_var, new_var, where=finite)
         if out_dt != dt:
             with np.errstate(all="ignore"):  # float16 overflow gives inf, like torch, and never raises late
                 y[...] = y3.reshape(shape)
@@ -269,18 +289,31 @@ def _check_saved(saved):
     if not isinstance(saved, BatchNormSaved):
         raise TypeError(f"saved must be the BatchNormSaved of a forward, got {type(saved).__name__}")
     x3 = saved.x
-    ok = (isinstance(x3, np.ndarray) and x3.ndim == 3 and x3.dtype in _COMPUTE and x3.flags.c_contiguous
-          and x3.flags.aligned and len(saved.shape) >= 2 and x3.shape[:2] == tuple(saved.shape[:2])
-          and x3.size == math.prod(saved.shape) and np.dtype(saved.dtype) in (x3.dtype, np.float16))
 
-    def channel_ok(a, dt):
-        return (isinstance(a, np.ndarray) and a.shape == (x3.shape[1],) and a.dtype == dt and a.flags.c_contiguous
+    def arr_ok(a, ndim, dtypes):
+        return (isinstance(a, np.ndarray) and a.ndim == ndim and a.dtype in dtypes and a.flags.c_contiguous
                 and a.flags.aligned)
 
-    ok = (ok and channel_ok(saved.mean, np.float64) and channel_ok(saved.invstd, np.float64)
-          and (saved.weight is None or channel_ok(saved.weight, x3.dtype)))
-    if not ok:
-        raise ValueError("saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True)")
+    def show(a):
+        return f"{a.dtype} array of shape {a.shape} ({_flags(a)})" if isinstance(a, np.ndarray) else type(a).__name__
+
+    if not arr_ok(x3, 3, _COMPUTE):
+        bad = "x", "an aligned C-contiguous (N, C, S) float32 or float64 array", show(x3)
+    elif not (isinstance(saved.shape, tuple) and len(saved.shape) >= 2 and saved.shape[:2] == x3.shape[:2]
+              and math.prod(saved.shape) == x3.size):
+        bad = "shape", f"the forward input's shape (N, C, ...) of {x3.size} values with N, C = {x3.shape[:2]}", \
+            repr(saved.shape)
+    elif not (isinstance(saved.dtype, (np.dtype, type)) and np.dtype(saved.dtype) in (x3.dtype, np.float16)):
+        bad = "dtype", f"{x3.dtype} or float16", repr(saved.dtype)
+    else:
+        C = x3.shape[1]
+        bad = next(((key, f"an aligned C-contiguous {np.dtype(dt)} array of shape ({C},)", show(a))
+                    for key, a, dt in (("mean", saved.mean, np.float64), ("invstd", saved.invstd, np.float64),
+                                       ("weight", saved.weight, x3.dtype))
+                    if not (key == "weight" and a is None) and not (arr_ok(a, 1, (dt,)) and a.shape == (C,))), None)
+    if bad is not None:
+        raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
+                         f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")
 
 
 def _grad_output(dy, saved):
@@ -360,7 +393,9 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
             raise ValueError(f"count must be an integer >= {max(1, N * S)} (the values per channel here) with "
                              f"grad_sums, got {count!r}")
         grad_sums = _contiguous(grad_sums, np.float64)
-    dx = _out_array(out, "out", saved.shape, saved.dtype, (dy, x3, saved.weight, saved.mean, saved.invstd))
+    dx = _out_array(out, "out", saved.shape, saved.dtype, {"grad_output": dy, "the saved input": x3,
+                                                           "saved.weight": saved.weight, "saved.mean": saved.mean,
+                                                           "saved.invstd": saved.invstd})
     dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)
     if x3.size:
         dy3 = _contiguous(dy, dt).reshape(N, C, S)

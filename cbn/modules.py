@@ -2,6 +2,8 @@
 import json
 import numbers
 import os
+import threading
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -16,7 +18,11 @@ _CLASSES = {}  # layer classes by name, for load(): every subclass of _BatchNorm
 
 
 class _BatchNorm:
-    """Common implementation of BatchNorm1d/2d/3d; subclasses set ``_ndims`` (accepted input ranks)."""
+    """Common implementation of BatchNorm1d/2d/3d; subclasses set ``_ndims`` (accepted input ranks).
+
+    Each call that reads or changes the layer's state (forward, backward, state_dict, load_state_dict, the resets)
+    holds the layer's lock, so one layer may be called from several threads: the calls run one after another.
+    """
 
     _ndims = ()
 
@@ -26,7 +32,7 @@ class _BatchNorm:
             _CLASSES[cls.__name__] = cls
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32):
+                 dtype=np.float32, nan_guard=False):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
         F._check_scalars(0.0 if momentum is None else momentum, eps)
@@ -39,6 +45,7 @@ class _BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
+        self.nan_guard = bool(nan_guard)
         self.training = True
         C = self.num_features
         self.weight = np.ones(C, dtype) if self.affine else None
@@ -49,6 +56,7 @@ class _BatchNorm:
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None
+        self._lock = threading.RLock()
 
     # -- mode -------------------------------------------------------------------------------------------------
     def train(self, mode=True):
@@ -77,20 +85,21 @@ class _BatchNorm:
         ndarray
             The normalised output.
         """
-        x = self._check_input(x)
-        count = self.num_batches_tracked
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            count += 1
-            factor = 1.0 / count if self.momentum is None else self.momentum
-        use_batch_stats = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
-        y, saved = F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
-                                self.weight, self.bias, use_batch_stats, factor, self.eps, out=out,
-                                dtype=self.dtype, return_saved=True)
-        self.num_batches_tracked = count
-        self._saved = saved
-        return y
+        with self._lock:
+            x = self._check_input(x)
+            count = self.num_batches_tracked
+            factor = 0.0
+            if self.training and self.track_running_stats:
+                count += 1
+                factor = 1.0 / count if self.momentum is None else self.momentum
+            use_batch_stats = self.training or self.running_mean is None
+            track = not self.training or self.track_running_stats
+            y, saved = F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                                    self.weight, self.bias, use_batch_stats, factor, self.eps, out=out,
+                                    dtype=self.dtype, return_saved=True, nan_guard=self.nan_guard)
+            self.num_batches_tracked = count
+            self._saved = saved
+            return y
 
     __call__ = forward
 
@@ -119,27 +128,30 @@ class _BatchNorm:
         ndarray
             dx, the gradient with respect to the last forward's input.
         """
-        if self._saved is None:
-            raise RuntimeError("backward called before forward: there is no saved input to differentiate")
-        dx, dweight, dbias = F.batch_norm_backward(dy, self._saved, out=out)
-        self.grad_weight = dweight if self.affine else None
-        self.grad_bias = dbias if self.affine else None
-        return dx
+        with self._lock:
+            if self._saved is None:
+                raise RuntimeError("backward called before forward: there is no saved input to differentiate")
+            dx, dweight, dbias = F.batch_norm_backward(dy, self._saved, out=out)
+            self.grad_weight = dweight if self.affine else None
+            self.grad_bias = dbias if self.affine else None
+            return dx
 
     # -- state ------------------------------------------------------------------------------------------------
     def reset_running_stats(self):
         """Running mean 0, running variance 1, num_batches_tracked 0."""
-        if self.track_running_stats:
-            self.running_mean.fill(0)
-            self.running_var.fill(1)
-            self.num_batches_tracked = 0
+        with self._lock:
+            if self.track_running_stats:
+                self.running_mean.fill(0)
+                self.running_var.fill(1)
+                self.num_batches_tracked = 0
 
     def reset_parameters(self):
         """Reset the running statistics, weight to 1 and bias to 0."""
-        self.reset_running_stats()
-        if self.affine:
-            self.weight.fill(1)
-            self.bias.fill(0)
+        with self._lock:
+            self.reset_running_stats()
+            if self.affine:
+                self.weight.fill(1)
+                self.bias.fill(0)
 
     def _state_keys(self):
         keys = ["weight", "bias"] if self.affine else []
@@ -147,11 +159,9 @@ class _BatchNorm:
 
     def state_dict(self):
         """Return a dict of copies, with torch's keys: weight, bias, running_mean, running_var, num_batches_tracked."""
-        state = {}
-        for key in self._state_keys():
-            value = getattr(self, key)
-            state[key] = np.array(value, dtype=np.int64) if key == "num_batches_tracked" else value.copy()
-        return state
+        with self._lock:
+            return {key: np.array(getattr(self, key), dtype=np.int64) if key == "num_batches_tracked"
+                    else getattr(self, key).copy() for key in self._state_keys()}
 
     def load_state_dict(self, state, strict=True):
         """Load parameters and statistics (e.g. ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``).
@@ -163,11 +173,13 @@ class _BatchNorm:
         KeyError
             ``strict`` and a key is missing or unexpected.
         ValueError
-            A shape is wrong, a running statistic is not finite, a variance is negative, or the counter is not a
-            non-negative integer.
+            A shape is wrong, a value overflows the layer dtype, a running statistic is not finite, a variance is
+            negative, or the counter is not a non-negative integer.
         TypeError
-            A value cannot be read as a real array.
+            ``state`` is not a mapping, or a value cannot be read as a real array.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
         keys = self._state_keys()
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in keys]
@@ -188,25 +200,40 @@ class _BatchNorm:
             if value.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
             with np.errstate(all="ignore"):
-                value = value.astype(self.dtype)
-            if key.startswith("running") and not np.all(np.isfinite(value)):
-                raise ValueError(f"{key} must be finite in {self.dtype}")
+                cast = value.astype(self.dtype)
+            lost = np.flatnonzero(np.isfinite(value) & ~np.isfinite(cast))
+            if lost.size:
+                raise ValueError(f"{key} must be representable in {self.dtype}, got {value[lost[0]]} at index "
+                                 f"{lost[0]}")
+            bad = np.flatnonzero(~np.isfinite(cast))
+            if key.startswith("running") and bad.size:
+                raise ValueError(f"{key} must be finite, got {cast[bad[0]]} at index {bad[0]}")
+            value = cast
             if key == "running_var" and np.any(value < 0):
                 raise ValueError(f"running_var must be >= 0, got min {value.min()}")
             new[key] = value
-        for key, value in new.items():
-            setattr(self, key, value)
+        with self._lock:
+            for key, value in new.items():
+                setattr(self, key, value)
 
     def __getstate__(self):
-        state = self.__dict__.copy()
+        with self._lock:
+            state = self.__dict__.copy()
         state["_saved"] = None  # the last forward's input is not part of the layer's state
+        del state["_lock"]
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("nan_guard", False)  # pickles of cbn 0.1.0 have no nan_guard
+        self._lock = threading.RLock()
+
     def extra_repr(self):
-        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32)."""
+        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, and nan_guard if on)."""
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.affine}, track_running_stats={self.track_running_stats}")
-        return s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
+        s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
+        return s + ", nan_guard=True" if self.nan_guard else s
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -223,7 +250,7 @@ class _BatchNorm:
         config = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(self).__name__,
                   "num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
                   "affine": self.affine, "track_running_stats": self.track_running_stats,
-                  "dtype": self.dtype.name, "training": self.training}
+                  "dtype": self.dtype.name, "training": self.training, "nan_guard": self.nan_guard}
         arrays = dict(self.state_dict(), __config__=np.array(json.dumps(config)))
         path = os.fspath(path)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -259,6 +286,9 @@ class BatchNorm2d(_BatchNorm):
         Keep running statistics for eval; without them batch statistics are used in both modes.
     dtype : {float32, float64}
         Dtype of the parameters, statistics and computation.
+    nan_guard : bool
+        In training, leave the running statistics of a channel unchanged when its batch statistics are not finite
+        (NaN or Inf in its values); see :func:`cbn.functional.batch_norm`. The counter still counts the batch.
     """
 
     _ndims = (4,)
@@ -289,11 +319,12 @@ def load(path):
         got = (config.get("format"), config.get("version")) if isinstance(config, dict) else config
         raise ValueError(f"not a cbn layer file of a known version (format {FORMAT!r}, version 1 to "
                          f"{FORMAT_VERSION}), got {got!r}")
-    if not isinstance(config.get("training"), bool):
-        raise ValueError(f"config 'training' must be true or false, got {config.get('training')!r}")
+    for key in ("training", "nan_guard"):  # nan_guard is absent from files of cbn 0.1.0: off
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"config {key!r} must be true or false, got {config.get(key)!r}")
     if config["class"] not in _CLASSES:
         raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(_CLASSES)}")
     layer = _CLASSES[config["class"]](config["num_features"], config["eps"], config["momentum"], config["affine"],
-                                      config["track_running_stats"], config["dtype"])
+                                      config["track_running_stats"], config["dtype"], config.get("nan_guard", False))
     layer.load_state_dict(arrays)
     return layer.train(config["training"])

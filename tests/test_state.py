@@ -1,12 +1,15 @@
 """State: pickle, deepcopy, save/load, state_dict and load_state_dict (atomic), repr, resets, mode switches."""
 import copy
+import json
+import os
 import pickle
+import re
 
 import numpy as np
 import pytest
 
 import cbn
-from bn_helpers import snapshot, trained_layer
+from bn_helpers import RefLayer, full_snapshot, snapshot, trained_layer
 
 LAYERS = [
     (cbn.BatchNorm1d, (7, 5)),
@@ -224,32 +227,111 @@ def _bad_state_cases():
         return sd
 
     return [
-        ("weight-shape", mod(weight=np.ones(C + 1)), True, ValueError, r"weight.*\(3,\).*\(4,\)"),
-        ("running_var-shape", mod(running_var=np.ones((C, 1))), True, ValueError, r"running_var.*\(3,\).*\(3, 1\)"),
-        ("missing-strict", mod(running_var=KeyError), True, KeyError, r"missing.*running_var"),
-        ("unexpected-strict", mod(extra=np.zeros(C)), True, KeyError, r"unexpected.*extra"),
-        ("mean-nan", mod(running_mean=np.array([0.0, np.nan, 1.0])), True, ValueError, r"running_mean.*finite"),
-        ("var-inf", mod(running_var=np.array([1.0, np.inf, 1.0])), True, ValueError, r"running_var.*finite"),
-        ("var-negative", mod(running_var=np.array([1.0, -0.5, 1.0])), True, ValueError, r"running_var.*-0\.5"),
-        ("counter-negative", mod(num_batches_tracked=np.array(-1)), True, ValueError, r"num_batches_tracked.*-1"),
-        ("counter-float", mod(num_batches_tracked=np.array(2.5)), True, ValueError, r"num_batches_tracked"),
-        ("complex", mod(bias=np.ones(C, complex)), True, TypeError, r"bias.*complex"),
+        ("weight-shape", mod(weight=np.ones(C + 1)), True, ValueError, r"weight must have shape \(3,\)",
+         r"got \(4,\)"),
+        ("running_var-shape", mod(running_var=np.ones((C, 1))), True, ValueError, r"running_var.*\(3,\)",
+         r"got \(3, 1\)"),
+        ("running_mean-scalar", mod(running_mean=np.float64(1.0)), True, ValueError, r"running_mean.*\(3,\)",
+         r"got \(\)"),
+        ("missing-strict", mod(running_var=KeyError), True, KeyError, r"state_dict mismatch",
+         r"missing keys \['running_var'\]"),
+        ("unexpected-strict", mod(extra=np.zeros(C)), True, KeyError, r"state_dict mismatch",
+         r"unexpected keys \['extra'\]"),
+        ("mean-nan", mod(running_mean=np.array([0.0, np.nan, 1.0])), True, ValueError, r"running_mean must be finite",
+         r"got nan at index 1"),
+        ("var-inf", mod(running_var=np.array([1.0, np.inf, 1.0])), True, ValueError, r"running_var must be finite",
+         r"got inf at index 1"),
+        ("var-overflows-float32", mod(running_var=np.array([1.0, 1.0, 1e300])), True, ValueError,
+         r"running_var must be representable in float32", r"got 1e\+300 at index 2"),
+        ("weight-overflows-float32", mod(weight=np.array([-1e39, 1.0, 1.0])), True, ValueError,
+         r"weight must be representable in float32", r"got -1e\+39 at index 0"),
+        ("var-negative", mod(running_var=np.array([1.0, -0.5, 1.0])), True, ValueError, r"running_var must be >= 0",
+         r"got min -0\.5"),
+        ("counter-negative", mod(num_batches_tracked=np.array(-1)), True, ValueError,
+         r"num_batches_tracked must be a non-negative integer", r"got array\(-1\)"),
+        ("counter-float", mod(num_batches_tracked=np.array(2.5)), True, ValueError,
+         r"num_batches_tracked must be a non-negative integer", r"got array\(2\.5\)"),
+        ("counter-vector", mod(num_batches_tracked=np.array([1, 2])), True, ValueError,
+         r"num_batches_tracked must be a non-negative integer", r"got array\(\[1, 2\]\)"),
+        ("complex", mod(bias=np.ones(C, complex)), True, TypeError, r"bias must be a real numeric array",
+         r"got dtype complex128"),
+        ("strings", mod(weight=np.array(["1", "2", "3"])), True, TypeError, r"weight must be a real numeric array",
+         r"got dtype <U1"),
+        ("none", mod(running_mean=None), True, TypeError, r"running_mean must be a real numeric array",
+         r"got dtype object"),
+        ("bool", mod(weight=np.ones(C, bool)), True, TypeError, r"weight must be a real numeric array",
+         r"got dtype bool"),
         # non-strict: the bad entry still aborts the whole load
         ("nonstrict-var-negative", mod(running_var=np.array([1.0, 1.0, -1.0]), weight=KeyError), False, ValueError,
-         r"running_var"),
-        ("nonstrict-shape-last", mod(running_var=np.ones(C + 2)), False, ValueError, r"running_var"),
+         r"running_var must be >= 0", r"got min -1"),
+        ("nonstrict-shape-last", mod(running_var=np.ones(C + 2)), False, ValueError, r"running_var.*\(3,\)",
+         r"got \(5,\)"),
     ]
 
 
-@pytest.mark.parametrize("name,state,strict,exc,match", _bad_state_cases(), ids=[c[0] for c in _bad_state_cases()])
-def test_load_state_dict_is_atomic(name, state, strict, exc, match):
+@pytest.mark.parametrize("name,state,strict,exc,expected,actual", _bad_state_cases(),
+                         ids=[c[0] for c in _bad_state_cases()])
+def test_load_state_dict_is_atomic(name, state, strict, exc, expected, actual):
     layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32, seed=1)
-    before = snapshot(layer)
+    layer(np.ones((2, 3, 2, 2), np.float32) * np.arange(3, dtype=np.float32)[:, None, None])
+    before = full_snapshot(layer)
     # all good entries differ from the layer's, so a partial load would show
-    assert not np.array_equal(state["running_mean"], layer.running_mean)
-    with pytest.raises(exc, match=match):
+    assert state.get("running_mean") is None or not np.array_equal(state["running_mean"], layer.running_mean)
+    with pytest.raises(exc) as info:
         layer.load_state_dict(state, strict=strict)
-    assert snapshot(layer) == before
+    msg = str(info.value)
+    assert re.search(expected, msg), f"message {msg!r} does not name the expected value ({expected})"
+    assert re.search(actual, msg), f"message {msg!r} does not name the actual value ({actual})"
+    assert full_snapshot(layer) == before
+
+
+@pytest.mark.parametrize("state", [[("weight", np.ones(3))], None, np.ones(3)], ids=["list", "None", "array"])
+def test_load_state_dict_needs_a_mapping(state):
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
+    before = full_snapshot(layer)
+    with pytest.raises(TypeError, match=r"state must be a mapping of names to arrays, got "
+                       + type(state).__name__):
+        layer.load_state_dict(state)
+    assert full_snapshot(layer) == before
+
+
+# -- files of older versions ---------------------------------------------------------------------------------------
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def _v1_expected():
+    """What tests/data/batchnorm2d_v1.* hold: cbn 0.1.0 (format "cbn.batchnorm" version 1, no nan_guard) wrote
+    them after this recipe, recomputed here with the float64 reference."""
+    ref = RefLayer(3, eps=1e-3, momentum=0.25, weight=[0.5, 1.5, -2.0], bias=[0.25, -0.5, 1.0])
+    x = np.arange(2 * 3 * 2 * 2, dtype=np.float64).reshape(2, 3, 2, 2) ** 1.5
+    ref.forward(x)
+    ref.forward(x[::-1] * 0.5)
+    return ref
+
+
+@pytest.mark.parametrize("how", ["npz", "pickle"])
+def test_version_1_files_still_load(how):
+    """Checkpoints written by cbn 0.1.0 (format version 1, before nan_guard existed) load, train and save."""
+    path = os.path.join(DATA, "batchnorm2d_v1." + ("npz" if how == "npz" else "pkl"))
+    if how == "npz":
+        with np.load(path, allow_pickle=False) as data:
+            assert json.loads(str(data["__config__"]))["version"] == 1
+        layer = cbn.load(path)
+    else:
+        with open(path, "rb") as f:
+            layer = pickle.load(f)
+    ref = _v1_expected()
+    assert type(layer) is cbn.BatchNorm2d and layer.num_features == 3 and layer.dtype == np.float64
+    assert (layer.eps, layer.momentum, layer.affine, layer.track_running_stats) == (1e-3, 0.25, True, True)
+    assert layer.training is False and layer.nan_guard is False and layer.num_batches_tracked == 2
+    np.testing.assert_array_equal(layer.weight, ref.weight)
+    np.testing.assert_array_equal(layer.bias, ref.bias)
+    np.testing.assert_allclose(layer.running_mean, ref.running_mean, rtol=1e-13)
+    np.testing.assert_allclose(layer.running_var, ref.running_var, rtol=1e-13)
+    x = np.linspace(-3, 3, 4 * 3 * 2 * 2).reshape(4, 3, 2, 2)
+    y = layer.train()(x)
+    layer.backward(np.ones_like(y))
+    assert layer.num_batches_tracked == 3
 
 
 # -- repr, resets, modes -------------------------------------------------------------------------------------------
@@ -313,3 +395,34 @@ def test_load_rejects_foreign_file(tmp_path):
     np.savez(path, weight=np.ones(3))
     with pytest.raises((KeyError, ValueError)):
         cbn.load(path)
+
+
+def _write(path, config, **arrays):
+    np.savez(path, __config__=np.array(json.dumps(config)), **arrays)
+
+
+_V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_features": 3, "eps": 1e-5,
+       "momentum": 0.1, "affine": True, "track_running_stats": True, "dtype": "float32", "training": True}
+
+
+@pytest.mark.parametrize("config,exc,expected,actual", [
+    (dict(_V1, version=2), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 1\)",
+     r"got \('cbn\.batchnorm', 2\)"),
+    (dict(_V1, format="other"), ValueError, r"format 'cbn\.batchnorm'", r"got \('other', 1\)"),
+    (None, ValueError, r"known version", r"got None"),
+    (dict(_V1, training="yes"), ValueError, r"'training' must be true or false", r"got 'yes'"),
+    (dict(_V1, nan_guard=1), ValueError, r"'nan_guard' must be true or false", r"got 1"),
+    (dict(_V1, **{"class": "Conv2d"}), ValueError,
+     r"one of \['BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'SyncBatchNorm1d'",
+     r"unknown layer class 'Conv2d'"),
+], ids=["future-version", "foreign-format", "no-config", "training-str", "nan_guard-int", "unknown-class"])
+def test_load_rejects_bad_files(tmp_path, config, exc, expected, actual):
+    path = tmp_path / "bad.npz"
+    state = cbn.BatchNorm2d(3).state_dict()
+    if config is None:
+        np.savez(path, **state)
+    else:
+        _write(path, config, **state)
+    with pytest.raises(exc) as info:
+        cbn.load(path)
+    assert re.search(expected, str(info.value)) and re.search(actual, str(info.value)), str(info.value)

@@ -3,6 +3,7 @@ import contextlib
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -266,3 +267,149 @@ def test_show_config(capsys):
     out = capsys.readouterr().out
     assert "openmp" in out
     assert cbn.__version__ in out
+
+
+# -- Python threads ------------------------------------------------------------------------------------------------
+def _train_steps(bn, xs, dy, steps):
+    """``steps`` forward+backward calls over ``xs``; returns every output and the final state."""
+    results = []
+    for i in range(steps):
+        results.append(bn(xs[i % len(xs)]).tobytes())
+        results.append(bn.backward(dy).tobytes())
+        results.append(bn.grad_weight.tobytes())
+    return results + [bn.running_mean.tobytes(), bn.running_var.tobytes(), bn.num_batches_tracked]
+
+
+def _run_threads(targets):
+    """Run the callables in threads started together; return their results (re-raising their exceptions)."""
+    import threading
+    barrier = threading.Barrier(len(targets))
+    results, errors = [None] * len(targets), []
+
+    def run(i):
+        try:
+            barrier.wait()
+            results[i] = targets[i]()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (8, 3, 64, 64)], ids=["serial-kernels", "parallel-kernels"])
+def test_threads_on_different_layers_match_serial(shape):
+    """Several Python threads, each training its own layer at the same time (the kernels drop the GIL), get
+    bitwise the results of running the layers one after another."""
+    def job(k):
+        rng = np.random.default_rng(k)
+        xs = [(rng.standard_normal(shape) * (k + 1) + k).astype(np.float32) for _ in range(3)]
+        dy = rng.standard_normal(shape).astype(np.float32)
+        return lambda: _train_steps(cbn.BatchNorm2d(shape[1], momentum=None), xs, dy, 12)
+
+    serial = [job(k)() for k in range(4)]
+    threaded = _run_threads([job(k) for k in range(4)])
+    assert threaded == serial
+
+
+def test_same_layer_from_two_threads_is_serialised():
+    """One layer called from two threads: the layer's lock makes each forward (its counter and running-statistics
+    update) and backward atomic, so 2*K concurrent steps on the same input give bitwise the state of 2*K serial
+    steps (momentum=None: the update depends on the counter, so a lost or torn update shows)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 3, 64, 64)).astype(np.float32) * 2 + 1
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    K = 40
+    serial = cbn.BatchNorm2d(3, momentum=None)
+    for _ in range(2 * K):
+        serial(x)
+    shared = cbn.BatchNorm2d(3, momentum=None)
+
+    def steps():
+        for _ in range(K):
+            y = shared(x)
+            assert np.all(np.isfinite(y))
+            shared.backward(dy)
+        return True
+
+    assert _run_threads([steps, steps]) == [True, True]
+    assert shared.num_batches_tracked == 2 * K
+    assert shared.running_mean.tobytes() == serial.running_mean.tobytes()
+    assert shared.running_var.tobytes() == serial.running_var.tobytes()
+
+
+# -- fork and multiprocessing --------------------------------------------------------------------------------------
+FORK_SCRIPT = textwrap.dedent("""
+    import multiprocessing as mp
+    import os
+    import sys
+    import numpy as np
+    import cbn
+
+    SHAPE = (8, 3, 128, 128)  # above the parallel threshold: the parent runs a parallel region before forking
+
+
+    def work(seed):
+        x = np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+        bn = cbn.BatchNorm2d(3)
+        y = bn(x)
+        dx = bn.backward(y)
+        return cbn.get_num_threads(), y.tobytes() + dx.tobytes() + bn.running_var.tobytes()
+
+
+    if __name__ == "__main__":
+        method = sys.argv[1]
+        cbn.set_num_threads(2)
+        parent = [work(s)[1] for s in range(2)]
+        if method == "os.fork":
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                threads, res = work(0)
+                os.write(w, b"ok %d" % threads if res == parent[0] else b"different")
+                os._exit(0)
+            os.close(w)
+            _, status = os.waitpid(pid, 0)
+            msg = os.read(r, 100).decode()
+            assert status == 0 and msg.startswith("ok"), (status, msg)
+            print("child threads", msg.split()[1])
+        else:
+            with mp.get_context(method).Pool(2) as pool:
+                got = pool.map(work, range(2))
+            assert [g[1] for g in got] == parent, "a child computed different results"
+            print("child threads", got[0][0])
+""")
+
+
+@pytest.mark.parametrize("method", ["os.fork", "fork", "forkserver", "spawn"])
+def test_child_processes_do_not_hang(tmp_path, method):
+    """A child made by os.fork() or multiprocessing (fork, forkserver, spawn) after the parent ran a parallel
+    region finishes and computes bitwise the parent's results. GNU libgomp hangs in a forked child's first
+    parallel region, so cbn starts forked children with 1 thread (README, "Threads"); spawn and forkserver
+    children are fresh processes with the full thread count."""
+    if method != "spawn" and not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    script = tmp_path / "forks.py"
+    script.write_text(FORK_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("OMP_THREAD_LIMIT", None)
+    # own session: on a hang the script and its children are killed together
+    proc = subprocess.Popen([sys.executable, str(script), method], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"a child process made with {method} hung")
+    assert proc.returncode == 0, err
+    threads = int(out.split()[-1])
+    if openmp_on():
+        assert threads == (1 if method in ("os.fork", "fork") else 2), out
