@@ -52,6 +52,10 @@ cdef extern from "_reduce.h" nogil:
                     const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off)
     void cbn_span_d(int op, const double *x, const double *dy, double *out, cbn_span s, Py_ssize_t S,
                     Py_ssize_t C, const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off)
+    void cbn_copy_f(const float *a, float *out, Py_ssize_t n)
+    void cbn_copy_d(const double *a, double *out, Py_ssize_t n)
+    void cbn_add_f(const float *a, const float *b, float *out, Py_ssize_t n)
+    void cbn_add_d(const double *a, const double *b, double *out, Py_ssize_t n)
 
 ctypedef fused floating:
     float
@@ -248,22 +252,31 @@ cdef inline Py_ssize_t _part_size(Layout L, Py_ssize_t C) noexcept nogil:
     return 2 * L.nblocks * (C if L.kind == BY_IMAGE else 1)
 
 
-cdef void _block_sums(int op, const floating *x, const floating *dy, Layout L, Py_ssize_t N, Py_ssize_t C,
-                      Py_ssize_t S, const double *p, double *part, int nt) noexcept nogil:
-    """Partial sums of op (CBN_MOMENTS or CBN_GRAD_SUMS) of every block, in parallel."""
-    cdef Py_ssize_t k
-    for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        _span(op, x, dy, <floating *>NULL, _block_span(L, k, N, C, S), S, C, p, _block_part(L, part, k, C),
+cdef inline void _block_op(int op, const floating *x, const floating *dy, floating *out, Layout L, Tiles *T,
+                           Py_ssize_t k, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double *p,
+                           double *part) noexcept nogil:
+    """op on block k of L (tile k of T when T is not NULL); sums (part not NULL) go to the block's partial sums."""
+    if T != NULL:
+        _span(op, x, dy, out, _tile_span(T[0], k, S, 0, 1), S, C, p, NULL, 0, 0)
+    elif part != NULL:
+        _span(op, x, dy, out, _block_span(L, k, N, C, S), S, C, p, _block_part(L, part, k, C),
               0 if L.kind == TILES else 1, 1 if L.kind == TILES else C)
-
-
-cdef void _block_apply(int op, const floating *x, const floating *dy, floating *out, Layout L, Py_ssize_t N,
-                       Py_ssize_t C, Py_ssize_t S, const double *p, int nt) noexcept nogil:
-    """Elementwise op (CBN_AFFINE or CBN_GRAD) over every block with the static schedule of _block_sums, so
-    each thread revisits the blocks it has just read."""
-    cdef Py_ssize_t k
-    for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+    else:
         _span(op, x, dy, out, _block_span(L, k, N, C, S), S, C, p, NULL, 0, 0)
+
+
+cdef void _blocks(int op, const floating *x, const floating *dy, floating *out, Layout L, Tiles *T, Py_ssize_t N,
+                  Py_ssize_t C, Py_ssize_t S, const double *p, double *part, int nt) noexcept nogil:
+    """op (see _block_op) on every block, in parallel with a static schedule (the same blocks go to the same
+    threads in the sums and the elementwise pass, so each thread revisits what it has just read), or serially
+    without entering a parallel region when nt is 1."""
+    cdef Py_ssize_t k, n = T.count if T != NULL else L.nblocks
+    if nt > 1:
+        for k in prange(n, schedule='static', num_threads=nt):
+            _block_op(op, x, dy, out, L, T, k, N, C, S, p, part)
+    else:
+        for k in range(n):
+            _block_op(op, x, dy, out, L, T, k, N, C, S, p, part)
 
 
 cdef void _merge(Layout L, double *part, Py_ssize_t C) noexcept nogil:
@@ -330,12 +343,12 @@ cdef void _sums(int op, const floating *x, const floating *dy, Plan *P, Py_ssize
     order: afterwards _channel_sums(P.L, P.part, c, C) reads them."""
     cdef Py_ssize_t c, j, q, CS = C * S
     if not P.expand:
-        _block_sums(op, x, dy, P.L, N, C, S, P.coef, P.part, P.nt)
+        _blocks(op, x, dy, <floating *>NULL, P.L, NULL, N, C, S, P.coef, P.part, P.nt)
         _merge(P.L, P.part, C)
         return
     for j in range(CS):
         P.coef_e[j] = P.coef[j // S]
-    _block_sums(op, x, dy, P.E, N, CS, 1, P.coef_e, P.part_e, P.nt)
+    _blocks(op, x, dy, <floating *>NULL, P.E, NULL, N, CS, 1, P.coef_e, P.part_e, P.nt)
     _merge(P.E, P.part_e, CS)
     for c in range(C):  # into block 0's pairs, as _merge leaves BY_IMAGE sums
         P.part[c] = 0.0
@@ -350,12 +363,12 @@ cdef void _apply(int op, const floating *x, const floating *dy, floating *out, P
     """Elementwise op (CBN_AFFINE or CBN_GRAD) with coefficients P.coef over every block."""
     cdef Py_ssize_t a, j, CS = C * S
     if not P.expand:
-        _block_apply(op, x, dy, out, P.L, N, C, S, P.coef, P.nt)
+        _blocks(op, x, dy, out, P.L, NULL, N, C, S, P.coef, NULL, P.nt)
         return
     for a in range(4):
         for j in range(CS):
             P.coef_e[a * CS + j] = P.coef[a * C + j // S]
-    _block_apply(op, x, dy, out, P.E, N, CS, 1, P.coef_e, P.nt)
+    _blocks(op, x, dy, out, P.E, NULL, N, CS, 1, P.coef_e, NULL, P.nt)
 
 
 cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double m, bint stats_only,
@@ -451,10 +464,8 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             if P.L.kind == BY_IMAGE:
                 _apply(CBN_AFFINE, px, <floating *>NULL, py, &P, N, C, S)
             else:  # memory-order tiles of whole rows
-                nt = _threads(N * C * S, T.count)
-                for k in prange(T.count, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                    _span(CBN_AFFINE, px, <floating *>NULL, py, _tile_span(T, k, S, 0, 1), S, C, P.coef, NULL, 0,
-                          0)
+                _blocks(CBN_AFFINE, px, <floating *>NULL, py, P.L, &T, N, C, S, P.coef, NULL,
+                        _threads(N * C * S, T.count))
         elif P.L.kind == CHANNELS:
             for k in prange(P.L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 s = _block_span(P.L, k, N, C, S)
@@ -601,19 +612,39 @@ cdef inline void _grad_channel(Layout L, const double *part, double *sums, bint 
     _finish_grad(local[0], local[1], c, C, m, mean, invstd, weight, use_batch_stats, dweight, dbias, coef)
 
 
-def copy(const floating[::1] src, floating[::1] dst):
-    """Roofline reference for the benchmark: dst = src, with the kernels' threading policy."""
-    cdef Py_ssize_t n = src.shape[0], nchunk = (n + BLOCK - 1) // BLOCK, t, i
-    cdef int nt = _threads(n, nchunk)
-    for t in prange(nchunk, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        for i in range(t * BLOCK, min(n, (t + 1) * BLOCK)):
-            dst[i] = src[i]
+def copy(cnp.ndarray src, cnp.ndarray dst):
+    """Roofline of the forward for the benchmark: dst = src (C-contiguous, one dtype and size)."""
+    _roofline(src, None, dst)
 
 
-def add(const floating[::1] a, const floating[::1] b, floating[::1] out):
-    """Roofline reference for the benchmark: out = a + b, with the kernels' threading policy."""
-    cdef Py_ssize_t n = a.shape[0], nchunk = (n + BLOCK - 1) // BLOCK, t, i
+def add(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out):
+    """Roofline of the backward for the benchmark: out = a + b (C-contiguous, one dtype and size)."""
+    _roofline(a, b, out)
+
+
+cdef void _roofline(cnp.ndarray a, b, cnp.ndarray out) noexcept:
+    """out = a (b None) or a + b, in BLOCK-value chunks with the kernels' threading policy."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(a), nchunk = (n + BLOCK - 1) // BLOCK, t
     cdef int nt = _threads(n, nchunk)
-    for t in prange(nchunk, nogil=True, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-        for i in range(t * BLOCK, min(n, (t + 1) * BLOCK)):
-            out[i] = a[i] + b[i]
+    cdef bint single = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT
+    cdef void *pa = cnp.PyArray_DATA(a)
+    cdef void *pb = _data(b)
+    cdef void *po = cnp.PyArray_DATA(out)
+    with nogil:
+        if nt > 1:
+            for t in prange(nchunk, schedule='static', num_threads=nt):
+                _roofline_chunk(single, pa, pb, po, t * BLOCK, min(BLOCK, n - t * BLOCK))
+        else:
+            _roofline_chunk(single, pa, pb, po, 0, n)
+
+
+cdef inline void _roofline_chunk(bint single, void *a, void *b, void *out, Py_ssize_t i0,
+                                 Py_ssize_t n) noexcept nogil:
+    if single and b == NULL:
+        cbn_copy_f(<float *>a + i0, <float *>out + i0, n)
+    elif single:
+        cbn_add_f(<float *>a + i0, <float *>b + i0, <float *>out + i0, n)
+    elif b == NULL:
+        cbn_copy_d(<double *>a + i0, <double *>out + i0, n)
+    else:
+        cbn_add_d(<double *>a + i0, <double *>b + i0, <double *>out + i0, n)

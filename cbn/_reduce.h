@@ -163,4 +163,26 @@ CBN_CLONES static void cbn_span_##SFX(int op, const T *x, const T *dy, T *out, c
 CBN_DEFINE_SPAN(f, float, float)
 CBN_DEFINE_SPAN(d, double, double)
 
+/* The benchmark's rooflines, cloned like the kernels: out = a (forward) and out = a + b (backward), n values.
+ * The copy stays a load/store loop like the kernels' (GCC would call memcpy, whose non-temporal stores for large
+ * arrays measured slower here). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CBN_NO_MEMCPY __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define CBN_NO_MEMCPY
+#endif
+#define CBN_DEFINE_ROOFLINE(SFX, T)                                                                   \
+CBN_CLONES CBN_NO_MEMCPY static void cbn_copy_##SFX(const T *CBN_RESTRICT a, T *CBN_RESTRICT out, ptrdiff_t n) { \
+    ptrdiff_t i;                                                                                      \
+    for (i = 0; i < n; i++) out[i] = a[i];                                                            \
+}                                                                                                     \
+CBN_CLONES static void cbn_add_##SFX(const T *CBN_RESTRICT a, const T *CBN_RESTRICT b, T *CBN_RESTRICT out, \
+                                     ptrdiff_t n) {                                                   \
+    ptrdiff_t i;                                                                                      \
+    for (i = 0; i < n; i++) out[i] = a[i] + b[i];                                                     \
+}
+
+CBN_DEFINE_ROOFLINE(f, float)
+CBN_DEFINE_ROOFLINE(d, double)
+
 #endif
