@@ -93,7 +93,7 @@ cdef Py_ssize_t SHORT_ROW = 1024
 # per row of a few values would cost more than the row.
 cdef Py_ssize_t SMALL_S = 8
 # Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
-cdef Py_ssize_t PART_DOUBLES = 1 << 19
+cdef Py_ssize_t PART_DOUBLES = 1 << 16
 # Tasks of whole channels (statistics, finish and output of a group of channels in one task, so that the second
 # sweep reads the last-level cache, not memory): for tensors of at least FUSE_MIN elements (beyond that cache, where
 # two sweeps in memory order would read memory twice) with at least FUSE_CHANNELS channels. A group holds as many
