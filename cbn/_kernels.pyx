@@ -451,7 +451,7 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
     cdef cbn_span s
     cdef double sums[2]
     cdef int nt
-    if stats_only and not use_batch_stats:
+    if (stats_only and not use_batch_stats) or N * C * S == 0:
         return 0
     if _plan(&P, N, C, S, use_batch_stats, use_batch_stats):
         return -1
@@ -566,6 +566,8 @@ cdef int _backward(const floating *px, const floating *pg, floating *pd, const d
     cdef const floating *pa = px if use_batch_stats else pg
     cdef const floating *pb = pg if use_batch_stats else NULL
     cdef int nt
+    if N * C * S == 0:
+        return 0
     if _plan(&P, N, C, S, True, True):
         return -1
     nt = P.nt
