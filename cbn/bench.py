@@ -241,9 +241,11 @@ def plot(rows, path):
             xs = np.arange(len(shapes)) + (j - 1) * 0.27
             ax1.bar(xs, [vals[s]["cbn_over_roofline"] for s in shapes], 0.27, label=op)
             ax2.bar(xs, [vals[s]["torch_over_cbn"] or 0 for s in shapes], 0.27, label=op)
-        for ax, title, line in ((ax1, "cbn time / roofline (lower is better)", 1.0),
+        for ax, title, line in ((ax1, "cbn time / roofline (lower is better, log scale)", 1.0),
                                 (ax2, "PyTorch time / cbn time (higher is better)", 1.0)):
             ax.axhline(line, color="k", lw=0.8)
+            if ax is ax1:
+                ax.set_yscale("log")
             ax.set_xticks(range(len(shapes)), shapes, rotation=30, fontsize=7)
             ax.set_title(f"{title} - {dtype}, {threads} thread(s)", fontsize=9)
             ax.legend(fontsize=7)
