@@ -309,7 +309,9 @@ def _v1_expected():
     return ref
 
 
-@pytest.mark.parametrize("how", ["npz", "pickle"])
+@pytest.mark.parametrize("how", ["npz", pytest.param("pickle", marks=pytest.mark.skipif(
+    int(np.__version__.split(".")[0]) < 2,
+    reason="the fixture pickle was written under NumPy 2, whose array pickles NumPy 1.x cannot read"))])
 def test_version_1_files_still_load(how):
     """Checkpoints written by cbn 0.1.0 (format version 1, before nan_guard existed) load, train and save."""
     path = os.path.join(DATA, "batchnorm2d_v1." + ("npz" if how == "npz" else "pkl"))
