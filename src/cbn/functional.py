@@ -56,6 +56,14 @@ def _float_array(a, name):
     return a if type(a) is np.ndarray else a.view(np.ndarray)
 
 
+def _input_array(x):
+    """Validate an (N, C, *) input: a floating ndarray of at least 2 dimensions."""
+    x = _float_array(x, "input")
+    if x.ndim < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
+    return x
+
+
 def _compute_dtype(x_dtype, dtype):
     """The dtype kernels run in: ``dtype`` if given, else x's (float16 -> float32, wider floats -> float64)."""
     if dtype is not None:
@@ -192,9 +200,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     saved : BatchNormSaved
         Only with ``return_saved``.
     """
-    x = _float_array(x, "input")
-    if x.ndim < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
+    x = _input_array(x)
     _check_scalars(momentum, eps)
     shape = x.shape
     N, C = shape[0], shape[1]
@@ -269,9 +275,7 @@ def batch_norm_stats(x, *, dtype=None):
         (C,) mean and sum of squared deviations from it (the biased variance is M2/count); NaN when count is 0,
         and M2 = 0 when count is 1.
     """
-    x = _float_array(x, "input")
-    if x.ndim < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
+    x = _input_array(x)
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     count = N * S
     x3 = _contiguous(x, _compute_dtype(x.dtype, dtype)).reshape(N, C, S)
