@@ -105,7 +105,7 @@ class _SyncBatchNorm(_BatchNorm):
         error, local = None, np.zeros(2 * C + 1)
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
             x = self._check_input(x)
-            out = F._out_array(out, "out", x.shape, np.dtype(np.float16) if x.dtype.itemsize == 2 else self.dtype,
+            out = F._out_array(out, "out", x.shape, F._output_dtype(x.dtype, self.dtype),
                                {"input": x, "weight": self.weight, "bias": self.bias,
                                 "running_mean": self.running_mean, "running_var": self.running_var})
             count, mean, M2 = F.batch_norm_stats(x, dtype=self.dtype)

@@ -76,6 +76,11 @@ def _compute_dtype(x_dtype, dtype):
     return _COMPUTE[1]
 
 
+def _output_dtype(x_dtype, dt):
+    """dtype of the output for input of x_dtype computed in dt: float16 stays float16, otherwise dt."""
+    return np.dtype(np.float16) if x_dtype.itemsize == 2 else dt
+
+
 def _channel_array(a, name, C):
     """Validate that ``a`` is a floating ndarray of shape (C,) and return it."""
     a = _float_array(a, name)
@@ -206,7 +211,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:])
     dt = _compute_dtype(x.dtype, dtype)
-    out_dt = np.dtype(np.float16) if x.dtype.itemsize == 2 else dt
+    out_dt = _output_dtype(x.dtype, dt)
     training = bool(training)
     if training and N * S == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
