@@ -466,27 +466,26 @@ cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv
             else:  # memory-order tiles of whole rows
                 _blocks(CBN_AFFINE, px, <floating *>NULL, py, P.L, &T, N, C, S, P.coef, NULL,
                         _threads(N * C * S, T.count))
-        elif P.L.kind == CHANNELS:
-            for k in prange(P.L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                s = _block_span(P.L, k, N, C, S)
-                for c in range(s.r0, s.r0 + s.run):
-                    P.coef[c] = px[c * S]
-                _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, P.coef, P.part, 1, C)
-                for c in range(s.r0, s.r0 + s.run):
-                    _finish_stats(P.part[c], P.part[C + c], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps,
-                                  mean, invstd, P.coef)
-                if not stats_only:
-                    _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, P.coef, NULL, 0, 0)
         else:
-            for c in range(C):
+            for c in range(C):  # the shift K of the sums: a value of each channel
                 P.coef[c] = px[c * S]
-            _sums(CBN_MOMENTS, px, <floating *>NULL, &P, N, C, S)
-            for c in range(C):
-                _channel_sums(P.L, P.part, c, C, sums)
-                _finish_stats(sums[0], sums[1], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps, mean, invstd,
-                              P.coef)
-            if not stats_only:
-                _apply(CBN_AFFINE, px, <floating *>NULL, py, &P, N, C, S)
+            if P.L.kind == CHANNELS:
+                for k in prange(P.L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                    s = _block_span(P.L, k, N, C, S)
+                    _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, P.coef, P.part, 1, C)
+                    for c in range(s.r0, s.r0 + s.run):
+                        _finish_stats(P.part[c], P.part[C + c], c, C, m, stats_only, prm, prv, pw, pb, momentum,
+                                      eps, mean, invstd, P.coef)
+                    if not stats_only:
+                        _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, P.coef, NULL, 0, 0)
+            else:
+                _sums(CBN_MOMENTS, px, <floating *>NULL, &P, N, C, S)
+                for c in range(C):
+                    _channel_sums(P.L, P.part, c, C, sums)
+                    _finish_stats(sums[0], sums[1], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps, mean,
+                                  invstd, P.coef)
+                if not stats_only:
+                    _apply(CBN_AFFINE, px, <floating *>NULL, py, &P, N, C, S)
     _release(P.coef)
     return 0
 
