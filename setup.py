@@ -120,14 +120,14 @@ def checked_source(pyx):
     return path
 
 
-KERNELS = checked_source("src/cbn/_kernels.pyx") if SANITIZE else "src/cbn/_kernels.pyx"
+KERNELS = checked_source("cbn/_kernels.pyx") if SANITIZE else "cbn/_kernels.pyx"
 # ----------------------------------------------------------------------------------------------------------------
 
 extensions = [
     Extension(
         "cbn._kernels",
         [KERNELS],
-        depends=["src/cbn/_reduce.h"],
+        depends=["cbn/_reduce.h"],
         include_dirs=[np.get_include(), "src/cbn"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
