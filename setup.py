@@ -127,7 +127,6 @@ extensions = [
     Extension(
         "cbn._kernels",
         [KERNELS],
-        depends=["cbn/_reduce.h"],
         include_dirs=[np.get_include(), "src/cbn"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

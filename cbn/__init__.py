@@ -7,24 +7,15 @@ import numpy as np
 from . import functional
 from ._kernels import build_info as _build_info
 from ._kernels import openmp_enabled as _openmp_enabled
-from ._kernels import set_num_threads as _set_omp_threads
 from .distributed import (SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, convert_sync_batchnorm,
                           revert_sync_batchnorm)
-from .functional import available_cpus, get_num_threads, max_num_threads, set_num_threads
+from ._threads import available_cpus, get_num_threads, max_num_threads, set_num_threads
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
            "convert_sync_batchnorm", "revert_sync_batchnorm", "functional", "load", "get_num_threads",
            "set_num_threads", "max_num_threads", "available_cpus", "show_config", "__version__"]
-
-functional._apply_default_threads()  # the importing thread gets cbn's default thread count right away
-
-if _openmp_enabled() and hasattr(os, "register_at_fork"):
-    # GNU libgomp hangs in the first parallel region of a forked child whose parent already ran one (its thread
-    # pool is not fork-safe), so a forked child starts with 1 thread. For threads in child processes use the
-    # multiprocessing "spawn" or "forkserver" start method.
-    os.register_at_fork(after_in_child=lambda: _set_omp_threads(1))
 
 
 def show_config():

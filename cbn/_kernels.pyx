@@ -1,37 +1,43 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled batch-norm kernels (NCHW viewed as (N, C, S), S = product of the spatial sizes).
+"""Compiled batch-norm kernels: typed memoryviews, fused float/double, OpenMP ``prange``.
 
-The entry points take caller-validated, aligned, C-contiguous ndarrays of one compute dtype (float32 or float64;
-statistics float64) or None where allowed, and read only their data pointers: no buffer acquisition or type dispatch
-per call. They write into caller-allocated outputs, run without the GIL and raise only MemoryError when the small
-scratch cannot be allocated. Arguments are marked IN, OUT or INOUT.
+The caller passes an (N, C, S) tensor (S = product of the sizes after the channel axis) as a C-contiguous
+(N, W) array, W = C*S: row n is image n, channel c occupies columns [c*S, (c+1)*S). A call goes through one
+``Layout`` of that matrix, one of two kinds:
 
-Determinism: the values are cut into fixed blocks (see Layout) that depend on the shape (N, C, S) only, never on
-the thread count, and every statistics or gradient call of one shape uses the same blocks. Each block's partial
-sums are kept and merged in block order, so any number of threads produces bitwise the same result; threads only
-change which block is computed where.
+- channel-major (rows of S >= SHORT_ROW values): block k is a group of channels x a range of images x a range of
+  columns; sums run along the rows over LANES fixed lanes, one pair per channel.
+- channel-minor ((N, C) input, S == 1, and short rows): block k is a range of rows over all W columns; sums run
+  down the columns, one accumulator pair per column, vectorised across columns; column j belongs to channel j // S.
+
+Every operation (statistics, normalisation, gradient sums, dx, and the statistics-only and two-step calls of
+SyncBatchNorm) is the same three steps over the blocks: partial sums of each block (``_block_sums``), their merge in
+block order (``_channel_sums``), then the elementwise pass over the same blocks (``_block_apply``). Blocks whose
+channels are whole (``Layout.fused``) do all three in one task, so a channel leaves memory once.
+
+Determinism: the blocks depend on (N, C, S) only, never on the thread count; partial sums are merged in block order,
+fixed lanes are folded in a fixed order, and the build has no FMA contraction: any thread count and any
+instruction-set level gives the same bits. Arguments are marked IN, OUT or INOUT; outputs are caller-allocated,
+and nothing here allocates more than the small scratch of partial sums and coefficients.
 """
+cimport cython
 cimport numpy as cnp
-from cython.parallel import prange
+from cython.parallel cimport prange
 from libc.math cimport sqrt
-from libc.stdint cimport uintptr_t
-from libc.stdlib cimport calloc, free
 
-cdef extern from "Python.h":
-    int PyTraceMalloc_Track(unsigned int domain, uintptr_t ptr, size_t size)
-    int PyTraceMalloc_Untrack(unsigned int domain, uintptr_t ptr)
+import numpy as np
+
+cnp.import_array()
 
 cdef extern from *:
     """
     #ifdef _OPENMP
     #include <omp.h>
     #define CBN_OPENMP 1
-    static int cbn_get_max_threads(void) { return omp_get_max_threads(); }
-    static void cbn_set_num_threads(int n) { omp_set_num_threads(n); }
+    static int cbn_max_threads(void) { return omp_get_max_threads(); }
     #else
     #define CBN_OPENMP 0
-    static int cbn_get_max_threads(void) { return 1; }
-    static void cbn_set_num_threads(int n) { (void)n; }
+    static int cbn_max_threads(void) { return 1; }
     #endif
     #ifndef CBN_BUILD_INFO
     #define CBN_BUILD_INFO "unknown"
@@ -39,72 +45,55 @@ cdef extern from *:
     """
     const int CBN_OPENMP
     const char *CBN_BUILD_INFO
-    int cbn_get_max_threads() noexcept nogil
-    void cbn_set_num_threads(int n) noexcept nogil
-
-cdef extern from "_reduce.h" nogil:
-    ctypedef struct cbn_span:
-        # Runs j < nruns of run consecutive rows from row r0 + j*rstep of the (N*C, S) matrix, columns [i0, i1).
-        Py_ssize_t r0, nruns, rstep, run, i0, i1
-    enum:
-        CBN_MOMENTS, CBN_AFFINE, CBN_GRAD_SUMS, CBN_GRAD
-    void cbn_span_f(int op, const float *x, const float *dy, float *out, cbn_span s, Py_ssize_t S, Py_ssize_t C,
-                    const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off)
-    void cbn_span_d(int op, const double *x, const double *dy, double *out, cbn_span s, Py_ssize_t S,
-                    Py_ssize_t C, const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off)
-    void cbn_copy_f(const float *a, float *out, Py_ssize_t n)
-    void cbn_copy_d(const double *a, double *out, Py_ssize_t n)
-    void cbn_add_f(const float *a, const float *b, float *out, Py_ssize_t n)
-    void cbn_add_d(const double *a, const double *b, double *out, Py_ssize_t n)
+    int cbn_max_threads() noexcept nogil
 
 ctypedef fused floating:
     float
     double
 
-cnp.import_array()
+# The operations, as types of a fused argument: each kernel is specialised for its operation at compile time.
+cdef struct Moments:      # sums of u = x - K: s0 += u, s1 += u*u
+    char tag
+cdef struct GradSums:     # s0 += dy, s1 += dy*(x - K)
+    char tag
+cdef struct Affine:       # out = (x - c0)*c1 + c2
+    char tag
+cdef struct Grad:         # out = (dy - c3)*c1 - (x - c0)*c2
+    char tag
 
+ctypedef fused SumOp:
+    Moments
+    GradSums
 
-cdef unsigned int TRACE_DOMAIN = 0x63626e  # tracemalloc domain of the kernels' scratch ("cbn")
+ctypedef fused ApplyOp:
+    Affine
+    Grad
 
+cdef enum:
+    LANES = 16            # fixed lanes of a channel-major sum
+    COL_CHUNK = 512       # channel-minor columns per pass: their accumulators stay in L1
 
-cdef double *_scratch(Py_ssize_t n) noexcept:
-    """n zeroed doubles of scratch, visible to tracemalloc; NULL if allocation fails. Release with _release."""
-    cdef double *p = <double *>calloc(n, sizeof(double))
-    if p != NULL:
-        PyTraceMalloc_Track(TRACE_DOMAIN, <uintptr_t>p, n * sizeof(double))
-    return p
+# Rows shorter than this go channel-minor (given MIN_ROWS images): a row of a few values would cost more than it
+# holds. Longer rows go channel-major.
+cdef Py_ssize_t SHORT_ROW = 16
+cdef Py_ssize_t MIN_ROWS = 8
+# Values per block (about 128 KB of float32: a block stays in L2 between its sums and its elementwise pass).
+cdef Py_ssize_t BLOCK = 1 << 15
+# Channel-major blocks hold whole channels (fused) while a channel's N*S values fit in the last-level cache and
+# there are at least MIN_TASKS channels; a group holds at most C // MIN_TASKS channels, so there are tasks for all
+# threads.
+cdef Py_ssize_t FUSE_PLANE = 1 << 20
+cdef Py_ssize_t MIN_TASKS = 16
+# Channel-minor: the budget in doubles of the blocks' partial sums (2*W each).
+cdef Py_ssize_t PART_BUDGET = 1 << 15
+cdef Py_ssize_t MAX_BLOCKS = 64
+# Below this many values a call runs serially: starting threads costs more than the work.
+cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 
-
-cdef void _release(double *p) noexcept:
-    PyTraceMalloc_Untrack(TRACE_DOMAIN, <uintptr_t>p)
-    free(p)
-
-
-cdef inline void *_data(object a) noexcept:
-    """Data pointer of a validated ndarray, NULL for None."""
-    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
-
-# Elements per block (fixed: the determinism contract depends on it never varying with the thread count).
-cdef Py_ssize_t BLOCK = 16384
-# Rows shorter than this (or than 8*SHORT_ROW, given >= 32 images) are processed in memory order (groups of whole
-# images); longer rows channel by channel.
-cdef Py_ssize_t SHORT_ROW = 1024
-# Rows shorter than this, in memory order, run as one row of C*S "channels" per image (see Plan.expand): a call
-# per row of a few values would cost more than the row.
-cdef Py_ssize_t SMALL_S = 8
-# Scratch budget, in doubles, for the partial sums of short-row layouts (exceeded only to keep 2 blocks).
-cdef Py_ssize_t PART_DOUBLES = 1 << 16
-# Tasks of whole channels (statistics, finish and output of a group of channels in one task, so that the second
-# sweep reads the last-level cache, not memory): for tensors of at least FUSE_MIN elements (beyond that cache, where
-# two sweeps in memory order would read memory twice) with at least FUSE_CHANNELS channels. A group holds as many
-# channels as fit in FUSE_GROUP elements, but no more than C/FUSE_CHANNELS (enough tasks for the threads), and its
-# runs (one per image) are at least SHORT_ROW long. Measured here: groups of one channel with runs of a few KB were
-# slower than two sweeps in memory order; runs of 25-100 KB are faster.
-cdef Py_ssize_t FUSE_MIN = 1 << 22
-cdef Py_ssize_t FUSE_CHANNELS = 16
-cdef Py_ssize_t FUSE_GROUP = 1 << 20
-# Below this many elements a kernel runs serially: starting threads costs more than the work.
-cdef Py_ssize_t PARALLEL_MIN = 65536
+# Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
+# _forced_block values and threads even for tiny inputs.
+cdef int _forced_kind = 0
+cdef Py_ssize_t _forced_block = 0
 
 
 def openmp_enabled():
@@ -117,535 +106,482 @@ def build_info():
     return CBN_BUILD_INFO.decode()
 
 
-def get_num_threads():
-    """Return the number of threads a parallel kernel uses (OpenMP's max threads)."""
-    return cbn_get_max_threads()
+def omp_max_threads():
+    """Return the OpenMP runtime's thread count for the calling thread (OMP_NUM_THREADS, threadpoolctl)."""
+    return cbn_max_threads()
 
 
-def set_num_threads(int n):
-    """Set the number of threads for parallel kernels of the calling thread (omp_set_num_threads)."""
-    cbn_set_num_threads(n)
-
-
-cdef inline int _threads(Py_ssize_t n_elements, Py_ssize_t n_tasks) noexcept nogil:
-    """Threads for a kernel: 1 for tiny inputs, never more than there are tasks."""
-    if n_elements < PARALLEL_MIN or n_tasks < 2:
-        return 1
-    return <int>min(<Py_ssize_t>cbn_get_max_threads(), n_tasks)
-
-
-cdef inline void _span(int op, const floating *x, const floating *dy, floating *out, cbn_span s, Py_ssize_t S,
-                       Py_ssize_t C, const double *p, double *acc, Py_ssize_t cs, Py_ssize_t off) noexcept nogil:
-    """Apply op to every row of span s (the operations are defined in _reduce.h)."""
-    if floating is float:
-        cbn_span_f(op, x, dy, out, s, S, C, p, acc, cs, off)
-    else:
-        cbn_span_d(op, x, dy, out, s, S, C, p, acc, cs, off)
-
-
-cdef struct Tiles:
-    # Tiling of a plane of nrows rows of S values into tiles of about BLOCK values:
-    # tile k covers rows [(k // ncol)*rows, +rows) and columns [(k % ncol)*width, +width).
-    Py_ssize_t nrows
-    Py_ssize_t rows
-    Py_ssize_t ncol
-    Py_ssize_t width
-    Py_ssize_t count
-
-
-cdef enum Kind:
-    BY_IMAGE  # block k = images [k*rows, +rows), all channels; sums part[2*C*k + c], part[2*C*k + C + c]
-    TILES     # block k = tile k % tiles.count of channel k // tiles.count's (N, S) plane; sums part[2*k], +1
-    CHANNELS  # block k = channels [k*rows, +rows) of all images, sums part[c], part[C + c]: statistics, finish
-              # and output of those channels in one task
+def force_layout(kind=None, Py_ssize_t block=64):
+    """Test-only: run every call with the given layout kind ("major" or "minor"; None: by shape), blocks of about
+    ``block`` values, and the caller's thread count even for tiny inputs."""
+    global _forced_kind, _forced_block
+    _forced_kind = {None: 0, "major": 1, "minor": 2}[kind]
+    _forced_block = block
 
 
 cdef struct Layout:
-    Kind kind
-    Py_ssize_t rows
-    Tiles tiles
+    bint minor            # channel-minor (else channel-major)
+    Py_ssize_t N, C, S, W
+    Py_ssize_t G          # coefficient columns per channel: S (minor), 1 (major)
     Py_ssize_t nblocks
+    Py_ssize_t part       # doubles of partial sums per block: 2*W (minor), 2*group (major)
+    bint fused            # major with whole channels per block: sums, finish and output in one task
+    # channel-major: block k = channels [g*group, +group) x images [(r // ncol)*nimg, +nimg) x columns
+    # [(r % ncol)*width, +width) of each row, g = k // per_channel, r = k % per_channel
+    Py_ssize_t group, nimg, ncol, width, per_channel
+    # channel-minor: block k = rows [k*rows, +rows)
+    Py_ssize_t rows
 
 
-cdef Tiles _tiles(Py_ssize_t nrows, Py_ssize_t S) noexcept nogil:
-    """Fixed tiling of an (nrows, S) plane: whole rows when S < BLOCK, else rows cut into equal column chunks."""
-    cdef Tiles t
-    t.nrows = nrows
-    if S >= BLOCK:
-        t.rows = 1
-        t.ncol = (S + BLOCK - 1) // BLOCK
-        t.width = (S + t.ncol - 1) // t.ncol
-    else:
-        t.rows = max(1, BLOCK // S)
-        t.ncol = 1
-        t.width = S
-    t.count = ((nrows + t.rows - 1) // t.rows) * t.ncol
-    return t
+cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
 
 
-cdef inline cbn_span _tile_span(Tiles t, Py_ssize_t k, Py_ssize_t S, Py_ssize_t first,
-                                Py_ssize_t step) noexcept nogil:
-    """Span of tile k, where plane row n is matrix row first + n*step (step 1: one run of consecutive rows)."""
-    cdef cbn_span s
-    cdef Py_ssize_t n0 = (k // t.ncol) * t.rows, rows = min(t.nrows - n0, t.rows)
-    s.r0 = first + n0 * step
-    s.nruns = 1 if step == 1 else rows
-    s.rstep = step
-    s.run = rows if step == 1 else 1
-    s.i0 = (k % t.ncol) * t.width
-    s.i1 = min(S, s.i0 + t.width)
-    return s
-
-
-cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse) noexcept nogil:
-    """Blocks of an (N, C, S) tensor (they depend on the shape only); CHANNELS only when fuse is set."""
+cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    """The blocks of an (N, C, S) tensor: a function of the shape (and the test-only switch) alone."""
     cdef Layout L
+    cdef Py_ssize_t block = _forced_block if _forced_kind else BLOCK
     cdef Py_ssize_t cap
-    L.tiles = _tiles(N, S)
-    L.nblocks = C
-    L.rows = max(1, min(FUSE_GROUP // (N * S), C // FUSE_CHANNELS))
-    if fuse and L.rows * S >= SHORT_ROW and N * S <= FUSE_GROUP and N * C * S >= FUSE_MIN and C >= FUSE_CHANNELS:
-        L.kind = CHANNELS
-        L.nblocks = (C + L.rows - 1) // L.rows
-    elif (S < SHORT_ROW and (N >= 8 or S < SMALL_S)) or (S < 8 * SHORT_ROW and N >= 32):  # memory order
-        L.kind = BY_IMAGE
-        # Few enough blocks that their partial sums (2*C doubles each) stay small: at most 64, and about
-        # PART_DOUBLES doubles in all for huge C.
-        cap = max(2, min(64, PART_DOUBLES // (2 * C)))
-        L.rows = max(max(1, BLOCK // (C * S)), (N + cap - 1) // cap)
-        L.nblocks = (N + L.rows - 1) // L.rows
+    L.N, L.C, L.S, L.W = N, C, S, C * S
+    L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_ROWS)) if _forced_kind == 0 else _forced_kind == 2
+    if L.minor:
+        L.G = S
+        cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
+        L.rows = max(max(1, block // L.W), _cdiv(N, cap))
+        L.nblocks = _cdiv(N, L.rows)
+        L.part = 2 * L.W
+        L.fused = False
+        return L
+    L.G = 1
+    if N * S <= FUSE_PLANE and C >= MIN_TASKS and not _forced_kind:
+        L.group = max(1, min(block // (N * S), C // MIN_TASKS))
+        L.nimg, L.ncol, L.width = N, 1, S
     else:
-        L.kind = TILES
-        L.nblocks = C * L.tiles.count
+        L.group = 1
+        L.ncol = _cdiv(S, block) if S > block else 1
+        L.width = _cdiv(S, L.ncol)
+        L.nimg = max(1, block // S) if L.ncol == 1 else 1
+    L.per_channel = _cdiv(N, L.nimg) * L.ncol
+    L.fused = L.per_channel == 1
+    L.nblocks = _cdiv(C, L.group) * L.per_channel
+    L.part = 2 * L.group
     return L
 
 
-cdef inline cbn_span _block_span(Layout L, Py_ssize_t k, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    cdef cbn_span s
-    if L.kind == TILES:
-        return _tile_span(L.tiles, k % L.tiles.count, S, k // L.tiles.count, C)
-    s.rstep = C
-    s.i0 = 0
-    s.i1 = S
-    if L.kind == CHANNELS:
-        s.r0 = k * L.rows
-        s.nruns = N
-        s.run = min(C - s.r0, L.rows)
-    else:
-        s.r0 = k * L.rows * C
-        s.nruns = min(N - k * L.rows, L.rows)
-        s.run = C
-    return s
+cdef inline int _threads(Layout L, int n_threads) noexcept nogil:
+    """Threads for a call: 1 for tiny inputs (unless a layout is forced), never more than there are blocks."""
+    if L.nblocks < 2 or n_threads < 2 or (L.N * L.W < PARALLEL_MIN and not _forced_kind):
+        return 1
+    return <int>min(<Py_ssize_t>n_threads, L.nblocks)
 
 
-cdef inline double *_block_part(Layout L, double *part, Py_ssize_t k, Py_ssize_t C) noexcept nogil:
-    """Where block k's partial sums start."""
-    if L.kind == CHANNELS:
-        return part
-    return part + 2 * k * (C if L.kind == BY_IMAGE else 1)
+cdef inline void _major_block(Layout L, Py_ssize_t k, Py_ssize_t *c0, Py_ssize_t *c1, Py_ssize_t *n0,
+                              Py_ssize_t *n1, Py_ssize_t *i0, Py_ssize_t *i1) noexcept nogil:
+    """Channels [c0, c1), images [n0, n1) and row columns [i0, i1) of channel-major block k."""
+    cdef Py_ssize_t g = k // L.per_channel, r = k % L.per_channel
+    c0[0] = g * L.group
+    c1[0] = min(L.C, c0[0] + L.group)
+    n0[0] = (r // L.ncol) * L.nimg
+    n1[0] = min(L.N, n0[0] + L.nimg)
+    i0[0] = (r % L.ncol) * L.width
+    i1[0] = min(L.S, i0[0] + L.width)
 
 
-cdef inline Py_ssize_t _part_size(Layout L, Py_ssize_t C) noexcept nogil:
-    """Doubles of partial sums: a pair per channel per block (BY_IMAGE), per block (TILES) or per channel."""
-    if L.kind == CHANNELS:
-        return 2 * C
-    return 2 * L.nblocks * (C if L.kind == BY_IMAGE else 1)
+# -- the inner loops ------------------------------------------------------------------------------------------------
+
+cdef void _row_sums(SumOp op, const floating[:, ::1] x, const floating[:, ::1] dy, Py_ssize_t n0, Py_ssize_t n1,
+                    Py_ssize_t i0, Py_ssize_t i1, double k, double *s) noexcept nogil:
+    """s[0] += sum(w), s[1] += sum(w*u) over rows [n0, n1), columns [i0, i1) of x (and dy), u = x - k, and
+    w = u (Moments) or dy (GradSums); LANES lanes, element e of a row in lane e % LANES, folded pairwise."""
+    cdef double a[LANES]
+    cdef double q[LANES]
+    cdef Py_ssize_t n, i, v, l, h, nvec = (i1 - i0) // LANES, nv = i0 + nvec * LANES
+    cdef double u, w
+    for l in range(LANES):
+        a[l] = 0.0
+        q[l] = 0.0
+    for n in range(n0, n1):
+        for v in range(nvec):
+            i = i0 + v * LANES
+            for l in range(LANES):
+                u = <double>x[n, i + l] - k
+                if SumOp is Moments:
+                    w = u
+                else:
+                    w = <double>dy[n, i + l]
+                a[l] += w
+                q[l] += w * u
+        for l in range(i1 - nv):
+            u = <double>x[n, nv + l] - k
+            if SumOp is Moments:
+                w = u
+            else:
+                w = <double>dy[n, nv + l]
+            a[l] += w
+            q[l] += w * u
+    h = LANES // 2
+    while h > 0:
+        for l in range(h):
+            a[l] += a[l + h]
+            q[l] += q[l + h]
+        h //= 2
+    s[0] += a[0]
+    s[1] += q[0]
 
 
-cdef inline void _block_op(int op, const floating *x, const floating *dy, floating *out, Layout L, Tiles *T,
-                           Py_ssize_t k, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, const double *p,
-                           double *part) noexcept nogil:
-    """op on block k of L (tile k of T when T is not NULL); sums (part not NULL) go to the block's partial sums."""
-    if T != NULL:
-        _span(op, x, dy, out, _tile_span(T[0], k, S, 0, 1), S, C, p, NULL, 0, 0)
-    elif part != NULL:
-        _span(op, x, dy, out, _block_span(L, k, N, C, S), S, C, p, _block_part(L, part, k, C),
-              0 if L.kind == TILES else 1, 1 if L.kind == TILES else C)
-    else:
-        _span(op, x, dy, out, _block_span(L, k, N, C, S), S, C, p, NULL, 0, 0)
+cdef void _column_sums(SumOp op, const floating[:, ::1] x, const floating[:, ::1] dy, Py_ssize_t r0, Py_ssize_t r1,
+                       Py_ssize_t j0, Py_ssize_t j1, const double[:, ::1] coef,
+                       double[::1] part, Py_ssize_t off) noexcept nogil:
+    """part[off + j] += sum(w), part[off + W + j] += sum(w*u) down column j in [j0, j1) over rows [r0, r1),
+    u = x - coef[0, j], w = u (Moments) or dy (GradSums); four rows per step, added pairwise."""
+    cdef Py_ssize_t r, j, W = x.shape[1], r4 = r0 + (r1 - r0) // 4 * 4
+    cdef double u0, u1, u2, u3, w0, w1, w2, w3
+    for r in range(r0, r4, 4):
+        for j in range(j0, j1):
+            u0 = <double>x[r, j] - coef[0, j]
+            u1 = <double>x[r + 1, j] - coef[0, j]
+            u2 = <double>x[r + 2, j] - coef[0, j]
+            u3 = <double>x[r + 3, j] - coef[0, j]
+            if SumOp is Moments:
+                w0, w1, w2, w3 = u0, u1, u2, u3
+            else:
+                w0, w1, w2, w3 = <double>dy[r, j], <double>dy[r + 1, j], <double>dy[r + 2, j], <double>dy[r + 3, j]
+            part[off + j] += (w0 + w1) + (w2 + w3)
+            part[off + W + j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
+    for r in range(r4, r1):
+        for j in range(j0, j1):
+            u0 = <double>x[r, j] - coef[0, j]
+            if SumOp is Moments:
+                w0 = u0
+            else:
+                w0 = <double>dy[r, j]
+            part[off + j] += w0
+            part[off + W + j] += w0 * u0
 
 
-cdef void _blocks(int op, const floating *x, const floating *dy, floating *out, Layout L, Tiles *T, Py_ssize_t N,
-                  Py_ssize_t C, Py_ssize_t S, const double *p, double *part, int nt) noexcept nogil:
-    """op (see _block_op) on every block, in parallel with a static schedule (the same blocks go to the same
-    threads in the sums and the elementwise pass, so each thread revisits what it has just read), or serially
-    without entering a parallel region when nt is 1."""
-    cdef Py_ssize_t k, n = T.count if T != NULL else L.nblocks
-    if nt > 1:
-        for k in prange(n, schedule='static', num_threads=nt):
-            _block_op(op, x, dy, out, L, T, k, N, C, S, p, part)
-    else:
-        for k in range(n):
-            _block_op(op, x, dy, out, L, T, k, N, C, S, p, part)
+cdef void _apply_row(ApplyOp op, const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] out,
+                     Py_ssize_t n, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1, double c2,
+                     double c3) noexcept nogil:
+    """Row n, columns [i0, i1) of one channel: Affine out = (x - c0)*c1 + c2, Grad out = (dy - c3)*c1 - (x - c0)*c2,
+    in double, rounded once."""
+    cdef Py_ssize_t i
+    for i in range(i0, i1):
+        if ApplyOp is Affine:
+            out[n, i] = <floating>((<double>x[n, i] - c0) * c1 + c2)
+        else:
+            out[n, i] = <floating>((<double>dy[n, i] - c3) * c1 - (<double>x[n, i] - c0) * c2)
 
 
-cdef void _merge(Layout L, double *part, Py_ssize_t C) noexcept nogil:
-    """Add every channel's partial sums over its blocks in block order, into its first block's pair (in place,
-    memory order: for BY_IMAGE the blocks' (2, C) arrays are added one after another)."""
-    cdef Py_ssize_t k, j, c, T = L.tiles.count
-    if L.kind == BY_IMAGE:
-        for k in range(1, L.nblocks):
-            for j in range(2 * C):
-                part[j] += part[2 * C * k + j]
-    elif L.kind == TILES:
-        for c in range(C):
-            for k in range(c * T + 1, (c + 1) * T):
-                part[2 * c * T] += part[2 * k]
-                part[2 * c * T + 1] += part[2 * k + 1]
+cdef void _apply_columns(ApplyOp op, const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] out,
+                         Py_ssize_t n, const double[:, ::1] coef) noexcept nogil:
+    """Row n, every column j with its own coefficients coef[:, j]: as _apply_row."""
+    cdef Py_ssize_t j
+    for j in range(x.shape[1]):
+        if ApplyOp is Affine:
+            out[n, j] = <floating>((<double>x[n, j] - coef[0, j]) * coef[1, j] + coef[2, j])
+        else:
+            out[n, j] = <floating>((<double>dy[n, j] - coef[3, j]) * coef[1, j]
+                                   - (<double>x[n, j] - coef[0, j]) * coef[2, j])
 
 
-cdef inline void _channel_sums(Layout L, const double *part, Py_ssize_t c, Py_ssize_t C,
-                               double *s) noexcept nogil:
-    """s[0], s[1] = channel c's two sums after _merge."""
-    if L.kind == TILES:
-        s[0] = part[2 * c * L.tiles.count]
-        s[1] = part[2 * c * L.tiles.count + 1]
-    else:
-        s[0] = part[c]
-        s[1] = part[C + c]
+# -- the three steps over blocks ----------------------------------------------------------------------------------
 
-
-cdef struct Plan:
-    # The blocks and scratch of one kernel call.
-    Layout L           # blocks of the (N, C, S) tensor
-    bint expand        # BY_IMAGE with 1 < S < SMALL_S: sums and elementwise passes run on the (N, C*S, 1) view,
-                       # one column per (channel, s), and per-channel sums are the columns' sums added in s order
-    Layout E           # blocks of that view
-    double *coef       # (4, C) coefficients of the operations (see _reduce.h)
-    double *part       # partial sums of L's blocks
-    double *coef_e     # (4, C*S) coefficients of the view's columns
-    double *part_e     # partial sums of E's blocks
-    int nt             # threads
-
-
-cdef int _plan(Plan *P, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint fuse, bint with_sums) noexcept:
-    """Blocks and zeroed scratch for a call (with_sums: room for partial sums); -1 if allocation fails."""
-    cdef Py_ssize_t n
-    P.L = _layout(N, C, S, fuse)
-    P.expand = P.L.kind == BY_IMAGE and 1 < S < SMALL_S
-    n = 4 * C + (_part_size(P.L, C) if with_sums else 0)
-    if P.expand:
-        P.E = _layout(N, C * S, 1, False)
-        n += 4 * C * S + (_part_size(P.E, C * S) if with_sums else 0)
-    P.coef = _scratch(n)
-    if P.coef == NULL:
-        return -1
-    P.part = P.coef + 4 * C
-    P.coef_e = P.part + (_part_size(P.L, C) if with_sums else 0)
-    P.part_e = P.coef_e + 4 * C * S
-    P.nt = _threads(N * C * S, P.E.nblocks if P.expand else P.L.nblocks)
-    return 0
-
-
-cdef void _sums(int op, const floating *x, const floating *dy, Plan *P, Py_ssize_t N, Py_ssize_t C,
-                Py_ssize_t S) noexcept nogil:
-    """Every channel's sums of op (CBN_MOMENTS or CBN_GRAD_SUMS; shift P.coef[c]) over its blocks, merged in block
-    order: afterwards _channel_sums(P.L, P.part, c, C) reads them."""
-    cdef Py_ssize_t c, j, q, CS = C * S
-    if not P.expand:
-        _blocks(op, x, dy, <floating *>NULL, P.L, NULL, N, C, S, P.coef, P.part, P.nt)
-        _merge(P.L, P.part, C)
+cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
+                      const double[:, ::1] coef, double[::1] part) noexcept nogil:
+    """Partial sums of block k into part[k*L.part, +L.part): (s0, s1) per column (minor) or per channel of the
+    block's group (major), shifted by coef[0]."""
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, off = k * L.part
+    if L.minor:
+        n0, n1 = k * L.rows, min(L.N, (k + 1) * L.rows)
+        for j in range(_cdiv(L.W, COL_CHUNK)):
+            _column_sums(op, x, dy, n0, n1, j * COL_CHUNK, min(L.W, (j + 1) * COL_CHUNK), coef, part, off)
         return
-    for j in range(CS):
-        P.coef_e[j] = P.coef[j // S]
-    _blocks(op, x, dy, <floating *>NULL, P.E, NULL, N, CS, 1, P.coef_e, P.part_e, P.nt)
-    _merge(P.E, P.part_e, CS)
-    for c in range(C):  # into block 0's pairs, as _merge leaves BY_IMAGE sums
-        P.part[c] = 0.0
-        P.part[C + c] = 0.0
-        for q in range(c * S, (c + 1) * S):
-            P.part[c] += P.part_e[q]
-            P.part[C + c] += P.part_e[CS + q]
+    _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+    for c in range(c0, c1):
+        _row_sums(op, x, dy, n0, n1, c * L.S + i0, c * L.S + i1, coef[0, c], &part[off + 2 * (c - c0)])
 
 
-cdef void _apply(int op, const floating *x, const floating *dy, floating *out, Plan *P, Py_ssize_t N,
-                 Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    """Elementwise op (CBN_AFFINE or CBN_GRAD) with coefficients P.coef over every block."""
-    cdef Py_ssize_t a, j, CS = C * S
-    if not P.expand:
-        _blocks(op, x, dy, out, P.L, NULL, N, C, S, P.coef, NULL, P.nt)
+cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
+                       floating[:, ::1] out, const double[:, ::1] coef) noexcept nogil:
+    """The elementwise pass over block k."""
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n
+    if L.minor:
+        for n in range(k * L.rows, min(L.N, (k + 1) * L.rows)):
+            _apply_columns(op, x, dy, out, n, coef)
         return
-    for a in range(4):
-        for j in range(CS):
-            P.coef_e[a * CS + j] = P.coef[a * C + j // S]
-    _blocks(op, x, dy, out, P.E, NULL, N, CS, 1, P.coef_e, NULL, P.nt)
+    _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            _apply_row(op, x, dy, out, n, c * L.S + i0, c * L.S + i1, coef[0, c], coef[1, c], coef[2, c],
+                       coef[3, c])
 
 
-cdef void _finish_stats(double s1, double s2, Py_ssize_t c, Py_ssize_t C, double m, bint stats_only,
-                        floating *running_mean, floating *running_var,   # INOUT (C,) or NULL
-                        const floating *weight, const floating *bias,    # IN (C,) or NULL
+cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
+    """s = channel c's two sums over all its blocks, added in block order (columns in order, for minor)."""
+    cdef Py_ssize_t b, j, first, g
+    s[0] = 0.0
+    s[1] = 0.0
+    if L.minor:
+        for b in range(L.nblocks):
+            for j in range(c * L.S, (c + 1) * L.S):
+                s[0] += part[b * L.part + j]
+                s[1] += part[b * L.part + L.W + j]
+        return
+    g = c // L.group
+    first = g * L.per_channel
+    for b in range(first, first + L.per_channel):
+        s[0] += part[b * L.part + 2 * (c - g * L.group)]
+        s[1] += part[b * L.part + 2 * (c - g * L.group) + 1]
+
+
+cdef inline void _set_coef(Layout L, double[:, ::1] coef, Py_ssize_t row, Py_ssize_t c, double v) noexcept nogil:
+    """coef[row] of channel c: its G columns."""
+    cdef Py_ssize_t j
+    for j in range(c * L.G, (c + 1) * L.G):
+        coef[row, j] = v
+
+
+# -- forward ------------------------------------------------------------------------------------------------------
+
+cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, bint stats_only, bint update,
+                        floating[::1] running_mean, floating[::1] running_var,  # INOUT (C,), when update
+                        const floating[::1] weight, const floating[::1] bias,    # IN (C,), or None
                         double momentum, double eps,
-                        double *mean, double *invstd,                    # OUT (C,)
-                        double *coef) noexcept nogil:                    # INOUT (4, C): IN shift K, OUT affine
-    """Channel c: mean = K + s1/m, M2 = s2 - s1**2/m, var = M2/m, invstd = 1/sqrt(var + eps) (stats_only: M2 in
-    invstd's place, and nothing else). NaN stays NaN.
-
-    s1, s2 are the sums of x - K and (x - K)**2, K = coef[c] a value of the channel, so s2 <= (m + 1)*M2: the
-    subtraction loses at most log2(m + 1) bits of a double, and nothing for data near K.
+                        double[::1] mean, double[::1] invstd,                    # OUT (C,)
+                        double[:, ::1] coef) noexcept nogil:                     # INOUT: IN shift K, OUT affine
+    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over m = N*S values, K = coef[0] a value of it:
+    mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
+    invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
-    Affine coefficients of y = (x - mean)*scale + beta: coef[c], coef[C + c], coef[2C + c] = mean, gamma*invstd, beta.
-    """
+    Affine coefficients of y = (x - mean)*(gamma*invstd) + beta."""
+    cdef double m = <double>(L.N * L.S)
     cdef double M2 = s2 - s1 * s1 / m
     if M2 < 0.0:
         M2 = 0.0
-    mean[c] = coef[c] + s1 / m
+    mean[c] = coef[0, c * L.G] + s1 / m
     if stats_only:
         invstd[c] = M2
         return
     invstd[c] = 1.0 / sqrt(M2 / m + eps)
-    if running_mean != NULL:
+    if update:
         running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
         running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (M2 / (m - 1.0)))
-    _affine_coef(mean[c], invstd[c], weight, bias, c, C, coef)
+    _affine_coef(L, c, mean[c], invstd[c], weight, bias, coef)
 
 
-cdef inline void _affine_coef(double mean, double invstd, const floating *weight, const floating *bias,
-                              Py_ssize_t c, Py_ssize_t C, double *coef) noexcept nogil:  # OUT (4, C)
-    coef[c] = mean
-    coef[C + c] = (<double>weight[c] if weight != NULL else 1.0) * invstd
-    coef[2 * C + c] = <double>bias[c] if bias != NULL else 0.0
+cdef inline void _affine_coef(Layout L, Py_ssize_t c, double mean, double invstd, const floating[::1] weight,
+                              const floating[::1] bias, double[:, ::1] coef) noexcept nogil:
+    """coef[:3] of channel c = (mean, gamma*invstd, beta) (gamma = 1, beta = 0 where weight, bias are None)."""
+    _set_coef(L, coef, 0, c, mean)
+    _set_coef(L, coef, 1, c, (<double>weight[c] if weight is not None else 1.0) * invstd)
+    _set_coef(L, coef, 2, c, <double>bias[c] if bias is not None else 0.0)
 
 
-def forward(cnp.ndarray x,                    # IN (N, C, S), N*S >= 1 (>= 2 when use_batch_stats)
-            y,                                # OUT (N, C, S), or None: statistics only (use_batch_stats only)
-            running_mean, running_var,        # INOUT (C,) each, or None
-            weight, bias,                     # IN (C,) gamma and beta, or None (= 1 and 0)
-            cnp.ndarray mean,                 # OUT (C,) float64 batch mean, or IN (C,) running mean
-            cnp.ndarray invstd,               # OUT (C,) float64 1/sqrt(var + eps) (IN: running var, when eval)
-            bint use_batch_stats, bint update_running, double momentum, double eps):
-    """Batch-norm forward: y = gamma*(x - mean)*invstd + beta, per channel.
+def forward(cnp.ndarray x,                # IN (N, C*S)
+            y,                            # OUT (N, C*S), or None: statistics only (use_batch_stats)
+            Py_ssize_t C,
+            running_mean, running_var,    # INOUT (C,) each, updated when update_running
+            weight, bias,                 # IN (C,) gamma and beta, or None (= 1 and 0)
+            double[::1] mean,             # OUT (C,) batch mean, or IN (C,) running mean
+            double[::1] invstd,           # OUT (C,) 1/sqrt(var + eps), or IN (C,) running var
+            bint use_batch_stats, bint update_running, double momentum, double eps, int n_threads):
+    """Batch-norm forward: y = gamma*(x - mean)*invstd + beta per channel, invstd = 1/sqrt(var + eps).
 
-    use_batch_stats: mean and var (biased) of the batch, written to mean and invstd, and with update_running the
-    running statistics are updated in place. Otherwise mean and var come in as the running statistics, and var is
-    replaced by invstd = 1/sqrt(var + eps). With y None (and use_batch_stats): the batch mean and, in invstd's
-    place, M2 = sum((x - mean)**2) per channel, nothing else (for data-parallel statistics).
+    use_batch_stats: mean and var (biased) of the batch, written to mean and invstd; with update_running the running
+    statistics are updated in place. Otherwise mean and var come in as the running statistics, and var is replaced
+    by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     """
-    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(x)
-    cdef int status
-    if not update_running:
-        running_mean = running_var = None
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        status = _forward(<const float *>_data(x), <float *>_data(y), <float *>_data(running_mean),
-                          <float *>_data(running_var), <const float *>_data(weight), <const float *>_data(bias),
-                          <double *>_data(mean), <double *>_data(invstd), shape[0], shape[1], shape[2],
-                          use_batch_stats, momentum, eps)
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Layout L = _layout(N, C, x.shape[1] // C)
+    cdef cnp.ndarray coef = np.zeros((4, C * L.G))
+    cdef cnp.ndarray part = np.zeros(L.nblocks * L.part if use_batch_stats else 0)
+    if x.dtype == np.float32:
+        _forward[float](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
+                        update_running, momentum, eps, coef, part, _threads(L, n_threads))
     else:
-        status = _forward(<const double *>_data(x), <double *>_data(y), <double *>_data(running_mean),
-                          <double *>_data(running_var), <const double *>_data(weight), <const double *>_data(bias),
-                          <double *>_data(mean), <double *>_data(invstd), shape[0], shape[1], shape[2],
-                          use_batch_stats, momentum, eps)
-    if status:
-        raise MemoryError()
+        _forward[double](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
+                         update_running, momentum, eps, coef, part, _threads(L, n_threads))
 
 
-cdef int _forward(const floating *px, floating *py, floating *prm, floating *prv,
-                  const floating *pw, const floating *pb, double *mean, double *invstd,
-                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint use_batch_stats, double momentum,
-                  double eps) noexcept:
-    """forward on data pointers (prm, prv, pw, pb may be NULL); returns -1 if scratch allocation fails, else 0."""
+cdef void _forward(Layout L, const floating[:, ::1] x, floating[:, ::1] y, floating[::1] running_mean,
+                   floating[::1] running_var, const floating[::1] weight, const floating[::1] bias,
+                   double[::1] mean, double[::1] invstd, bint batch, bint update, double momentum, double eps,
+                   double[:, ::1] coef, double[::1] part, int nt) noexcept:
     cdef Py_ssize_t c, k
-    cdef double m = <double>(N * S)
-    cdef bint stats_only = py == NULL
-    cdef Plan P
-    cdef Tiles T = _tiles(N * C, S)
-    cdef cbn_span s
-    cdef double sums[2]
-    cdef int nt
-    if (stats_only and not use_batch_stats) or N * C * S == 0:
-        return 0
-    if _plan(&P, N, C, S, use_batch_stats, use_batch_stats):
-        return -1
-    nt = P.nt
+    cdef bint stats_only = y is None
+    cdef double s[2]
+    cdef Moments moments
+    cdef Affine affine
     with nogil:
-        if not use_batch_stats:
-            for c in range(C):
+        if not batch:
+            for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
-                _affine_coef(mean[c], invstd[c], pw, pb, c, C, P.coef)
-            if P.L.kind == BY_IMAGE:
-                _apply(CBN_AFFINE, px, <floating *>NULL, py, &P, N, C, S)
-            else:  # memory-order tiles of whole rows
-                _blocks(CBN_AFFINE, px, <floating *>NULL, py, P.L, &T, N, C, S, P.coef, NULL,
-                        _threads(N * C * S, T.count))
-        else:
-            for c in range(C):  # the shift K of the sums: a value of each channel
-                P.coef[c] = px[c * S]
-            if P.L.kind == CHANNELS:
-                for k in prange(P.L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                    s = _block_span(P.L, k, N, C, S)
-                    _span(CBN_MOMENTS, px, <floating *>NULL, <floating *>NULL, s, S, C, P.coef, P.part, 1, C)
-                    for c in range(s.r0, s.r0 + s.run):
-                        _finish_stats(P.part[c], P.part[C + c], c, C, m, stats_only, prm, prv, pw, pb, momentum,
-                                      eps, mean, invstd, P.coef)
-                    if not stats_only:
-                        _span(CBN_AFFINE, px, <floating *>NULL, py, s, S, C, P.coef, NULL, 0, 0)
-            else:
-                _sums(CBN_MOMENTS, px, <floating *>NULL, &P, N, C, S)
-                for c in range(C):
-                    _channel_sums(P.L, P.part, c, C, sums)
-                    _finish_stats(sums[0], sums[1], c, C, m, stats_only, prm, prv, pw, pb, momentum, eps, mean,
-                                  invstd, P.coef)
-                if not stats_only:
-                    _apply(CBN_AFFINE, px, <floating *>NULL, py, &P, N, C, S)
-    _release(P.coef)
-    return 0
+                _affine_coef(L, c, mean[c], invstd[c], weight, bias, coef)
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _block_apply(affine, L, k, x, x, y, coef)
+            return
+        for c in range(L.C):  # the shift K of the sums: a value of each channel
+            _set_coef(L, coef, 0, c, <double>x[0, c * L.S])
+        if L.fused:
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _fused_forward(L, k, x, y, stats_only, update, running_mean, running_var, weight, bias, momentum,
+                               eps, mean, invstd, coef, part)
+            return
+        for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            _block_sums(moments, L, k, x, x, coef, part)
+        for c in range(L.C):
+            _channel_sums(L, part, c, s)
+            _finish_stats(L, c, s[0], s[1], stats_only, update, running_mean, running_var, weight, bias, momentum,
+                          eps, mean, invstd, coef)
+        if not stats_only:
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _block_apply(affine, L, k, x, x, y, coef)
 
 
-cdef void _finish_grad(double s0, double s1, Py_ssize_t c, Py_ssize_t C, double m,
-                       const double *mean, const double *invstd,   # IN (C,) statistics the forward used
-                       const floating *weight,                     # IN (C,) gamma or NULL
-                       bint use_batch_stats,
-                       floating *dweight, floating *dbias,         # OUT (C,)
-                       double *coef) noexcept nogil:               # OUT (4, C)
-    """From s0 = sum dy, s1 = sum dy*(x - mean) over m values of channel c: dbeta = s0, dgamma = invstd*s1, and
-    the coefficients of dx.
+cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[:, ::1] x, floating[:, ::1] y, bint stats_only,
+                         bint update, floating[::1] running_mean, floating[::1] running_var,
+                         const floating[::1] weight, const floating[::1] bias, double momentum, double eps,
+                         double[::1] mean, double[::1] invstd, double[:, ::1] coef,
+                         double[::1] part) noexcept nogil:
+    """Block k of whole channels: sums, statistics and output in one task."""
+    cdef Py_ssize_t c, c0 = (k // L.per_channel) * L.group
+    cdef Moments moments
+    cdef Affine affine
+    _block_sums(moments, L, k, x, x, coef, part)
+    for c in range(c0, min(L.C, c0 + L.group)):
+        _finish_stats(L, c, part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1], stats_only,
+                      update, running_mean, running_var, weight, bias, momentum, eps, mean, invstd, coef)
+    if not stats_only:
+        _block_apply(affine, L, k, x, x, y, coef)
 
-    Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m) = (dy - dbeta/m)*A - (x - mean)*B with
-    A = g, B = g*invstd*dgamma/m: coef[:, c] = (mean, A, B, dbeta/m) for CBN_GRAD (both differences are taken
-    before scaling, which keeps dx exact when dy or x sit far from zero). Eval: dx = g*dy,
-    coef[:, c] = (0, g, 0, 0) for CBN_AFFINE applied to dy.
-    """
-    cdef double g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
+
+# -- backward -----------------------------------------------------------------------------------------------------
+
+cdef void _finish_grad(Layout L, Py_ssize_t c, double s0, double s1, double m, bint batch,
+                       const double[::1] mean, const double[::1] invstd,  # IN (C,) statistics the forward used
+                       const floating[::1] weight,                        # IN (C,) gamma, or None
+                       floating[::1] dweight, floating[::1] dbias,        # OUT (C,)
+                       double[:, ::1] coef) noexcept nogil:               # OUT (4, C*G)
+    """Channel c from s0 = sum(dy), s1 = sum(dy*(x - mean)) over m values: dbeta = s0, dgamma = invstd*s1, and
+    the coefficients of dx. Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m)
+    = (dy - dbeta/m)*g - (x - mean)*(g*invstd*dgamma/m): Grad with coef = (mean, g, g*invstd*dgamma/m, dbeta/m),
+    both differences taken before scaling. Eval: dx = g*dy, Affine on dy with coef = (0, g, 0)."""
+    cdef double g = (<double>weight[c] if weight is not None else 1.0) * invstd[c]
     dbias[c] = <floating>s0
     dweight[c] = <floating>(s1 * invstd[c])
-    coef[C + c] = g
-    if use_batch_stats:
-        coef[2 * C + c] = g * invstd[c] * (s1 * invstd[c]) / m
-        coef[3 * C + c] = s0 / m
+    _set_coef(L, coef, 1, c, g)
+    if batch:
+        _set_coef(L, coef, 0, c, mean[c])
+        _set_coef(L, coef, 2, c, g * invstd[c] * (s1 * invstd[c]) / m)
+        _set_coef(L, coef, 3, c, s0 / m)
     else:
-        coef[c] = 0.0
-        coef[2 * C + c] = 0.0
-        coef[3 * C + c] = 0.0
+        _set_coef(L, coef, 0, c, 0.0)
+        _set_coef(L, coef, 2, c, 0.0)
 
 
-def backward(cnp.ndarray x,                   # IN (N, C, S) the forward's input, N*S >= 1
-             cnp.ndarray dy,                  # IN (N, C, S)
-             dx,                              # OUT (N, C, S), or None: sums only
-             cnp.ndarray mean,                # IN (C,) float64 mean the forward used
-             cnp.ndarray invstd,              # IN (C,) float64 invstd the forward used
-             weight,                          # IN (C,) gamma or None (= 1)
-             cnp.ndarray dweight,             # OUT (C,) sum dy*xhat
-             cnp.ndarray dbias,               # OUT (C,) sum dy
+def backward(cnp.ndarray x,               # IN (N, C*S) the forward's input
+             cnp.ndarray dy,              # IN (N, C*S)
+             dx,                          # OUT (N, C*S), or None: sums only
+             Py_ssize_t C,
+             const double[::1] mean,      # IN (C,) mean the forward used
+             const double[::1] invstd,    # IN (C,) invstd the forward used
+             weight,                      # IN (C,) gamma, or None (= 1)
+             dweight, dbias,              # OUT (C,) sum(dy*xhat), sum(dy)
              bint use_batch_stats,
-             sums=None,                       # (2, C) float64: OUT when dx is None, else IN or None
-             double count=0):                 # values per channel that IN sums cover
+             sums,                        # (2, C) float64: OUT when dx is None, else IN (given) or None
+             double count, int n_threads):
     """Batch-norm backward.
 
-    Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd.
-    Eval (running statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
-    Data-parallel use: with dx None, only the sums (sum dy, sum dy*(x - mean)) of this tensor go to sums; given
-    sums (and their count m) of a larger batch, dx uses them instead of this tensor's own.
+    Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
+    statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
+    Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
+    their count m) of a larger batch, dx uses them instead of this tensor's own.
     """
-    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(x)
-    cdef int status
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        status = _backward(<const float *>_data(x), <const float *>_data(dy), <float *>_data(dx),
-                           <const double *>_data(mean), <const double *>_data(invstd), <const float *>_data(weight),
-                           <float *>_data(dweight), <float *>_data(dbias), shape[0], shape[1], shape[2],
-                           use_batch_stats, <double *>_data(sums), count)
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Layout L = _layout(N, C, x.shape[1] // C)
+    cdef bint given = sums is not None and dx is not None
+    cdef cnp.ndarray coef = np.zeros((4, C * L.G))
+    cdef cnp.ndarray part = np.zeros(0 if given else L.nblocks * L.part)
+    cdef cnp.ndarray totals = sums if sums is not None else np.zeros((2, C))
+    cdef double m = count if given else <double>(N * L.S)
+    if x.dtype == np.float32:
+        _backward[float](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
+                         coef, part, _threads(L, n_threads))
     else:
-        status = _backward(<const double *>_data(x), <const double *>_data(dy), <double *>_data(dx),
-                           <const double *>_data(mean), <const double *>_data(invstd), <const double *>_data(weight),
-                           <double *>_data(dweight), <double *>_data(dbias), shape[0], shape[1], shape[2],
-                           use_batch_stats, <double *>_data(sums), count)
-    if status:
-        raise MemoryError()
+        _backward[double](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
+                          coef, part, _threads(L, n_threads))
 
 
-cdef int _backward(const floating *px, const floating *pg, floating *pd, const double *mean, const double *invstd,
-                   const floating *pw, floating *dweight, floating *dbias, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                   bint use_batch_stats, double *sums, double count) noexcept:
-    """backward on data pointers (pw, sums may be NULL; pd NULL: sums only); returns -1 if scratch allocation
-    fails, else 0."""
+cdef void _backward(Layout L, const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] dx,
+                    const double[::1] mean, const double[::1] invstd, const floating[::1] weight,
+                    floating[::1] dweight, floating[::1] dbias, bint batch, bint given, double[:, ::1] sums,
+                    double m, double[:, ::1] coef, double[::1] part, int nt) noexcept:
     cdef Py_ssize_t c, k
-    cdef bint given = sums != NULL and pd != NULL
-    cdef double m = count if given else <double>(N * S)
-    cdef Plan P
-    cdef cbn_span s
-    cdef int op = CBN_GRAD if use_batch_stats else CBN_AFFINE    # eval: dx = (dy - 0)*g + 0
-    cdef const floating *pa = px if use_batch_stats else pg
-    cdef const floating *pb = pg if use_batch_stats else NULL
-    cdef int nt
-    if N * C * S == 0:
-        return 0
-    if _plan(&P, N, C, S, True, True):
-        return -1
-    nt = P.nt
+    cdef bint sums_only = dx is None
+    cdef double s[2]
+    cdef GradSums gradsums
     with nogil:
-        for c in range(C):
-            P.coef[c] = mean[c]
-        if P.L.kind == CHANNELS:
-            for k in prange(P.L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
-                s = _block_span(P.L, k, N, C, S)
-                if not given:
-                    _span(CBN_GRAD_SUMS, px, pg, <floating *>NULL, s, S, C, P.coef, P.part, 1, C)
-                for c in range(s.r0, s.r0 + s.run):
-                    _grad_channel(P.L, P.part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight,
-                                  dbias, P.coef)
-                if pd != NULL:
-                    _span(op, pa, pb, pd, s, S, C, P.coef, NULL, 0, 0)
-        else:
-            # Block sums in parallel (unless given), their merge, then dx over the same static block schedule.
-            if not given:
-                _sums(CBN_GRAD_SUMS, px, pg, &P, N, C, S)
-            for c in range(C):
-                _grad_channel(P.L, P.part, sums, given, c, C, m, mean, invstd, pw, use_batch_stats, dweight, dbias,
-                              P.coef)
-            if pd != NULL:
-                _apply(op, pa, pb, pd, &P, N, C, S)
-    _release(P.coef)
-    return 0
+        for c in range(L.C):  # the shift of the sums: the mean the forward used
+            _set_coef(L, coef, 0, c, mean[c])
+        if L.fused and not given:
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _fused_backward(L, k, x, dy, dx, sums_only, mean, invstd, weight, dweight, dbias, batch, sums, m,
+                                coef, part)
+            return
+        if not given:
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _block_sums(gradsums, L, k, x, dy, coef, part)
+            for c in range(L.C):
+                _channel_sums(L, part, c, s)
+                sums[0, c], sums[1, c] = s[0], s[1]
+        for c in range(L.C):
+            _finish_grad(L, c, sums[0, c], sums[1, c], m, batch, mean, invstd, weight, dweight, dbias, coef)
+        if not sums_only:
+            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+                _grad_apply(L, k, x, dy, dx, batch, coef)
 
 
-cdef inline void _grad_channel(Layout L, const double *part, double *sums, bint given, Py_ssize_t c, Py_ssize_t C,
-                               double m, const double *mean, const double *invstd, const floating *weight,
-                               bint use_batch_stats, floating *dweight, floating *dbias,
-                               double *coef) noexcept nogil:
-    """Channel c's sums (given ones, or its merged partial sums, then copied to sums when there), and _finish_grad."""
-    cdef double local[2]
-    if given:
-        local[0] = sums[c]
-        local[1] = sums[C + c]
+cdef inline void _grad_apply(Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
+                             floating[:, ::1] dx, bint batch, const double[:, ::1] coef) noexcept nogil:
+    """dx over block k: Grad (training) or Affine on dy (eval)."""
+    cdef Grad grad
+    cdef Affine affine
+    if batch:
+        _block_apply(grad, L, k, x, dy, dx, coef)
     else:
-        _channel_sums(L, part, c, C, local)
-        if sums != NULL:
-            sums[c] = local[0]
-            sums[C + c] = local[1]
-    _finish_grad(local[0], local[1], c, C, m, mean, invstd, weight, use_batch_stats, dweight, dbias, coef)
+        _block_apply(affine, L, k, dy, dy, dx, coef)
 
 
-def copy(cnp.ndarray src, cnp.ndarray dst):
-    """Roofline of the forward for the benchmark: dst = src (C-contiguous, one dtype and size)."""
-    _roofline(src, None, dst)
+cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
+                          floating[:, ::1] dx, bint sums_only, const double[::1] mean, const double[::1] invstd,
+                          const floating[::1] weight, floating[::1] dweight, floating[::1] dbias, bint batch,
+                          double[:, ::1] sums, double m, double[:, ::1] coef, double[::1] part) noexcept nogil:
+    """Block k of whole channels: gradient sums, coefficients and dx in one task."""
+    cdef Py_ssize_t c, c0 = (k // L.per_channel) * L.group
+    cdef GradSums gradsums
+    _block_sums(gradsums, L, k, x, dy, coef, part)
+    for c in range(c0, min(L.C, c0 + L.group)):
+        sums[0, c], sums[1, c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
+        _finish_grad(L, c, sums[0, c], sums[1, c], m, batch, mean, invstd, weight, dweight, dbias, coef)
+    if not sums_only:
+        _grad_apply(L, k, x, dy, dx, batch, coef)
 
 
-def add(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out):
-    """Roofline of the backward for the benchmark: out = a + b (C-contiguous, one dtype and size)."""
-    _roofline(a, b, out)
+# -- the benchmark's rooflines ------------------------------------------------------------------------------------
+
+def copy(const floating[::1] a, floating[::1] out, int n_threads):
+    """Roofline of the forward for the benchmark: out = a, in BLOCK-value chunks with the kernels' threading."""
+    cdef Py_ssize_t t, i, n = a.shape[0], nchunk = _cdiv(n, BLOCK)
+    cdef int nt = 1 if n < PARALLEL_MIN else <int>min(<Py_ssize_t>n_threads, nchunk)
+    for t in prange(nchunk, schedule='static', num_threads=nt, use_threads_if=nt > 1, nogil=True):
+        for i in range(t * BLOCK, min(n, (t + 1) * BLOCK)):
+            out[i] = a[i]
 
 
-cdef void _roofline(cnp.ndarray a, b, cnp.ndarray out) noexcept:
-    """out = a (b None) or a + b, in BLOCK-value chunks with the kernels' threading policy."""
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(a), nchunk = (n + BLOCK - 1) // BLOCK, t
-    cdef int nt = _threads(n, nchunk)
-    cdef bint single = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT
-    cdef void *pa = cnp.PyArray_DATA(a)
-    cdef void *pb = _data(b)
-    cdef void *po = cnp.PyArray_DATA(out)
-    with nogil:
-        if nt > 1:
-            for t in prange(nchunk, schedule='static', num_threads=nt):
-                _roofline_chunk(single, pa, pb, po, t * BLOCK, min(BLOCK, n - t * BLOCK))
-        else:
-            _roofline_chunk(single, pa, pb, po, 0, n)
-
-
-cdef inline void _roofline_chunk(bint single, void *a, void *b, void *out, Py_ssize_t i0,
-                                 Py_ssize_t n) noexcept nogil:
-    if single and b == NULL:
-        cbn_copy_f(<float *>a + i0, <float *>out + i0, n)
-    elif single:
-        cbn_add_f(<float *>a + i0, <float *>b + i0, <float *>out + i0, n)
-    elif b == NULL:
-        cbn_copy_d(<double *>a + i0, <double *>out + i0, n)
-    else:
-        cbn_add_d(<double *>a + i0, <double *>b + i0, <double *>out + i0, n)
+def add(const floating[::1] a, const floating[::1] b, floating[::1] out, int n_threads):
+    """Roofline of the backward for the benchmark: out = a + b, chunked like copy."""
+    cdef Py_ssize_t t, i, n = a.shape[0], nchunk = _cdiv(n, BLOCK)
+    cdef int nt = 1 if n < PARALLEL_MIN else <int>min(<Py_ssize_t>n_threads, nchunk)
+    for t in prange(nchunk, schedule='static', num_threads=nt, use_threads_if=nt > 1, nogil=True):
+        for i in range(t * BLOCK, min(n, (t + 1) * BLOCK)):
+            out[i] = a[i] + b[i]

@@ -113,7 +113,8 @@ def bench_case(shape, dtype, threads, budget, with_reference=True):
     train.forward(x, out=y)
     calls = {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
              "backward": lambda: train.backward(dy, out=dx),
-             "copy": lambda: _kernels.copy(flat_x, flat_out), "add": lambda: _kernels.add(flat_x, flat_dy, flat_out)}
+             "copy": lambda: _kernels.copy(flat_x, flat_out, threads),
+             "add": lambda: _kernels.add(flat_x, flat_dy, flat_out, threads)}
     t = median_times(calls, budget)
     floor = {"train": t["copy"], "eval": t["copy"], "backward": t["add"]}
     # Bytes allocated beyond the output: with out=, and without (then the output itself is returned).

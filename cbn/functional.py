@@ -5,13 +5,12 @@ C-contiguous (N, C, S) arrays of the compute dtype (float32 or float64), copied 
 """
 import math
 import numbers
-import os
-import threading
 from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import _kernels
+from ._threads import num_threads
 
 _COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -241,17 +240,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if training:
         mean, invstd = np.empty(C), np.empty(C)
     if x3.size:
-        _apply_default_threads()
-        y3 = y.view(np.ndarray).reshape(N, C, S) if out_dt == dt else np.empty((N, C, S), dtype=dt)
-        _kernels.forward(x3, y3, new_mean, new_var, weight, bias, mean, invstd, training, update, float(momentum),
-                         float(eps))
+        y2 = y.view(np.ndarray).reshape(N, C * S) if out_dt == dt else np.empty((N, C * S), dtype=dt)
+        _kernels.forward(x3.reshape(N, C * S), y2, C, new_mean, new_var, weight, bias, mean, invstd, training, update,
+                         float(momentum), float(eps), num_threads())
         if update and nan_guard:
             finite = np.isfinite(new_mean) & np.isfinite(new_var)
             np.copyto(running_mean, new_mean, where=finite)
             np.copyto(running_var, new_var, where=finite)
         if out_dt != dt:
             with np.errstate(all="ignore"):  # float16 overflow gives inf, like torch, and never raises late
-                y[...] = y3.reshape(shape)
+                y[...] = y2.reshape(shape)
     elif training:
         mean.fill(np.nan)
         invstd.fill(np.nan)
@@ -288,8 +286,8 @@ def batch_norm_stats(x, *, dtype=None):
     if count == 1:
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
-        _apply_default_threads()
-        _kernels.forward(x3, None, None, None, None, None, mean, M2, True, False, 0.0, 0.0)
+        _kernels.forward(x3.reshape(N, C * S), None, C, None, None, None, None, mean, M2, True, False, 0.0, 0.0,
+                         num_threads())
     return count, mean, M2
 
 
@@ -351,13 +349,12 @@ def batch_norm_grad_sums(dy, saved):
     """
     dy = _grad_output(dy, saved)
     x3 = saved.x
-    C = x3.shape[1]
+    N, C, S = x3.shape
     sums = np.zeros((2, C))
     dweight, dbias = np.zeros(C, dtype=x3.dtype), np.zeros(C, dtype=x3.dtype)
     if x3.size:
-        _apply_default_threads()
-        _kernels.backward(x3, _contiguous(dy, x3.dtype).reshape(x3.shape), None, saved.mean, saved.invstd,
-                          saved.weight, dweight, dbias, saved.use_batch_stats, sums)
+        _kernels.backward(x3.reshape(N, C * S), _contiguous(dy, x3.dtype).reshape(N, C * S), None, C, saved.mean,
+                          saved.invstd, saved.weight, dweight, dbias, saved.use_batch_stats, sums, 0.0, num_threads())
     return sums, dweight, dbias
 
 
@@ -407,103 +404,11 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
                                                            "saved.invstd": saved.invstd})
     dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)
     if x3.size:
-        dy3 = _contiguous(dy, dt).reshape(N, C, S)
-        dx3 = dx.view(np.ndarray).reshape(N, C, S) if saved.dtype == dt else np.empty((N, C, S), dtype=dt)
-        _apply_default_threads()
-        _kernels.backward(x3, dy3, dx3, saved.mean, saved.invstd, saved.weight, dweight, dbias,
-                          saved.use_batch_stats, grad_sums, float(count or 0))
+        dy2 = _contiguous(dy, dt).reshape(N, C * S)
+        dx2 = dx.view(np.ndarray).reshape(N, C * S) if saved.dtype == dt else np.empty((N, C * S), dtype=dt)
+        _kernels.backward(x3.reshape(N, C * S), dy2, dx2, C, saved.mean, saved.invstd, saved.weight, dweight, dbias,
+                          saved.use_batch_stats, grad_sums, float(count or 0), num_threads())
         if saved.dtype != dt:
             with np.errstate(all="ignore"):
-                dx[...] = dx3.reshape(saved.shape)
+                dx[...] = dx2.reshape(saved.shape)
     return dx, dweight, dbias
-
-
-# --- thread count -------------------------------------------------------------------------------------------------
-# OpenMP keeps the thread count per OS thread (omp_set_num_threads). cbn's default, applied once per OS thread before
-# its first kernel call: OMP_NUM_THREADS when set (the runtime reads it), else the CPUs this process may use.
-
-def _cgroup_cpu_limit(proc_cgroup="/proc/self/cgroup", mount="/sys/fs/cgroup"):
-    """Return the CPUs allowed by the cgroup v2 ``cpu.max`` quotas of this process's cgroup and its ancestors
-    (rounded up, at least 1), or None when there is no quota or no cgroup v2."""
-    try:
-        with open(proc_cgroup) as f:
-            path = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), None)
-    except OSError:
-        return None
-    if path is None:
-        return None
-    parts = [p for p in path.split("/") if p]
-    limits = []
-    for depth in range(len(parts), -1, -1):
-        try:
-            with open(os.path.join(mount, *parts[:depth], "cpu.max")) as f:
-                quota, period = f.read().split()[:2]
-            if quota != "max" and int(period) > 0:
-                limits.append(max(1, math.ceil(int(quota) / int(period))))
-        except (OSError, ValueError):
-            continue
-    return min(limits) if limits else None
-
-
-def available_cpus():
-    """Return the number of CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
-
-    Not the host's core count: ``os.process_cpu_count()`` (Python 3.13+) or ``os.sched_getaffinity`` where
-    available, else ``os.cpu_count()``; then the Linux cgroup v2 ``cpu.max`` quota (containers) if lower.
-    """
-    if hasattr(os, "process_cpu_count"):
-        n = os.process_cpu_count()
-    elif hasattr(os, "sched_getaffinity"):
-        n = len(os.sched_getaffinity(0))
-    else:
-        n = os.cpu_count()
-    n, quota = n or 1, _cgroup_cpu_limit()
-    return min(n, quota) if quota else n
-
-
-# None: leave the runtime's count (OMP_NUM_THREADS is set, or the build is serial).
-_DEFAULT_THREADS = (None if os.environ.get("OMP_NUM_THREADS", "").strip() or not _kernels.openmp_enabled()
-                    else available_cpus())
-_thread_state = threading.local()
-
-
-def _apply_default_threads():
-    """Once per OS thread: lower the OpenMP runtime's thread count to cbn's default (never raise it, so a lower
-    count set by ``threadpool_limits`` stays)."""
-    if not getattr(_thread_state, "ready", False):
-        _thread_state.ready = True
-        if _DEFAULT_THREADS is not None and _kernels.get_num_threads() > _DEFAULT_THREADS:
-            _kernels.set_num_threads(_DEFAULT_THREADS)
-
-
-def max_num_threads():
-    """Return the largest count ``set_num_threads`` accepts: 4 x ``os.cpu_count()``, at least 64."""
-    return max(64, 4 * (os.cpu_count() or 1))
-
-
-def get_num_threads():
-    """Return the number of threads cbn's parallel kernels use when called from this thread.
-
-    The default is OMP_NUM_THREADS when set, else the CPUs this process may use (``available_cpus()``).
-    """
-    _apply_default_threads()
-    return _kernels.get_num_threads()
-
-
-def set_num_threads(n):
-    """Set the number of threads cbn's parallel kernels use when called from this thread (like
-    ``omp_set_num_threads``; ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` works too).
-
-    Parameters
-    ----------
-    n : int
-        From 1 to ``max_num_threads()``. A serial build accepts it and keeps running on one thread.
-    """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"number of threads must be an integer >= 1, got {n!r}")
-    if n > max_num_threads():
-        raise ValueError(f"number of threads must be <= {max_num_threads()} (4 x os.cpu_count(), at least 64), "
-                         f"got {n!r}")
-    _thread_state.ready = True
-    _kernels.set_num_threads(int(n))
-

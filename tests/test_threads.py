@@ -188,7 +188,7 @@ def _write(path, text):
 
 def test_cgroup_cpu_limit(tmp_path):
     proc, mount = tmp_path / "cgroup", tmp_path / "fs"
-    lim = cbn.functional._cgroup_cpu_limit
+    lim = cbn._threads._cgroup_cpu_limit
     assert lim(str(tmp_path / "missing"), str(mount)) is None
     _write(proc, "12:cpu,cpuacct:/x\n")  # cgroup v1 only
     assert lim(str(proc), str(mount)) is None
@@ -218,8 +218,8 @@ DEFAULT_SCRIPT = textwrap.dedent("""
     t = threading.Thread(target=worker, args=("thread",)); t.start(); t.join()  # the default holds in every thread
     seen["main"] = cbn.get_num_threads()
     # a lower default (e.g. a container quota) wins over the runtime's own count in a new thread
-    cbn.functional._DEFAULT_THREADS = 1 if cbn.functional._DEFAULT_THREADS is not None else None
-    t = threading.Thread(target=lambda: seen.update(runtime=_kernels.get_num_threads())); t.start(); t.join()
+    cbn._threads._DEFAULT = 1 if cbn._threads._DEFAULT is not None else None
+    t = threading.Thread(target=lambda: seen.update(runtime=_kernels.omp_max_threads())); t.start(); t.join()
     t = threading.Thread(target=worker, args=("clamped",)); t.start(); t.join()
     print(seen["main"], seen["thread"], seen["runtime"], seen["clamped"], cbn.available_cpus())
 """)

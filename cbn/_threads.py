@@ -1,0 +1,113 @@
+"""The thread count of cbn's kernels: chosen in Python for each call and passed to every ``prange``.
+
+The count for calls from an OS thread: what ``set_num_threads`` chose in that thread, as long as the OpenMP
+runtime's own count has not changed since (``threadpoolctl.threadpool_limits(n, user_api="openmp")`` changes it,
+and its limit then applies); else the runtime's count (OMP_NUM_THREADS, threadpoolctl), lowered to the CPUs this
+process may use unless OMP_NUM_THREADS is set. cbn never changes the runtime's setting.
+"""
+import math
+import numbers
+import os
+import threading
+
+from . import _kernels
+
+_OPENMP = _kernels.openmp_enabled()
+
+
+def _cgroup_cpu_limit(proc_cgroup="/proc/self/cgroup", mount="/sys/fs/cgroup"):
+    """Return the CPUs allowed by the cgroup v2 ``cpu.max`` quotas of this process's cgroup and its ancestors
+    (rounded up, at least 1), or None when there is no quota or no cgroup v2."""
+    try:
+        with open(proc_cgroup) as f:
+            path = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), None)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    parts = [p for p in path.split("/") if p]
+    limits = []
+    for depth in range(len(parts), -1, -1):
+        try:
+            with open(os.path.join(mount, *parts[:depth], "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max" and int(period) > 0:
+                limits.append(max(1, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError):
+            continue
+    return min(limits) if limits else None
+
+
+def available_cpus():
+    """Return the number of CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
+
+    Not the host's core count: ``os.process_cpu_count()`` (Python 3.13+) or ``os.sched_getaffinity`` where
+    available, else ``os.cpu_count()``; then the Linux cgroup v2 ``cpu.max`` quota (containers) if lower.
+    """
+    if hasattr(os, "process_cpu_count"):
+        n = os.process_cpu_count()
+    elif hasattr(os, "sched_getaffinity"):
+        n = len(os.sched_getaffinity(0))
+    else:
+        n = os.cpu_count()
+    n, quota = n or 1, _cgroup_cpu_limit()
+    return min(n, quota) if quota else n
+
+
+# The cap on the runtime's count: None when OMP_NUM_THREADS is set (it wins) or the build is serial.
+_DEFAULT = None if os.environ.get("OMP_NUM_THREADS", "").strip() or not _OPENMP else available_cpus()
+_chosen = threading.local()  # .n: set_num_threads' count in this thread; .runtime: the runtime's count then
+
+
+def num_threads():
+    """Return the threads for a kernel call from this thread (see the module docstring)."""
+    if not _OPENMP:
+        return 1
+    runtime = _kernels.omp_max_threads()
+    n = getattr(_chosen, "n", None)
+    if n is not None and _chosen.runtime == runtime:
+        return n
+    return runtime if _DEFAULT is None else min(runtime, _DEFAULT)
+
+
+def max_num_threads():
+    """Return the largest count ``set_num_threads`` accepts: 4 x ``os.cpu_count()``, at least 64."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def get_num_threads():
+    """Return the number of threads cbn's parallel kernels use when called from this thread.
+
+    The default is OMP_NUM_THREADS when set, else the CPUs this process may use (``available_cpus()``).
+    """
+    return num_threads()
+
+
+def set_num_threads(n):
+    """Set the number of threads cbn's parallel kernels use when called from this thread.
+
+    ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` limits it while its block runs.
+
+    Parameters
+    ----------
+    n : int
+        From 1 to ``max_num_threads()``. A serial build accepts it and keeps running on one thread.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"number of threads must be an integer >= 1, got {n!r}")
+    if n > max_num_threads():
+        raise ValueError(f"number of threads must be <= {max_num_threads()} (4 x os.cpu_count(), at least 64), "
+                         f"got {n!r}")
+    _chosen.n, _chosen.runtime = int(n), _kernels.omp_max_threads()
+
+
+def _one_thread_after_fork():
+    """In a forked child: 1 thread by default (GNU libgomp hangs in the first parallel region of a forked child
+    whose parent already ran one)."""
+    global _DEFAULT
+    _DEFAULT = 1
+    _chosen.n = None
+
+
+if _OPENMP and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
