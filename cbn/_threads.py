@@ -1,9 +1,9 @@
 """The thread count of cbn's kernels: chosen in Python for each call and passed to every ``prange``.
 
-The count for calls from an OS thread: what ``set_num_threads`` chose in that thread, as long as the OpenMP
-runtime's own count has not changed since (``threadpoolctl.threadpool_limits(n, user_api="openmp")`` changes it,
-and its limit then applies); else the runtime's count (OMP_NUM_THREADS, threadpoolctl), lowered to the CPUs this
-process may use unless OMP_NUM_THREADS is set. cbn never changes the runtime's setting.
+The count for calls from an OS thread is capped by the OpenMP runtime's count for that thread (OMP_NUM_THREADS, or
+the CPU count; ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` lowers it while its block runs): what
+``set_num_threads`` chose in that thread, else the CPUs this process may use (no cap of ours when OMP_NUM_THREADS
+is set). cbn never changes the runtime's setting.
 """
 import math
 import numbers
@@ -56,18 +56,16 @@ def available_cpus():
 
 # The cap on the runtime's count: None when OMP_NUM_THREADS is set (it wins) or the build is serial.
 _DEFAULT = None if os.environ.get("OMP_NUM_THREADS", "").strip() or not _OPENMP else available_cpus()
-_chosen = threading.local()  # .n: set_num_threads' count in this thread; .runtime: the runtime's count then
+_chosen = threading.local()  # .n: set_num_threads' count in this thread
 
 
 def num_threads():
     """Return the threads for a kernel call from this thread (see the module docstring)."""
     if not _OPENMP:
         return 1
+    n = getattr(_chosen, "n", None) or _DEFAULT
     runtime = _kernels.omp_max_threads()
-    n = getattr(_chosen, "n", None)
-    if n is not None and _chosen.runtime == runtime:
-        return n
-    return runtime if _DEFAULT is None else min(runtime, _DEFAULT)
+    return runtime if n is None else min(runtime, n)
 
 
 def max_num_threads():
@@ -78,7 +76,9 @@ def max_num_threads():
 def get_num_threads():
     """Return the number of threads cbn's parallel kernels use when called from this thread.
 
-    The default is OMP_NUM_THREADS when set, else the CPUs this process may use (``available_cpus()``).
+    At most the OpenMP runtime's count (OMP_NUM_THREADS, else the CPU count; threadpoolctl lowers it); the
+    default is that count, lowered to the CPUs this process may use (``available_cpus()``) unless OMP_NUM_THREADS
+    is set.
     """
     return num_threads()
 
@@ -86,7 +86,8 @@ def get_num_threads():
 def set_num_threads(n):
     """Set the number of threads cbn's parallel kernels use when called from this thread.
 
-    ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` limits it while its block runs.
+    The OpenMP runtime's count caps it (OMP_NUM_THREADS, else the CPU count; while a
+    ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` block runs, its limit).
 
     Parameters
     ----------
@@ -98,7 +99,7 @@ def set_num_threads(n):
     if n > max_num_threads():
         raise ValueError(f"number of threads must be <= {max_num_threads()} (4 x os.cpu_count(), at least 64), "
                          f"got {n!r}")
-    _chosen.n, _chosen.runtime = int(n), _kernels.omp_max_threads()
+    _chosen.n = int(n)
 
 
 def _one_thread_after_fork():

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import cbn
+from cbn import _kernels
+
 
 def openmp_on():
     """Whether this build has OpenMP, as show_config() reports it."""
@@ -133,9 +135,12 @@ def test_bitwise_identical_in_process(restore_threads):
 def test_set_get_num_threads(restore_threads):
     if not openmp_on():
         pytest.skip("serial build: one thread")
-    for n in (1, 3, 2):
+    runtime = _kernels.omp_max_threads()
+    for n in (1, runtime, max(1, runtime - 1)):
         cbn.set_num_threads(n)
         assert cbn.get_num_threads() == n
+    cbn.set_num_threads(runtime + 1)  # the runtime's count caps it
+    assert cbn.get_num_threads() == runtime
     cbn.set_num_threads(np.int64(1))
     assert cbn.get_num_threads() == 1
 
@@ -155,8 +160,8 @@ def test_set_num_threads_rejects_absurd_counts(restore_threads, extra):
     with pytest.raises(ValueError, match=rf"<= {limit} .*got {bad}$"):
         cbn.set_num_threads(bad)
     assert cbn.get_num_threads() == restore_threads
-    cbn.set_num_threads(limit)  # the limit itself is accepted (a serial build keeps one thread)
-    assert cbn.get_num_threads() == (limit if openmp_on() else 1)
+    cbn.set_num_threads(limit)  # the limit itself is accepted, capped by the runtime (a serial build keeps 1 thread)
+    assert cbn.get_num_threads() == (min(limit, _kernels.omp_max_threads()) if openmp_on() else 1)
 
 
 def test_build_has_openmp_unless_serial_is_intended():
