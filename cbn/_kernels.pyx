@@ -6,7 +6,7 @@ The caller passes an (N, C, S) tensor (S = product of the sizes after the channe
 ``Layout`` of that matrix, one of two kinds:
 
 - channel-major (rows of S >= SHORT_ROW values): block k is a group of channels x a range of images x a range of
-  columns; sums run along the rows over LANES fixed lanes, one pair per channel.
+  columns; its sums go down the columns as below, then each channel's columns are added in order.
 - channel-minor ((N, C) input, S == 1, and short rows): block k is a range of rows over all W columns; sums run
   down the columns, one accumulator pair per column, vectorised across columns; column j belongs to channel j // S.
 
@@ -70,21 +70,25 @@ ctypedef fused ApplyOp:
     Grad
 
 cdef enum:
-    LANES = 16            # fixed lanes of a channel-major sum
-    COL_CHUNK = 512       # channel-minor columns per pass: their accumulators stay in L1
+    COL_CHUNK = 512       # columns per pass of the sums: their accumulators stay in L1
 
-# Rows shorter than this go channel-minor (given MIN_ROWS images): a row of a few values would cost more than it
+# Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
 # holds. Longer rows go channel-major.
 cdef Py_ssize_t SHORT_ROW = 16
-cdef Py_ssize_t MIN_ROWS = 8
+cdef Py_ssize_t MIN_IMAGES = 8
 # Values per block (about 128 KB of float32: a block stays in L2 between its sums and its elementwise pass).
 cdef Py_ssize_t BLOCK = 1 << 15
-# Channel-major blocks hold whole channels (fused) while a channel's N*S values fit in the last-level cache and
-# there are at least MIN_TASKS channels; a group holds at most C // MIN_TASKS channels, so there are tasks for all
-# threads.
+# Channel-major blocks of whole channels (sums, statistics and output in one task, so that a channel leaves memory
+# once) when rows are at least LONG_ROW values (runs of 1 KB or more between jumps of a whole image), a channel's
+# N*S values fit in the last-level cache (FUSE_PLANE) and there are at least MIN_TASKS channels; a group holds
+# about FUSE_GROUP values but at most C // MIN_TASKS channels, so there are tasks for all threads. Otherwise blocks
+# follow memory order: all channels of MIN_IMAGES or more images (short rows: the sums go down the images), or of
+# one image cut into pieces of about BLOCK values (long rows).
+cdef Py_ssize_t LONG_ROW = 256
 cdef Py_ssize_t FUSE_PLANE = 1 << 20
+cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t MIN_TASKS = 16
-# Channel-minor: the budget in doubles of the blocks' partial sums (2*W each).
+# The budget in doubles of the blocks' partial sums, and the most blocks a call is cut into.
 cdef Py_ssize_t PART_BUDGET = 1 << 15
 cdef Py_ssize_t MAX_BLOCKS = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
@@ -143,7 +147,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
     cdef Py_ssize_t block = _forced_block if _forced_kind else BLOCK
     cdef Py_ssize_t cap
     L.N, L.C, L.S, L.W = N, C, S, C * S
-    L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_ROWS)) if _forced_kind == 0 else _forced_kind == 2
+    L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_IMAGES)) if _forced_kind == 0 else _forced_kind == 2
     if L.minor:
         L.G = S
         cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
@@ -153,14 +157,23 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
         L.fused = False
         return L
     L.G = 1
-    if N * S <= FUSE_PLANE and C >= MIN_TASKS and not _forced_kind:
-        L.group = max(1, min(block // (N * S), C // MIN_TASKS))
-        L.nimg, L.ncol, L.width = N, 1, S
-    else:
-        L.group = 1
-        L.ncol = _cdiv(S, block) if S > block else 1
+    L.ncol, L.width = 1, S
+    if _forced_kind == 1:  # groups of 2 channels, images and row pieces of about block values
+        L.group = 2
+        L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
-        L.nimg = max(1, block // S) if L.ncol == 1 else 1
+        L.nimg = max(1, block // S)
+    elif S >= LONG_ROW and N * S <= FUSE_PLANE and C >= MIN_TASKS:
+        L.group = max(1, min(FUSE_GROUP // (N * S), C // MIN_TASKS))
+        L.nimg = N
+    else:
+        L.group = C
+        if S >= COL_CHUNK and L.W > block:
+            L.ncol = _cdiv(L.W, block)
+            L.width = _cdiv(S, L.ncol)
+            L.nimg = 1
+        else:
+            L.nimg = min(N, max(max(MIN_IMAGES, block // L.W), _cdiv(N, MAX_BLOCKS)))
     L.per_channel = _cdiv(N, L.nimg) * L.ncol
     L.fused = L.per_channel == 1
     L.nblocks = _cdiv(C, L.group) * L.per_channel
@@ -189,131 +202,142 @@ cdef inline void _major_block(Layout L, Py_ssize_t k, Py_ssize_t *c0, Py_ssize_t
 
 # -- the inner loops ------------------------------------------------------------------------------------------------
 
-cdef void _row_sums(SumOp op, const floating[:, ::1] x, const floating[:, ::1] dy, Py_ssize_t n0, Py_ssize_t n1,
-                    Py_ssize_t i0, Py_ssize_t i1, double k, double *s) noexcept nogil:
-    """s[0] += sum(w), s[1] += sum(w*u) over rows [n0, n1), columns [i0, i1) of x (and dy), u = x - k, and
-    w = u (Moments) or dy (GradSums); LANES lanes, element e of a row in lane e % LANES, folded pairwise."""
-    cdef double a[LANES]
-    cdef double q[LANES]
-    cdef Py_ssize_t n, i, v, l, h, nvec = (i1 - i0) // LANES, nv = i0 + nvec * LANES
-    cdef double u, w
-    for l in range(LANES):
-        a[l] = 0.0
-        q[l] = 0.0
-    for n in range(n0, n1):
-        for v in range(nvec):
-            i = i0 + v * LANES
-            for l in range(LANES):
-                u = <double>x[n, i + l] - k
-                if SumOp is Moments:
-                    w = u
-                else:
-                    w = <double>dy[n, i + l]
-                a[l] += w
-                q[l] += w * u
-        for l in range(i1 - nv):
-            u = <double>x[n, nv + l] - k
-            if SumOp is Moments:
-                w = u
-            else:
-                w = <double>dy[n, nv + l]
-            a[l] += w
-            q[l] += w * u
-    h = LANES // 2
-    while h > 0:
-        for l in range(h):
-            a[l] += a[l + h]
-            q[l] += q[l + h]
-        h //= 2
-    s[0] += a[0]
-    s[1] += q[0]
-
-
-cdef void _column_sums(SumOp op, const floating[:, ::1] x, const floating[:, ::1] dy, Py_ssize_t r0, Py_ssize_t r1,
-                       Py_ssize_t j0, Py_ssize_t j1, const double[:, ::1] coef,
-                       double[::1] part, Py_ssize_t off) noexcept nogil:
-    """part[off + j] += sum(w), part[off + W + j] += sum(w*u) down column j in [j0, j1) over rows [r0, r1),
-    u = x - coef[0, j], w = u (Moments) or dy (GradSums); four rows per step, added pairwise."""
-    cdef Py_ssize_t r, j, W = x.shape[1], r4 = r0 + (r1 - r0) // 4 * 4
+cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, Py_ssize_t base, Py_ssize_t ld,
+                       Py_ssize_t nrows, Py_ssize_t width, const double *shift, double *s0,
+                       double *s1) noexcept nogil:
+    """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
+    u = x - shift[j], w = u (Moments) or dy (GradSums); four rows per step, added pairwise. Vectorised across
+    columns: each column is one lane."""
+    cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
-    for r in range(r0, r4, 4):
-        for j in range(j0, j1):
-            u0 = <double>x[r, j] - coef[0, j]
-            u1 = <double>x[r + 1, j] - coef[0, j]
-            u2 = <double>x[r + 2, j] - coef[0, j]
-            u3 = <double>x[r + 3, j] - coef[0, j]
+    for r in range(0, r4, 4):
+        i = base + r * ld
+        for j in range(width):
+            u0 = <double>x[i + j] - shift[j]
+            u1 = <double>x[i + ld + j] - shift[j]
+            u2 = <double>x[i + 2 * ld + j] - shift[j]
+            u3 = <double>x[i + 3 * ld + j] - shift[j]
             if SumOp is Moments:
                 w0, w1, w2, w3 = u0, u1, u2, u3
             else:
-                w0, w1, w2, w3 = <double>dy[r, j], <double>dy[r + 1, j], <double>dy[r + 2, j], <double>dy[r + 3, j]
-            part[off + j] += (w0 + w1) + (w2 + w3)
-            part[off + W + j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
-    for r in range(r4, r1):
-        for j in range(j0, j1):
-            u0 = <double>x[r, j] - coef[0, j]
+                w0, w1, w2, w3 = <double>dy[i + j], <double>dy[i + ld + j], <double>dy[i + 2 * ld + j], \
+                    <double>dy[i + 3 * ld + j]
+            s0[j] += (w0 + w1) + (w2 + w3)
+            s1[j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
+    for r in range(r4, nrows):
+        i = base + r * ld
+        for j in range(width):
+            u0 = <double>x[i + j] - shift[j]
             if SumOp is Moments:
                 w0 = u0
             else:
-                w0 = <double>dy[r, j]
-            part[off + j] += w0
-            part[off + W + j] += w0 * u0
+                w0 = <double>dy[i + j]
+            s0[j] += w0
+            s1[j] += w0 * u0
 
 
-cdef void _apply_row(ApplyOp op, const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] out,
-                     Py_ssize_t n, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1, double c2,
-                     double c3) noexcept nogil:
-    """Row n, columns [i0, i1) of one channel: Affine out = (x - c0)*c1 + c2, Grad out = (dy - c3)*c1 - (x - c0)*c2,
-    in double, rounded once."""
+cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, floating[::1] out, Py_ssize_t i0,
+                     Py_ssize_t i1, double c0, double c1, double c2, double c3) noexcept nogil:
+    """Values [i0, i1) of one channel: Affine out = (x - c0)*c1 + c2 in double, rounded once; Grad
+    out = (dy - c3)*c1 - (x - c0)*c2, for float32 in float with c0 and c3 split into hi + lo floats and the
+    differences taken as (x - hi) - lo (the first subtraction is exact near hi): half the vector work, within a few
+    float ulps of the terms of dx."""
     cdef Py_ssize_t i
+    cdef float hi = <float>c0, lo = <float>(c0 - <double>hi), dhi = <float>c3, dlo = <float>(c3 - <double>dhi)
+    cdef float g1 = <float>c1, g2 = <float>c2
     for i in range(i0, i1):
         if ApplyOp is Affine:
-            out[n, i] = <floating>((<double>x[n, i] - c0) * c1 + c2)
+            out[i] = <floating>((<double>x[i] - c0) * c1 + c2)
+        elif floating is float:
+            out[i] = ((dy[i] - dhi) - dlo) * g1 - ((x[i] - hi) - lo) * g2
         else:
-            out[n, i] = <floating>((<double>dy[n, i] - c3) * c1 - (<double>x[n, i] - c0) * c2)
+            out[i] = (dy[i] - c3) * c1 - (x[i] - c0) * c2
 
 
-cdef void _apply_columns(ApplyOp op, const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] out,
-                         Py_ssize_t n, const double[:, ::1] coef) noexcept nogil:
-    """Row n, every column j with its own coefficients coef[:, j]: as _apply_row."""
+cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, floating[::1] out,
+                         Py_ssize_t base, const double[:, ::1] coef) noexcept nogil:
+    """The row at x[base:], each column j with its own coefficients coef[:, j]: as _apply_row."""
     cdef Py_ssize_t j
-    for j in range(x.shape[1]):
+    for j in range(coef.shape[1]):
         if ApplyOp is Affine:
-            out[n, j] = <floating>((<double>x[n, j] - coef[0, j]) * coef[1, j] + coef[2, j])
+            out[base + j] = <floating>((<double>x[base + j] - coef[0, j]) * coef[1, j] + coef[2, j])
         else:
-            out[n, j] = <floating>((<double>dy[n, j] - coef[3, j]) * coef[1, j]
-                                   - (<double>x[n, j] - coef[0, j]) * coef[2, j])
+            out[base + j] = <floating>((<double>dy[base + j] - coef[3, j]) * coef[1, j]
+                                       - (<double>x[base + j] - coef[0, j]) * coef[2, j])
 
 
 # -- the three steps over blocks ----------------------------------------------------------------------------------
 
-cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
+cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
                       const double[:, ::1] coef, double[::1] part) noexcept nogil:
-    """Partial sums of block k into part[k*L.part, +L.part): (s0, s1) per column (minor) or per channel of the
-    block's group (major), shifted by coef[0]."""
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, off = k * L.part
+    """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0].
+
+    Minor: (s0 of every column, s1 of every column), COL_CHUNK columns at a time down the block's rows. Major: (s0,
+    s1) of each channel of the block's group. A span of a row (one image) of LONG_ROW or more values is cut into
+    nsub rows (a multiple of 4) of `lanes` values, lanes shared by all images; the rest (all of a shorter span) is
+    summed down the images. Then the lanes are added in order. Accumulators live on the stack."""
+    cdef double s[2 * COL_CHUNK]
+    cdef double shift[COL_CHUNK]
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, nsub, lanes, rest, off = k * L.part
     if L.minor:
         n0, n1 = k * L.rows, min(L.N, (k + 1) * L.rows)
-        for j in range(_cdiv(L.W, COL_CHUNK)):
-            _column_sums(op, x, dy, n0, n1, j * COL_CHUNK, min(L.W, (j + 1) * COL_CHUNK), coef, part, off)
+        for q in range(_cdiv(L.W, COL_CHUNK)):
+            a, b = q * COL_CHUNK, min(L.W, (q + 1) * COL_CHUNK)
+            for j in range(b - a):
+                shift[j] = coef[0, a + j]
+            _zero_lanes(s, b - a)
+            _column_sums(op, x, dy, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK])
+            for j in range(b - a):
+                part[off + a + j] = s[j]
+                part[off + L.W + a + j] = s[COL_CHUNK + j]
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+    nsub = 4 * _cdiv(i1 - i0, 4 * COL_CHUNK) if i1 - i0 >= LONG_ROW else 0
+    lanes = (i1 - i0) // nsub if nsub else 0
+    rest = (i1 - i0) - nsub * lanes
     for c in range(c0, c1):
-        _row_sums(op, x, dy, n0, n1, c * L.S + i0, c * L.S + i1, coef[0, c], &part[off + 2 * (c - c0)])
+        for j in range(max(lanes, rest)):
+            shift[j] = coef[0, c]
+        if nsub:
+            _zero_lanes(s, lanes)
+            for n in range(n0, n1):
+                _column_sums(op, x, dy, n * L.W + c * L.S + i0, lanes, nsub, lanes, shift, s, &s[COL_CHUNK])
+            _add_lanes(s, lanes, &part[off + 2 * (c - c0)])
+        _zero_lanes(s, rest)
+        _column_sums(op, x, dy, n0 * L.W + c * L.S + i0 + nsub * lanes, L.W, n1 - n0, rest, shift, s,
+                     &s[COL_CHUNK])
+        _add_lanes(s, rest, &part[off + 2 * (c - c0)])
 
 
-cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
-                       floating[:, ::1] out, const double[:, ::1] coef) noexcept nogil:
+cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
+    """s[:n] = s[COL_CHUNK:COL_CHUNK + n] = 0."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        s[j] = 0.0
+        s[COL_CHUNK + j] = 0.0
+
+
+cdef inline void _add_lanes(const double *s, Py_ssize_t n, double *pair) noexcept nogil:
+    """pair[0] += s[0] + ... + s[n - 1], pair[1] += s[COL_CHUNK] + ... + s[COL_CHUNK + n - 1], in order."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        pair[0] += s[j]
+        pair[1] += s[COL_CHUNK + j]
+
+
+cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
+                       floating[::1] out, const double[:, ::1] coef) noexcept nogil:
     """The elementwise pass over block k."""
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     if L.minor:
         for n in range(k * L.rows, min(L.N, (k + 1) * L.rows)):
-            _apply_columns(op, x, dy, out, n, coef)
+            _apply_columns(op, x, dy, out, n * L.W, coef)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for n in range(n0, n1):
         for c in range(c0, c1):
-            _apply_row(op, x, dy, out, n, c * L.S + i0, c * L.S + i1, coef[0, c], coef[1, c], coef[2, c],
-                       coef[3, c])
+            a = n * L.W + c * L.S
+            _apply_row(op, x, dy, out, a + i0, a + i1, coef[0, c], coef[1, c], coef[2, c], coef[3, c])
 
 
 cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
@@ -377,9 +401,9 @@ cdef inline void _affine_coef(Layout L, Py_ssize_t c, double mean, double invstd
     _set_coef(L, coef, 2, c, <double>bias[c] if bias is not None else 0.0)
 
 
-def forward(cnp.ndarray x,                # IN (N, C*S)
-            y,                            # OUT (N, C*S), or None: statistics only (use_batch_stats)
-            Py_ssize_t C,
+def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, flat
+            y,                            # OUT (N*C*S,), or None: statistics only (use_batch_stats)
+            Py_ssize_t N, Py_ssize_t C,
             running_mean, running_var,    # INOUT (C,) each, updated when update_running
             weight, bias,                 # IN (C,) gamma and beta, or None (= 1 and 0)
             double[::1] mean,             # OUT (C,) batch mean, or IN (C,) running mean
@@ -391,8 +415,7 @@ def forward(cnp.ndarray x,                # IN (N, C*S)
     statistics are updated in place. Otherwise mean and var come in as the running statistics, and var is replaced
     by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     """
-    cdef Py_ssize_t N = x.shape[0]
-    cdef Layout L = _layout(N, C, x.shape[1] // C)
+    cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
     cdef cnp.ndarray coef = np.zeros((4, C * L.G))
     cdef cnp.ndarray part = np.zeros(L.nblocks * L.part if use_batch_stats else 0)
     if x.dtype == np.float32:
@@ -403,7 +426,7 @@ def forward(cnp.ndarray x,                # IN (N, C*S)
                          update_running, momentum, eps, coef, part, _threads(L, n_threads))
 
 
-cdef void _forward(Layout L, const floating[:, ::1] x, floating[:, ::1] y, floating[::1] running_mean,
+cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, floating[::1] running_mean,
                    floating[::1] running_var, const floating[::1] weight, const floating[::1] bias,
                    double[::1] mean, double[::1] invstd, bint batch, bint update, double momentum, double eps,
                    double[:, ::1] coef, double[::1] part, int nt) noexcept:
@@ -421,7 +444,7 @@ cdef void _forward(Layout L, const floating[:, ::1] x, floating[:, ::1] y, float
                 _block_apply(affine, L, k, x, x, y, coef)
             return
         for c in range(L.C):  # the shift K of the sums: a value of each channel
-            _set_coef(L, coef, 0, c, <double>x[0, c * L.S])
+            _set_coef(L, coef, 0, c, <double>x[c * L.S])
         if L.fused:
             for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
                 _fused_forward(L, k, x, y, stats_only, update, running_mean, running_var, weight, bias, momentum,
@@ -438,7 +461,7 @@ cdef void _forward(Layout L, const floating[:, ::1] x, floating[:, ::1] y, float
                 _block_apply(affine, L, k, x, x, y, coef)
 
 
-cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[:, ::1] x, floating[:, ::1] y, bint stats_only,
+cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating[::1] y, bint stats_only,
                          bint update, floating[::1] running_mean, floating[::1] running_var,
                          const floating[::1] weight, const floating[::1] bias, double momentum, double eps,
                          double[::1] mean, double[::1] invstd, double[:, ::1] coef,
@@ -479,10 +502,10 @@ cdef void _finish_grad(Layout L, Py_ssize_t c, double s0, double s1, double m, b
         _set_coef(L, coef, 2, c, 0.0)
 
 
-def backward(cnp.ndarray x,               # IN (N, C*S) the forward's input
-             cnp.ndarray dy,              # IN (N, C*S)
-             dx,                          # OUT (N, C*S), or None: sums only
-             Py_ssize_t C,
+def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) input, flat
+             cnp.ndarray dy,              # IN (N*C*S,)
+             dx,                          # OUT (N*C*S,), or None: sums only
+             Py_ssize_t N, Py_ssize_t C,
              const double[::1] mean,      # IN (C,) mean the forward used
              const double[::1] invstd,    # IN (C,) invstd the forward used
              weight,                      # IN (C,) gamma, or None (= 1)
@@ -497,8 +520,7 @@ def backward(cnp.ndarray x,               # IN (N, C*S) the forward's input
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     """
-    cdef Py_ssize_t N = x.shape[0]
-    cdef Layout L = _layout(N, C, x.shape[1] // C)
+    cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
     cdef bint given = sums is not None and dx is not None
     cdef cnp.ndarray coef = np.zeros((4, C * L.G))
     cdef cnp.ndarray part = np.zeros(0 if given else L.nblocks * L.part)
@@ -512,7 +534,7 @@ def backward(cnp.ndarray x,               # IN (N, C*S) the forward's input
                           coef, part, _threads(L, n_threads))
 
 
-cdef void _backward(Layout L, const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] dx,
+cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, floating[::1] dx,
                     const double[::1] mean, const double[::1] invstd, const floating[::1] weight,
                     floating[::1] dweight, floating[::1] dbias, bint batch, bint given, double[:, ::1] sums,
                     double m, double[:, ::1] coef, double[::1] part, int nt) noexcept:
@@ -541,8 +563,8 @@ cdef void _backward(Layout L, const floating[:, ::1] x, const floating[:, ::1] d
                 _grad_apply(L, k, x, dy, dx, batch, coef)
 
 
-cdef inline void _grad_apply(Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
-                             floating[:, ::1] dx, bint batch, const double[:, ::1] coef) noexcept nogil:
+cdef inline void _grad_apply(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
+                             floating[::1] dx, bint batch, const double[:, ::1] coef) noexcept nogil:
     """dx over block k: Grad (training) or Affine on dy (eval)."""
     cdef Grad grad
     cdef Affine affine
@@ -552,8 +574,8 @@ cdef inline void _grad_apply(Layout L, Py_ssize_t k, const floating[:, ::1] x, c
         _block_apply(affine, L, k, dy, dy, dx, coef)
 
 
-cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[:, ::1] x, const floating[:, ::1] dy,
-                          floating[:, ::1] dx, bint sums_only, const double[::1] mean, const double[::1] invstd,
+cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
+                          floating[::1] dx, bint sums_only, const double[::1] mean, const double[::1] invstd,
                           const floating[::1] weight, floating[::1] dweight, floating[::1] dbias, bint batch,
                           double[:, ::1] sums, double m, double[:, ::1] coef, double[::1] part) noexcept nogil:
     """Block k of whole channels: gradient sums, coefficients and dx in one task."""

@@ -240,8 +240,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if training:
         mean, invstd = np.empty(C), np.empty(C)
     if x3.size:
-        y2 = y.view(np.ndarray).reshape(N, C * S) if out_dt == dt else np.empty((N, C * S), dtype=dt)
-        _kernels.forward(x3.reshape(N, C * S), y2, C, new_mean, new_var, weight, bias, mean, invstd, training, update,
+        y1 = y.view(np.ndarray).reshape(-1) if out_dt == dt else np.empty(x3.size, dtype=dt)
+        _kernels.forward(x3.reshape(-1), y1, N, C, new_mean, new_var, weight, bias, mean, invstd, training, update,
                          float(momentum), float(eps), num_threads())
         if update and nan_guard:
             finite = np.isfinite(new_mean) & np.isfinite(new_var)
@@ -249,7 +249,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             np.copyto(running_var, new_var, where=finite)
         if out_dt != dt:
             with np.errstate(all="ignore"):  # float16 overflow gives inf, like torch, and never raises late
-                y[...] = y2.reshape(shape)
+                y[...] = y1.reshape(shape)
     elif training:
         mean.fill(np.nan)
         invstd.fill(np.nan)
@@ -286,7 +286,7 @@ def batch_norm_stats(x, *, dtype=None):
     if count == 1:
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
-        _kernels.forward(x3.reshape(N, C * S), None, C, None, None, None, None, mean, M2, True, False, 0.0, 0.0,
+        _kernels.forward(x3.reshape(-1), None, N, C, None, None, None, None, mean, M2, True, False, 0.0, 0.0,
                          num_threads())
     return count, mean, M2
 
@@ -353,7 +353,7 @@ def batch_norm_grad_sums(dy, saved):
     sums = np.zeros((2, C))
     dweight, dbias = np.zeros(C, dtype=x3.dtype), np.zeros(C, dtype=x3.dtype)
     if x3.size:
-        _kernels.backward(x3.reshape(N, C * S), _contiguous(dy, x3.dtype).reshape(N, C * S), None, C, saved.mean,
+        _kernels.backward(x3.reshape(-1), _contiguous(dy, x3.dtype).reshape(-1), None, N, C, saved.mean,
                           saved.invstd, saved.weight, dweight, dbias, saved.use_batch_stats, sums, 0.0, num_threads())
     return sums, dweight, dbias
 
@@ -404,11 +404,11 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
                                                            "saved.invstd": saved.invstd})
     dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)
     if x3.size:
-        dy2 = _contiguous(dy, dt).reshape(N, C * S)
-        dx2 = dx.view(np.ndarray).reshape(N, C * S) if saved.dtype == dt else np.empty((N, C * S), dtype=dt)
-        _kernels.backward(x3.reshape(N, C * S), dy2, dx2, C, saved.mean, saved.invstd, saved.weight, dweight, dbias,
+        dy1 = _contiguous(dy, dt).reshape(-1)
+        dx1 = dx.view(np.ndarray).reshape(-1) if saved.dtype == dt else np.empty(x3.size, dtype=dt)
+        _kernels.backward(x3.reshape(-1), dy1, dx1, N, C, saved.mean, saved.invstd, saved.weight, dweight, dbias,
                           saved.use_batch_stats, grad_sums, float(count or 0), num_threads())
         if saved.dtype != dt:
             with np.errstate(all="ignore"):
-                dx[...] = dx2.reshape(saved.shape)
+                dx[...] = dx1.reshape(saved.shape)
     return dx, dweight, dbias
