@@ -188,6 +188,12 @@ cdef inline int _threads(Layout L, int n_threads) noexcept nogil:
     return <int>min(<Py_ssize_t>n_threads, L.nblocks)
 
 
+cdef inline Py_ssize_t _parallel_blocks(Layout L, int nt) noexcept nogil:
+    """Blocks run in a parallel region: all of them, or none when the call runs on one thread (then a plain loop
+    runs them and no OpenMP region is entered)."""
+    return L.nblocks if nt > 1 else 0
+
+
 cdef inline void _major_block(Layout L, Py_ssize_t k, Py_ssize_t *c0, Py_ssize_t *c1, Py_ssize_t *n0,
                               Py_ssize_t *n1, Py_ssize_t *i0, Py_ssize_t *i1) noexcept nogil:
     """Channels [c0, c1), images [n0, n1) and row columns [i0, i1) of channel-major block k."""
@@ -255,21 +261,22 @@ cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, 
 
 
 cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, floating[::1] out,
-                         Py_ssize_t base, const double[:, ::1] coef) noexcept nogil:
-    """The row at x[base:], each column j with its own coefficients coef[:, j]: as _apply_row."""
-    cdef Py_ssize_t j
-    for j in range(coef.shape[1]):
+                         Py_ssize_t base, const double[::1] coef) noexcept nogil:
+    """The row at x[base:], each column j with its own coefficients coef[r*W + j], r = 0..3 (W = coef.size // 4):
+    as _apply_row."""
+    cdef Py_ssize_t j, CG = coef.shape[0] // 4
+    for j in range(CG):
         if ApplyOp is Affine:
-            out[base + j] = <floating>((<double>x[base + j] - coef[0, j]) * coef[1, j] + coef[2, j])
+            out[base + j] = <floating>((<double>x[base + j] - coef[j]) * coef[CG + j] + coef[2 * CG + j])
         else:
-            out[base + j] = <floating>((<double>dy[base + j] - coef[3, j]) * coef[1, j]
-                                       - (<double>x[base + j] - coef[0, j]) * coef[2, j])
+            out[base + j] = <floating>((<double>dy[base + j] - coef[3 * CG + j]) * coef[CG + j]
+                                       - (<double>x[base + j] - coef[j]) * coef[2 * CG + j])
 
 
 # -- the three steps over blocks ----------------------------------------------------------------------------------
 
 cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                      const double[:, ::1] coef, double[::1] part) noexcept nogil:
+                      const double[::1] coef, double[::1] part) noexcept nogil:
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0].
 
     Minor: (s0 of every column, s1 of every column), COL_CHUNK columns at a time down the block's rows. Major: (s0,
@@ -284,7 +291,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
         for q in range(_cdiv(L.W, COL_CHUNK)):
             a, b = q * COL_CHUNK, min(L.W, (q + 1) * COL_CHUNK)
             for j in range(b - a):
-                shift[j] = coef[0, a + j]
+                shift[j] = coef[a + j]
             _zero_lanes(s, b - a)
             _column_sums(op, x, dy, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK])
             for j in range(b - a):
@@ -297,7 +304,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
     rest = (i1 - i0) - nsub * lanes
     for c in range(c0, c1):
         for j in range(max(lanes, rest)):
-            shift[j] = coef[0, c]
+            shift[j] = coef[c]
         if nsub:
             _zero_lanes(s, lanes)
             for n in range(n0, n1):
@@ -326,7 +333,7 @@ cdef inline void _add_lanes(const double *s, Py_ssize_t n, double *pair) noexcep
 
 
 cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                       floating[::1] out, const double[:, ::1] coef) noexcept nogil:
+                       floating[::1] out, const double[::1] coef) noexcept nogil:
     """The elementwise pass over block k."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     if L.minor:
@@ -337,7 +344,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
-            _apply_row(op, x, dy, out, a + i0, a + i1, coef[0, c], coef[1, c], coef[2, c], coef[3, c])
+            _apply_row(op, x, dy, out, a + i0, a + i1, coef[c], coef[L.C + c], coef[2 * L.C + c], coef[3 * L.C + c])
 
 
 cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
@@ -358,11 +365,11 @@ cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noe
         s[1] += part[b * L.part + 2 * (c - g * L.group) + 1]
 
 
-cdef inline void _set_coef(Layout L, double[:, ::1] coef, Py_ssize_t row, Py_ssize_t c, double v) noexcept nogil:
-    """coef[row] of channel c: its G columns."""
+cdef inline void _set_coef(Layout L, double[::1] coef, Py_ssize_t row, Py_ssize_t c, double v) noexcept nogil:
+    """Coefficient row of channel c, coef[row*C*G + j] for its G columns j."""
     cdef Py_ssize_t j
     for j in range(c * L.G, (c + 1) * L.G):
-        coef[row, j] = v
+        coef[row * L.C * L.G + j] = v
 
 
 # -- forward ------------------------------------------------------------------------------------------------------
@@ -372,7 +379,7 @@ cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, bint stats
                         const floating[::1] weight, const floating[::1] bias,    # IN (C,), or None
                         double momentum, double eps,
                         double[::1] mean, double[::1] invstd,                    # OUT (C,)
-                        double[:, ::1] coef) noexcept nogil:                     # INOUT: IN shift K, OUT affine
+                        double[::1] coef) noexcept nogil:                     # INOUT: IN shift K, OUT affine
     """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over m = N*S values, K = coef[0] a value of it:
     mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
@@ -382,7 +389,7 @@ cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, bint stats
     cdef double M2 = s2 - s1 * s1 / m
     if M2 < 0.0:
         M2 = 0.0
-    mean[c] = coef[0, c * L.G] + s1 / m
+    mean[c] = coef[c * L.G] + s1 / m
     if stats_only:
         invstd[c] = M2
         return
@@ -394,7 +401,7 @@ cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, bint stats
 
 
 cdef inline void _affine_coef(Layout L, Py_ssize_t c, double mean, double invstd, const floating[::1] weight,
-                              const floating[::1] bias, double[:, ::1] coef) noexcept nogil:
+                              const floating[::1] bias, double[::1] coef) noexcept nogil:
     """coef[:3] of channel c = (mean, gamma*invstd, beta) (gamma = 1, beta = 0 where weight, bias are None)."""
     _set_coef(L, coef, 0, c, mean)
     _set_coef(L, coef, 1, c, (<double>weight[c] if weight is not None else 1.0) * invstd)
@@ -416,20 +423,21 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
     by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     """
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
-    cdef cnp.ndarray coef = np.zeros((4, C * L.G))
-    cdef cnp.ndarray part = np.zeros(L.nblocks * L.part if use_batch_stats else 0)
-    if x.dtype == np.float32:
+    cdef double[::1] scratch = np.zeros(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _forward[float](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
-                        update_running, momentum, eps, coef, part, _threads(L, n_threads))
+                        update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
+                        _threads(L, n_threads))
     else:
         _forward[double](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
-                         update_running, momentum, eps, coef, part, _threads(L, n_threads))
+                         update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
+                         _threads(L, n_threads))
 
 
 cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, floating[::1] running_mean,
                    floating[::1] running_var, const floating[::1] weight, const floating[::1] bias,
                    double[::1] mean, double[::1] invstd, bint batch, bint update, double momentum, double eps,
-                   double[:, ::1] coef, double[::1] part, int nt) noexcept:
+                   double[::1] coef, double[::1] part, int nt) noexcept:
     cdef Py_ssize_t c, k
     cdef bint stats_only = y is None
     cdef double s[2]
@@ -440,31 +448,40 @@ cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, floating[::
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
                 _affine_coef(L, c, mean[c], invstd[c], weight, bias, coef)
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+                _block_apply(affine, L, k, x, x, y, coef)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _block_apply(affine, L, k, x, x, y, coef)
             return
         for c in range(L.C):  # the shift K of the sums: a value of each channel
             _set_coef(L, coef, 0, c, <double>x[c * L.S])
         if L.fused:
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+                _fused_forward(L, k, x, y, stats_only, update, running_mean, running_var, weight, bias, momentum,
+                               eps, mean, invstd, coef, part)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_forward(L, k, x, y, stats_only, update, running_mean, running_var, weight, bias, momentum,
                                eps, mean, invstd, coef, part)
             return
-        for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+        for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+            _block_sums(moments, L, k, x, x, coef, part)
+        for k in range(L.nblocks - _parallel_blocks(L, nt)):
             _block_sums(moments, L, k, x, x, coef, part)
         for c in range(L.C):
             _channel_sums(L, part, c, s)
             _finish_stats(L, c, s[0], s[1], stats_only, update, running_mean, running_var, weight, bias, momentum,
                           eps, mean, invstd, coef)
         if not stats_only:
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+                _block_apply(affine, L, k, x, x, y, coef)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _block_apply(affine, L, k, x, x, y, coef)
 
 
 cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating[::1] y, bint stats_only,
                          bint update, floating[::1] running_mean, floating[::1] running_var,
                          const floating[::1] weight, const floating[::1] bias, double momentum, double eps,
-                         double[::1] mean, double[::1] invstd, double[:, ::1] coef,
+                         double[::1] mean, double[::1] invstd, double[::1] coef,
                          double[::1] part) noexcept nogil:
     """Block k of whole channels: sums, statistics and output in one task."""
     cdef Py_ssize_t c, c0 = (k // L.per_channel) * L.group
@@ -484,7 +501,7 @@ cdef void _finish_grad(Layout L, Py_ssize_t c, double s0, double s1, double m, b
                        const double[::1] mean, const double[::1] invstd,  # IN (C,) statistics the forward used
                        const floating[::1] weight,                        # IN (C,) gamma, or None
                        floating[::1] dweight, floating[::1] dbias,        # OUT (C,)
-                       double[:, ::1] coef) noexcept nogil:               # OUT (4, C*G)
+                       double[::1] coef) noexcept nogil:               # OUT (4, C*G)
     """Channel c from s0 = sum(dy), s1 = sum(dy*(x - mean)) over m values: dbeta = s0, dgamma = invstd*s1, and
     the coefficients of dx. Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m)
     = (dy - dbeta/m)*g - (x - mean)*(g*invstd*dgamma/m): Grad with coef = (mean, g, g*invstd*dgamma/m, dbeta/m),
@@ -522,22 +539,21 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     """
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
     cdef bint given = sums is not None and dx is not None
-    cdef cnp.ndarray coef = np.zeros((4, C * L.G))
-    cdef cnp.ndarray part = np.zeros(0 if given else L.nblocks * L.part)
-    cdef cnp.ndarray totals = sums if sums is not None else np.zeros((2, C))
+    cdef double[::1] scratch = np.zeros(4 * C * L.G + 2 * C + (0 if given else L.nblocks * L.part))
+    cdef double[::1] totals = sums.reshape(-1) if sums is not None else scratch[4 * C * L.G:4 * C * L.G + 2 * C]
     cdef double m = count if given else <double>(N * L.S)
-    if x.dtype == np.float32:
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _backward[float](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
-                         coef, part, _threads(L, n_threads))
+                         scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, n_threads))
     else:
         _backward[double](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
-                          coef, part, _threads(L, n_threads))
+                          scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, n_threads))
 
 
 cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, floating[::1] dx,
                     const double[::1] mean, const double[::1] invstd, const floating[::1] weight,
-                    floating[::1] dweight, floating[::1] dbias, bint batch, bint given, double[:, ::1] sums,
-                    double m, double[:, ::1] coef, double[::1] part, int nt) noexcept:
+                    floating[::1] dweight, floating[::1] dbias, bint batch, bint given, double[::1] sums,
+                    double m, double[::1] coef, double[::1] part, int nt) noexcept:
     cdef Py_ssize_t c, k
     cdef bint sums_only = dx is None
     cdef double s[2]
@@ -546,25 +562,32 @@ cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, flo
         for c in range(L.C):  # the shift of the sums: the mean the forward used
             _set_coef(L, coef, 0, c, mean[c])
         if L.fused and not given:
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+                _fused_backward(L, k, x, dy, dx, sums_only, mean, invstd, weight, dweight, dbias, batch, sums, m,
+                                coef, part)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_backward(L, k, x, dy, dx, sums_only, mean, invstd, weight, dweight, dbias, batch, sums, m,
                                 coef, part)
             return
         if not given:
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+                _block_sums(gradsums, L, k, x, dy, coef, part)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _block_sums(gradsums, L, k, x, dy, coef, part)
             for c in range(L.C):
                 _channel_sums(L, part, c, s)
-                sums[0, c], sums[1, c] = s[0], s[1]
+                sums[c], sums[L.C + c] = s[0], s[1]
         for c in range(L.C):
-            _finish_grad(L, c, sums[0, c], sums[1, c], m, batch, mean, invstd, weight, dweight, dbias, coef)
+            _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
         if not sums_only:
-            for k in prange(L.nblocks, schedule='static', num_threads=nt, use_threads_if=nt > 1):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+                _grad_apply(L, k, x, dy, dx, batch, coef)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _grad_apply(L, k, x, dy, dx, batch, coef)
 
 
 cdef inline void _grad_apply(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                             floating[::1] dx, bint batch, const double[:, ::1] coef) noexcept nogil:
+                             floating[::1] dx, bint batch, const double[::1] coef) noexcept nogil:
     """dx over block k: Grad (training) or Affine on dy (eval)."""
     cdef Grad grad
     cdef Affine affine
@@ -577,14 +600,14 @@ cdef inline void _grad_apply(Layout L, Py_ssize_t k, const floating[::1] x, cons
 cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
                           floating[::1] dx, bint sums_only, const double[::1] mean, const double[::1] invstd,
                           const floating[::1] weight, floating[::1] dweight, floating[::1] dbias, bint batch,
-                          double[:, ::1] sums, double m, double[:, ::1] coef, double[::1] part) noexcept nogil:
+                          double[::1] sums, double m, double[::1] coef, double[::1] part) noexcept nogil:
     """Block k of whole channels: gradient sums, coefficients and dx in one task."""
     cdef Py_ssize_t c, c0 = (k // L.per_channel) * L.group
     cdef GradSums gradsums
     _block_sums(gradsums, L, k, x, dy, coef, part)
     for c in range(c0, min(L.C, c0 + L.group)):
-        sums[0, c], sums[1, c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
-        _finish_grad(L, c, sums[0, c], sums[1, c], m, batch, mean, invstd, weight, dweight, dbias, coef)
+        sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
+        _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
         _grad_apply(L, k, x, dy, dx, batch, coef)
 

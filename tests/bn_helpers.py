@@ -1,5 +1,6 @@
 """Shared helpers for the cbn test suite: hypothesis profiles, a reference layer, state snapshots and honest error
 bounds."""
+import contextlib
 import os
 
 import numpy as np
@@ -19,6 +20,28 @@ for _name, _n in PROPERTY_TESTS_EXAMPLES.items():
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 EPS64 = np.finfo(np.float64).eps
+
+# Layouts the kernels can be forced into (a kind and a block size in values; None: chosen by shape). Small blocks
+# cut even tiny inputs into many blocks, and a forced layout runs them on two threads: the property tests reach the
+# channel-major and channel-minor paths, their block merges and their parallel loops.
+FORCED_LAYOUTS = [None, ("major", 1), ("major", 23), ("minor", 1), ("minor", 40)]
+
+
+@contextlib.contextmanager
+def forced_layout(layout):
+    """Run the block with the kernels forced into ``layout`` (an entry of FORCED_LAYOUTS) on 2 threads."""
+    if layout is None:
+        yield
+        return
+    from cbn._dispatch import kernels
+    threads = cbn.get_num_threads()
+    kernels.force_layout(*layout)
+    cbn.set_num_threads(2)
+    try:
+        yield
+    finally:
+        kernels.force_layout(None)
+        cbn.set_num_threads(threads)
 
 CLASSES = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}
 

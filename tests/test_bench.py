@@ -20,7 +20,7 @@ def test_bench_smoke(tmp_path, capsys):
 
 def test_target_misses_names_each_miss():
     def row(op, ratio, torch=None, us=5.0, numpy_us=None):
-        return {"shape": [2, 8, 4, 4], "dtype": "float32", "threads": 1, "op": op, "MB": 0.001,
+        return {"shape": [2, 8, 4, 4], "dtype": "float32", "threads": 1, "op": op, "MB": 2.0,
                 "cbn_over_roofline": ratio, "alloc_bytes_out": 0, "torch_over_cbn": torch, "cbn_us": us,
                 "numpy_us": numpy_us}
     ok = [row("train", 1.9, 2.5, 9.0, 100.0), row("eval", 1.1), row("backward", 1.9, 1.6, 9.0, 100.0)]

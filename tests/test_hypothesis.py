@@ -17,7 +17,8 @@ from hypothesis.extra import numpy as hnp
 
 import cbn
 from cbn import reference as R
-from bn_helpers import EPS64, assert_per_channel, backward_tolerance, forward_tolerance, layer_class
+from bn_helpers import (EPS64, FORCED_LAYOUTS, assert_per_channel, backward_tolerance, forced_layout,
+                        forward_tolerance, layer_class)
 
 DTYPES = [np.float16, np.float32, np.float64]
 WIDTH = {np.float16: 16, np.float32: 32, np.float64: 64}
@@ -144,8 +145,14 @@ def _layer(x, weight=None, bias=None, **kw):
 
 
 @given(data=bn_inputs(min_n=0), momentum=st.sampled_from([0.1, None, 0.5, 1.0, 0.0]), affine=st.booleans(),
-       track=st.booleans())
-def test_train_then_eval_against_reference(data, momentum, affine, track):
+       track=st.booleans(), layout=st.sampled_from(FORCED_LAYOUTS))
+def test_train_then_eval_against_reference(data, momentum, affine, track, layout):
+    """Every layout of the kernels (forced on small inputs, 2 threads) against the reference."""
+    with forced_layout(layout):
+        _train_then_eval_against_reference(data, momentum, affine, track)
+
+
+def _train_then_eval_against_reference(data, momentum, affine, track):
     x, dy, weight, bias = data
     dtype = x.dtype.type
     ldt = _layer_dtype(dtype)

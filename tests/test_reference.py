@@ -5,7 +5,7 @@ import pytest
 import cbn
 from cbn import functional as F
 from cbn import reference as R
-from bn_helpers import RefLayer, assert_rel, max_err
+from bn_helpers import FORCED_LAYOUTS, RefLayer, assert_rel, forced_layout, max_err
 
 # float64: ~1e-10 relative to the largest reference value; float32: 2e-6 absolute on unit-scale outputs
 # (|y| <~ 6), running statistics ~1e-6 relative, gradients 1e-5 relative to max|ref|.
@@ -245,10 +245,17 @@ def test_backward_finite_differences(mode):
         assert err <= 1e-7 * scale, f"{mode} {name}: max |analytic - numeric| = {err:.3e}"
 
 
+@pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(6, 5, 7), (64, 3, 40, 40), (2, 32, 256, 256)])
-def test_backward_from_grad_sums(shape, dtype):
-    """batch_norm_grad_sums + batch_norm_backward(grad_sums=, count=) equal the one-call backward."""
+def test_backward_from_grad_sums(shape, dtype, layout):
+    """batch_norm_grad_sums + batch_norm_backward(grad_sums=, count=) equal the one-call backward, in every
+    layout of the kernels."""
+    with forced_layout(layout):
+        _backward_from_grad_sums(shape, dtype)
+
+
+def _backward_from_grad_sums(shape, dtype):
     rng = np.random.default_rng(3)
     C = shape[1]
     x = rng.uniform(-2, 2, shape).astype(dtype)
@@ -294,12 +301,15 @@ def test_batch_norm_stats(shape, dtype):
     np.testing.assert_allclose(M2, ref_M2, rtol=1e-10, atol=1e-10 * count)
 
 
+@pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("shape", [(6, 5, 7), (64, 3, 40, 40), (2, 32, 256, 256), (300, 40)])
-def test_batch_norm_stats_match_the_forward_bitwise(shape):
-    """The statistics-only call sums in the same blocks as the training forward (SyncBatchNorm relies on it)."""
+def test_batch_norm_stats_match_the_forward_bitwise(shape, layout):
+    """The statistics-only call sums in the same blocks as the training forward (SyncBatchNorm relies on it), in
+    every layout of the kernels."""
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
-    count, mean, M2 = F.batch_norm_stats(x)
-    _, saved = F.batch_norm(x, None, None, training=True, eps=1e-5, return_saved=True)
+    with forced_layout(layout):
+        count, mean, M2 = F.batch_norm_stats(x)
+        _, saved = F.batch_norm(x, None, None, training=True, eps=1e-5, return_saved=True)
     np.testing.assert_array_equal(mean, saved.mean)
     np.testing.assert_array_equal(1.0 / np.sqrt(M2 / count + 1e-5), saved.invstd)
 
