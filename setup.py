@@ -128,7 +128,7 @@ extensions = [
         "cbn._kernels",
         [KERNELS],
         depends=["cbn/_reduce.h"],
-        include_dirs=[np.get_include(), "src/cbn"],
+        include_dirs=[np.get_include(), "cbn"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]
