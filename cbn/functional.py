@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _kernels
+from ._dispatch import kernels as _kernels
 
 _COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))
 
