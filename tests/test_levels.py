@@ -137,9 +137,13 @@ def test_fallback_to_lower_level(tmp_path):
     if not unusable:
         pytest.skip("every level is built and supported here: nothing to fall back from")
     asked = unusable[-1]
-    code = ("import json, warnings\nwith warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')"
-            "\n    import cbn\nprint(json.dumps([cbn._dispatch.LEVEL, [str(m.message) for m in w"
-            " if issubclass(m.category, RuntimeWarning)]]))")
+    code = textwrap.dedent("""
+        import json, warnings
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import cbn
+        print(json.dumps([cbn._dispatch.LEVEL, [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)]]))
+    """)
     res = subprocess.run([sys.executable, "-c", code], env=_env(CBN_CPU_LEVEL=asked), cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
