@@ -50,6 +50,13 @@ X86_64_PROBE = """
 #error "not an x86-64 target"
 #endif
 """
+# MSVC before Visual Studio 2022 17.0 contracts a*b+c to an FMA under /fp:precise once /arch:AVX2 allows it (no
+# command-line switch stops that), which would make its AVX2/AVX-512 levels round differently from the baseline
+MSVC_NO_CONTRACT_PROBE = """
+#if defined(_MSC_VER) && !defined(__clang__) && _MSC_VER < 1930
+#error "this MSVC contracts to FMA under /fp:precise"
+#endif
+"""
 GCC_PROBE = """
 #if !defined(__GNUC__) || defined(__clang__)
 #error "not GCC"
@@ -177,7 +184,7 @@ class BuildExt(build_ext):
             if level_flags:
                 # the target must be x86-64 and the flags must take effect (MSVC ignores an unknown /arch: value)
                 checks = "".join(f"#ifndef {m}\n#error \"{m} not defined\"\n#endif\n" for m in macros)
-                failure = probe_compile(cc, X86_64_PROBE + checks, level_flags)
+                failure = probe_compile(cc, X86_64_PROBE + MSVC_NO_CONTRACT_PROBE + checks, level_flags)
                 if failure:
                     warnings.warn(f"the compiler cannot build the {name} kernels with {' '.join(level_flags)} "
                                   f"({failure}): skipping that level")
