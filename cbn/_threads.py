@@ -10,7 +10,7 @@ import numbers
 import os
 import threading
 
-from . import _kernels
+from ._dispatch import kernels as _kernels
 
 _OPENMP = _kernels.openmp_enabled()
 

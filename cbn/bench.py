@@ -20,7 +20,7 @@ import tracemalloc
 import numpy as np
 
 import cbn
-from cbn import _kernels
+from cbn._dispatch import kernels as _kernels
 from cbn import reference as R
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7), (8, 3, 224, 224),

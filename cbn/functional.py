@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _kernels
+from ._dispatch import kernels as _kernels
 from ._threads import num_threads
 
 _COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))

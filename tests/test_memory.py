@@ -78,7 +78,7 @@ def test_10k_calls_do_not_leak():
           f"tracemalloc traced {traced0} B -> {traced1} B")
     assert bn.num_batches_tracked == 500 - 100 + CALLS - CALLS // 5  # every call but eval (k == 3) counted
     assert traced1 - traced0 < 64 * 1024, f"traced memory grew by {traced1 - traced0} bytes"
-    if "fsanitize=address" in cbn._kernels.build_info():
+    if "fsanitize=address" in cbn._dispatch.kernels.build_info():
         print("RSS bound not asserted: AddressSanitizer's quarantine keeps freed memory resident")
     else:
         assert rss1 - rss0 < 4 * MB, f"RSS grew by {(rss1 - rss0) / MB:.2f} MB"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cbn
-from cbn import _kernels
+from cbn._dispatch import kernels as _kernels
 
 
 def openmp_on():
@@ -216,7 +216,7 @@ DEFAULT_SCRIPT = textwrap.dedent("""
     if sys.argv[1] != "all":
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import cbn
-    from cbn import _kernels
+    from cbn._dispatch import kernels as _kernels
     seen = {}
     def worker(key):
         seen[key] = cbn.get_num_threads()
