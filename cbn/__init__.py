@@ -12,7 +12,6 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
 
 _build_info = _dispatch.kernels.build_info  # the kernels in use: the best instruction-set level built and supported
 _openmp_enabled = _dispatch.kernels.openmp_enabled
-_set_omp_threads = _dispatch.kernels.set_num_threads
 
 __version__ = "0.1.0"
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
