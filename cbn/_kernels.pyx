@@ -70,23 +70,25 @@ ctypedef fused ApplyOp:
     Grad
 
 cdef enum:
-    COL_CHUNK = 512       # columns per pass of the sums: their accumulators stay in L1
+    COL_CHUNK = 512       # channel-minor columns per pass of the sums: their accumulators stay in L1
+    LANES = 16            # fixed lanes of a channel-major row sum
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
 # holds. Longer rows go channel-major.
 cdef Py_ssize_t SHORT_ROW = 16
-cdef Py_ssize_t MIN_IMAGES = 8
+cdef Py_ssize_t MIN_IMAGES = 4
 # Values per block (about 128 KB of float32: a block stays in L2 between its sums and its elementwise pass).
 cdef Py_ssize_t BLOCK = 1 << 15
 # Channel-major blocks of whole channels (sums, statistics and output in one task, so that a channel leaves memory
-# once) when rows are at least LONG_ROW values (runs of 1 KB or more between jumps of a whole image), a channel's
-# N*S values fit in the last-level cache (FUSE_PLANE) and there are at least MIN_TASKS channels; a group holds
-# about FUSE_GROUP values but at most C // MIN_TASKS channels, so there are tasks for all threads. Otherwise blocks
-# follow memory order: all channels of MIN_IMAGES or more images (short rows: the sums go down the images), or of
-# one image cut into pieces of about BLOCK values (long rows).
-cdef Py_ssize_t LONG_ROW = 256
+# once) for tensors beyond the caches (FUSE_MIN values) whose channel holds at most FUSE_PLANE values, with at least
+# MIN_TASKS channels: a group holds about FUSE_GROUP values but at most C // MIN_TASKS channels (tasks for all
+# threads), and its run in each image (group*S contiguous values) must be at least FUSE_RUN long, or the jumps
+# between images defeat the prefetchers. Otherwise blocks follow memory order: all channels of MIN_IMAGES or more
+# images, or of one image cut into pieces of about BLOCK values (rows of COL_CHUNK values or more).
+cdef Py_ssize_t FUSE_MIN = 1 << 22
 cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
+cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t MIN_TASKS = 16
 # The budget in doubles of the blocks' partial sums, and the most blocks a call is cut into.
 cdef Py_ssize_t PART_BUDGET = 1 << 15
@@ -131,8 +133,9 @@ cdef struct Layout:
     Py_ssize_t part       # doubles of partial sums per block: 2*W (minor), 2*group (major)
     bint fused            # major with whole channels per block: sums, finish and output in one task
     # channel-major: block k = channels [g*group, +group) x images [(r // ncol)*nimg, +nimg) x columns
-    # [(r % ncol)*width, +width) of each row, g = k // per_channel, r = k % per_channel
-    Py_ssize_t group, nimg, ncol, width, per_channel
+    # [(r % ncol)*width, +width) of each row, r = k // ngroups, g = k % ngroups (memory order); a channel's
+    # partial sums are those of its group's per_channel blocks
+    Py_ssize_t group, ngroups, nimg, ncol, width, per_channel
     # channel-minor: block k = rows [k*rows, +rows)
     Py_ssize_t rows
 
@@ -163,22 +166,28 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
         L.nimg = max(1, block // S)
-    elif S >= LONG_ROW and N * S <= FUSE_PLANE and C >= MIN_TASKS:
-        L.group = max(1, min(FUSE_GROUP // (N * S), C // MIN_TASKS))
+    elif N * L.W >= FUSE_MIN and N * S <= FUSE_PLANE and C >= MIN_TASKS and _fused_group(N, C, S) * S >= FUSE_RUN:
+        L.group = _fused_group(N, C, S)
         L.nimg = N
-    else:
+    elif L.W <= block:  # whole images
         L.group = C
-        if S >= COL_CHUNK and L.W > block:
-            L.ncol = _cdiv(L.W, block)
-            L.width = _cdiv(S, L.ncol)
-            L.nimg = 1
-        else:
-            L.nimg = min(N, max(max(MIN_IMAGES, block // L.W), _cdiv(N, MAX_BLOCKS)))
+        L.nimg = max(max(block // L.W, _cdiv(N, MAX_BLOCKS)), MIN_IMAGES)
+    else:  # runs of about block values: groups of whole rows, or pieces of a row
+        L.group = max(1, block // S)
+        L.ncol = _cdiv(S, block)
+        L.width = _cdiv(S, L.ncol)
+        L.nimg = min(N, max(_cdiv(2 * N * C * L.ncol, PART_BUDGET), MIN_IMAGES))
     L.per_channel = _cdiv(N, L.nimg) * L.ncol
     L.fused = L.per_channel == 1
-    L.nblocks = _cdiv(C, L.group) * L.per_channel
+    L.ngroups = _cdiv(C, L.group)
+    L.nblocks = L.ngroups * L.per_channel
     L.part = 2 * L.group
     return L
+
+
+cdef inline Py_ssize_t _fused_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    """Channels per block of whole channels."""
+    return max(1, min(FUSE_GROUP // (N * S), C // MIN_TASKS))
 
 
 cdef inline int _threads(Layout L, int n_threads) noexcept nogil:
@@ -197,7 +206,7 @@ cdef inline Py_ssize_t _parallel_blocks(Layout L, int nt) noexcept nogil:
 cdef inline void _major_block(Layout L, Py_ssize_t k, Py_ssize_t *c0, Py_ssize_t *c1, Py_ssize_t *n0,
                               Py_ssize_t *n1, Py_ssize_t *i0, Py_ssize_t *i1) noexcept nogil:
     """Channels [c0, c1), images [n0, n1) and row columns [i0, i1) of channel-major block k."""
-    cdef Py_ssize_t g = k // L.per_channel, r = k % L.per_channel
+    cdef Py_ssize_t g = k % L.ngroups, r = k // L.ngroups
     c0[0] = g * L.group
     c1[0] = min(L.C, c0[0] + L.group)
     n0[0] = (r // L.ncol) * L.nimg
@@ -279,13 +288,13 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
                       const double[::1] coef, double[::1] part) noexcept nogil:
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0].
 
-    Minor: (s0 of every column, s1 of every column), COL_CHUNK columns at a time down the block's rows. Major: (s0,
-    s1) of each channel of the block's group. A span of a row (one image) of LONG_ROW or more values is cut into
-    nsub rows (a multiple of 4) of `lanes` values, lanes shared by all images; the rest (all of a shorter span) is
-    summed down the images. Then the lanes are added in order. Accumulators live on the stack."""
+    Minor: (s0 of every column, s1 of every column), COL_CHUNK columns at a time down the block's rows, their
+    accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
+    (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, down the images with a
+    lane per column, the lanes added in order."""
     cdef double s[2 * COL_CHUNK]
     cdef double shift[COL_CHUNK]
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, nsub, lanes, rest, off = k * L.part
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part
     if L.minor:
         n0, n1 = k * L.rows, min(L.N, (k + 1) * L.rows)
         for q in range(_cdiv(L.W, COL_CHUNK)):
@@ -299,21 +308,43 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
                 part[off + L.W + a + j] = s[COL_CHUNK + j]
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
-    nsub = 4 * _cdiv(i1 - i0, 4 * COL_CHUNK) if i1 - i0 >= LONG_ROW else 0
-    lanes = (i1 - i0) // nsub if nsub else 0
-    rest = (i1 - i0) - nsub * lanes
-    for c in range(c0, c1):
-        for j in range(max(lanes, rest)):
+    if i1 - i0 >= COL_CHUNK or n1 - n0 < MIN_IMAGES:
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                _row_sums(op, x, dy, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)])
+        return
+    for c in range(c0, c1):  # short rows: down the block's images, a lane per column, the lanes added in order
+        for j in range(i1 - i0):
             shift[j] = coef[c]
-        if nsub:
-            _zero_lanes(s, lanes)
-            for n in range(n0, n1):
-                _column_sums(op, x, dy, n * L.W + c * L.S + i0, lanes, nsub, lanes, shift, s, &s[COL_CHUNK])
-            _add_lanes(s, lanes, &part[off + 2 * (c - c0)])
-        _zero_lanes(s, rest)
-        _column_sums(op, x, dy, n0 * L.W + c * L.S + i0 + nsub * lanes, L.W, n1 - n0, rest, shift, s,
-                     &s[COL_CHUNK])
-        _add_lanes(s, rest, &part[off + 2 * (c - c0)])
+        _zero_lanes(s, i1 - i0)
+        _column_sums(op, x, dy, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK])
+        for j in range(i1 - i0):
+            part[off + 2 * (c - c0)] += s[j]
+            part[off + 2 * (c - c0) + 1] += s[COL_CHUNK + j]
+
+
+cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, Py_ssize_t base, Py_ssize_t n,
+                    double k, double *pair) noexcept nogil:
+    """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (u = x - k, w as in
+    _column_sums): value e in lane e % LANES (the row cut into rows of LANES values, down which _column_sums
+    runs), the lanes folded pairwise."""
+    cdef double s[2 * LANES]
+    cdef double shift[LANES]
+    cdef Py_ssize_t l, h, nsub = n // LANES
+    for l in range(LANES):
+        shift[l] = k
+        s[l] = 0.0
+        s[LANES + l] = 0.0
+    _column_sums(op, x, dy, base, LANES, nsub, LANES, shift, s, &s[LANES])
+    _column_sums(op, x, dy, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES])
+    h = LANES // 2
+    while h > 0:
+        for l in range(h):
+            s[l] += s[l + h]
+            s[LANES + l] += s[LANES + l + h]
+        h //= 2
+    pair[0] += s[0]
+    pair[1] += s[LANES]
 
 
 cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
@@ -322,14 +353,6 @@ cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
     for j in range(n):
         s[j] = 0.0
         s[COL_CHUNK + j] = 0.0
-
-
-cdef inline void _add_lanes(const double *s, Py_ssize_t n, double *pair) noexcept nogil:
-    """pair[0] += s[0] + ... + s[n - 1], pair[1] += s[COL_CHUNK] + ... + s[COL_CHUNK + n - 1], in order."""
-    cdef Py_ssize_t j
-    for j in range(n):
-        pair[0] += s[j]
-        pair[1] += s[COL_CHUNK + j]
 
 
 cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
@@ -349,7 +372,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x
 
 cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
     """s = channel c's two sums over all its blocks, added in block order (columns in order, for minor)."""
-    cdef Py_ssize_t b, j, first, g
+    cdef Py_ssize_t b, j, r, g
     s[0] = 0.0
     s[1] = 0.0
     if L.minor:
@@ -359,8 +382,8 @@ cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noe
                 s[1] += part[b * L.part + L.W + j]
         return
     g = c // L.group
-    first = g * L.per_channel
-    for b in range(first, first + L.per_channel):
+    for r in range(L.per_channel):
+        b = r * L.ngroups + g
         s[0] += part[b * L.part + 2 * (c - g * L.group)]
         s[1] += part[b * L.part + 2 * (c - g * L.group) + 1]
 
@@ -484,7 +507,7 @@ cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating
                          double[::1] mean, double[::1] invstd, double[::1] coef,
                          double[::1] part) noexcept nogil:
     """Block k of whole channels: sums, statistics and output in one task."""
-    cdef Py_ssize_t c, c0 = (k // L.per_channel) * L.group
+    cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
     cdef Moments moments
     cdef Affine affine
     _block_sums(moments, L, k, x, x, coef, part)
@@ -602,7 +625,7 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const f
                           const floating[::1] weight, floating[::1] dweight, floating[::1] dbias, bint batch,
                           double[::1] sums, double m, double[::1] coef, double[::1] part) noexcept nogil:
     """Block k of whole channels: gradient sums, coefficients and dx in one task."""
-    cdef Py_ssize_t c, c0 = (k // L.per_channel) * L.group
+    cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
     cdef GradSums gradsums
     _block_sums(gradsums, L, k, x, dy, coef, part)
     for c in range(c0, min(L.C, c0 + L.group)):
