@@ -321,3 +321,23 @@ def test_batch_norm_stats_keep_nan_and_inf():
     _, mean, M2 = F.batch_norm_stats(x)
     assert np.isfinite(mean[0]) and np.isfinite(M2[0])
     assert np.isnan(mean[1]) and np.isnan(M2[1]) and not np.isfinite(M2[2])
+
+
+@pytest.mark.parametrize("layout", FORCED_LAYOUTS)
+@pytest.mark.parametrize("shape", [(8, 3, 64, 64), (64, 16), (4096, 24), (32, 64, 7, 7), (16, 5, 3), (3, 5, 1000)])
+def test_float32_within_1e6_of_float64_far_from_zero(shape, layout):
+    """The exactness contract, in every layout: float32 y and dx within 1e-6 of the float64 result, relative to the
+    largest magnitude of that output, for x with mean 1e4 and std 1 and dy with mean 100."""
+    rng = np.random.default_rng(11)
+    C = shape[1]
+    x = (rng.standard_normal(shape) + 1e4).astype(np.float32)
+    dy = (rng.standard_normal(shape) + 100).astype(np.float32)
+    w, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.uniform(-1, 1, C).astype(np.float32)
+    with forced_layout(layout):
+        y, saved = F.batch_norm(x, None, None, w, b, True, return_saved=True)
+        dx = F.batch_norm_backward(dy, saved)[0]
+    y_ref, ref_saved = R.batch_norm(x.astype(np.float64), None, None, w.astype(np.float64), b.astype(np.float64),
+                                    True, return_saved=True)
+    dx_ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
+    assert np.max(np.abs(y - y_ref)) <= 1e-6 * np.max(np.abs(y_ref))
+    assert np.max(np.abs(dx - dx_ref)) <= 1e-6 * np.max(np.abs(dx_ref))
