@@ -308,6 +308,8 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
                 part[off + L.W + a + j] = s[COL_CHUNK + j]
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+    for j in range(L.part):
+        part[off + j] = 0.0
     if i1 - i0 >= COL_CHUNK or n1 - n0 < MIN_IMAGES:
         for n in range(n0, n1):
             for c in range(c0, c1):
@@ -425,10 +427,11 @@ cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, bint stats
 
 cdef inline void _affine_coef(Layout L, Py_ssize_t c, double mean, double invstd, const floating[::1] weight,
                               const floating[::1] bias, double[::1] coef) noexcept nogil:
-    """coef[:3] of channel c = (mean, gamma*invstd, beta) (gamma = 1, beta = 0 where weight, bias are None)."""
+    """coef of channel c = (mean, gamma*invstd, beta, 0) (gamma = 1, beta = 0 where weight, bias are None)."""
     _set_coef(L, coef, 0, c, mean)
     _set_coef(L, coef, 1, c, (<double>weight[c] if weight is not None else 1.0) * invstd)
     _set_coef(L, coef, 2, c, <double>bias[c] if bias is not None else 0.0)
+    _set_coef(L, coef, 3, c, 0.0)
 
 
 def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, flat
@@ -446,7 +449,7 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
     by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     """
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
-    cdef double[::1] scratch = np.zeros(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
+    cdef double[::1] scratch = np.empty(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _forward[float](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
                         update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
@@ -528,7 +531,7 @@ cdef void _finish_grad(Layout L, Py_ssize_t c, double s0, double s1, double m, b
     """Channel c from s0 = sum(dy), s1 = sum(dy*(x - mean)) over m values: dbeta = s0, dgamma = invstd*s1, and
     the coefficients of dx. Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m)
     = (dy - dbeta/m)*g - (x - mean)*(g*invstd*dgamma/m): Grad with coef = (mean, g, g*invstd*dgamma/m, dbeta/m),
-    both differences taken before scaling. Eval: dx = g*dy, Affine on dy with coef = (0, g, 0)."""
+    both differences taken before scaling. Eval: dx = g*dy, Affine on dy with coef = (0, g, 0, 0)."""
     cdef double g = (<double>weight[c] if weight is not None else 1.0) * invstd[c]
     dbias[c] = <floating>s0
     dweight[c] = <floating>(s1 * invstd[c])
@@ -540,6 +543,7 @@ cdef void _finish_grad(Layout L, Py_ssize_t c, double s0, double s1, double m, b
     else:
         _set_coef(L, coef, 0, c, 0.0)
         _set_coef(L, coef, 2, c, 0.0)
+        _set_coef(L, coef, 3, c, 0.0)
 
 
 def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) input, flat
@@ -562,7 +566,7 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     """
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
     cdef bint given = sums is not None and dx is not None
-    cdef double[::1] scratch = np.zeros(4 * C * L.G + 2 * C + (0 if given else L.nblocks * L.part))
+    cdef double[::1] scratch = np.empty(4 * C * L.G + 2 * C + (0 if given else L.nblocks * L.part))
     cdef double[::1] totals = sums.reshape(-1) if sums is not None else scratch[4 * C * L.G:4 * C * L.G + 2 * C]
     cdef double m = count if given else <double>(N * L.S)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
