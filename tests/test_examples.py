@@ -23,7 +23,14 @@ def quick_run(tmp_path_factory):
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, f"seed_claims.py --quick failed:\n{run.stdout}\n{run.stderr}"
-    return json.loads((out / "seed_claims.json").read_text()), out
+    return strict_json(out / "seed_claims.json"), out
+
+
+def strict_json(path):
+    """The JSON file at ``path``; NaN and Infinity (which json.loads would accept) fail."""
+    def reject(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=reject)
 
 
 def test_training_with_cbn_lowers_the_loss(quick_run):
@@ -62,3 +69,11 @@ def test_pytorch_parity(quick_run):
     assert parity["steps"] == 20 and len(parity["loss_cbn"]) == len(parity["loss_torch"]) == 20
     assert parity["passed"] is True and parity["max_rel_diff"] <= parity["tolerance_rel"] <= 1e-10, parity
     assert (out / parity["figure"]).is_file()
+
+
+def test_committed_results_are_a_full_run(quick_run):
+    results = strict_json(SCRIPT.parent / "results" / "seed_claims.json")
+    assert results["quick"] is False and [c["id"] for c in results["claims"]] == [1, 2, 3, 4, 5]
+    for claim in results["claims"]:
+        assert claim["reproduced"] is all(claim["checks"].values())
+        assert (SCRIPT.parent / "results" / claim["figure"]).is_file()
