@@ -1,0 +1,92 @@
+"""examples/seed_claims.py --quick: training with cbn lowers the loss, the result file is well formed, and the CNN
+gives PyTorch's losses step for step (when torch is installed; required when CBN_EXPECT_TORCH=1)."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "seed_claims.py"
+FIGURES = ["claim1_bn_placement.png", "claim2_convergence_lr.png", "claim3_deep_sigmoid.png",
+           "claim4_batch_size.png", "claim5_inference_statistics.png"]
+
+
+def script_environment():
+    """This process's environment; under a preloaded AddressSanitizer (.ci/sanitize) with libstdc++ preloaded too.
+
+    matplotlib's C++ extension throws (and catches) C++ exceptions while it is imported; ASan intercepts __cxa_throw
+    and aborts ("CHECK failed ... real___cxa_throw") when libstdc++ was not loaded at its start-up.
+    """
+    env = dict(os.environ)
+    preload = env.get("LD_PRELOAD", "")
+    if "libasan" in preload and "libstdc++" not in preload:
+        env["LD_PRELOAD"] = f"{preload} libstdc++.so.6"
+    return env
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Run the script with --quick into a temporary folder; return (results, folder)."""
+    if not SCRIPT.is_file():
+        pytest.skip(f"{SCRIPT} is absent: this copy of tests/ came without examples/ (e.g. cibuildwheel's)")
+    out = tmp_path_factory.mktemp("seed_claims")
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True,
+                         text=True, timeout=600, env=script_environment())
+    assert run.returncode == 0, f"seed_claims.py --quick failed:\n{run.stdout}\n{run.stderr}"
+    return strict_json(out / "seed_claims.json"), out
+
+
+def strict_json(path):
+    """The JSON file at ``path``; NaN and Infinity (which json.loads would accept) fail."""
+    def reject(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_training_with_cbn_lowers_the_loss(quick_run):
+    results, _ = quick_run
+    measured = results["claims"][0]["measured"]
+    for placement in ("before", "after"):
+        test_loss = measured["test_loss_curve_mean"][placement]   # [0]: before training
+        train_loss = measured["train_loss_curve_mean"][placement]
+        assert test_loss[-1] < 0.5 * test_loss[0], (placement, test_loss)
+        assert train_loss[-1] < train_loss[0], (placement, train_loss)
+        assert measured["test_accuracy_curve_mean"][placement][-1] > 0.8, measured["test_accuracy_curve_mean"]
+
+
+def test_result_file_is_well_formed(quick_run):
+    results, out = quick_run
+    assert results["quick"] is True and results["wall_time_s"] > 0
+    assert [c["id"] for c in results["claims"]] == [1, 2, 3, 4, 5]
+    for claim, figure in zip(results["claims"], FIGURES):
+        assert isinstance(claim["claim"], str) and isinstance(claim["criterion"], str) and claim["measured"]
+        assert claim["checks"] and all(isinstance(v, bool) for v in claim["checks"].values()), claim["checks"]
+        assert claim["reproduced"] is all(claim["checks"].values())
+        assert claim["figure"] == figure
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    inference = results["claims"][4]["measured"]
+    assert inference["training_identical_for_both_momenta"] is True   # running statistics never feed training
+
+
+def test_pytorch_parity(quick_run):
+    if os.environ.get("CBN_EXPECT_TORCH") == "1":
+        importlib.import_module("torch")  # CI installed it: a missing torch is a failure, not a skip
+    else:
+        pytest.importorskip("torch")
+    results, out = quick_run
+    parity = results["pytorch_parity"]
+    assert "skipped" not in parity, parity
+    assert parity["steps"] == 20 and len(parity["loss_cbn"]) == len(parity["loss_torch"]) == 20
+    assert parity["passed"] is True and parity["max_rel_diff"] <= parity["tolerance_rel"] <= 1e-10, parity
+    assert (out / parity["figure"]).is_file()
+
+
+def test_committed_results_are_a_full_run(quick_run):
+    results = strict_json(SCRIPT.parent / "results" / "seed_claims.json")
+    assert results["quick"] is False and [c["id"] for c in results["claims"]] == [1, 2, 3, 4, 5]
+    for claim in results["claims"]:
+        assert claim["reproduced"] is all(claim["checks"].values())
+        assert (SCRIPT.parent / "results" / claim["figure"]).is_file()
