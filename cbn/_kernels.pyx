@@ -117,6 +117,16 @@ def omp_max_threads():
     return cbn_max_threads()
 
 
+def num_threads(int cap):
+    """Return the threads a call from this thread may use: the OpenMP runtime's count, at most cap (0: no cap)."""
+    return _runtime_threads(cap)
+
+
+cdef inline int _runtime_threads(int cap) noexcept nogil:
+    cdef int n = cbn_max_threads()
+    return n if cap <= 0 else min(n, cap)
+
+
 def force_layout(kind=None, Py_ssize_t block=64):
     """Test-only: run every call with the given layout kind ("major" or "minor"; None: by shape), blocks of about
     ``block`` values, and the caller's thread count even for tiny inputs."""
@@ -190,11 +200,13 @@ cdef inline Py_ssize_t _fused_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) no
     return max(1, min(FUSE_GROUP // (N * S), C // MIN_TASKS))
 
 
-cdef inline int _threads(Layout L, int n_threads) noexcept nogil:
-    """Threads for a call: 1 for tiny inputs (unless a layout is forced), never more than there are blocks."""
-    if L.nblocks < 2 or n_threads < 2 or (L.N * L.W < PARALLEL_MIN and not _forced_kind):
+cdef inline int _threads(Layout L, int cap) noexcept nogil:
+    """Threads for a call (cap: see num_threads): 1 for tiny inputs (unless a layout is forced), never more than
+    there are blocks."""
+    cdef int n = _runtime_threads(cap)
+    if L.nblocks < 2 or n < 2 or (L.N * L.W < PARALLEL_MIN and not _forced_kind):
         return 1
-    return <int>min(<Py_ssize_t>n_threads, L.nblocks)
+    return <int>min(<Py_ssize_t>n, L.nblocks)
 
 
 cdef inline Py_ssize_t _parallel_blocks(Layout L, int nt) noexcept nogil:
@@ -441,7 +453,7 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
             weight, bias,                 # IN (C,) gamma and beta, or None (= 1 and 0)
             double[::1] mean,             # OUT (C,) batch mean, or IN (C,) running mean
             double[::1] invstd,           # OUT (C,) 1/sqrt(var + eps), or IN (C,) running var
-            bint use_batch_stats, bint update_running, double momentum, double eps, int n_threads):
+            bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap):
     """Batch-norm forward: y = gamma*(x - mean)*invstd + beta per channel, invstd = 1/sqrt(var + eps).
 
     use_batch_stats: mean and var (biased) of the batch, written to mean and invstd; with update_running the running
@@ -453,11 +465,11 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _forward[float](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
                         update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
-                        _threads(L, n_threads))
+                        _threads(L, thread_cap))
     else:
         _forward[double](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
                          update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
-                         _threads(L, n_threads))
+                         _threads(L, thread_cap))
 
 
 cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, floating[::1] running_mean,
@@ -556,7 +568,7 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
              dweight, dbias,              # OUT (C,) sum(dy*xhat), sum(dy)
              bint use_batch_stats,
              sums,                        # (2, C) float64: OUT when dx is None, else IN (given) or None
-             double count, int n_threads):
+             double count, int thread_cap):
     """Batch-norm backward.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
@@ -571,10 +583,10 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     cdef double m = count if given else <double>(N * L.S)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _backward[float](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
-                         scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, n_threads))
+                         scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
     else:
         _backward[double](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
-                          scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, n_threads))
+                          scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
 
 
 cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, floating[::1] dx,

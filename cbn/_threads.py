@@ -1,4 +1,5 @@
-"""The thread count of cbn's kernels: chosen in Python for each call and passed to every ``prange``.
+"""The thread count of cbn's kernels: each call passes a cap (``thread_cap``) and runs its ``prange`` loops on the
+OpenMP runtime's count for the calling thread, at most that cap.
 
 The count for calls from an OS thread is capped by the OpenMP runtime's count for that thread (OMP_NUM_THREADS, or
 the CPU count; ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` lowers it while its block runs): what
@@ -54,18 +55,19 @@ def available_cpus():
     return min(n, quota) if quota else n
 
 
-# The cap on the runtime's count: None when OMP_NUM_THREADS is set (it wins) or the build is serial.
-_DEFAULT = None if os.environ.get("OMP_NUM_THREADS", "").strip() or not _OPENMP else available_cpus()
-_chosen = threading.local()  # .n: set_num_threads' count in this thread
+# The default cap on the runtime's count: none (0) when OMP_NUM_THREADS is set (it wins) or the build is serial.
+_DEFAULT = 0 if os.environ.get("OMP_NUM_THREADS", "").strip() or not _OPENMP else available_cpus()
+class _Chosen(threading.local):
+    n = 0  # set_num_threads' count in this thread (0: not set)
 
 
-def num_threads():
-    """Return the threads for a kernel call from this thread (see the module docstring)."""
-    if not _OPENMP:
-        return 1
-    n = getattr(_chosen, "n", None) or _DEFAULT
-    runtime = _kernels.omp_max_threads()
-    return runtime if n is None else min(runtime, n)
+_chosen = _Chosen()
+
+
+def thread_cap():
+    """Return the cap on the threads of a kernel call from this thread (0: none): set_num_threads' count, else the
+    default. The kernels take the OpenMP runtime's count, at most this."""
+    return _chosen.n or _DEFAULT
 
 
 def max_num_threads():
@@ -80,7 +82,7 @@ def get_num_threads():
     default is that count, lowered to the CPUs this process may use (``available_cpus()``) unless OMP_NUM_THREADS
     is set.
     """
-    return num_threads()
+    return _kernels.num_threads(thread_cap())
 
 
 def set_num_threads(n):
@@ -107,7 +109,7 @@ def _one_thread_after_fork():
     whose parent already ran one)."""
     global _DEFAULT
     _DEFAULT = 1
-    _chosen.n = None
+    _chosen.n = 0
 
 
 if _OPENMP and hasattr(os, "register_at_fork"):

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ._dispatch import kernels as _kernels
-from ._threads import num_threads
+from ._threads import thread_cap
 
 _COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -105,7 +105,8 @@ def _running_stat(a, name, C, dt):
 
 
 def _out_array(out, name, shape, dt, inputs):
-    """Validate ``out`` (shape, dtype, contiguous, writeable, no overlap with inputs) or allocate it."""
+    """Validate ``out`` (shape, dtype, contiguous, writeable, no overlap with inputs unless they are None) or
+    allocate it."""
     if out is None:
         return np.empty(shape, dtype=dt)
     if not isinstance(out, np.ndarray):
@@ -114,7 +115,8 @@ def _out_array(out, name, shape, dt, inputs):
         raise ValueError(f"{name} must have shape {shape} and dtype {dt}, got shape {out.shape} and dtype {out.dtype}")
     if not _writeable_contiguous(out):
         raise ValueError(f"{name} must be a writeable, aligned, C-contiguous array, got {_flags(out)}")
-    _check_no_overlap(name, out, inputs)
+    if inputs is not None:
+        _check_no_overlap(name, out, inputs)
     return out
 
 
@@ -132,6 +134,18 @@ def _flags(a):
 def _owns_memory(a):
     """True when ``a`` is the sole owner of its buffer (then no other array object overlaps it)."""
     return a.base is None and a.flags.owndata
+
+
+def _distinct_owners(*arrays):
+    """True when the arrays (None skipped) are distinct ndarrays that each own their buffer: then none overlaps
+    another, and the pairwise checks can be skipped."""
+    ids = set()
+    for a in arrays:
+        if a is not None:
+            if type(a) is not np.ndarray or a.base is not None or not a.flags.owndata or id(a) in ids:
+                return False
+            ids.add(id(a))
+    return True
 
 
 def _check_no_overlap(name, a, others):
@@ -215,12 +229,14 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if training and N * S == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
     update = training and (running_mean is not None or running_var is not None)
+    disjoint = _distinct_owners(x, running_mean, running_var, weight, bias, out)
     if update:
         running_mean = _running_stat(running_mean, "running_mean", C, dt)
         running_var = _running_stat(running_var, "running_var", C, dt)
-        _check_no_overlap("running_mean", running_mean,
-                          {"input": x, "running_var": running_var, "weight": weight, "bias": bias})
-        _check_no_overlap("running_var", running_var, {"input": x, "weight": weight, "bias": bias})
+        if not disjoint:
+            _check_no_overlap("running_mean", running_mean,
+                              {"input": x, "running_var": running_var, "weight": weight, "bias": bias})
+            _check_no_overlap("running_var", running_var, {"input": x, "weight": weight, "bias": bias})
     elif not training:
         if running_mean is None or running_var is None:
             raise ValueError(f"running_mean and running_var are required when training=False, got "
@@ -230,8 +246,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         invstd = _channel_array(running_var, "running_var", C).astype(np.float64)
     weight = _channel_param(weight, "weight", C, dt)
     bias = _channel_param(bias, "bias", C, dt)
-    y = _out_array(out, "out", shape, out_dt, {"input": x, "running_mean": running_mean, "running_var": running_var,
-                                               "weight": weight, "bias": bias})
+    y = _out_array(out, "out", shape, out_dt, None if disjoint else {
+        "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias})
 
     x3 = _contiguous(x, dt).reshape(N, C, S)
     new_mean, new_var = (running_mean, running_var) if update else (None, None)
@@ -242,7 +258,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if x3.size:
         y1 = y.view(np.ndarray).reshape(-1) if out_dt == dt else np.empty(x3.size, dtype=dt)
         _kernels.forward(x3.reshape(-1), y1, N, C, new_mean, new_var, weight, bias, mean, invstd, training, update,
-                         float(momentum), float(eps), num_threads())
+                         float(momentum), float(eps), thread_cap())
         if update and nan_guard:
             finite = np.isfinite(new_mean) & np.isfinite(new_var)
             np.copyto(running_mean, new_mean, where=finite)
@@ -287,7 +303,7 @@ def batch_norm_stats(x, *, dtype=None):
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
         _kernels.forward(x3.reshape(-1), None, N, C, None, None, None, None, mean, M2, True, False, 0.0, 0.0,
-                         num_threads())
+                         thread_cap())
     return count, mean, M2
 
 
@@ -354,7 +370,7 @@ def batch_norm_grad_sums(dy, saved):
     dweight, dbias = np.zeros(C, dtype=x3.dtype), np.zeros(C, dtype=x3.dtype)
     if x3.size:
         _kernels.backward(x3.reshape(-1), _contiguous(dy, x3.dtype).reshape(-1), None, N, C, saved.mean,
-                          saved.invstd, saved.weight, dweight, dbias, saved.use_batch_stats, sums, 0.0, num_threads())
+                          saved.invstd, saved.weight, dweight, dbias, saved.use_batch_stats, sums, 0.0, thread_cap())
     return sums, dweight, dbias
 
 
@@ -407,7 +423,7 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
         dy1 = _contiguous(dy, dt).reshape(-1)
         dx1 = dx.view(np.ndarray).reshape(-1) if saved.dtype == dt else np.empty(x3.size, dtype=dt)
         _kernels.backward(x3.reshape(-1), dy1, dx1, N, C, saved.mean, saved.invstd, saved.weight, dweight, dbias,
-                          saved.use_batch_stats, grad_sums, float(count or 0), num_threads())
+                          saved.use_batch_stats, grad_sums, float(count or 0), thread_cap())
         if saved.dtype != dt:
             with np.errstate(all="ignore"):
                 dx[...] = dx1.reshape(saved.shape)

@@ -223,7 +223,7 @@ DEFAULT_SCRIPT = textwrap.dedent("""
     t = threading.Thread(target=worker, args=("thread",)); t.start(); t.join()  # the default holds in every thread
     seen["main"] = cbn.get_num_threads()
     # a lower default (e.g. a container quota) wins over the runtime's own count in a new thread
-    cbn._threads._DEFAULT = 1 if cbn._threads._DEFAULT is not None else None
+    cbn._threads._DEFAULT = 1 if cbn._threads._DEFAULT else 0
     t = threading.Thread(target=lambda: seen.update(runtime=_kernels.omp_max_threads())); t.start(); t.join()
     t = threading.Thread(target=worker, args=("clamped",)); t.start(); t.join()
     print(seen["main"], seen["thread"], seen["runtime"], seen["clamped"], cbn.available_cpus())
