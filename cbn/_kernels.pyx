@@ -451,23 +451,22 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
             Py_ssize_t N, Py_ssize_t C,
             running_mean, running_var,    # INOUT (C,) each, updated when update_running
             weight, bias,                 # IN (C,) gamma and beta, or None (= 1 and 0)
-            double[::1] mean,             # OUT (C,) batch mean, or IN (C,) running mean
-            double[::1] invstd,           # OUT (C,) 1/sqrt(var + eps), or IN (C,) running var
+            double[::1] stats,            # OUT (2C,) batch mean, invstd; or IN running mean, var (OUT: invstd)
             bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap):
     """Batch-norm forward: y = gamma*(x - mean)*invstd + beta per channel, invstd = 1/sqrt(var + eps).
 
-    use_batch_stats: mean and var (biased) of the batch, written to mean and invstd; with update_running the running
-    statistics are updated in place. Otherwise mean and var come in as the running statistics, and var is replaced
-    by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
+    use_batch_stats: mean and var (biased) of the batch, written to stats as (mean, invstd); with update_running
+    the running statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is
+    replaced by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     """
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
     cdef double[::1] scratch = np.empty(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        _forward[float](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
+        _forward[float](L, x, y, running_mean, running_var, weight, bias, stats[:C], stats[C:], use_batch_stats,
                         update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
                         _threads(L, thread_cap))
     else:
-        _forward[double](L, x, y, running_mean, running_var, weight, bias, mean, invstd, use_batch_stats,
+        _forward[double](L, x, y, running_mean, running_var, weight, bias, stats[:C], stats[C:], use_batch_stats,
                          update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
                          _threads(L, thread_cap))
 
@@ -565,7 +564,7 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
              const double[::1] mean,      # IN (C,) mean the forward used
              const double[::1] invstd,    # IN (C,) invstd the forward used
              weight,                      # IN (C,) gamma, or None (= 1)
-             dweight, dbias,              # OUT (C,) sum(dy*xhat), sum(dy)
+             grads,                       # OUT (2C,) dweight = sum(dy*xhat), then dbias = sum(dy)
              bint use_batch_stats,
              sums,                        # (2, C) float64: OUT when dx is None, else IN (given) or None
              double count, int thread_cap):
@@ -581,12 +580,16 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     cdef double[::1] scratch = np.empty(4 * C * L.G + 2 * C + (0 if given else L.nblocks * L.part))
     cdef double[::1] totals = sums.reshape(-1) if sums is not None else scratch[4 * C * L.G:4 * C * L.G + 2 * C]
     cdef double m = count if given else <double>(N * L.S)
+    cdef float[::1] grads_f
+    cdef double[::1] grads_d
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        _backward[float](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
-                         scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
+        grads_f = grads
+        _backward[float](L, x, dy, dx, mean, invstd, weight, grads_f[:C], grads_f[C:], use_batch_stats, given,
+                         totals, m, scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
     else:
-        _backward[double](L, x, dy, dx, mean, invstd, weight, dweight, dbias, use_batch_stats, given, totals, m,
-                          scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
+        grads_d = grads
+        _backward[double](L, x, dy, dx, mean, invstd, weight, grads_d[:C], grads_d[C:], use_batch_stats, given,
+                          totals, m, scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
 
 
 cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, floating[::1] dx,

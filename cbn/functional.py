@@ -241,9 +241,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if running_mean is None or running_var is None:
             raise ValueError(f"running_mean and running_var are required when training=False, got "
                              f"{type(running_mean).__name__} and {type(running_var).__name__}")
-        # Float64 copies: the kernel turns the variance into invstd in place; both are saved for the backward.
-        mean = _channel_array(running_mean, "running_mean", C).astype(np.float64)
-        invstd = _channel_array(running_var, "running_var", C).astype(np.float64)
+        # Float64 copies, (mean, var) in one array: the kernel turns the variance into invstd in place; both are
+        # saved for the backward.
+        stats = np.empty(2 * C)
+        stats[:C] = _channel_array(running_mean, "running_mean", C)
+        stats[C:] = _channel_array(running_var, "running_var", C)
     weight = _channel_param(weight, "weight", C, dt)
     bias = _channel_param(bias, "bias", C, dt)
     y = _out_array(out, "out", shape, out_dt, None if disjoint else {
@@ -254,10 +256,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if update and nan_guard:  # the kernel updates copies; only the finite channels are committed below
         new_mean, new_var = running_mean.copy(), running_var.copy()
     if training:
-        mean, invstd = np.empty(C), np.empty(C)
+        stats = np.empty(2 * C)
+    mean, invstd = stats[:C], stats[C:]
     if x3.size:
         y1 = y.view(np.ndarray).reshape(-1) if out_dt == dt else np.empty(x3.size, dtype=dt)
-        _kernels.forward(x3.reshape(-1), y1, N, C, new_mean, new_var, weight, bias, mean, invstd, training, update,
+        _kernels.forward(x3.reshape(-1), y1, N, C, new_mean, new_var, weight, bias, stats, training, update,
                          float(momentum), float(eps), thread_cap())
         if update and nan_guard:
             finite = np.isfinite(new_mean) & np.isfinite(new_var)
@@ -298,11 +301,12 @@ def batch_norm_stats(x, *, dtype=None):
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     count = N * S
     x3 = _contiguous(x, _compute_dtype(x.dtype, dtype)).reshape(N, C, S)
-    mean, M2 = np.full(C, np.nan), np.full(C, np.nan)
+    stats = np.full(2 * C, np.nan)
+    mean, M2 = stats[:C], stats[C:]
     if count == 1:
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
-        _kernels.forward(x3.reshape(-1), None, N, C, None, None, None, None, mean, M2, True, False, 0.0, 0.0,
+        _kernels.forward(x3.reshape(-1), None, N, C, None, None, None, None, stats, True, False, 0.0, 0.0,
                          thread_cap())
     return count, mean, M2
 
@@ -367,10 +371,11 @@ def batch_norm_grad_sums(dy, saved):
     x3 = saved.x
     N, C, S = x3.shape
     sums = np.zeros((2, C))
-    dweight, dbias = np.zeros(C, dtype=x3.dtype), np.zeros(C, dtype=x3.dtype)
+    grads = np.zeros(2 * C, dtype=x3.dtype)
+    dweight, dbias = grads[:C], grads[C:]
     if x3.size:
         _kernels.backward(x3.reshape(-1), _contiguous(dy, x3.dtype).reshape(-1), None, N, C, saved.mean,
-                          saved.invstd, saved.weight, dweight, dbias, saved.use_batch_stats, sums, 0.0, thread_cap())
+                          saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0, thread_cap())
     return sums, dweight, dbias
 
 
@@ -418,11 +423,12 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     dx = _out_array(out, "out", saved.shape, saved.dtype, {"grad_output": dy, "the saved input": x3,
                                                            "saved.weight": saved.weight, "saved.mean": saved.mean,
                                                            "saved.invstd": saved.invstd})
-    dweight, dbias = np.zeros(C, dtype=dt), np.zeros(C, dtype=dt)
+    grads = np.zeros(2 * C, dtype=dt)
+    dweight, dbias = grads[:C], grads[C:]
     if x3.size:
         dy1 = _contiguous(dy, dt).reshape(-1)
         dx1 = dx.view(np.ndarray).reshape(-1) if saved.dtype == dt else np.empty(x3.size, dtype=dt)
-        _kernels.backward(x3.reshape(-1), dy1, dx1, N, C, saved.mean, saved.invstd, saved.weight, dweight, dbias,
+        _kernels.backward(x3.reshape(-1), dy1, dx1, N, C, saved.mean, saved.invstd, saved.weight, grads,
                           saved.use_batch_stats, grad_sums, float(count or 0), thread_cap())
         if saved.dtype != dt:
             with np.errstate(all="ignore"):
