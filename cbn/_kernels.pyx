@@ -91,7 +91,7 @@ cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t MIN_TASKS = 16
 # The budget in doubles of the blocks' partial sums, and the most blocks a call is cut into.
-cdef Py_ssize_t PART_BUDGET = 1 << 15
+cdef Py_ssize_t PART_BUDGET = 1 << 14
 cdef Py_ssize_t MAX_BLOCKS = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
