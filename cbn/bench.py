@@ -1,4 +1,4 @@
-"""``python -m cbn.bench``: speed of cbn against the NumPy reference, PyTorch (when importable) and the roofline.
+"""``cbn-bench`` (``python -m cbn.bench``): speed of cbn against the NumPy reference, PyTorch and the roofline.
 
 For each shape, dtype and thread count it times (medians of repeated calls) the training forward (with the
 running-statistic update), the eval forward and the training backward of cbn, the float64 NumPy reference
@@ -258,7 +258,7 @@ def plot(rows, path):
 
 def main(argv=None):
     """Command line: run the benchmark, print the table, optionally write JSON and a PNG."""
-    p = argparse.ArgumentParser(prog="python -m cbn.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="cbn-bench", description=__doc__.splitlines()[0])
     p.add_argument("--threads", default=str(cbn.get_num_threads()), help="comma-separated thread counts")
     p.add_argument("--dtype", default="float32", help="comma-separated: float32,float64")
     p.add_argument("--shapes", default="all", help="'all', 'small' or shapes like 8x3x224x224,2x8x4x4")
