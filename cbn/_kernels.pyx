@@ -70,7 +70,7 @@ ctypedef fused ApplyOp:
     Grad
 
 cdef enum:
-    COL_CHUNK = 512       # channel-minor columns per pass of the sums: their accumulators stay in L1
+    COL_CHUNK = 512       # columns per pass of the column sums: their accumulators stay in L1
     LANES = 16            # fixed lanes of a channel-major row sum
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
@@ -90,7 +90,10 @@ cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t MIN_TASKS = 16
-# The budget in doubles of the blocks' partial sums, and the most blocks a call is cut into.
+# Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
+# run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums, and the most
+# blocks of rows a call is cut into.
+cdef Py_ssize_t COL_BLOCK = 2048
 cdef Py_ssize_t PART_BUDGET = 1 << 14
 cdef Py_ssize_t MAX_BLOCKS = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
@@ -131,6 +134,8 @@ def force_layout(kind=None, Py_ssize_t block=64):
     """Test-only: run every call with the given layout kind ("major" or "minor"; None: by shape), blocks of about
     ``block`` values, and the caller's thread count even for tiny inputs."""
     global _forced_kind, _forced_block
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     _forced_kind = {None: 0, "major": 1, "minor": 2}[kind]
     _forced_block = block
 
@@ -144,9 +149,9 @@ cdef struct Layout:
     bint fused            # major with whole channels per block: sums, finish and output in one task
     # channel-major: block k = channels [g*group, +group) x images [(r // ncol)*nimg, +nimg) x columns
     # [(r % ncol)*width, +width) of each row, r = k // ngroups, g = k % ngroups (memory order); a channel's
-    # partial sums are those of its group's per_channel blocks
+    # partial sums are those of its group's per_channel blocks. ncol and width serve channel-minor blocks too.
     Py_ssize_t group, ngroups, nimg, ncol, width, per_channel
-    # channel-minor: block k = rows [k*rows, +rows)
+    # channel-minor: block k = rows [(k // ncol)*rows, +rows) x columns [(k % ncol)*width, +width)
     Py_ssize_t rows
 
 
@@ -160,13 +165,16 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
     cdef Py_ssize_t block = _forced_block if _forced_kind else BLOCK
     cdef Py_ssize_t cap
     L.N, L.C, L.S, L.W = N, C, S, C * S
+    L.group = L.ngroups = L.nimg = L.per_channel = L.rows = 0
     L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_IMAGES)) if _forced_kind == 0 else _forced_kind == 2
     if L.minor:
         L.G = S
+        L.ncol = _cdiv(L.W, min(COL_BLOCK, block) if _forced_kind else COL_BLOCK)
+        L.width = _cdiv(L.W, L.ncol)
         cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
         L.rows = max(max(1, block // L.W), _cdiv(N, cap))
-        L.nblocks = _cdiv(N, L.rows)
-        L.part = 2 * L.W
+        L.nblocks = _cdiv(N, L.rows) * L.ncol
+        L.part = 2 * L.width
         L.fused = False
         return L
     L.G = 1
@@ -227,6 +235,15 @@ cdef inline void _major_block(Layout L, Py_ssize_t k, Py_ssize_t *c0, Py_ssize_t
     i1[0] = min(L.S, i0[0] + L.width)
 
 
+cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t *n1, Py_ssize_t *j0,
+                              Py_ssize_t *j1) noexcept nogil:
+    """Rows [n0, n1) and columns [j0, j1) of channel-minor block k."""
+    n0[0] = (k // L.ncol) * L.rows
+    n1[0] = min(L.N, n0[0] + L.rows)
+    j0[0] = (k % L.ncol) * L.width
+    j1[0] = min(L.W, j0[0] + L.width)
+
+
 # -- the inner loops ------------------------------------------------------------------------------------------------
 
 cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, Py_ssize_t base, Py_ssize_t ld,
@@ -265,33 +282,28 @@ cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, 
 
 cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, floating[::1] out, Py_ssize_t i0,
                      Py_ssize_t i1, double c0, double c1, double c2, double c3) noexcept nogil:
-    """Values [i0, i1) of one channel: Affine out = (x - c0)*c1 + c2 in double, rounded once; Grad
-    out = (dy - c3)*c1 - (x - c0)*c2, for float32 in float with c0 and c3 split into hi + lo floats and the
-    differences taken as (x - hi) - lo (the first subtraction is exact near hi): half the vector work, within a few
-    float ulps of the terms of dx."""
+    """Values [i0, i1) of one channel: Affine out = (x - c0)*c1 + c2, Grad out = (dy - c3)*c1 - (x - c0)*c2, in
+    double, rounded once."""
     cdef Py_ssize_t i
-    cdef float hi = <float>c0, lo = <float>(c0 - <double>hi), dhi = <float>c3, dlo = <float>(c3 - <double>dhi)
-    cdef float g1 = <float>c1, g2 = <float>c2
     for i in range(i0, i1):
         if ApplyOp is Affine:
             out[i] = <floating>((<double>x[i] - c0) * c1 + c2)
-        elif floating is float:
-            out[i] = ((dy[i] - dhi) - dlo) * g1 - ((x[i] - hi) - lo) * g2
         else:
-            out[i] = (dy[i] - c3) * c1 - (x[i] - c0) * c2
+            out[i] = <floating>((<double>dy[i] - c3) * c1 - (<double>x[i] - c0) * c2)
 
 
 cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, floating[::1] out,
-                         Py_ssize_t base, const double[::1] coef) noexcept nogil:
-    """The row at x[base:], each column j with its own coefficients coef[r*W + j], r = 0..3 (W = coef.size // 4):
-    as _apply_row."""
-    cdef Py_ssize_t j, CG = coef.shape[0] // 4
-    for j in range(CG):
+                         Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t W,
+                         const double[::1] coef) noexcept nogil:
+    """Columns [j0, j1) of the row at x[base:], each column j with its own coefficients coef[r*W + j], r = 0..3:
+    as _apply_row, in double, rounded once."""
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
         if ApplyOp is Affine:
-            out[base + j] = <floating>((<double>x[base + j] - coef[j]) * coef[CG + j] + coef[2 * CG + j])
+            out[base + j] = <floating>((<double>x[base + j] - coef[j]) * coef[W + j] + coef[2 * W + j])
         else:
-            out[base + j] = <floating>((<double>dy[base + j] - coef[3 * CG + j]) * coef[CG + j]
-                                       - (<double>x[base + j] - coef[j]) * coef[2 * CG + j])
+            out[base + j] = <floating>((<double>dy[base + j] - coef[3 * W + j]) * coef[W + j]
+                                       - (<double>x[base + j] - coef[j]) * coef[2 * W + j])
 
 
 # -- the three steps over blocks ----------------------------------------------------------------------------------
@@ -300,7 +312,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
                       const double[::1] coef, double[::1] part) noexcept nogil:
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0].
 
-    Minor: (s0 of every column, s1 of every column), COL_CHUNK columns at a time down the block's rows, their
+    Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
     (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, down the images with a
     lane per column, the lanes added in order."""
@@ -308,16 +320,16 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
     cdef double shift[COL_CHUNK]
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part
     if L.minor:
-        n0, n1 = k * L.rows, min(L.N, (k + 1) * L.rows)
-        for q in range(_cdiv(L.W, COL_CHUNK)):
-            a, b = q * COL_CHUNK, min(L.W, (q + 1) * COL_CHUNK)
+        _minor_block(L, k, &n0, &n1, &i0, &i1)
+        for q in range(_cdiv(i1 - i0, COL_CHUNK)):
+            a, b = i0 + q * COL_CHUNK, min(i1, i0 + (q + 1) * COL_CHUNK)
             for j in range(b - a):
                 shift[j] = coef[a + j]
             _zero_lanes(s, b - a)
             _column_sums(op, x, dy, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK])
             for j in range(b - a):
-                part[off + a + j] = s[j]
-                part[off + L.W + a + j] = s[COL_CHUNK + j]
+                part[off + a - i0 + j] = s[j]
+                part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for j in range(L.part):
@@ -374,8 +386,9 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x
     """The elementwise pass over block k."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     if L.minor:
-        for n in range(k * L.rows, min(L.N, (k + 1) * L.rows)):
-            _apply_columns(op, x, dy, out, n * L.W, coef)
+        _minor_block(L, k, &n0, &n1, &i0, &i1)
+        for n in range(n0, n1):
+            _apply_columns(op, x, dy, out, n * L.W, i0, i1, L.W, coef)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for n in range(n0, n1):
@@ -390,10 +403,11 @@ cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noe
     s[0] = 0.0
     s[1] = 0.0
     if L.minor:
-        for b in range(L.nblocks):
+        for r in range(L.nblocks // L.ncol):
             for j in range(c * L.S, (c + 1) * L.S):
-                s[0] += part[b * L.part + j]
-                s[1] += part[b * L.part + L.W + j]
+                b = r * L.ncol + j // L.width
+                s[0] += part[b * L.part + j % L.width]
+                s[1] += part[b * L.part + L.width + j % L.width]
         return
     g = c // L.group
     for r in range(L.per_channel):
@@ -459,6 +473,8 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
     the running statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is
     replaced by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     """
+    if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
+        return
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
     cdef double[::1] scratch = np.empty(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
@@ -566,7 +582,7 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
              weight,                      # IN (C,) gamma, or None (= 1)
              grads,                       # OUT (2C,) dweight = sum(dy*xhat), then dbias = sum(dy)
              bint use_batch_stats,
-             sums,                        # (2, C) float64: OUT when dx is None, else IN (given) or None
+             sums,                        # (2, C) C-contiguous float64: OUT when dx is None, else IN or None
              double count, int thread_cap):
     """Batch-norm backward.
 
@@ -575,10 +591,18 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     """
+    if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
+        return
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
     cdef bint given = sums is not None and dx is not None
     cdef double[::1] scratch = np.empty(4 * C * L.G + 2 * C + (0 if given else L.nblocks * L.part))
-    cdef double[::1] totals = sums.reshape(-1) if sums is not None else scratch[4 * C * L.G:4 * C * L.G + 2 * C]
+    cdef double[::1] totals = scratch[4 * C * L.G:4 * C * L.G + 2 * C]
+    cdef const double[::1] given_sums
+    if given:  # copied: given sums are only read, and may be read-only
+        given_sums = sums.reshape(-1)
+        totals[...] = given_sums
+    elif sums is not None:
+        totals = sums.reshape(-1)
     cdef double m = count if given else <double>(N * L.S)
     cdef float[::1] grads_f
     cdef double[::1] grads_d

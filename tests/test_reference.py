@@ -325,19 +325,51 @@ def test_batch_norm_stats_keep_nan_and_inf():
 
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("shape", [(8, 3, 64, 64), (64, 16), (4096, 24), (32, 64, 7, 7), (16, 5, 3), (3, 5, 1000)])
-def test_float32_within_1e6_of_float64_far_from_zero(shape, layout):
+@pytest.mark.parametrize("dy_kind", ["far from zero", "y: the terms of dx cancel"])
+def test_float32_within_1e6_of_float64_far_from_zero(shape, layout, dy_kind):
     """The exactness contract, in every layout: float32 y and dx within 1e-6 of the float64 result, relative to the
-    largest magnitude of that output, for x with mean 1e4 and std 1 and dy with mean 100."""
+    largest magnitude of that output, for x with mean 1e4 and std 1, and dy with mean 100 or dy = y (plus a little
+    noise: the gradient of |y|^2/2, where dy - mean(dy) and xhat*dgamma/m almost cancel)."""
     rng = np.random.default_rng(11)
     C = shape[1]
     x = (rng.standard_normal(shape) + 1e4).astype(np.float32)
-    dy = (rng.standard_normal(shape) + 100).astype(np.float32)
     w, b = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.uniform(-1, 1, C).astype(np.float32)
     with forced_layout(layout):
         y, saved = F.batch_norm(x, None, None, w, b, True, return_saved=True)
+        if dy_kind == "far from zero":
+            dy = (rng.standard_normal(shape) + 100).astype(np.float32)
+        else:
+            dy = (y + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
         dx = F.batch_norm_backward(dy, saved)[0]
     y_ref, ref_saved = R.batch_norm(x.astype(np.float64), None, None, w.astype(np.float64), b.astype(np.float64),
                                     True, return_saved=True)
     dx_ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
     assert np.max(np.abs(y - y_ref)) <= 1e-6 * np.max(np.abs(y_ref))
     assert np.max(np.abs(dx - dx_ref)) <= 1e-6 * np.max(np.abs(dx_ref))
+
+
+@pytest.mark.parametrize("layout", FORCED_LAYOUTS)
+@pytest.mark.parametrize("std,eps", [(1e-20, 0.0), (1e22, 1e-5), (1e30, 1e-5)])
+def test_float32_backward_at_extreme_scales(std, eps, layout):
+    """dx's coefficients (gamma*invstd and gamma*invstd**2*dgamma/m) can leave float32's range where dx does not:
+    they stay in double, so float32 dx is finite and within 1e-6 of the float64 result."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((8, 2, 32)) * std).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    with forced_layout(layout):
+        _, saved = F.batch_norm(x, None, None, None, None, True, eps=eps, return_saved=True)
+        dx = F.batch_norm_backward(dy, saved)[0]
+    _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, None, None, True, eps=eps, return_saved=True)
+    dx_ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
+    assert np.isfinite(dx).all()
+    assert np.max(np.abs(dx - dx_ref)) <= 1e-6 * np.max(np.abs(dx_ref))
+
+
+def test_backward_takes_read_only_grad_sums():
+    """Given grad_sums are only read: a read-only array works."""
+    x = np.random.default_rng(6).standard_normal((4, 3, 5))
+    _, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
+    sums = F.batch_norm_grad_sums(np.ones_like(x), saved)[0]
+    sums.flags.writeable = False
+    dx = F.batch_norm_backward(np.ones_like(x), saved, grad_sums=sums, count=20)[0]
+    np.testing.assert_array_equal(dx, F.batch_norm_backward(np.ones_like(x), saved)[0])

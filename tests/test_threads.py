@@ -41,6 +41,7 @@ SHAPES = [
     ("BatchNorm1d", (4096, 24, 3)),  # rows of 3 values: run as 72 columns per image
     ("BatchNorm2d", (1, 512, 28, 28)),  # one image: tiles of channels
     ("BatchNorm1d", (70001, 2)),
+    ("BatchNorm1d", (64, 9000)),  # channel-minor blocks side by side (wider than COL_BLOCK)
     ("BatchNorm1d", (3, 5, 40000)),
     ("BatchNorm3d", (2, 3, 16, 40, 40)),
 ]
