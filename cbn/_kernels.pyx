@@ -159,8 +159,10 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    """The blocks of an (N, C, S) tensor: a function of the shape (and the test-only switch) alone."""
+cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcept nogil:
+    """The blocks of an (N, C, S) tensor: a function of the shape (and the test-only switch) alone. Without sums
+    (an elementwise pass only) blocks follow memory order plainly: no blocks of whole channels, and no minimum of
+    images per block (it only serves sums: partial-sum budget, short rows summed down the images)."""
     cdef Layout L
     cdef Py_ssize_t block = _forced_block if _forced_kind else BLOCK
     cdef Py_ssize_t cap
@@ -184,17 +186,17 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
         L.nimg = max(1, block // S)
-    elif N * L.W >= FUSE_MIN and N * S <= FUSE_PLANE and C >= MIN_TASKS and _fused_group(N, C, S) * S >= FUSE_RUN:
+    elif sums and N * L.W >= FUSE_MIN and N * S <= FUSE_PLANE and C >= MIN_TASKS and _fused_group(N, C, S) * S >= FUSE_RUN:
         L.group = _fused_group(N, C, S)
         L.nimg = N
     elif L.W <= block:  # whole images
         L.group = C
-        L.nimg = max(max(block // L.W, _cdiv(N, MAX_BLOCKS)), MIN_IMAGES)
+        L.nimg = max(max(block // L.W, _cdiv(N, MAX_BLOCKS)), MIN_IMAGES) if sums else block // L.W
     else:  # runs of about block values: groups of whole rows, or pieces of a row
         L.group = max(1, block // S)
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
-        L.nimg = min(N, max(_cdiv(2 * N * C * L.ncol, PART_BUDGET), MIN_IMAGES))
+        L.nimg = min(N, max(_cdiv(2 * N * C * L.ncol, PART_BUDGET), MIN_IMAGES)) if sums else 1
     L.per_channel = _cdiv(N, L.nimg) * L.ncol
     L.fused = L.per_channel == 1
     L.ngroups = _cdiv(C, L.group)
@@ -475,7 +477,7 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
     """
     if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
-    cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
+    cdef Layout L = _layout(N, C, x.shape[0] // (N * C), use_batch_stats)
     cdef double[::1] scratch = np.empty(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _forward[float](L, x, y, running_mean, running_var, weight, bias, stats[:C], stats[C:], use_batch_stats,
@@ -593,7 +595,7 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     """
     if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
-    cdef Layout L = _layout(N, C, x.shape[0] // (N * C))
+    cdef Layout L = _layout(N, C, x.shape[0] // (N * C), True)
     cdef bint given = sums is not None and dx is not None
     cdef double[::1] scratch = np.empty(4 * C * L.G + 2 * C + (0 if given else L.nblocks * L.part))
     cdef double[::1] totals = scratch[4 * C * L.G:4 * C * L.G + 2 * C]
