@@ -5,10 +5,12 @@ The caller passes an (N, C, S) tensor (S = product of the sizes after the channe
 (N, W) array, W = C*S: row n is image n, channel c occupies columns [c*S, (c+1)*S). A call goes through one
 ``Layout`` of that matrix, one of two kinds:
 
-- channel-major (rows of S >= SHORT_ROW values): block k is a group of channels x a range of images x a range of
-  columns; its sums go down the columns as below, then each channel's columns are added in order.
-- channel-minor ((N, C) input, S == 1, and short rows): block k is a range of rows over all W columns; sums run
-  down the columns, one accumulator pair per column, vectorised across columns; column j belongs to channel j // S.
+- channel-major (rows of S >= SHORT_ROW values): block k is a group of channels x a range of images x a piece of
+  the rows, in memory order; a row is summed over LANES fixed lanes (value e in lane e % LANES), short rows down the
+  block's images with a lane per column.
+- channel-minor ((N, C) input, S == 1, and short rows): block k is a range of rows x a range of at most COL_BLOCK
+  columns; sums run down the columns, one accumulator pair per column, vectorised across columns; column j belongs
+  to channel j // S. An (N*S, C, 1) view of channels-last memory is this case as it is.
 
 Every operation (statistics, normalisation, gradient sums, dx, and the statistics-only and two-step calls of
 SyncBatchNorm) is the same three steps over the blocks: partial sums of each block (``_block_sums``), their merge in
@@ -186,7 +188,8 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
         L.nimg = max(1, block // S)
-    elif sums and N * L.W >= FUSE_MIN and N * S <= FUSE_PLANE and C >= MIN_TASKS and _fused_group(N, C, S) * S >= FUSE_RUN:
+    elif (sums and N * L.W >= FUSE_MIN and N * S <= FUSE_PLANE and C >= MIN_TASKS
+          and _fused_group(N, C, S) * S >= FUSE_RUN):
         L.group = _fused_group(N, C, S)
         L.nimg = N
     elif L.W <= block:  # whole images
