@@ -90,6 +90,8 @@ def build_levels():
     """Return the LEVELS built for this target: all on x86-64, baseline alone elsewhere (and for a universal2 build,
     whose one compilation serves both arches: per-arch flags would need clang's -Xarch_x86_64)."""
     arches = target_arches()
+    if env_flag("CBN_BASELINE_ONLY"):  # a quicker build for checks that need one level (sanitizer, serial)
+        return LEVELS[:1]
     if arches == ["x86_64"]:
         return LEVELS
     if "x86_64" in arches:
