@@ -22,7 +22,6 @@ fixed lanes are folded in a fixed order, and the build has no FMA contraction: a
 instruction-set level gives the same bits. Arguments are marked IN, OUT or INOUT; outputs are caller-allocated,
 and nothing here allocates more than the small scratch of partial sums and coefficients.
 """
-cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt

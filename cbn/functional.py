@@ -142,7 +142,7 @@ def _distinct_owners(*arrays):
     ids = set()
     for a in arrays:
         if a is not None:
-            if type(a) is not np.ndarray or a.base is not None or not a.flags.owndata or id(a) in ids:
+            if type(a) is not np.ndarray or not _owns_memory(a) or id(a) in ids:
                 return False
             ids.add(id(a))
     return True
