@@ -76,8 +76,8 @@ class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, comm=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard)
+                 dtype=np.float32, nan_guard=False, axis=1, comm=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis)
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
 
@@ -105,10 +105,10 @@ class _SyncBatchNorm(_BatchNorm):
         error, local = None, np.zeros(2 * C + 1)
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
             x = self._check_input(x)
-            out = F._out_array(out, "out", x.shape, F._output_dtype(x.dtype, self.dtype),
+            out = F._out_array(out, "out", x.shape, F._output_dtype(x.dtype, self.dtype), F._memory_order(x),
                                {"input": x, "weight": self.weight, "bias": self.bias,
                                 "running_mean": self.running_mean, "running_var": self.running_var})
-            count, mean, M2 = F.batch_norm_stats(x, dtype=self.dtype)
+            count, mean, M2 = F.batch_norm_stats(x, axis=self.axis, dtype=self.dtype)
             local = np.concatenate(([count], mean, M2))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
@@ -121,8 +121,8 @@ class _SyncBatchNorm(_BatchNorm):
         if n == 1:
             raise ValueError("Expected more than 1 value per channel when training, got 1 over all ranks")
         var = M2 / n if n else np.full(C, np.nan)
-        y, saved = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps, out=out,
-                                dtype=self.dtype, return_saved=True)
+        y, saved = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps, axis=self.axis,
+                                out=out, dtype=self.dtype, return_saved=True)
         if self.track_running_stats:
             self.num_batches_tracked += 1
             if n:
@@ -160,7 +160,7 @@ class _SyncBatchNorm(_BatchNorm):
         error, local = None, np.zeros(2 * C + 1)
         try:
             dy = F._grad_output(dy, saved)
-            dx = F._out_array(out, "out", saved.shape, saved.dtype,
+            dx = F._out_array(out, "out", saved.shape, saved.dtype, F._saved_order(saved),
                               {"grad_output": dy, "the saved input": saved.x, "saved.weight": saved.weight})
             sums, dweight, dbias = F.batch_norm_grad_sums(dy, saved)
             local = np.concatenate(([1.0], sums.ravel()))
@@ -197,7 +197,7 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard
+    num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis
         As :class:`BatchNorm2d`.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the

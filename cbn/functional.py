@@ -1,7 +1,11 @@
 """Functional batch norm: the only place that validates and converts input, allocates outputs and calls kernels.
 
-Semantics follow ``torch.nn.functional.batch_norm``. Inputs are (N, C, *) arrays; the kernels see them as
-C-contiguous (N, C, S) arrays of the compute dtype (float32 or float64), copied only when that is needed.
+Semantics follow ``torch.nn.functional.batch_norm``, with the channel axis free (``axis``, default 1). The kernels
+see an input as its memory: a C-contiguous (A, C, B) array of the compute dtype (float32 or float64), A and B the
+products of the sizes before and after the channel axis in memory order. That is a view, with no copy, of any
+array whose memory is dense in some axis order (C-contiguous with any channel axis, channels-last NHWC memory viewed
+as NCHW, Fortran order); other arrays are copied once, in C order. Outputs have the memory layout of what the
+kernels see.
 """
 import math
 import numbers
@@ -21,8 +25,8 @@ class BatchNormSaved(NamedTuple):
     Attributes
     ----------
     x : ndarray
-        The input as a C-contiguous (N, C, S) array of the compute dtype (a view of the caller's array when no
-        conversion was needed: modifying that array before the backward changes the gradient).
+        The input's memory as a C-contiguous (A, C, B) array of the compute dtype (a view of the caller's array when
+        no conversion was needed: modifying that array before the backward changes the gradient).
     mean, invstd : ndarray
         (C,) float64 mean and 1/sqrt(var + eps) the forward used.
     weight : ndarray or None
@@ -33,6 +37,11 @@ class BatchNormSaved(NamedTuple):
         Shape of the forward's input.
     dtype : numpy.dtype
         dtype of the forward's output, and of dx.
+    axis : int
+        The channel axis of ``shape`` (>= 0).
+    order : tuple or None
+        The axes of ``shape`` in memory order (None: C order): ``x`` is the input transposed to ``order``, as an
+        (A, C, B) array.
     """
 
     x: np.ndarray
@@ -42,6 +51,8 @@ class BatchNormSaved(NamedTuple):
     use_batch_stats: bool
     shape: tuple
     dtype: np.dtype
+    axis: int = 1
+    order: Optional[tuple] = None
 
 
 def _float_array(a, name):
@@ -55,12 +66,54 @@ def _float_array(a, name):
     return a if type(a) is np.ndarray else a.view(np.ndarray)
 
 
-def _input_array(x):
-    """Validate an (N, C, *) input: a floating ndarray of at least 2 dimensions."""
+def _input_array(x, axis):
+    """Validate an input of at least 2 dimensions (a floating ndarray) and its channel axis; return x and the axis
+    as an index >= 0."""
     x = _float_array(x, "input")
     if x.ndim < 2:
         raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
-    return x
+    return x, channel_axis(axis, x.ndim)
+
+
+def channel_axis(axis, ndim):
+    """``axis`` as an index in [0, ndim): an integer in [-ndim, ndim), else TypeError or ValueError."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be in [{-ndim}, {ndim}) for {ndim}-D input, got {axis}")
+    return int(axis) % ndim
+
+
+def _memory_order(a):
+    """The order of the axes in ``a``'s memory when it is dense (a transposed C-contiguous array: axes from the
+    largest stride to the smallest), else C order (the order of the copy the kernels get)."""
+    c_order = tuple(range(a.ndim))
+    if a.flags.c_contiguous:
+        return c_order
+    order = tuple(sorted(c_order, key=lambda d: -a.strides[d]))
+    return order if a.transpose(order).flags.c_contiguous else c_order
+
+
+def _memory(a, order, axis, dt):
+    """``a`` transposed to ``order`` as an aligned C-contiguous (A, C, B) array of dtype dt, C = a.shape[axis]:
+    a view when a's memory is dense in that order, else a copy."""
+    mem = _contiguous(a.transpose(order), dt)
+    k = order.index(axis)
+    return mem.reshape(math.prod(mem.shape[:k]), a.shape[axis], math.prod(mem.shape[k + 1:]))
+
+
+def _empty(shape, order, dt):
+    """An uninitialised array of ``shape`` whose memory holds its axes in ``order`` (C-contiguous when
+    transposed to it)."""
+    return np.empty([shape[d] for d in order], dtype=dt).transpose(np.argsort(order))
+
+
+def _kernel_output(out, order, dt):
+    """The flat array the kernel writes: out's own memory when it is laid out in ``order`` with dtype dt, else
+    None (the kernel writes a temporary that is copied into out)."""
+    if out.dtype == dt and out.transpose(order).flags.c_contiguous:
+        return out.transpose(order).view(np.ndarray).reshape(-1)
+    return None
 
 
 def _compute_dtype(x_dtype, dtype):
@@ -104,17 +157,20 @@ def _running_stat(a, name, C, dt):
     return a
 
 
-def _out_array(out, name, shape, dt, inputs):
-    """Validate ``out`` (shape, dtype, contiguous, writeable, no overlap with inputs unless they are None) or
-    allocate it."""
+def _out_array(out, name, shape, dt, order, inputs):
+    """Validate ``out`` (shape, dtype, writeable, aligned, C-contiguous or laid out in ``order``, no overlap with
+    inputs unless they are None) or allocate it in ``order``."""
     if out is None:
-        return np.empty(shape, dtype=dt)
+        return _empty(shape, order, dt)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != shape or out.dtype != dt:
         raise ValueError(f"{name} must have shape {shape} and dtype {dt}, got shape {out.shape} and dtype {out.dtype}")
-    if not _writeable_contiguous(out):
-        raise ValueError(f"{name} must be a writeable, aligned, C-contiguous array, got {_flags(out)}")
+    if not (out.flags.writeable and out.flags.aligned):
+        raise ValueError(f"{name} must be a writeable, aligned array, got {_flags(out)}")
+    if not (out.flags.c_contiguous or out.transpose(order).flags.c_contiguous):
+        raise ValueError(f"{name} must be C-contiguous or laid out as the input (axes in memory order {order}), "
+                         f"got strides {out.strides}")
     if inputs is not None:
         _check_no_overlap(name, out, inputs)
     return out
@@ -178,20 +234,20 @@ def _check_scalars(momentum, eps):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               out=None, dtype=None, return_saved=False, nan_guard=False):
-    """Batch normalisation over the channel axis 1 of an (N, C, *) array.
+               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False):
+    """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input).
 
-    y = weight*(x - mean)/sqrt(var + eps) + bias, per channel, with the batch's mean and biased variance when
-    ``training`` (and, if given, the running statistics updated in place:
+    y = weight*(x - mean)/sqrt(var + eps) + bias, per channel, with the batch's mean and biased variance (over all
+    positions of the other axes) when ``training`` (and, if given, the running statistics updated in place:
     r = (1 - momentum)*r + momentum*batch_stat, with the unbiased variance), else the running statistics.
 
     Parameters
     ----------
     x : ndarray
-        Input of shape (N, C, *), any floating dtype, layout and strides. Never modified.
+        Input of at least 2 dimensions, any floating dtype, layout and strides. Never modified.
     running_mean, running_var : ndarray or None
-        (C,) running statistics. Updated in place when ``training`` (then they must be contiguous, writeable and
-        of the compute dtype); required when not ``training``.
+        (C,) running statistics, C = x.shape[axis]. Updated in place when ``training`` (then they must be
+        contiguous, writeable and of the compute dtype); required when not ``training``.
     weight, bias : ndarray or None
         (C,) gamma and beta; None means 1 and 0.
     training : bool
@@ -200,8 +256,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         Factor of the running-statistic update, in [0, 1].
     eps : float
         Added to the variance, finite and >= 0.
+    axis : int
+        The channel axis, in [-x.ndim, x.ndim): 1 for NCHW (and for channels-last arrays viewed as NCHW), -1 for
+        NHWC, (N, L, C) or (N, C).
     out : ndarray, optional
-        Preallocated output: shape of x, the output dtype, C-contiguous, not overlapping any input.
+        Preallocated output: shape of x, the output dtype, writeable, C-contiguous or with x's memory layout, not
+        overlapping any input.
     dtype : {None, float32, float64}
         Compute dtype; default float64 for float64 (and wider) input, float32 otherwise.
     return_saved : bool
@@ -214,19 +274,19 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     Returns
     -------
     y : ndarray
-        Output of the compute dtype (float16 for float16 input), shape of x.
+        Output of the compute dtype (float16 for float16 input), shape and memory layout of x (unless ``out``).
     saved : BatchNormSaved
         Only with ``return_saved``.
     """
-    x = _input_array(x)
+    x, axis = _input_array(x, axis)
     _check_scalars(momentum, eps)
     shape = x.shape
-    N, C = shape[0], shape[1]
-    S = math.prod(shape[2:])
+    C = shape[axis]
+    count = math.prod(shape) // C if C else 0
     dt = _compute_dtype(x.dtype, dtype)
     out_dt = _output_dtype(x.dtype, dt)
     training = bool(training)
-    if training and N * S == 1:
+    if training and count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
     update = training and (running_mean is not None or running_var is not None)
     disjoint = _distinct_owners(x, running_mean, running_var, weight, bias, out)
@@ -248,10 +308,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         stats[C:] = _channel_array(running_var, "running_var", C)
     weight = _channel_param(weight, "weight", C, dt)
     bias = _channel_param(bias, "bias", C, dt)
-    y = _out_array(out, "out", shape, out_dt, None if disjoint else {
+    order = _memory_order(x)
+    y = _out_array(out, "out", shape, out_dt, order, None if disjoint else {
         "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias})
 
-    x3 = _contiguous(x, dt).reshape(N, C, S)
+    x3 = _memory(x, order, axis, dt)
     new_mean, new_var = (running_mean, running_var) if update else (None, None)
     if update and nan_guard:  # the kernel updates copies; only the finite channels are committed below
         new_mean, new_var = running_mean.copy(), running_var.copy()
@@ -259,16 +320,18 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         stats = np.empty(2 * C)
     mean, invstd = stats[:C], stats[C:]
     if x3.size:
-        y1 = y.view(np.ndarray).reshape(-1) if out_dt == dt else np.empty(x3.size, dtype=dt)
-        _kernels.forward(x3.reshape(-1), y1, N, C, new_mean, new_var, weight, bias, stats, training, update,
-                         float(momentum), float(eps), thread_cap())
+        y1 = _kernel_output(y, order, dt)
+        direct = y1 is not None
+        if not direct:
+            y1 = np.empty(x3.size, dtype=dt)
+        _kernels.forward(x3.reshape(-1), y1, x3.shape[0], C, new_mean, new_var, weight, bias, stats, training,
+                         update, float(momentum), float(eps), thread_cap())
         if update and nan_guard:
             finite = np.isfinite(new_mean) & np.isfinite(new_var)
             np.copyto(running_mean, new_mean, where=finite)
             np.copyto(running_var, new_var, where=finite)
-        if out_dt != dt:
-            with np.errstate(all="ignore"):  # float16 overflow gives inf, like torch, and never raises late
-                y[...] = y1.reshape(shape)
+        if not direct:
+            _copy_result(y, y1, order)
     elif training:
         mean.fill(np.nan)
         invstd.fill(np.nan)
@@ -276,37 +339,47 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
     if not return_saved:
         return y
-    return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, out_dt)
+    return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, out_dt, axis, order)
 
 
-def batch_norm_stats(x, *, dtype=None):
-    """Per-channel statistics of an (N, C, *) batch, in float64: what data-parallel ranks combine.
+def _copy_result(out, flat, order):
+    """Copy a kernel's flat result (``out``'s values with its axes in ``order``) into ``out``, converting the dtype:
+    float16 overflow gives inf (as in torch), and never raises late."""
+    mem = out.transpose(order)
+    with np.errstate(all="ignore"):
+        mem[...] = flat.reshape(mem.shape)
+
+
+def batch_norm_stats(x, *, axis=1, dtype=None):
+    """Per-channel statistics of a batch, in float64: what data-parallel ranks combine.
 
     Parameters
     ----------
     x : ndarray
-        Input of shape (N, C, *), any floating dtype, layout and strides.
+        Input of at least 2 dimensions, any floating dtype, layout and strides.
+    axis : int
+        The channel axis, as :func:`batch_norm`.
     dtype : {None, float32, float64}
         Compute dtype, as :func:`batch_norm`.
 
     Returns
     -------
     count : int
-        Values per channel, N*prod(shape[2:]).
+        Values per channel, x.size // x.shape[axis].
     mean, M2 : ndarray
         (C,) mean and sum of squared deviations from it (the biased variance is M2/count); NaN when count is 0,
         and M2 = 0 when count is 1.
     """
-    x = _input_array(x)
-    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    count = N * S
-    x3 = _contiguous(x, _compute_dtype(x.dtype, dtype)).reshape(N, C, S)
+    x, axis = _input_array(x, axis)
+    C = x.shape[axis]
+    x3 = _memory(x, _memory_order(x), axis, _compute_dtype(x.dtype, dtype))
+    count = x3.shape[0] * x3.shape[2]
     stats = np.full(2 * C, np.nan)
     mean, M2 = stats[:C], stats[C:]
     if count == 1:
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
-        _kernels.forward(x3.reshape(-1), None, N, C, None, None, None, None, stats, True, False, 0.0, 0.0,
+        _kernels.forward(x3.reshape(-1), None, x3.shape[0], C, None, None, None, None, stats, True, False, 0.0, 0.0,
                          thread_cap())
     return count, mean, M2
 
@@ -325,11 +398,10 @@ def _check_saved(saved):
         return f"{a.dtype} array of shape {a.shape} ({_flags(a)})" if isinstance(a, np.ndarray) else type(a).__name__
 
     if not arr_ok(x3, 3, _COMPUTE):
-        bad = "x", "an aligned C-contiguous (N, C, S) float32 or float64 array", show(x3)
-    elif not (isinstance(saved.shape, tuple) and len(saved.shape) >= 2 and saved.shape[:2] == x3.shape[:2]
-              and math.prod(saved.shape) == x3.size):
-        bad = "shape", f"the forward input's shape (N, C, ...) of {x3.size} values with N, C = {x3.shape[:2]}", \
-            repr(saved.shape)
+        bad = "x", "an aligned C-contiguous (A, C, B) float32 or float64 array", show(x3)
+    elif not _layout_matches(saved.shape, saved.axis, _saved_order(saved), x3.shape):
+        bad = ("shape, axis and order", f"a shape, channel axis and memory order of which saved.x {x3.shape} is "
+               f"the (A, C, B) memory", repr((saved.shape, saved.axis, saved.order)))
     elif not (isinstance(saved.dtype, (np.dtype, type)) and np.dtype(saved.dtype) in (x3.dtype, np.float16)):
         bad = "dtype", f"{x3.dtype} or float16", repr(saved.dtype)
     else:
@@ -341,6 +413,22 @@ def _check_saved(saved):
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")
+
+
+def _saved_order(saved):
+    """The memory order of a saved forward's input (None stands for C order)."""
+    return tuple(range(len(saved.shape))) if saved.order is None and isinstance(saved.shape, tuple) else saved.order
+
+
+def _layout_matches(shape, axis, order, acb):
+    """True when ``acb`` is the (A, C, B) shape of memory holding an array of ``shape`` with its axes in ``order``
+    and its channels at ``axis``."""
+    if not (isinstance(shape, tuple) and len(shape) >= 2 and isinstance(order, tuple)
+            and sorted(order) == list(range(len(shape))) and type(axis) is int and 0 <= axis < len(shape)):
+        return False
+    k = order.index(axis)
+    sizes = [shape[d] for d in order]
+    return acb == (math.prod(sizes[:k]), shape[axis], math.prod(sizes[k + 1:]))
 
 
 def _grad_output(dy, saved):
@@ -374,8 +462,9 @@ def batch_norm_grad_sums(dy, saved):
     grads = np.zeros(2 * C, dtype=x3.dtype)
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
-        _kernels.backward(x3.reshape(-1), _contiguous(dy, x3.dtype).reshape(-1), None, N, C, saved.mean,
-                          saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0, thread_cap())
+        _kernels.backward(x3.reshape(-1), _memory(dy, _saved_order(saved), saved.axis, x3.dtype).reshape(-1), None,
+                          N, C, saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0,
+                          thread_cap())
     return sums, dweight, dbias
 
 
@@ -383,17 +472,19 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     """Gradients of :func:`batch_norm` with respect to its input, weight and bias.
 
     Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
-    xhat = (x - mean)*invstd, m = N*S values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),
+    xhat = (x - mean)*invstd, m values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),
     dbias = sum(dy).
 
     Parameters
     ----------
     dy : ndarray
-        Gradient of the loss with respect to the forward's output; same shape as the forward's input.
+        Gradient of the loss with respect to the forward's output; same shape as the forward's input (any layout;
+        no copy when it has the input's).
     saved : BatchNormSaved
         From ``batch_norm(..., return_saved=True)``.
     out : ndarray, optional
-        Preallocated dx: shape of dy, dtype ``saved.dtype``, C-contiguous, not overlapping dy or saved.x.
+        Preallocated dx: shape of dy, dtype ``saved.dtype``, writeable, C-contiguous or with the forward input's
+        memory layout, not overlapping dy or saved.x.
     grad_sums : ndarray, optional
         (2, C) float64 sums of :func:`batch_norm_grad_sums` over a larger batch of which this one is a part
         (data-parallel training, where the forward used that batch's statistics); they replace this batch's sums,
@@ -404,7 +495,7 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     Returns
     -------
     dx : ndarray
-        Shape of the forward's input, dtype ``saved.dtype``.
+        Shape and memory layout of the forward's input (unless ``out``), dtype ``saved.dtype``.
     dweight, dbias : ndarray
         (C,) in the compute dtype (computed whether or not the forward had a weight), from the sums used.
     """
@@ -420,17 +511,20 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
             raise ValueError(f"count must be an integer >= {max(1, N * S)} (the values per channel here) with "
                              f"grad_sums, got {count!r}")
         grad_sums = _contiguous(grad_sums, np.float64)
-    dx = _out_array(out, "out", saved.shape, saved.dtype, {"grad_output": dy, "the saved input": x3,
-                                                           "saved.weight": saved.weight, "saved.mean": saved.mean,
-                                                           "saved.invstd": saved.invstd})
+    order = _saved_order(saved)
+    dx = _out_array(out, "out", saved.shape, saved.dtype, order, {
+        "grad_output": dy, "the saved input": x3, "saved.weight": saved.weight, "saved.mean": saved.mean,
+        "saved.invstd": saved.invstd})
     grads = np.zeros(2 * C, dtype=dt)
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
-        dy1 = _contiguous(dy, dt).reshape(-1)
-        dx1 = dx.view(np.ndarray).reshape(-1) if saved.dtype == dt else np.empty(x3.size, dtype=dt)
-        _kernels.backward(x3.reshape(-1), dy1, dx1, N, C, saved.mean, saved.invstd, saved.weight, grads,
-                          saved.use_batch_stats, grad_sums, float(count or 0), thread_cap())
-        if saved.dtype != dt:
-            with np.errstate(all="ignore"):
-                dx[...] = dx1.reshape(saved.shape)
+        dx1 = _kernel_output(dx, order, dt)
+        direct = dx1 is not None
+        if not direct:
+            dx1 = np.empty(x3.size, dtype=dt)
+        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), dx1, N, C, saved.mean,
+                          saved.invstd, saved.weight, grads, saved.use_batch_stats, grad_sums, float(count or 0),
+                          thread_cap())
+        if not direct:
+            _copy_result(dx, dx1, order)
     return dx, dweight, dbias

@@ -10,7 +10,7 @@ import numpy as np
 from . import functional as F
 
 FORMAT = "cbn.batchnorm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the channel axis (files of version 1 load with axis 1)
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -32,9 +32,10 @@ class _BatchNorm:
             _CLASSES[cls.__name__] = cls
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False):
+                 dtype=np.float32, nan_guard=False, axis=1):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
+        F.channel_axis(axis, max(self._ndims))
         F._check_scalars(0.0 if momentum is None else momentum, eps)
         dtype = np.dtype(dtype)
         if dtype not in _DTYPES:
@@ -46,6 +47,7 @@ class _BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
         self.nan_guard = bool(nan_guard)
+        self.axis = int(axis)
         self.training = True
         C = self.num_features
         self.weight = np.ones(C, dtype) if self.affine else None
@@ -70,15 +72,15 @@ class _BatchNorm:
 
     # -- computation ------------------------------------------------------------------------------------------
     def forward(self, x, out=None):
-        """Normalise ``x`` of shape (N, C, *); in training with running stats, update them.
+        """Normalise ``x`` over its channel axis ``axis``; in training with running stats, update them.
 
         Parameters
         ----------
         x : ndarray
             Input of one of the accepted ranks, any floating dtype (converted to the layer dtype; float16 is
-            computed in float32 and returned as float16).
+            computed in float32 and returned as float16), any layout (the output has x's memory layout).
         out : ndarray, optional
-            Preallocated output (shape of x, output dtype, C-contiguous).
+            Preallocated output (shape of x, output dtype, C-contiguous or with x's memory layout).
 
         Returns
         -------
@@ -95,8 +97,8 @@ class _BatchNorm:
             use_batch_stats = self.training or self.running_mean is None
             track = not self.training or self.track_running_stats
             y, saved = F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
-                                    self.weight, self.bias, use_batch_stats, factor, self.eps, out=out,
-                                    dtype=self.dtype, return_saved=True, nan_guard=self.nan_guard)
+                                    self.weight, self.bias, use_batch_stats, factor, self.eps, axis=self.axis,
+                                    out=out, dtype=self.dtype, return_saved=True, nan_guard=self.nan_guard)
             self.num_batches_tracked = count
             self._saved = saved
             return y
@@ -104,13 +106,16 @@ class _BatchNorm:
     __call__ = forward
 
     def _check_input(self, x):
-        """Return ``x`` as a floating ndarray of an accepted rank with ``num_features`` channels, or raise."""
+        """Return ``x`` as a floating ndarray of an accepted rank with ``num_features`` channels at ``axis``, or
+        raise."""
         x = F._float_array(x, "input")
         if x.ndim not in self._ndims:
             want = " or ".join(f"{d}D" for d in self._ndims)
             raise ValueError(f"expected {want} input, got {x.ndim}D input")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels, got {x.shape[1]}")
+        axis = F.channel_axis(self.axis, x.ndim)
+        if x.shape[axis] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels at axis {self.axis}, got "
+                             f"{x.shape[axis]}")
         return x
 
     def backward(self, dy, out=None):
@@ -121,7 +126,8 @@ class _BatchNorm:
         dy : ndarray
             Gradient of the loss with respect to the last forward's output.
         out : ndarray, optional
-            Preallocated dx (shape of dy, the forward's output dtype, C-contiguous).
+            Preallocated dx (shape of dy, the forward's output dtype, C-contiguous or with the input's memory
+            layout).
 
         Returns
         -------
@@ -226,14 +232,17 @@ class _BatchNorm:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.__dict__.setdefault("nan_guard", False)  # pickles of cbn 0.1.0 have no nan_guard
+        self.__dict__.setdefault("axis", 1)  # nor an axis
         self._lock = threading.RLock()
 
     def extra_repr(self):
-        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, and nan_guard if on)."""
+        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, nan_guard if on and the
+        axis if not 1)."""
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.affine}, track_running_stats={self.track_running_stats}")
         s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
-        return s + ", nan_guard=True" if self.nan_guard else s
+        s = s + ", nan_guard=True" if self.nan_guard else s
+        return s if self.axis == 1 else s + f", axis={self.axis}"
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -250,7 +259,8 @@ class _BatchNorm:
         config = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(self).__name__,
                   "num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
                   "affine": self.affine, "track_running_stats": self.track_running_stats,
-                  "dtype": self.dtype.name, "training": self.training, "nan_guard": self.nan_guard}
+                  "dtype": self.dtype.name, "training": self.training, "nan_guard": self.nan_guard,
+                  "axis": self.axis}
         arrays = dict(self.state_dict(), __config__=np.array(json.dumps(config)))
         path = os.fspath(path)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -289,6 +299,9 @@ class BatchNorm2d(_BatchNorm):
     nan_guard : bool
         In training, leave the running statistics of a channel unchanged when its batch statistics are not finite
         (NaN or Inf in its values); see :func:`cbn.functional.batch_norm`. The counter still counts the batch.
+    axis : int
+        The channel axis: 1 (NCHW, and channels-last arrays viewed as NCHW, as torch takes them) or -1 (NHWC, as
+        Keras takes it), any axis in [-4, 4). The layer still takes 4-D input only.
     """
 
     _ndims = (4,)
@@ -319,12 +332,13 @@ def load(path):
         got = (config.get("format"), config.get("version")) if isinstance(config, dict) else config
         raise ValueError(f"not a cbn layer file of a known version (format {FORMAT!r}, version 1 to "
                          f"{FORMAT_VERSION}), got {got!r}")
-    for key in ("training", "nan_guard"):  # nan_guard is absent from files of cbn 0.1.0: off
+    for key in ("training", "nan_guard"):  # nan_guard is absent from files of cbn 0.1.0: off, and axis: 1
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"config {key!r} must be true or false, got {config.get(key)!r}")
     if config["class"] not in _CLASSES:
         raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(_CLASSES)}")
     layer = _CLASSES[config["class"]](config["num_features"], config["eps"], config["momentum"], config["affine"],
-                                      config["track_running_stats"], config["dtype"], config.get("nan_guard", False))
+                                      config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
+                                      config.get("axis", 1))
     layer.load_state_dict(arrays)
     return layer.train(config["training"])

@@ -3,17 +3,20 @@
 Same signatures as :mod:`cbn.functional` (``out`` and ``dtype`` are not offered); every computation is done in
 float64 with NumPy's pairwise sums, straight from the formulas.
 """
+import math
+
 import numpy as np
 
 from .functional import BatchNormSaved
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               return_saved=False):
+               axis=1, return_saved=False):
     """Float64 reference of :func:`cbn.functional.batch_norm` (running statistics updated in place)."""
     shape = x.shape
-    N, C = shape[0], shape[1]
-    x3 = np.asarray(x, dtype=np.float64).reshape(N, C, -1)
+    axis %= x.ndim
+    C = shape[axis]
+    x3 = np.asarray(x, dtype=np.float64).reshape(math.prod(shape[:axis]), C, math.prod(shape[axis + 1:]))
     if training:
         m = x3.shape[0] * x3.shape[2]
         mean = x3.mean(axis=(0, 2))
@@ -30,7 +33,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     y = ((x3 - mean[:, None]) * (invstd * w)[:, None] + b[:, None]).reshape(shape)
     if not return_saved:
         return y
-    return y, BatchNormSaved(x3, mean, invstd, None if weight is None else w, bool(training), shape, y.dtype)
+    return y, BatchNormSaved(x3, mean, invstd, None if weight is None else w, bool(training), shape, y.dtype, axis)
 
 
 def batch_norm_backward(dy, saved):

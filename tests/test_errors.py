@@ -56,6 +56,12 @@ def _read_only(a):
     return a
 
 
+def _channels_last(shape, dtype=np.float32):
+    """An (N, C, *) array whose memory is (N, *, C)."""
+    return np.empty((shape[0],) + shape[2:] + (shape[1],), dtype).transpose(0, -1, *range(1, len(shape) - 1))
+
+
+_OUT_LAYOUT = r"C-contiguous or laid out as the input \(axes in memory order \(0, 1, 2, 3\)\)"
 _BIG = np.random.default_rng(0).standard_normal((8, 3, 5, 5)).astype(np.float32)
 
 # (id, call(layer, x, dy), exception, expected (regex), actual (regex)); each runs in training and in eval mode.
@@ -85,10 +91,11 @@ LAYER_BAD = [
      re.escape(f"shape {SHAPE}"), re.escape("got shape (4, 3, 5, 4)")),
     ("out-dtype", lambda bn, x, dy: bn(x, out=np.empty(SHAPE, np.float64)), ValueError, r"dtype float32",
      r"dtype float64"),
-    ("out-strided", lambda bn, x, dy: bn(x, out=_strided(SHAPE)), ValueError, r"C-contiguous array",
-     r"C-contiguous=False"),
+    ("out-strided", lambda bn, x, dy: bn(x, out=_strided(SHAPE)), ValueError, _OUT_LAYOUT, r"got strides \(600, "),
     ("out-fortran", lambda bn, x, dy: bn(x, out=np.asfortranarray(np.empty(SHAPE, np.float32))), ValueError,
-     r"C-contiguous array", r"C-contiguous=False"),
+     _OUT_LAYOUT, r"got strides \(4, 16, 48, 240\)"),
+    ("out-channels-last", lambda bn, x, dy: bn(x, out=_channels_last(SHAPE)), ValueError, _OUT_LAYOUT,
+     r"got strides \(300, 4, 60, 12\)"),
     ("out-read-only", lambda bn, x, dy: bn(x, out=_read_only(np.empty(SHAPE, np.float32))), ValueError,
      r"writeable", r"writeable=False"),
     ("out-is-input", lambda bn, x, dy: bn(x, out=x), ValueError, r"out must not share memory", r"with input"),
@@ -108,8 +115,10 @@ LAYER_BAD = [
      re.escape(f"shape {SHAPE}"), re.escape("got shape (4, 3, 5, 4)")),
     ("grad-out-dtype", lambda bn, x, dy: bn.backward(dy, out=np.empty(SHAPE, np.float64)), ValueError,
      r"dtype float32", r"dtype float64"),
-    ("grad-out-strided", lambda bn, x, dy: bn.backward(dy, out=_strided(SHAPE)), ValueError, r"C-contiguous array",
-     r"C-contiguous=False"),
+    ("grad-out-strided", lambda bn, x, dy: bn.backward(dy, out=_strided(SHAPE)), ValueError, _OUT_LAYOUT,
+     r"got strides \(600, "),
+    ("grad-out-channels-last", lambda bn, x, dy: bn.backward(dy, out=_channels_last(SHAPE)), ValueError, _OUT_LAYOUT,
+     r"got strides \(300, 4, 60, 12\)"),
     ("grad-out-read-only", lambda bn, x, dy: bn.backward(dy, out=_read_only(np.empty(SHAPE, np.float32))),
      ValueError, r"writeable", r"writeable=False"),
     ("grad-out-is-grad", lambda bn, x, dy: bn.backward(dy, out=dy), ValueError, r"out must not share memory",
@@ -201,6 +210,17 @@ def _as_bytes(value):
 FUNCTIONAL_BAD = [
     ("input-1d", lambda a: _forward(a, x=np.ones(4, np.float32)), ValueError, r"at least 2 dimensions", r"got 1\b"),
     ("input-0d", lambda a: _forward(a, x=np.array(1.0)), ValueError, r"at least 2 dimensions", r"got 0\b"),
+    ("axis-4", lambda a: _forward(a, axis=4), ValueError, r"axis must be in \[-4, 4\) for 4-D input", r"got 4\b"),
+    ("axis--5", lambda a: _forward(a, axis=-5), ValueError, r"axis must be in \[-4, 4\)", r"got -5\b"),
+    ("axis-float", lambda a: _forward(a, axis=1.0), TypeError, r"axis must be an integer", r"got 1\.0"),
+    ("axis-None", lambda a: _forward(a, axis=None), TypeError, r"axis must be an integer", r"got None"),
+    ("axis-bool", lambda a: _forward(a, axis=True), TypeError, r"axis must be an integer", r"got True"),
+    ("axis-channels", lambda a: _forward(a, axis=-1), ValueError,
+     r"running_mean must have shape \(5,\) to match the input's 5 channels", r"got \(3,\)"),
+    ("out-channels-last", lambda a: _forward(a, out=_channels_last(SHAPE)), ValueError, _OUT_LAYOUT,
+     r"got strides \(300, 4, 60, 12\)"),
+    ("stats-axis-4", lambda a: F.batch_norm_stats(a["x"], axis=4), ValueError, r"axis must be in \[-4, 4\)",
+     r"got 4\b"),
     ("dtype-float16", lambda a: _forward(a, dtype=np.float16), TypeError, r"float32 or float64", r"got float16"),
     ("dtype-int32", lambda a: _forward(a, dtype=np.int32), TypeError, r"float32 or float64", r"got int32"),
     ("eps-negative", lambda a: _forward(a, eps=-1e-3), ValueError, r"eps must be a finite number >= 0",
@@ -256,7 +276,14 @@ FUNCTIONAL_BAD = [
     ("saved-x-strided", lambda a: _backward(a, saved=a["saved"]._replace(x=_strided((4, 3, 25)))), ValueError,
      r"saved\.x must be an aligned C-contiguous", r"C-contiguous=False"),
     ("saved-shape", lambda a: _backward(a, saved=a["saved"]._replace(shape=(4, 3, 5))), ValueError,
-     r"saved\.shape must be the forward input's shape", r"got \(4, 3, 5\)"),
+     r"saved\.shape, axis and order must be .* of which saved\.x \(4, 3, 25\) is the \(A, C, B\) memory",
+     r"got \(\(4, 3, 5\), 1, \(0, 1, 2, 3\)\)"),
+    ("saved-axis", lambda a: _backward(a, saved=a["saved"]._replace(axis=3)), ValueError,
+     r"saved\.shape, axis and order must be", r"got \(\(4, 3, 5, 5\), 3, \(0, 1, 2, 3\)\)"),
+    ("saved-order", lambda a: _backward(a, saved=a["saved"]._replace(order=(0, 2, 3, 1))), ValueError,
+     r"saved\.shape, axis and order must be", r"got \(\(4, 3, 5, 5\), 1, \(0, 2, 3, 1\)\)"),
+    ("saved-order-not-axes", lambda a: _backward(a, saved=a["saved"]._replace(order=(0, 1, 2, 2))), ValueError,
+     r"saved\.shape, axis and order must be", r"got \(\(4, 3, 5, 5\), 1, \(0, 1, 2, 2\)\)"),
     ("saved-dtype", lambda a: _backward(a, saved=a["saved"]._replace(dtype=np.dtype(np.int32))), ValueError,
      r"saved\.dtype must be float32 or float16", r"got dtype\('int32'\)"),
     ("grad-shape", lambda a: _backward(a, dy=a["dy"][:2]), ValueError, re.escape(f"shape {SHAPE}"),
@@ -290,6 +317,32 @@ def test_num_features_below_one(cls, value):
 def test_num_features_not_int(value):
     with pytest.raises((ValueError, TypeError), match=rf"num_features.*integer.*{re.escape(repr(value))}"):
         cbn.BatchNorm2d(value)
+
+
+@pytest.mark.parametrize("cls,axis,exc,expected", [
+    (cbn.BatchNorm2d, 4, ValueError, r"axis must be in \[-4, 4\) for 4-D input, got 4\b"),
+    (cbn.BatchNorm2d, -5, ValueError, r"axis must be in \[-4, 4\) for 4-D input, got -5\b"),
+    (cbn.BatchNorm1d, 3, ValueError, r"axis must be in \[-3, 3\) for 3-D input, got 3\b"),
+    (cbn.BatchNorm3d, 1.5, TypeError, r"axis must be an integer, got 1\.5"),
+    (cbn.BatchNorm2d, "-1", TypeError, r"axis must be an integer, got '-1'"),
+    (cbn.BatchNorm2d, None, TypeError, r"axis must be an integer, got None"),
+])
+def test_bad_axis(cls, axis, exc, expected):
+    with pytest.raises(exc, match=expected):
+        cls(3, axis=axis)
+
+
+@pytest.mark.parametrize("shape,expected,actual", [
+    ((4, 5, 5), r"expected 4D", r"got 3D"),
+    ((4, 3, 5, 5), r"expected input with 3 channels at axis -1", r"got 5\b"),
+])
+def test_channels_last_layer_bad_input(shape, expected, actual):
+    """A layer with axis=-1 checks the channel count at its axis; BatchNorm1d's axis 2 rejects 2-D input."""
+    bn = trained_layer(cbn.BatchNorm2d, 3, (4, 5, 5, 3), seed=4, axis=-1)
+    raises_unchanged(bn, ValueError, expected, actual, bn, np.ones(shape, np.float32))
+    bn1 = cbn.BatchNorm1d(3, axis=2)
+    raises_unchanged(bn1, ValueError, r"axis must be in \[-2, 2\) for 2-D input", r"got 2\b", bn1,
+                     np.ones((4, 3), np.float32))
 
 
 def test_num_features_numpy_int_accepted():

@@ -408,8 +408,8 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
 
 
 @pytest.mark.parametrize("config,exc,expected,actual", [
-    (dict(_V1, version=2), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 1\)",
-     r"got \('cbn\.batchnorm', 2\)"),
+    (dict(_V1, version=3), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 2\)",
+     r"got \('cbn\.batchnorm', 3\)"),
     (dict(_V1, format="other"), ValueError, r"format 'cbn\.batchnorm'", r"got \('other', 1\)"),
     (None, ValueError, r"known version", r"got None"),
     (dict(_V1, training="yes"), ValueError, r"'training' must be true or false", r"got 'yes'"),
@@ -417,7 +417,10 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
     (dict(_V1, **{"class": "Conv2d"}), ValueError,
      r"one of \['BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'SyncBatchNorm1d'",
      r"unknown layer class 'Conv2d'"),
-], ids=["future-version", "foreign-format", "no-config", "training-str", "nan_guard-int", "unknown-class"])
+    (dict(_V1, version=2, axis=4), ValueError, r"axis must be in \[-4, 4\) for 4-D input", r"got 4\b"),
+    (dict(_V1, version=2, axis="last"), TypeError, r"axis must be an integer", r"got 'last'"),
+], ids=["future-version", "foreign-format", "no-config", "training-str", "nan_guard-int", "unknown-class", "axis-4",
+        "axis-str"])
 def test_load_rejects_bad_files(tmp_path, config, exc, expected, actual):
     path = tmp_path / "bad.npz"
     state = cbn.BatchNorm2d(3).state_dict()
