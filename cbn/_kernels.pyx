@@ -10,7 +10,9 @@ The caller passes an (N, C, S) tensor (S = product of the sizes after the channe
   block's images with a lane per column.
 - channel-minor ((N, C) input, S == 1, and short rows): block k is a range of rows x a range of at most COL_BLOCK
   columns; sums run down the columns, one accumulator pair per column, vectorised across columns; column j belongs
-  to channel j // S. An (N*S, C, 1) view of channels-last memory is this case as it is.
+  to channel (j // S) % C. An (N*S, C, 1) view of channels-last memory is this case as it is. Narrow rows are
+  folded: k consecutive rows (k dividing N) are taken as one row of k*C*S columns, so that the loops across
+  columns have enough of them.
 
 Every operation (statistics, normalisation, gradient sums, dx, and the statistics-only and two-step calls of
 SyncBatchNorm) is the same three steps over the blocks: partial sums of each block (``_block_sums``), their merge in
@@ -97,6 +99,8 @@ cdef Py_ssize_t MIN_TASKS = 16
 cdef Py_ssize_t COL_BLOCK = 2048
 cdef Py_ssize_t PART_BUDGET = 1 << 14
 cdef Py_ssize_t MAX_BLOCKS = 64
+# Channel-minor rows narrower than this are folded (k rows as one, k the largest divisor of N with k*W <= FOLD_WIDTH).
+cdef Py_ssize_t FOLD_WIDTH = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 
@@ -143,8 +147,9 @@ def force_layout(kind=None, Py_ssize_t block=64):
 
 cdef struct Layout:
     bint minor            # channel-minor (else channel-major)
-    Py_ssize_t N, C, S, W
-    Py_ssize_t G          # coefficient columns per channel: S (minor), 1 (major)
+    Py_ssize_t N, C, S, W # rows (of the folded matrix, for minor), channels, values per channel in a row, row width
+    Py_ssize_t count      # values per channel in the whole tensor
+    Py_ssize_t G          # coefficient columns per channel: k*S (minor, k rows folded into one), 1 (major)
     Py_ssize_t nblocks
     Py_ssize_t part       # doubles of partial sums per block: 2*W (minor), 2*group (major)
     bint fused            # major with whole channels per block: sums, finish and output in one task
@@ -167,11 +172,15 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
     cdef Layout L
     cdef Py_ssize_t block = _forced_block if _forced_kind else BLOCK
     cdef Py_ssize_t cap
-    L.N, L.C, L.S, L.W = N, C, S, C * S
+    cdef Py_ssize_t k
+    L.N, L.C, L.S, L.W, L.count = N, C, S, C * S, N * S
     L.group = L.ngroups = L.nimg = L.per_channel = L.rows = 0
     L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_IMAGES)) if _forced_kind == 0 else _forced_kind == 2
     if L.minor:
-        L.G = S
+        k = max(1, FOLD_WIDTH // L.W)
+        while N % k:
+            k -= 1
+        L.N, L.W, L.G = N // k, k * L.W, k * S
         L.ncol = _cdiv(L.W, min(COL_BLOCK, block) if _forced_kind else COL_BLOCK)
         L.width = _cdiv(L.W, L.ncol)
         cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
@@ -403,12 +412,13 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x
 
 cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
     """s = channel c's two sums over all its blocks, added in block order (columns in order, for minor)."""
-    cdef Py_ssize_t b, j, r, g
+    cdef Py_ssize_t b, i, j, r, g
     s[0] = 0.0
     s[1] = 0.0
     if L.minor:
         for r in range(L.nblocks // L.ncol):
-            for j in range(c * L.S, (c + 1) * L.S):
+            for i in range(L.G):
+                j = _coef_column(L, c, i)
                 b = r * L.ncol + j // L.width
                 s[0] += part[b * L.part + j % L.width]
                 s[1] += part[b * L.part + L.width + j % L.width]
@@ -420,11 +430,19 @@ cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noe
         s[1] += part[b * L.part + 2 * (c - g * L.group) + 1]
 
 
+cdef inline Py_ssize_t _coef_column(Layout L, Py_ssize_t c, Py_ssize_t i) noexcept nogil:
+    """Column of the i-th of the G coefficient columns of channel c: c (major), or the i-th column of the row that
+    belongs to channel c (minor: value s of channel c in folded row r, i = r*S + s)."""
+    if not L.minor:
+        return c
+    return (i // L.S) * L.C * L.S + c * L.S + i % L.S
+
+
 cdef inline void _set_coef(Layout L, double[::1] coef, Py_ssize_t row, Py_ssize_t c, double v) noexcept nogil:
     """Coefficient row of channel c, coef[row*C*G + j] for its G columns j."""
-    cdef Py_ssize_t j
-    for j in range(c * L.G, (c + 1) * L.G):
-        coef[row * L.C * L.G + j] = v
+    cdef Py_ssize_t i
+    for i in range(L.G):
+        coef[row * L.C * L.G + _coef_column(L, c, i)] = v
 
 
 # -- forward ------------------------------------------------------------------------------------------------------
@@ -435,16 +453,16 @@ cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, bint stats
                         double momentum, double eps,
                         double[::1] mean, double[::1] invstd,                    # OUT (C,)
                         double[::1] coef) noexcept nogil:                     # INOUT: IN shift K, OUT affine
-    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over m = N*S values, K = coef[0] a value of it:
+    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over its m = L.count values, K (coef) a value of it:
     mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
     Affine coefficients of y = (x - mean)*(gamma*invstd) + beta."""
-    cdef double m = <double>(L.N * L.S)
+    cdef double m = <double>L.count
     cdef double M2 = s2 - s1 * s1 / m
     if M2 < 0.0:
         M2 = 0.0
-    mean[c] = coef[c * L.G] + s1 / m
+    mean[c] = coef[_coef_column(L, c, 0)] + s1 / m
     if stats_only:
         invstd[c] = M2
         return
@@ -607,7 +625,7 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
         totals[...] = given_sums
     elif sums is not None:
         totals = sums.reshape(-1)
-    cdef double m = count if given else <double>(N * L.S)
+    cdef double m = count if given else <double>L.count
     cdef float[::1] grads_f
     cdef double[::1] grads_d
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
