@@ -1,10 +1,12 @@
 """``cbn-bench`` (``python -m cbn.bench``): speed of cbn against the NumPy reference, PyTorch and the roofline.
 
-For each shape, dtype and thread count it times (medians of repeated calls) the training forward (with the
+For each shape, layout, dtype and thread count it times (medians of repeated calls) the training forward (with the
 running-statistic update), the eval forward and the training backward of cbn, the float64 NumPy reference
 (``cbn.reference``), PyTorch's ``native_batch_norm`` / ``native_batch_norm_backward`` at the same thread count, and
 the roofline: a multi-threaded copy (the floor for forward and eval) and add (the floor for backward) of the same
-tensor. cbn and its roofline are timed round-robin, call after call, so that drift on a shared machine touches
+tensor. Layouts: NCHW (C-contiguous, channels at axis 1), channels-last (the NCHW view of NHWC memory that
+PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC ((N, L, C) C-contiguous at
+axis -1; PyTorch gets its (N, C, L) view). cbn and its roofline are timed round-robin, call after call, so that drift on a shared machine touches
 both alike. cbn's results are checked against the reference as it runs, and tracemalloc records what each call
 allocates (numpy arrays and the kernels' scratch) beyond its output.
 """
@@ -26,6 +28,11 @@ from cbn import reference as R
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7), (8, 3, 224, 224),
           (256, 128, 8, 8), (64, 16, 32, 32), (1, 64, 56, 56), (2, 8, 4, 4),
           (4096, 1024), (256, 4096), (64, 256, 400)]
+# (shape as (N, C, *), layout): every suite shape as it is, the 4-D ones also as channels-last views, and
+# sequences (N, C, L) stored as (N, L, C).
+CASES = ([(s, "NCHW") for s in SHAPES] + [(s, "channels-last") for s in SHAPES if len(s) == 4]
+         + [((64, 256, 400), "NLC"), ((32, 768, 128), "NLC")])
+LAYOUTS = ("NCHW", "channels-last", "NLC")
 OPS = ("train", "eval", "backward")
 
 
@@ -64,15 +71,18 @@ def allocated(fn, output=0):
     return peak - output
 
 
-def _torch_calls(x, dy, threads):
-    """Closures timing PyTorch's CPU batch-norm kernels on the same data, or None when torch is missing."""
+def _torch_calls(x, dy, layout, threads):
+    """Closures timing PyTorch's CPU batch-norm kernels on the same data (the (N, C, L) view of NLC), or None when
+    torch is missing."""
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(threads)
     tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
-    C = x.shape[1]
+    if layout == "NLC":
+        tx, tdy = tx.transpose(1, 2), tdy.transpose(1, 2)
+    C = tx.shape[1]
     w, b = torch.ones(C, dtype=tx.dtype), torch.zeros(C, dtype=tx.dtype)
     rm, rv = torch.zeros(C, dtype=tx.dtype), torch.ones(C, dtype=tx.dtype)
     bn = torch.ops.aten.native_batch_norm
@@ -85,15 +95,24 @@ def _torch_calls(x, dy, threads):
     }
 
 
-def _data(shape, dtype):
+def _data(shape, layout, dtype):
+    """x and dy of the (N, C, *) ``shape`` in ``layout`` (NLC: the (N, L, C) array itself), and the channel axis."""
     rng = np.random.default_rng(0)
-    return (rng.standard_normal(shape) * 2 + 3).astype(dtype), rng.standard_normal(shape).astype(dtype)
+    x, dy = (rng.standard_normal(shape) * 2 + 3).astype(dtype), rng.standard_normal(shape).astype(dtype)
+    if layout == "NCHW":
+        return x, dy, 1
+    last = (0,) + tuple(range(2, len(shape))) + (1,)
+    x, dy = np.ascontiguousarray(x.transpose(last)), np.ascontiguousarray(dy.transpose(last))
+    if layout == "NLC":
+        return x, dy, -1
+    first = np.argsort(last)
+    return x.transpose(first), dy.transpose(first), 1
 
 
-def _check(y, dx, x, dy, dtype):
+def _check(y, dx, x, dy, axis, dtype):
     """Max errors of cbn's training forward and backward against the float64 reference, and whether they pass."""
-    C = x.shape[1]
-    yr, saved = R.batch_norm(x, np.zeros(C), np.ones(C), np.ones(C), np.zeros(C), True, 0.1, 1e-5,
+    C = x.shape[axis]
+    yr, saved = R.batch_norm(x, np.zeros(C), np.ones(C), np.ones(C), np.zeros(C), True, 0.1, 1e-5, axis=axis,
                              return_saved=True)
     dxr = R.batch_norm_backward(dy, saved)[0]
     err_y = float(np.max(np.abs(y - yr)))
@@ -102,15 +121,16 @@ def _check(y, dx, x, dy, dtype):
     return err_y, err_dx, bool(err_y <= tol * max(1.0, float(np.max(np.abs(yr)))) and err_dx <= 1e3 * tol)
 
 
-def bench_case(shape, dtype, threads, budget, with_reference=True):
+def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
     """Time cbn, the roofline and the NumPy reference on one case; return one row per op (times in us)."""
-    x, dy = _data(shape, dtype)
+    x, dy, axis = _data(shape, layout, dtype)
     C = shape[1]
     cbn.set_num_threads(threads)
-    train = cbn.BatchNorm2d(C, dtype=dtype) if len(shape) == 4 else cbn.BatchNorm1d(C, dtype=dtype)
-    ev = train.__class__(C, dtype=dtype).eval()
+    cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}[len(shape)]
+    train = cls(C, dtype=dtype, axis=axis)
+    ev = cls(C, dtype=dtype, axis=axis).eval()
     y, dx = np.empty_like(x), np.empty_like(x)
-    flat_x, flat_dy, flat_out = x.reshape(-1), dy.reshape(-1), np.empty(x.size, dtype)
+    flat_x, flat_dy, flat_out = x.ravel(order="K"), dy.ravel(order="K"), np.empty(x.size, dtype)
     train.forward(x, out=y)
     calls = {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
              "backward": lambda: train.backward(dy, out=dx),
@@ -124,16 +144,16 @@ def bench_case(shape, dtype, threads, budget, with_reference=True):
                  "eval": allocated(lambda: ev.forward(x), x.nbytes),
                  "backward": allocated(lambda: train.backward(dy), x.nbytes)}
     train.forward(x, out=y)
-    err_y, err_dx, ok = _check(y, train.backward(dy), x, dy, dtype)
+    err_y, err_dx, ok = _check(y, train.backward(dy), x, dy, axis, dtype)
     ref = {}
     if with_reference:
         rm, rv, w, b = np.zeros(C), np.ones(C), np.ones(C), np.zeros(C)
-        _, saved = R.batch_norm(x, rm, rv, w, b, True, return_saved=True)
-        calls = {"train": lambda: R.batch_norm(x, rm, rv, w, b, True),
-                 "eval": lambda: R.batch_norm(x, rm, rv, w, b, False),
+        _, saved = R.batch_norm(x, rm, rv, w, b, True, axis=axis, return_saved=True)
+        calls = {"train": lambda: R.batch_norm(x, rm, rv, w, b, True, axis=axis),
+                 "eval": lambda: R.batch_norm(x, rm, rv, w, b, False, axis=axis),
                  "backward": lambda: R.batch_norm_backward(dy, saved)}
         ref = {op: median_time(calls[op], budget, min_runs=3) for op in OPS}
-    return [{"shape": list(shape), "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
+    return [{"shape": list(shape), "layout": layout, "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
              "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "roofline_us": floor[op] * 1e6,
              "cbn_over_roofline": t[op] / floor[op],
              "numpy_us": ref[op] * 1e6 if ref else None, "numpy_over_cbn": ref[op] / t[op] if ref else None,
@@ -150,8 +170,10 @@ def add_torch(rows, budget):
     """
     for i in range(0, len(rows), len(OPS)):
         case = rows[i:i + len(OPS)]
-        shape, dtype, threads = tuple(case[0]["shape"]), case[0]["dtype"], case[0]["threads"]
-        calls = _torch_calls(*_data(shape, dtype), threads)
+        shape, layout, dtype, threads = (tuple(case[0]["shape"]), case[0]["layout"], case[0]["dtype"],
+                                         case[0]["threads"])
+        x, dy, _ = _data(shape, layout, dtype)
+        calls = _torch_calls(x, dy, layout, threads)
         if calls is None:
             return
         for r in case:
@@ -163,13 +185,13 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-HEADER = (f"{'shape':>18} {'dtype':>7} {'thr':>3} {'op':>8} {'MB':>7} {'cbn us':>10} {'cbn/roof':>8} "
+HEADER = (f"{'shape':>18} {'layout':>13} {'dtype':>7} {'thr':>3} {'op':>8} {'MB':>7} {'cbn us':>10} {'cbn/roof':>8} "
           f"{'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
 
 
 def format_row(r):
     """One table line: time, ratio to the roofline, speedups over NumPy and PyTorch, allocation, correctness."""
-    return (f"{str(tuple(r['shape'])):>18} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} {r['MB']:7.1f} "
+    return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} {r['MB']:7.1f} "
             f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {_fmt(r['numpy_over_cbn'], '9.1f')} "
             f"{_fmt(r['torch_over_cbn'], '9.2f')} {r['alloc_bytes_out'] / 1e3:9.1f} "
             f"{'yes' if r['correct'] else 'NO':>3}")
@@ -180,13 +202,16 @@ def target_misses(rows):
     misses = []
     by_case = {}
     for r in rows:
-        by_case.setdefault((tuple(r["shape"]), r["dtype"], r["threads"]), {})[r["op"]] = r
-    for (shape, dtype, threads), ops in by_case.items():
+        by_case.setdefault((tuple(r["shape"]), r["layout"], r["dtype"], r["threads"]), {})[r["op"]] = r
+    for (shape, layout, dtype, threads), ops in by_case.items():
         if dtype != "float32":
             continue
         big, sized = ops["train"]["MB"] >= 50, ops["train"]["MB"] >= 1
-        limits = {"train": 1.4 if big else 2.0, "backward": 1.4 if big else 2.0, "eval": 1.05 if big else 1.2}
-        name = f"{shape} {dtype} {threads} thr"
+        # channels-last and NLC: backward <= 2x an add and eval <= 1.2x a copy at every size
+        nchw = layout == "NCHW"
+        limits = {"train": 1.4 if big else 2.0, "backward": 1.4 if big and nchw else 2.0,
+                  "eval": 1.05 if big and nchw else 1.2}
+        name = f"{shape} {layout} {dtype} {threads} thr"
         for op, limit in limits.items():
             if sized and ops[op]["cbn_over_roofline"] > limit:
                 misses.append(f"{name}: {op} {ops[op]['cbn_over_roofline']:.2f}x roofline > {limit}")
@@ -229,6 +254,11 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _label(r):
+    """A case's name in the chart: its shape, and its layout unless NCHW."""
+    return str(tuple(r["shape"])) + ("" if r["layout"] == "NCHW" else f" {r['layout']}")
+
+
 def plot(rows, path):
     """Bar chart of cbn/roofline and torch/cbn per shape and op (needs matplotlib)."""
     import matplotlib
@@ -238,9 +268,9 @@ def plot(rows, path):
     fig, axes = plt.subplots(len(keys), 2, figsize=(14, 3.5 * len(keys)), squeeze=False)
     for (dtype, threads), (ax1, ax2) in zip(keys, axes):
         sel = [r for r in rows if r["dtype"] == dtype and r["threads"] == threads]
-        shapes = list(dict.fromkeys(str(tuple(r["shape"])) for r in sel))
+        shapes = list(dict.fromkeys(_label(r) for r in sel))
         for j, op in enumerate(OPS):
-            vals = {str(tuple(r["shape"])): r for r in sel if r["op"] == op}
+            vals = {_label(r): r for r in sel if r["op"] == op}
             xs = np.arange(len(shapes)) + (j - 1) * 0.27
             ax1.bar(xs, [vals[s]["cbn_over_roofline"] for s in shapes], 0.27, label=op)
             ax2.bar(xs, [vals[s]["torch_over_cbn"] or 0 for s in shapes], 0.27, label=op)
@@ -261,18 +291,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="cbn-bench", description=__doc__.splitlines()[0])
     p.add_argument("--threads", default=str(cbn.get_num_threads()), help="comma-separated thread counts")
     p.add_argument("--dtype", default="float32", help="comma-separated: float32,float64")
-    p.add_argument("--shapes", default="all", help="'all', 'small' or shapes like 8x3x224x224,2x8x4x4")
+    p.add_argument("--shapes", default="all", help="'all', 'small' or shapes like 8x3x224x224,2x8x4x4 (as (N, C, *))")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="comma-separated: NCHW,channels-last (4-D shapes),NLC (3-D shapes)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds of repetitions per measurement")
     p.add_argument("--no-reference", action="store_true", help="skip timing the slow NumPy reference")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG chart to this file (needs matplotlib)")
     a = p.parse_args(argv)
-    if a.shapes == "all":
-        shapes = SHAPES
-    elif a.shapes == "small":
-        shapes = [s for s in SHAPES if np.prod(s) * 4 < 50e6]
+    layouts = a.layouts.split(",")
+    if a.shapes in ("all", "small"):
+        cases = [(s, lay) for s, lay in CASES if lay in layouts and (a.shapes == "all" or np.prod(s) * 4 < 50e6)]
     else:
         shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+        cases = [(s, lay) for s in shapes for lay in layouts
+                 if lay == "NCHW" or (lay == "channels-last" and len(s) == 4) or (lay == "NLC" and len(s) == 3)]
     info = header()
     print("cbn benchmark: medians; cbn/roof = cbn time / (copy for train and eval, add for backward);")
     print("numpy/cbn and torch/cbn = how many times faster cbn is. " +
@@ -282,9 +315,10 @@ def main(argv=None):
     try:
         for threads in (int(t) for t in a.threads.split(",")):
             for dtype in a.dtype.split(","):
-                for shape in shapes:
-                    rows += bench_case(shape, np.dtype(dtype), threads, a.budget, not a.no_reference)
-                    print(f"  measured {shape} {dtype} at {threads} thread(s)", file=sys.stderr, flush=True)
+                for shape, layout in cases:
+                    rows += bench_case(shape, layout, np.dtype(dtype), threads, a.budget, not a.no_reference)
+                    print(f"  measured {shape} {layout} {dtype} at {threads} thread(s)", file=sys.stderr,
+                          flush=True)
         add_torch(rows, a.budget)
     finally:
         cbn.set_num_threads(saved_threads)
