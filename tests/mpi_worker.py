@@ -64,13 +64,28 @@ def same_on_all_ranks(*arrays):
 
 
 def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, affine=True, track=True,
-                                  offset=0.0, constant=False):
-    """3 training steps (forward + backward) and an eval forward of SyncBatchNorm on shards vs BatchNorm on all."""
+                                  offset=0.0, constant=False, layout="NCHW"):
+    """3 training steps (forward + backward) and an eval forward of SyncBatchNorm on shards vs BatchNorm on all.
+
+    layout: the (N, C, *) data as it is, as a view of channels-last memory ("channels-last"), or with the channels
+    last and the layers at axis -1 ("axis-1")."""
     case = f"{cls.__name__} counts={counts} tail={tail} {np.dtype(dtype).name} momentum={momentum} " \
-           f"affine={affine} track={track} offset={offset} constant={constant}"
+           f"affine={affine} track={track} offset={offset} constant={constant} layout={layout}"
     rng = np.random.default_rng(seed)
     C = 3
-    kw = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    kw = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype,
+              axis=-1 if layout == "axis-1" else 1)
+    last = (0,) + tuple(range(2, 2 + len(tail))) + (1,)
+
+    def arranged(a):  # the tested array of the (N, C, *) values a
+        if layout == "NCHW":
+            return a
+        a = np.ascontiguousarray(a.transpose(last))
+        return a if layout == "axis-1" else a.transpose(np.argsort(last))
+
+    def logical(a):  # back to (N, C, *)
+        return a.transpose(np.argsort(last)) if layout == "axis-1" else a
+
     sync = cls(C, **kw)
     plain = {cbn.SyncBatchNorm1d: cbn.BatchNorm1d, cbn.SyncBatchNorm2d: cbn.BatchNorm2d,
              cbn.SyncBatchNorm3d: cbn.BatchNorm3d}[cls](C, **kw)
@@ -90,6 +105,8 @@ def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, 
         if constant:  # a channel with zero variance
             x[:, 0] = 7.0
         dy = rng.standard_normal(x.shape).astype(dtype)
+        x_logical, dy_logical = x, dy
+        x, dy = arranged(x), arranged(dy)
         # Eval without running statistics uses each shard's own statistics and communicates nothing (as torch).
         local = not training and not track
         xs, dys, part = (x[mine], dy[mine], slice(None)) if local else (x, dy, mine)
@@ -97,6 +114,8 @@ def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, 
         y = sync(x[mine])
         dx = sync.backward(dy[mine])
         y_all, dx_all = plain(xs), plain.backward(dys)
+        assert y.strides == y_all[part].strides or y.size <= 1, f"{case}: output layout"
+        y, dx, y_all, dx_all, dys = logical(y), logical(dx), logical(y_all), logical(dx_all), logical(dys)
         record(dtype, "y", rel_err(y, y_all[part]), case)
         record(dtype, "dx", rel_err(dx, dx_all[part], dx_scale(plain, dys, dx_all)), case)
         if affine:
@@ -110,6 +129,7 @@ def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, 
             stats = [sync._saved.mean, sync._saved.invstd] + ([sync.running_mean, sync.running_var] if track else [])
             assert same_on_all_ranks(*stats), f"{case}: statistics differ between ranks"
         if dtype == np.float64 and not local:  # and the float64 reference agrees too
+            x, dy = x_logical, dy_logical
             y_ref = ref.forward(x)
             dx_ref, dw_ref, db_ref = ref.backward(dy)
             record(dtype, "y vs reference", rel_err(y, y_ref[mine]), case)
@@ -233,6 +253,11 @@ def main():
         check_equal_to_single_process(cbn.SyncBatchNorm1d, [1] * size, (), dtype, seed)
         seed += 1  # longer rows
         check_equal_to_single_process(cbn.SyncBatchNorm2d, uneven, (16, 16), dtype, seed)
+        for layout in ("channels-last", "axis-1"):
+            for cls, tail in ((cbn.SyncBatchNorm2d, (4, 5)), (cbn.SyncBatchNorm1d, (6,))):
+                for counts in (uneven, with_empty):
+                    seed += 1
+                    check_equal_to_single_process(cls, counts, tail, dtype, seed, layout=layout)
     check_errors()
     check_eval_is_local()
     check_convert_and_state()

@@ -107,6 +107,42 @@ def test_training_and_eval_parity(cls, shape, dtype, momentum):
         compare_stats(bn, tbn, dtype, f"eval step {i}")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,shape", [(cbn.BatchNorm2d, (8, 6, 12, 10)), (cbn.BatchNorm3d, (4, 6, 5, 6, 7))],
+                         ids=["channels_last", "channels_last_3d"])
+def test_channels_last_parity(cls, shape, dtype, training):
+    """An (N, C, *) view of channels-last memory against torch's channels_last BatchNorm: values, running
+    statistics, gradients, and the strides of y and dx (torch keeps the memory format; so does cbn)."""
+    rng = np.random.default_rng(7)
+    C = shape[1]
+    last = (0,) + tuple(range(2, len(shape))) + (1,)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    bn, tbn = make_pair(cls, C, dtype, rng)
+    bn.train(training)
+    tbn.train(training)
+    for i in range(3):
+        x = np.ascontiguousarray((rng.standard_normal(shape) * 2 + 1).astype(dtype).transpose(last))
+        dy = np.ascontiguousarray(rng.standard_normal(shape).astype(dtype).transpose(last))
+        x, dy = x.transpose(np.argsort(last)), dy.transpose(np.argsort(last))
+        tx = torch.from_numpy(x).requires_grad_(True)
+        assert tx.is_contiguous(memory_format=fmt)
+        tbn.zero_grad()
+        ty = tbn(tx)
+        ty.backward(torch.from_numpy(dy))
+        y = bn(x)
+        dx = bn.backward(dy)
+        assert ty.is_contiguous(memory_format=fmt) and tx.grad.is_contiguous(memory_format=fmt)
+        itemsize = np.dtype(dtype).itemsize
+        assert y.strides == tuple(st * itemsize for st in ty.stride())
+        assert dx.strides == tuple(st * itemsize for st in tx.grad.stride())
+        close(y, ty, TOL[dtype]["y"], f"step {i} y")
+        close(dx, tx.grad, TOL[dtype]["grad"], f"step {i} dx")
+        close(bn.grad_weight, tbn.weight.grad, TOL[dtype]["grad"], f"step {i} grad_weight")
+        close(bn.grad_bias, tbn.bias.grad, TOL[dtype]["grad"], f"step {i} grad_bias")
+        compare_stats(bn, tbn, dtype, f"step {i}")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls,shape", CASES, ids=IDS)
 def test_track_running_stats_false(cls, shape, dtype):
