@@ -17,8 +17,16 @@ from hypothesis.extra import numpy as hnp
 
 import cbn
 from cbn import reference as R
-from bn_helpers import (EPS64, FORCED_LAYOUTS, assert_per_channel, backward_tolerance, forced_layout,
-                        forward_tolerance, layer_class)
+
+from bn_helpers import (
+    EPS64,
+    FORCED_LAYOUTS,
+    assert_per_channel,
+    backward_tolerance,
+    forced_layout,
+    forward_tolerance,
+    layer_class,
+)
 
 DTYPES = [np.float16, np.float32, np.float64]
 WIDTH = {np.float16: 16, np.float32: 32, np.float64: 64}

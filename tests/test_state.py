@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cbn
+
 from bn_helpers import RefLayer, full_snapshot, snapshot, trained_layer
 
 LAYERS = [
@@ -215,7 +216,8 @@ def test_nonstrict_subset():
 
 def _bad_state_cases():
     C = 3
-    good = lambda: configured(cbn.BatchNorm2d, (4, C, 5, 5), momentum=0.1, dtype=np.float64, seed=9).state_dict()
+    def good():
+        return configured(cbn.BatchNorm2d, (4, C, 5, 5), momentum=0.1, dtype=np.float64, seed=9).state_dict()
 
     def mod(**changes):
         sd = good()
