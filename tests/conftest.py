@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -58,4 +59,19 @@ def run_python():
     def run(args, cwd, timeout=120, **env_changes):
         return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=_subprocess_env(**env_changes),
                               capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_record(run_python):
+    """``run_record(source, folder, name, timeout=300, **env_changes)``: write the record script ``source`` to
+    ``folder/name.py`` and run it there (as ``run_python``) with one argument, the path of the .npz file it writes;
+    assert that it succeeded; return (its stdout, {array name: array})."""
+    def run(source, folder, name, timeout=300, **env_changes):
+        script, path = folder / f"{name}.py", folder / f"{name}.npz"
+        script.write_text(source)
+        res = run_python([script, path], folder, timeout=timeout, **env_changes)
+        assert res.returncode == 0, f"{script} exited with {res.returncode}:\n{res.stdout}\n{res.stderr}"
+        with np.load(path) as data:
+            return res.stdout, {k: data[k] for k in data.files}
     return run

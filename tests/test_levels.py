@@ -8,7 +8,6 @@ import platform
 import struct
 import textwrap
 
-import numpy as np
 import pytest
 
 import cbn
@@ -73,33 +72,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(run_python, tmp_path, level):
+def _run(run_record, tmp_path, level):
     """Run SCRIPT on 2 threads with CBN_CPU_LEVEL=level; return (its report, {name: array})."""
-    script = tmp_path / "levels.py"
-    script.write_text(SCRIPT.format(shapes=SHAPES))
-    path = tmp_path / f"{level}.npz"
-    res = run_python([script, path], tmp_path, timeout=600, CBN_CPU_LEVEL=level, OMP_NUM_THREADS=2)
-    assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout.strip().splitlines()[-1])
-    with np.load(path) as data:
-        return report, {k: data[k] for k in data.files}
+    stdout, arrays = run_record(SCRIPT.format(shapes=SHAPES), tmp_path, level, timeout=600, CBN_CPU_LEVEL=level,
+                                OMP_NUM_THREADS=2)
+    return json.loads(stdout.strip().splitlines()[-1]), arrays
 
 
 @pytest.fixture(scope="module")
-def baseline(run_python, tmp_path_factory):
-    report, arrays = _run(run_python, tmp_path_factory.mktemp("baseline"), "baseline")
+def baseline(run_record, tmp_path_factory):
+    report, arrays = _run(run_record, tmp_path_factory.mktemp("baseline"), "baseline")
     assert report["level"] == "baseline" and not report["warnings"], report
     assert not any(f in report["build"] for flags in LEVEL_FLAGS.values() for f in flags), report["build"]
     return arrays
 
 
 @pytest.mark.parametrize("level", [lv for lv in _dispatch.LEVELS if lv != "baseline"])
-def test_level_bitwise_identical_to_baseline(level, baseline, run_python, tmp_path):
+def test_level_bitwise_identical_to_baseline(level, baseline, run_record, tmp_path):
     if level not in BUILT:
         pytest.skip(f"{level} not built for this platform: not compared")
     if level not in SUPPORTED:
         pytest.skip(f"{level} built, but this CPU lacks it: not compared")
-    report, arrays = _run(run_python, tmp_path, level)
+    report, arrays = _run(run_record, tmp_path, level)
     assert report["level"] == level and not report["warnings"], report
     assert any(f in report["build"] for f in LEVEL_FLAGS[level]), report["build"]
     assert set(arrays) == set(baseline)

@@ -74,18 +74,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(run_python, tmp_path, n):
-    script = tmp_path / "det.py"
-    script.write_text(SCRIPT.format(shapes=SHAPES))
-    path = tmp_path / f"threads{n}.npz"
-    res = run_python([script, path], tmp_path, timeout=300, OMP_NUM_THREADS=n)
-    assert res.returncode == 0, res.stderr
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+def _run(run_record, tmp_path, n):
+    """Run SCRIPT with OMP_NUM_THREADS=n; return {name: array}."""
+    return run_record(SCRIPT.format(shapes=SHAPES), tmp_path, f"threads{n}", OMP_NUM_THREADS=n)[1]
 
 
-def test_bitwise_identical_across_thread_counts(run_python, tmp_path):
-    runs = {n: _run(run_python, tmp_path, n) for n in (1, 2, 3)}
+def test_bitwise_identical_across_thread_counts(run_record, tmp_path):
+    runs = {n: _run(run_record, tmp_path, n) for n in (1, 2, 3)}
     for n, r in runs.items():
         if openmp_on():
             assert int(r["threads"]) == n, f"OMP_NUM_THREADS={n} gave {int(r['threads'])} threads"
