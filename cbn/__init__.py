@@ -5,15 +5,20 @@ import platform
 import numpy as np
 
 from . import _dispatch, functional
-from .distributed import (SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, convert_sync_batchnorm,
-                          revert_sync_batchnorm)
 from ._threads import available_cpus, get_num_threads, max_num_threads, set_num_threads
+from .distributed import (
+    SyncBatchNorm1d,
+    SyncBatchNorm2d,
+    SyncBatchNorm3d,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
 
 _build_info = _dispatch.kernels.build_info  # the kernels in use: the best instruction-set level built and supported
 _openmp_enabled = _dispatch.kernels.openmp_enabled
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it (tool.setuptools.dynamic)
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
            "convert_sync_batchnorm", "revert_sync_batchnorm", "functional", "load", "get_num_threads",
            "set_num_threads", "max_num_threads", "available_cpus", "show_config", "__version__"]

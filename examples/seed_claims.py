@@ -76,14 +76,14 @@ class Conv2d:
         return np.ascontiguousarray(y.reshape(N, H, W, -1).transpose(0, 3, 1, 2))
 
     def backward(self, dy):
-        N, O, H, W = dy.shape
-        dy_rows = dy.transpose(0, 2, 3, 1).reshape(N * H * W, O)
+        N, C_out, H, W = dy.shape
+        dy_rows = dy.transpose(0, 2, 3, 1).reshape(N * H * W, C_out)
         self.grad_weight = (dy_rows.T @ self._cols).reshape(self.weight.shape)
         self.grad_bias = dy_rows.sum(0)
         if not self.input_grad:
             return None
         # dx is the convolution of dy with the kernel flipped in space and transposed in channels
-        flipped = self.weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(self.weight.shape[1], O * 9)
+        flipped = self.weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(self.weight.shape[1], C_out * 9)
         dx = im2col(dy) @ flipped.T
         return np.ascontiguousarray(dx.reshape(N, H, W, -1).transpose(0, 3, 1, 2))
 

@@ -1,23 +1,10 @@
-"""Shared helpers for the cbn test suite: hypothesis profiles, a reference layer, state snapshots and honest error
-bounds."""
+"""Shared helpers for the cbn test suite: a reference layer, state snapshots and honest error bounds."""
 import contextlib
-import os
 
 import numpy as np
-from hypothesis import HealthCheck, settings
 
 import cbn
 from cbn import reference as R
-
-# -- hypothesis profiles, chosen by HYPOTHESIS_PROFILE -------------------------------------------------------------
-# dev (default): quick local runs. ci (.ci/run): 300 examples for each of the 6 property tests of test_hypothesis.py
-# (1,800 in all). long: a soak run of 5,000 each (README, "Tests").
-PROPERTY_TESTS_EXAMPLES = {"dev": 50, "ci": 300, "long": 5000}
-for _name, _n in PROPERTY_TESTS_EXAMPLES.items():
-    settings.register_profile(_name, max_examples=_n, deadline=None, print_blob=True,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                     HealthCheck.large_base_example])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 EPS64 = np.finfo(np.float64).eps
 

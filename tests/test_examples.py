@@ -3,8 +3,6 @@ gives PyTorch's losses step for step (when torch is installed; required when CBN
 import importlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,27 +12,14 @@ FIGURES = ["claim1_bn_placement.png", "claim2_convergence_lr.png", "claim3_deep_
            "claim4_batch_size.png", "claim5_inference_statistics.png"]
 
 
-def script_environment():
-    """This process's environment; under a preloaded AddressSanitizer (.ci/sanitize) with libstdc++ preloaded too.
-
-    matplotlib's C++ extension throws (and catches) C++ exceptions while it is imported; ASan intercepts __cxa_throw
-    and aborts ("CHECK failed ... real___cxa_throw") when libstdc++ was not loaded at its start-up.
-    """
-    env = dict(os.environ)
-    preload = env.get("LD_PRELOAD", "")
-    if "libasan" in preload and "libstdc++" not in preload:
-        env["LD_PRELOAD"] = f"{preload} libstdc++.so.6"
-    return env
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(run_python, tmp_path_factory):
     """Run the script with --quick into a temporary folder; return (results, folder)."""
     if not SCRIPT.is_file():
         pytest.skip(f"{SCRIPT} is absent: this copy of tests/ came without examples/ (e.g. cibuildwheel's)")
     out = tmp_path_factory.mktemp("seed_claims")
-    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True,
-                         text=True, timeout=600, env=script_environment())
+    # (under .ci/sanitize, run_python's environment also preloads libstdc++ for matplotlib's C++ extension)
+    run = run_python([SCRIPT, "--quick", "--out", out], out, timeout=600)
     assert run.returncode == 0, f"seed_claims.py --quick failed:\n{run.stdout}\n{run.stderr}"
     return strict_json(out / "seed_claims.json"), out
 

@@ -1,7 +1,7 @@
 """Property tests: random shapes (N = 0, C = 1, size-1 and prime sizes), float16/32/64, C and Fortran order,
 strided, negative-stride, broadcast and read-only views, large offsets, tiny spreads and NaN/Inf, against the
 float64 reference; invariance to a*x + b, batch permutation, channel independence, output moments. The number of
-examples per test comes from the hypothesis profile (bn_helpers: HYPOTHESIS_PROFILE=dev, ci or long).
+examples per test comes from the hypothesis profile (conftest.py: HYPOTHESIS_PROFILE=dev, ci or long).
 
 Tolerances are error bounds, not fudge factors (see bn_helpers): float32 results may carry a few float32 ulps of
 the magnitudes that were combined (|gamma*x_hat|, |beta|, |y| for the forward; |gamma*invstd*dy| and the
@@ -17,8 +17,16 @@ from hypothesis.extra import numpy as hnp
 
 import cbn
 from cbn import reference as R
-from bn_helpers import (EPS64, FORCED_LAYOUTS, assert_per_channel, backward_tolerance, forced_layout,
-                        forward_tolerance, layer_class)
+
+from bn_helpers import (
+    EPS64,
+    FORCED_LAYOUTS,
+    assert_per_channel,
+    backward_tolerance,
+    forced_layout,
+    forward_tolerance,
+    layer_class,
+)
 
 DTYPES = [np.float16, np.float32, np.float64]
 WIDTH = {np.float16: 16, np.float32: 32, np.float64: 64}

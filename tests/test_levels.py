@@ -6,17 +6,13 @@ import json
 import os
 import platform
 import struct
-import subprocess
-import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 import cbn
 from cbn import _dispatch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
 BUILT = _dispatch.built_levels()
 SUPPORTED = _dispatch.supported_levels()
 X86_64 = platform.machine().lower() in ("x86_64", "amd64") and struct.calcsize("P") == 8
@@ -76,42 +72,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
-    env.pop("CBN_CPU_LEVEL", None)
-    env.pop("OMP_THREAD_LIMIT", None)
-    env.update(extra)
-    return env
-
-
-def _run(tmp_path, level):
-    """Run SCRIPT with CBN_CPU_LEVEL=level; return (its report, {name: array})."""
-    script = tmp_path / "levels.py"
-    script.write_text(SCRIPT.format(shapes=SHAPES))
-    path = tmp_path / f"{level}.npz"
-    res = subprocess.run([sys.executable, str(script), str(path)], env=_env(CBN_CPU_LEVEL=level), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout.strip().splitlines()[-1])
-    with np.load(path) as data:
-        return report, {k: data[k] for k in data.files}
+def _run(run_record, tmp_path, level):
+    """Run SCRIPT on 2 threads with CBN_CPU_LEVEL=level; return (its report, {name: array})."""
+    stdout, arrays = run_record(SCRIPT.format(shapes=SHAPES), tmp_path, level, timeout=600, CBN_CPU_LEVEL=level,
+                                OMP_NUM_THREADS=2)
+    return json.loads(stdout.strip().splitlines()[-1]), arrays
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    report, arrays = _run(tmp_path_factory.mktemp("baseline"), "baseline")
+def baseline(run_record, tmp_path_factory):
+    report, arrays = _run(run_record, tmp_path_factory.mktemp("baseline"), "baseline")
     assert report["level"] == "baseline" and not report["warnings"], report
     assert not any(f in report["build"] for flags in LEVEL_FLAGS.values() for f in flags), report["build"]
     return arrays
 
 
 @pytest.mark.parametrize("level", [lv for lv in _dispatch.LEVELS if lv != "baseline"])
-def test_level_bitwise_identical_to_baseline(level, baseline, tmp_path):
+def test_level_bitwise_identical_to_baseline(level, baseline, run_record, tmp_path):
     if level not in BUILT:
         pytest.skip(f"{level} not built for this platform: not compared")
     if level not in SUPPORTED:
         pytest.skip(f"{level} built, but this CPU lacks it: not compared")
-    report, arrays = _run(tmp_path, level)
+    report, arrays = _run(run_record, tmp_path, level)
     assert report["level"] == level and not report["warnings"], report
     assert any(f in report["build"] for f in LEVEL_FLAGS[level]), report["build"]
     assert set(arrays) == set(baseline)
@@ -133,7 +115,7 @@ def test_levels_compared():
         assert _dispatch.LEVEL == SUPPORTED[-1], "without CBN_CPU_LEVEL the best supported level is used"
 
 
-def test_fallback_to_lower_level(tmp_path):
+def test_fallback_to_lower_level(run_python, tmp_path):
     unusable = [lv for lv in _dispatch.LEVELS if lv not in SUPPORTED]
     if not unusable:
         pytest.skip("every level is built and supported here: nothing to fall back from")
@@ -145,17 +127,15 @@ def test_fallback_to_lower_level(tmp_path):
             import cbn
         print(json.dumps([cbn._dispatch.LEVEL, [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)]]))
     """)
-    res = subprocess.run([sys.executable, "-c", code], env=_env(CBN_CPU_LEVEL=asked), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    res = run_python(["-c", code], tmp_path, CBN_CPU_LEVEL=asked, OMP_NUM_THREADS=2)
     assert res.returncode == 0, res.stderr
     level, warned = json.loads(res.stdout.strip().splitlines()[-1])
     assert level == [lv for lv in SUPPORTED if _dispatch.LEVELS.index(lv) < _dispatch.LEVELS.index(asked)][-1]
     assert len(warned) == 1 and asked in warned[0] and f"using {level}" in warned[0], warned
 
 
-def test_unknown_level_raises(tmp_path):
-    res = subprocess.run([sys.executable, "-c", "import cbn"], env=_env(CBN_CPU_LEVEL="avx9000"), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+def test_unknown_level_raises(run_python, tmp_path):
+    res = run_python(["-c", "import cbn"], tmp_path, CBN_CPU_LEVEL="avx9000")
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError") and "CBN_CPU_LEVEL" in last and "'avx9000'" in last, res.stderr

@@ -32,9 +32,9 @@ def _mpirun():
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_sync_batchnorm_equals_single_process(ranks, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    # cwd outside the source tree, so the ranks import the installed (built) cbn
+def test_sync_batchnorm_equals_single_process(ranks, subprocess_env, tmp_path):
+    # the ranks import the cbn under test (subprocess_env puts it first on PYTHONPATH), from outside the source tree
+    env = subprocess_env(OMP_NUM_THREADS=1, OMPI_ALLOW_RUN_AS_ROOT=1, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
     cmd = _mpirun() + ["-n", str(ranks), sys.executable, "-m", "mpi4py", os.path.join(HERE, "mpi_worker.py")]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"{' '.join(cmd)} exited with {run.returncode}:\n{run.stdout}\n{run.stderr}"
@@ -49,7 +49,7 @@ def test_sync_batchnorm_equals_single_process(ranks, tmp_path):
     print(json.dumps(errors, indent=1))
 
 
-def test_import_needs_no_mpi4py_and_says_how_to_get_it(tmp_path):
+def test_import_needs_no_mpi4py_and_says_how_to_get_it(run_python, tmp_path):
     code = ("import sys; sys.modules['mpi4py'] = None\n"  # makes 'import mpi4py' fail
             "import cbn\n"
             "try:\n"
@@ -59,5 +59,5 @@ def test_import_needs_no_mpi4py_and_says_how_to_get_it(tmp_path):
             "else:\n"
             "    raise AssertionError('no ImportError')\n"
             "assert cbn.revert_sync_batchnorm([cbn.BatchNorm2d(2)])[0].num_features == 2\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = run_python(["-c", code], tmp_path)
     assert run.returncode == 0, run.stderr

@@ -5,6 +5,7 @@ import pytest
 import cbn
 from cbn import functional as F
 from cbn import reference as R
+
 from bn_helpers import FORCED_LAYOUTS, RefLayer, assert_rel, forced_layout, max_err
 
 # float64: ~1e-10 relative to the largest reference value; float32: 2e-6 absolute on unit-scale outputs

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cbn
+
 from bn_helpers import RefLayer, full_snapshot, snapshot, trained_layer
 
 LAYERS = [
@@ -110,13 +111,24 @@ def test_copies_are_independent():
         assert snapshot(layer) == before
 
 
-def test_pickle_after_forward_then_backward_on_copy_needs_forward():
+@pytest.mark.parametrize("how", [lambda layer: pickle.loads(pickle.dumps(layer)), copy.deepcopy],
+                         ids=["pickle", "deepcopy"])
+def test_copy_after_forward_needs_its_own_forward_before_backward(how):
+    """The last forward's input is not part of a layer's state: a copy made after a forward has nothing to
+    differentiate until it runs a forward itself; then its backward is the original's."""
     layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
     x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
     layer(x)
-    clone = pickle.loads(pickle.dumps(layer))
+    clone = how(layer)
+    before = full_snapshot(clone)
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        clone.backward(dy)
+    assert full_snapshot(clone) == before  # the failed call changed nothing
     clone(x)
-    np.testing.assert_array_equal(clone.backward(np.ones_like(x)), layer.backward(np.ones_like(x)))
+    np.testing.assert_array_equal(clone.backward(dy), layer.backward(dy))
+    np.testing.assert_array_equal(clone.grad_weight, layer.grad_weight)
+    np.testing.assert_array_equal(clone.grad_bias, layer.grad_bias)
 
 
 # -- state_dict --------------------------------------------------------------------------------------------------
@@ -215,7 +227,8 @@ def test_nonstrict_subset():
 
 def _bad_state_cases():
     C = 3
-    good = lambda: configured(cbn.BatchNorm2d, (4, C, 5, 5), momentum=0.1, dtype=np.float64, seed=9).state_dict()
+    def good():
+        return configured(cbn.BatchNorm2d, (4, C, 5, 5), momentum=0.1, dtype=np.float64, seed=9).state_dict()
 
     def mod(**changes):
         sd = good()

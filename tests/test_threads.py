@@ -1,7 +1,6 @@
 """Thread count never changes a bit of any result; thread controls work; show_config reports OpenMP."""
-import contextlib
-import io
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -12,19 +11,14 @@ import numpy as np
 import pytest
 
 import cbn
+from cbn import _dispatch
 from cbn._dispatch import kernels as _kernels
 
 
 def openmp_on():
-    """Whether this build has OpenMP, as show_config() reports it."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        cbn.show_config()
-    line = [ln for ln in buf.getvalue().splitlines() if "openmp" in ln.lower()]
-    return bool(line) and line[0].split(":", 1)[1].strip().startswith("on")
+    """Whether this build has OpenMP, as its kernels report it (show_config prints the same: test_show_config)."""
+    return bool(cbn._openmp_enabled())
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
 
 # (class name, shape): parallel ones (>= 65536 elements) cover the kernel layouts: blocks of whole images (short
 # rows), tiles of one channel (long rows), and tasks of whole channels (>= 4M values of >= 16 channels).
@@ -80,21 +74,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, n):
-    script = tmp_path / "det.py"
-    script.write_text(SCRIPT.format(shapes=SHAPES))
-    path = tmp_path / f"threads{n}.npz"
-    env = dict(os.environ, OMP_NUM_THREADS=str(n), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("OMP_THREAD_LIMIT", None)
-    res = subprocess.run([sys.executable, str(script), str(path)], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+def _run(run_record, tmp_path, n):
+    """Run SCRIPT with OMP_NUM_THREADS=n; return {name: array}."""
+    return run_record(SCRIPT.format(shapes=SHAPES), tmp_path, f"threads{n}", OMP_NUM_THREADS=n)[1]
 
 
-def test_bitwise_identical_across_thread_counts(tmp_path):
-    runs = {n: _run(tmp_path, n) for n in (1, 2, 3)}
+def test_bitwise_identical_across_thread_counts(run_record, tmp_path):
+    runs = {n: _run(run_record, tmp_path, n) for n in (1, 2, 3)}
     for n, r in runs.items():
         if openmp_on():
             assert int(r["threads"]) == n, f"OMP_NUM_THREADS={n} gave {int(r['threads'])} threads"
@@ -168,7 +154,6 @@ def test_set_num_threads_rejects_absurd_counts(restore_threads, extra):
 def test_build_has_openmp_unless_serial_is_intended():
     """A build or wheel that lost OpenMP by accident fails here; CBN_EXPECT_SERIAL=1 says a serial build is meant."""
     expect_serial = os.environ.get("CBN_EXPECT_SERIAL") == "1"
-    assert cbn._openmp_enabled() == openmp_on()
     assert openmp_on() != expect_serial, (f"build has OpenMP: {openmp_on()}, CBN_EXPECT_SERIAL="
                                           f"{os.environ.get('CBN_EXPECT_SERIAL')!r}; build info: {cbn._build_info()}")
 
@@ -232,13 +217,10 @@ DEFAULT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("cpus", ["all", "one"])
-def test_default_thread_count(tmp_path, cpus):
+def test_default_thread_count(run_python, tmp_path, cpus):
     if cpus == "one" and not hasattr(os, "sched_setaffinity"):
         pytest.skip("CPU affinity is set with os.sched_setaffinity, which this platform lacks")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("OMP_NUM_THREADS", None)
-    res = subprocess.run([sys.executable, "-c", DEFAULT_SCRIPT, cpus], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    res = run_python(["-c", DEFAULT_SCRIPT, cpus], tmp_path, OMP_NUM_THREADS=None)
     assert res.returncode == 0, res.stderr
     main, thread, runtime, clamped, available = map(int, res.stdout.split())
     if not openmp_on():
@@ -249,11 +231,9 @@ def test_default_thread_count(tmp_path, cpus):
     assert clamped == 1  # a lower default (runtime is 2+ on a multi-core machine) reaches new threads
 
 
-def test_omp_num_threads_wins(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="3", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_omp_num_threads_wins(run_python, tmp_path):
     code = "import threading, cbn; t = threading.Thread(target=lambda: print(cbn.get_num_threads())); t.start()"
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    res = run_python(["-c", code], tmp_path, OMP_NUM_THREADS=3)
     assert res.returncode == 0, res.stderr
     assert int(res.stdout) == (3 if openmp_on() else 1)
 
@@ -268,11 +248,21 @@ def test_threadpoolctl_limits(restore_threads):
     assert cbn.get_num_threads() == before
 
 
-def test_show_config(capsys):
+def test_show_config(capsys, monkeypatch):
+    """Each line of show_config's printout says what the package, the build and the runtime report."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # read from the environment when printed, not applied
     cbn.show_config()
-    out = capsys.readouterr().out
-    assert "openmp" in out
-    assert cbn.__version__ in out
+    first, *rest = capsys.readouterr().out.splitlines()
+    assert first == f"cbn {cbn.__version__}"
+    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in rest)}
+    assert list(fields) == ["numpy", "python", "openmp", "threads", "cpu level", "compiler"], fields
+    assert fields["numpy"] == np.__version__
+    assert fields["python"] == f"{platform.python_version()} ({platform.machine()})"
+    assert fields["openmp"] == ("on" if cbn._openmp_enabled() else "off (serial build)")
+    assert fields["threads"] == (f"{cbn.get_num_threads()} (available CPUs: {cbn.available_cpus()}, "
+                                 "OMP_NUM_THREADS=5)")
+    assert fields["cpu level"].startswith(f"{_dispatch.LEVEL} (built: {', '.join(_dispatch.built_levels())}; ")
+    assert fields["compiler"] == cbn._build_info()
 
 
 # -- Python threads ------------------------------------------------------------------------------------------------
@@ -395,7 +385,7 @@ FORK_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("method", ["os.fork", "fork", "forkserver", "spawn"])
-def test_child_processes_do_not_hang(tmp_path, method):
+def test_child_processes_do_not_hang(subprocess_env, tmp_path, method):
     """A child made by os.fork() or multiprocessing (fork, forkserver, spawn) after the parent ran a parallel
     region finishes and computes bitwise the parent's results. GNU libgomp hangs in a forked child's first
     parallel region, so cbn starts forked children with 1 thread (README, "Threads"); spawn and forkserver
@@ -404,8 +394,7 @@ def test_child_processes_do_not_hang(tmp_path, method):
         pytest.skip("no fork on this platform")
     script = tmp_path / "forks.py"
     script.write_text(FORK_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("OMP_THREAD_LIMIT", None)
+    env = subprocess_env(OMP_NUM_THREADS=2)
     # own session: on a hang the script and its children are killed together
     proc = subprocess.Popen([sys.executable, str(script), method], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
