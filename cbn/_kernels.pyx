@@ -147,7 +147,8 @@ def force_layout(kind=None, Py_ssize_t block=64):
 
 cdef struct Layout:
     bint minor            # channel-minor (else channel-major)
-    Py_ssize_t N, C, S, W # rows (of the folded matrix, for minor), channels, values per channel in a row, row width
+    # rows (of the folded matrix, for minor), channels, values of a channel in a row of the input, row width
+    Py_ssize_t N, C, S, W
     Py_ssize_t count      # values per channel in the whole tensor
     Py_ssize_t G          # coefficient columns per channel: k*S (minor, k rows folded into one), 1 (major)
     Py_ssize_t nblocks
@@ -369,18 +370,18 @@ cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, Py_
     runs), the lanes folded pairwise."""
     cdef double s[2 * LANES]
     cdef double shift[LANES]
-    cdef Py_ssize_t l, h, nsub = n // LANES
-    for l in range(LANES):
-        shift[l] = k
-        s[l] = 0.0
-        s[LANES + l] = 0.0
+    cdef Py_ssize_t q, h, nsub = n // LANES
+    for q in range(LANES):
+        shift[q] = k
+        s[q] = 0.0
+        s[LANES + q] = 0.0
     _column_sums(op, x, dy, base, LANES, nsub, LANES, shift, s, &s[LANES])
     _column_sums(op, x, dy, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES])
     h = LANES // 2
     while h > 0:
-        for l in range(h):
-            s[l] += s[l + h]
-            s[LANES + l] += s[LANES + l + h]
+        for q in range(h):
+            s[q] += s[q + h]
+            s[LANES + q] += s[LANES + q + h]
         h //= 2
     pair[0] += s[0]
     pair[1] += s[LANES]

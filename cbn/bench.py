@@ -6,9 +6,9 @@ running-statistic update), the eval forward and the training backward of cbn, th
 the roofline: a multi-threaded copy (the floor for forward and eval) and add (the floor for backward) of the same
 tensor. Layouts: NCHW (C-contiguous, channels at axis 1), channels-last (the NCHW view of NHWC memory that
 PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC ((N, L, C) C-contiguous at
-axis -1; PyTorch gets its (N, C, L) view). cbn and its roofline are timed round-robin, call after call, so that drift on a shared machine touches
-both alike. cbn's results are checked against the reference as it runs, and tracemalloc records what each call
-allocates (numpy arrays and the kernels' scratch) beyond its output.
+axis -1; PyTorch gets its (N, C, L) view). cbn and its roofline are timed round-robin, call after call, so that
+drift on a shared machine touches both alike. cbn's results are checked against the reference as it runs, and
+tracemalloc records what each call allocates (numpy arrays and the kernels' scratch) beyond its output.
 """
 import argparse
 import importlib.metadata
@@ -22,8 +22,8 @@ import tracemalloc
 import numpy as np
 
 import cbn
-from cbn._dispatch import kernels as _kernels
 from cbn import reference as R
+from cbn._dispatch import kernels as _kernels
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7), (8, 3, 224, 224),
           (256, 128, 8, 8), (64, 16, 32, 32), (1, 64, 56, 56), (2, 8, 4, 4),
@@ -191,7 +191,8 @@ HEADER = (f"{'shape':>18} {'layout':>13} {'dtype':>7} {'thr':>3} {'op':>8} {'MB'
 
 def format_row(r):
     """One table line: time, ratio to the roofline, speedups over NumPy and PyTorch, allocation, correctness."""
-    return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} {r['MB']:7.1f} "
+    return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} "
+            f"{r['MB']:7.1f} "
             f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {_fmt(r['numpy_over_cbn'], '9.1f')} "
             f"{_fmt(r['torch_over_cbn'], '9.2f')} {r['alloc_bytes_out'] / 1e3:9.1f} "
             f"{'yes' if r['correct'] else 'NO':>3}")

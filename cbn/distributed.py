@@ -15,7 +15,6 @@ from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 
-
 def _mpi():
     """The mpi4py.MPI module, or an ImportError that says how to install it."""
     try:

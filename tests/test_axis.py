@@ -11,8 +11,16 @@ import pytest
 import cbn
 from cbn import functional as F
 from cbn import reference as R
-from bn_helpers import (FORCED_LAYOUTS, assert_per_channel, assert_rel, backward_tolerance, forced_layout,
-                        forward_tolerance, layer_class)
+
+from bn_helpers import (
+    FORCED_LAYOUTS,
+    assert_per_channel,
+    assert_rel,
+    backward_tolerance,
+    forced_layout,
+    forward_tolerance,
+    layer_class,
+)
 
 SHAPES = {2: (7, 3), 3: (4, 3, 5), 4: (3, 4, 5, 3), 5: (2, 3, 4, 2, 3)}
 CASES = [(ndim, axis) for ndim in SHAPES for axis in range(-ndim, ndim)]

@@ -11,6 +11,7 @@ import pytest
 
 import cbn
 from cbn import functional as F
+
 from bn_helpers import full_snapshot, snapshot, trained_layer
 
 SHAPE = (4, 3, 5, 5)
