@@ -105,7 +105,9 @@ def _memory(a, order, axis, dt):
 def _empty(shape, order, dt):
     """An uninitialised array of ``shape`` whose memory holds its axes in ``order`` (C-contiguous when
     transposed to it)."""
-    return np.empty([shape[d] for d in order], dtype=dt).transpose(np.argsort(order))
+    if order == tuple(range(len(shape))):
+        return np.empty(shape, dtype=dt)
+    return np.empty([shape[d] for d in order], dtype=dt).transpose(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _kernel_output(out, order, dt):
