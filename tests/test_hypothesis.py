@@ -358,7 +358,7 @@ def test_channels_are_independent(data, poisoned, garbage, seed):
     clean = [c for c in range(C) if c not in poisoned]
     assume(poisoned)
     original = x
-    x = np.array(x)  # writeable copy, same dtype
+    x = _kernel_copy(x)  # writeable, same dtype, and the memory order the kernels use for the original
     rng = np.random.default_rng(seed)
     big = float(np.finfo(x.dtype).max) / 4
     for c in poisoned:
