@@ -55,22 +55,90 @@ ctypedef fused floating:
     double
 
 # The operations, as types of a fused argument: each kernel is specialised for its operation at compile time.
-cdef struct Moments:      # sums of u = x - K: s0 += u, s1 += u*u
+# a = x (dy for the eval backward, which scales dy), d = dy, e = the extra input: the residual z of a forward, the
+# saved output y of a forward with ReLU (its mask) in a backward; masked(d) = d where e > 0, else 0.
+cdef struct Moments:         # sums of u = x - K: s0 += u, s1 += u*u
     char tag
-cdef struct GradSums:     # s0 += dy, s1 += dy*(x - K)
+cdef struct GradSums:        # s0 += dy, s1 += dy*(x - K)
     char tag
-cdef struct Affine:       # out = (x - c0)*c1 + c2
+cdef struct GradSumsMasked:  # s0 += masked(dy), s1 += masked(dy)*(x - K)
     char tag
-cdef struct Grad:         # out = (dy - c3)*c1 - (x - c0)*c2
+cdef struct Affine:          # out = (a - c0)*c1 + c2
+    char tag
+cdef struct AffineRelu:      # out = max(0, (a - c0)*c1 + c2)
+    char tag
+cdef struct AffineAdd:       # out = (a - c0)*c1 + c2 + e
+    char tag
+cdef struct AffineAddRelu:   # out = max(0, (a - c0)*c1 + c2 + e)
+    char tag
+cdef struct AffineMasked:    # out = (masked(a) - c0)*c1 + c2
+    char tag
+cdef struct AffineMaskedDz:  # AffineMasked, and dz = masked(a)
+    char tag
+cdef struct Grad:            # out = (d - c3)*c1 - (a - c0)*c2
+    char tag
+cdef struct GradMasked:      # out = (masked(d) - c3)*c1 - (a - c0)*c2
+    char tag
+cdef struct GradMaskedDz:    # GradMasked, and dz = masked(d)
     char tag
 
 ctypedef fused SumOp:
     Moments
     GradSums
+    GradSumsMasked
 
 ctypedef fused ApplyOp:
     Affine
+    AffineRelu
+    AffineAdd
+    AffineAddRelu
+    AffineMasked
+    AffineMaskedDz
     Grad
+    GradMasked
+    GradMaskedDz
+
+# The elementwise passes by number (a call picks one at run time; each block runs its compiled specialisation).
+cpdef enum Pass:
+    AFFINE = 0
+    AFFINE_RELU = 1
+    AFFINE_ADD = 2
+    AFFINE_ADD_RELU = 3
+    AFFINE_MASKED = 4
+    AFFINE_MASKED_DZ = 5
+    GRAD = 6
+    GRAD_MASKED = 7
+    GRAD_MASKED_DZ = 8
+
+
+cdef inline double _masked(double d, double e) noexcept nogil:
+    """d where the mask source e is > 0 (the ReLU's output was positive), else 0 (NaN in e: 0, as torch)."""
+    return d if e > 0.0 else 0.0
+
+
+cdef inline double _relu(double v) noexcept nogil:
+    """max(0, v) with NaN kept (as torch's relu)."""
+    return 0.0 if v < 0.0 else v
+
+
+cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, double c1, double c2,
+                          double c3) noexcept nogil:
+    """One value of an elementwise pass, in double (see the ApplyOp structs)."""
+    if ApplyOp is Affine:
+        return (a - c0) * c1 + c2
+    elif ApplyOp is AffineRelu:
+        return _relu((a - c0) * c1 + c2)
+    elif ApplyOp is AffineAdd:
+        return (a - c0) * c1 + c2 + e
+    elif ApplyOp is AffineAddRelu:
+        return _relu((a - c0) * c1 + c2 + e)
+    elif ApplyOp is AffineMasked or ApplyOp is AffineMaskedDz:
+        return (_masked(a, e) - c0) * c1 + c2
+    elif ApplyOp is Grad:
+        return (d - c3) * c1 - (a - c0) * c2
+    else:
+        return (_masked(d, e) - c3) * c1 - (a - c0) * c2
+
 
 cdef enum:
     COL_CHUNK = 512       # columns per pass of the column sums: their accumulators stay in L1
@@ -260,12 +328,12 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 
 # -- the inner loops ------------------------------------------------------------------------------------------------
 
-cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, Py_ssize_t base, Py_ssize_t ld,
-                       Py_ssize_t nrows, Py_ssize_t width, const double *shift, double *s0,
-                       double *s1) noexcept nogil:
+cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+                       Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
+                       double *s0, double *s1) noexcept nogil:
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
-    u = x - shift[j], w = u (Moments) or dy (GradSums); four rows per step, added pairwise. Vectorised across
-    columns: each column is one lane."""
+    u = x - shift[j], w = u (Moments), dy (GradSums) or masked(dy) (GradSumsMasked); four rows per step, added
+    pairwise. Vectorised across columns: each column is one lane."""
     cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
     for r in range(0, r4, 4):
@@ -275,55 +343,64 @@ cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, 
             u1 = <double>x[i + ld + j] - shift[j]
             u2 = <double>x[i + 2 * ld + j] - shift[j]
             u3 = <double>x[i + 3 * ld + j] - shift[j]
-            if SumOp is Moments:
-                w0, w1, w2, w3 = u0, u1, u2, u3
-            else:
-                w0, w1, w2, w3 = <double>dy[i + j], <double>dy[i + ld + j], <double>dy[i + 2 * ld + j], \
-                    <double>dy[i + 3 * ld + j]
+            w0 = _weight(op, u0, dy[i + j], e[i + j])
+            w1 = _weight(op, u1, dy[i + ld + j], e[i + ld + j])
+            w2 = _weight(op, u2, dy[i + 2 * ld + j], e[i + 2 * ld + j])
+            w3 = _weight(op, u3, dy[i + 3 * ld + j], e[i + 3 * ld + j])
             s0[j] += (w0 + w1) + (w2 + w3)
             s1[j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
     for r in range(r4, nrows):
         i = base + r * ld
         for j in range(width):
             u0 = <double>x[i + j] - shift[j]
-            if SumOp is Moments:
-                w0 = u0
-            else:
-                w0 = <double>dy[i + j]
+            w0 = _weight(op, u0, dy[i + j], e[i + j])
             s0[j] += w0
             s1[j] += w0 * u0
 
 
-cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, floating[::1] out, Py_ssize_t i0,
-                     Py_ssize_t i1, double c0, double c1, double c2, double c3) noexcept nogil:
-    """Values [i0, i1) of one channel: Affine out = (x - c0)*c1 + c2, Grad out = (dy - c3)*c1 - (x - c0)*c2, in
-    double, rounded once."""
+cdef inline double _weight(SumOp op, double u, double d, double e) noexcept nogil:
+    """The w of a sum (see _column_sums)."""
+    if SumOp is Moments:
+        return u
+    elif SumOp is GradSums:
+        return d
+    else:
+        return _masked(d, e)
+
+
+cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+                     floating[::1] out, floating[::1] dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
+                     double c2, double c3) noexcept nogil:
+    """Values [i0, i1) of one channel: out = _value(op, x, dy, e) in double, rounded once (and dz, for the Dz
+    ops)."""
     cdef Py_ssize_t i
     for i in range(i0, i1):
-        if ApplyOp is Affine:
-            out[i] = <floating>((<double>x[i] - c0) * c1 + c2)
-        else:
-            out[i] = <floating>((<double>dy[i] - c3) * c1 - (<double>x[i] - c0) * c2)
+        out[i] = <floating>_value(op, x[i], dy[i], e[i], c0, c1, c2, c3)
+        if ApplyOp is AffineMaskedDz:
+            dz[i] = <floating>_masked(x[i], e[i])
+        elif ApplyOp is GradMaskedDz:
+            dz[i] = <floating>_masked(dy[i], e[i])
 
 
-cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, floating[::1] out,
-                         Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t W,
-                         const double[::1] coef) noexcept nogil:
+cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+                         floating[::1] out, floating[::1] dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
+                         Py_ssize_t W, const double[::1] coef) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:], each column j with its own coefficients coef[r*W + j], r = 0..3:
-    as _apply_row, in double, rounded once."""
-    cdef Py_ssize_t j
+    as _apply_row."""
+    cdef Py_ssize_t j, i
     for j in range(j0, j1):
-        if ApplyOp is Affine:
-            out[base + j] = <floating>((<double>x[base + j] - coef[j]) * coef[W + j] + coef[2 * W + j])
-        else:
-            out[base + j] = <floating>((<double>dy[base + j] - coef[3 * W + j]) * coef[W + j]
-                                       - (<double>x[base + j] - coef[j]) * coef[2 * W + j])
+        i = base + j
+        out[i] = <floating>_value(op, x[i], dy[i], e[i], coef[j], coef[W + j], coef[2 * W + j], coef[3 * W + j])
+        if ApplyOp is AffineMaskedDz:
+            dz[i] = <floating>_masked(x[i], e[i])
+        elif ApplyOp is GradMaskedDz:
+            dz[i] = <floating>_masked(dy[i], e[i])
 
 
 # -- the three steps over blocks ----------------------------------------------------------------------------------
 
 cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                      const double[::1] coef, double[::1] part) noexcept nogil:
+                      const floating[::1] e, const double[::1] coef, double[::1] part) noexcept nogil:
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0].
 
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
@@ -340,7 +417,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
             for j in range(b - a):
                 shift[j] = coef[a + j]
             _zero_lanes(s, b - a)
-            _column_sums(op, x, dy, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK])
+            _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK])
             for j in range(b - a):
                 part[off + a - i0 + j] = s[j]
                 part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
@@ -351,20 +428,20 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
     if i1 - i0 >= COL_CHUNK or n1 - n0 < MIN_IMAGES:
         for n in range(n0, n1):
             for c in range(c0, c1):
-                _row_sums(op, x, dy, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)])
+                _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)])
         return
     for c in range(c0, c1):  # short rows: down the block's images, a lane per column, the lanes added in order
         for j in range(i1 - i0):
             shift[j] = coef[c]
         _zero_lanes(s, i1 - i0)
-        _column_sums(op, x, dy, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK])
+        _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK])
         for j in range(i1 - i0):
             part[off + 2 * (c - c0)] += s[j]
             part[off + 2 * (c - c0) + 1] += s[COL_CHUNK + j]
 
 
-cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, Py_ssize_t base, Py_ssize_t n,
-                    double k, double *pair) noexcept nogil:
+cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+                    Py_ssize_t base, Py_ssize_t n, double k, double *pair) noexcept nogil:
     """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (u = x - k, w as in
     _column_sums): value e in lane e % LANES (the row cut into rows of LANES values, down which _column_sums
     runs), the lanes folded pairwise."""
@@ -375,8 +452,8 @@ cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, Py_
         shift[q] = k
         s[q] = 0.0
         s[LANES + q] = 0.0
-    _column_sums(op, x, dy, base, LANES, nsub, LANES, shift, s, &s[LANES])
-    _column_sums(op, x, dy, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES])
+    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES])
+    _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES])
     h = LANES // 2
     while h > 0:
         for q in range(h):
@@ -396,19 +473,65 @@ cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
 
 
 cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                       floating[::1] out, const double[::1] coef) noexcept nogil:
+                       const floating[::1] e, floating[::1] out, floating[::1] dz,
+                       const double[::1] coef) noexcept nogil:
     """The elementwise pass over block k."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         for n in range(n0, n1):
-            _apply_columns(op, x, dy, out, n * L.W, i0, i1, L.W, coef)
+            _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
-            _apply_row(op, x, dy, out, a + i0, a + i1, coef[c], coef[L.C + c], coef[2 * L.C + c], coef[3 * L.C + c])
+            _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef[c], coef[L.C + c], coef[2 * L.C + c],
+                       coef[3 * L.C + c])
+
+
+cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
+                      const floating[::1] e, floating[::1] out, floating[::1] dz,
+                      const double[::1] coef) noexcept nogil:
+    """The elementwise pass ``kind`` over block k (its compiled specialisation)."""
+    cdef Affine affine
+    cdef AffineRelu affine_relu
+    cdef AffineAdd affine_add
+    cdef AffineAddRelu affine_add_relu
+    cdef AffineMasked affine_masked
+    cdef AffineMaskedDz affine_masked_dz
+    cdef Grad grad
+    cdef GradMasked grad_masked
+    cdef GradMaskedDz grad_masked_dz
+    if kind == AFFINE:
+        _block_apply(affine, L, k, x, dy, e, out, dz, coef)
+    elif kind == AFFINE_RELU:
+        _block_apply(affine_relu, L, k, x, dy, e, out, dz, coef)
+    elif kind == AFFINE_ADD:
+        _block_apply(affine_add, L, k, x, dy, e, out, dz, coef)
+    elif kind == AFFINE_ADD_RELU:
+        _block_apply(affine_add_relu, L, k, x, dy, e, out, dz, coef)
+    elif kind == AFFINE_MASKED:
+        _block_apply(affine_masked, L, k, x, dy, e, out, dz, coef)
+    elif kind == AFFINE_MASKED_DZ:
+        _block_apply(affine_masked_dz, L, k, x, dy, e, out, dz, coef)
+    elif kind == GRAD:
+        _block_apply(grad, L, k, x, dy, e, out, dz, coef)
+    elif kind == GRAD_MASKED:
+        _block_apply(grad_masked, L, k, x, dy, e, out, dz, coef)
+    else:
+        _block_apply(grad_masked_dz, L, k, x, dy, e, out, dz, coef)
+
+
+cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
+                     const floating[::1] e, const double[::1] coef, double[::1] part) noexcept nogil:
+    """The gradient sums of block k, of dy or of masked(dy)."""
+    cdef GradSums gradsums
+    cdef GradSumsMasked gradsums_masked
+    if masked:
+        _block_sums(gradsums_masked, L, k, x, dy, e, coef, part)
+    else:
+        _block_sums(gradsums, L, k, x, dy, e, coef, part)
 
 
 cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
@@ -489,8 +612,11 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
             running_mean, running_var,    # INOUT (C,) each, updated when update_running
             weight, bias,                 # IN (C,) gamma and beta, or None (= 1 and 0)
             double[::1] stats,            # OUT (2C,) batch mean, invstd; or IN running mean, var (OUT: invstd)
-            bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap):
-    """Batch-norm forward: y = gamma*(x - mean)*invstd + beta per channel, invstd = 1/sqrt(var + eps).
+            bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap,
+            residual=None,                # IN (N*C*S,) z added to the normalised value, or None
+            bint relu=False):
+    """Batch-norm forward: y = act(gamma*(x - mean)*invstd + beta + z) per channel, invstd = 1/sqrt(var + eps),
+    act = max(0, .) with relu (else the identity), z = residual (else 0); in double, rounded once.
 
     use_batch_stats: mean and var (biased) of the batch, written to stats as (mean, invstd); with update_running
     the running statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is
@@ -500,75 +626,74 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
         return
     cdef Layout L = _layout(N, C, x.shape[0] // (N * C), use_batch_stats)
     cdef double[::1] scratch = np.empty(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
+    cdef Pass kind = <Pass>(AFFINE + relu + 2 * (residual is not None))
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        _forward[float](L, x, y, running_mean, running_var, weight, bias, stats[:C], stats[C:], use_batch_stats,
-                        update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
-                        _threads(L, thread_cap))
+        _forward[float](L, x, y, x if residual is None else residual, kind, running_mean, running_var, weight,
+                        bias, stats[:C], stats[C:], use_batch_stats, update_running, momentum, eps,
+                        scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap))
     else:
-        _forward[double](L, x, y, running_mean, running_var, weight, bias, stats[:C], stats[C:], use_batch_stats,
-                         update_running, momentum, eps, scratch[:4 * C * L.G], scratch[4 * C * L.G:],
-                         _threads(L, thread_cap))
+        _forward[double](L, x, y, x if residual is None else residual, kind, running_mean, running_var, weight,
+                         bias, stats[:C], stats[C:], use_batch_stats, update_running, momentum, eps,
+                         scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap))
 
 
-cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, floating[::1] running_mean,
-                   floating[::1] running_var, const floating[::1] weight, const floating[::1] bias,
-                   double[::1] mean, double[::1] invstd, bint batch, bint update, double momentum, double eps,
-                   double[::1] coef, double[::1] part, int nt) noexcept:
+cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, const floating[::1] z, Pass kind,
+                   floating[::1] running_mean, floating[::1] running_var, const floating[::1] weight,
+                   const floating[::1] bias, double[::1] mean, double[::1] invstd, bint batch, bint update,
+                   double momentum, double eps, double[::1] coef, double[::1] part, int nt) noexcept:
     cdef Py_ssize_t c, k
     cdef bint stats_only = y is None
     cdef double s[2]
     cdef Moments moments
-    cdef Affine affine
     with nogil:
         if not batch:
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
                 _affine_coef(L, c, mean[c], invstd[c], weight, bias, coef)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _block_apply(affine, L, k, x, x, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _block_apply(affine, L, k, x, x, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef)
             return
         for c in range(L.C):  # the shift K of the sums: a value of each channel
             _set_coef(L, coef, 0, c, <double>x[c * L.S])
         if L.fused:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _fused_forward(L, k, x, y, stats_only, update, running_mean, running_var, weight, bias, momentum,
-                               eps, mean, invstd, coef, part)
+                _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
+                               momentum, eps, mean, invstd, coef, part)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _fused_forward(L, k, x, y, stats_only, update, running_mean, running_var, weight, bias, momentum,
-                               eps, mean, invstd, coef, part)
+                _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
+                               momentum, eps, mean, invstd, coef, part)
             return
         for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-            _block_sums(moments, L, k, x, x, coef, part)
+            _block_sums(moments, L, k, x, x, x, coef, part)
         for k in range(L.nblocks - _parallel_blocks(L, nt)):
-            _block_sums(moments, L, k, x, x, coef, part)
+            _block_sums(moments, L, k, x, x, x, coef, part)
         for c in range(L.C):
             _channel_sums(L, part, c, s)
             _finish_stats(L, c, s[0], s[1], stats_only, update, running_mean, running_var, weight, bias, momentum,
                           eps, mean, invstd, coef)
         if not stats_only:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _block_apply(affine, L, k, x, x, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _block_apply(affine, L, k, x, x, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef)
 
 
-cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating[::1] y, bint stats_only,
-                         bint update, floating[::1] running_mean, floating[::1] running_var,
-                         const floating[::1] weight, const floating[::1] bias, double momentum, double eps,
-                         double[::1] mean, double[::1] invstd, double[::1] coef,
+cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating[::1] y, const floating[::1] z,
+                         Pass kind, bint stats_only, bint update, floating[::1] running_mean,
+                         floating[::1] running_var, const floating[::1] weight, const floating[::1] bias,
+                         double momentum, double eps, double[::1] mean, double[::1] invstd, double[::1] coef,
                          double[::1] part) noexcept nogil:
     """Block k of whole channels: sums, statistics and output in one task."""
     cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
     cdef Moments moments
-    cdef Affine affine
-    _block_sums(moments, L, k, x, x, coef, part)
+    _block_sums(moments, L, k, x, x, x, coef, part)
     for c in range(c0, min(L.C, c0 + L.group)):
         _finish_stats(L, c, part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1], stats_only,
                       update, running_mean, running_var, weight, bias, momentum, eps, mean, invstd, coef)
     if not stats_only:
-        _block_apply(affine, L, k, x, x, y, coef)
+        _apply_pass(kind, L, k, x, x, z, y, y, coef)
 
 
 # -- backward -----------------------------------------------------------------------------------------------------
@@ -606,13 +731,17 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
              grads,                       # OUT (2C,) dweight = sum(dy*xhat), then dbias = sum(dy)
              bint use_batch_stats,
              sums,                        # (2, C) C-contiguous float64: OUT when dx is None, else IN or None
-             double count, int thread_cap):
+             double count, int thread_cap,
+             mask=None,                   # IN (N*C*S,) the output of a forward with ReLU, or None
+             dz=None):                    # OUT (N*C*S,) masked dy (the residual's gradient), or None
     """Batch-norm backward.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
     statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
+    After a forward with ReLU, dy stands for masked(dy) = dy where mask (the forward's output) > 0, else 0, in all
+    of the above; dz (if given) receives masked(dy).
     """
     if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
@@ -627,42 +756,48 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     elif sums is not None:
         totals = sums.reshape(-1)
     cdef double m = count if given else <double>L.count
+    cdef Pass kind = GRAD if use_batch_stats else AFFINE
+    if mask is not None:
+        kind = <Pass>((GRAD_MASKED if use_batch_stats else AFFINE_MASKED) + (dz is not None))
     cdef float[::1] grads_f
     cdef double[::1] grads_d
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         grads_f = grads
-        _backward[float](L, x, dy, dx, mean, invstd, weight, grads_f[:C], grads_f[C:], use_batch_stats, given,
-                         totals, m, scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
+        _backward[float](L, x, dy, x if mask is None else mask, dx, dz, kind, mean, invstd, weight, grads_f[:C],
+                         grads_f[C:], use_batch_stats, given, totals, m, scratch[:4 * C * L.G],
+                         scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
     else:
         grads_d = grads
-        _backward[double](L, x, dy, dx, mean, invstd, weight, grads_d[:C], grads_d[C:], use_batch_stats, given,
-                          totals, m, scratch[:4 * C * L.G], scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
+        _backward[double](L, x, dy, x if mask is None else mask, dx, dz, kind, mean, invstd, weight, grads_d[:C],
+                          grads_d[C:], use_batch_stats, given, totals, m, scratch[:4 * C * L.G],
+                          scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
 
 
-cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, floating[::1] dx,
-                    const double[::1] mean, const double[::1] invstd, const floating[::1] weight,
-                    floating[::1] dweight, floating[::1] dbias, bint batch, bint given, double[::1] sums,
-                    double m, double[::1] coef, double[::1] part, int nt) noexcept:
+cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+                    floating[::1] dx, floating[::1] dz, Pass kind, const double[::1] mean,
+                    const double[::1] invstd, const floating[::1] weight, floating[::1] dweight,
+                    floating[::1] dbias, bint batch, bint given, double[::1] sums, double m, double[::1] coef,
+                    double[::1] part, int nt) noexcept:
     cdef Py_ssize_t c, k
     cdef bint sums_only = dx is None
+    cdef bint masked = kind != GRAD and kind != AFFINE
     cdef double s[2]
-    cdef GradSums gradsums
     with nogil:
         for c in range(L.C):  # the shift of the sums: the mean the forward used
             _set_coef(L, coef, 0, c, mean[c])
         if L.fused and not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _fused_backward(L, k, x, dy, dx, sums_only, mean, invstd, weight, dweight, dbias, batch, sums, m,
-                                coef, part)
+                _fused_backward(L, k, x, dy, e, dx, dz, kind, masked, sums_only, mean, invstd, weight, dweight,
+                                dbias, batch, sums, m, coef, part)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _fused_backward(L, k, x, dy, dx, sums_only, mean, invstd, weight, dweight, dbias, batch, sums, m,
-                                coef, part)
+                _fused_backward(L, k, x, dy, e, dx, dz, kind, masked, sums_only, mean, invstd, weight, dweight,
+                                dbias, batch, sums, m, coef, part)
             return
         if not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _block_sums(gradsums, L, k, x, dy, coef, part)
+                _grad_sums(masked, L, k, x, dy, e, coef, part)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _block_sums(gradsums, L, k, x, dy, coef, part)
+                _grad_sums(masked, L, k, x, dy, e, coef, part)
             for c in range(L.C):
                 _channel_sums(L, part, c, s)
                 sums[c], sums[L.C + c] = s[0], s[1]
@@ -670,35 +805,34 @@ cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, flo
             _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
         if not sums_only:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _grad_apply(L, k, x, dy, dx, batch, coef)
+                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _grad_apply(L, k, x, dy, dx, batch, coef)
+                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef)
 
 
-cdef inline void _grad_apply(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                             floating[::1] dx, bint batch, const double[::1] coef) noexcept nogil:
-    """dx over block k: Grad (training) or Affine on dy (eval)."""
-    cdef Grad grad
-    cdef Affine affine
+cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
+                             const floating[::1] e, floating[::1] dx, floating[::1] dz, bint batch,
+                             const double[::1] coef) noexcept nogil:
+    """dx over block k: a Grad pass (training) or an Affine pass on dy (eval)."""
     if batch:
-        _block_apply(grad, L, k, x, dy, dx, coef)
+        _apply_pass(kind, L, k, x, dy, e, dx, dz, coef)
     else:
-        _block_apply(affine, L, k, dy, dy, dx, coef)
+        _apply_pass(kind, L, k, dy, dy, e, dx, dz, coef)
 
 
 cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                          floating[::1] dx, bint sums_only, const double[::1] mean, const double[::1] invstd,
+                          const floating[::1] e, floating[::1] dx, floating[::1] dz, Pass kind, bint masked,
+                          bint sums_only, const double[::1] mean, const double[::1] invstd,
                           const floating[::1] weight, floating[::1] dweight, floating[::1] dbias, bint batch,
                           double[::1] sums, double m, double[::1] coef, double[::1] part) noexcept nogil:
     """Block k of whole channels: gradient sums, coefficients and dx in one task."""
     cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
-    cdef GradSums gradsums
-    _block_sums(gradsums, L, k, x, dy, coef, part)
+    _grad_sums(masked, L, k, x, dy, e, coef, part)
     for c in range(c0, min(L.C, c0 + L.group)):
         sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
         _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
-        _grad_apply(L, k, x, dy, dx, batch, coef)
+        _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef)
 
 
 # -- the benchmark's rooflines ------------------------------------------------------------------------------------
