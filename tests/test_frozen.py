@@ -122,8 +122,9 @@ FOLD_CASES = [
     ("conv1d", cbn.BatchNorm1d, (6, 4, 3), (4, 4, 20)),
 ]
 # The folded float32 layer and the unfolded float32 pair both sit at float32 noise from the float64 truth (rounded
-# folded weights, float32 accumulation in torch's conv): relative to the largest output.
-FOLD_TOL = {np.float32: 2e-5, np.float64: 1e-12}
+# folded weights, float32 accumulation in torch's conv), relative to the largest output: measured at most 4.1e-7
+# folded and 2.9e-7 unfolded in float32, 7.8e-16 folded in float64 (20 seeds of these cases).
+FOLD_TOL = {np.float32: 2e-6, np.float64: 1e-14}
 
 
 def _torch_layer(kind, x, w, b):
