@@ -230,6 +230,9 @@ def test_frozen_defaults_and_repr():
         a = getattr(layer, key)
         assert a.dtype == np.float32 and a.shape == (64,) and np.all(a == value)
     assert not isinstance(layer, cbn.BatchNorm2d)  # as torchvision's is no torch.nn.BatchNorm2d
+    trained = frozen_with_state()
+    trained.reset_parameters()  # the resets of the other layers: weight 1, bias 0, running mean 0, variance 1
+    assert snapshot(trained) == snapshot(cbn.FrozenBatchNorm2d(5)) and trained.num_batches_tracked == 0
 
 
 def test_frozen_state_dict_torchvision_keys():
