@@ -13,6 +13,7 @@ from .distributed import (
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, fold, freeze
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
 
 _build_info = _dispatch.kernels.build_info  # the kernels in use: the best instruction-set level built and supported
@@ -20,7 +21,8 @@ _openmp_enabled = _dispatch.kernels.openmp_enabled
 
 __version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it (tool.setuptools.dynamic)
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
-           "convert_sync_batchnorm", "revert_sync_batchnorm", "functional", "load", "get_num_threads",
+           "convert_sync_batchnorm", "revert_sync_batchnorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d",
+           "FrozenBatchNorm3d", "fold", "freeze", "functional", "load", "get_num_threads",
            "set_num_threads", "max_num_threads", "available_cpus", "show_config", "__version__"]
 
 

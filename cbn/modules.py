@@ -248,6 +248,19 @@ class _BatchNorm:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     # -- files ------------------------------------------------------------------------------------------------
+    def _config(self):
+        """The hyperparameters that ``save`` writes (JSON values) and :meth:`_from_config` reads back."""
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine,
+                "track_running_stats": self.track_running_stats, "dtype": self.dtype.name,
+                "nan_guard": self.nan_guard, "axis": self.axis}
+
+    @classmethod
+    def _from_config(cls, config):
+        """A new layer with the hyperparameters of a file's config (version-1 files have no nan_guard, no axis)."""
+        return cls(config["num_features"], config["eps"], config["momentum"], config["affine"],
+                   config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
+                   config.get("axis", 1))
+
     def save(self, path):
         """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
 
@@ -257,10 +270,7 @@ class _BatchNorm:
             File to write (written as given, no suffix added).
         """
         config = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(self).__name__,
-                  "num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
-                  "affine": self.affine, "track_running_stats": self.track_running_stats,
-                  "dtype": self.dtype.name, "training": self.training, "nan_guard": self.nan_guard,
-                  "axis": self.axis}
+                  "training": self.training, **self._config()}
         arrays = dict(self.state_dict(), __config__=np.array(json.dumps(config)))
         path = os.fspath(path)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -322,7 +332,7 @@ def load(path):
 
     Returns
     -------
-    BatchNorm1d, BatchNorm2d, BatchNorm3d (or SyncBatchNorm1d/2d/3d, on COMM_WORLD)
+    BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d (on COMM_WORLD) or FrozenBatchNorm1d/2d/3d
     """
     with np.load(os.fspath(path), allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
@@ -337,8 +347,6 @@ def load(path):
             raise ValueError(f"config {key!r} must be true or false, got {config.get(key)!r}")
     if config["class"] not in _CLASSES:
         raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(_CLASSES)}")
-    layer = _CLASSES[config["class"]](config["num_features"], config["eps"], config["momentum"], config["affine"],
-                                      config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
-                                      config.get("axis", 1))
+    layer = _CLASSES[config["class"]]._from_config(config)
     layer.load_state_dict(arrays)
     return layer.train(config["training"])

@@ -428,7 +428,8 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
     (dict(_V1, training="yes"), ValueError, r"'training' must be true or false", r"got 'yes'"),
     (dict(_V1, nan_guard=1), ValueError, r"'nan_guard' must be true or false", r"got 1"),
     (dict(_V1, **{"class": "Conv2d"}), ValueError,
-     r"one of \['BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'SyncBatchNorm1d'",
+     r"one of \['BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'FrozenBatchNorm1d', 'FrozenBatchNorm2d', "
+     r"'FrozenBatchNorm3d', 'SyncBatchNorm1d'",
      r"unknown layer class 'Conv2d'"),
     (dict(_V1, version=2, axis=4), ValueError, r"axis must be in \[-4, 4\) for 4-D input", r"got 4\b"),
     (dict(_V1, version=2, axis="last"), TypeError, r"axis must be an integer", r"got 'last'"),
