@@ -4,7 +4,8 @@
 
 The other build is imported in the same process under the name ``cbn_main`` (its package directory is given), and
 both are timed round-robin, call after call (``cbn.bench.median_times``), on the benchmark suite's shapes: the
-layer calls ``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32. Printed: the median
+layer calls ``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32, every layout of the
+suite (the other build must take ``axis``). Printed: the median
 times and new/main (below 1: this build is faster).
 """
 import argparse
@@ -27,10 +28,10 @@ def load_other(path):
     return module
 
 
-def layer_calls(lib, x, dy):
-    """The three timed calls of one cbn build's layers on x and dy."""
+def layer_calls(lib, x, dy, axis):
+    """The three timed calls of one cbn build's layers on x and dy (channels at ``axis``)."""
     cls = lib.BatchNorm2d if x.ndim == 4 else lib.BatchNorm1d
-    train, ev = cls(x.shape[1]), cls(x.shape[1]).eval()
+    train, ev = cls(x.shape[axis], axis=axis), cls(x.shape[axis], axis=axis).eval()
     y, dx = np.empty_like(x), np.empty_like(x)
     train.forward(x, out=y)
     return {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
@@ -46,20 +47,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     other = load_other(a.other)
     rows = []
-    print(f"{'shape':>18} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
+    print(f"{'shape':>18} {'layout':>13} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
     for threads in map(int, a.threads.split(",")):
         other.set_num_threads(threads)
         cbn.set_num_threads(threads)
-        for shape in bench.SHAPES:
-            x, dy = bench._data(shape, np.float32)
-            calls = {("main", op): f for op, f in layer_calls(other, x, dy).items()}
-            calls.update({("new", op): f for op, f in layer_calls(cbn, x, dy).items()})
+        for shape, layout in bench.CASES:
+            x, dy, axis = bench._data(shape, layout, np.float32)
+            calls = {("main", op): f for op, f in layer_calls(other, x, dy, axis).items()}
+            calls.update({("new", op): f for op, f in layer_calls(cbn, x, dy, axis).items()})
             t = bench.median_times(calls, a.budget)
             for op in bench.OPS:
-                row = {"shape": list(shape), "threads": threads, "op": op, "main_us": t["main", op] * 1e6,
+                row = {"shape": list(shape), "layout": layout, "threads": threads, "op": op, "main_us": t["main", op] * 1e6,
                        "new_us": t["new", op] * 1e6, "new_over_main": t["new", op] / t["main", op]}
                 rows.append(row)
-                print(f"{str(shape):>18} {threads:>3} {op:>8} {row['main_us']:10.1f} {row['new_us']:10.1f} "
+                print(f"{str(shape):>18} {layout:>13} {threads:>3} {op:>8} {row['main_us']:10.1f} {row['new_us']:10.1f} "
                       f"{row['new_over_main']:8.2f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
