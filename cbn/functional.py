@@ -12,7 +12,8 @@ Two tiers. The ``batch_norm*`` functions check every argument and call the compu
 :func:`forward`, :func:`normalize`, :func:`statistics`, :func:`merge_statistics`, :func:`update_running_stats`,
 :func:`gradient_sums` and :func:`gradient_input`, which take checked arguments (an :class:`cbn._validate.Input`,
 arrays as the checks returned them) and check nothing. The layers and SyncBatchNorm check with :mod:`cbn._validate`
-and call the second tier, so that each argument is checked once per call.
+and call the second tier, so that each argument is checked once per call. The second tier is not part of the
+public API.
 """
 import math
 
@@ -21,10 +22,10 @@ import numpy as np
 from . import _validate as V
 from ._dispatch import kernels as _kernels
 from ._threads import thread_cap
-from ._validate import BatchNormSaved, channel_axis
+from ._validate import BatchNormSaved
 
 __all__ = ["BatchNormSaved", "batch_norm", "batch_norm_backward", "batch_norm_elemt", "batch_norm_grad_sums",
-           "batch_norm_stats", "channel_axis"]
+           "batch_norm_stats"]
 
 
 def _memory(a, order, axis, dt):
@@ -149,9 +150,9 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
                      return_saved=False):
     """Normalise with given batch statistics: y = weight*(x - mean)/sqrt(var + eps) + bias per channel.
 
-    The data-parallel step after :func:`batch_norm_stats` and :func:`merge_statistics`: the statistics are those
-    of a batch of which ``x`` is a part, and the saved forward differentiates through them (as batch statistics:
-    pass the merged :func:`batch_norm_grad_sums` and the batch's count to :func:`batch_norm_backward`).
+    The data-parallel step after :func:`batch_norm_stats` and a merge of the parts' statistics: they are those of a
+    batch of which ``x`` is a part, and the saved forward differentiates through them (as batch statistics: pass
+    the summed :func:`batch_norm_grad_sums` and the batch's count to :func:`batch_norm_backward`).
 
     Parameters
     ----------
