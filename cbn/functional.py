@@ -8,12 +8,13 @@ array whose memory is dense in some axis order (C-contiguous with any channel ax
 as NCHW, Fortran order); other arrays are copied once, in C order. Outputs have the memory layout of what the
 kernels see.
 
-Two tiers. The ``batch_norm*`` functions check every argument and call the computations of the second tier:
-:func:`forward`, :func:`normalize`, :func:`statistics`, :func:`merge_statistics`, :func:`update_running_stats`,
-:func:`gradient_sums` and :func:`gradient_input`, which take checked arguments (an :class:`cbn._validate.Input`,
-arrays as the checks returned them) and check nothing. The layers and SyncBatchNorm check with :mod:`cbn._validate`
-and call the second tier, so that each argument is checked once per call. The second tier is not part of the
-public API.
+Two tiers. The ``batch_norm*`` functions check every argument (with :mod:`cbn._validate`) and call the second
+tier: :func:`forward` (which takes a checked input and checks the rest: the layers check their input themselves,
+with their ranks and channel count), and :func:`normalize`, :func:`statistics`, :func:`merge_statistics`,
+:func:`update_running_stats`, :func:`gradient_sums` and :func:`gradient_input`, which take checked arguments (an
+:class:`cbn._validate.Input`, arrays as the checks returned them) and check nothing. The layers and SyncBatchNorm
+check with :mod:`cbn._validate` and call the second tier, so that each argument is checked once per call. The
+second tier is not part of the public API.
 """
 import math
 
@@ -138,8 +139,9 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
         stats = np.empty(2 * C)
     guard = update and nan_guard
     # nan_guard: the kernel updates copies; only the finite channels are committed (commit_running_stats)
-    new_mean, new_var = ((running_mean.copy(), running_var.copy()) if guard else (running_mean, running_var)
-                         ) if update else (None, None)
+    new_mean, new_var = (running_mean, running_var) if update else (None, None)
+    if guard:
+        new_mean, new_var = running_mean.copy(), running_var.copy()
     y, saved = _normalize(inp, stats, weight, bias, training, y, eps, update, new_mean, new_var, momentum)
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)
