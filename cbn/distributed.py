@@ -4,6 +4,10 @@ Every rank of a communicator holds a shard of the batch (any size, zero included
 computes its per-channel (count, mean, M2) in float64, one Allgather collects them and every rank merges them with
 Chan's formula in rank order, so all ranks get bitwise the same statistics and running statistics. Backward: one
 Allgather of the per-channel (sum dy, sum dy*(x - mean)), added in rank order. Eval needs no communication.
+The layers are composed of :mod:`cbn.functional`'s primitives, as torch's SyncBatchNorm is of its own: forward
+``statistics`` -> Allgather -> ``merge_statistics`` -> ``normalize`` -> ``update_running_stats`` (the update that
+BatchNorm's kernel does, bitwise); backward ``gradient_sums`` -> Allgather -> ``gradient_input``. Arguments are
+checked once, with :mod:`cbn._validate`, before the first collective.
 mpi4py is imported only when a synchronised layer is made (``pip install cbn[mpi]``).
 """
 import threading
