@@ -9,6 +9,9 @@ CPU_CAPABILITY). No -march=native: a wheel must run on any CPU of its platform. 
 CBN_NO_OPENMP=1 forces a serial build; CBN_REQUIRE_OPENMP=1 makes a missing OpenMP an error instead of a warning
 (release wheels). On macOS the OpenMP runtime (libomp) is found through CFLAGS (-I) and LDFLAGS (-L, -Wl,-rpath).
 CBN_SANITIZE=1 builds a test build with AddressSanitizer, UBSan and bounds-checked Cython (see .ci/sanitize).
+
+The benchmark's rooflines (a copy and an add, cbn/_roofline.pyx) are a module of their own, cbn._roofline, built at
+the baseline level with the same flags: the production kernels do not carry them.
 """
 import os
 import re
@@ -181,7 +184,7 @@ class BuildExt(build_ext):
         compiler_name = getattr(cc, "compiler_so", None) or [cc.compiler_type]
         built = []
         for ext in self.extensions:
-            name, _, unix_flags, msvc_flags, macros = LEVEL_OF[ext.name]
+            name, _, unix_flags, msvc_flags, macros = LEVEL_OF.get(ext.name, LEVELS[0])
             level_flags = msvc_flags if msvc else unix_flags
             if level_flags:
                 # the target must be x86-64 and the flags must take effect (MSVC ignores an unknown /arch: value)
@@ -208,8 +211,8 @@ SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefin
 CHECKS = {"boundscheck": True, "wraparound": True, "initializedcheck": True}
 
 
-def level_source(pyx, suffix):
-    """Write ``pyx`` as build/levels/<stem>_<suffix>.pyx and return that path.
+def module_source(pyx, module):
+    """Write ``pyx`` as build/levels/<module>.pyx and return that path (the generated C stays out of cbn/).
 
     Cython names a module's init function (PyInit_<name>) after its file, so each level's module needs a source file
     of its own name. With CBN_SANITIZE=1 the copy has the CHECKS turned on in its ``# cython:`` header (which would
@@ -220,8 +223,7 @@ def level_source(pyx, suffix):
     if SANITIZE:
         for name in CHECKS:
             text = re.sub(rf"\b{name}\s*=\s*False\b", f"{name}=True", text)
-    stem = os.path.splitext(os.path.basename(pyx))[0]
-    path = os.path.join("build", "levels", f"{stem}_{suffix}.pyx")
+    path = os.path.join("build", "levels", f"{module}.pyx")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(path) as f:
@@ -234,17 +236,18 @@ def level_source(pyx, suffix):
     return path
 
 
-LEVEL_OF = {f"cbn._kernels_{level[1]}": level for level in build_levels()}
+LEVEL_OF = {f"cbn._kernels_{level[1]}": level for level in build_levels()}  # other modules: baseline
+MODULE = {"cbn._roofline": "cbn/_roofline.pyx", **{module: "cbn/_kernels.pyx" for module in LEVEL_OF}}
 # ----------------------------------------------------------------------------------------------------------------
 
 extensions = [
     Extension(
         module,
-        [level_source("cbn/_kernels.pyx", suffix)],
+        [module_source(pyx, module.split(".")[-1])],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    for module, (_, suffix, *_flags) in LEVEL_OF.items()
+    for module, pyx in MODULE.items()
 ]
 
 setup(

@@ -57,11 +57,12 @@ def main(argv=None):
             calls.update({("new", op): f for op, f in layer_calls(cbn, x, dy, axis).items()})
             t = bench.median_times(calls, a.budget)
             for op in bench.OPS:
-                row = {"shape": list(shape), "layout": layout, "threads": threads, "op": op, "main_us": t["main", op] * 1e6,
-                       "new_us": t["new", op] * 1e6, "new_over_main": t["new", op] / t["main", op]}
+                row = {"shape": list(shape), "layout": layout, "threads": threads, "op": op,
+                       "main_us": t["main", op] * 1e6, "new_us": t["new", op] * 1e6,
+                       "new_over_main": t["new", op] / t["main", op]}
                 rows.append(row)
-                print(f"{str(shape):>18} {layout:>13} {threads:>3} {op:>8} {row['main_us']:10.1f} {row['new_us']:10.1f} "
-                      f"{row['new_over_main']:8.2f}", flush=True)
+                print(f"{str(shape):>18} {layout:>13} {threads:>3} {op:>8} {row['main_us']:10.1f} "
+                      f"{row['new_us']:10.1f} {row['new_over_main']:8.2f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows}, f, indent=1)

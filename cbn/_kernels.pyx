@@ -833,23 +833,3 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const f
         _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef)
-
-
-# -- the benchmark's rooflines ------------------------------------------------------------------------------------
-
-def copy(const floating[::1] a, floating[::1] out, int n_threads):
-    """Roofline of the forward for the benchmark: out = a, in BLOCK-value chunks with the kernels' threading."""
-    cdef Py_ssize_t t, i, n = a.shape[0], nchunk = _cdiv(n, BLOCK)
-    cdef int nt = 1 if n < PARALLEL_MIN else <int>min(<Py_ssize_t>n_threads, nchunk)
-    for t in prange(nchunk, schedule='static', num_threads=nt, use_threads_if=nt > 1, nogil=True):
-        for i in range(t * BLOCK, min(n, (t + 1) * BLOCK)):
-            out[i] = a[i]
-
-
-def add(const floating[::1] a, const floating[::1] b, floating[::1] out, int n_threads):
-    """Roofline of the backward for the benchmark: out = a + b, chunked like copy."""
-    cdef Py_ssize_t t, i, n = a.shape[0], nchunk = _cdiv(n, BLOCK)
-    cdef int nt = 1 if n < PARALLEL_MIN else <int>min(<Py_ssize_t>n_threads, nchunk)
-    for t in prange(nchunk, schedule='static', num_threads=nt, use_threads_if=nt > 1, nogil=True):
-        for i in range(t * BLOCK, min(n, (t + 1) * BLOCK)):
-            out[i] = a[i] + b[i]

@@ -7,10 +7,10 @@ the CPU count; ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` lowers 
 is set). cbn never changes the runtime's setting.
 """
 import math
-import numbers
 import os
 import threading
 
+from . import _validate as V
 from ._dispatch import kernels as _kernels
 
 _OPENMP = _kernels.openmp_enabled()
@@ -96,12 +96,11 @@ def set_num_threads(n):
     n : int
         From 1 to ``max_num_threads()``. A serial build accepts it and keeps running on one thread.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"number of threads must be an integer >= 1, got {n!r}")
+    n = V.integer(n, "number of threads", 1)
     if n > max_num_threads():
         raise ValueError(f"number of threads must be <= {max_num_threads()} (4 x os.cpu_count(), at least 64), "
                          f"got {n!r}")
-    _chosen.n = int(n)
+    _chosen.n = n
 
 
 def _one_thread_after_fork():

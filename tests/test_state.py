@@ -445,3 +445,10 @@ def test_load_rejects_bad_files(tmp_path, config, exc, expected, actual):
     with pytest.raises(exc) as info:
         cbn.load(path)
     assert re.search(expected, str(info.value)) and re.search(actual, str(info.value)), str(info.value)
+
+
+def test_load_knows_every_layer_class():
+    """load() rebuilds every public layer class from a fixed table, whatever was imported before (no registry)."""
+    from cbn import modules
+    public = {name for name in cbn.__all__ if name.endswith(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"))}
+    assert {name: cls.__name__ for name, cls in modules._layer_classes().items()} == {n: n for n in public}

@@ -1,0 +1,334 @@
+"""Argument checks of cbn's functional API, layers and SyncBatchNorm: each check written once, each argument checked
+once per call.
+
+The public functions of :mod:`cbn.functional` and the layers check their arguments here and pass on what these
+checks return (an :class:`Input`, arrays as they were or converted); the computations of :mod:`cbn.functional` then
+trust them. Every check raises a TypeError or ValueError that names the expected and the actual value, before any
+state changes.
+"""
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels compute in
+
+
+class BatchNormSaved(NamedTuple):
+    """What a forward keeps for its backward (public name: ``cbn.functional.BatchNormSaved``).
+
+    Attributes
+    ----------
+    x : ndarray
+        The input's memory as a C-contiguous (A, C, B) array of the compute dtype (a view of the caller's array when
+        no conversion was needed: modifying that array before the backward changes the gradient).
+    mean, invstd : ndarray
+        (C,) float64 mean and 1/sqrt(var + eps) the forward used.
+    weight : ndarray or None
+        (C,) gamma in the compute dtype.
+    use_batch_stats : bool
+        True when the forward normalised with batch statistics.
+    shape : tuple
+        Shape of the forward's input.
+    dtype : numpy.dtype
+        dtype of the forward's output, and of dx.
+    axis : int
+        The channel axis of ``shape`` (>= 0).
+    order : tuple or None
+        The axes of ``shape`` in memory order (None: C order): ``x`` is the input transposed to ``order``, as an
+        (A, C, B) array.
+    """
+
+    x: np.ndarray
+    mean: np.ndarray
+    invstd: np.ndarray
+    weight: Optional[np.ndarray]
+    use_batch_stats: bool
+    shape: tuple
+    dtype: np.dtype
+    axis: int = 1
+    order: Optional[tuple] = None
+
+
+class Input(NamedTuple):
+    """A checked input: what :func:`input_array` returns and the computations take.
+
+    Attributes
+    ----------
+    x : ndarray
+        The caller's array (an ndarray view of a subclass), floating, of at least 2 dimensions.
+    axis : int
+        The channel axis, in [0, x.ndim).
+    order : tuple
+        x's axes in memory order when its memory is dense, else C order (the order of the copy the kernels get).
+    dtype : numpy.dtype
+        The compute dtype (float32 or float64).
+    out_dtype : numpy.dtype
+        The output's dtype: float16 for float16 input, else the compute dtype.
+    """
+
+    x: np.ndarray
+    axis: int
+    order: tuple
+    dtype: np.dtype
+    out_dtype: np.dtype
+
+
+def is_integer(v):
+    """True for an integer that is not a bool."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral)
+
+
+def integer(value, name, minimum, why=""):
+    """``value`` as an int when it is an integer >= ``minimum``, else ValueError (``why`` follows the bound)."""
+    if not is_integer(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+    return int(value)
+
+
+def compute_dtype(dtype):
+    """``dtype`` as a numpy.dtype when it is float32 or float64, else TypeError."""
+    dtype = np.dtype(dtype)
+    if dtype not in COMPUTE:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _is_real(v):
+    """True for a real number that is not a bool."""
+    return type(v) is float or type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Real))
+
+
+def scalars(momentum, eps):
+    """eps must be finite and >= 0; momentum a number in [0, 1]."""
+    if not (_is_real(eps) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not (_is_real(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+
+
+def count_per_channel(count, got):
+    """A training batch needs more than 1 value per channel (``got`` says what the caller had)."""
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {got}")
+
+
+def float_array(a, name):
+    """Return ``a`` if it is a floating ndarray (a subclass as an ndarray view), else raise TypeError naming what it
+    is."""
+    if type(a) is np.ndarray and a.dtype.kind == "f":  # the common case, checked first
+        return a
+    if not isinstance(a, np.ndarray) or isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a numpy.ndarray of floating dtype, got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating dtype (float16, float32 or float64), got {a.dtype}")
+    return a if type(a) is np.ndarray else a.view(np.ndarray)
+
+
+def channel_axis(axis, ndim):
+    """``axis`` as an index in [0, ndim): an integer in [-ndim, ndim), else TypeError or ValueError."""
+    if not is_integer(axis):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be in [{-ndim}, {ndim}) for {ndim}-D input, got {axis}")
+    return int(axis) % ndim
+
+
+def memory_order(a):
+    """The order of the axes in ``a``'s memory when it is dense (a transposed C-contiguous array: axes from the
+    largest stride to the smallest), else C order (the order of the copy the kernels get)."""
+    c_order = tuple(range(a.ndim))
+    if a.flags.c_contiguous:
+        return c_order
+    order = tuple(sorted(c_order, key=lambda d: -a.strides[d]))
+    return order if a.transpose(order).flags.c_contiguous else c_order
+
+
+def input_array(x, axis, dtype=None, ranks=None, channels=None):
+    """Check an input and its channel axis; return it as an :class:`Input`.
+
+    Parameters
+    ----------
+    x : ndarray
+        A floating array of at least 2 dimensions (of one of ``ranks`` when given).
+    axis : int
+        Its channel axis, in [-x.ndim, x.ndim).
+    dtype : {None, float32, float64}
+        The compute dtype; None: float64 for float64 (and wider) input, float32 otherwise.
+    ranks : tuple of int, optional
+        The numbers of dimensions a layer accepts.
+    channels : int, optional
+        The number of channels a layer has: x.shape[axis] must be it.
+    """
+    x = float_array(x, "input")
+    if ranks is None and x.ndim < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, *), got {x.ndim}")
+    if ranks is not None and x.ndim not in ranks:
+        want = " or ".join(f"{d}D" for d in ranks)
+        raise ValueError(f"expected {want} input, got {x.ndim}D input")
+    k = channel_axis(axis, x.ndim)
+    if channels is not None and x.shape[k] != channels:
+        raise ValueError(f"expected input with {channels} channels at axis {axis}, got {x.shape[k]}")
+    if dtype is not None:
+        dt = compute_dtype(dtype)
+    else:
+        dt = COMPUTE[0] if x.dtype.itemsize <= 4 else COMPUTE[1]
+    return Input(x, k, memory_order(x), dt, np.dtype(np.float16) if x.dtype.itemsize == 2 else dt)
+
+
+def channel_array(a, name, C):
+    """Check that ``a`` is a floating ndarray of shape (C,) and return it."""
+    a = float_array(a, name)
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match the input's {C} channels, got {a.shape}")
+    return a
+
+
+def channel_param(a, name, C, dt):
+    """Check an optional (C,) parameter and return it as a contiguous array of dtype dt (or None)."""
+    return None if a is None else contiguous(channel_array(a, name, C), dt)
+
+
+def contiguous(a, dt):
+    """``a`` as an aligned C-contiguous array of dtype dt (a copy only when needed)."""
+    a = np.ascontiguousarray(a, dtype=dt)
+    return a if a.flags.aligned else a.copy()
+
+
+def flags(a):
+    """The memory flags that the kernels need, as the error messages show them."""
+    return f"writeable={a.flags.writeable}, aligned={a.flags.aligned}, C-contiguous={a.flags.c_contiguous}"
+
+
+def running_stat(a, name, C, dt):
+    """Check a running statistic that is updated in place: (C,), dtype dt, contiguous, writeable."""
+    a = channel_array(a, name, C)
+    if a.dtype != dt:
+        raise TypeError(f"{name} must have the compute dtype {dt} to be updated in place, got {a.dtype}")
+    f = a.flags
+    if not (f.c_contiguous and f.writeable and f.aligned):
+        raise ValueError(f"{name} must be a writeable, aligned, contiguous array to be updated in place, got "
+                         f"{flags(a)}")
+    return a
+
+
+def out_array(out, name, shape, dt, order, inputs):
+    """Check ``out`` (None, or shape, dtype, writeable, aligned, C-contiguous or laid out in ``order``, no overlap
+    with ``inputs`` unless that is None) and return it."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dt:
+        raise ValueError(f"{name} must have shape {shape} and dtype {dt}, got shape {out.shape} and dtype {out.dtype}")
+    if not (out.flags.writeable and out.flags.aligned):
+        raise ValueError(f"{name} must be a writeable, aligned array, got {flags(out)}")
+    if not (out.flags.c_contiguous or out.transpose(order).flags.c_contiguous):
+        raise ValueError(f"{name} must be C-contiguous or laid out as the input (axes in memory order {order}), "
+                         f"got strides {out.strides}")
+    if inputs is not None:
+        no_overlap(name, out, inputs)
+    return out
+
+
+def _owns_memory(a):
+    """True when ``a`` is the sole owner of its buffer (then no other array object overlaps it)."""
+    return a.base is None and a.flags.owndata
+
+
+def distinct_owners(*arrays):
+    """True when the arrays (None skipped) are distinct ndarrays that each own their buffer: then none overlaps
+    another, and the pairwise checks can be skipped."""
+    ids = set()
+    for a in arrays:
+        if a is not None:
+            if type(a) is not np.ndarray or not _owns_memory(a) or id(a) in ids:
+                return False
+            ids.add(id(a))
+    return True
+
+
+def no_overlap(name, a, others):
+    """Raise ValueError if ``a`` may share memory with one of ``others`` ({name: array or None})."""
+    a_owns = _owns_memory(a)
+    for other, b in others.items():
+        if b is None or (a_owns and b is not a and type(b) is np.ndarray and _owns_memory(b)):
+            continue
+        if np.may_share_memory(a, b):
+            raise ValueError(f"{name} must not share memory with another argument, got memory shared with {other}")
+
+
+def saved_order(saved):
+    """The memory order of a saved forward's input (None stands for C order)."""
+    return tuple(range(len(saved.shape))) if saved.order is None and isinstance(saved.shape, tuple) else saved.order
+
+
+def _layout_matches(shape, axis, order, acb):
+    """True when ``acb`` is the (A, C, B) shape of memory holding an array of ``shape`` with its axes in ``order``
+    and its channels at ``axis``."""
+    if not (isinstance(shape, tuple) and len(shape) >= 2 and isinstance(order, tuple)
+            and sorted(order) == list(range(len(shape))) and type(axis) is int and 0 <= axis < len(shape)):
+        return False
+    k = order.index(axis)
+    sizes = [shape[d] for d in order]
+    return acb == (math.prod(sizes[:k]), shape[axis], math.prod(sizes[k + 1:]))
+
+
+def _saved(saved):
+    """Check that ``saved`` is a consistent BatchNormSaved as a forward made it (it may have been edited)."""
+    if not isinstance(saved, BatchNormSaved):
+        raise TypeError(f"saved must be the BatchNormSaved of a forward, got {type(saved).__name__}")
+    x3 = saved.x
+
+    def arr_ok(a, ndim, dtypes):
+        return (isinstance(a, np.ndarray) and a.ndim == ndim and a.dtype in dtypes and a.flags.c_contiguous
+                and a.flags.aligned)
+
+    def show(a):
+        return f"{a.dtype} array of shape {a.shape} ({flags(a)})" if isinstance(a, np.ndarray) else type(a).__name__
+
+    if not arr_ok(x3, 3, COMPUTE):
+        bad = "x", "an aligned C-contiguous (A, C, B) float32 or float64 array", show(x3)
+    elif not _layout_matches(saved.shape, saved.axis, saved_order(saved), x3.shape):
+        bad = ("shape, axis and order", f"a shape, channel axis and memory order of which saved.x {x3.shape} is "
+               f"the (A, C, B) memory", repr((saved.shape, saved.axis, saved.order)))
+    elif not (isinstance(saved.dtype, (np.dtype, type)) and np.dtype(saved.dtype) in (x3.dtype, np.float16)):
+        bad = "dtype", f"{x3.dtype} or float16", repr(saved.dtype)
+    else:
+        C = x3.shape[1]
+        bad = next(((key, f"an aligned C-contiguous {np.dtype(dt)} array of shape ({C},)", show(a))
+                    for key, a, dt in (("mean", saved.mean, np.float64), ("invstd", saved.invstd, np.float64),
+                                       ("weight", saved.weight, x3.dtype))
+                    if not (key == "weight" and a is None) and not (arr_ok(a, 1, (dt,)) and a.shape == (C,))), None)
+    if bad is not None:
+        raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
+                         f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")
+
+
+def grad_output(dy, saved):
+    """Check ``saved`` and ``dy`` (a floating array of the forward input's shape); return dy."""
+    _saved(saved)
+    dy = float_array(dy, "grad_output")
+    if dy.shape != saved.shape:
+        raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
+    return dy
+
+
+def grad_out(out, dy, saved):
+    """Check the ``out`` of a backward (as :func:`out_array`, not overlapping dy or what ``saved`` holds)."""
+    return out_array(out, "out", saved.shape, saved.dtype, saved_order(saved), {
+        "grad_output": dy, "the saved input": saved.x, "saved.weight": saved.weight, "saved.mean": saved.mean,
+        "saved.invstd": saved.invstd})
+
+
+def grad_sums(sums, count, C, m):
+    """Check the (2, C) sums and the count of a larger batch of which m values per channel are here; return the
+    sums as contiguous float64 and the count (None, None when neither is given)."""
+    if sums is None and count is None:
+        return None, None
+    sums = float_array(sums, "grad_sums")
+    if sums.shape != (2, C):
+        raise ValueError(f"grad_sums must have shape (2, {C}), got {sums.shape}")
+    count = integer(count, "count", max(1, m), " (the values per channel here) with grad_sums")
+    return contiguous(sums, np.float64), count
