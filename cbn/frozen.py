@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from . import _validate as V
 from . import functional as F
 from .distributed import _swap_layers
 from .modules import _BatchNorm
@@ -70,8 +71,8 @@ def fold(bn, weight, bias=None):
     if not isinstance(bn, _BatchNorm):
         raise TypeError(f"bn must be a cbn batch-norm layer (BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d, "
                         f"FrozenBatchNorm1d/2d/3d), got {type(bn).__name__}")
-    weight = F._float_array(weight, "weight")
-    bias = None if bias is None else F._float_array(bias, "bias")
+    weight = V.float_array(weight, "weight")
+    bias = None if bias is None else V.float_array(bias, "bias")
     with bn._lock:  # one consistent set of parameters and statistics
         _check_running_stats(bn, "fold")
         C = bn.num_features
@@ -122,10 +123,8 @@ class _FrozenBatchNorm(_BatchNorm):
             The output.
         """
         with self._lock:
-            x = self._check_input(x)
-            y, self._saved = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                          training=False, eps=self.eps, axis=self.axis, out=out, dtype=self.dtype,
-                                          return_saved=True)
+            y, self._saved = F.forward(self._input(x), self.running_mean, self.running_var, self.weight,
+                                       self.bias, False, 0.0, self.eps, out, False)
             return y
 
     __call__ = forward
