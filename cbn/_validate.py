@@ -38,6 +38,11 @@ class BatchNormSaved(NamedTuple):
     order : tuple or None
         The axes of ``shape`` in memory order (None: C order): ``x`` is the input transposed to ``order``, as an
         (A, C, B) array.
+    y : ndarray or None
+        After a forward with ReLU: its output in the compute dtype, laid out as ``x`` (the backward's mask; a view of
+        the returned output when that has the compute dtype and the input's layout).
+    residual : bool
+        True when the forward added a residual (the backward then returns its gradient too).
     """
 
     x: np.ndarray
@@ -49,6 +54,8 @@ class BatchNormSaved(NamedTuple):
     dtype: np.dtype
     axis: int = 1
     order: Optional[tuple] = None
+    y: Optional[np.ndarray] = None
+    residual: bool = False
 
 
 class Input(NamedTuple):
@@ -177,6 +184,23 @@ def input_array(x, axis, dtype=None, ranks=None, channels=None):
     return Input(x, k, memory_order(x), dt, np.dtype(np.float16) if x.dtype.itemsize == 2 else dt)
 
 
+def activation(value):
+    """Check a fused activation: None or "relu"."""
+    if not (value is None or (isinstance(value, str) and value == "relu")):
+        raise ValueError(f"activation must be None or 'relu', got {value!r}")
+    return value
+
+
+def residual(z, inp):
+    """Check a residual added before the activation: None, or a floating ndarray of the input's shape."""
+    if z is None:
+        return None
+    z = float_array(z, "residual")
+    if z.shape != inp.x.shape:
+        raise ValueError(f"residual must have shape {inp.x.shape} (the input's), got {z.shape}")
+    return z
+
+
 def channel_array(a, name, C):
     """Check that ``a`` is a floating ndarray of shape (C,) and return it."""
     a = float_array(a, name)
@@ -301,6 +325,8 @@ def _saved(saved):
                     for key, a, dt in (("mean", saved.mean, np.float64), ("invstd", saved.invstd, np.float64),
                                        ("weight", saved.weight, x3.dtype))
                     if not (key == "weight" and a is None) and not (arr_ok(a, 1, (dt,)) and a.shape == (C,))), None)
+        if bad is None and saved.y is not None and not (arr_ok(saved.y, 3, (x3.dtype,)) and saved.y.shape == x3.shape):
+            bad = "y", f"None or an aligned C-contiguous {x3.dtype} array of shape {x3.shape}", show(saved.y)
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")
@@ -319,7 +345,7 @@ def grad_out(out, dy, saved):
     """Check the ``out`` of a backward (as :func:`out_array`, not overlapping dy or what ``saved`` holds)."""
     return out_array(out, "out", saved.shape, saved.dtype, saved_order(saved), {
         "grad_output": dy, "the saved input": saved.x, "saved.weight": saved.weight, "saved.mean": saved.mean,
-        "saved.invstd": saved.invstd})
+        "saved.invstd": saved.invstd, "the saved output": saved.y})
 
 
 def grad_sums(sums, count, C, m):

@@ -62,13 +62,14 @@ class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, comm=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis)
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation)
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
 
-    def forward(self, x, out=None):
-        """Normalise this rank's shard ``x``; in training with the statistics of all ranks' shards together.
+    def forward(self, x, out=None, residual=None):
+        """Normalise this rank's shard ``x`` (then add ``residual`` and apply the activation, as BatchNorm does); in
+        training with the statistics of all ranks' shards together.
 
         A collective operation in training mode: every rank of ``comm`` must call it (its shard may be empty).
         The running statistics are updated identically on every rank. Eval uses the running statistics (or,
@@ -82,18 +83,19 @@ class _SyncBatchNorm(_BatchNorm):
         """
         if not self.training:
             self._global_count = None
-            return super().forward(x, out)
+            return super().forward(x, out, residual)
         with self._lock:
-            return self._sync_forward(x, out)
+            return self._sync_forward(x, out, residual)
 
-    def _sync_forward(self, x, out):
+    def _sync_forward(self, x, out, residual):
         comm, C = self.comm, self.num_features
         error, local = None, np.zeros(2 * C + 1)
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
             inp = self._input(x)
+            z = V.residual(residual, inp)
             out = V.out_array(out, "out", inp.x.shape, inp.out_dtype, inp.order,
                               {"input": inp.x, "weight": self.weight, "bias": self.bias,
-                               "running_mean": self.running_mean, "running_var": self.running_var})
+                               "running_mean": self.running_mean, "running_var": self.running_var, "residual": z})
             weight = V.channel_param(self.weight, "weight", C, self.dtype)
             bias = V.channel_param(self.bias, "bias", C, self.dtype)
             count, mean, M2 = F.statistics(inp)
@@ -110,7 +112,7 @@ class _SyncBatchNorm(_BatchNorm):
         V.count_per_channel(n, "1 over all ranks")
         var = M2 / n if n else np.full(C, np.nan)
         # Normalised with the global batch statistics: the backward differentiates through them.
-        y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out)
+        y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, self.activation == "relu", z)
         if self.track_running_stats:
             self.num_batches_tracked += 1
             F.update_running_stats(self.running_mean, self.running_var, n, mean, M2,
@@ -150,9 +152,8 @@ class _SyncBatchNorm(_BatchNorm):
         for row in rows[1:]:  # rank order: the same bits on every rank
             total += row[1:]
         # dx = (dy - sum(dy)/M)*g - (x - mean)*B with the global sums
-        dx = F.gradient_input(dy, saved, out, total.reshape(2, C), self._global_count)[0]
-        self._set_grads(dweight, dbias)
-        return dx
+        dx, _, _, *dresidual = F.gradient_input(dy, saved, out, total.reshape(2, C), self._global_count)
+        return self._set_grads(dx, dweight, dbias, *dresidual)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -174,7 +175,7 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis
+    num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation
         As :class:`BatchNorm2d`.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the

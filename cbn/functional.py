@@ -54,12 +54,14 @@ def _kernel_output(out, order, dt):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False):
-    """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input).
+               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None):
+    """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
+    residual add and ReLU.
 
-    y = weight*(x - mean)/sqrt(var + eps) + bias, per channel, with the batch's mean and biased variance (over all
-    positions of the other axes) when ``training`` (and, if given, the running statistics updated in place:
-    r = (1 - momentum)*r + momentum*batch_stat, with the unbiased variance), else the running statistics.
+    y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
+    variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
+    in place: r = (1 - momentum)*r + momentum*batch_stat, with the unbiased variance), else the running statistics;
+    act = max(0, .) with ``activation="relu"``, else the identity; all in one pass, rounded once.
 
     Parameters
     ----------
@@ -90,6 +92,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         When updating running statistics, update only the channels whose new running mean and variance are both
         finite: a channel whose batch holds NaN or Inf (or whose statistics overflow the dtype) keeps its running
         statistics (its output is not guarded). Off by default (torch's behaviour: the statistics take the NaN).
+    activation : {None, "relu"}
+        Fused activation: y = max(0, ...) in the same pass. Its backward takes the mask from the output (which the
+        saved forward keeps, as a view of y when y has the compute dtype: modifying y before the backward changes
+        the gradient).
+    residual : ndarray, optional
+        Added to the normalised value before the activation (the tail of a ResNet block): an array of x's shape,
+        any floating dtype and layout (converted to the compute dtype and x's layout when needed).
 
     Returns
     -------
@@ -99,14 +108,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         Only with ``return_saved``.
     """
     y, saved = forward(V.input_array(x, axis, dtype), running_mean, running_var, weight, bias, training, momentum,
-                       eps, out, nan_guard)
+                       eps, out, nan_guard, activation, residual)
     return (y, saved) if return_saved else y
 
 
-def forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard):
+def forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard, activation=None,
+            residual=None):
     """:func:`batch_norm` of a checked input ``inp`` (:func:`cbn._validate.input_array`): checks the other
     arguments, then computes; returns (y, saved)."""
     V.scalars(momentum, eps)
+    relu = V.activation(activation) == "relu"
+    z = V.residual(residual, inp)
     x, axis, order, dt = inp.x, inp.axis, inp.order, inp.dtype
     shape = x.shape
     C = shape[axis]
@@ -114,7 +126,7 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     if training:
         V.count_per_channel(math.prod(shape) // C if C else 0, f"input size {shape}")
     update = training and (running_mean is not None or running_var is not None)
-    disjoint = V.distinct_owners(x, running_mean, running_var, weight, bias, out)
+    disjoint = V.distinct_owners(x, running_mean, running_var, weight, bias, out, z)
     if update:
         running_mean = V.running_stat(running_mean, "running_mean", C, dt)
         running_var = V.running_stat(running_var, "running_var", C, dt)
@@ -134,7 +146,8 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     weight = V.channel_param(weight, "weight", C, dt)
     bias = V.channel_param(bias, "bias", C, dt)
     y = V.out_array(out, "out", shape, inp.out_dtype, order, None if disjoint else {
-        "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias})
+        "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
+        "residual": z})
     if training:
         stats = np.empty(2 * C)
     guard = update and nan_guard
@@ -142,15 +155,16 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     new_mean, new_var = (running_mean, running_var) if update else (None, None)
     if guard:
         new_mean, new_var = running_mean.copy(), running_var.copy()
-    y, saved = _normalize(inp, stats, weight, bias, training, y, eps, update, new_mean, new_var, momentum)
+    y, saved = _normalize(inp, stats, weight, bias, training, y, eps, update, new_mean, new_var, momentum, relu, z)
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)
     return y, saved
 
 
 def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, out=None, dtype=None,
-                     return_saved=False):
-    """Normalise with given batch statistics: y = weight*(x - mean)/sqrt(var + eps) + bias per channel.
+                     return_saved=False, activation=None, residual=None):
+    """Normalise with given batch statistics: y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual) per
+    channel.
 
     The data-parallel step after :func:`batch_norm_stats` and a merge of the parts' statistics: they are those of a
     batch of which ``x`` is a part, and the saved forward differentiates through them (as batch statistics: pass
@@ -162,7 +176,7 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
         As :func:`batch_norm`.
     mean, var : ndarray
         (C,) mean and biased variance of the batch, any floating dtype (used in float64).
-    weight, bias, eps, axis, out, dtype
+    weight, bias, eps, axis, out, dtype, activation, residual
         As :func:`batch_norm`.
     return_saved : bool
         Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
@@ -180,25 +194,28 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
     mean, var = V.channel_array(mean, "mean", C), V.channel_array(var, "var", C)
     weight = V.channel_param(weight, "weight", C, inp.dtype)
     bias = V.channel_param(bias, "bias", C, inp.dtype)
+    relu = V.activation(activation) == "relu"
+    z = V.residual(residual, inp)
     out = V.out_array(out, "out", inp.x.shape, inp.out_dtype, inp.order,
-                      {"input": inp.x, "mean": mean, "var": var, "weight": weight, "bias": bias})
-    y, saved = normalize(inp, mean, var, weight, bias, eps, out)
+                      {"input": inp.x, "mean": mean, "var": var, "weight": weight, "bias": bias, "residual": z})
+    y, saved = normalize(inp, mean, var, weight, bias, eps, out, relu, z)
     return (y, saved) if return_saved else y
 
 
-def normalize(inp, mean, var, weight, bias, eps, out):
-    """:func:`batch_norm_elemt` of checked arguments (``out`` checked or None); returns (y, saved)."""
+def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None):
+    """:func:`batch_norm_elemt` of checked arguments (``out`` checked or None, ``z`` the checked residual or None);
+    returns (y, saved)."""
     C = mean.shape[0]
     stats = np.empty(2 * C)
     stats[:C], stats[C:] = mean, var
-    y, saved = _normalize(inp, stats, weight, bias, False, out, eps, False, None, None, 0.0)
+    y, saved = _normalize(inp, stats, weight, bias, False, out, eps, False, None, None, 0.0, relu, z)
     return y, saved._replace(use_batch_stats=True)
 
 
-def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean, running_var, momentum):
+def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean, running_var, momentum, relu, z):
     """The kernel's forward on checked arguments: y (allocated when None) and the saved forward. ``stats``: (2C,)
     float64, filled with the batch's (mean, invstd) when ``training``, else the given (mean, var), var replaced by
-    invstd."""
+    invstd. ``relu``: the fused ReLU; ``z``: the residual or None."""
     x, axis, order, dt = inp.x, inp.axis, inp.order, inp.dtype
     shape = x.shape
     C = shape[axis]
@@ -206,13 +223,15 @@ def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean,
         y = _empty(shape, order, inp.out_dtype)
     x3 = _memory(x, order, axis, dt)
     mean, invstd = stats[:C], stats[C:]
+    y1 = None
     if x3.size:
         y1 = _kernel_output(y, order, dt)
         direct = y1 is not None
         if not direct:
             y1 = np.empty(x3.size, dtype=dt)
         _kernels.forward(x3.reshape(-1), y1, x3.shape[0], C, running_mean, running_var, weight, bias, stats,
-                         training, update, float(momentum), float(eps), thread_cap())
+                         training, update, float(momentum), float(eps), thread_cap(),
+                         None if z is None else _memory(z, order, axis, dt).reshape(-1), relu)
         if not direct:
             _copy_result(y, y1, order)
     elif training:
@@ -220,7 +239,9 @@ def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean,
         invstd.fill(np.nan)
     else:
         np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
-    return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, inp.out_dtype, axis, order)
+    mask = (np.empty(x3.shape, dt) if y1 is None else y1.reshape(x3.shape)) if relu else None
+    return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, inp.out_dtype, axis, order, mask,
+                             z is not None)
 
 
 def _copy_result(out, flat, order):
@@ -365,16 +386,22 @@ def gradient_sums(dy, saved):
     if x3.size:
         _kernels.backward(x3.reshape(-1), _memory(dy, V.saved_order(saved), saved.axis, x3.dtype).reshape(-1), None,
                           N, C, saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0,
-                          thread_cap())
+                          thread_cap(), _mask(saved))
     return sums, dweight, dbias
 
 
+def _mask(saved):
+    """The flat ReLU mask source of a saved forward (its output), or None."""
+    return None if saved.y is None else saved.y.reshape(-1)
+
+
 def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
-    """Gradients of :func:`batch_norm` with respect to its input, weight and bias.
+    """Gradients of :func:`batch_norm` with respect to its input, weight and bias (and residual).
 
     Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
     xhat = (x - mean)*invstd, m values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),
-    dbias = sum(dy).
+    dbias = sum(dy). After a forward with ReLU, dy stands for dy masked by the output (dy where y > 0, else 0) in
+    all of these; after a forward with a residual, dresidual is that (masked) dy.
 
     Parameters
     ----------
@@ -399,6 +426,9 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
         Shape and memory layout of the forward's input (unless ``out``), dtype ``saved.dtype``.
     dweight, dbias : ndarray
         (C,) in the compute dtype (computed whether or not the forward had a weight), from the sums used.
+    dresidual : ndarray
+        Only after a forward with a residual: its gradient, dy itself without ReLU, else masked dy (shape and
+        layout of dx, dtype ``saved.dtype``).
     """
     dy = V.grad_output(dy, saved)
     N, C, S = saved.x.shape
@@ -414,16 +444,17 @@ def gradient_input(dy, saved, out, grad_sums, count):
     dt = x3.dtype
     order = V.saved_order(saved)
     dx = _empty(saved.shape, order, saved.dtype) if out is None else out
+    masked_dz = saved.residual and saved.y is not None  # the kernel writes dresidual = masked dy
+    dz = _empty(saved.shape, order, saved.dtype) if masked_dz else dy
     grads = np.zeros(2 * C, dtype=dt)
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
-        dx1 = _kernel_output(dx, order, dt)
-        direct = dx1 is not None
-        if not direct:
-            dx1 = np.empty(x3.size, dtype=dt)
-        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), dx1, N, C, saved.mean,
-                          saved.invstd, saved.weight, grads, saved.use_batch_stats, grad_sums, float(count or 0),
-                          thread_cap())
-        if not direct:
-            _copy_result(dx, dx1, order)
-    return dx, dweight, dbias
+        outputs = [(a, _kernel_output(a, order, dt)) for a in ((dx, dz) if masked_dz else (dx,))]
+        flat = [np.empty(x3.size, dtype=dt) if f is None else f for _, f in outputs]
+        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), flat[0], N, C,
+                          saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, grad_sums,
+                          float(count or 0), thread_cap(), _mask(saved), flat[1] if masked_dz else None)
+        for (a, direct), f in zip(outputs, flat):
+            if direct is None:
+                _copy_result(a, f, order)
+    return (dx, dweight, dbias) + ((dz,) if saved.residual else ())

@@ -10,7 +10,7 @@ from . import _validate as V
 from . import functional as F
 
 FORMAT = "cbn.batchnorm"
-FORMAT_VERSION = 2  # 2: the channel axis (files of version 1 load with axis 1)
+FORMAT_VERSION = 3  # 2: the channel axis; 3: the fused activation (earlier files load with axis 1, no activation)
 
 
 class _BatchNorm:
@@ -23,9 +23,10 @@ class _BatchNorm:
     _ndims = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1):
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None):
         num_features = V.integer(num_features, "num_features", 1)
         V.channel_axis(axis, max(self._ndims))
+        self.activation = V.activation(activation)
         V.scalars(0.0 if momentum is None else momentum, eps)
         dtype = V.compute_dtype(dtype)
         self.num_features = num_features
@@ -45,6 +46,7 @@ class _BatchNorm:
         self.num_batches_tracked = 0
         self.grad_weight = None
         self.grad_bias = None
+        self.grad_residual = None
         self._saved = None
         self._lock = threading.RLock()
 
@@ -59,8 +61,9 @@ class _BatchNorm:
         return self.train(False)
 
     # -- computation ------------------------------------------------------------------------------------------
-    def forward(self, x, out=None):
-        """Normalise ``x`` over its channel axis ``axis``; in training with running stats, update them.
+    def forward(self, x, out=None, residual=None):
+        """Normalise ``x`` over its channel axis ``axis`` (then add ``residual`` and apply the layer's activation, in
+        the same pass); in training with running stats, update them.
 
         Parameters
         ----------
@@ -69,6 +72,9 @@ class _BatchNorm:
             computed in float32 and returned as float16), any layout (the output has x's memory layout).
         out : ndarray, optional
             Preallocated output (shape of x, output dtype, C-contiguous or with x's memory layout).
+        residual : ndarray, optional
+            Added before the activation: y = act(BN(x) + residual), an array of x's shape (the tail of a ResNet
+            block); its gradient is ``grad_residual`` after the backward.
 
         Returns
         -------
@@ -85,7 +91,8 @@ class _BatchNorm:
             use_batch_stats = self.training or self.running_mean is None
             track = not self.training or self.track_running_stats
             y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
-                                 self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard)
+                                 self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
+                                 self.activation, residual)
             self.num_batches_tracked = count
             self._saved = saved
             return y
@@ -102,13 +109,16 @@ class _BatchNorm:
         None (the cumulative average)."""
         return 1.0 / count if self.momentum is None else self.momentum
 
-    def _set_grads(self, dweight, dbias):
-        """Keep a backward's gradients of weight and bias (None when not affine)."""
+    def _set_grads(self, dx, dweight, dbias, dresidual=None):
+        """Keep a backward's gradients of weight and bias (None when not affine) and of the residual; return dx."""
         self.grad_weight = dweight if self.affine else None
         self.grad_bias = dbias if self.affine else None
+        self.grad_residual = dresidual
+        return dx
 
     def backward(self, dy, out=None):
-        """Gradient of the last forward's input; also sets ``grad_weight`` and ``grad_bias`` (None if not affine).
+        """Gradient of the last forward's input; also sets ``grad_weight`` and ``grad_bias`` (None if not affine), and
+        ``grad_residual`` (None when the forward had no residual).
 
         Parameters
         ----------
@@ -126,9 +136,7 @@ class _BatchNorm:
         with self._lock:
             if self._saved is None:
                 raise RuntimeError("backward called before forward: there is no saved input to differentiate")
-            dx, dweight, dbias = F.batch_norm_backward(dy, self._saved, out=out)
-            self._set_grads(dweight, dbias)
-            return dx
+            return self._set_grads(*F.batch_norm_backward(dy, self._saved, out=out))
 
     # -- state ------------------------------------------------------------------------------------------------
     def reset_running_stats(self):
@@ -221,16 +229,19 @@ class _BatchNorm:
         self.__dict__.update(state)
         self.__dict__.setdefault("nan_guard", False)  # pickles of cbn 0.1.0 have no nan_guard
         self.__dict__.setdefault("axis", 1)  # nor an axis
+        self.__dict__.setdefault("activation", None)  # pickles before cbn 0.2 have no activation
+        self.__dict__.setdefault("grad_residual", None)
         self._lock = threading.RLock()
 
     def extra_repr(self):
-        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, nan_guard if on and the
-        axis if not 1)."""
+        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, nan_guard if on, the
+        axis if not 1 and the activation if any)."""
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.affine}, track_running_stats={self.track_running_stats}")
         s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
         s = s + ", nan_guard=True" if self.nan_guard else s
-        return s if self.axis == 1 else s + f", axis={self.axis}"
+        s = s if self.axis == 1 else s + f", axis={self.axis}"
+        return s if self.activation is None else s + f", activation={self.activation!r}"
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -240,14 +251,15 @@ class _BatchNorm:
         """The hyperparameters that ``save`` writes (JSON values) and :meth:`_from_config` reads back."""
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine,
                 "track_running_stats": self.track_running_stats, "dtype": self.dtype.name,
-                "nan_guard": self.nan_guard, "axis": self.axis}
+                "nan_guard": self.nan_guard, "axis": self.axis, "activation": self.activation}
 
     @classmethod
     def _from_config(cls, config):
-        """A new layer with the hyperparameters of a file's config (version-1 files have no nan_guard, no axis)."""
+        """A new layer with the hyperparameters of a file's config (version-1 files have no nan_guard and no axis,
+        versions 1 and 2 no activation)."""
         return cls(config["num_features"], config["eps"], config["momentum"], config["affine"],
                    config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
-                   config.get("axis", 1))
+                   config.get("axis", 1), config.get("activation"))
 
     def save(self, path):
         """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
@@ -300,6 +312,9 @@ class BatchNorm2d(_BatchNorm):
     axis : int
         The channel axis: 1 (NCHW, and channels-last arrays viewed as NCHW, as torch takes them) or -1 (NHWC, as
         Keras takes it), any axis in [-4, 4). The layer still takes 4-D input only.
+    activation : {None, "relu"}
+        Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward takes
+        the ReLU's mask from the saved output.
     """
 
     _ndims = (4,)

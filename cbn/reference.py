@@ -24,6 +24,10 @@ class Saved(NamedTuple):
         True when the forward normalised with batch statistics.
     shape : tuple
         Shape of the forward's input.
+    y : ndarray or None
+        The output, when the forward had a ReLU (its mask).
+    residual : bool
+        True when the forward added a residual.
     """
 
     x: np.ndarray
@@ -32,11 +36,14 @@ class Saved(NamedTuple):
     weight: Optional[np.ndarray]
     use_batch_stats: bool
     shape: tuple
+    y: Optional[np.ndarray] = None
+    residual: bool = False
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               axis=1, return_saved=False):
-    """Float64 reference of :func:`cbn.functional.batch_norm` (running statistics updated in place)."""
+               axis=1, activation=None, residual=None, return_saved=False):
+    """Float64 reference of :func:`cbn.functional.batch_norm` (running statistics updated in place):
+    y = act(BN(x) + residual)."""
     shape = x.shape
     axis %= x.ndim
     C = shape[axis]
@@ -55,16 +62,25 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
     y = ((x3 - mean[:, None]) * (invstd * w)[:, None] + b[:, None]).reshape(shape)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
     if not return_saved:
         return y
-    return y, Saved(x3, mean, invstd, None if weight is None else w, bool(training), shape)
+    return y, Saved(x3, mean, invstd, None if weight is None else w, bool(training), shape,
+                    y if activation == "relu" else None, residual is not None)
 
 
 def batch_norm_backward(dy, saved):
-    """Float64 reference of :func:`cbn.functional.batch_norm_backward`: returns (dx, dweight, dbias)."""
+    """Float64 reference of :func:`cbn.functional.batch_norm_backward`: returns (dx, dweight, dbias), and
+    dresidual when the forward had a residual (dy masked by the ReLU's output > 0 after a forward with ReLU)."""
     x3 = saved.x.astype(np.float64)
     N, C, S = x3.shape
-    dy3 = np.asarray(dy, dtype=np.float64).reshape(N, C, S)
+    dy = np.asarray(dy, dtype=np.float64)
+    if saved.y is not None:
+        dy = np.where(saved.y > 0, dy, 0.0)
+    dy3 = dy.reshape(N, C, S)
     w = np.ones(C) if saved.weight is None else saved.weight.astype(np.float64)
     xhat = (x3 - saved.mean[:, None]) * saved.invstd[:, None]
     dbias = dy3.sum(axis=(0, 2))
@@ -75,4 +91,4 @@ def batch_norm_backward(dy, saved):
         dx = g * (dy3 - dbias[:, None] / m - xhat * dweight[:, None] / m)
     else:
         dx = g * dy3
-    return dx.reshape(saved.shape), dweight, dbias
+    return (dx.reshape(saved.shape), dweight, dbias) + ((dy,) if saved.residual else ())

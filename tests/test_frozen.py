@@ -309,7 +309,7 @@ def _saveload(layer, tmp_path):
     with np.load(path, allow_pickle=False) as data:
         assert sorted(data.files) == sorted(TORCHVISION_KEYS + ["__config__"])
         config = json.loads(str(data["__config__"]))
-    assert config == {"format": "cbn.batchnorm", "version": 2, "class": type(layer).__name__,
+    assert config == {"format": "cbn.batchnorm", "version": cbn.modules.FORMAT_VERSION, "class": type(layer).__name__,
                       "training": layer.training, "num_features": layer.num_features, "eps": layer.eps,
                       "dtype": layer.dtype.name, "axis": layer.axis}
     return cbn.load(path)

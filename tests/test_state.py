@@ -421,8 +421,8 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
 
 
 @pytest.mark.parametrize("config,exc,expected,actual", [
-    (dict(_V1, version=3), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 2\)",
-     r"got \('cbn\.batchnorm', 3\)"),
+    (dict(_V1, version=4), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 3\)",
+     r"got \('cbn\.batchnorm', 4\)"),
     (dict(_V1, format="other"), ValueError, r"format 'cbn\.batchnorm'", r"got \('other', 1\)"),
     (None, ValueError, r"known version", r"got None"),
     (dict(_V1, training="yes"), ValueError, r"'training' must be true or false", r"got 'yes'"),
@@ -433,8 +433,9 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
      r"unknown layer class 'Conv2d'"),
     (dict(_V1, version=2, axis=4), ValueError, r"axis must be in \[-4, 4\) for 4-D input", r"got 4\b"),
     (dict(_V1, version=2, axis="last"), TypeError, r"axis must be an integer", r"got 'last'"),
+    (dict(_V1, version=3, activation="gelu"), ValueError, r"activation must be None or 'relu'", r"got 'gelu'"),
 ], ids=["future-version", "foreign-format", "no-config", "training-str", "nan_guard-int", "unknown-class", "axis-4",
-        "axis-str"])
+        "axis-str", "activation-gelu"])
 def test_load_rejects_bad_files(tmp_path, config, exc, expected, actual):
     path = tmp_path / "bad.npz"
     state = cbn.BatchNorm2d(3).state_dict()
