@@ -64,17 +64,17 @@ def same_on_all_ranks(*arrays):
 
 
 def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, affine=True, track=True,
-                                  offset=0.0, constant=False, layout="NCHW"):
+                                  offset=0.0, constant=False, layout="NCHW", fused=False):
     """3 training steps (forward + backward) and an eval forward of SyncBatchNorm on shards vs BatchNorm on all.
 
     layout: the (N, C, *) data as it is, as a view of channels-last memory ("channels-last"), or with the channels
-    last and the layers at axis -1 ("axis-1")."""
+    last and the layers at axis -1 ("axis-1"). fused: the layers with ReLU, each forward with a residual."""
     case = f"{cls.__name__} counts={counts} tail={tail} {np.dtype(dtype).name} momentum={momentum} " \
-           f"affine={affine} track={track} offset={offset} constant={constant} layout={layout}"
+           f"affine={affine} track={track} offset={offset} constant={constant} layout={layout} fused={fused}"
     rng = np.random.default_rng(seed)
     C = 3
     kw = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype,
-              axis=-1 if layout == "axis-1" else 1)
+              axis=-1 if layout == "axis-1" else 1, activation="relu" if fused else None)
     last = (0,) + tuple(range(2, 2 + len(tail))) + (1,)
 
     def arranged(a):  # the tested array of the (N, C, *) values a
@@ -111,9 +111,13 @@ def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, 
         local = not training and not track
         xs, dys, part = (x[mine], dy[mine], slice(None)) if local else (x, dy, mine)
         total = (lambda g: g) if local else ordered_sum
-        y = sync(x[mine])
+        z = rng.standard_normal(x.shape).astype(dtype) if fused else None
+        zs = None if z is None else (z[mine] if local else z)
+        y = sync(x[mine], residual=None if z is None else z[mine])
         dx = sync.backward(dy[mine])
-        y_all, dx_all = plain(xs), plain.backward(dys)
+        y_all, dx_all = plain(xs, residual=zs), plain.backward(dys)
+        if fused:
+            record(dtype, "dresidual", rel_err(sync.grad_residual, plain.grad_residual[part]), case)
         assert y.strides == y_all[part].strides or y.size <= 1, f"{case}: output layout"
         y, dx, y_all, dx_all, dys = logical(y), logical(dx), logical(y_all), logical(dx_all), logical(dys)
         record(dtype, "y", rel_err(y, y_all[part]), case)
@@ -128,7 +132,7 @@ def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, 
         if training:  # identical statistics and running statistics on every rank, bit for bit
             stats = [sync._saved.mean, sync._saved.invstd] + ([sync.running_mean, sync.running_var] if track else [])
             assert same_on_all_ranks(*stats), f"{case}: statistics differ between ranks"
-        if dtype == np.float64 and not local:  # and the float64 reference agrees too
+        if dtype == np.float64 and not local and not fused:  # and the float64 reference agrees too
             x, dy = x_logical, dy_logical
             y_ref = ref.forward(x)
             dx_ref, dw_ref, db_ref = ref.backward(dy)
@@ -253,6 +257,9 @@ def main():
         check_equal_to_single_process(cbn.SyncBatchNorm1d, [1] * size, (), dtype, seed)
         seed += 1  # longer rows
         check_equal_to_single_process(cbn.SyncBatchNorm2d, uneven, (16, 16), dtype, seed)
+        for kw in (dict(track=True), dict(track=False), dict(layout="channels-last")):
+            seed += 1
+            check_equal_to_single_process(cbn.SyncBatchNorm2d, with_empty, (4, 5), dtype, seed, fused=True, **kw)
         for layout in ("channels-last", "axis-1"):
             for cls, tail in ((cbn.SyncBatchNorm2d, (4, 5)), (cbn.SyncBatchNorm1d, (6,))):
                 for counts in (uneven, with_empty):
