@@ -34,6 +34,11 @@ SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 
 CASES = ([(s, "NCHW") for s in SHAPES] + [(s, "channels-last") for s in SHAPES if len(s) == 4]
          + [((64, 256, 400), "NLC"), ((32, 768, 128), "NLC")])
 LAYOUTS = ("NCHW", "channels-last", "NLC")
+# The fused ReLU and residual add, timed on a few cases against the plain layer and the unfused NumPy composition.
+FUSED_CASES = [((32, 64, 56, 56), "NCHW"), ((256, 128, 8, 8), "NCHW"), ((32, 64, 56, 56), "channels-last"),
+               ((4096, 1024), "NCHW")]
+FUSED_CALLS = ("train", "train_relu", "train_add_relu", "numpy_add_relu", "backward", "backward_relu",
+               "backward_add_relu", "numpy_add_relu_backward")
 OPS = ("train", "eval", "backward")
 
 
@@ -163,6 +168,49 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
 
+def bench_fused(shape, layout, threads, budget):
+    """Time the fused ReLU and residual add of one float32 case: the layer's training forward and backward plain,
+    with activation="relu", and with a residual too, and the unfused NumPy composition of the same result,
+    np.maximum(bn(x) + z, 0), and its backward (dy masked by y > 0, then bn.backward). Returns one row (us)."""
+    x, dy, axis = _data(shape, layout, np.float32)
+    z = np.negative(dy)
+    C = x.shape[axis]
+    cbn.set_num_threads(threads)
+    cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}[len(shape)]
+    plain, relu, add_relu, unfused = (cls(C, axis=axis, activation=act) for act in (None, "relu", "relu", None))
+    y, dx = [np.empty_like(x) for _ in range(4)], [np.empty_like(x) for _ in range(4)]
+    grad = np.empty_like(x)
+
+    def unfused_forward():
+        out = unfused(x, out=y[3])
+        np.add(out, z, out=out)
+        return np.maximum(out, 0, out=out)
+
+    def unfused_backward():
+        np.multiply(dy, y[3] > 0, out=grad)  # the residual's gradient
+        return unfused.backward(grad, out=dx[3])
+
+    calls = dict(zip(FUSED_CALLS, (
+        lambda: plain(x, out=y[0]), lambda: relu(x, out=y[1]), lambda: add_relu(x, out=y[2], residual=z),
+        unfused_forward, lambda: plain.backward(dy, out=dx[0]), lambda: relu.backward(dy, out=dx[1]),
+        lambda: add_relu.backward(dy, out=dx[2]), unfused_backward)))
+    t = median_times(calls, budget)
+    return {"shape": list(shape), "layout": layout, "threads": threads, **{k: v * 1e6 for k, v in t.items()}}
+
+
+FUSED_HEADER = (f"{'shape':>18} {'layout':>13} {'thr':>3} {'train us':>9} {'relu/plain':>10} {'add+relu/plain':>14} "
+                f"{'numpy/fused':>11} {'bwd us':>9} {'relu/plain':>10} {'add+relu/plain':>14} {'numpy/fused':>11}")
+
+
+def format_fused(r):
+    """One line of the fused-op table: the plain times, and the fused and unfused ones as ratios."""
+    return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['threads']:>3} {r['train']:9.1f} "
+            f"{r['train_relu'] / r['train']:10.2f} {r['train_add_relu'] / r['train']:14.2f} "
+            f"{r['numpy_add_relu'] / r['train_add_relu']:11.2f} {r['backward']:9.1f} "
+            f"{r['backward_relu'] / r['backward']:10.2f} {r['backward_add_relu'] / r['backward']:14.2f} "
+            f"{r['numpy_add_relu_backward'] / r['backward_add_relu']:11.2f}")
+
+
 def add_torch(rows, budget):
     """Time PyTorch on every case of ``rows`` and fill in torch_us and torch_over_cbn (no-op without torch).
 
@@ -264,6 +312,8 @@ def main(argv=None):
                    help="comma-separated: NCHW,channels-last (4-D shapes),NLC (3-D shapes)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds of repetitions per measurement")
     p.add_argument("--no-reference", action="store_true", help="skip timing the slow NumPy reference")
+    p.add_argument("--no-fused", action="store_true",
+                   help="skip the fused ReLU and residual add table (of FUSED_CASES, or of the shapes given)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG chart to this file (needs matplotlib)")
     a = p.parse_args(argv)
@@ -278,7 +328,7 @@ def main(argv=None):
     print("cbn benchmark: medians; cbn/roof = cbn time / (copy for train and eval, add for backward);")
     print("numpy/cbn and torch/cbn = how many times faster cbn is. " +
           ", ".join(f"{k} {v}" for k, v in info.items()))
-    rows = []
+    rows, fused = [], []
     saved_threads = cbn.get_num_threads()
     try:
         for threads in (int(t) for t in a.threads.split(",")):
@@ -287,15 +337,25 @@ def main(argv=None):
                     rows += bench_case(shape, layout, np.dtype(dtype), threads, a.budget, not a.no_reference)
                     print(f"  measured {shape} {layout} {dtype} at {threads} thread(s)", file=sys.stderr,
                           flush=True)
+            if not a.no_fused:
+                fused += [bench_fused(shape, layout, threads, a.budget) for shape, layout in
+                          (FUSED_CASES if a.shapes in ("all", "small") else cases)]
         add_torch(rows, a.budget)
     finally:
         cbn.set_num_threads(saved_threads)
     print(HEADER)
     for r in rows:
         print(format_row(r))
+    if fused:
+        print("fused ReLU and residual add, float32 training forward and backward: the plain layer's time, the "
+              "fused\nones over it, and the unfused NumPy composition np.maximum(bn(x) + z, 0) (and its backward) "
+              "over the fused one")
+        print(FUSED_HEADER)
+        for r in fused:
+            print(format_fused(r))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"header": info, "rows": rows}, f, indent=1)
+            json.dump({"header": info, "rows": rows, "fused": fused}, f, indent=1)
     if a.plot:
         plot(rows, a.plot)
     return 0 if all(r["correct"] for r in rows) else 1
