@@ -5,7 +5,7 @@
 The other build is imported in the same process under the name ``cbn_main`` (its package directory is given), and
 both are timed round-robin, call after call (``cbn.bench.median_times``), on the benchmark suite's shapes: the
 layer calls ``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32, every layout of the
-suite (the other build must take ``axis``). Printed: the median
+suite (a case the other build cannot take, e.g. an axis before it had one, is skipped). Printed: the median
 times and new/main (below 1: this build is faster).
 """
 import argparse
@@ -31,9 +31,14 @@ def load_other(path):
 def layer_calls(lib, x, dy, axis):
     """The three timed calls of one cbn build's layers on x and dy (channels at ``axis``)."""
     cls = lib.BatchNorm2d if x.ndim == 4 else lib.BatchNorm1d
-    train, ev = cls(x.shape[axis], axis=axis), cls(x.shape[axis], axis=axis).eval()
+    kw = {} if axis == 1 else {"axis": axis}  # builds before the channel axis take axis 1 only
+    train, ev = cls(x.shape[axis], **kw), cls(x.shape[axis], **kw).eval()
     y, dx = np.empty_like(x), np.empty_like(x)
-    train.forward(x, out=y)
+    try:
+        train.forward(x, out=y)
+    except ValueError:  # a build before channels-last support takes a C-contiguous out only
+        y, dx = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+        train.forward(x, out=y)
     return {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
             "backward": lambda: train.backward(dy, out=dx)}
 
@@ -53,7 +58,11 @@ def main(argv=None):
         cbn.set_num_threads(threads)
         for shape, layout in bench.CASES:
             x, dy, axis = bench._data(shape, layout, np.float32)
-            calls = {("main", op): f for op, f in layer_calls(other, x, dy, axis).items()}
+            try:
+                calls = {("main", op): f for op, f in layer_calls(other, x, dy, axis).items()}
+            except TypeError as e:
+                print(f"{str(shape):>18} {layout:>13} {threads:>3} skipped: the other build cannot take it ({e})")
+                continue
             calls.update({("new", op): f for op, f in layer_calls(cbn, x, dy, axis).items()})
             t = bench.median_times(calls, a.budget)
             for op in bench.OPS:
