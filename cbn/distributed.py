@@ -113,7 +113,9 @@ class _SyncBatchNorm(_BatchNorm):
         var = M2 / n if n else np.full(C, np.nan)
         # Normalised with the global batch statistics: the backward differentiates through them.
         y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, self.activation == "relu", z)
-        if self.track_running_stats:
+        if self._population is not None:  # inside precise_stats: the global batch's statistics are recorded
+            self._population.add(n, mean, M2)
+        elif self.track_running_stats:
             self.num_batches_tracked += 1
             F.update_running_stats(self.running_mean, self.running_var, n, mean, M2,
                                    self._factor(self.num_batches_tracked), self.nan_guard)
@@ -197,7 +199,7 @@ def _as_class(layer, cls, **extra):
     forward."""
     new = cls.__new__(cls)
     new.__dict__.update({k: v for k, v in vars(layer).items() if k not in _SYNC_ONLY}, _saved=None,
-                        _lock=threading.RLock(), **extra)
+                        _population=None, _lock=threading.RLock(), **extra)
     return new
 
 

@@ -48,6 +48,7 @@ class _BatchNorm:
         self.grad_bias = None
         self.grad_residual = None
         self._saved = None
+        self._population = None  # inside cbn.precise_stats: the exact statistics of the batches seen
         self._lock = threading.RLock()
 
     # -- mode -------------------------------------------------------------------------------------------------
@@ -83,16 +84,19 @@ class _BatchNorm:
         """
         with self._lock:
             inp = self._input(x)
+            record = self.training and self._population is not None  # precise_stats: record, do not update
             count = self.num_batches_tracked
             factor = 0.0
-            if self.training and self.track_running_stats:
+            if self.training and self.track_running_stats and not record:
                 count += 1
                 factor = self._factor(count)
             use_batch_stats = self.training or self.running_mean is None
-            track = not self.training or self.track_running_stats
+            track = (not self.training or self.track_running_stats) and not record
             y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
                                  self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
                                  self.activation, residual)
+            if record:
+                self._population.add(*F.statistics(inp))
             self.num_batches_tracked = count
             self._saved = saved
             return y
@@ -222,6 +226,7 @@ class _BatchNorm:
         with self._lock:
             state = self.__dict__.copy()
         state["_saved"] = None  # the last forward's input is not part of the layer's state
+        state["_population"] = None  # nor what a precise_stats block records
         del state["_lock"]
         return state
 
@@ -231,6 +236,7 @@ class _BatchNorm:
         self.__dict__.setdefault("axis", 1)  # nor an axis
         self.__dict__.setdefault("activation", None)  # pickles before cbn 0.2 have no activation
         self.__dict__.setdefault("grad_residual", None)
+        self.__dict__.setdefault("_population", None)
         self._lock = threading.RLock()
 
     def extra_repr(self):
