@@ -58,11 +58,19 @@ def _raise_if_rejected(ok, error, what):
                            f"their input (see the error raised there); no state changed")
 
 
+def _no_virtual_batches(size):
+    """SyncBatchNorm normalises with the statistics of the whole global batch: no ghost batches."""
+    if size is not None:
+        raise ValueError(f"SyncBatchNorm takes no virtual_batch_size (its statistics are those of the batch of all "
+                         f"ranks): expected None, got {size!r}")
+
+
 class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None):
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None, *, virtual_batch_size=None):
+        _no_virtual_batches(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation)
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
@@ -179,6 +187,8 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
     ----------
     num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation
         As :class:`BatchNorm2d`.
+    virtual_batch_size : None
+        Only None: the statistics are always those of the batch of all ranks.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the
         communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it).
@@ -248,11 +258,17 @@ def convert_sync_batchnorm(model, comm=None):
     comm : mpi4py.MPI.Intracomm, optional
         Communicator of the new layers; default COMM_WORLD.
 
+    Raises
+    ------
+    ValueError
+        A layer has a ``virtual_batch_size`` (SyncBatchNorm takes none); nothing is converted.
+
     Returns
     -------
     The converted model (a new layer when ``model`` is a layer).
     """
     comm = _check_comm(comm)
+    _swap_layers(model, lambda layer: _no_virtual_batches(layer.virtual_batch_size) or layer, {})  # all checked first
     return _swap_layers(model, lambda layer: _as_class(layer, _SYNC[type(layer)], comm=comm, _global_count=None)
                         if type(layer) in _SYNC else layer, {})
 

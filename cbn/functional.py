@@ -23,10 +23,10 @@ import numpy as np
 from . import _validate as V
 from ._dispatch import kernels as _kernels
 from ._threads import thread_cap
-from ._validate import BatchNormSaved
+from ._validate import BatchNormSaved, GhostSaved
 
-__all__ = ["BatchNormSaved", "batch_norm", "batch_norm_backward", "batch_norm_elemt", "batch_norm_grad_sums",
-           "batch_norm_stats"]
+__all__ = ["BatchNormSaved", "GhostSaved", "batch_norm", "batch_norm_backward", "batch_norm_elemt",
+           "batch_norm_grad_sums", "batch_norm_stats"]
 
 
 def _memory(a, order, axis, dt):
@@ -54,9 +54,10 @@ def _kernel_output(out, order, dt):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None):
+               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
+               virtual_batch_size=None):
     """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
-    residual add and ReLU.
+    residual add and ReLU, and optional ghost batches.
 
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
     variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
@@ -99,26 +100,34 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     residual : ndarray, optional
         Added to the normalised value before the activation (the tail of a ResNet block): an array of x's shape,
         any floating dtype and layout (converted to the compute dtype and x's layout when needed).
+    virtual_batch_size : int, optional
+        Ghost batches (in training): axis 0 (not the channel axis) is split into consecutive groups of this many
+        samples, the last one possibly smaller, each with more than one value per channel; group g is normalised
+        with its own mean and variance, and the running statistics are updated once, with the average over the G
+        groups of their means and unbiased variances: r = (1 - momentum)*r + momentum*sum_g(stat_g)/G. The
+        backward is the exact gradient (the groups are independent; dweight and dbias summed over them). Ignored
+        when not ``training``; a batch of at most this many samples is one group, the plain batch norm.
 
     Returns
     -------
     y : ndarray
         Output of the compute dtype (float16 for float16 input), shape and memory layout of x (unless ``out``).
-    saved : BatchNormSaved
-        Only with ``return_saved``.
+    saved : BatchNormSaved or GhostSaved
+        Only with ``return_saved`` (a GhostSaved after a forward of several virtual batches).
     """
     y, saved = forward(V.input_array(x, axis, dtype), running_mean, running_var, weight, bias, training, momentum,
-                       eps, out, nan_guard, activation, residual)
+                       eps, out, nan_guard, activation, residual, virtual_batch_size)
     return (y, saved) if return_saved else y
 
 
 def forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard, activation=None,
-            residual=None):
+            residual=None, virtual_batch_size=None):
     """:func:`batch_norm` of a checked input ``inp`` (:func:`cbn._validate.input_array`): checks the other
     arguments, then computes; returns (y, saved)."""
     V.scalars(momentum, eps)
     relu = V.activation(activation) == "relu"
     z = V.residual(residual, inp)
+    groups = V.virtual_batches(V.virtual_batch_size(virtual_batch_size), inp, training)
     x, axis, order, dt = inp.x, inp.axis, inp.order, inp.dtype
     shape = x.shape
     C = shape[axis]
@@ -148,6 +157,11 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     y = V.out_array(out, "out", shape, inp.out_dtype, order, None if disjoint else {
         "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
         "residual": z})
+    if groups is not None:
+        y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z)
+        if update:
+            running_update(running_mean, running_var, mean, var, momentum, nan_guard)
+        return y, saved
     if training:
         stats = np.empty(2 * C)
     guard = update and nan_guard
@@ -159,6 +173,24 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)
     return y, saved
+
+
+def _ghost_forward(inp, groups, weight, bias, eps, y, relu, z):
+    """Each group x[start:stop] of ``groups`` normalised with its own statistics into y[start:stop] (allocated when
+    None): returns y, the GhostSaved, and the groups' average mean and average unbiased variance."""
+    x = inp.x
+    if y is None:
+        y = _empty(x.shape, inp.order, inp.out_dtype)
+    parts, means, variances = [], [], []
+    for start, stop in groups:
+        part = inp._replace(x=x[start:stop], order=V.memory_order(x[start:stop]))
+        count, mean, M2 = statistics(part)
+        parts.append(normalize(part, mean, M2 / count, weight, bias, eps, y[start:stop], relu,
+                               None if z is None else z[start:stop])[1])
+        means.append(mean)
+        variances.append(M2 / (count - 1))
+    saved = GhostSaved(groups, tuple(parts), x.shape, inp.out_dtype, inp.order, z is not None)
+    return y, saved, np.mean(means, axis=0), np.mean(variances, axis=0)
 
 
 def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, out=None, dtype=None,
@@ -341,12 +373,17 @@ def update_running_stats(running_mean, running_var, count, mean, M2, momentum, n
     nan_guard : bool
         As :func:`batch_norm`.
     """
-    if not count:
-        return
+    if count:
+        running_update(running_mean, running_var, mean, M2 / (count - 1.0), momentum, nan_guard)
+
+
+def running_update(running_mean, running_var, mean, var, momentum, nan_guard):
+    """:func:`update_running_stats` from a (C,) float64 mean and unbiased variance: r = (1 - f)*r + f*stat in
+    float64, each rounded once to the statistics' dtype, then committed (:func:`commit_running_stats`)."""
     dt = running_mean.dtype
     with np.errstate(all="ignore"):
         new_mean = ((1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean).astype(dt)
-        new_var = ((1.0 - momentum) * running_var.astype(np.float64) + momentum * (M2 / (count - 1.0))).astype(dt)
+        new_var = ((1.0 - momentum) * running_var.astype(np.float64) + momentum * var).astype(dt)
     commit_running_stats(running_mean, running_var, new_mean, new_var, nan_guard)
 
 
@@ -373,7 +410,7 @@ def batch_norm_grad_sums(dy, saved):
     dweight, dbias : ndarray
         (C,) this batch's gradients of weight and bias, in the compute dtype.
     """
-    return gradient_sums(V.grad_output(dy, saved), saved)
+    return gradient_sums(V.grad_output(dy, saved, ghost=False), saved)
 
 
 def gradient_sums(dy, saved):
@@ -431,9 +468,28 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
         layout of dx, dtype ``saved.dtype``).
     """
     dy = V.grad_output(dy, saved)
+    if isinstance(saved, GhostSaved):
+        V.no_grad_sums(grad_sums, count)
+        return _ghost_gradient(dy, saved, V.grad_out(out, dy, saved))
     N, C, S = saved.x.shape
     grad_sums, count = V.grad_sums(grad_sums, count, C, N * S)
     return gradient_input(dy, saved, V.grad_out(out, dy, saved), grad_sums, count)
+
+
+def _ghost_gradient(dy, saved, out):
+    """:func:`batch_norm_backward` of a ghost-batch forward (checked arguments): each group's gradient into its
+    slice of dx (and of dresidual after a ReLU), dweight and dbias summed over the groups in float64."""
+    dx = _empty(saved.shape, saved.order, saved.dtype) if out is None else out
+    masked_dz = saved.residual and saved.parts[0].y is not None
+    dz = _empty(saved.shape, saved.order, saved.dtype) if masked_dz else dy
+    grads = np.zeros((2, saved.parts[0].x.shape[1]))
+    for (start, stop), part in zip(saved.bounds, saved.parts):
+        _, dweight, dbias, *dresidual = gradient_input(dy[start:stop], part, dx[start:stop], None, None)
+        grads += dweight, dbias
+        if masked_dz:
+            dz[start:stop] = dresidual[0]
+    dweight, dbias = grads.astype(saved.parts[0].x.dtype)
+    return (dx, dweight, dbias) + ((dz,) if saved.residual else ())
 
 
 def gradient_input(dy, saved, out, grad_sums, count):

@@ -10,7 +10,8 @@ from . import _validate as V
 from . import functional as F
 
 FORMAT = "cbn.batchnorm"
-FORMAT_VERSION = 3  # 2: the channel axis; 3: the fused activation (earlier files load with axis 1, no activation)
+FORMAT_VERSION = 4  # 2: the channel axis; 3: the fused activation; 4: virtual_batch_size (earlier files load with
+# axis 1, no activation, no virtual batches)
 
 
 class _BatchNorm:
@@ -23,10 +24,14 @@ class _BatchNorm:
     _ndims = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None):
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None, *, virtual_batch_size=None):
         num_features = V.integer(num_features, "num_features", 1)
         V.channel_axis(axis, max(self._ndims))
         self.activation = V.activation(activation)
+        self.virtual_batch_size = V.virtual_batch_size(virtual_batch_size)
+        if self.virtual_batch_size is not None and axis == 0:
+            raise ValueError("virtual_batch_size splits the batch axis 0, which must not be the channel axis: "
+                             "expected axis other than 0, got axis 0")
         V.scalars(0.0 if momentum is None else momentum, eps)
         dtype = V.compute_dtype(dtype)
         self.num_features = num_features
@@ -94,7 +99,7 @@ class _BatchNorm:
             track = (not self.training or self.track_running_stats) and not record
             y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
                                  self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
-                                 self.activation, residual)
+                                 self.activation, residual, self.virtual_batch_size if self.training else None)
             if record:
                 self._population.add(*F.statistics(inp))
             self.num_batches_tracked = count
@@ -236,18 +241,20 @@ class _BatchNorm:
         self.__dict__.setdefault("axis", 1)  # nor an axis
         self.__dict__.setdefault("activation", None)  # pickles before cbn 0.2 have no activation
         self.__dict__.setdefault("grad_residual", None)
+        self.__dict__.setdefault("virtual_batch_size", None)  # nor before cbn 0.3 ghost batches
         self.__dict__.setdefault("_population", None)
         self._lock = threading.RLock()
 
     def extra_repr(self):
         """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, nan_guard if on, the
-        axis if not 1 and the activation if any)."""
+        axis if not 1, the activation and the virtual batch size if any)."""
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.affine}, track_running_stats={self.track_running_stats}")
         s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
         s = s + ", nan_guard=True" if self.nan_guard else s
         s = s if self.axis == 1 else s + f", axis={self.axis}"
-        return s if self.activation is None else s + f", activation={self.activation!r}"
+        s = s if self.activation is None else s + f", activation={self.activation!r}"
+        return s if self.virtual_batch_size is None else s + f", virtual_batch_size={self.virtual_batch_size}"
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -257,15 +264,17 @@ class _BatchNorm:
         """The hyperparameters that ``save`` writes (JSON values) and :meth:`_from_config` reads back."""
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine,
                 "track_running_stats": self.track_running_stats, "dtype": self.dtype.name,
-                "nan_guard": self.nan_guard, "axis": self.axis, "activation": self.activation}
+                "nan_guard": self.nan_guard, "axis": self.axis, "activation": self.activation,
+                "virtual_batch_size": self.virtual_batch_size}
 
     @classmethod
     def _from_config(cls, config):
         """A new layer with the hyperparameters of a file's config (version-1 files have no nan_guard and no axis,
-        versions 1 and 2 no activation)."""
+        versions 1 and 2 no activation, versions 1 to 3 no virtual batch size)."""
         return cls(config["num_features"], config["eps"], config["momentum"], config["affine"],
                    config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
-                   config.get("axis", 1), config.get("activation"))
+                   config.get("axis", 1), config.get("activation"),
+                   virtual_batch_size=config.get("virtual_batch_size"))
 
     def save(self, path):
         """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
@@ -321,6 +330,11 @@ class BatchNorm2d(_BatchNorm):
     activation : {None, "relu"}
         Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward takes
         the ReLU's mask from the saved output.
+    virtual_batch_size : int, optional
+        Ghost batches (keyword only): in training, axis 0 is split into groups of this many samples (the last may be
+        smaller), each normalised with its own statistics; the running statistics are updated once per call with
+        the average over groups of the groups' means and unbiased variances; see
+        :func:`cbn.functional.batch_norm`. Eval is unchanged. The channel axis must not be 0.
     """
 
     _ndims = (4,)
