@@ -8,6 +8,7 @@ state changes.
 """
 import math
 import numbers
+from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -43,6 +44,10 @@ class BatchNormSaved(NamedTuple):
         the returned output when that has the compute dtype and the input's layout).
     residual : bool
         True when the forward added a residual (the backward then returns its gradient too).
+    renorm : ndarray or None
+        After a batch-renormalization forward: (2, C) float64, the r and d it used (then ``weight`` is weight*r and
+        ``invstd`` the batch's 1/sigma_B: the backward is the batch-statistics one, and dweight = r*sum(dy*xhat) +
+        d*sum(dy)).
     """
 
     x: np.ndarray
@@ -56,6 +61,7 @@ class BatchNormSaved(NamedTuple):
     order: Optional[tuple] = None
     y: Optional[np.ndarray] = None
     residual: bool = False
+    renorm: Optional[np.ndarray] = None
 
 
 class GhostSaved(NamedTuple):
@@ -243,6 +249,35 @@ def virtual_batches(size, inp, training):
     return tuple((start, min(start + size, N)) for start in range(0, N, size))
 
 
+def renorm(enabled, clipping, virtual_batch_size):
+    """Check the batch-renormalization options: ``enabled`` a bool, ``clipping`` None (no clipping, as Keras) or a
+    dict with keys among "rmax" (>= 1) and "dmax" (>= 0), a missing one infinite, given only with ``enabled``, and no
+    virtual batches with it. Return None when off, else (rmax, dmax) as floats."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"renorm must be True or False, got {enabled!r}")
+    if clipping is not None and not isinstance(clipping, Mapping):
+        raise TypeError(f"renorm_clipping must be None or a dict with keys 'rmax' and 'dmax', got "
+                        f"{type(clipping).__name__}")
+    clipping = {} if clipping is None else clipping
+    unknown = [key for key in clipping if key not in ("rmax", "dmax")]
+    if unknown:
+        raise ValueError(f"renorm_clipping keys must be among 'rmax' and 'dmax', got {unknown[0]!r}")
+    rmax, dmax = clipping.get("rmax", math.inf), clipping.get("dmax", math.inf)
+    if not (_is_real(rmax) and rmax >= 1):
+        raise ValueError(f"renorm_clipping['rmax'] must be a number >= 1, got {rmax!r}")
+    if not (_is_real(dmax) and dmax >= 0):
+        raise ValueError(f"renorm_clipping['dmax'] must be a number >= 0, got {dmax!r}")
+    if not enabled:
+        if clipping:
+            raise ValueError(f"renorm_clipping applies only with renorm=True: expected None with renorm=False, got "
+                             f"{dict(clipping)!r}")
+        return None
+    if virtual_batch_size is not None:
+        raise ValueError(f"renorm does not combine with ghost batches: expected virtual_batch_size=None with "
+                         f"renorm=True, got {virtual_batch_size!r}")
+    return float(rmax), float(dmax)
+
+
 def residual(z, inp):
     """Check a residual added before the activation: None, or a floating ndarray of the input's shape."""
     if z is None:
@@ -379,6 +414,9 @@ def _saved(saved):
                     if not (key == "weight" and a is None) and not (arr_ok(a, 1, (dt,)) and a.shape == (C,))), None)
         if bad is None and saved.y is not None and not (arr_ok(saved.y, 3, (x3.dtype,)) and saved.y.shape == x3.shape):
             bad = "y", f"None or an aligned C-contiguous {x3.dtype} array of shape {x3.shape}", show(saved.y)
+        if bad is None and saved.renorm is not None and not (arr_ok(saved.renorm, 2, (np.dtype(np.float64),))
+                                                             and saved.renorm.shape == (2, C)):
+            bad = "renorm", f"None or an aligned C-contiguous float64 array of shape (2, {C})", show(saved.renorm)
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")

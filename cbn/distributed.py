@@ -69,9 +69,11 @@ class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None, *, virtual_batch_size=None):
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None, *, virtual_batch_size=None,
+                 renorm=False, renorm_clipping=None):
         _no_virtual_batches(virtual_batch_size)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation,
+                         renorm=renorm, renorm_clipping=renorm_clipping)
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
 
@@ -120,7 +122,12 @@ class _SyncBatchNorm(_BatchNorm):
         V.count_per_channel(n, "1 over all ranks")
         var = M2 / n if n else np.full(C, np.nan)
         # Normalised with the global batch statistics: the backward differentiates through them.
-        y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, self.activation == "relu", z)
+        relu, clipping = self.activation == "relu", V.renorm(self.renorm, self.renorm_clipping, None)
+        if clipping is None:
+            y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, relu, z)
+        else:
+            y, saved = F.renormalize(inp, mean, var, self.running_mean, self.running_var, weight, bias, self.eps,
+                                     clipping, out, relu, z)
         if self._population is not None:  # inside precise_stats: the global batch's statistics are recorded
             self._population.add(n, mean, M2)
         elif self.track_running_stats:
@@ -189,6 +196,8 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
         As :class:`BatchNorm2d`.
     virtual_batch_size : None
         Only None: the statistics are always those of the batch of all ranks.
+    renorm, renorm_clipping
+        As :class:`BatchNorm2d`, with the statistics of the batch of all ranks (identical on every rank).
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the
         communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it).

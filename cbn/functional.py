@@ -55,7 +55,7 @@ def _kernel_output(out, order, dt):
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
                axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
-               virtual_batch_size=None):
+               virtual_batch_size=None, renorm=False, renorm_clipping=None):
     """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
     residual add and ReLU, and optional ghost batches.
 
@@ -107,6 +107,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         groups of their means and unbiased variances: r = (1 - momentum)*r + momentum*sum_g(stat_g)/G. The
         backward is the exact gradient (the groups are independent; dweight and dbias summed over them). Ignored
         when not ``training``; a batch of at most this many samples is one group, the plain batch norm.
+    renorm : bool
+        Batch renormalization (Ioffe 2017, Algorithm 1) in training; needs ``running_mean`` and ``running_var``.
+        With sigma = sqrt(running_var + eps) and mu = running_mean before this step's update, sigma_B =
+        sqrt(var_B + eps): r = clip(sigma_B/sigma, 1/rmax, rmax), d = clip((mean_B - mu)/sigma, -dmax, dmax),
+        y = act(weight*((x - mean_B)/sigma_B*r + d) + bias + residual), r and d constants for the gradient; then
+        the running statistics update as usual. Not with ``virtual_batch_size``.
+    renorm_clipping : dict, optional
+        {"rmax": rmax >= 1, "dmax": dmax >= 0}, a missing key meaning no bound; None: no clipping (Keras' default;
+        the paper ends its schedule at rmax=3, dmax=5). Only with ``renorm``.
 
     Returns
     -------
@@ -116,24 +125,31 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         Only with ``return_saved`` (a GhostSaved after a forward of several virtual batches).
     """
     y, saved = forward(V.input_array(x, axis, dtype), running_mean, running_var, weight, bias, training, momentum,
-                       eps, out, nan_guard, activation, residual, virtual_batch_size)
+                       eps, out, nan_guard, activation, residual, virtual_batch_size, renorm, renorm_clipping)
     return (y, saved) if return_saved else y
 
 
 def forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard, activation=None,
-            residual=None, virtual_batch_size=None):
+            residual=None, virtual_batch_size=None, renorm=False, renorm_clipping=None, update_stats=True):
     """:func:`batch_norm` of a checked input ``inp`` (:func:`cbn._validate.input_array`): checks the other
-    arguments, then computes; returns (y, saved)."""
+    arguments, then computes; returns (y, saved). ``update_stats=False``: the running statistics are read (by
+    renorm) but not updated."""
     V.scalars(momentum, eps)
     relu = V.activation(activation) == "relu"
     z = V.residual(residual, inp)
-    groups = V.virtual_batches(V.virtual_batch_size(virtual_batch_size), inp, training)
+    size = V.virtual_batch_size(virtual_batch_size)
+    clipping = V.renorm(renorm, renorm_clipping, size)
+    groups = V.virtual_batches(size, inp, training)
     x, axis, order, dt = inp.x, inp.axis, inp.order, inp.dtype
     shape = x.shape
     C = shape[axis]
     training = bool(training)
     if training:
         V.count_per_channel(math.prod(shape) // C if C else 0, f"input size {shape}")
+    renorming = training and clipping is not None and x.size > 0
+    if renorming and (running_mean is None or running_var is None):
+        raise ValueError(f"renorm needs the running statistics: expected running_mean and running_var arrays when "
+                         f"training, got {type(running_mean).__name__} and {type(running_var).__name__}")
     update = training and (running_mean is not None or running_var is not None)
     disjoint = V.distinct_owners(x, running_mean, running_var, weight, bias, out, z)
     if update:
@@ -157,10 +173,18 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     y = V.out_array(out, "out", shape, inp.out_dtype, order, None if disjoint else {
         "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
         "residual": z})
+    update = update and update_stats
     if groups is not None:
         y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z)
         if update:
             running_update(running_mean, running_var, mean, var, momentum, nan_guard)
+        return y, saved
+    if renorming:
+        count, mean, M2 = statistics(inp)
+        y, saved = renormalize(inp, mean, M2 / count, running_mean, running_var, weight, bias, eps, clipping, y, relu,
+                               z)
+        if update:
+            update_running_stats(running_mean, running_var, count, mean, M2, momentum, nan_guard)
         return y, saved
     if training:
         stats = np.empty(2 * C)
@@ -242,6 +266,38 @@ def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None):
     stats[:C], stats[C:] = mean, var
     y, saved = _normalize(inp, stats, weight, bias, False, out, eps, False, None, None, 0.0, relu, z)
     return y, saved._replace(use_batch_stats=True)
+
+
+def renormalize(inp, mean, var, running_mean, running_var, weight, bias, eps, clipping, out, relu=False, z=None):
+    """Batch renormalization of checked arguments with the batch's mean and biased variance ``var`` and the
+    ``clipping`` (rmax, dmax); returns (y, saved) (the running statistics are not updated).
+
+    r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean - running_mean)/sigma, -dmax, dmax) with
+    sigma_B = sqrt(var + eps), sigma = sqrt(running_var + eps); y = weight*((x - mean)/sigma_B*r + d) + bias is the
+    normalisation with invstd r/sigma_B and bias weight*d + bias. With r and d constant its gradient is the
+    batch-statistics one with weight*r for weight (invstd 1/sigma_B), and dweight = r*sum(dy*xhat) + d*sum(dy):
+    the saved forward holds that weight, that invstd and (r, d).
+    """
+    rmax, dmax = clipping
+    C = mean.shape[0]
+    with np.errstate(all="ignore"):
+        sigma_b = np.sqrt(var + eps)
+        sigma = np.sqrt(running_var.astype(np.float64) + eps)
+        r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+        d = np.clip((mean - running_mean.astype(np.float64)) / sigma, -dmax, dmax)
+        gamma = np.ones(C) if weight is None else weight.astype(np.float64)
+        shift = gamma * d + (0.0 if bias is None else bias)
+        invstd = 1.0 / sigma_b
+        y, saved = normalize(inp, mean, (sigma_b / r) ** 2, weight, shift.astype(inp.dtype), 0.0, out, relu, z)
+    return y, saved._replace(invstd=invstd, weight=(gamma * r).astype(inp.dtype), renorm=np.stack((r, d)))
+
+
+def _renorm_grads(saved, dweight, dbias):
+    """After a renorm forward, turn the kernel's dweight = sum(dy*xhat) into the gradient of the weight,
+    r*sum(dy*xhat) + d*sum(dy), in place."""
+    if saved.renorm is not None:
+        r, d = saved.renorm
+        dweight[...] = r * dweight + d * dbias
 
 
 def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean, running_var, momentum, relu, z):
@@ -424,6 +480,7 @@ def gradient_sums(dy, saved):
         _kernels.backward(x3.reshape(-1), _memory(dy, V.saved_order(saved), saved.axis, x3.dtype).reshape(-1), None,
                           N, C, saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0,
                           thread_cap(), _mask(saved))
+    _renorm_grads(saved, dweight, dbias)
     return sums, dweight, dbias
 
 
@@ -513,4 +570,5 @@ def gradient_input(dy, saved, out, grad_sums, count):
         for (a, direct), f in zip(outputs, flat):
             if direct is None:
                 _copy_result(a, f, order)
+    _renorm_grads(saved, dweight, dbias)
     return (dx, dweight, dbias) + ((dz,) if saved.residual else ())

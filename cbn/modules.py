@@ -10,8 +10,8 @@ from . import _validate as V
 from . import functional as F
 
 FORMAT = "cbn.batchnorm"
-FORMAT_VERSION = 4  # 2: the channel axis; 3: the fused activation; 4: virtual_batch_size (earlier files load with
-# axis 1, no activation, no virtual batches)
+FORMAT_VERSION = 4  # 2: the channel axis; 3: the fused activation; 4: virtual_batch_size and renorm (earlier
+# files load with axis 1, no activation, no virtual batches, no renorm)
 
 
 class _BatchNorm:
@@ -24,7 +24,8 @@ class _BatchNorm:
     _ndims = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None, *, virtual_batch_size=None):
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None, *, virtual_batch_size=None, renorm=False,
+                 renorm_clipping=None):
         num_features = V.integer(num_features, "num_features", 1)
         V.channel_axis(axis, max(self._ndims))
         self.activation = V.activation(activation)
@@ -32,6 +33,12 @@ class _BatchNorm:
         if self.virtual_batch_size is not None and axis == 0:
             raise ValueError("virtual_batch_size splits the batch axis 0, which must not be the channel axis: "
                              "expected axis other than 0, got axis 0")
+        clipping = V.renorm(renorm, renorm_clipping, self.virtual_batch_size)
+        if clipping is not None and not track_running_stats:
+            raise ValueError("renorm needs running statistics: expected track_running_stats=True with renorm=True, "
+                             f"got track_running_stats={track_running_stats!r}")
+        self.renorm = bool(renorm)
+        self.renorm_clipping = None if renorm_clipping is None else dict(zip(("rmax", "dmax"), clipping))
         V.scalars(0.0 if momentum is None else momentum, eps)
         dtype = V.compute_dtype(dtype)
         self.num_features = num_features
@@ -96,10 +103,11 @@ class _BatchNorm:
                 count += 1
                 factor = self._factor(count)
             use_batch_stats = self.training or self.running_mean is None
-            track = (not self.training or self.track_running_stats) and not record
+            track = not self.training or self.track_running_stats
             y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
                                  self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
-                                 self.activation, residual, self.virtual_batch_size if self.training else None)
+                                 self.activation, residual, self.virtual_batch_size if self.training else None,
+                                 self.renorm, self.renorm_clipping, update_stats=not record)
             if record:
                 self._population.add(*F.statistics(inp))
             self.num_batches_tracked = count
@@ -242,19 +250,23 @@ class _BatchNorm:
         self.__dict__.setdefault("activation", None)  # pickles before cbn 0.2 have no activation
         self.__dict__.setdefault("grad_residual", None)
         self.__dict__.setdefault("virtual_batch_size", None)  # nor before cbn 0.3 ghost batches
+        self.__dict__.setdefault("renorm", False)  # nor batch renormalization
+        self.__dict__.setdefault("renorm_clipping", None)
         self.__dict__.setdefault("_population", None)
         self._lock = threading.RLock()
 
     def extra_repr(self):
         """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, nan_guard if on, the
-        axis if not 1, the activation and the virtual batch size if any)."""
+        axis if not 1, the activation, the virtual batch size and batch renormalization if any)."""
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.affine}, track_running_stats={self.track_running_stats}")
         s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
         s = s + ", nan_guard=True" if self.nan_guard else s
         s = s if self.axis == 1 else s + f", axis={self.axis}"
         s = s if self.activation is None else s + f", activation={self.activation!r}"
-        return s if self.virtual_batch_size is None else s + f", virtual_batch_size={self.virtual_batch_size}"
+        s = s if self.virtual_batch_size is None else s + f", virtual_batch_size={self.virtual_batch_size}"
+        s = s + ", renorm=True" if self.renorm else s
+        return s if self.renorm_clipping is None else s + f", renorm_clipping={self.renorm_clipping}"
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -265,16 +277,18 @@ class _BatchNorm:
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine,
                 "track_running_stats": self.track_running_stats, "dtype": self.dtype.name,
                 "nan_guard": self.nan_guard, "axis": self.axis, "activation": self.activation,
-                "virtual_batch_size": self.virtual_batch_size}
+                "virtual_batch_size": self.virtual_batch_size, "renorm": self.renorm,
+                "renorm_clipping": self.renorm_clipping}
 
     @classmethod
     def _from_config(cls, config):
         """A new layer with the hyperparameters of a file's config (version-1 files have no nan_guard and no axis,
-        versions 1 and 2 no activation, versions 1 to 3 no virtual batch size)."""
+        versions 1 and 2 no activation, versions 1 to 3 no virtual batch size and no renorm)."""
         return cls(config["num_features"], config["eps"], config["momentum"], config["affine"],
                    config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
                    config.get("axis", 1), config.get("activation"),
-                   virtual_batch_size=config.get("virtual_batch_size"))
+                   virtual_batch_size=config.get("virtual_batch_size"), renorm=config.get("renorm", False),
+                   renorm_clipping=config.get("renorm_clipping"))
 
     def save(self, path):
         """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
@@ -335,6 +349,13 @@ class BatchNorm2d(_BatchNorm):
         smaller), each normalised with its own statistics; the running statistics are updated once per call with
         the average over groups of the groups' means and unbiased variances; see
         :func:`cbn.functional.batch_norm`. Eval is unchanged. The channel axis must not be 0.
+    renorm : bool
+        Batch renormalization (Ioffe 2017; keyword only, needs ``track_running_stats``, not with
+        ``virtual_batch_size``): in training y = weight*((x - mean_B)/sigma_B*r + d) + bias with
+        r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean_B - running_mean)/sigma, -dmax, dmax),
+        sigma = sqrt(running_var + eps), r and d constants for the gradient; see :func:`cbn.functional.batch_norm`.
+    renorm_clipping : dict, optional
+        {"rmax": >= 1, "dmax": >= 0} (keyword only; a missing key or None: no clipping, as Keras).
     """
 
     _ndims = (4,)
