@@ -10,8 +10,9 @@ kernels see.
 
 Two tiers. The ``batch_norm*`` functions check every argument (with :mod:`cbn._validate`) and call the second
 tier: :func:`forward` (which takes a checked input and checks the rest: the layers check their input themselves,
-with their ranks and channel count), and :func:`normalize`, :func:`statistics`, :func:`merge_statistics`,
-:func:`update_running_stats`, :func:`gradient_sums` and :func:`gradient_input`, which take checked arguments (an
+with their ranks and channel count), and :func:`normalize`, :func:`renormalize`, :func:`statistics`,
+:func:`merge_statistics`, :func:`update_running_stats`, :func:`running_update`, :func:`gradient_sums` and
+:func:`gradient_input`, which take checked arguments (an
 :class:`cbn._validate.Input`, arrays as the checks returned them) and check nothing. The layers and SyncBatchNorm
 check with :mod:`cbn._validate` and call the second tier, so that each argument is checked once per call. The
 second tier is not part of the public API.
@@ -57,7 +58,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
                virtual_batch_size=None, renorm=False, renorm_clipping=None):
     """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
-    residual add and ReLU, and optional ghost batches.
+    residual add and ReLU, ghost batches or batch renormalization.
 
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
     variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
@@ -495,14 +496,16 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
     xhat = (x - mean)*invstd, m values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),
     dbias = sum(dy). After a forward with ReLU, dy stands for dy masked by the output (dy where y > 0, else 0) in
-    all of these; after a forward with a residual, dresidual is that (masked) dy.
+    all of these; after a forward with a residual, dresidual is that (masked) dy. After a renorm forward, g =
+    weight*r/sigma_B, xhat = (x - mean_B)/sigma_B and dweight = r*sum(dy*xhat) + d*sum(dy) (r, d constant). After a
+    ghost-batch forward (a GhostSaved), all of this per group, dweight and dbias summed over the groups.
 
     Parameters
     ----------
     dy : ndarray
         Gradient of the loss with respect to the forward's output; same shape as the forward's input (any layout;
         no copy when it has the input's).
-    saved : BatchNormSaved
+    saved : BatchNormSaved or GhostSaved
         From ``batch_norm(..., return_saved=True)``.
     out : ndarray, optional
         Preallocated dx: shape of dy, dtype ``saved.dtype``, writeable, C-contiguous or with the forward input's
@@ -510,7 +513,7 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     grad_sums : ndarray, optional
         (2, C) float64 sums of :func:`batch_norm_grad_sums` over a larger batch of which this one is a part
         (data-parallel training, where the forward used that batch's statistics); they replace this batch's sums,
-        and ``count`` its m.
+        and ``count`` its m. Not after a ghost-batch forward.
     count : int, optional
         Values per channel of the batch that ``grad_sums`` covers; required with ``grad_sums``.
 

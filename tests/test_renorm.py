@@ -9,7 +9,7 @@ import pytest
 import cbn
 from cbn import functional as F
 
-from bn_helpers import assert_rel, full_snapshot
+from bn_helpers import assert_rel, full_snapshot, require_torch
 
 BOUND = {np.float32: 1e-6, np.float64: 1e-13}  # relative to the largest magnitude of the output (DESIGN.md section 3)
 CLIPPINGS = [None, {"rmax": 1.5, "dmax": 0.2}, {"rmax": 1.0, "dmax": 0.0}, {"dmax": 0.5}]
@@ -136,12 +136,10 @@ def test_precise_stats_keeps_the_renorm_outputs():
     assert_rel(bn.running_mean, np.concatenate([x, x + 1]).mean(axis=(0, 2)), 1e-14, "population mean")
 
 
-torch = pytest.importorskip("torch")
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("fused", [False, True])
 def test_gradient_equals_torch_autograd_with_constant_r_and_d(dtype, fused):
+    torch = require_torch()
     x, dy, weight, bias = data((6, 3, 5), dtype, seed=4)
     z = np.random.default_rng(5).standard_normal(x.shape).astype(dtype) if fused else None
     clipping = {"rmax": 1.3, "dmax": 0.3}
