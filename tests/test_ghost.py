@@ -272,3 +272,14 @@ def test_version_3_file_loads_without_virtual_batches(tmp_path):
     np.savez(tmp_path / "v3.npz", __config__=np.array(json.dumps(config)), **bn.state_dict())
     loaded = cbn.load(tmp_path / "v3.npz")
     assert loaded.virtual_batch_size is None and loaded.activation == "relu" and not loaded.training
+
+
+@pytest.mark.parametrize("kw", [dict(virtual_batch_size=4), dict(renorm=True, renorm_clipping={"rmax": 2})])
+def test_float16_is_the_float32_result_rounded(kw):
+    x, dy, _, _ = data((10, 3, 4), np.float16, seed=11)
+    half, single = cbn.BatchNorm1d(3, **kw), cbn.BatchNorm1d(3, **kw)
+    y = half(x)
+    dx = half.backward(dy)
+    assert y.dtype == dx.dtype == np.float16
+    np.testing.assert_array_equal(y, single(x.astype(np.float32)).astype(np.float16))
+    np.testing.assert_array_equal(dx, single.backward(dy.astype(np.float32)).astype(np.float16))
