@@ -15,6 +15,7 @@ from .distributed import (
 )
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, fold, freeze
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
+from .precise import precise_stats
 
 _build_info = _dispatch.kernels.build_info  # the kernels in use: the best instruction-set level built and supported
 _openmp_enabled = _dispatch.kernels.openmp_enabled
@@ -22,7 +23,7 @@ _openmp_enabled = _dispatch.kernels.openmp_enabled
 __version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it (tool.setuptools.dynamic)
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
            "convert_sync_batchnorm", "revert_sync_batchnorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d",
-           "FrozenBatchNorm3d", "fold", "freeze", "functional", "load", "get_num_threads",
+           "FrozenBatchNorm3d", "fold", "freeze", "functional", "load", "precise_stats", "get_num_threads",
            "set_num_threads", "max_num_threads", "available_cpus", "show_config", "__version__"]
 
 

@@ -8,6 +8,7 @@ state changes.
 """
 import math
 import numbers
+from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -43,6 +44,10 @@ class BatchNormSaved(NamedTuple):
         the returned output when that has the compute dtype and the input's layout).
     residual : bool
         True when the forward added a residual (the backward then returns its gradient too).
+    renorm : ndarray or None
+        After a batch-renormalization forward: (2, C) float64, the r and d it used (then ``weight`` is weight*r and
+        ``invstd`` the batch's 1/sigma_B: the backward is the batch-statistics one, and dweight = r*sum(dy*xhat) +
+        d*sum(dy)).
     """
 
     x: np.ndarray
@@ -55,6 +60,35 @@ class BatchNormSaved(NamedTuple):
     axis: int = 1
     order: Optional[tuple] = None
     y: Optional[np.ndarray] = None
+    residual: bool = False
+    renorm: Optional[np.ndarray] = None
+
+
+class GhostSaved(NamedTuple):
+    """What a ghost-batch forward (``virtual_batch_size``) keeps for its backward (public name:
+    ``cbn.functional.GhostSaved``): the groups along axis 0, each normalised on its own.
+
+    Attributes
+    ----------
+    bounds : tuple of (int, int)
+        (start, stop) of each group along axis 0, consecutive from 0 to shape[0].
+    parts : tuple of BatchNormSaved
+        The saved forward of each group (its input a view of the caller's array when no conversion was needed).
+    shape : tuple
+        Shape of the forward's input.
+    dtype : numpy.dtype
+        dtype of the forward's output, and of dx.
+    order : tuple
+        The axes of ``shape`` in memory order of the forward's input (the layout of dx).
+    residual : bool
+        True when the forward added a residual.
+    """
+
+    bounds: tuple
+    parts: tuple
+    shape: tuple
+    dtype: np.dtype
+    order: tuple
     residual: bool = False
 
 
@@ -189,6 +223,59 @@ def activation(value):
     if not (value is None or (isinstance(value, str) and value == "relu")):
         raise ValueError(f"activation must be None or 'relu', got {value!r}")
     return value
+
+
+def virtual_batch_size(value):
+    """Check a ghost-batch size: None or an integer >= 1."""
+    return None if value is None else integer(value, "virtual_batch_size", 1)
+
+
+def virtual_batches(size, inp, training):
+    """The (start, stop) groups of a ghost-batch forward along axis 0, or None when the call has one group (no
+    ``size``, not ``training``, an empty batch or one of at most ``size`` samples). Raise when ``size`` is given and
+    axis 0 is the channel axis, or when a group would have a single value per channel."""
+    if size is None:
+        return None
+    if inp.axis == 0:
+        raise ValueError(f"virtual_batch_size splits the batch axis 0, which must not be the channel axis: expected "
+                         f"a channel axis other than 0 for {inp.x.ndim}-D input, got axis 0")
+    N = inp.x.shape[0]
+    if not training or N <= size or inp.x.size == 0:
+        return None
+    last = N - size * ((N - 1) // size)
+    per_sample = inp.x.size // (N * inp.x.shape[inp.axis])
+    count_per_channel(last * per_sample, f"{last * per_sample} in the last virtual batch ({last} of {N} samples, "
+                                         f"virtual_batch_size={size})")
+    return tuple((start, min(start + size, N)) for start in range(0, N, size))
+
+
+def renorm(enabled, clipping, virtual_batch_size):
+    """Check the batch-renormalization options: ``enabled`` a bool, ``clipping`` None (no clipping, as Keras) or a
+    dict with keys among "rmax" (>= 1) and "dmax" (>= 0), a missing one infinite, given only with ``enabled``, and no
+    virtual batches with it. Return None when off, else (rmax, dmax) as floats."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"renorm must be True or False, got {enabled!r}")
+    if clipping is not None and not isinstance(clipping, Mapping):
+        raise TypeError(f"renorm_clipping must be None or a dict with keys 'rmax' and 'dmax', got "
+                        f"{type(clipping).__name__}")
+    clipping = {} if clipping is None else clipping
+    unknown = [key for key in clipping if key not in ("rmax", "dmax")]
+    if unknown:
+        raise ValueError(f"renorm_clipping keys must be among 'rmax' and 'dmax', got {unknown[0]!r}")
+    rmax, dmax = clipping.get("rmax", math.inf), clipping.get("dmax", math.inf)
+    if not (_is_real(rmax) and rmax >= 1):
+        raise ValueError(f"renorm_clipping['rmax'] must be a number >= 1, got {rmax!r}")
+    if not (_is_real(dmax) and dmax >= 0):
+        raise ValueError(f"renorm_clipping['dmax'] must be a number >= 0, got {dmax!r}")
+    if not enabled:
+        if clipping:
+            raise ValueError(f"renorm_clipping applies only with renorm=True: expected None with renorm=False, got "
+                             f"{dict(clipping)!r}")
+        return None
+    if virtual_batch_size is not None:
+        raise ValueError(f"renorm does not combine with ghost batches: expected virtual_batch_size=None with "
+                         f"renorm=True, got {virtual_batch_size!r}")
+    return float(rmax), float(dmax)
 
 
 def residual(z, inp):
@@ -327,14 +414,35 @@ def _saved(saved):
                     if not (key == "weight" and a is None) and not (arr_ok(a, 1, (dt,)) and a.shape == (C,))), None)
         if bad is None and saved.y is not None and not (arr_ok(saved.y, 3, (x3.dtype,)) and saved.y.shape == x3.shape):
             bad = "y", f"None or an aligned C-contiguous {x3.dtype} array of shape {x3.shape}", show(saved.y)
+        if bad is None and saved.renorm is not None and not (arr_ok(saved.renorm, 2, (np.dtype(np.float64),))
+                                                             and saved.renorm.shape == (2, C)):
+            bad = "renorm", f"None or an aligned C-contiguous float64 array of shape (2, {C})", show(saved.renorm)
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")
 
 
-def grad_output(dy, saved):
-    """Check ``saved`` and ``dy`` (a floating array of the forward input's shape); return dy."""
-    _saved(saved)
+def _ghost_saved(saved):
+    """Check that ``saved`` is a consistent GhostSaved (consecutive groups covering axis 0, each a consistent
+    BatchNormSaved of its part of the input)."""
+    ok = (isinstance(saved.bounds, tuple) and isinstance(saved.parts, tuple) and isinstance(saved.shape, tuple)
+          and len(saved.bounds) == len(saved.parts) > 0 and len(saved.shape) >= 2)
+    stop = 0
+    for bound, part in zip(saved.bounds, saved.parts) if ok else ():
+        _saved(part)
+        ok = ok and (isinstance(bound, tuple) and len(bound) == 2 and bound[0] == stop and bound[1] > stop
+                     and part.shape == (bound[1] - stop,) + saved.shape[1:] and np.dtype(part.dtype) == saved.dtype)
+        stop = bound[1] if ok else stop
+    if not (ok and stop == saved.shape[0]):
+        raise ValueError(f"saved is not a consistent GhostSaved from batch_norm(..., virtual_batch_size=...): "
+                         f"expected consecutive groups covering the {saved.shape!r} input, got bounds "
+                         f"{saved.bounds!r}")
+
+
+def grad_output(dy, saved, ghost=True):
+    """Check ``saved`` (a BatchNormSaved, or with ``ghost`` a GhostSaved too) and ``dy`` (a floating array of the
+    forward input's shape); return dy."""
+    _ghost_saved(saved) if ghost and isinstance(saved, GhostSaved) else _saved(saved)
     dy = float_array(dy, "grad_output")
     if dy.shape != saved.shape:
         raise ValueError(f"grad_output must have the forward input's shape {saved.shape}, got {dy.shape}")
@@ -343,9 +451,19 @@ def grad_output(dy, saved):
 
 def grad_out(out, dy, saved):
     """Check the ``out`` of a backward (as :func:`out_array`, not overlapping dy or what ``saved`` holds)."""
-    return out_array(out, "out", saved.shape, saved.dtype, saved_order(saved), {
-        "grad_output": dy, "the saved input": saved.x, "saved.weight": saved.weight, "saved.mean": saved.mean,
-        "saved.invstd": saved.invstd, "the saved output": saved.y})
+    out = out_array(out, "out", saved.shape, saved.dtype, saved_order(saved), {"grad_output": dy})
+    parts = saved.parts if isinstance(saved, GhostSaved) else (saved,)
+    for part in parts if out is not None else ():
+        no_overlap("out", out, {"the saved input": part.x, "saved.weight": part.weight, "saved.mean": part.mean,
+                                "saved.invstd": part.invstd, "the saved output": part.y})
+    return out
+
+
+def no_grad_sums(sums, count):
+    """A ghost-batch backward takes no sums of a larger batch (its groups are normalised on their own)."""
+    if sums is not None or count is not None:
+        raise ValueError(f"grad_sums and count must be None after a forward with virtual batches (each group is "
+                         f"differentiated on its own), got grad_sums {type(sums).__name__} and count {count!r}")
 
 
 def grad_sums(sums, count, C, m):

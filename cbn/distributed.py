@@ -58,12 +58,22 @@ def _raise_if_rejected(ok, error, what):
                            f"their input (see the error raised there); no state changed")
 
 
+def _no_virtual_batches(size):
+    """SyncBatchNorm normalises with the statistics of the whole global batch: no ghost batches."""
+    if size is not None:
+        raise ValueError(f"SyncBatchNorm takes no virtual_batch_size (its statistics are those of the batch of all "
+                         f"ranks): expected None, got {size!r}")
+
+
 class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation)
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None, *, virtual_batch_size=None,
+                 renorm=False, renorm_clipping=None):
+        _no_virtual_batches(virtual_batch_size)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation,
+                         renorm=renorm, renorm_clipping=renorm_clipping)
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
 
@@ -112,8 +122,15 @@ class _SyncBatchNorm(_BatchNorm):
         V.count_per_channel(n, "1 over all ranks")
         var = M2 / n if n else np.full(C, np.nan)
         # Normalised with the global batch statistics: the backward differentiates through them.
-        y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, self.activation == "relu", z)
-        if self.track_running_stats:
+        relu, clipping = self.activation == "relu", V.renorm(self.renorm, self.renorm_clipping, None)
+        if clipping is None:
+            y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, relu, z)
+        else:
+            y, saved = F.renormalize(inp, mean, var, self.running_mean, self.running_var, weight, bias, self.eps,
+                                     clipping, out, relu, z)
+        if self._population is not None:  # inside precise_stats: the global batch's statistics are recorded
+            self._population.add(n, mean, M2)
+        elif self.track_running_stats:
             self.num_batches_tracked += 1
             F.update_running_stats(self.running_mean, self.running_var, n, mean, M2,
                                    self._factor(self.num_batches_tracked), self.nan_guard)
@@ -177,6 +194,10 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
     ----------
     num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation
         As :class:`BatchNorm2d`.
+    virtual_batch_size : None
+        Only None: the statistics are always those of the batch of all ranks.
+    renorm, renorm_clipping
+        As :class:`BatchNorm2d`, with the statistics of the batch of all ranks (identical on every rank).
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the
         communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it).
@@ -197,7 +218,7 @@ def _as_class(layer, cls, **extra):
     forward."""
     new = cls.__new__(cls)
     new.__dict__.update({k: v for k, v in vars(layer).items() if k not in _SYNC_ONLY}, _saved=None,
-                        _lock=threading.RLock(), **extra)
+                        _population=None, _lock=threading.RLock(), **extra)
     return new
 
 
@@ -246,11 +267,17 @@ def convert_sync_batchnorm(model, comm=None):
     comm : mpi4py.MPI.Intracomm, optional
         Communicator of the new layers; default COMM_WORLD.
 
+    Raises
+    ------
+    ValueError
+        A layer has a ``virtual_batch_size`` (SyncBatchNorm takes none); nothing is converted.
+
     Returns
     -------
     The converted model (a new layer when ``model`` is a layer).
     """
     comm = _check_comm(comm)
+    _swap_layers(model, lambda layer: _no_virtual_batches(layer.virtual_batch_size) or layer, {})  # all checked first
     return _swap_layers(model, lambda layer: _as_class(layer, _SYNC[type(layer)], comm=comm, _global_count=None)
                         if type(layer) in _SYNC else layer, {})
 

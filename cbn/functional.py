@@ -10,8 +10,9 @@ kernels see.
 
 Two tiers. The ``batch_norm*`` functions check every argument (with :mod:`cbn._validate`) and call the second
 tier: :func:`forward` (which takes a checked input and checks the rest: the layers check their input themselves,
-with their ranks and channel count), and :func:`normalize`, :func:`statistics`, :func:`merge_statistics`,
-:func:`update_running_stats`, :func:`gradient_sums` and :func:`gradient_input`, which take checked arguments (an
+with their ranks and channel count), and :func:`normalize`, :func:`renormalize`, :func:`statistics`,
+:func:`merge_statistics`, :func:`update_running_stats`, :func:`running_update`, :func:`gradient_sums` and
+:func:`gradient_input`, which take checked arguments (an
 :class:`cbn._validate.Input`, arrays as the checks returned them) and check nothing. The layers and SyncBatchNorm
 check with :mod:`cbn._validate` and call the second tier, so that each argument is checked once per call. The
 second tier is not part of the public API.
@@ -23,10 +24,10 @@ import numpy as np
 from . import _validate as V
 from ._dispatch import kernels as _kernels
 from ._threads import thread_cap
-from ._validate import BatchNormSaved
+from ._validate import BatchNormSaved, GhostSaved
 
-__all__ = ["BatchNormSaved", "batch_norm", "batch_norm_backward", "batch_norm_elemt", "batch_norm_grad_sums",
-           "batch_norm_stats"]
+__all__ = ["BatchNormSaved", "GhostSaved", "batch_norm", "batch_norm_backward", "batch_norm_elemt",
+           "batch_norm_grad_sums", "batch_norm_stats"]
 
 
 def _memory(a, order, axis, dt):
@@ -54,9 +55,10 @@ def _kernel_output(out, order, dt):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None):
+               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
+               virtual_batch_size=None, renorm=False, renorm_clipping=None):
     """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
-    residual add and ReLU.
+    residual add and ReLU, ghost batches or batch renormalization.
 
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
     variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
@@ -99,32 +101,56 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     residual : ndarray, optional
         Added to the normalised value before the activation (the tail of a ResNet block): an array of x's shape,
         any floating dtype and layout (converted to the compute dtype and x's layout when needed).
+    virtual_batch_size : int, optional
+        Ghost batches (in training): axis 0 (not the channel axis) is split into consecutive groups of this many
+        samples, the last one possibly smaller, each with more than one value per channel; group g is normalised
+        with its own mean and variance, and the running statistics are updated once, with the average over the G
+        groups of their means and unbiased variances: r = (1 - momentum)*r + momentum*sum_g(stat_g)/G. The
+        backward is the exact gradient (the groups are independent; dweight and dbias summed over them). Ignored
+        when not ``training``; a batch of at most this many samples is one group, the plain batch norm.
+    renorm : bool
+        Batch renormalization (Ioffe 2017, Algorithm 1) in training; needs ``running_mean`` and ``running_var``.
+        With sigma = sqrt(running_var + eps) and mu = running_mean before this step's update, sigma_B =
+        sqrt(var_B + eps): r = clip(sigma_B/sigma, 1/rmax, rmax), d = clip((mean_B - mu)/sigma, -dmax, dmax),
+        y = act(weight*((x - mean_B)/sigma_B*r + d) + bias + residual), r and d constants for the gradient; then
+        the running statistics update as usual. Not with ``virtual_batch_size``.
+    renorm_clipping : dict, optional
+        {"rmax": rmax >= 1, "dmax": dmax >= 0}, a missing key meaning no bound; None: no clipping (Keras' default;
+        the paper ends its schedule at rmax=3, dmax=5). Only with ``renorm``.
 
     Returns
     -------
     y : ndarray
         Output of the compute dtype (float16 for float16 input), shape and memory layout of x (unless ``out``).
-    saved : BatchNormSaved
-        Only with ``return_saved``.
+    saved : BatchNormSaved or GhostSaved
+        Only with ``return_saved`` (a GhostSaved after a forward of several virtual batches).
     """
     y, saved = forward(V.input_array(x, axis, dtype), running_mean, running_var, weight, bias, training, momentum,
-                       eps, out, nan_guard, activation, residual)
+                       eps, out, nan_guard, activation, residual, virtual_batch_size, renorm, renorm_clipping)
     return (y, saved) if return_saved else y
 
 
 def forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard, activation=None,
-            residual=None):
+            residual=None, virtual_batch_size=None, renorm=False, renorm_clipping=None, update_stats=True):
     """:func:`batch_norm` of a checked input ``inp`` (:func:`cbn._validate.input_array`): checks the other
-    arguments, then computes; returns (y, saved)."""
+    arguments, then computes; returns (y, saved). ``update_stats=False``: the running statistics are read (by
+    renorm) but not updated."""
     V.scalars(momentum, eps)
     relu = V.activation(activation) == "relu"
     z = V.residual(residual, inp)
+    size = V.virtual_batch_size(virtual_batch_size)
+    clipping = V.renorm(renorm, renorm_clipping, size)
+    groups = V.virtual_batches(size, inp, training)
     x, axis, order, dt = inp.x, inp.axis, inp.order, inp.dtype
     shape = x.shape
     C = shape[axis]
     training = bool(training)
     if training:
         V.count_per_channel(math.prod(shape) // C if C else 0, f"input size {shape}")
+    renorming = training and clipping is not None and x.size > 0
+    if renorming and (running_mean is None or running_var is None):
+        raise ValueError(f"renorm needs the running statistics: expected running_mean and running_var arrays when "
+                         f"training, got {type(running_mean).__name__} and {type(running_var).__name__}")
     update = training and (running_mean is not None or running_var is not None)
     disjoint = V.distinct_owners(x, running_mean, running_var, weight, bias, out, z)
     if update:
@@ -148,6 +174,19 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     y = V.out_array(out, "out", shape, inp.out_dtype, order, None if disjoint else {
         "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
         "residual": z})
+    update = update and update_stats
+    if groups is not None:
+        y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z)
+        if update:
+            running_update(running_mean, running_var, mean, var, momentum, nan_guard)
+        return y, saved
+    if renorming:
+        count, mean, M2 = statistics(inp)
+        y, saved = renormalize(inp, mean, M2 / count, running_mean, running_var, weight, bias, eps, clipping, y, relu,
+                               z)
+        if update:
+            update_running_stats(running_mean, running_var, count, mean, M2, momentum, nan_guard)
+        return y, saved
     if training:
         stats = np.empty(2 * C)
     guard = update and nan_guard
@@ -159,6 +198,24 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)
     return y, saved
+
+
+def _ghost_forward(inp, groups, weight, bias, eps, y, relu, z):
+    """Each group x[start:stop] of ``groups`` normalised with its own statistics into y[start:stop] (allocated when
+    None): returns y, the GhostSaved, and the groups' average mean and average unbiased variance."""
+    x = inp.x
+    if y is None:
+        y = _empty(x.shape, inp.order, inp.out_dtype)
+    parts, means, variances = [], [], []
+    for start, stop in groups:
+        part = inp._replace(x=x[start:stop], order=V.memory_order(x[start:stop]))
+        count, mean, M2 = statistics(part)
+        parts.append(normalize(part, mean, M2 / count, weight, bias, eps, y[start:stop], relu,
+                               None if z is None else z[start:stop])[1])
+        means.append(mean)
+        variances.append(M2 / (count - 1))
+    saved = GhostSaved(groups, tuple(parts), x.shape, inp.out_dtype, inp.order, z is not None)
+    return y, saved, np.mean(means, axis=0), np.mean(variances, axis=0)
 
 
 def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, out=None, dtype=None,
@@ -210,6 +267,38 @@ def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None):
     stats[:C], stats[C:] = mean, var
     y, saved = _normalize(inp, stats, weight, bias, False, out, eps, False, None, None, 0.0, relu, z)
     return y, saved._replace(use_batch_stats=True)
+
+
+def renormalize(inp, mean, var, running_mean, running_var, weight, bias, eps, clipping, out, relu=False, z=None):
+    """Batch renormalization of checked arguments with the batch's mean and biased variance ``var`` and the
+    ``clipping`` (rmax, dmax); returns (y, saved) (the running statistics are not updated).
+
+    r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean - running_mean)/sigma, -dmax, dmax) with
+    sigma_B = sqrt(var + eps), sigma = sqrt(running_var + eps); y = weight*((x - mean)/sigma_B*r + d) + bias is the
+    normalisation with invstd r/sigma_B and bias weight*d + bias. With r and d constant its gradient is the
+    batch-statistics one with weight*r for weight (invstd 1/sigma_B), and dweight = r*sum(dy*xhat) + d*sum(dy):
+    the saved forward holds that weight, that invstd and (r, d).
+    """
+    rmax, dmax = clipping
+    C = mean.shape[0]
+    with np.errstate(all="ignore"):
+        sigma_b = np.sqrt(var + eps)
+        sigma = np.sqrt(running_var.astype(np.float64) + eps)
+        r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+        d = np.clip((mean - running_mean.astype(np.float64)) / sigma, -dmax, dmax)
+        gamma = np.ones(C) if weight is None else weight.astype(np.float64)
+        shift = gamma * d + (0.0 if bias is None else bias)
+        invstd = 1.0 / sigma_b
+        y, saved = normalize(inp, mean, (sigma_b / r) ** 2, weight, shift.astype(inp.dtype), 0.0, out, relu, z)
+    return y, saved._replace(invstd=invstd, weight=(gamma * r).astype(inp.dtype), renorm=np.stack((r, d)))
+
+
+def _renorm_grads(saved, dweight, dbias):
+    """After a renorm forward, turn the kernel's dweight = sum(dy*xhat) into the gradient of the weight,
+    r*sum(dy*xhat) + d*sum(dy), in place."""
+    if saved.renorm is not None:
+        r, d = saved.renorm
+        dweight[...] = r * dweight + d * dbias
 
 
 def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean, running_var, momentum, relu, z):
@@ -341,12 +430,17 @@ def update_running_stats(running_mean, running_var, count, mean, M2, momentum, n
     nan_guard : bool
         As :func:`batch_norm`.
     """
-    if not count:
-        return
+    if count:
+        running_update(running_mean, running_var, mean, M2 / (count - 1.0), momentum, nan_guard)
+
+
+def running_update(running_mean, running_var, mean, var, momentum, nan_guard):
+    """:func:`update_running_stats` from a (C,) float64 mean and unbiased variance: r = (1 - f)*r + f*stat in
+    float64, each rounded once to the statistics' dtype, then committed (:func:`commit_running_stats`)."""
     dt = running_mean.dtype
     with np.errstate(all="ignore"):
         new_mean = ((1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean).astype(dt)
-        new_var = ((1.0 - momentum) * running_var.astype(np.float64) + momentum * (M2 / (count - 1.0))).astype(dt)
+        new_var = ((1.0 - momentum) * running_var.astype(np.float64) + momentum * var).astype(dt)
     commit_running_stats(running_mean, running_var, new_mean, new_var, nan_guard)
 
 
@@ -373,7 +467,7 @@ def batch_norm_grad_sums(dy, saved):
     dweight, dbias : ndarray
         (C,) this batch's gradients of weight and bias, in the compute dtype.
     """
-    return gradient_sums(V.grad_output(dy, saved), saved)
+    return gradient_sums(V.grad_output(dy, saved, ghost=False), saved)
 
 
 def gradient_sums(dy, saved):
@@ -387,6 +481,7 @@ def gradient_sums(dy, saved):
         _kernels.backward(x3.reshape(-1), _memory(dy, V.saved_order(saved), saved.axis, x3.dtype).reshape(-1), None,
                           N, C, saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0,
                           thread_cap(), _mask(saved))
+    _renorm_grads(saved, dweight, dbias)
     return sums, dweight, dbias
 
 
@@ -401,14 +496,16 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
     xhat = (x - mean)*invstd, m values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),
     dbias = sum(dy). After a forward with ReLU, dy stands for dy masked by the output (dy where y > 0, else 0) in
-    all of these; after a forward with a residual, dresidual is that (masked) dy.
+    all of these; after a forward with a residual, dresidual is that (masked) dy. After a renorm forward, g =
+    weight*r/sigma_B, xhat = (x - mean_B)/sigma_B and dweight = r*sum(dy*xhat) + d*sum(dy) (r, d constant). After a
+    ghost-batch forward (a GhostSaved), all of this per group, dweight and dbias summed over the groups.
 
     Parameters
     ----------
     dy : ndarray
         Gradient of the loss with respect to the forward's output; same shape as the forward's input (any layout;
         no copy when it has the input's).
-    saved : BatchNormSaved
+    saved : BatchNormSaved or GhostSaved
         From ``batch_norm(..., return_saved=True)``.
     out : ndarray, optional
         Preallocated dx: shape of dy, dtype ``saved.dtype``, writeable, C-contiguous or with the forward input's
@@ -416,7 +513,7 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     grad_sums : ndarray, optional
         (2, C) float64 sums of :func:`batch_norm_grad_sums` over a larger batch of which this one is a part
         (data-parallel training, where the forward used that batch's statistics); they replace this batch's sums,
-        and ``count`` its m.
+        and ``count`` its m. Not after a ghost-batch forward.
     count : int, optional
         Values per channel of the batch that ``grad_sums`` covers; required with ``grad_sums``.
 
@@ -431,9 +528,28 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
         layout of dx, dtype ``saved.dtype``).
     """
     dy = V.grad_output(dy, saved)
+    if isinstance(saved, GhostSaved):
+        V.no_grad_sums(grad_sums, count)
+        return _ghost_gradient(dy, saved, V.grad_out(out, dy, saved))
     N, C, S = saved.x.shape
     grad_sums, count = V.grad_sums(grad_sums, count, C, N * S)
     return gradient_input(dy, saved, V.grad_out(out, dy, saved), grad_sums, count)
+
+
+def _ghost_gradient(dy, saved, out):
+    """:func:`batch_norm_backward` of a ghost-batch forward (checked arguments): each group's gradient into its
+    slice of dx (and of dresidual after a ReLU), dweight and dbias summed over the groups in float64."""
+    dx = _empty(saved.shape, saved.order, saved.dtype) if out is None else out
+    masked_dz = saved.residual and saved.parts[0].y is not None
+    dz = _empty(saved.shape, saved.order, saved.dtype) if masked_dz else dy
+    grads = np.zeros((2, saved.parts[0].x.shape[1]))
+    for (start, stop), part in zip(saved.bounds, saved.parts):
+        _, dweight, dbias, *dresidual = gradient_input(dy[start:stop], part, dx[start:stop], None, None)
+        grads += dweight, dbias
+        if masked_dz:
+            dz[start:stop] = dresidual[0]
+    dweight, dbias = grads.astype(saved.parts[0].x.dtype)
+    return (dx, dweight, dbias) + ((dz,) if saved.residual else ())
 
 
 def gradient_input(dy, saved, out, grad_sums, count):
@@ -457,4 +573,5 @@ def gradient_input(dy, saved, out, grad_sums, count):
         for (a, direct), f in zip(outputs, flat):
             if direct is None:
                 _copy_result(a, f, order)
+    _renorm_grads(saved, dweight, dbias)
     return (dx, dweight, dbias) + ((dz,) if saved.residual else ())

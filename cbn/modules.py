@@ -10,7 +10,8 @@ from . import _validate as V
 from . import functional as F
 
 FORMAT = "cbn.batchnorm"
-FORMAT_VERSION = 3  # 2: the channel axis; 3: the fused activation (earlier files load with axis 1, no activation)
+FORMAT_VERSION = 4  # 2: the channel axis; 3: the fused activation; 4: virtual_batch_size and renorm (earlier
+# files load with axis 1, no activation, no virtual batches, no renorm)
 
 
 class _BatchNorm:
@@ -23,10 +24,21 @@ class _BatchNorm:
     _ndims = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None):
+                 dtype=np.float32, nan_guard=False, axis=1, activation=None, *, virtual_batch_size=None, renorm=False,
+                 renorm_clipping=None):
         num_features = V.integer(num_features, "num_features", 1)
         V.channel_axis(axis, max(self._ndims))
         self.activation = V.activation(activation)
+        self.virtual_batch_size = V.virtual_batch_size(virtual_batch_size)
+        if self.virtual_batch_size is not None and axis == 0:
+            raise ValueError("virtual_batch_size splits the batch axis 0, which must not be the channel axis: "
+                             "expected axis other than 0, got axis 0")
+        clipping = V.renorm(renorm, renorm_clipping, self.virtual_batch_size)
+        if clipping is not None and not track_running_stats:
+            raise ValueError("renorm needs running statistics: expected track_running_stats=True with renorm=True, "
+                             f"got track_running_stats={track_running_stats!r}")
+        self.renorm = bool(renorm)
+        self.renorm_clipping = None if renorm_clipping is None else dict(zip(("rmax", "dmax"), clipping))
         V.scalars(0.0 if momentum is None else momentum, eps)
         dtype = V.compute_dtype(dtype)
         self.num_features = num_features
@@ -48,6 +60,7 @@ class _BatchNorm:
         self.grad_bias = None
         self.grad_residual = None
         self._saved = None
+        self._population = None  # inside cbn.precise_stats: the exact statistics of the batches seen
         self._lock = threading.RLock()
 
     # -- mode -------------------------------------------------------------------------------------------------
@@ -83,16 +96,20 @@ class _BatchNorm:
         """
         with self._lock:
             inp = self._input(x)
+            record = self.training and self._population is not None  # precise_stats: record, do not update
             count = self.num_batches_tracked
             factor = 0.0
-            if self.training and self.track_running_stats:
+            if self.training and self.track_running_stats and not record:
                 count += 1
                 factor = self._factor(count)
             use_batch_stats = self.training or self.running_mean is None
             track = not self.training or self.track_running_stats
             y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
                                  self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
-                                 self.activation, residual)
+                                 self.activation, residual, self.virtual_batch_size if self.training else None,
+                                 self.renorm, self.renorm_clipping, update_stats=not record)
+            if record:
+                self._population.add(*F.statistics(inp))
             self.num_batches_tracked = count
             self._saved = saved
             return y
@@ -222,6 +239,7 @@ class _BatchNorm:
         with self._lock:
             state = self.__dict__.copy()
         state["_saved"] = None  # the last forward's input is not part of the layer's state
+        state["_population"] = None  # nor what a precise_stats block records
         del state["_lock"]
         return state
 
@@ -231,17 +249,24 @@ class _BatchNorm:
         self.__dict__.setdefault("axis", 1)  # nor an axis
         self.__dict__.setdefault("activation", None)  # pickles before cbn 0.2 have no activation
         self.__dict__.setdefault("grad_residual", None)
+        self.__dict__.setdefault("virtual_batch_size", None)  # nor before cbn 0.3 ghost batches
+        self.__dict__.setdefault("renorm", False)  # nor batch renormalization
+        self.__dict__.setdefault("renorm_clipping", None)
+        self.__dict__.setdefault("_population", None)
         self._lock = threading.RLock()
 
     def extra_repr(self):
         """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, nan_guard if on, the
-        axis if not 1 and the activation if any)."""
+        axis if not 1, the activation, the virtual batch size and batch renormalization if any)."""
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.affine}, track_running_stats={self.track_running_stats}")
         s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
         s = s + ", nan_guard=True" if self.nan_guard else s
         s = s if self.axis == 1 else s + f", axis={self.axis}"
-        return s if self.activation is None else s + f", activation={self.activation!r}"
+        s = s if self.activation is None else s + f", activation={self.activation!r}"
+        s = s if self.virtual_batch_size is None else s + f", virtual_batch_size={self.virtual_batch_size}"
+        s = s + ", renorm=True" if self.renorm else s
+        return s if self.renorm_clipping is None else s + f", renorm_clipping={self.renorm_clipping}"
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -251,15 +276,19 @@ class _BatchNorm:
         """The hyperparameters that ``save`` writes (JSON values) and :meth:`_from_config` reads back."""
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine,
                 "track_running_stats": self.track_running_stats, "dtype": self.dtype.name,
-                "nan_guard": self.nan_guard, "axis": self.axis, "activation": self.activation}
+                "nan_guard": self.nan_guard, "axis": self.axis, "activation": self.activation,
+                "virtual_batch_size": self.virtual_batch_size, "renorm": self.renorm,
+                "renorm_clipping": self.renorm_clipping}
 
     @classmethod
     def _from_config(cls, config):
         """A new layer with the hyperparameters of a file's config (version-1 files have no nan_guard and no axis,
-        versions 1 and 2 no activation)."""
+        versions 1 and 2 no activation, versions 1 to 3 no virtual batch size and no renorm)."""
         return cls(config["num_features"], config["eps"], config["momentum"], config["affine"],
                    config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
-                   config.get("axis", 1), config.get("activation"))
+                   config.get("axis", 1), config.get("activation"),
+                   virtual_batch_size=config.get("virtual_batch_size"), renorm=config.get("renorm", False),
+                   renorm_clipping=config.get("renorm_clipping"))
 
     def save(self, path):
         """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
@@ -315,6 +344,18 @@ class BatchNorm2d(_BatchNorm):
     activation : {None, "relu"}
         Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward takes
         the ReLU's mask from the saved output.
+    virtual_batch_size : int, optional
+        Ghost batches (keyword only): in training, axis 0 is split into groups of this many samples (the last may be
+        smaller), each normalised with its own statistics; the running statistics are updated once per call with
+        the average over groups of the groups' means and unbiased variances; see
+        :func:`cbn.functional.batch_norm`. Eval is unchanged. The channel axis must not be 0.
+    renorm : bool
+        Batch renormalization (Ioffe 2017; keyword only, needs ``track_running_stats``, not with
+        ``virtual_batch_size``): in training y = weight*((x - mean_B)/sigma_B*r + d) + bias with
+        r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean_B - running_mean)/sigma, -dmax, dmax),
+        sigma = sqrt(running_var + eps), r and d constants for the gradient; see :func:`cbn.functional.batch_norm`.
+    renorm_clipping : dict, optional
+        {"rmax": >= 1, "dmax": >= 0} (keyword only; a missing key or None: no clipping, as Keras).
     """
 
     _ndims = (4,)

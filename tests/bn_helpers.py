@@ -1,7 +1,9 @@
 """Shared helpers for the cbn test suite: a reference layer, state snapshots and honest error bounds."""
 import contextlib
+import os
 
 import numpy as np
+import pytest
 
 import cbn
 from cbn import reference as R
@@ -29,6 +31,15 @@ def forced_layout(layout):
     finally:
         kernels.force_layout(None)
         cbn.set_num_threads(threads)
+
+def require_torch():
+    """The torch module, or skip the calling test when it is not installed (a failure when CBN_EXPECT_TORCH=1: CI
+    installed it)."""
+    if os.environ.get("CBN_EXPECT_TORCH") == "1":
+        import torch
+        return torch
+    return pytest.importorskip("torch")
+
 
 CLASSES = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}
 

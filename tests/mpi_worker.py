@@ -237,6 +237,49 @@ def check_convert_and_state():
     sub.Free()
 
 
+def check_precise_stats():
+    """In precise_stats a SyncBatchNorm records the global batches: its statistics equal one process's BatchNorm
+    in precise_stats over the whole batches, bitwise on every rank."""
+    rng = np.random.default_rng(99)
+    for dtype in (np.float64, np.float32):
+        sync, single = cbn.SyncBatchNorm2d(3, dtype=dtype), cbn.BatchNorm2d(3, dtype=dtype)
+        with cbn.precise_stats(sync), cbn.precise_stats(single):
+            for counts in ([2, 1, 0, 3][:size], [1] * size, [4] + [0] * (size - 1)):
+                whole = (rng.standard_normal((sum(counts), 3, 2, 3)) * 5 + 100).astype(dtype)
+                start = sum(counts[:rank])
+                sync(whole[start:start + counts[rank]])
+                single(whole)
+                assert sync.num_batches_tracked == 0
+        assert same_on_all_ranks(sync.running_mean, sync.running_var)
+        assert sync.num_batches_tracked == single.num_batches_tracked == 3
+        for key in ("running_mean", "running_var"):
+            record(dtype, key, rel_err(getattr(sync, key), getattr(single, key)), "precise_stats")
+
+
+def check_renorm():
+    """A SyncBatchNorm with renorm equals one process's renorm BatchNorm on the whole batch (y, dx, the summed
+    parameter gradients, the running statistics over two steps)."""
+    rng = np.random.default_rng(7)
+    for dtype in (np.float64, np.float32):
+        clipping = {"rmax": 1.5, "dmax": 0.5}
+        sync = cbn.SyncBatchNorm1d(3, dtype=dtype, renorm=True, renorm_clipping=clipping)
+        single = cbn.BatchNorm1d(3, dtype=dtype, renorm=True, renorm_clipping=clipping)
+        counts = [2, 0, 3, 1][:size]
+        for step in range(2):
+            whole = (rng.standard_normal((sum(counts), 3, 4)) * (1 + 2 * step) + step).astype(dtype)
+            dy = rng.standard_normal(whole.shape).astype(dtype)
+            start, stop = sum(counts[:rank]), sum(counts[:rank + 1])
+            y, y_ref = sync(whole[start:stop]), single(whole)
+            dx, dx_ref = sync.backward(dy[start:stop]), single.backward(dy)
+            record(dtype, "y", rel_err(y, y_ref[start:stop], float(np.max(np.abs(y_ref)))), "renorm")
+            record(dtype, "dx", rel_err(dx, dx_ref[start:stop], float(np.max(np.abs(dx_ref)))), "renorm")
+            record(dtype, "dweight", rel_err(ordered_sum(sync.grad_weight), single.grad_weight), "renorm")
+            record(dtype, "dbias", rel_err(ordered_sum(sync.grad_bias), single.grad_bias), "renorm")
+            for key in ("running_mean", "running_var"):
+                record(dtype, key, rel_err(getattr(sync, key), getattr(single, key)), "renorm")
+        assert same_on_all_ranks(sync.running_mean, sync.running_var)
+
+
 def main():
     # Shard sizes: uneven, with empty ranks, and (1d) one value on some ranks.
     uneven = [1, 2, 3, 4][:size]
@@ -268,6 +311,8 @@ def main():
     check_errors()
     check_eval_is_local()
     check_convert_and_state()
+    check_precise_stats()
+    check_renorm()
     if rank == 0:
         print("CBN_MPI_RESULT " + json.dumps({"size": size, "worst_relative_error": worst}), flush=True)
 

@@ -421,8 +421,8 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
 
 
 @pytest.mark.parametrize("config,exc,expected,actual", [
-    (dict(_V1, version=4), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 3\)",
-     r"got \('cbn\.batchnorm', 4\)"),
+    (dict(_V1, version=5), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 4\)",
+     r"got \('cbn\.batchnorm', 5\)"),
     (dict(_V1, format="other"), ValueError, r"format 'cbn\.batchnorm'", r"got \('other', 1\)"),
     (None, ValueError, r"known version", r"got None"),
     (dict(_V1, training="yes"), ValueError, r"'training' must be true or false", r"got 'yes'"),
@@ -434,8 +434,11 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
     (dict(_V1, version=2, axis=4), ValueError, r"axis must be in \[-4, 4\) for 4-D input", r"got 4\b"),
     (dict(_V1, version=2, axis="last"), TypeError, r"axis must be an integer", r"got 'last'"),
     (dict(_V1, version=3, activation="gelu"), ValueError, r"activation must be None or 'relu'", r"got 'gelu'"),
+    (dict(_V1, version=4, virtual_batch_size=0), ValueError, r"virtual_batch_size must be an integer >= 1",
+     r"got 0\b"),
+    (dict(_V1, version=4, axis=0, virtual_batch_size=8), ValueError, r"expected axis other than 0", r"got axis 0"),
 ], ids=["future-version", "foreign-format", "no-config", "training-str", "nan_guard-int", "unknown-class", "axis-4",
-        "axis-str", "activation-gelu"])
+        "axis-str", "activation-gelu", "virtual-batch-size-0", "virtual-batch-size-axis-0"])
 def test_load_rejects_bad_files(tmp_path, config, exc, expected, actual):
     path = tmp_path / "bad.npz"
     state = cbn.BatchNorm2d(3).state_dict()
