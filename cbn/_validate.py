@@ -118,7 +118,7 @@ class Input(NamedTuple):
 
 def is_integer(v):
     """True for an integer that is not a bool."""
-    return not isinstance(v, bool) and isinstance(v, numbers.Integral)
+    return type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral))
 
 
 def integer(value, name, minimum, why=""):

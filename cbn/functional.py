@@ -33,7 +33,7 @@ __all__ = ["BatchNormSaved", "GhostSaved", "batch_norm", "batch_norm_backward", 
 def _memory(a, order, axis, dt):
     """``a`` transposed to ``order`` as an aligned C-contiguous (A, C, B) array of dtype dt, C = a.shape[axis]:
     a view when a's memory is dense in that order, else a copy."""
-    mem = V.contiguous(a.transpose(order), dt)
+    mem = V.contiguous(a if order == tuple(range(a.ndim)) else a.transpose(order), dt)
     k = order.index(axis)
     return mem.reshape(math.prod(mem.shape[:k]), a.shape[axis], math.prod(mem.shape[k + 1:]))
 
@@ -49,9 +49,10 @@ def _empty(shape, order, dt):
 def _kernel_output(out, order, dt):
     """The flat array the kernel writes: out's own memory when it is laid out in ``order`` with dtype dt, else
     None (the kernel writes a temporary that is copied into out)."""
-    if out.dtype == dt and out.transpose(order).flags.c_contiguous:
-        return out.transpose(order).view(np.ndarray).reshape(-1)
-    return None
+    if out.dtype != dt:
+        return None
+    mem = out if out.flags.c_contiguous and order == tuple(range(out.ndim)) else out.transpose(order)
+    return mem.view(np.ndarray).reshape(-1) if mem.flags.c_contiguous else None
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
