@@ -253,6 +253,8 @@ def renorm(enabled, clipping, virtual_batch_size):
     """Check the batch-renormalization options: ``enabled`` a bool, ``clipping`` None (no clipping, as Keras) or a
     dict with keys among "rmax" (>= 1) and "dmax" (>= 0), a missing one infinite, given only with ``enabled``, and no
     virtual batches with it. Return None when off, else (rmax, dmax) as floats."""
+    if enabled is False and clipping is None:  # the default, checked first
+        return None
     if not isinstance(enabled, (bool, np.bool_)):
         raise TypeError(f"renorm must be True or False, got {enabled!r}")
     if clipping is not None and not isinstance(clipping, Mapping):
