@@ -290,6 +290,19 @@ def residual(z, inp):
     return z
 
 
+def representable(a, dtype, name, note=""):
+    """``a`` cast to ``dtype``; ValueError naming the first finite value that the cast overflows (``note`` follows
+    the dtype in the message)."""
+    with np.errstate(all="ignore"):
+        cast = a.astype(dtype)
+    lost = np.flatnonzero(np.isfinite(a) & ~np.isfinite(cast))
+    if lost.size:
+        where = "index" if a.ndim == 1 else "flat index"
+        raise ValueError(f"{name} must be representable in {np.dtype(dtype)}{note}, got {a.flat[lost[0]]} at {where} "
+                         f"{lost[0]}")
+    return cast
+
+
 def channel_array(a, name, C):
     """Check that ``a`` is a floating ndarray of shape (C,) and return it."""
     a = float_array(a, name)

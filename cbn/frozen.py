@@ -23,17 +23,6 @@ def _check_running_stats(bn, what):
                          f"{type(bn.running_var).__name__}")
 
 
-def _cast(a, dtype, name):
-    """``a`` (float64) cast to ``dtype``; ValueError when a finite value overflows it."""
-    with np.errstate(over="ignore"):
-        cast = a.astype(dtype)
-    lost = np.flatnonzero(np.isfinite(a) & ~np.isfinite(cast))
-    if lost.size:
-        raise ValueError(f"{name} must be representable in {dtype} (the dtype of weight), got "
-                         f"{a.flat[lost[0]]} at flat index {lost[0]}")
-    return cast
-
-
 def fold(bn, weight, bias=None):
     """Fold a batch norm's inference transform into the convolution or linear layer that feeds it.
 
@@ -87,7 +76,8 @@ def fold(bn, weight, bias=None):
     s = gamma / np.sqrt(var + eps)
     folded_weight = weight.astype(np.float64) * s.reshape((C,) + (1,) * (weight.ndim - 1))
     folded_bias = ((0.0 if bias is None else bias.astype(np.float64)) - mean) * s + beta
-    return _cast(folded_weight, weight.dtype, "folded weight"), _cast(folded_bias, weight.dtype, "folded bias")
+    return (V.representable(folded_weight, weight.dtype, "folded weight", " (the dtype of weight)"),
+            V.representable(folded_bias, weight.dtype, "folded bias", " (the dtype of weight)"))
 
 
 class _FrozenBatchNorm(_BatchNorm):

@@ -218,12 +218,7 @@ class _BatchNorm:
                 continue
             if value.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
-            with np.errstate(all="ignore"):
-                cast = value.astype(self.dtype)
-            lost = np.flatnonzero(np.isfinite(value) & ~np.isfinite(cast))
-            if lost.size:
-                raise ValueError(f"{key} must be representable in {self.dtype}, got {value[lost[0]]} at index "
-                                 f"{lost[0]}")
+            cast = V.representable(value, self.dtype, key)
             bad = np.flatnonzero(~np.isfinite(cast))
             if key.startswith("running") and bad.size:
                 raise ValueError(f"{key} must be finite, got {cast[bad[0]]} at index {bad[0]}")
