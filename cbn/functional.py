@@ -47,12 +47,13 @@ def _empty(shape, order, dt):
 
 
 def _kernel_output(out, order, dt):
-    """The flat array the kernel writes: out's own memory when it is laid out in ``order`` with dtype dt, else
-    None (the kernel writes a temporary that is copied into out)."""
-    if out.dtype != dt:
-        return None
-    mem = out if out.flags.c_contiguous and order == tuple(range(out.ndim)) else out.transpose(order)
-    return mem.view(np.ndarray).reshape(-1) if mem.flags.c_contiguous else None
+    """The flat array the kernel writes for ``out`` and whether it is out's own memory (when out is laid out in
+    ``order`` with dtype dt); else a temporary, to be copied into out with :func:`_copy_result`."""
+    if out.dtype == dt:
+        mem = out if out.flags.c_contiguous and order == tuple(range(out.ndim)) else out.transpose(order)
+        if mem.flags.c_contiguous:
+            return mem.view(np.ndarray).reshape(-1), True
+    return np.empty(out.size, dtype=dt), False
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
@@ -315,10 +316,7 @@ def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean,
     mean, invstd = stats[:C], stats[C:]
     y1 = None
     if x3.size:
-        y1 = _kernel_output(y, order, dt)
-        direct = y1 is not None
-        if not direct:
-            y1 = np.empty(x3.size, dtype=dt)
+        y1, direct = _kernel_output(y, order, dt)
         _kernels.forward(x3.reshape(-1), y1, x3.shape[0], C, running_mean, running_var, weight, bias, stats,
                          training, update, float(momentum), float(eps), thread_cap(),
                          None if z is None else _memory(z, order, axis, dt).reshape(-1), relu)
@@ -566,13 +564,12 @@ def gradient_input(dy, saved, out, grad_sums, count):
     grads = np.zeros(2 * C, dtype=dt)
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
-        outputs = [(a, _kernel_output(a, order, dt)) for a in ((dx, dz) if masked_dz else (dx,))]
-        flat = [np.empty(x3.size, dtype=dt) if f is None else f for _, f in outputs]
-        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), flat[0], N, C,
+        outputs = [(a, *_kernel_output(a, order, dt)) for a in ((dx, dz) if masked_dz else (dx,))]
+        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), outputs[0][1], N, C,
                           saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, grad_sums,
-                          float(count or 0), thread_cap(), _mask(saved), flat[1] if masked_dz else None)
-        for (a, direct), f in zip(outputs, flat):
-            if direct is None:
-                _copy_result(a, f, order)
+                          float(count or 0), thread_cap(), _mask(saved), outputs[1][1] if masked_dz else None)
+        for a, flat, direct in outputs:
+            if not direct:
+                _copy_result(a, flat, order)
     _renorm_grads(saved, dweight, dbias)
     return (dx, dweight, dbias) + ((dz,) if saved.residual else ())
