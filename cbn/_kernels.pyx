@@ -535,23 +535,34 @@ cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating[::1] x,
 
 
 cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
-    """s = channel c's two sums over all its blocks, added in block order (columns in order, for minor)."""
-    cdef Py_ssize_t b, i, j, r, g
-    s[0] = 0.0
-    s[1] = 0.0
+    """s = channel c's two sums over all its blocks' partial sums, added pairwise in a fixed tree over them in
+    block order (columns in order within a block, for minor): the rounding error grows with log2 of their number,
+    not with it."""
+    cdef Py_ssize_t n = (L.nblocks // L.ncol) * L.G if L.minor else L.per_channel
+    s[0] = _pairwise(L, part, c, 0, n, 0)
+    s[1] = _pairwise(L, part, c, 0, n, 1)
+
+
+cdef double _pairwise(Layout L, double[::1] part, Py_ssize_t c, Py_ssize_t t0, Py_ssize_t n,
+                      int which) noexcept nogil:
+    """Sum of channel c's partial sums t0 .. t0 + n - 1 (sum ``which``: 0 or 1), the two halves added recursively."""
+    cdef Py_ssize_t h = n // 2
+    if n == 1:
+        return _partial(L, part, c, t0, which)
+    return _pairwise(L, part, c, t0, h, which) + _pairwise(L, part, c, t0 + h, n - h, which)
+
+
+cdef inline double _partial(Layout L, double[::1] part, Py_ssize_t c, Py_ssize_t t, int which) noexcept nogil:
+    """Channel c's t-th partial sum ``which``: minor, column i = t % G of row block t // G; major, its group's
+    block t."""
+    cdef Py_ssize_t j, b, g
     if L.minor:
-        for r in range(L.nblocks // L.ncol):
-            for i in range(L.G):
-                j = _coef_column(L, c, i)
-                b = r * L.ncol + j // L.width
-                s[0] += part[b * L.part + j % L.width]
-                s[1] += part[b * L.part + L.width + j % L.width]
-        return
+        j = _coef_column(L, c, t % L.G)
+        b = (t // L.G) * L.ncol + j // L.width
+        return part[b * L.part + which * L.width + j % L.width]
     g = c // L.group
-    for r in range(L.per_channel):
-        b = r * L.ngroups + g
-        s[0] += part[b * L.part + 2 * (c - g * L.group)]
-        s[1] += part[b * L.part + 2 * (c - g * L.group) + 1]
+    b = t * L.ngroups + g
+    return part[b * L.part + 2 * (c - g * L.group) + which]
 
 
 cdef inline Py_ssize_t _coef_column(Layout L, Py_ssize_t c, Py_ssize_t i) noexcept nogil:
