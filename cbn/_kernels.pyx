@@ -81,9 +81,19 @@ cdef struct GradMasked:      # out = (masked(d) - c3)*c1 - (a - c0)*c2
     char tag
 cdef struct GradMaskedDz:    # GradMasked, and dz = masked(d)
     char tag
+# With position weights v (1 where a position counts in the statistics, else 0; see Positions):
+cdef struct MomentsValid:    # Moments over the positions with v = 1
+    char tag
+cdef struct GradValid:       # out = (d - c3)*c1 - (a - c0)*c2 where v = 1, else d*c1
+    char tag
+cdef struct GradMaskedValid:    # GradValid of masked(d)
+    char tag
+cdef struct GradMaskedDzValid:  # GradMaskedValid, and dz = masked(d)
+    char tag
 
 ctypedef fused SumOp:
     Moments
+    MomentsValid
     GradSums
     GradSumsMasked
 
@@ -97,6 +107,9 @@ ctypedef fused ApplyOp:
     Grad
     GradMasked
     GradMaskedDz
+    GradValid
+    GradMaskedValid
+    GradMaskedDzValid
 
 # The elementwise passes by number (a call picks one at run time; each block runs its compiled specialisation).
 cpdef enum Pass:
@@ -109,6 +122,17 @@ cpdef enum Pass:
     GRAD = 6
     GRAD_MASKED = 7
     GRAD_MASKED_DZ = 8
+    GRAD_VALID = 9
+    GRAD_MASKED_VALID = 10
+    GRAD_MASKED_DZ_VALID = 11
+
+
+# Position weights of masked statistics. Position p = n*S + s of the (N, C, S) tensor (the input without its
+# channel axis) counts where valid[p] is 1. col maps the columns of a channel-minor folded row (k rows of C*S values)
+# to their position in its k*S positions, col[j] = (j // (C*S))*S + j % S; channel-major rows use IDENTITY.
+cdef struct Positions:
+    const unsigned char *valid   # (N*S,), or NULL: every position counts
+    const Py_ssize_t *col
 
 
 cdef inline double _masked(double d, double e) noexcept nogil:
@@ -121,9 +145,9 @@ cdef inline double _relu(double v) noexcept nogil:
     return 0.0 if v < 0.0 else v
 
 
-cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, double c1, double c2,
-                          double c3) noexcept nogil:
-    """One value of an elementwise pass, in double (see the ApplyOp structs)."""
+cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, double c1, double c2, double c3,
+                          unsigned char v) noexcept nogil:
+    """One value of an elementwise pass, in double (see the ApplyOp structs; v: the position's weight)."""
     if ApplyOp is Affine:
         return (a - c0) * c1 + c2
     elif ApplyOp is AffineRelu:
@@ -136,13 +160,22 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
         return (_masked(a, e) - c0) * c1 + c2
     elif ApplyOp is Grad:
         return (d - c3) * c1 - (a - c0) * c2
-    else:
+    elif ApplyOp is GradMasked or ApplyOp is GradMaskedDz:
         return (_masked(d, e) - c3) * c1 - (a - c0) * c2
+    elif ApplyOp is GradValid:
+        return (d - c3) * c1 - (a - c0) * c2 if v else d * c1
+    else:
+        return (_masked(d, e) - c3) * c1 - (a - c0) * c2 if v else _masked(d, e) * c1
 
 
 cdef enum:
     COL_CHUNK = 512       # columns per pass of the column sums: their accumulators stay in L1
     LANES = 16            # fixed lanes of a channel-major row sum
+
+# col of the channel-major rows' weights (contiguous: position i + col[i] of the row's first; see Positions).
+cdef Py_ssize_t IDENTITY[COL_CHUNK]
+for _i in range(COL_CHUNK):
+    IDENTITY[_i] = _i
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
 # holds. Longer rows go channel-major.
@@ -330,10 +363,12 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 
 cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                        Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
-                       double *s0, double *s1) noexcept nogil:
+                       double *s0, double *s1, const unsigned char *v, Py_ssize_t vld,
+                       const Py_ssize_t *col) noexcept nogil:
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
-    u = x - shift[j], w = u (Moments), dy (GradSums) or masked(dy) (GradSumsMasked); four rows per step, added
-    pairwise. Vectorised across columns: each column is one lane."""
+    u = x - shift[j], w = u (Moments; MomentsValid: u where the weight v[r*vld + col[j]] is 1, else 0), dy
+    (GradSums) or masked(dy) (GradSumsMasked); four rows per step, added pairwise. Vectorised across columns: each
+    column is one lane."""
     cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
     for r in range(0, r4, 4):
@@ -343,25 +378,40 @@ cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, 
             u1 = <double>x[i + ld + j] - shift[j]
             u2 = <double>x[i + 2 * ld + j] - shift[j]
             u3 = <double>x[i + 3 * ld + j] - shift[j]
-            w0 = _weight(op, u0, dy[i + j], e[i + j])
-            w1 = _weight(op, u1, dy[i + ld + j], e[i + ld + j])
-            w2 = _weight(op, u2, dy[i + 2 * ld + j], e[i + 2 * ld + j])
-            w3 = _weight(op, u3, dy[i + 3 * ld + j], e[i + 3 * ld + j])
+            w0 = _weight(op, u0, dy[i + j], e[i + j], _valid(op, v, col, r * vld, j))
+            w1 = _weight(op, u1, dy[i + ld + j], e[i + ld + j], _valid(op, v, col, (r + 1) * vld, j))
+            w2 = _weight(op, u2, dy[i + 2 * ld + j], e[i + 2 * ld + j], _valid(op, v, col, (r + 2) * vld, j))
+            w3 = _weight(op, u3, dy[i + 3 * ld + j], e[i + 3 * ld + j], _valid(op, v, col, (r + 3) * vld, j))
+            if SumOp is MomentsValid:  # u = 0 too where w is: a NaN at an uncounted position stays out
+                u0, u1, u2, u3 = w0, w1, w2, w3
             s0[j] += (w0 + w1) + (w2 + w3)
             s1[j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
     for r in range(r4, nrows):
         i = base + r * ld
         for j in range(width):
             u0 = <double>x[i + j] - shift[j]
-            w0 = _weight(op, u0, dy[i + j], e[i + j])
+            w0 = _weight(op, u0, dy[i + j], e[i + j], _valid(op, v, col, r * vld, j))
+            if SumOp is MomentsValid:
+                u0 = w0
             s0[j] += w0
             s1[j] += w0 * u0
 
 
-cdef inline double _weight(SumOp op, double u, double d, double e) noexcept nogil:
+cdef inline unsigned char _valid(SumOp op, const unsigned char *v, const Py_ssize_t *col, Py_ssize_t row,
+                                 Py_ssize_t j) noexcept nogil:
+    """The weight v[row + col[j]] of a MomentsValid sum (read only there: v is NULL for the other sums)."""
+    if SumOp is MomentsValid:
+        return v[row + col[j]]
+    else:
+        return 1
+
+
+cdef inline double _weight(SumOp op, double u, double d, double e, unsigned char valid) noexcept nogil:
     """The w of a sum (see _column_sums)."""
     if SumOp is Moments:
         return u
+    elif SumOp is MomentsValid:
+        return u if valid else 0.0
     elif SumOp is GradSums:
         return d
     else:
@@ -370,38 +420,58 @@ cdef inline double _weight(SumOp op, double u, double d, double e) noexcept nogi
 
 cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                      floating[::1] out, floating[::1] dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
-                     double c2, double c3) noexcept nogil:
+                     double c2, double c3, const unsigned char *v) noexcept nogil:
     """Values [i0, i1) of one channel: out = _value(op, x, dy, e) in double, rounded once (and dz, for the Dz
-    ops)."""
+    ops); value i at position weight v[i - i0] (for the Valid ops)."""
     cdef Py_ssize_t i
     for i in range(i0, i1):
-        out[i] = <floating>_value(op, x[i], dy[i], e[i], c0, c1, c2, c3)
+        out[i] = <floating>_value(op, x[i], dy[i], e[i], c0, c1, c2, c3, _position(op, v, i - i0))
         if ApplyOp is AffineMaskedDz:
             dz[i] = <floating>_masked(x[i], e[i])
-        elif ApplyOp is GradMaskedDz:
+        elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
             dz[i] = <floating>_masked(dy[i], e[i])
 
 
 cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                          floating[::1] out, floating[::1] dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
-                         Py_ssize_t W, const double[::1] coef) noexcept nogil:
-    """Columns [j0, j1) of the row at x[base:], each column j with its own coefficients coef[r*W + j], r = 0..3:
-    as _apply_row."""
+                         Py_ssize_t W, const double[::1] coef, const unsigned char *v,
+                         const Py_ssize_t *col) noexcept nogil:
+    """Columns [j0, j1) of the row at x[base:], each column j with its own coefficients coef[r*W + j], r = 0..3,
+    at position weight v[col[j]]: as _apply_row."""
     cdef Py_ssize_t j, i
     for j in range(j0, j1):
         i = base + j
-        out[i] = <floating>_value(op, x[i], dy[i], e[i], coef[j], coef[W + j], coef[2 * W + j], coef[3 * W + j])
+        out[i] = <floating>_value(op, x[i], dy[i], e[i], coef[j], coef[W + j], coef[2 * W + j], coef[3 * W + j],
+                                  _position(op, v, col[j] if _has_positions(op) else 0))
         if ApplyOp is AffineMaskedDz:
             dz[i] = <floating>_masked(x[i], e[i])
-        elif ApplyOp is GradMaskedDz:
+        elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
             dz[i] = <floating>_masked(dy[i], e[i])
+
+
+cdef inline bint _has_positions(ApplyOp op) noexcept nogil:
+    """True for the passes that read position weights."""
+    return ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid
+
+
+cdef inline unsigned char _position(ApplyOp op, const unsigned char *v, Py_ssize_t p) noexcept nogil:
+    """The weight v[p] for the passes that read position weights (v is NULL for the others)."""
+    if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
+        return v[p]
+    else:
+        return 1
+
+
+cdef inline const unsigned char *_at(Positions P, Py_ssize_t p) noexcept nogil:
+    """The weights from position p on, or NULL without weights."""
+    return P.valid + p if P.valid != NULL else NULL
 
 
 # -- the three steps over blocks ----------------------------------------------------------------------------------
 
 cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                      const floating[::1] e, const double[::1] coef, double[::1] part) noexcept nogil:
-    """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0].
+                      const floating[::1] e, const double[::1] coef, double[::1] part, Positions P) noexcept nogil:
+    """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0] (MomentsValid: weighted by P).
 
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
@@ -417,7 +487,8 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
             for j in range(b - a):
                 shift[j] = coef[a + j]
             _zero_lanes(s, b - a)
-            _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK])
+            _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK],
+                         _at(P, n0 * L.G), L.G, P.col + a if P.col != NULL else NULL)
             for j in range(b - a):
                 part[off + a - i0 + j] = s[j]
                 part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
@@ -428,23 +499,25 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
     if i1 - i0 >= COL_CHUNK or n1 - n0 < MIN_IMAGES:
         for n in range(n0, n1):
             for c in range(c0, c1):
-                _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)])
+                _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)],
+                          _at(P, n * L.S + i0))
         return
     for c in range(c0, c1):  # short rows: down the block's images, a lane per column, the lanes added in order
         for j in range(i1 - i0):
             shift[j] = coef[c]
         _zero_lanes(s, i1 - i0)
-        _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK])
+        _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK],
+                     _at(P, n0 * L.S + i0), L.S, IDENTITY)
         for j in range(i1 - i0):
             part[off + 2 * (c - c0)] += s[j]
             part[off + 2 * (c - c0) + 1] += s[COL_CHUNK + j]
 
 
 cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
-                    Py_ssize_t base, Py_ssize_t n, double k, double *pair) noexcept nogil:
+                    Py_ssize_t base, Py_ssize_t n, double k, double *pair, const unsigned char *v) noexcept nogil:
     """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (u = x - k, w as in
-    _column_sums): value e in lane e % LANES (the row cut into rows of LANES values, down which _column_sums
-    runs), the lanes folded pairwise."""
+    _column_sums, value i with position weight v[i]): value e in lane e % LANES (the row cut into rows of LANES
+    values, down which _column_sums runs), the lanes folded pairwise."""
     cdef double s[2 * LANES]
     cdef double shift[LANES]
     cdef Py_ssize_t q, h, nsub = n // LANES
@@ -452,8 +525,9 @@ cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, con
         shift[q] = k
         s[q] = 0.0
         s[LANES + q] = 0.0
-    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES])
-    _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES])
+    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], v, LANES, IDENTITY)
+    _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES],
+                 v + nsub * LANES if v != NULL else NULL, 0, IDENTITY)
     h = LANES // 2
     while h > 0:
         for q in range(h):
@@ -473,26 +547,26 @@ cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
 
 
 cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                       const floating[::1] e, floating[::1] out, floating[::1] dz,
-                       const double[::1] coef) noexcept nogil:
-    """The elementwise pass over block k."""
+                       const floating[::1] e, floating[::1] out, floating[::1] dz, const double[::1] coef,
+                       Positions P) noexcept nogil:
+    """The elementwise pass over block k (the Valid passes with the weights of P)."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         for n in range(n0, n1):
-            _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef)
+            _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, _at(P, n * L.G), P.col)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
             _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef[c], coef[L.C + c], coef[2 * L.C + c],
-                       coef[3 * L.C + c])
+                       coef[3 * L.C + c], _at(P, n * L.S + i0))
 
 
 cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                      const floating[::1] e, floating[::1] out, floating[::1] dz,
-                      const double[::1] coef) noexcept nogil:
+                      const floating[::1] e, floating[::1] out, floating[::1] dz, const double[::1] coef,
+                      Positions P) noexcept nogil:
     """The elementwise pass ``kind`` over block k (its compiled specialisation)."""
     cdef Affine affine
     cdef AffineRelu affine_relu
@@ -503,24 +577,33 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, 
     cdef Grad grad
     cdef GradMasked grad_masked
     cdef GradMaskedDz grad_masked_dz
+    cdef GradValid grad_valid
+    cdef GradMaskedValid grad_masked_valid
+    cdef GradMaskedDzValid grad_masked_dz_valid
     if kind == AFFINE:
-        _block_apply(affine, L, k, x, dy, e, out, dz, coef)
+        _block_apply(affine, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_RELU:
-        _block_apply(affine_relu, L, k, x, dy, e, out, dz, coef)
+        _block_apply(affine_relu, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_ADD:
-        _block_apply(affine_add, L, k, x, dy, e, out, dz, coef)
+        _block_apply(affine_add, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_ADD_RELU:
-        _block_apply(affine_add_relu, L, k, x, dy, e, out, dz, coef)
+        _block_apply(affine_add_relu, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_MASKED:
-        _block_apply(affine_masked, L, k, x, dy, e, out, dz, coef)
+        _block_apply(affine_masked, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_MASKED_DZ:
-        _block_apply(affine_masked_dz, L, k, x, dy, e, out, dz, coef)
+        _block_apply(affine_masked_dz, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD:
-        _block_apply(grad, L, k, x, dy, e, out, dz, coef)
+        _block_apply(grad, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD_MASKED:
-        _block_apply(grad_masked, L, k, x, dy, e, out, dz, coef)
+        _block_apply(grad_masked, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == GRAD_MASKED_DZ:
+        _block_apply(grad_masked_dz, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == GRAD_VALID:
+        _block_apply(grad_valid, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == GRAD_MASKED_VALID:
+        _block_apply(grad_masked_valid, L, k, x, dy, e, out, dz, coef, P)
     else:
-        _block_apply(grad_masked_dz, L, k, x, dy, e, out, dz, coef)
+        _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
 
 
 cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
@@ -528,10 +611,11 @@ cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating[::1] x,
     """The gradient sums of block k, of dy or of masked(dy)."""
     cdef GradSums gradsums
     cdef GradSumsMasked gradsums_masked
+    cdef Positions every = _every()
     if masked:
-        _block_sums(gradsums_masked, L, k, x, dy, e, coef, part)
+        _block_sums(gradsums_masked, L, k, x, dy, e, coef, part, every)
     else:
-        _block_sums(gradsums, L, k, x, dy, e, coef, part)
+        _block_sums(gradsums, L, k, x, dy, e, coef, part, every)
 
 
 cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
@@ -582,18 +666,17 @@ cdef inline void _set_coef(Layout L, double[::1] coef, Py_ssize_t row, Py_ssize_
 
 # -- forward ------------------------------------------------------------------------------------------------------
 
-cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, bint stats_only, bint update,
+cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, double m, bint stats_only, bint update,
                         floating[::1] running_mean, floating[::1] running_var,  # INOUT (C,), when update
                         const floating[::1] weight, const floating[::1] bias,    # IN (C,), or None
                         double momentum, double eps,
                         double[::1] mean, double[::1] invstd,                    # OUT (C,)
                         double[::1] coef) noexcept nogil:                     # INOUT: IN shift K, OUT affine
-    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over its m = L.count values, K (coef) a value of it:
+    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (coef) a value of it:
     mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
     Affine coefficients of y = (x - mean)*(gamma*invstd) + beta."""
-    cdef double m = <double>L.count
     cdef double M2 = s2 - s1 * s1 / m
     if M2 < 0.0:
         M2 = 0.0
@@ -625,86 +708,141 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
             double[::1] stats,            # OUT (2C,) batch mean, invstd; or IN running mean, var (OUT: invstd)
             bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap,
             residual=None,                # IN (N*C*S,) z added to the normalised value, or None
-            bint relu=False):
+            bint relu=False,
+            valid=None,                   # IN (N*S,) uint8: 1 where a position counts in the statistics, or None
+            double count=0.0):            # with valid: the number of positions it marks (> 0)
     """Batch-norm forward: y = act(gamma*(x - mean)*invstd + beta + z) per channel, invstd = 1/sqrt(var + eps),
     act = max(0, .) with relu (else the identity), z = residual (else 0); in double, rounded once.
 
     use_batch_stats: mean and var (biased) of the batch, written to stats as (mean, invstd); with update_running
     the running statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is
     replaced by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
+    With valid, the batch statistics are those of the count positions it marks (every position is normalised).
     """
     if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
-    cdef Layout L = _layout(N, C, x.shape[0] // (N * C), use_batch_stats)
+    cdef Py_ssize_t S = x.shape[0] // (N * C)
+    cdef Layout L = _layout(N, C, S, use_batch_stats)
     cdef double[::1] scratch = np.empty(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
     cdef Pass kind = <Pass>(AFFINE + relu + 2 * (residual is not None))
+    cdef object cols = _columns(L, valid)
+    cdef Positions P = _positions(L, valid, cols)
+    cdef Py_ssize_t first = 0  # offset of the shift K of channel 0: its value at the first counted position
+    if valid is not None:
+        first = np.flatnonzero(valid)[0]
+        first = (first // S) * C * S + first % S
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _forward[float](L, x, y, x if residual is None else residual, kind, running_mean, running_var, weight,
                         bias, stats[:C], stats[C:], use_batch_stats, update_running, momentum, eps,
-                        scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap))
+                        scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap), P, first,
+                        count if valid is not None else <double>L.count)
     else:
         _forward[double](L, x, y, x if residual is None else residual, kind, running_mean, running_var, weight,
                          bias, stats[:C], stats[C:], use_batch_stats, update_running, momentum, eps,
-                         scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap))
+                         scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap), P, first,
+                         count if valid is not None else <double>L.count)
+
+
+cdef object _columns(Layout L, valid):
+    """The col table of Positions (see there): an (L.W,) intp array for weights of a channel-minor layout, else
+    None."""
+    cdef Py_ssize_t[::1] col
+    cdef Py_ssize_t j
+    if valid is None or not L.minor:
+        return None
+    table = np.empty(L.W, dtype=np.intp)
+    col = table
+    for j in range(L.W):
+        col[j] = (j // (L.C * L.S)) * L.S + j % L.S
+    return table
+
+
+cdef Positions _positions(Layout L, const unsigned char[::1] valid, Py_ssize_t[::1] cols) noexcept:
+    """The Positions of the weights ``valid`` (None: every position counts) with the table ``cols`` of
+    :func:`_columns` (the caller keeps both alive)."""
+    cdef Positions P = _every()
+    if valid is not None:
+        P.valid = &valid[0]
+    if cols is not None:
+        P.col = &cols[0]
+    return P
+
+
+cdef inline Positions _every() noexcept nogil:
+    """Positions without weights: every position counts."""
+    cdef Positions P
+    P.valid = NULL
+    P.col = NULL
+    return P
 
 
 cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, const floating[::1] z, Pass kind,
                    floating[::1] running_mean, floating[::1] running_var, const floating[::1] weight,
                    const floating[::1] bias, double[::1] mean, double[::1] invstd, bint batch, bint update,
-                   double momentum, double eps, double[::1] coef, double[::1] part, int nt) noexcept:
+                   double momentum, double eps, double[::1] coef, double[::1] part, int nt, Positions P,
+                   Py_ssize_t first, double m) noexcept:
     cdef Py_ssize_t c, k
     cdef bint stats_only = y is None
     cdef double s[2]
-    cdef Moments moments
     with nogil:
         if not batch:
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
                 _affine_coef(L, c, mean[c], invstd[c], weight, bias, coef)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _apply_pass(kind, L, k, x, x, z, y, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _apply_pass(kind, L, k, x, x, z, y, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             return
-        for c in range(L.C):  # the shift K of the sums: a value of each channel
-            _set_coef(L, coef, 0, c, <double>x[c * L.S])
+        for c in range(L.C):  # the shift K of the sums: a (counted) value of each channel
+            _set_coef(L, coef, 0, c, <double>x[first + c * L.S])
         if L.fused:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
-                               momentum, eps, mean, invstd, coef, part)
+                               momentum, eps, mean, invstd, coef, part, P, m)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
-                               momentum, eps, mean, invstd, coef, part)
+                               momentum, eps, mean, invstd, coef, part, P, m)
             return
         for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-            _block_sums(moments, L, k, x, x, x, coef, part)
+            _moments(L, k, x, coef, part, P)
         for k in range(L.nblocks - _parallel_blocks(L, nt)):
-            _block_sums(moments, L, k, x, x, x, coef, part)
+            _moments(L, k, x, coef, part, P)
         for c in range(L.C):
             _channel_sums(L, part, c, s)
-            _finish_stats(L, c, s[0], s[1], stats_only, update, running_mean, running_var, weight, bias, momentum,
-                          eps, mean, invstd, coef)
+            _finish_stats(L, c, s[0], s[1], m, stats_only, update, running_mean, running_var, weight, bias,
+                          momentum, eps, mean, invstd, coef)
         if not stats_only:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _apply_pass(kind, L, k, x, x, z, y, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _apply_pass(kind, L, k, x, x, z, y, y, coef)
+                _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
+
+
+cdef void _moments(Layout L, Py_ssize_t k, const floating[::1] x, const double[::1] coef, double[::1] part,
+                   Positions P) noexcept nogil:
+    """The moment sums of block k, over the positions of P when it has weights."""
+    cdef Moments moments
+    cdef MomentsValid moments_valid
+    if P.valid != NULL:
+        _block_sums(moments_valid, L, k, x, x, x, coef, part, P)
+    else:
+        _block_sums(moments, L, k, x, x, x, coef, part, P)
 
 
 cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating[::1] y, const floating[::1] z,
                          Pass kind, bint stats_only, bint update, floating[::1] running_mean,
                          floating[::1] running_var, const floating[::1] weight, const floating[::1] bias,
                          double momentum, double eps, double[::1] mean, double[::1] invstd, double[::1] coef,
-                         double[::1] part) noexcept nogil:
+                         double[::1] part, Positions P, double m) noexcept nogil:
     """Block k of whole channels: sums, statistics and output in one task."""
     cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
-    cdef Moments moments
-    _block_sums(moments, L, k, x, x, x, coef, part)
+    _moments(L, k, x, coef, part, P)
     for c in range(c0, min(L.C, c0 + L.group)):
-        _finish_stats(L, c, part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1], stats_only,
+        _finish_stats(L, c, part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1], m, stats_only,
                       update, running_mean, running_var, weight, bias, momentum, eps, mean, invstd, coef)
     if not stats_only:
-        _apply_pass(kind, L, k, x, x, z, y, y, coef)
+        _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
 
 
 # -- backward -----------------------------------------------------------------------------------------------------
@@ -744,7 +882,8 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
              sums,                        # (2, C) C-contiguous float64: OUT when dx is None, else IN or None
              double count, int thread_cap,
              mask=None,                   # IN (N*C*S,) the output of a forward with ReLU, or None
-             dz=None):                    # OUT (N*C*S,) masked dy (the residual's gradient), or None
+             dz=None,                     # OUT (N*C*S,) masked dy (the residual's gradient), or None
+             valid=None):                 # IN (N*S,) uint8 position weights of a masked forward, or None
     """Batch-norm backward.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
@@ -753,6 +892,9 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     After a forward with ReLU, dy stands for masked(dy) = dy where mask (the forward's output) > 0, else 0, in all
     of the above; dz (if given) receives masked(dy).
+    After a training forward with position weights v (valid; m = count, the positions they mark), the exact
+    gradient of that forward: dx = gamma*invstd*(dy - v*(sum(dy)/m + xhat*sum(dy*xhat)/m)), the sums over every
+    position.
     """
     if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
@@ -766,32 +908,37 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
         totals[...] = given_sums
     elif sums is not None:
         totals = sums.reshape(-1)
-    cdef double m = count if given else <double>L.count
+    cdef double m = count if given or valid is not None else <double>L.count
     cdef Pass kind = GRAD if use_batch_stats else AFFINE
     if mask is not None:
         kind = <Pass>((GRAD_MASKED if use_batch_stats else AFFINE_MASKED) + (dz is not None))
+    if not use_batch_stats:
+        valid = None
+    elif valid is not None:
+        kind = <Pass>(kind + GRAD_VALID - GRAD)
+    cdef object cols = _columns(L, valid)
+    cdef Positions P = _positions(L, valid, cols)
     cdef float[::1] grads_f
     cdef double[::1] grads_d
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         grads_f = grads
         _backward[float](L, x, dy, x if mask is None else mask, dx, dz, kind, mean, invstd, weight, grads_f[:C],
                          grads_f[C:], use_batch_stats, given, totals, m, scratch[:4 * C * L.G],
-                         scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
+                         scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap), mask is not None, P)
     else:
         grads_d = grads
         _backward[double](L, x, dy, x if mask is None else mask, dx, dz, kind, mean, invstd, weight, grads_d[:C],
                           grads_d[C:], use_batch_stats, given, totals, m, scratch[:4 * C * L.G],
-                          scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap))
+                          scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap), mask is not None, P)
 
 
 cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                     floating[::1] dx, floating[::1] dz, Pass kind, const double[::1] mean,
                     const double[::1] invstd, const floating[::1] weight, floating[::1] dweight,
                     floating[::1] dbias, bint batch, bint given, double[::1] sums, double m, double[::1] coef,
-                    double[::1] part, int nt) noexcept:
+                    double[::1] part, int nt, bint masked, Positions P) noexcept:
     cdef Py_ssize_t c, k
     cdef bint sums_only = dx is None
-    cdef bint masked = kind != GRAD and kind != AFFINE
     cdef double s[2]
     with nogil:
         for c in range(L.C):  # the shift of the sums: the mean the forward used
@@ -799,10 +946,10 @@ cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, con
         if L.fused and not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _fused_backward(L, k, x, dy, e, dx, dz, kind, masked, sums_only, mean, invstd, weight, dweight,
-                                dbias, batch, sums, m, coef, part)
+                                dbias, batch, sums, m, coef, part, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_backward(L, k, x, dy, e, dx, dz, kind, masked, sums_only, mean, invstd, weight, dweight,
-                                dbias, batch, sums, m, coef, part)
+                                dbias, batch, sums, m, coef, part, P)
             return
         if not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
@@ -816,26 +963,27 @@ cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, con
             _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
         if not sums_only:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef)
+                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef)
+                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 
 
 cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
                              const floating[::1] e, floating[::1] dx, floating[::1] dz, bint batch,
-                             const double[::1] coef) noexcept nogil:
+                             const double[::1] coef, Positions P) noexcept nogil:
     """dx over block k: a Grad pass (training) or an Affine pass on dy (eval)."""
     if batch:
-        _apply_pass(kind, L, k, x, dy, e, dx, dz, coef)
+        _apply_pass(kind, L, k, x, dy, e, dx, dz, coef, P)
     else:
-        _apply_pass(kind, L, k, dy, dy, e, dx, dz, coef)
+        _apply_pass(kind, L, k, dy, dy, e, dx, dz, coef, P)
 
 
 cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
                           const floating[::1] e, floating[::1] dx, floating[::1] dz, Pass kind, bint masked,
                           bint sums_only, const double[::1] mean, const double[::1] invstd,
                           const floating[::1] weight, floating[::1] dweight, floating[::1] dbias, bint batch,
-                          double[::1] sums, double m, double[::1] coef, double[::1] part) noexcept nogil:
+                          double[::1] sums, double m, double[::1] coef, double[::1] part,
+                          Positions P) noexcept nogil:
     """Block k of whole channels: gradient sums, coefficients and dx in one task."""
     cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
     _grad_sums(masked, L, k, x, dy, e, coef, part)
@@ -843,4 +991,4 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const f
         sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
         _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
-        _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef)
+        _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)

@@ -48,6 +48,9 @@ class BatchNormSaved(NamedTuple):
         After a batch-renormalization forward: (2, C) float64, the r and d it used (then ``weight`` is weight*r and
         ``invstd`` the batch's 1/sigma_B: the backward is the batch-statistics one, and dweight = r*sum(dy*xhat) +
         d*sum(dy)).
+    valid : ndarray or None
+        After a forward with batch statistics over a mask: (A*B,) uint8, 1 at the positions (the (A, B) of ``x``)
+        the statistics counted (the backward's correction applies there only).
     """
 
     x: np.ndarray
@@ -62,6 +65,7 @@ class BatchNormSaved(NamedTuple):
     y: Optional[np.ndarray] = None
     residual: bool = False
     renorm: Optional[np.ndarray] = None
+    valid: Optional[np.ndarray] = None
 
 
 class GhostSaved(NamedTuple):
@@ -290,6 +294,28 @@ def residual(z, inp):
     return z
 
 
+def mask(m, inp):
+    """Check a statistics mask: None, or a bool ndarray that broadcasts to the input's shape without its channel
+    axis; return it broadcast to that shape (a view), or None."""
+    if m is None:
+        return None
+    if not isinstance(m, np.ndarray) or m.dtype != np.bool_:
+        got = f"dtype {m.dtype}" if isinstance(m, np.ndarray) else type(m).__name__
+        raise TypeError(f"mask must be a numpy.ndarray of dtype bool, got {got}")
+    shape = inp.x.shape[:inp.axis] + inp.x.shape[inp.axis + 1:]
+    try:
+        return np.broadcast_to(m, shape)
+    except ValueError:
+        raise ValueError(f"mask must have shape {shape} (the input's without its channel axis {inp.axis}) or "
+                         f"broadcast to it, got {m.shape}") from None
+
+
+def valid_count(n, got):
+    """A training batch with a mask needs more than 1 valid position (``got`` says where)."""
+    if n < 2:
+        raise ValueError(f"Expected more than 1 valid value per channel when training with a mask, got {n}{got}")
+
+
 def representable(a, dtype, name, note=""):
     """``a`` cast to ``dtype``; ValueError naming the first finite value that the cast overflows (``note`` follows
     the dtype in the message)."""
@@ -432,6 +458,10 @@ def _saved(saved):
         if bad is None and saved.renorm is not None and not (arr_ok(saved.renorm, 2, (np.dtype(np.float64),))
                                                              and saved.renorm.shape == (2, C)):
             bad = "renorm", f"None or an aligned C-contiguous float64 array of shape (2, {C})", show(saved.renorm)
+        positions = (x3.shape[0] * x3.shape[2],)
+        if bad is None and saved.valid is not None and not (arr_ok(saved.valid, 1, (np.dtype(np.uint8),))
+                                                            and saved.valid.shape == positions):
+            bad = "valid", f"None or an aligned C-contiguous uint8 array of shape {positions}", show(saved.valid)
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")

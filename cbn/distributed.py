@@ -77,9 +77,10 @@ class _SyncBatchNorm(_BatchNorm):
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
 
-    def forward(self, x, out=None, residual=None):
+    def forward(self, x, out=None, residual=None, mask=None):
         """Normalise this rank's shard ``x`` (then add ``residual`` and apply the activation, as BatchNorm does); in
-        training with the statistics of all ranks' shards together.
+        training with the statistics of all ranks' shards together (with ``mask``, of the True positions of all
+        ranks' masks: a shard's mask may have none).
 
         A collective operation in training mode: every rank of ``comm`` must call it (its shard may be empty).
         The running statistics are updated identically on every rank. Eval uses the running statistics (or,
@@ -93,11 +94,11 @@ class _SyncBatchNorm(_BatchNorm):
         """
         if not self.training:
             self._global_count = None
-            return super().forward(x, out, residual)
+            return super().forward(x, out, residual, mask)
         with self._lock:
-            return self._sync_forward(x, out, residual)
+            return self._sync_forward(x, out, residual, mask)
 
-    def _sync_forward(self, x, out, residual):
+    def _sync_forward(self, x, out, residual, mask):
         comm, C = self.comm, self.num_features
         error, local = None, np.zeros(2 * C + 1)
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
@@ -108,11 +109,13 @@ class _SyncBatchNorm(_BatchNorm):
                                "running_mean": self.running_mean, "running_var": self.running_var, "residual": z})
             weight = V.channel_param(self.weight, "weight", C, self.dtype)
             bias = V.channel_param(self.bias, "bias", C, self.dtype)
-            count, mean, M2 = F.statistics(inp)
+            mask = V.mask(mask, inp)
+            valid = None if mask is None or not inp.x.size else F.positions(mask, inp)
+            count, mean, M2 = F.statistics(inp, valid)
             local = np.concatenate(([count], mean, M2))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
-        header = _gather(comm, [C, error is None])
+        header = _gather(comm, [C, error is None, mask is not None])
         _raise_if_rejected(header[:, 1], error, "forward")
         if np.any(header[:, 0] != C):
             raise ValueError(f"every rank must have the same number of channels, expected {C} (rank "
@@ -120,14 +123,16 @@ class _SyncBatchNorm(_BatchNorm):
         rows = _gather(comm, local)
         n, mean, M2 = F.merge_statistics(rows[:, 0], rows[:, 1:C + 1], rows[:, C + 1:])  # in rank order
         V.count_per_channel(n, "1 over all ranks")
+        if np.any(header[:, 2]):
+            V.valid_count(n, " over all ranks")
         var = M2 / n if n else np.full(C, np.nan)
         # Normalised with the global batch statistics: the backward differentiates through them.
         relu, clipping = self.activation == "relu", V.renorm(self.renorm, self.renorm_clipping, None)
         if clipping is None:
-            y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, relu, z)
+            y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, relu, z, valid)
         else:
             y, saved = F.renormalize(inp, mean, var, self.running_mean, self.running_var, weight, bias, self.eps,
-                                     clipping, out, relu, z)
+                                     clipping, out, relu, z, valid)
         if self._population is not None:  # inside precise_stats: the global batch's statistics are recorded
             self._population.add(n, mean, M2)
         elif self.track_running_stats:

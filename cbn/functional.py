@@ -58,9 +58,9 @@ def _kernel_output(out, order, dt):
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
                axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
-               virtual_batch_size=None, renorm=False, renorm_clipping=None):
+               virtual_batch_size=None, renorm=False, renorm_clipping=None, mask=None):
     """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
-    residual add and ReLU, ghost batches or batch renormalization.
+    residual add and ReLU, ghost batches, batch renormalization or masked statistics.
 
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
     variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
@@ -119,6 +119,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     renorm_clipping : dict, optional
         {"rmax": rmax >= 1, "dmax": dmax >= 0}, a missing key meaning no bound; None: no clipping (Keras' default;
         the paper ends its schedule at rmax=3, dmax=5). Only with ``renorm``.
+    mask : ndarray, optional
+        Masked statistics (in training): a bool array of x's shape without the channel axis (e.g. (N, L) for
+        (N, C, L) input), or one that broadcasts to it. The batch statistics (and the running statistics, unbiased
+        with the count n of True positions, n > 1) use only the positions where it is True; every position is
+        normalised with them, and the backward is the exact gradient of that (the masked-out values may be
+        anything, NaN included). Ignored when not ``training``; with ``virtual_batch_size``, each group uses its
+        part.
 
     Returns
     -------
@@ -127,16 +134,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     saved : BatchNormSaved or GhostSaved
         Only with ``return_saved`` (a GhostSaved after a forward of several virtual batches).
     """
-    y, saved = forward(V.input_array(x, axis, dtype), running_mean, running_var, weight, bias, training, momentum,
-                       eps, out, nan_guard, activation, residual, virtual_batch_size, renorm, renorm_clipping)
+    inp = V.input_array(x, axis, dtype)
+    y, saved = forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard,
+                       activation, residual, virtual_batch_size, renorm, renorm_clipping, mask=V.mask(mask, inp))
     return (y, saved) if return_saved else y
 
 
 def forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard, activation=None,
-            residual=None, virtual_batch_size=None, renorm=False, renorm_clipping=None, update_stats=True):
-    """:func:`batch_norm` of a checked input ``inp`` (:func:`cbn._validate.input_array`): checks the other
-    arguments, then computes; returns (y, saved). ``update_stats=False``: the running statistics are read (by
-    renorm) but not updated."""
+            residual=None, virtual_batch_size=None, renorm=False, renorm_clipping=None, update_stats=True, mask=None):
+    """:func:`batch_norm` of a checked input ``inp`` (:func:`cbn._validate.input_array`) and a checked ``mask``
+    (:func:`cbn._validate.mask`): checks the other arguments, then computes; returns (y, saved).
+    ``update_stats=False``: the running statistics are read (by renorm) but not updated."""
     V.scalars(momentum, eps)
     relu = V.activation(activation) == "relu"
     z = V.residual(residual, inp)
@@ -149,6 +157,11 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     training = bool(training)
     if training:
         V.count_per_channel(math.prod(shape) // C if C else 0, f"input size {shape}")
+    masked = training and mask is not None and x.size > 0
+    if masked:
+        for start, stop in groups or ((0, shape[0]),):
+            V.valid_count(np.count_nonzero(mask[start:stop]), "" if groups is None else
+                          f" in the virtual batch of samples {start}:{stop}")
     renorming = training and clipping is not None and x.size > 0
     if renorming and (running_mean is None or running_var is None):
         raise ValueError(f"renorm needs the running statistics: expected running_mean and running_var arrays when "
@@ -178,14 +191,15 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
         "residual": z})
     update = update and update_stats
     if groups is not None:
-        y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z)
+        y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z, mask if masked else None)
         if update:
             running_update(running_mean, running_var, mean, var, momentum, nan_guard)
         return y, saved
+    valid = positions(mask, inp) if masked else None
     if renorming:
-        count, mean, M2 = statistics(inp)
+        count, mean, M2 = statistics(inp, valid)
         y, saved = renormalize(inp, mean, M2 / count, running_mean, running_var, weight, bias, eps, clipping, y, relu,
-                               z)
+                               z, valid)
         if update:
             update_running_stats(running_mean, running_var, count, mean, M2, momentum, nan_guard)
         return y, saved
@@ -196,24 +210,27 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     new_mean, new_var = (running_mean, running_var) if update else (None, None)
     if guard:
         new_mean, new_var = running_mean.copy(), running_var.copy()
-    y, saved = _normalize(inp, stats, weight, bias, training, y, eps, update, new_mean, new_var, momentum, relu, z)
+    y, saved = _normalize(inp, stats, weight, bias, training, y, eps, update, new_mean, new_var, momentum, relu, z,
+                          valid)
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)
     return y, saved
 
 
-def _ghost_forward(inp, groups, weight, bias, eps, y, relu, z):
-    """Each group x[start:stop] of ``groups`` normalised with its own statistics into y[start:stop] (allocated when
-    None): returns y, the GhostSaved, and the groups' average mean and average unbiased variance."""
+def _ghost_forward(inp, groups, weight, bias, eps, y, relu, z, mask):
+    """Each group x[start:stop] of ``groups`` normalised with its own statistics (over mask[start:stop] when
+    ``mask`` is not None) into y[start:stop] (allocated when None): returns y, the GhostSaved, and the groups'
+    average mean and average unbiased variance."""
     x = inp.x
     if y is None:
         y = _empty(x.shape, inp.order, inp.out_dtype)
     parts, means, variances = [], [], []
     for start, stop in groups:
         part = inp._replace(x=x[start:stop], order=V.memory_order(x[start:stop]))
-        count, mean, M2 = statistics(part)
+        valid = None if mask is None else positions(mask[start:stop], part)
+        count, mean, M2 = statistics(part, valid)
         parts.append(normalize(part, mean, M2 / count, weight, bias, eps, y[start:stop], relu,
-                               None if z is None else z[start:stop])[1])
+                               None if z is None else z[start:stop], valid)[1])
         means.append(mean)
         variances.append(M2 / (count - 1))
     saved = GhostSaved(groups, tuple(parts), x.shape, inp.out_dtype, inp.order, z is not None)
@@ -221,7 +238,7 @@ def _ghost_forward(inp, groups, weight, bias, eps, y, relu, z):
 
 
 def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, out=None, dtype=None,
-                     return_saved=False, activation=None, residual=None):
+                     return_saved=False, activation=None, residual=None, mask=None):
     """Normalise with given batch statistics: y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual) per
     channel.
 
@@ -237,6 +254,9 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
         (C,) mean and biased variance of the batch, any floating dtype (used in float64).
     weight, bias, eps, axis, out, dtype, activation, residual
         As :func:`batch_norm`.
+    mask : ndarray, optional
+        The positions of x the statistics counted (as :func:`batch_norm`'s mask): the saved forward
+        differentiates through them there only.
     return_saved : bool
         Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
 
@@ -257,21 +277,31 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
     z = V.residual(residual, inp)
     out = V.out_array(out, "out", inp.x.shape, inp.out_dtype, inp.order,
                       {"input": inp.x, "mean": mean, "var": var, "weight": weight, "bias": bias, "residual": z})
-    y, saved = normalize(inp, mean, var, weight, bias, eps, out, relu, z)
+    mask = V.mask(mask, inp)
+    y, saved = normalize(inp, mean, var, weight, bias, eps, out, relu, z,
+                         None if mask is None or not inp.x.size else positions(mask, inp))
     return (y, saved) if return_saved else y
 
 
-def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None):
-    """:func:`batch_norm_elemt` of checked arguments (``out`` checked or None, ``z`` the checked residual or None);
-    returns (y, saved)."""
+def positions(mask, inp):
+    """A checked mask (:func:`cbn._validate.mask`) of a non-empty input as the kernels' position weights: (A*B,)
+    uint8, 1 where True, the positions of the input's (A, C, B) memory in order."""
+    rest = [d - (d > inp.axis) for d in inp.order if d != inp.axis]
+    return np.ascontiguousarray(mask.transpose(rest)).view(np.uint8).reshape(-1)
+
+
+def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None, valid=None):
+    """:func:`batch_norm_elemt` of checked arguments (``out`` checked or None, ``z`` the checked residual or None,
+    ``valid`` the :func:`positions` the statistics counted or None); returns (y, saved)."""
     C = mean.shape[0]
     stats = np.empty(2 * C)
     stats[:C], stats[C:] = mean, var
     y, saved = _normalize(inp, stats, weight, bias, False, out, eps, False, None, None, 0.0, relu, z)
-    return y, saved._replace(use_batch_stats=True)
+    return y, saved._replace(use_batch_stats=True, valid=valid)
 
 
-def renormalize(inp, mean, var, running_mean, running_var, weight, bias, eps, clipping, out, relu=False, z=None):
+def renormalize(inp, mean, var, running_mean, running_var, weight, bias, eps, clipping, out, relu=False, z=None,
+                valid=None):
     """Batch renormalization of checked arguments with the batch's mean and biased variance ``var`` and the
     ``clipping`` (rmax, dmax); returns (y, saved) (the running statistics are not updated).
 
@@ -291,7 +321,8 @@ def renormalize(inp, mean, var, running_mean, running_var, weight, bias, eps, cl
         gamma = np.ones(C) if weight is None else weight.astype(np.float64)
         shift = gamma * d + (0.0 if bias is None else bias)
         invstd = 1.0 / sigma_b
-        y, saved = normalize(inp, mean, (sigma_b / r) ** 2, weight, shift.astype(inp.dtype), 0.0, out, relu, z)
+        y, saved = normalize(inp, mean, (sigma_b / r) ** 2, weight, shift.astype(inp.dtype), 0.0, out, relu, z,
+                             valid)
     return y, saved._replace(invstd=invstd, weight=(gamma * r).astype(inp.dtype), renorm=np.stack((r, d)))
 
 
@@ -303,10 +334,12 @@ def _renorm_grads(saved, dweight, dbias):
         dweight[...] = r * dweight + d * dbias
 
 
-def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean, running_var, momentum, relu, z):
+def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean, running_var, momentum, relu, z,
+               valid=None):
     """The kernel's forward on checked arguments: y (allocated when None) and the saved forward. ``stats``: (2C,)
-    float64, filled with the batch's (mean, invstd) when ``training``, else the given (mean, var), var replaced by
-    invstd. ``relu``: the fused ReLU; ``z``: the residual or None."""
+    float64, filled with the batch's (mean, invstd) when ``training`` (over the :func:`positions` ``valid`` when
+    given), else the given (mean, var), var replaced by invstd. ``relu``: the fused ReLU; ``z``: the residual or
+    None."""
     x, axis, order, dt = inp.x, inp.axis, inp.order, inp.dtype
     shape = x.shape
     C = shape[axis]
@@ -319,7 +352,8 @@ def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean,
         y1, direct = _kernel_output(y, order, dt)
         _kernels.forward(x3.reshape(-1), y1, x3.shape[0], C, running_mean, running_var, weight, bias, stats,
                          training, update, float(momentum), float(eps), thread_cap(),
-                         None if z is None else _memory(z, order, axis, dt).reshape(-1), relu)
+                         None if z is None else _memory(z, order, axis, dt).reshape(-1), relu, valid,
+                         _valid_count(valid))
         if not direct:
             _copy_result(y, y1, order)
     elif training:
@@ -329,7 +363,12 @@ def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean,
         np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
     mask = (np.empty(x3.shape, dt) if y1 is None else y1.reshape(x3.shape)) if relu else None
     return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, inp.out_dtype, axis, order, mask,
-                             z is not None)
+                             z is not None, valid=valid)
+
+
+def _valid_count(valid):
+    """The positions that :func:`positions` weights ``valid`` count (0 for None)."""
+    return 0 if valid is None else int(np.count_nonzero(valid))
 
 
 def _copy_result(out, flat, order):
@@ -340,7 +379,7 @@ def _copy_result(out, flat, order):
         mem[...] = flat.reshape(mem.shape)
 
 
-def batch_norm_stats(x, *, axis=1, dtype=None):
+def batch_norm_stats(x, *, axis=1, dtype=None, mask=None):
     """Per-channel statistics of a batch, in float64: what data-parallel ranks combine.
 
     Parameters
@@ -351,31 +390,35 @@ def batch_norm_stats(x, *, axis=1, dtype=None):
         The channel axis, as :func:`batch_norm`.
     dtype : {None, float32, float64}
         Compute dtype, as :func:`batch_norm`.
+    mask : ndarray, optional
+        The positions to count, as :func:`batch_norm`'s mask.
 
     Returns
     -------
     count : int
-        Values per channel, x.size // x.shape[axis].
+        Values per channel, x.size // x.shape[axis] (with a mask: its True positions).
     mean, M2 : ndarray
         (C,) mean and sum of squared deviations from it (the biased variance is M2/count); NaN when count is 0,
         and M2 = 0 when count is 1.
     """
-    return statistics(V.input_array(x, axis, dtype))
+    inp = V.input_array(x, axis, dtype)
+    mask = V.mask(mask, inp)
+    return statistics(inp, None if mask is None or not inp.x.size else positions(mask, inp))
 
 
-def statistics(inp):
-    """:func:`batch_norm_stats` of a checked input."""
+def statistics(inp, valid=None):
+    """:func:`batch_norm_stats` of a checked input, over the :func:`positions` ``valid`` when given."""
     x, axis = inp.x, inp.axis
     C = x.shape[axis]
     x3 = _memory(x, inp.order, axis, inp.dtype)
-    count = x3.shape[0] * x3.shape[2]
+    count = x3.shape[0] * x3.shape[2] if valid is None else _valid_count(valid)
     stats = np.full(2 * C, np.nan)
     mean, M2 = stats[:C], stats[C:]
-    if count == 1:
+    if count == 1 and valid is None:
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
         _kernels.forward(x3.reshape(-1), None, x3.shape[0], C, None, None, None, None, stats, True, False, 0.0, 0.0,
-                         thread_cap())
+                         thread_cap(), None, False, valid, count)
     return count, mean, M2
 
 
@@ -531,7 +574,7 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
         V.no_grad_sums(grad_sums, count)
         return _ghost_gradient(dy, saved, V.grad_out(out, dy, saved))
     N, C, S = saved.x.shape
-    grad_sums, count = V.grad_sums(grad_sums, count, C, N * S)
+    grad_sums, count = V.grad_sums(grad_sums, count, C, N * S if saved.valid is None else _valid_count(saved.valid))
     return gradient_input(dy, saved, V.grad_out(out, dy, saved), grad_sums, count)
 
 
@@ -567,7 +610,8 @@ def gradient_input(dy, saved, out, grad_sums, count):
         outputs = [(a, *_kernel_output(a, order, dt)) for a in ((dx, dz) if masked_dz else (dx,))]
         _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), outputs[0][1], N, C,
                           saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, grad_sums,
-                          float(count or 0), thread_cap(), _mask(saved), outputs[1][1] if masked_dz else None)
+                          float(count or _valid_count(saved.valid)), thread_cap(), _mask(saved),
+                          outputs[1][1] if masked_dz else None, saved.valid)
         for a, flat, direct in outputs:
             if not direct:
                 _copy_result(a, flat, order)

@@ -74,7 +74,7 @@ class _BatchNorm:
         return self.train(False)
 
     # -- computation ------------------------------------------------------------------------------------------
-    def forward(self, x, out=None, residual=None):
+    def forward(self, x, out=None, residual=None, mask=None):
         """Normalise ``x`` over its channel axis ``axis`` (then add ``residual`` and apply the layer's activation, in
         the same pass); in training with running stats, update them.
 
@@ -88,6 +88,10 @@ class _BatchNorm:
         residual : ndarray, optional
             Added before the activation: y = act(BN(x) + residual), an array of x's shape (the tail of a ResNet
             block); its gradient is ``grad_residual`` after the backward.
+        mask : ndarray, optional
+            Masked statistics: a bool array of x's shape without the channel axis (or one that broadcasts to it);
+            the batch statistics use only its True positions (more than one), and every position is normalised
+            with them (see :func:`cbn.functional.batch_norm`). No effect when the running statistics are used.
 
         Returns
         -------
@@ -96,6 +100,7 @@ class _BatchNorm:
         """
         with self._lock:
             inp = self._input(x)
+            mask = V.mask(mask, inp)
             record = self.training and self._population is not None  # precise_stats: record, do not update
             count = self.num_batches_tracked
             factor = 0.0
@@ -107,9 +112,10 @@ class _BatchNorm:
             y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
                                  self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
                                  self.activation, residual, self.virtual_batch_size if self.training else None,
-                                 self.renorm, self.renorm_clipping, update_stats=not record)
+                                 self.renorm, self.renorm_clipping, update_stats=not record,
+                                 mask=mask if use_batch_stats else None)
             if record:
-                self._population.add(*F.statistics(inp))
+                self._population.add(*F.statistics(inp, None if mask is None else F.positions(mask, inp)))
             self.num_batches_tracked = count
             self._saved = saved
             return y
