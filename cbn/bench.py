@@ -34,11 +34,12 @@ SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 
 CASES = ([(s, "NCHW") for s in SHAPES] + [(s, "channels-last") for s in SHAPES if len(s) == 4]
          + [((64, 256, 400), "NLC"), ((32, 768, 128), "NLC")])
 LAYOUTS = ("NCHW", "channels-last", "NLC")
-# The fused ReLU and residual add, timed on a few cases against the plain layer and the unfused NumPy composition.
+# The fused ReLU and residual add, timed on a few cases against the plain layer and the unfused NumPy composition;
+# and masked statistics against the plain layer.
 FUSED_CASES = [((32, 64, 56, 56), "NCHW"), ((256, 128, 8, 8), "NCHW"), ((32, 64, 56, 56), "channels-last"),
-               ((4096, 1024), "NCHW")]
-FUSED_CALLS = ("train", "train_relu", "train_add_relu", "numpy_add_relu", "backward", "backward_relu",
-               "backward_add_relu", "numpy_add_relu_backward")
+               ((4096, 1024), "NCHW"), ((64, 256, 400), "NLC")]
+FUSED_CALLS = ("train", "train_relu", "train_add_relu", "numpy_add_relu", "train_masked", "backward",
+               "backward_relu", "backward_add_relu", "numpy_add_relu_backward", "backward_masked")
 OPS = ("train", "eval", "backward")
 
 
@@ -171,14 +172,17 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
 def bench_fused(shape, layout, threads, budget):
     """Time the fused ReLU and residual add of one float32 case: the layer's training forward and backward plain,
     with activation="relu", and with a residual too, and the unfused NumPy composition of the same result,
-    np.maximum(bn(x) + z, 0), and its backward (dy masked by y > 0, then bn.backward). Returns one row (us)."""
+    np.maximum(bn(x) + z, 0), and its backward (dy masked by y > 0, then bn.backward); and the plain layer with a
+    statistics mask (a fixed random 80% of the positions). Returns one row (us)."""
     x, dy, axis = _data(shape, layout, np.float32)
     z = np.negative(dy)
     C = x.shape[axis]
     cbn.set_num_threads(threads)
     cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}[len(shape)]
-    plain, relu, add_relu, unfused = (cls(C, axis=axis, activation=act) for act in (None, "relu", "relu", None))
-    y, dx = [np.empty_like(x) for _ in range(4)], [np.empty_like(x) for _ in range(4)]
+    plain, relu, add_relu, unfused, masked = (cls(C, axis=axis, activation=act)
+                                              for act in (None, "relu", "relu", None, None))
+    mask = np.random.default_rng(0).random(np.delete(x.shape, axis)) < 0.8
+    y, dx = [np.empty_like(x) for _ in range(5)], [np.empty_like(x) for _ in range(5)]
     grad = np.empty_like(x)
 
     def unfused_forward():
@@ -192,23 +196,27 @@ def bench_fused(shape, layout, threads, budget):
 
     calls = dict(zip(FUSED_CALLS, (
         lambda: plain(x, out=y[0]), lambda: relu(x, out=y[1]), lambda: add_relu(x, out=y[2], residual=z),
-        unfused_forward, lambda: plain.backward(dy, out=dx[0]), lambda: relu.backward(dy, out=dx[1]),
-        lambda: add_relu.backward(dy, out=dx[2]), unfused_backward)))
+        unfused_forward, lambda: masked(x, out=y[4], mask=mask), lambda: plain.backward(dy, out=dx[0]),
+        lambda: relu.backward(dy, out=dx[1]), lambda: add_relu.backward(dy, out=dx[2]), unfused_backward,
+        lambda: masked.backward(dy, out=dx[4]))))
     t = median_times(calls, budget)
     return {"shape": list(shape), "layout": layout, "threads": threads, **{k: v * 1e6 for k, v in t.items()}}
 
 
 FUSED_HEADER = (f"{'shape':>18} {'layout':>13} {'thr':>3} {'train us':>9} {'relu/plain':>10} {'add+relu/plain':>14} "
-                f"{'numpy/fused':>11} {'bwd us':>9} {'relu/plain':>10} {'add+relu/plain':>14} {'numpy/fused':>11}")
+                f"{'numpy/fused':>11} {'mask/plain':>10} {'bwd us':>9} {'relu/plain':>10} {'add+relu/plain':>14} "
+                f"{'numpy/fused':>11} {'mask/plain':>10}")
 
 
 def format_fused(r):
     """One line of the fused-op table: the plain times, and the fused and unfused ones as ratios."""
     return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['threads']:>3} {r['train']:9.1f} "
             f"{r['train_relu'] / r['train']:10.2f} {r['train_add_relu'] / r['train']:14.2f} "
-            f"{r['numpy_add_relu'] / r['train_add_relu']:11.2f} {r['backward']:9.1f} "
-            f"{r['backward_relu'] / r['backward']:10.2f} {r['backward_add_relu'] / r['backward']:14.2f} "
-            f"{r['numpy_add_relu_backward'] / r['backward_add_relu']:11.2f}")
+            f"{r['numpy_add_relu'] / r['train_add_relu']:11.2f} {r['train_masked'] / r['train']:10.2f} "
+            f"{r['backward']:9.1f} {r['backward_relu'] / r['backward']:10.2f} "
+            f"{r['backward_add_relu'] / r['backward']:14.2f} "
+            f"{r['numpy_add_relu_backward'] / r['backward_add_relu']:11.2f} "
+            f"{r['backward_masked'] / r['backward']:10.2f}")
 
 
 def add_torch(rows, budget):
@@ -349,7 +357,8 @@ def main(argv=None):
     if fused:
         print("fused ReLU and residual add, float32 training forward and backward: the plain layer's time, the "
               "fused\nones over it, and the unfused NumPy composition np.maximum(bn(x) + z, 0) (and its backward) "
-              "over the fused one")
+              "over the fused one;\nmask/plain: the plain layer with a statistics mask (80% of the positions) over "
+              "the plain one")
         print(FUSED_HEADER)
         for r in fused:
             print(format_fused(r))

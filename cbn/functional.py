@@ -158,8 +158,8 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     if training:
         V.count_per_channel(math.prod(shape) // C if C else 0, f"input size {shape}")
     masked = training and mask is not None and x.size > 0
-    if masked:
-        for start, stop in groups or ((0, shape[0]),):
+    if masked:  # the mask's axis 0 is the batch axis when there are groups (their channel axis is not 0)
+        for start, stop in groups or ((None, None),):
             V.valid_count(np.count_nonzero(mask[start:stop]), "" if groups is None else
                           f" in the virtual batch of samples {start}:{stop}")
     renorming = training and clipping is not None and x.size > 0

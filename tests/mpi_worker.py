@@ -280,6 +280,138 @@ def check_renorm():
         assert same_on_all_ranks(sync.running_mean, sync.running_var)
 
 
+def masked_statistics(x, mask):
+    """Float64 mean and biased variance per channel of (N, C, *) x over the positions where the mask (of x's shape
+    without the channel axis, or broadcasting to it) is True."""
+    x = np.moveaxis(np.asarray(x, np.float64), 1, -1)
+    valid = np.broadcast_to(mask, x.shape[:-1])
+    values = x[valid]
+    return values.mean(axis=0), values.var(axis=0), len(values)
+
+
+def check_masked():
+    """SyncBatchNorm with masks equals one process's BatchNorm on the whole batch with the whole mask (y, dx, the
+    summed parameter gradients, the running statistics over two steps, both dtypes), with the ranks' valid counts
+    combined: one rank's shard fully masked (n = 0 there), ranks without samples, masks of the whole shard and
+    broadcast ones, channels-last views and the channels at axis -1, ReLU with a residual. Also: fewer than two
+    valid positions over all ranks is a ValueError on every rank, a bad mask on one rank raises on every rank, the
+    eval forward with a mask communicates nothing."""
+    rng = np.random.default_rng(2024)
+    # (class, spatial tail, mask kind, shard sizes, fused, layout); the shard of rank 1 is fully masked with "full"
+    cases = [(cbn.SyncBatchNorm2d, (4, 5), "full", [2, 3, 1, 2], False, "NCHW"),
+             (cbn.SyncBatchNorm1d, (), "full", [3, 2, 4, 1], False, "NCHW"),
+             (cbn.SyncBatchNorm1d, (6,), "full", [2, 2, 0, 3], False, "axis-1"),
+             (cbn.SyncBatchNorm2d, (4, 5), "full", [3, 1, 2, 0], True, "channels-last"),
+             (cbn.SyncBatchNorm2d, (4, 5), "N1W", [1, 2, 3, 2], False, "NCHW"),
+             (cbn.SyncBatchNorm2d, (4, 5), "HW", [2, 0, 3, 1], True, "NCHW"),
+             (cbn.SyncBatchNorm3d, (2, 3, 2), "full", [2, 1, 0, 2], False, "channels-last")]
+    for dtype in (np.float64, np.float32):
+        for cls, tail, kind, counts, fused, layout in cases:
+            counts = counts[:size]
+            case = f"masked {cls.__name__} tail={tail} mask={kind} counts={counts} {np.dtype(dtype).name} " \
+                   f"fused={fused} layout={layout}"
+            C = 3
+            kw = dict(dtype=dtype, axis=-1 if layout == "axis-1" else 1, activation="relu" if fused else None)
+            sync = cls(C, **kw)
+            plain = {cbn.SyncBatchNorm1d: cbn.BatchNorm1d, cbn.SyncBatchNorm2d: cbn.BatchNorm2d,
+                     cbn.SyncBatchNorm3d: cbn.BatchNorm3d}[cls](C, **kw)
+            sync.weight[...] = plain.weight[...] = rng.uniform(0.5, 1.5, C)
+            sync.bias[...] = plain.bias[...] = rng.uniform(-0.5, 0.5, C)
+            last = (0,) + tuple(range(2, 2 + len(tail))) + (1,)
+
+            def arranged(a):  # the tested array of the (N, C, *) values a
+                if layout == "NCHW":
+                    return a
+                a = np.ascontiguousarray(a.transpose(last))
+                return a if layout == "axis-1" else a.transpose(np.argsort(last))
+
+            def logical(a):  # back to (N, C, *)
+                return a.transpose(np.argsort(last)) if layout == "axis-1" else a
+
+            start, stop = sum(counts[:rank]), sum(counts[:rank + 1])
+            for step in range(2):
+                N = sum(counts)
+                x = (rng.standard_normal((N, C) + tail) * rng.uniform(0.5, 3, (1, C) + (1,) * len(tail))
+                     + 2 * step).astype(dtype)
+                dy = rng.standard_normal(x.shape).astype(dtype)
+                z = rng.standard_normal(x.shape).astype(dtype) if fused else None
+                if kind == "full":
+                    mask = rng.random((N,) + tail) < 0.6
+                    mask[sum(counts[:1]):sum(counts[:2])] = False  # rank 1 (if any): nothing valid
+                    mask[:1] = True  # rank 0 has valid positions
+                    mine = mask[start:stop]
+                elif kind == "N1W":
+                    mask = rng.random((N, 1) + tail[1:]) < 0.6
+                    mask[:1] = True
+                    mine = mask[start:stop]
+                else:  # the same (H, W) mask on every rank, broadcast over the samples
+                    mask = rng.random(tail) < 0.6
+                    mask.flat[:2] = True
+                    mine = mask
+                if size > 1 and kind == "full":
+                    assert not mine.any() or rank != 1
+                x, dy = arranged(x), arranged(dy)
+                zs = None if z is None else arranged(z)
+                y = sync(x[start:stop], mask=mine, residual=None if zs is None else zs[start:stop])
+                dx = sync.backward(dy[start:stop])
+                y_all = plain(x, mask=mask, residual=zs)
+                dx_all = plain.backward(dy)
+                assert y.strides == y_all[start:stop].strides or y.size <= 1, f"{case}: output layout"
+                if fused:
+                    record(dtype, "masked dresidual", rel_err(sync.grad_residual, plain.grad_residual[start:stop]),
+                           case)
+                y, dx, y_all, dx_all, dy_l = logical(y), logical(dx), logical(y_all), logical(dx_all), logical(dy)
+                record(dtype, "masked y", rel_err(y, y_all[start:stop]), case)
+                record(dtype, "masked dx", rel_err(dx, dx_all[start:stop], dx_scale(plain, dy_l, dx_all)), case)
+                record(dtype, "masked dweight", rel_err(ordered_sum(sync.grad_weight), plain.grad_weight), case)
+                record(dtype, "masked dbias", rel_err(ordered_sum(sync.grad_bias), plain.grad_bias), case)
+                record(dtype, "masked running_mean", rel_err(sync.running_mean, plain.running_mean), case)
+                record(dtype, "masked running_var", rel_err(sync.running_var, plain.running_var), case)
+                assert sync.num_batches_tracked == plain.num_batches_tracked == step + 1, case
+                assert same_on_all_ranks(sync._saved.mean, sync._saved.invstd, sync.running_mean,
+                                         sync.running_var), f"{case}: statistics differ between ranks"
+                if dtype == np.float64 and not fused:  # the statistics of the valid positions, in NumPy
+                    mean, var, n = masked_statistics(logical(x), mask)
+                    record(dtype, "mean vs reference", rel_err(sync._saved.mean, mean), case)
+                    invstd = 1 / np.sqrt(var + sync.eps)
+                    record(dtype, "invstd vs reference", rel_err(sync._saved.invstd, invstd), case)
+    # Fewer than two valid positions over all ranks (one on rank 0): ValueError on every rank, nothing changed.
+    layer = cbn.SyncBatchNorm1d(3, dtype=np.float64)
+    layer(np.arange(12.0).reshape(4, 3) + rank)
+    before = snapshot(layer)
+    for valid in (0, 1):
+        mask = np.zeros(4, bool)
+        mask[0] = bool(valid) and rank == 0
+        try:
+            layer(np.ones((4, 3)), mask=mask)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"masked: {valid} valid position(s) over all ranks, no ValueError on rank {rank}")
+        assert snapshot(layer) == before, f"masked: state changed after {valid} valid position(s)"
+    # One valid position on each of two ranks is enough when there are several ranks.
+    if size > 1:
+        mask = np.zeros(4, bool)
+        mask[0] = rank < 2
+        layer(np.full((4, 3), float(rank)), mask=mask)
+        r0 = np.frombuffer(before["running_mean"][2], np.float64)
+        assert np.allclose(layer.running_mean, 0.9 * r0 + 0.1 * 0.5), "masked: one valid position on two ranks"
+    # A bad mask on rank 0 only: its TypeError there, RuntimeError naming rank 0 elsewhere; nothing changed.
+    layer = cbn.SyncBatchNorm2d(3)
+    before = snapshot(layer)
+    mask = np.ones((2, 2, 2), np.int32 if rank == 0 else bool)
+    expect_error(lambda: layer(np.ones((2, 3, 2, 2), np.float32), mask=mask), TypeError if rank == 0 else RuntimeError,
+                 "mask" if rank == 0 else "rank(s) [0] rejected", "bad mask on rank 0")
+    assert snapshot(layer) == before
+    # Eval with a mask communicates nothing: rank 0 alone runs it.
+    layer = cbn.SyncBatchNorm2d(3).eval()
+    if rank == 0:
+        x = np.random.default_rng(0).standard_normal((2, 3, 2, 2)).astype(np.float32)
+        y = layer(x, mask=np.zeros((2, 2, 2), bool))
+        assert y.tobytes() == layer(x).tobytes()
+    comm.Barrier()
+
+
 def main():
     # Shard sizes: uneven, with empty ranks, and (1d) one value on some ranks.
     uneven = [1, 2, 3, 4][:size]
@@ -313,6 +445,7 @@ def main():
     check_convert_and_state()
     check_precise_stats()
     check_renorm()
+    check_masked()
     if rank == 0:
         print("CBN_MPI_RESULT " + json.dumps({"size": size, "worst_relative_error": worst}), flush=True)
 
