@@ -27,6 +27,7 @@ and nothing here allocates more than the small scratch of partial sums and coeff
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt
+from libc.string cimport memset
 
 import numpy as np
 
@@ -128,11 +129,13 @@ cpdef enum Pass:
 
 
 # Position weights of masked statistics. Position p = n*S + s of the (N, C, S) tensor (the input without its
-# channel axis) counts where valid[p] is 1. col maps the columns of a channel-minor folded row (k rows of C*S values)
-# to their position in its k*S positions, col[j] = (j // (C*S))*S + j % S; channel-major rows use IDENTITY.
+# channel axis) counts where valid[p] is 1. The values of a channel-major row are at consecutive positions; column j
+# of a channel-minor folded row (k rows of C*S values) is at (j // (C*S))*S + j % S of the row's k*S positions:
+# j // C when S == 1 (runs of C columns), else the table col.
 cdef struct Positions:
     const unsigned char *valid   # (N*S,), or NULL: every position counts
-    const Py_ssize_t *col
+    Py_ssize_t run               # channel-minor with S == 1: C; else 0
+    const Py_ssize_t *col        # channel-minor with S > 1: the position of each column; else NULL
 
 
 cdef inline double _masked(double d, double e) noexcept nogil:
@@ -171,11 +174,6 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
 cdef enum:
     COL_CHUNK = 512       # columns per pass of the column sums: their accumulators stay in L1
     LANES = 16            # fixed lanes of a channel-major row sum
-
-# col of the channel-major rows' weights (contiguous: position i + col[i] of the row's first; see Positions).
-cdef Py_ssize_t IDENTITY[COL_CHUNK]
-for _i in range(COL_CHUNK):
-    IDENTITY[_i] = _i
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
 # holds. Longer rows go channel-major.
@@ -363,66 +361,90 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 
 cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                        Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
-                       double *s0, double *s1, const unsigned char *v, Py_ssize_t vld,
-                       const Py_ssize_t *col) noexcept nogil:
+                       double *s0, double *s1, Positions P, Py_ssize_t p, Py_ssize_t pld,
+                       Py_ssize_t j0) noexcept nogil:
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
-    u = x - shift[j], w = u (Moments; MomentsValid: u where the weight v[r*vld + col[j]] is 1, else 0), dy
-    (GradSums) or masked(dy) (GradSumsMasked); four rows per step, added pairwise. Vectorised across columns: each
-    column is one lane."""
+    u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
+    p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums) or masked(dy) (GradSumsMasked); four rows per step,
+    added pairwise. Vectorised across columns: each column is one lane."""
     cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
+    cdef unsigned char buf[4 * COL_CHUNK]
+    cdef const unsigned char *v0 = NULL
+    cdef const unsigned char *v1 = NULL
+    cdef const unsigned char *v2 = NULL
+    cdef const unsigned char *v3 = NULL
     for r in range(0, r4, 4):
         i = base + r * ld
+        if SumOp is MomentsValid:
+            v0 = _row_weights(P, p + r * pld, j0, j0 + width, buf)
+            v1 = _row_weights(P, p + (r + 1) * pld, j0, j0 + width, &buf[COL_CHUNK])
+            v2 = _row_weights(P, p + (r + 2) * pld, j0, j0 + width, &buf[2 * COL_CHUNK])
+            v3 = _row_weights(P, p + (r + 3) * pld, j0, j0 + width, &buf[3 * COL_CHUNK])
         for j in range(width):
-            u0 = <double>x[i + j] - shift[j]
-            u1 = <double>x[i + ld + j] - shift[j]
-            u2 = <double>x[i + 2 * ld + j] - shift[j]
-            u3 = <double>x[i + 3 * ld + j] - shift[j]
-            w0 = _weight(op, u0, dy[i + j], e[i + j], _valid(op, v, col, r * vld, j))
-            w1 = _weight(op, u1, dy[i + ld + j], e[i + ld + j], _valid(op, v, col, (r + 1) * vld, j))
-            w2 = _weight(op, u2, dy[i + 2 * ld + j], e[i + 2 * ld + j], _valid(op, v, col, (r + 2) * vld, j))
-            w3 = _weight(op, u3, dy[i + 3 * ld + j], e[i + 3 * ld + j], _valid(op, v, col, (r + 3) * vld, j))
-            if SumOp is MomentsValid:  # u = 0 too where w is: a NaN at an uncounted position stays out
-                u0, u1, u2, u3 = w0, w1, w2, w3
+            u0 = _weight(op, <double>x[i + j] - shift[j], v0, j)
+            u1 = _weight(op, <double>x[i + ld + j] - shift[j], v1, j)
+            u2 = _weight(op, <double>x[i + 2 * ld + j] - shift[j], v2, j)
+            u3 = _weight(op, <double>x[i + 3 * ld + j] - shift[j], v3, j)
+            w0 = _grad_weight(op, u0, dy[i + j], e[i + j])
+            w1 = _grad_weight(op, u1, dy[i + ld + j], e[i + ld + j])
+            w2 = _grad_weight(op, u2, dy[i + 2 * ld + j], e[i + 2 * ld + j])
+            w3 = _grad_weight(op, u3, dy[i + 3 * ld + j], e[i + 3 * ld + j])
             s0[j] += (w0 + w1) + (w2 + w3)
             s1[j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
     for r in range(r4, nrows):
         i = base + r * ld
+        if SumOp is MomentsValid:
+            v0 = _row_weights(P, p + r * pld, j0, j0 + width, buf)
         for j in range(width):
-            u0 = <double>x[i + j] - shift[j]
-            w0 = _weight(op, u0, dy[i + j], e[i + j], _valid(op, v, col, r * vld, j))
-            if SumOp is MomentsValid:
-                u0 = w0
+            u0 = _weight(op, <double>x[i + j] - shift[j], v0, j)
+            w0 = _grad_weight(op, u0, dy[i + j], e[i + j])
             s0[j] += w0
             s1[j] += w0 * u0
 
 
-cdef inline unsigned char _valid(SumOp op, const unsigned char *v, const Py_ssize_t *col, Py_ssize_t row,
-                                 Py_ssize_t j) noexcept nogil:
-    """The weight v[row + col[j]] of a MomentsValid sum (read only there: v is NULL for the other sums)."""
+cdef inline double _weight(SumOp op, double u, const unsigned char *v, Py_ssize_t j) noexcept nogil:
+    """u, or for MomentsValid u where the weight v[j] is 1, else 0 (v is read only there: NULL for the others)."""
     if SumOp is MomentsValid:
-        return v[row + col[j]]
+        return u if v[j] else 0.0
     else:
-        return 1
-
-
-cdef inline double _weight(SumOp op, double u, double d, double e, unsigned char valid) noexcept nogil:
-    """The w of a sum (see _column_sums)."""
-    if SumOp is Moments:
         return u
-    elif SumOp is MomentsValid:
-        return u if valid else 0.0
+
+
+cdef inline double _grad_weight(SumOp op, double u, double d, double e) noexcept nogil:
+    """The w of a sum (see _column_sums) from u (as _weight gives it)."""
+    if SumOp is Moments or SumOp is MomentsValid:
+        return u
     elif SumOp is GradSums:
         return d
     else:
         return _masked(d, e)
 
 
+cdef inline const unsigned char *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t j0, Py_ssize_t j1,
+                                              unsigned char *buf) noexcept nogil:
+    """The weights of columns [j0, j1) of the row whose positions start at p, as a contiguous array: of a
+    channel-major row, valid[p + j0:] itself; of a channel-minor folded row, gathered into buf (see Positions)."""
+    cdef Py_ssize_t j, end
+    if P.col != NULL:
+        for j in range(j0, j1):
+            buf[j - j0] = P.valid[p + P.col[j]]
+    elif P.run:
+        j = j0
+        while j < j1:
+            end = min(j1, (j // P.run + 1) * P.run)
+            memset(&buf[j - j0], P.valid[p + j // P.run], end - j)
+            j = end
+    else:
+        return P.valid + p + j0
+    return buf
+
+
 cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                      floating[::1] out, floating[::1] dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
                      double c2, double c3, const unsigned char *v) noexcept nogil:
     """Values [i0, i1) of one channel: out = _value(op, x, dy, e) in double, rounded once (and dz, for the Dz
-    ops); value i at position weight v[i - i0] (for the Valid ops)."""
+    ops); value i with the position weight v[i - i0] (read by the Valid ops only)."""
     cdef Py_ssize_t i
     for i in range(i0, i1):
         out[i] = <floating>_value(op, x[i], dy[i], e[i], c0, c1, c2, c3, _position(op, v, i - i0))
@@ -434,37 +456,32 @@ cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, 
 
 cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                          floating[::1] out, floating[::1] dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
-                         Py_ssize_t W, const double[::1] coef, const unsigned char *v,
-                         const Py_ssize_t *col) noexcept nogil:
-    """Columns [j0, j1) of the row at x[base:], each column j with its own coefficients coef[r*W + j], r = 0..3,
-    at position weight v[col[j]]: as _apply_row."""
-    cdef Py_ssize_t j, i
-    for j in range(j0, j1):
-        i = base + j
-        out[i] = <floating>_value(op, x[i], dy[i], e[i], coef[j], coef[W + j], coef[2 * W + j], coef[3 * W + j],
-                                  _position(op, v, col[j] if _has_positions(op) else 0))
-        if ApplyOp is AffineMaskedDz:
-            dz[i] = <floating>_masked(x[i], e[i])
-        elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
-            dz[i] = <floating>_masked(dy[i], e[i])
+                         Py_ssize_t W, const double[::1] coef, Positions P, Py_ssize_t p) noexcept nogil:
+    """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
+    coef[r*W + j], r = 0..3: as _apply_row, COL_CHUNK columns at a time."""
+    cdef Py_ssize_t j, i, q, a, b
+    cdef unsigned char buf[COL_CHUNK]
+    cdef const unsigned char *v = NULL
+    for q in range(_cdiv(j1 - j0, COL_CHUNK)):
+        a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
+        if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
+            v = _row_weights(P, p, a, b, buf)
+        for j in range(a, b):
+            i = base + j
+            out[i] = <floating>_value(op, x[i], dy[i], e[i], coef[j], coef[W + j], coef[2 * W + j],
+                                      coef[3 * W + j], _position(op, v, j - a))
+            if ApplyOp is AffineMaskedDz:
+                dz[i] = <floating>_masked(x[i], e[i])
+            elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
+                dz[i] = <floating>_masked(dy[i], e[i])
 
 
-cdef inline bint _has_positions(ApplyOp op) noexcept nogil:
-    """True for the passes that read position weights."""
-    return ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid
-
-
-cdef inline unsigned char _position(ApplyOp op, const unsigned char *v, Py_ssize_t p) noexcept nogil:
-    """The weight v[p] for the passes that read position weights (v is NULL for the others)."""
+cdef inline unsigned char _position(ApplyOp op, const unsigned char *v, Py_ssize_t j) noexcept nogil:
+    """The weight v[j] for the passes that read position weights (v is NULL for the others)."""
     if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
-        return v[p]
+        return v[j]
     else:
         return 1
-
-
-cdef inline const unsigned char *_at(Positions P, Py_ssize_t p) noexcept nogil:
-    """The weights from position p on, or NULL without weights."""
-    return P.valid + p if P.valid != NULL else NULL
 
 
 # -- the three steps over blocks ----------------------------------------------------------------------------------
@@ -487,8 +504,8 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
             for j in range(b - a):
                 shift[j] = coef[a + j]
             _zero_lanes(s, b - a)
-            _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK],
-                         _at(P, n0 * L.G), L.G, P.col + a if P.col != NULL else NULL)
+            _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK], P,
+                         n0 * L.G, L.G, a)
             for j in range(b - a):
                 part[off + a - i0 + j] = s[j]
                 part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
@@ -499,24 +516,24 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
     if i1 - i0 >= COL_CHUNK or n1 - n0 < MIN_IMAGES:
         for n in range(n0, n1):
             for c in range(c0, c1):
-                _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)],
-                          _at(P, n * L.S + i0))
+                _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)], P,
+                          n * L.S + i0)
         return
     for c in range(c0, c1):  # short rows: down the block's images, a lane per column, the lanes added in order
         for j in range(i1 - i0):
             shift[j] = coef[c]
         _zero_lanes(s, i1 - i0)
-        _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK],
-                     _at(P, n0 * L.S + i0), L.S, IDENTITY)
+        _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK], P,
+                     n0 * L.S + i0, L.S, 0)
         for j in range(i1 - i0):
             part[off + 2 * (c - c0)] += s[j]
             part[off + 2 * (c - c0) + 1] += s[COL_CHUNK + j]
 
 
 cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
-                    Py_ssize_t base, Py_ssize_t n, double k, double *pair, const unsigned char *v) noexcept nogil:
-    """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (u = x - k, w as in
-    _column_sums, value i with position weight v[i]): value e in lane e % LANES (the row cut into rows of LANES
+                    Py_ssize_t base, Py_ssize_t n, double k, double *pair, Positions P, Py_ssize_t p) noexcept nogil:
+    """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (at positions p, p + 1,
+    ...; u = x - k, w as in _column_sums): value e in lane e % LANES (the row cut into rows of LANES
     values, down which _column_sums runs), the lanes folded pairwise."""
     cdef double s[2 * LANES]
     cdef double shift[LANES]
@@ -525,9 +542,9 @@ cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, con
         shift[q] = k
         s[q] = 0.0
         s[LANES + q] = 0.0
-    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], v, LANES, IDENTITY)
-    _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES],
-                 v + nsub * LANES if v != NULL else NULL, 0, IDENTITY)
+    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0)
+    _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES], P,
+                 p + nsub * LANES, 0, 0)
     h = LANES // 2
     while h > 0:
         for q in range(h):
@@ -554,14 +571,14 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         for n in range(n0, n1):
-            _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, _at(P, n * L.G), P.col)
+            _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
             _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef[c], coef[L.C + c], coef[2 * L.C + c],
-                       coef[3 * L.C + c], _at(P, n * L.S + i0))
+                       coef[3 * L.C + c], P.valid + n * L.S + i0 if P.valid != NULL else NULL)
 
 
 cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
@@ -729,7 +746,7 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
     cdef Positions P = _positions(L, valid, cols)
     cdef Py_ssize_t first = 0  # offset of the shift K of channel 0: its value at the first counted position
     if valid is not None:
-        first = np.flatnonzero(valid)[0]
+        first = np.argmax(valid)
         first = (first // S) * C * S + first % S
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _forward[float](L, x, y, x if residual is None else residual, kind, running_mean, running_var, weight,
@@ -744,11 +761,11 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
 
 
 cdef object _columns(Layout L, valid):
-    """The col table of Positions (see there): an (L.W,) intp array for weights of a channel-minor layout, else
-    None."""
+    """The col table of Positions (see there): an (L.W,) intp array for weights of a channel-minor layout with
+    S > 1, else None."""
     cdef Py_ssize_t[::1] col
     cdef Py_ssize_t j
-    if valid is None or not L.minor:
+    if valid is None or not L.minor or L.S == 1:
         return None
     table = np.empty(L.W, dtype=np.intp)
     col = table
@@ -763,6 +780,7 @@ cdef Positions _positions(Layout L, const unsigned char[::1] valid, Py_ssize_t[:
     cdef Positions P = _every()
     if valid is not None:
         P.valid = &valid[0]
+        P.run = L.C if L.minor and L.S == 1 else 0
     if cols is not None:
         P.col = &cols[0]
     return P
@@ -772,6 +790,7 @@ cdef inline Positions _every() noexcept nogil:
     """Positions without weights: every position counts."""
     cdef Positions P
     P.valid = NULL
+    P.run = 0
     P.col = NULL
     return P
 

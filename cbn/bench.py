@@ -34,12 +34,11 @@ SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 
 CASES = ([(s, "NCHW") for s in SHAPES] + [(s, "channels-last") for s in SHAPES if len(s) == 4]
          + [((64, 256, 400), "NLC"), ((32, 768, 128), "NLC")])
 LAYOUTS = ("NCHW", "channels-last", "NLC")
-# The fused ReLU and residual add, timed on a few cases against the plain layer and the unfused NumPy composition;
-# and masked statistics against the plain layer.
-FUSED_CASES = [((32, 64, 56, 56), "NCHW"), ((256, 128, 8, 8), "NCHW"), ((32, 64, 56, 56), "channels-last"),
-               ((4096, 1024), "NCHW"), ((64, 256, 400), "NLC")]
-FUSED_CALLS = ("train", "train_relu", "train_add_relu", "numpy_add_relu", "train_masked", "backward",
-               "backward_relu", "backward_add_relu", "numpy_add_relu_backward", "backward_masked")
+# The fused ReLU and residual add and the training variants, timed on a few cases against the plain layer (and the
+# fused ops against the unfused NumPy composition).
+VARIANT_CASES = [((32, 64, 56, 56), "NCHW"), ((256, 128, 8, 8), "NCHW"), ((32, 64, 56, 56), "channels-last"),
+                 ((4096, 1024), "NCHW"), ((64, 256, 400), "NLC")]
+VARIANTS = ("relu", "add_relu", "numpy_add_relu", "masked", "ghost", "precise")
 OPS = ("train", "eval", "backward")
 
 
@@ -169,54 +168,65 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
 
-def bench_fused(shape, layout, threads, budget):
-    """Time the fused ReLU and residual add of one float32 case: the layer's training forward and backward plain,
-    with activation="relu", and with a residual too, and the unfused NumPy composition of the same result,
-    np.maximum(bn(x) + z, 0), and its backward (dy masked by y > 0, then bn.backward); and the plain layer with a
-    statistics mask (a fixed random 80% of the positions). Returns one row (us)."""
+def bench_variants(shape, layout, threads, budget):
+    """Time the layer's float32 training forward and backward of one case, plain and as each of VARIANTS: with
+    activation="relu"; with a residual too; the unfused NumPy composition of that, np.maximum(bn(x) + z, 0), and its
+    backward (dy masked by y > 0, then bn.backward); with a statistics mask (a fixed random 80% of the positions);
+    ghost batches of a quarter of the batch; inside ``precise_stats`` (forward only). Returns one row (us):
+    "train" and "backward", and "train_<variant>", "backward_<variant>"."""
     x, dy, axis = _data(shape, layout, np.float32)
     z = np.negative(dy)
     C = x.shape[axis]
     cbn.set_num_threads(threads)
     cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}[len(shape)]
-    plain, relu, add_relu, unfused, masked = (cls(C, axis=axis, activation=act)
-                                              for act in (None, "relu", "relu", None, None))
-    mask = np.random.default_rng(0).random(np.delete(x.shape, axis)) < 0.8
-    y, dx = [np.empty_like(x) for _ in range(5)], [np.empty_like(x) for _ in range(5)]
-    grad = np.empty_like(x)
+    options = {"relu": {"activation": "relu"}, "add_relu": {"activation": "relu"},
+               "ghost": {"virtual_batch_size": -(-shape[0] // 4)}}
+    layers = {v: cls(C, axis=axis, **options.get(v, {})) for v in ("plain",) + VARIANTS}
+    args = {"add_relu": {"residual": z}, "masked": {"mask": np.random.default_rng(0).random(np.delete(x.shape, axis))
+                                                    < 0.8}}
+    y = {v: np.empty_like(x) for v in layers}  # each layer's own: a ReLU backward reads its forward's output
+    dx, grad = np.empty_like(x), np.empty_like(x)
+    calls = {}
+    for v, layer in layers.items():
+        suffix = "" if v == "plain" else f"_{v}"
+        calls["train" + suffix] = lambda layer=layer, v=v: layer(x, out=y[v], **args.get(v, {}))
+        if v != "precise":  # its backward is the plain one
+            calls["backward" + suffix] = lambda layer=layer: layer.backward(dy, out=dx)
+    unfused = layers["numpy_add_relu"]
 
     def unfused_forward():
-        out = unfused(x, out=y[3])
+        out = unfused(x, out=y["numpy_add_relu"])
         np.add(out, z, out=out)
         return np.maximum(out, 0, out=out)
 
     def unfused_backward():
-        np.multiply(dy, y[3] > 0, out=grad)  # the residual's gradient
-        return unfused.backward(grad, out=dx[3])
+        np.multiply(dy, y["numpy_add_relu"] > 0, out=grad)  # the residual's gradient
+        return unfused.backward(grad, out=dx)
 
-    calls = dict(zip(FUSED_CALLS, (
-        lambda: plain(x, out=y[0]), lambda: relu(x, out=y[1]), lambda: add_relu(x, out=y[2], residual=z),
-        unfused_forward, lambda: masked(x, out=y[4], mask=mask), lambda: plain.backward(dy, out=dx[0]),
-        lambda: relu.backward(dy, out=dx[1]), lambda: add_relu.backward(dy, out=dx[2]), unfused_backward,
-        lambda: masked.backward(dy, out=dx[4]))))
-    t = median_times(calls, budget)
+    calls["train_numpy_add_relu"], calls["backward_numpy_add_relu"] = unfused_forward, unfused_backward
+    for call in calls.values():  # each layer's backward follows its own forward
+        call()
+    with cbn.precise_stats(layers["precise"]):
+        t = median_times(calls, budget)
     return {"shape": list(shape), "layout": layout, "threads": threads, **{k: v * 1e6 for k, v in t.items()}}
 
 
-FUSED_HEADER = (f"{'shape':>18} {'layout':>13} {'thr':>3} {'train us':>9} {'relu/plain':>10} {'add+relu/plain':>14} "
-                f"{'numpy/fused':>11} {'mask/plain':>10} {'bwd us':>9} {'relu/plain':>10} {'add+relu/plain':>14} "
-                f"{'numpy/fused':>11} {'mask/plain':>10}")
+# (column, numerator, denominator) of the variant table's ratios
+VARIANT_COLUMNS = (("relu/plain", "relu", ""), ("add+relu/plain", "add_relu", ""),
+                   ("numpy/fused", "numpy_add_relu", "add_relu"), ("mask/plain", "masked", ""),
+                   ("ghost/plain", "ghost", ""))
+VARIANT_HEADER = (f"{'shape':>18} {'layout':>13} {'thr':>3} {'train us':>9} "
+                  + " ".join(f"{c:>{len(c)}}" for c, _, _ in VARIANT_COLUMNS) + f" {'precise/plain'} {'bwd us':>9} "
+                  + " ".join(f"{c:>{len(c)}}" for c, _, _ in VARIANT_COLUMNS))
 
 
-def format_fused(r):
-    """One line of the fused-op table: the plain times, and the fused and unfused ones as ratios."""
-    return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['threads']:>3} {r['train']:9.1f} "
-            f"{r['train_relu'] / r['train']:10.2f} {r['train_add_relu'] / r['train']:14.2f} "
-            f"{r['numpy_add_relu'] / r['train_add_relu']:11.2f} {r['train_masked'] / r['train']:10.2f} "
-            f"{r['backward']:9.1f} {r['backward_relu'] / r['backward']:10.2f} "
-            f"{r['backward_add_relu'] / r['backward']:14.2f} "
-            f"{r['numpy_add_relu_backward'] / r['backward_add_relu']:11.2f} "
-            f"{r['backward_masked'] / r['backward']:10.2f}")
+def format_variants(r):
+    """One line of the variant table: the plain times, and each variant's time over its denominator's."""
+    def ratios(op):
+        key = {"": op, **{v: f"{op}_{v}" for v in VARIANTS}}
+        return " ".join(f"{r[key[num]] / r[key[den]]:{len(c)}.2f}" for c, num, den in VARIANT_COLUMNS)
+    return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['threads']:>3} {r['train']:9.1f} {ratios('train')} "
+            f"{r['train_precise'] / r['train']:13.2f} {r['backward']:9.1f} {ratios('backward')}")
 
 
 def add_torch(rows, budget):
@@ -320,8 +330,9 @@ def main(argv=None):
                    help="comma-separated: NCHW,channels-last (4-D shapes),NLC (3-D shapes)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds of repetitions per measurement")
     p.add_argument("--no-reference", action="store_true", help="skip timing the slow NumPy reference")
-    p.add_argument("--no-fused", action="store_true",
-                   help="skip the fused ReLU and residual add table (of FUSED_CASES, or of the shapes given)")
+    p.add_argument("--no-variants", action="store_true",
+                   help="skip the table of the fused ops and training variants (of VARIANT_CASES, or of the shapes "
+                        "given)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG chart to this file (needs matplotlib)")
     a = p.parse_args(argv)
@@ -336,7 +347,7 @@ def main(argv=None):
     print("cbn benchmark: medians; cbn/roof = cbn time / (copy for train and eval, add for backward);")
     print("numpy/cbn and torch/cbn = how many times faster cbn is. " +
           ", ".join(f"{k} {v}" for k, v in info.items()))
-    rows, fused = [], []
+    rows, variants = [], []
     saved_threads = cbn.get_num_threads()
     try:
         for threads in (int(t) for t in a.threads.split(",")):
@@ -345,26 +356,26 @@ def main(argv=None):
                     rows += bench_case(shape, layout, np.dtype(dtype), threads, a.budget, not a.no_reference)
                     print(f"  measured {shape} {layout} {dtype} at {threads} thread(s)", file=sys.stderr,
                           flush=True)
-            if not a.no_fused:
-                fused += [bench_fused(shape, layout, threads, a.budget) for shape, layout in
-                          (FUSED_CASES if a.shapes in ("all", "small") else cases)]
+            if not a.no_variants:
+                variants += [bench_variants(shape, layout, threads, a.budget) for shape, layout in
+                             (VARIANT_CASES if a.shapes in ("all", "small") else cases)]
         add_torch(rows, a.budget)
     finally:
         cbn.set_num_threads(saved_threads)
     print(HEADER)
     for r in rows:
         print(format_row(r))
-    if fused:
-        print("fused ReLU and residual add, float32 training forward and backward: the plain layer's time, the "
-              "fused\nones over it, and the unfused NumPy composition np.maximum(bn(x) + z, 0) (and its backward) "
-              "over the fused one;\nmask/plain: the plain layer with a statistics mask (80% of the positions) over "
-              "the plain one")
-        print(FUSED_HEADER)
-        for r in fused:
-            print(format_fused(r))
+    if variants:
+        print("fused ops and training variants, float32 training forward and backward: the plain layer's time, and "
+              "over it\nthe fused ReLU, the fused residual add + ReLU, a statistics mask (80% of the positions), "
+              "ghost batches\n(a quarter of the batch each) and the forward inside precise_stats; numpy/fused: the "
+              "unfused NumPy\ncomposition np.maximum(bn(x) + z, 0) (and its backward) over the fused call")
+        print(VARIANT_HEADER)
+        for r in variants:
+            print(format_variants(r))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"header": info, "rows": rows, "fused": fused}, f, indent=1)
+            json.dump({"header": info, "rows": rows, "variants": variants}, f, indent=1)
     if a.plot:
         plot(rows, a.plot)
     return 0 if all(r["correct"] for r in rows) else 1

@@ -26,9 +26,12 @@ def test_bench_smoke(tmp_path, capsys):
         assert r["alloc_bytes_out"] < 16e3, r
     printed = capsys.readouterr().out
     assert "cbn us" in printed and "targets" not in printed  # the table, without the project's internal targets
-    fused = data["fused"]  # the fused-op table, of the same cases
-    assert [(tuple(r["shape"]), r["layout"]) for r in fused] == [(tuple(r["shape"]), r["layout"]) for r in rows[::3]]
-    assert all(r[k] > 0 for r in fused for k in bench.FUSED_CALLS) and "numpy/fused" in printed
+    variants = data["variants"]  # the table of fused ops and training variants, of the same cases
+    assert [(tuple(r["shape"]), r["layout"]) for r in variants] == [(tuple(r["shape"]), r["layout"])
+                                                                     for r in rows[::3]]
+    calls = [f"{op}{v}" for op in ("train", "backward") for v in ("",) + tuple(f"_{v}" for v in bench.VARIANTS)]
+    assert all(r[k] > 0 for r in variants for k in calls if k != "backward_precise")
+    assert "numpy/fused" in printed and "mask/plain" in printed and "precise/plain" in printed
 
 
 def _targets():
