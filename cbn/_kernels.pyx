@@ -19,6 +19,10 @@ SyncBatchNorm) is the same three steps over the blocks: partial sums of each blo
 block order (``_channel_sums``), then the elementwise pass over the same blocks (``_block_apply``). Blocks whose
 channels are whole (``Layout.fused``) do all three in one task, so a channel leaves memory once.
 
+Masked statistics: position weights (one word per position of the (N, C, S) tensor without its channel axis)
+restrict the moment sums to the counted positions, and the dx pass applies the batch-statistics correction there
+only; a row's weights are read as a contiguous array (channel-minor folded rows gather theirs into a stack buffer).
+
 Determinism: the blocks depend on (N, C, S) only, never on the thread count; partial sums are merged in block order,
 fixed lanes are folded in a fixed order, and the build has no FMA contraction: any thread count and any
 instruction-set level gives the same bits. Arguments are marked IN, OUT or INOUT; outputs are caller-allocated,
@@ -27,7 +31,6 @@ and nothing here allocates more than the small scratch of partial sums and coeff
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt
-from libc.string cimport memset
 
 import numpy as np
 
@@ -129,11 +132,11 @@ cpdef enum Pass:
 
 
 # Position weights of masked statistics. Position p = n*S + s of the (N, C, S) tensor (the input without its
-# channel axis) counts where valid[p] is 1. The values of a channel-major row are at consecutive positions; column j
+# channel axis) counts where valid[p] is not 0. The values of a channel-major row are at consecutive positions; column j
 # of a channel-minor folded row (k rows of C*S values) is at (j // (C*S))*S + j % S of the row's k*S positions:
 # j // C when S == 1 (runs of C columns), else the table col.
 cdef struct Positions:
-    const unsigned char *valid   # (N*S,), or NULL: every position counts
+    const Py_ssize_t *valid      # (N*S,), or NULL: every position counts
     Py_ssize_t run               # channel-minor with S == 1: C; else 0
     const Py_ssize_t *col        # channel-minor with S > 1: the position of each column; else NULL
 
@@ -149,7 +152,7 @@ cdef inline double _relu(double v) noexcept nogil:
 
 
 cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, double c1, double c2, double c3,
-                          unsigned char v) noexcept nogil:
+                          Py_ssize_t v) noexcept nogil:
     """One value of an elementwise pass, in double (see the ApplyOp structs; v: the position's weight)."""
     if ApplyOp is Affine:
         return (a - c0) * c1 + c2
@@ -369,11 +372,11 @@ cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, 
     added pairwise. Vectorised across columns: each column is one lane."""
     cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
-    cdef unsigned char buf[4 * COL_CHUNK]
-    cdef const unsigned char *v0 = NULL
-    cdef const unsigned char *v1 = NULL
-    cdef const unsigned char *v2 = NULL
-    cdef const unsigned char *v3 = NULL
+    cdef Py_ssize_t buf[4 * COL_CHUNK]
+    cdef const Py_ssize_t *v0 = NULL
+    cdef const Py_ssize_t *v1 = NULL
+    cdef const Py_ssize_t *v2 = NULL
+    cdef const Py_ssize_t *v3 = NULL
     for r in range(0, r4, 4):
         i = base + r * ld
         if SumOp is MomentsValid:
@@ -403,7 +406,7 @@ cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, 
             s1[j] += w0 * u0
 
 
-cdef inline double _weight(SumOp op, double u, const unsigned char *v, Py_ssize_t j) noexcept nogil:
+cdef inline double _weight(SumOp op, double u, const Py_ssize_t *v, Py_ssize_t j) noexcept nogil:
     """u, or for MomentsValid u where the weight v[j] is 1, else 0 (v is read only there: NULL for the others)."""
     if SumOp is MomentsValid:
         return u if v[j] else 0.0
@@ -421,11 +424,11 @@ cdef inline double _grad_weight(SumOp op, double u, double d, double e) noexcept
         return _masked(d, e)
 
 
-cdef inline const unsigned char *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t j0, Py_ssize_t j1,
-                                              unsigned char *buf) noexcept nogil:
+cdef inline const Py_ssize_t *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t j0, Py_ssize_t j1,
+                                           Py_ssize_t *buf) noexcept nogil:
     """The weights of columns [j0, j1) of the row whose positions start at p, as a contiguous array: of a
     channel-major row, valid[p + j0:] itself; of a channel-minor folded row, gathered into buf (see Positions)."""
-    cdef Py_ssize_t j, end
+    cdef Py_ssize_t j, t, end, w
     if P.col != NULL:
         for j in range(j0, j1):
             buf[j - j0] = P.valid[p + P.col[j]]
@@ -433,7 +436,9 @@ cdef inline const unsigned char *_row_weights(Positions P, Py_ssize_t p, Py_ssiz
         j = j0
         while j < j1:
             end = min(j1, (j // P.run + 1) * P.run)
-            memset(&buf[j - j0], P.valid[p + j // P.run], end - j)
+            w = P.valid[p + j // P.run]
+            for t in range(j - j0, end - j0):
+                buf[t] = w
             j = end
     else:
         return P.valid + p + j0
@@ -442,7 +447,7 @@ cdef inline const unsigned char *_row_weights(Positions P, Py_ssize_t p, Py_ssiz
 
 cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
                      floating[::1] out, floating[::1] dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
-                     double c2, double c3, const unsigned char *v) noexcept nogil:
+                     double c2, double c3, const Py_ssize_t *v) noexcept nogil:
     """Values [i0, i1) of one channel: out = _value(op, x, dy, e) in double, rounded once (and dz, for the Dz
     ops); value i with the position weight v[i - i0] (read by the Valid ops only)."""
     cdef Py_ssize_t i
@@ -460,8 +465,8 @@ cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] 
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
     coef[r*W + j], r = 0..3: as _apply_row, COL_CHUNK columns at a time."""
     cdef Py_ssize_t j, i, q, a, b
-    cdef unsigned char buf[COL_CHUNK]
-    cdef const unsigned char *v = NULL
+    cdef Py_ssize_t buf[COL_CHUNK]
+    cdef const Py_ssize_t *v = NULL
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
         if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
@@ -476,7 +481,7 @@ cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] 
                 dz[i] = <floating>_masked(dy[i], e[i])
 
 
-cdef inline unsigned char _position(ApplyOp op, const unsigned char *v, Py_ssize_t j) noexcept nogil:
+cdef inline Py_ssize_t _position(ApplyOp op, const Py_ssize_t *v, Py_ssize_t j) noexcept nogil:
     """The weight v[j] for the passes that read position weights (v is NULL for the others)."""
     if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
         return v[j]
@@ -726,7 +731,7 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
             bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap,
             residual=None,                # IN (N*C*S,) z added to the normalised value, or None
             bint relu=False,
-            valid=None,                   # IN (N*S,) uint8: 1 where a position counts in the statistics, or None
+            valid=None,                   # IN (N*S,) intp: not 0 where a position counts in the statistics, or None
             double count=0.0):            # with valid: the number of positions it marks (> 0)
     """Batch-norm forward: y = act(gamma*(x - mean)*invstd + beta + z) per channel, invstd = 1/sqrt(var + eps),
     act = max(0, .) with relu (else the identity), z = residual (else 0); in double, rounded once.
@@ -774,7 +779,7 @@ cdef object _columns(Layout L, valid):
     return table
 
 
-cdef Positions _positions(Layout L, const unsigned char[::1] valid, Py_ssize_t[::1] cols) noexcept:
+cdef Positions _positions(Layout L, const Py_ssize_t[::1] valid, Py_ssize_t[::1] cols) noexcept:
     """The Positions of the weights ``valid`` (None: every position counts) with the table ``cols`` of
     :func:`_columns` (the caller keeps both alive)."""
     cdef Positions P = _every()
@@ -902,7 +907,7 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
              double count, int thread_cap,
              mask=None,                   # IN (N*C*S,) the output of a forward with ReLU, or None
              dz=None,                     # OUT (N*C*S,) masked dy (the residual's gradient), or None
-             valid=None):                 # IN (N*S,) uint8 position weights of a masked forward, or None
+             valid=None):                 # IN (N*S,) intp position weights of a masked forward, or None
     """Batch-norm backward.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running

@@ -49,8 +49,8 @@ class BatchNormSaved(NamedTuple):
         ``invstd`` the batch's 1/sigma_B: the backward is the batch-statistics one, and dweight = r*sum(dy*xhat) +
         d*sum(dy)).
     valid : ndarray or None
-        After a forward with batch statistics over a mask: (A*B,) uint8, 1 at the positions (the (A, B) of ``x``)
-        the statistics counted (the backward's correction applies there only).
+        After a forward with batch statistics over a mask: (A*B,) intp, 1 at the positions (the (A, B) of ``x``)
+        the statistics counted, else 0 (the backward's correction applies there only).
     """
 
     x: np.ndarray
@@ -303,6 +303,8 @@ def mask(m, inp):
         got = f"dtype {m.dtype}" if isinstance(m, np.ndarray) else type(m).__name__
         raise TypeError(f"mask must be a numpy.ndarray of dtype bool, got {got}")
     shape = inp.x.shape[:inp.axis] + inp.x.shape[inp.axis + 1:]
+    if m.shape == shape:
+        return m
     try:
         return np.broadcast_to(m, shape)
     except ValueError:
@@ -459,9 +461,9 @@ def _saved(saved):
                                                              and saved.renorm.shape == (2, C)):
             bad = "renorm", f"None or an aligned C-contiguous float64 array of shape (2, {C})", show(saved.renorm)
         positions = (x3.shape[0] * x3.shape[2],)
-        if bad is None and saved.valid is not None and not (arr_ok(saved.valid, 1, (np.dtype(np.uint8),))
+        if bad is None and saved.valid is not None and not (arr_ok(saved.valid, 1, (np.dtype(np.intp),))
                                                             and saved.valid.shape == positions):
-            bad = "valid", f"None or an aligned C-contiguous uint8 array of shape {positions}", show(saved.valid)
+            bad = "valid", f"None or an aligned C-contiguous intp array of shape {positions}", show(saved.valid)
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")

@@ -75,7 +75,7 @@ class _SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation,
                          renorm=renorm, renorm_clipping=renorm_clipping)
         self.comm = _check_comm(comm)
-        self._global_count = None  # values per channel on all ranks in the last forward, if it was synchronised
+        self._global_count = None  # values per channel (counted) on all ranks in the last synchronised forward
 
     def forward(self, x, out=None, residual=None, mask=None):
         """Normalise this rank's shard ``x`` (then add ``residual`` and apply the activation, as BatchNorm does); in
@@ -100,7 +100,7 @@ class _SyncBatchNorm(_BatchNorm):
 
     def _sync_forward(self, x, out, residual, mask):
         comm, C = self.comm, self.num_features
-        error, local = None, np.zeros(2 * C + 1)
+        error, local, masked = None, np.zeros(2 * C + 1), False
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
             inp = self._input(x)
             z = V.residual(residual, inp)
@@ -110,12 +110,13 @@ class _SyncBatchNorm(_BatchNorm):
             weight = V.channel_param(self.weight, "weight", C, self.dtype)
             bias = V.channel_param(self.bias, "bias", C, self.dtype)
             mask = V.mask(mask, inp)
-            valid = None if mask is None or not inp.x.size else F.positions(mask, inp)
+            valid = None if mask is None else F.positions(mask, inp)
             count, mean, M2 = F.statistics(inp, valid)
+            masked = valid is not None and inp.x.size > 0
             local = np.concatenate(([count], mean, M2))
         except Exception as e:  # raised below, after the other ranks have heard of it
             error = e
-        header = _gather(comm, [C, error is None, mask is not None])
+        header = _gather(comm, [C, error is None, masked])
         _raise_if_rejected(header[:, 1], error, "forward")
         if np.any(header[:, 0] != C):
             raise ValueError(f"every rank must have the same number of channels, expected {C} (rank "
@@ -147,7 +148,8 @@ class _SyncBatchNorm(_BatchNorm):
     def backward(self, dy, out=None):
         """Gradient of the last forward's input; a collective operation after a training forward.
 
-        dx = g*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M) with the sums over all ranks (M values per channel),
+        dx = g*(dy - sum(dy)/M - xhat*sum(dy*xhat)/M) with the sums over all ranks (M values per channel; after a
+        forward with masks, as :func:`cbn.functional.batch_norm_backward` says, M the positions counted),
         computed by the kernels as BatchNorm's backward is. ``grad_weight`` = sum(dy*xhat) and ``grad_bias`` =
         sum(dy) over this rank's shard, as in torch's SyncBatchNorm: all-reduce them with the other parameters'
         gradients (their sum over the ranks is the gradient of the whole batch).

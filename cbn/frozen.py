@@ -93,7 +93,7 @@ class _FrozenBatchNorm(_BatchNorm):
     def __init__(self, num_features, eps=1e-5, dtype=np.float32, axis=1):
         super().__init__(num_features, eps=eps, momentum=0.0, dtype=dtype, axis=axis)
 
-    def forward(self, x, out=None):
+    def forward(self, x, out=None, mask=None):
         """y = x*scale + shift per channel along ``axis``, in training and eval mode alike.
 
         scale = weight/sqrt(running_var + eps) and shift = bias - running_mean*scale, computed by the kernels
@@ -106,6 +106,9 @@ class _FrozenBatchNorm(_BatchNorm):
             Input of one of the accepted ranks, any floating dtype, any layout (the output has x's layout).
         out : ndarray, optional
             Preallocated output (shape of x, output dtype, C-contiguous or with x's memory layout).
+        mask : ndarray, optional
+            Checked as a BatchNorm's statistics mask and without effect (the statistics are fixed), so that a model
+            that passes one runs after :func:`freeze`.
 
         Returns
         -------
@@ -113,8 +116,10 @@ class _FrozenBatchNorm(_BatchNorm):
             The output.
         """
         with self._lock:
-            y, self._saved = F.forward(self._input(x), self.running_mean, self.running_var, self.weight,
-                                       self.bias, False, 0.0, self.eps, out, False)
+            inp = self._input(x)
+            V.mask(mask, inp)
+            y, self._saved = F.forward(inp, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                       self.eps, out, False)
             return y
 
     __call__ = forward

@@ -123,9 +123,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         Masked statistics (in training): a bool array of x's shape without the channel axis (e.g. (N, L) for
         (N, C, L) input), or one that broadcasts to it. The batch statistics (and the running statistics, unbiased
         with the count n of True positions, n > 1) use only the positions where it is True; every position is
-        normalised with them, and the backward is the exact gradient of that (the masked-out values may be
-        anything, NaN included). Ignored when not ``training``; with ``virtual_batch_size``, each group uses its
-        part.
+        normalised with them, and the backward is the exact gradient of that. The masked-out values may be
+        anything, NaN included, for the statistics; the backward's sums run over every position (as autograd's),
+        so its gradients are finite where they are. Ignored when not ``training``; with ``virtual_batch_size``,
+        each group uses its part.
 
     Returns
     -------
@@ -157,11 +158,12 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     training = bool(training)
     if training:
         V.count_per_channel(math.prod(shape) // C if C else 0, f"input size {shape}")
-    masked = training and mask is not None and x.size > 0
-    if masked:  # the mask's axis 0 is the batch axis when there are groups (their channel axis is not 0)
-        for start, stop in groups or ((None, None),):
-            V.valid_count(np.count_nonzero(mask[start:stop]), "" if groups is None else
-                          f" in the virtual batch of samples {start}:{stop}")
+    by_mask = training and mask is not None and x.size > 0
+    valid = positions(mask, inp) if by_mask and groups is None else None
+    if valid is not None:
+        V.valid_count(np.count_nonzero(valid), "")
+    for start, stop in groups if by_mask and groups is not None else ():  # the mask's axis 0 is the batch's
+        V.valid_count(np.count_nonzero(mask[start:stop]), f" in the virtual batch of samples {start}:{stop}")
     renorming = training and clipping is not None and x.size > 0
     if renorming and (running_mean is None or running_var is None):
         raise ValueError(f"renorm needs the running statistics: expected running_mean and running_var arrays when "
@@ -191,11 +193,10 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
         "residual": z})
     update = update and update_stats
     if groups is not None:
-        y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z, mask if masked else None)
+        y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z, mask if by_mask else None)
         if update:
             running_update(running_mean, running_var, mean, var, momentum, nan_guard)
         return y, saved
-    valid = positions(mask, inp) if masked else None
     if renorming:
         count, mean, M2 = statistics(inp, valid)
         y, saved = renormalize(inp, mean, M2 / count, running_mean, running_var, weight, bias, eps, clipping, y, relu,
@@ -279,15 +280,16 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
                       {"input": inp.x, "mean": mean, "var": var, "weight": weight, "bias": bias, "residual": z})
     mask = V.mask(mask, inp)
     y, saved = normalize(inp, mean, var, weight, bias, eps, out, relu, z,
-                         None if mask is None or not inp.x.size else positions(mask, inp))
+                         None if mask is None or not return_saved else positions(mask, inp))
     return (y, saved) if return_saved else y
 
 
 def positions(mask, inp):
-    """A checked mask (:func:`cbn._validate.mask`) of a non-empty input as the kernels' position weights: (A*B,)
-    uint8, 1 where True, the positions of the input's (A, C, B) memory in order."""
+    """A checked mask (:func:`cbn._validate.mask`) as the kernels' position weights: (A*B,) intp (a word per
+    position, which the kernels' vector loops read without conversions), 1 where True, the positions of the input's
+    (A, C, B) memory in order."""
     rest = [d - (d > inp.axis) for d in inp.order if d != inp.axis]
-    return np.ascontiguousarray(mask.transpose(rest)).view(np.uint8).reshape(-1)
+    return np.ascontiguousarray(mask.transpose(rest), dtype=np.intp).reshape(-1)
 
 
 def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None, valid=None):
@@ -403,7 +405,7 @@ def batch_norm_stats(x, *, axis=1, dtype=None, mask=None):
     """
     inp = V.input_array(x, axis, dtype)
     mask = V.mask(mask, inp)
-    return statistics(inp, None if mask is None or not inp.x.size else positions(mask, inp))
+    return statistics(inp, None if mask is None else positions(mask, inp))
 
 
 def statistics(inp, valid=None):
@@ -540,7 +542,9 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     dbias = sum(dy). After a forward with ReLU, dy stands for dy masked by the output (dy where y > 0, else 0) in
     all of these; after a forward with a residual, dresidual is that (masked) dy. After a renorm forward, g =
     weight*r/sigma_B, xhat = (x - mean_B)/sigma_B and dweight = r*sum(dy*xhat) + d*sum(dy) (r, d constant). After a
-    ghost-batch forward (a GhostSaved), all of this per group, dweight and dbias summed over the groups.
+    ghost-batch forward (a GhostSaved), all of this per group, dweight and dbias summed over the groups. After a
+    forward with a mask (m positions counted), dx = g*(dy - v*(sum(dy)/m + xhat*sum(dy*xhat)/m)), v = 1 at the
+    counted positions, else 0, with the sums over every position.
 
     Parameters
     ----------
@@ -557,7 +561,8 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
         (data-parallel training, where the forward used that batch's statistics); they replace this batch's sums,
         and ``count`` its m. Not after a ghost-batch forward.
     count : int, optional
-        Values per channel of the batch that ``grad_sums`` covers; required with ``grad_sums``.
+        Values per channel of the batch that ``grad_sums`` covers (after a forward with a mask: the positions it
+        counted); required with ``grad_sums``.
 
     Returns
     -------

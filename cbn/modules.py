@@ -113,7 +113,7 @@ class _BatchNorm:
                                  self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
                                  self.activation, residual, self.virtual_batch_size if self.training else None,
                                  self.renorm, self.renorm_clipping, update_stats=not record,
-                                 mask=mask if use_batch_stats else None)
+                                 mask=mask)
             if record:
                 self._population.add(*F.statistics(inp, None if mask is None else F.positions(mask, inp)))
             self.num_batches_tracked = count

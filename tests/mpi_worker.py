@@ -183,6 +183,10 @@ def check_errors():
     y = layer(np.ones((0, 3, 2, 2), np.float32))
     assert y.shape == (0, 3, 2, 2) and layer.backward(np.ones_like(y)).shape == y.shape
     assert layer.num_batches_tracked == 1 and snapshot(layer)["running_var"] == before["running_var"]
+    # The same with (empty) masks: nothing to count is not an error when there is nothing at all.
+    y = layer(np.ones((0, 3, 2, 2), np.float32), mask=np.ones((0, 2, 2), bool))
+    assert y.shape == (0, 3, 2, 2) and layer.num_batches_tracked == 2
+    assert snapshot(layer)["running_var"] == before["running_var"]
     # A bad gradient on the last rank: ValueError there, RuntimeError elsewhere.
     layer(np.arange(24.0).reshape(2, 3, 2, 2) + rank)
     dy = np.ones((2, 3, 2, 2)) if rank < size - 1 else np.ones((2, 3, 2))

@@ -863,3 +863,18 @@ def test_property_random_shapes_axes_and_masks(case):
         assert full_snapshot(bn) == before
         return
     check_step(bn, x, mask, dy, weight, bias, dtype, axis, layout, what="property")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frozen_layer_takes_a_mask_without_effect(dtype):
+    """FrozenBatchNorm (what cbn.freeze makes) takes the mask a model passes, checks it, and ignores it."""
+    bn = cbn.BatchNorm1d(3, dtype=dtype)
+    x, mask = data((6, 3, 5), 1, dtype)[0], random_mask((6, 5))
+    bn(x, mask=mask)
+    frozen = cbn.freeze(bn)
+    want = frozen(x)
+    assert np.array_equal(frozen(x, mask=mask), want) and np.array_equal(frozen(x, mask=~mask), want)
+    with pytest.raises(TypeError, match="bool"):
+        frozen(x, mask=mask.astype(np.int8))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        frozen(x, mask=mask[:, :4])
