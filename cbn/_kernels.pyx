@@ -470,6 +470,9 @@ cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] 
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
         if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
+            if _uniform(P, a, b) and P.valid[p + a // P.run]:
+                _apply_counted(op, x, dy, e, out, dz, base, a, b, W, coef)
+                continue
             v = _row_weights(P, p, a, b, buf)
         for j in range(a, b):
             i = base + j
@@ -479,6 +482,21 @@ cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] 
                 dz[i] = <floating>_masked(x[i], e[i])
             elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
                 dz[i] = <floating>_masked(dy[i], e[i])
+
+
+cdef void _apply_counted(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+                         floating[::1] out, floating[::1] dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
+                         Py_ssize_t W, const double[::1] coef) noexcept nogil:
+    """_apply_columns of a Valid pass over columns that all count: the pass without position weights."""
+    cdef Grad grad
+    cdef GradMasked grad_masked
+    cdef GradMaskedDz grad_masked_dz
+    if ApplyOp is GradValid:
+        _apply_columns(grad, x, dy, e, out, dz, base, j0, j1, W, coef, _every(), 0)
+    elif ApplyOp is GradMaskedValid:
+        _apply_columns(grad_masked, x, dy, e, out, dz, base, j0, j1, W, coef, _every(), 0)
+    elif ApplyOp is GradMaskedDzValid:
+        _apply_columns(grad_masked_dz, x, dy, e, out, dz, base, j0, j1, W, coef, _every(), 0)
 
 
 cdef inline Py_ssize_t _position(ApplyOp op, const Py_ssize_t *v, Py_ssize_t j) noexcept nogil:
@@ -509,8 +527,11 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
             for j in range(b - a):
                 shift[j] = coef[a + j]
             _zero_lanes(s, b - a)
-            _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK], P,
-                         n0 * L.G, L.G, a)
+            if SumOp is MomentsValid and _uniform(P, a, b):
+                _counted_rows(L, x, n0, n1, a, b, shift, s, P)
+            else:
+                _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK], P,
+                             n0 * L.G, L.G, a)
             for j in range(b - a):
                 part[off + a - i0 + j] = s[j]
                 part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
@@ -533,6 +554,28 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, c
         for j in range(i1 - i0):
             part[off + 2 * (c - c0)] += s[j]
             part[off + 2 * (c - c0) + 1] += s[COL_CHUNK + j]
+
+
+cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    """True when columns [a, b) of a channel-minor folded row are at one position (in one run of C columns)."""
+    return P.run != 0 and a // P.run == (b - 1) // P.run
+
+
+cdef void _counted_rows(Layout L, const floating[::1] x, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t a, Py_ssize_t b,
+                        const double *shift, double *s, Positions P) noexcept nogil:
+    """MomentsValid sums of columns [a, b) (at one position of each row: _uniform) of rows [n0, n1): the plain
+    Moments sums of each run of counted rows, the others skipped."""
+    cdef Moments moments
+    cdef Py_ssize_t n = n0, start
+    while n < n1:
+        while n < n1 and not P.valid[n * L.G + a // P.run]:
+            n += 1
+        start = n
+        while n < n1 and P.valid[n * L.G + a // P.run]:
+            n += 1
+        if n > start:
+            _column_sums(moments, x, x, x, start * L.W + a, L.W, n - start, b - a, shift, s, &s[COL_CHUNK], P, 0,
+                         0, 0)
 
 
 cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,

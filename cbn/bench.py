@@ -13,6 +13,7 @@ tracemalloc records what each call allocates (numpy arrays and the kernels' scra
 import argparse
 import importlib.metadata
 import json
+import math
 import platform
 import statistics
 import sys
@@ -168,10 +169,18 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
 
+def padding_mask(shape):
+    """A statistics mask of ``shape`` ((N, *positions)) as padding gives: sample n's first (in C order) L_n of its
+    L positions are True, L_n drawn from [0.6 L, L] (a fixed seed); 80% of the positions on average."""
+    N, L = shape[0], math.prod(shape[1:])
+    lengths = np.random.default_rng(0).integers(math.ceil(0.6 * L), L, N, endpoint=True)
+    return (np.arange(L) < lengths[:, None]).reshape(shape)
+
+
 def bench_variants(shape, layout, threads, budget):
     """Time the layer's float32 training forward and backward of one case, plain and as each of VARIANTS: with
     activation="relu"; with a residual too; the unfused NumPy composition of that, np.maximum(bn(x) + z, 0), and its
-    backward (dy masked by y > 0, then bn.backward); with a statistics mask (a fixed random 80% of the positions);
+    backward (dy masked by y > 0, then bn.backward); with a statistics mask (:func:`padding_mask`);
     ghost batches of a quarter of the batch; inside ``precise_stats`` (forward only). Returns one row (us):
     "train" and "backward", and "train_<variant>", "backward_<variant>"."""
     x, dy, axis = _data(shape, layout, np.float32)
@@ -182,8 +191,7 @@ def bench_variants(shape, layout, threads, budget):
     options = {"relu": {"activation": "relu"}, "add_relu": {"activation": "relu"},
                "ghost": {"virtual_batch_size": -(-shape[0] // 4)}}
     layers = {v: cls(C, axis=axis, **options.get(v, {})) for v in ("plain",) + VARIANTS}
-    args = {"add_relu": {"residual": z}, "masked": {"mask": np.random.default_rng(0).random(np.delete(x.shape, axis))
-                                                    < 0.8}}
+    args = {"add_relu": {"residual": z}, "masked": {"mask": padding_mask(np.delete(x.shape, axis))}}
     y = {v: np.empty_like(x) for v in layers}  # each layer's own: a ReLU backward reads its forward's output
     dx, grad = np.empty_like(x), np.empty_like(x)
     calls = {}
@@ -367,9 +375,10 @@ def main(argv=None):
         print(format_row(r))
     if variants:
         print("fused ops and training variants, float32 training forward and backward: the plain layer's time, and "
-              "over it\nthe fused ReLU, the fused residual add + ReLU, a statistics mask (80% of the positions), "
-              "ghost batches\n(a quarter of the batch each) and the forward inside precise_stats; numpy/fused: the "
-              "unfused NumPy\ncomposition np.maximum(bn(x) + z, 0) (and its backward) over the fused call")
+              "over it\nthe fused ReLU, the fused residual add + ReLU, a statistics mask (padding: the first 60-100% "
+              "of each\nsample's positions), ghost batches (a quarter of the batch each) and the forward inside "
+              "precise_stats;\nnumpy/fused: the unfused NumPy composition np.maximum(bn(x) + z, 0) (and its backward) "
+              "over the fused call")
         print(VARIANT_HEADER)
         for r in variants:
             print(format_variants(r))
