@@ -208,6 +208,11 @@ CASES = [
     ("NHWC-view-parallel", (10, 32, 16, 16), 1, (10, 1, 16), "channels-last"),
     ("long-rows-parallel", (4, 2, 9000), 1, (4, 9000), "C"),
     ("NLC-parallel", (64, 40, 32), -1, (64, 40), "C"),
+    # channel-minor rows of 64 or more channels: one position per row (counted rows take the plain passes)
+    ("NC-wide", (40, 100), 1, (40,), "C"),
+    ("NLC-wide", (6, 7, 80), -1, (6, 7), "C"),
+    ("NHWC-view-wide", (4, 96, 5, 6), 1, (4, 5, 6), "channels-last"),
+    ("NC-wide-parallel", (1024, 130), 1, (1024,), "C"),
 ]
 
 
@@ -800,14 +805,16 @@ DETERMINISM_CASES = {
             ((4500, 16), 1, (4500,), "C", {}),
             ((2048, 16, 3), 1, (2048, 3), "C", {"activation": "relu"}),
             ((12, 3, 2000), 1, (2000,), "C", {}),
-            ((64, 40, 32), -1, (64, 40), "C", {"virtual_batch_size": 16})],
+            ((64, 40, 32), -1, (64, 40), "C", {"virtual_batch_size": 16}),
+            ((1200, 80), 1, (1200,), "C", {"activation": "relu"})],
     "small": [((4, 16, 9, 10), 1, (4, 9, 10), "C", {}),
               ((4, 16, 9, 10), 1, (4, 1, 10), "channels-last", {}),
               ((500, 16), 1, (500,), "C", {}),
               ((256, 16, 3), 1, (256, 3), "C", {"activation": "relu"}),
               ((4, 3, 700), 1, (700,), "C", {}),
               ((16, 10, 8), -1, (16, 10), "C", {"virtual_batch_size": 4}),
-              ((6, 5, 7), 1, (6, 7), "C", {"renorm": True, "renorm_clipping": {"rmax": 1.2}})],
+              ((6, 5, 7), 1, (6, 7), "C", {"renorm": True, "renorm_clipping": {"rmax": 1.2}}),
+              ((60, 70), 1, (60,), "C", {})],
 }
 
 
