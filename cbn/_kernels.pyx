@@ -132,9 +132,9 @@ cpdef enum Pass:
 
 
 # Position weights of masked statistics. Position p = n*S + s of the (N, C, S) tensor (the input without its
-# channel axis) counts where valid[p] is not 0. The values of a channel-major row are at consecutive positions; column j
-# of a channel-minor folded row (k rows of C*S values) is at (j // (C*S))*S + j % S of the row's k*S positions:
-# j // C when S == 1 (runs of C columns), else the table col.
+# channel axis) counts where valid[p] is 1 (else 0). The values of a channel-major row are at consecutive positions;
+# column j of a channel-minor folded row (k rows of C*S values) is at (j // (C*S))*S + j % S of the row's k*S
+# positions: j // C when S == 1 (runs of C columns), else the table col.
 cdef struct Positions:
     const Py_ssize_t *valid      # (N*S,), or NULL: every position counts
     Py_ssize_t run               # channel-minor with S == 1: C; else 0
@@ -774,7 +774,7 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
             bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap,
             residual=None,                # IN (N*C*S,) z added to the normalised value, or None
             bint relu=False,
-            valid=None,                   # IN (N*S,) intp: not 0 where a position counts in the statistics, or None
+            valid=None,                   # IN (N*S,) intp: 1 where a position counts in the statistics, else 0; or None
             double count=0.0):            # with valid: the number of positions it marks (> 0)
     """Batch-norm forward: y = act(gamma*(x - mean)*invstd + beta + z) per channel, invstd = 1/sqrt(var + eps),
     act = max(0, .) with relu (else the identity), z = residual (else 0); in double, rounded once.
