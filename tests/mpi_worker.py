@@ -63,6 +63,24 @@ def same_on_all_ranks(*arrays):
     return all(b == blob for b in comm.allgather(blob))
 
 
+def layouts(layout, spatial):
+    """(arranged, logical) for (N, C, *) data with ``spatial`` trailing axes: arranged(a) is the tested array of the
+    values a (as they are: "NCHW"; a view of channels-last memory: "channels-last"; with the channels last, for layers
+    at axis -1: "axis-1"), logical(b) turns a result of the tested layout back to (N, C, *)."""
+    last = (0,) + tuple(range(2, 2 + spatial)) + (1,)
+
+    def arranged(a):
+        if layout == "NCHW":
+            return a
+        a = np.ascontiguousarray(a.transpose(last))
+        return a if layout == "axis-1" else a.transpose(np.argsort(last))
+
+    def logical(b):
+        return b.transpose(np.argsort(last)) if layout == "axis-1" else b
+
+    return arranged, logical
+
+
 def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, affine=True, track=True,
                                   offset=0.0, constant=False, layout="NCHW", fused=False):
     """3 training steps (forward + backward) and an eval forward of SyncBatchNorm on shards vs BatchNorm on all.
@@ -75,16 +93,7 @@ def check_equal_to_single_process(cls, counts, tail, dtype, seed, momentum=0.1, 
     C = 3
     kw = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype,
               axis=-1 if layout == "axis-1" else 1, activation="relu" if fused else None)
-    last = (0,) + tuple(range(2, 2 + len(tail))) + (1,)
-
-    def arranged(a):  # the tested array of the (N, C, *) values a
-        if layout == "NCHW":
-            return a
-        a = np.ascontiguousarray(a.transpose(last))
-        return a if layout == "axis-1" else a.transpose(np.argsort(last))
-
-    def logical(a):  # back to (N, C, *)
-        return a.transpose(np.argsort(last)) if layout == "axis-1" else a
+    arranged, logical = layouts(layout, len(tail))
 
     sync = cls(C, **kw)
     plain = {cbn.SyncBatchNorm1d: cbn.BatchNorm1d, cbn.SyncBatchNorm2d: cbn.BatchNorm2d,
@@ -321,16 +330,7 @@ def check_masked():
                      cbn.SyncBatchNorm3d: cbn.BatchNorm3d}[cls](C, **kw)
             sync.weight[...] = plain.weight[...] = rng.uniform(0.5, 1.5, C)
             sync.bias[...] = plain.bias[...] = rng.uniform(-0.5, 0.5, C)
-            last = (0,) + tuple(range(2, 2 + len(tail))) + (1,)
-
-            def arranged(a):  # the tested array of the (N, C, *) values a
-                if layout == "NCHW":
-                    return a
-                a = np.ascontiguousarray(a.transpose(last))
-                return a if layout == "axis-1" else a.transpose(np.argsort(last))
-
-            def logical(a):  # back to (N, C, *)
-                return a.transpose(np.argsort(last)) if layout == "axis-1" else a
+            arranged, logical = layouts(layout, len(tail))
 
             start, stop = sum(counts[:rank]), sum(counts[:rank + 1])
             for step in range(2):
