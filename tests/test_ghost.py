@@ -5,6 +5,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 
 import cbn
 from cbn import functional as F
@@ -283,3 +285,57 @@ def test_float16_is_the_float32_result_rounded(kw):
     assert y.dtype == dx.dtype == np.float16
     np.testing.assert_array_equal(y, single(x.astype(np.float32)).astype(np.float16))
     np.testing.assert_array_equal(dx, single.backward(dy.astype(np.float32)).astype(np.float16))
+
+
+@st.composite
+def ghost_inputs(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = (draw(st.integers(2, 12)),) + tuple(draw(st.lists(st.integers(1, 5), min_size=ndim - 1,
+                                                               max_size=ndim - 1)))
+    size = draw(st.integers(1, shape[0]))
+    return shape, size, draw(st.sampled_from([np.float32, np.float64])), draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 2))
+@given(case=ghost_inputs())
+def test_property_random_shapes_and_group_sizes(case):
+    """Any (N, C, *) shape and group size: against the per-group reference, or, when a group would hold a single
+    value per channel, a ValueError with the layer unchanged."""
+    shape, size, dtype, seed = case
+    cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d}[len(shape)]
+    x, dy, weight, bias = data(shape, dtype, seed)
+    bn = layer_with(cls, shape[1], dtype, weight, bias, virtual_batch_size=size)
+    per_sample = int(np.prod(shape[2:]))
+    last = shape[0] - size * ((shape[0] - 1) // size)
+    note(f"last group {last} samples of {per_sample} values")
+    if shape[0] > size and last * per_sample == 1:
+        before = full_snapshot(bn)
+        with pytest.raises(ValueError, match="last virtual batch"):
+            bn(x)
+        assert full_snapshot(bn) == before
+        return
+    y, dx = bn(x), bn.backward(dy)
+    ref = ghost_reference(x, size, weight.astype(dtype), bias.astype(dtype), dy, (0.5, 2.0))
+    # bounds relative to the terms, not the results: dx, dweight and dbias of a few values cancel
+    g_dy, abs_dy, abs_dy_xhat = term_scales(x, dy, size, weight.astype(dtype))
+    for what, got, want, floor in (("y", y, ref[0], 0.0), ("dx", dx, ref[1], g_dy),
+                                   ("dweight", bn.grad_weight, ref[2], abs_dy_xhat),
+                                   ("dbias", bn.grad_bias, ref[3], abs_dy),
+                                   ("running_mean", bn.running_mean, ref[4], 0.0),
+                                   ("running_var", bn.running_var, ref[5], 0.0)):
+        assert_rel(got, want, BOUND[dtype], what, floor)
+
+
+def term_scales(x, dy, size, weight, eps=1e-5):
+    """max |gamma*invstd*dy| over the groups, and the largest channel's sum |dy| and sum |dy*xhat| (float64)."""
+    x, dy = np.moveaxis(x.astype(np.float64), 1, -1), np.moveaxis(dy.astype(np.float64), 1, -1)
+    g_dy, abs_dy, abs_dy_xhat = 0.0, 0.0, 0.0
+    for start in range(0, x.shape[0], size):
+        xg, dyg = x[start:start + size], dy[start:start + size]
+        axes = tuple(range(xg.ndim - 1))
+        var = xg.var(axis=axes)
+        xhat = (xg - xg.mean(axis=axes)) / np.sqrt(var + eps)
+        g_dy = max(g_dy, float(np.max(np.abs(weight / np.sqrt(var + eps) * dyg))))
+        abs_dy += np.abs(dyg).sum(axis=axes)
+        abs_dy_xhat += np.abs(dyg * xhat).sum(axis=axes)
+    return g_dy, float(np.max(abs_dy)), float(np.max(abs_dy_xhat))

@@ -5,6 +5,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 
 import cbn
 from cbn import functional as F
@@ -241,3 +243,44 @@ def test_saved_renorm_is_checked():
     with pytest.raises(ValueError, match=r"saved\.renorm must be None or an aligned C-contiguous float64 array of "
                                          r"shape \(2, 3\), got float64 array of shape \(3,\)"):
         F.batch_norm_backward(dy, saved._replace(renorm=np.zeros(3)))
+
+
+@st.composite
+def renorm_inputs(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = (draw(st.integers(2, 10)),) + tuple(draw(st.lists(st.integers(1, 5), min_size=ndim - 1,
+                                                               max_size=ndim - 1)))
+    clipping = draw(st.one_of(st.none(), st.fixed_dictionaries(
+        {}, optional={"rmax": st.floats(1.0, 3.0), "dmax": st.floats(0.0, 2.0)})))
+    return shape, clipping, draw(st.sampled_from([np.float32, np.float64])), draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 2))
+@given(case=renorm_inputs())
+def test_property_random_shapes_and_clippings(case):
+    """Any (N, C, *) shape and clipping: one step against Algorithm 1, the gradients bounded relative to their terms
+    (sums of a few values cancel)."""
+    shape, clipping, dtype, seed = case
+    note(f"clipping {clipping}")
+    cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d}[len(shape)]
+    x, dy, weight, bias = data(shape, dtype, seed)
+    bn = make(cls, shape[1], dtype, weight, bias, clipping)
+    w, b = weight.astype(dtype).astype(np.float64), bias.astype(dtype).astype(np.float64)
+    running = bn.running_mean.astype(np.float64), bn.running_var.astype(np.float64)
+    ref = algorithm1(x, *running, w, b, clipping, dy)
+    y, dx = bn(x), bn.backward(dy)
+    # the terms: |weight*r/sigma_B*dy| for dx, sum |dy*(xhat*r + d)| for dweight, sum |dy| for dbias
+    x64, dy64 = np.moveaxis(x.astype(np.float64), 1, -1), np.moveaxis(dy.astype(np.float64), 1, -1)
+    axes = tuple(range(x64.ndim - 1))
+    sigma_b = np.sqrt(x64.var(axis=axes) + 1e-5)
+    clip = clipping or {}
+    r = np.clip(sigma_b / np.sqrt(running[1] + 1e-5), 1 / clip.get("rmax", np.inf), clip.get("rmax", np.inf))
+    d = np.clip((x64.mean(axis=axes) - running[0]) / np.sqrt(running[1] + 1e-5), -clip.get("dmax", np.inf),
+                clip.get("dmax", np.inf))
+    xhat = (x64 - x64.mean(axis=axes)) / sigma_b
+    floors = (0.0, float(np.max(np.abs(w * r / sigma_b * dy64))), float(np.max(np.abs(dy64 * (xhat * r + d)).sum(
+        axis=axes))), float(np.max(np.abs(dy64).sum(axis=axes))), 0.0, 0.0)
+    for what, got, want, floor in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"),
+                                      (y, dx, bn.grad_weight, bn.grad_bias, bn.running_mean, bn.running_var), ref,
+                                      floors):
+        assert_rel(got, want, BOUND[dtype], what, floor)
