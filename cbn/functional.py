@@ -9,11 +9,11 @@ as NCHW, Fortran order); other arrays are copied once, in C order. Outputs have 
 kernels see.
 
 Two tiers. The ``batch_norm*`` functions check every argument (with :mod:`cbn._validate`) and call the second
-tier: :func:`forward` (which takes a checked input and checks the rest: the layers check their input themselves,
-with their ranks and channel count), and :func:`normalize`, :func:`renormalize`, :func:`statistics`,
-:func:`merge_statistics`, :func:`update_running_stats`, :func:`running_update`, :func:`gradient_sums` and
-:func:`gradient_input`, which take checked arguments (an
-:class:`cbn._validate.Input`, arrays as the checks returned them) and check nothing. The layers and SyncBatchNorm
+tier: :func:`forward` (which takes a checked input and mask and checks the rest: the layers check their input
+themselves, with their ranks and channel count), and :func:`positions`, :func:`normalize`, :func:`renormalize`,
+:func:`statistics`, :func:`merge_statistics`, :func:`update_running_stats`, :func:`running_update`,
+:func:`gradient_sums` and :func:`gradient_input`, which take checked arguments (an :class:`cbn._validate.Input`,
+arrays as the checks returned them) and check nothing. The layers and SyncBatchNorm
 check with :mod:`cbn._validate` and call the second tier, so that each argument is checked once per call. The
 second tier is not part of the public API.
 """
