@@ -26,6 +26,11 @@ from ._dispatch import kernels as _kernels
 from ._threads import thread_cap
 from ._validate import BatchNormSaved, GhostSaved
 
+# The kernels' flags as plain ints (enum arithmetic would cost more than the call).
+_BATCH, _UPDATE, _RELU = (int(f) for f in (_kernels.ForwardFlag.FWD_BATCH, _kernels.ForwardFlag.FWD_UPDATE,
+                                           _kernels.ForwardFlag.FWD_RELU))
+_BWD_BATCH, _BWD_RELU = int(_kernels.BackwardFlag.BWD_BATCH), int(_kernels.BackwardFlag.BWD_RELU)
+
 __all__ = ["BatchNormSaved", "GhostSaved", "batch_norm", "batch_norm_backward", "batch_norm_elemt",
            "batch_norm_grad_sums", "batch_norm_stats"]
 
@@ -352,10 +357,10 @@ def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean,
     y1 = None
     if x3.size:
         y1, direct = _kernel_output(y, order, dt)
-        _kernels.forward(x3.reshape(-1), y1, x3.shape[0], C, running_mean, running_var, weight, bias, stats,
-                         training, update, float(momentum), float(eps), thread_cap(),
-                         None if z is None else _memory(z, order, axis, dt).reshape(-1), relu, valid,
-                         _valid_count(valid))
+        flags = training * _BATCH + update * _UPDATE + relu * _RELU
+        _kernels.forward(x3.reshape(-1), y1, None if z is None else _memory(z, order, axis, dt).reshape(-1),
+                         x3.shape[0], C, (running_mean, running_var, weight, bias), stats, flags, float(momentum),
+                         float(eps), thread_cap(), valid, _valid_count(valid))
         if not direct:
             _copy_result(y, y1, order)
     elif training:
@@ -419,8 +424,8 @@ def statistics(inp, valid=None):
     if count == 1 and valid is None:
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
-        _kernels.forward(x3.reshape(-1), None, x3.shape[0], C, None, None, None, None, stats, True, False, 0.0, 0.0,
-                         thread_cap(), None, False, valid, count)
+        _kernels.forward(x3.reshape(-1), None, None, x3.shape[0], C, (None, None, None, None), stats,
+                         _BATCH, 0.0, 0.0, thread_cap(), valid, count)
     return count, mean, M2
 
 
@@ -523,10 +528,15 @@ def gradient_sums(dy, saved):
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
         _kernels.backward(x3.reshape(-1), _memory(dy, V.saved_order(saved), saved.axis, x3.dtype).reshape(-1), None,
-                          N, C, saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0,
-                          thread_cap(), _mask(saved))
+                          None, N, C, (saved.mean, saved.invstd, saved.weight), grads, sums, _backward_flags(saved),
+                          0.0, thread_cap(), _mask(saved))
     _renorm_grads(saved, dweight, dbias)
     return sums, dweight, dbias
+
+
+def _backward_flags(saved):
+    """The kernel's backward flags of a saved forward."""
+    return saved.use_batch_stats * _BWD_BATCH + (saved.y is not None) * _BWD_RELU
 
 
 def _mask(saved):
@@ -613,10 +623,10 @@ def gradient_input(dy, saved, out, grad_sums, count):
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
         outputs = [(a, *_kernel_output(a, order, dt)) for a in ((dx, dz) if masked_dz else (dx,))]
-        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), outputs[0][1], N, C,
-                          saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, grad_sums,
-                          float(count or _valid_count(saved.valid)), thread_cap(), _mask(saved),
-                          outputs[1][1] if masked_dz else None, saved.valid)
+        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), outputs[0][1],
+                          outputs[1][1] if masked_dz else None, N, C, (saved.mean, saved.invstd, saved.weight), grads,
+                          grad_sums, _backward_flags(saved), float(count or _valid_count(saved.valid)), thread_cap(),
+                          _mask(saved), saved.valid)
         for a, flat, direct in outputs:
             if not direct:
                 _copy_result(a, flat, order)
