@@ -821,7 +821,7 @@ cpdef enum ForwardFlag:
     FWD_RELU = 4     # fused ReLU
 
 
-def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, flat
+def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any shape: its data is read)
             y,                            # OUT (N*C*S,), or None: statistics only (FWD_BATCH)
             z,                            # IN (N*C*S,) the residual added to the normalised value, or None
             Py_ssize_t N, Py_ssize_t C,
@@ -840,10 +840,10 @@ def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, fla
     invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     With valid, the batch statistics are those of the count positions it marks (every position is normalised).
     """
-    if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
+    if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
     cdef bint batch = flags & FWD_BATCH
-    cdef Py_ssize_t S = x.shape[0] // (N * C)
+    cdef Py_ssize_t S = cnp.PyArray_SIZE(x) // (N * C)
     cdef Layout L = _layout(N, C, S, batch)
     cdef _Scratch work = _Scratch(_work_size(L, batch))
     cdef Pass kind = <Pass>(AFFINE + ((flags & FWD_RELU) != 0) + 2 * (z is not None))
@@ -1012,7 +1012,7 @@ cpdef enum BackwardFlag:
     BWD_RELU = 2     # the forward had a fused ReLU: e is its output, dy is masked by it
 
 
-def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) input, flat
+def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's memory (any shape)
              cnp.ndarray dy,              # IN (N*C*S,)
              dx,                          # OUT (N*C*S,), or None: sums only
              dz,                          # OUT (N*C*S,) masked dy (the residual's gradient), or None
@@ -1037,10 +1037,10 @@ def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) 
     gradient of that forward: dx = gamma*invstd*(dy - v*(sum(dy)/m + xhat*sum(dy*xhat)/m)), the sums over every
     position.
     """
-    if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
+    if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
     cdef bint batch = flags & BWD_BATCH, relu = (flags & BWD_RELU) != 0
-    cdef Layout L = _layout(N, C, x.shape[0] // (N * C), True)
+    cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), True)
     cdef bint given = sums is not None and dx is not None
     cdef _Scratch work = _Scratch(_work_size(L, not given))
     cdef double *totals = work.p + 4 * C * L.G + (4 * C if L.G > 1 else 0)
