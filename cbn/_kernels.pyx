@@ -447,12 +447,49 @@ cdef inline const Py_ssize_t *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t
     return buf
 
 
+cdef inline bint _single(ApplyOp op, floating *out) noexcept nogil:
+    """True for the passes computed in float32 on float32 data (see _value_single; out only selects the type)."""
+    if floating is float:
+        return ApplyOp is Affine or ApplyOp is AffineRelu
+    return False
+
+
+cdef inline float _value_single(ApplyOp op, float a, float hi, float lo, float c1, float c2) noexcept nogil:
+    """Affine (and AffineRelu) in float32: ((a - hi) - lo)*c1 + c2, with c0 = hi + lo split so that the
+    centring keeps c0's double precision (a - hi is exact for a near hi); four roundings, each within half a float32
+    ulp of the largest magnitude the output holds."""
+    cdef float v = ((a - hi) - lo) * c1 + c2
+    if ApplyOp is AffineRelu:
+        return 0.0 if v < 0.0 else v
+    return v
+
+
+cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
+    """The float32 coefficient rows of _value_single from coef's (c0, c1, c2): hi, lo, c1, c2 of each of the W
+    columns."""
+    cdef Py_ssize_t j
+    cdef float hi
+    for j in range(W):
+        hi = <float>coef[j]
+        single[j] = hi
+        single[W + j] = <float>(coef[j] - <double>hi)
+        single[2 * W + j] = <float>coef[W + j]
+        single[3 * W + j] = <float>coef[2 * W + j]
+
+
 cdef void _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
                      floating *out, floating *dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
                      double c2, double c3, const Py_ssize_t *v) noexcept nogil:
     """Values [i0, i1) of one channel: out = _value(op, x, dy, e) in double, rounded once (and dz, for the Dz
-    ops); value i with the position weight v[i - i0] (read by the Valid ops only)."""
+    ops); value i with the position weight v[i - i0] (read by the Valid ops only). The _single passes in
+    float32."""
     cdef Py_ssize_t i
+    cdef float hi
+    if _single(op, out):
+        hi = <float>c0
+        for i in range(i0, i1):
+            out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2)
+        return
     for i in range(i0, i1):
         out[i] = <floating>_value(op, x[i], dy[i], e[i], c0, c1, c2, c3, _position(op, v, i - i0))
         if ApplyOp is AffineMaskedDz:
@@ -465,10 +502,16 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                          floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
-    coef[r*W + j], r = 0..3: as _apply_row, COL_CHUNK columns at a time."""
+    coef[r*W + j], r = 0..3: as _apply_row, COL_CHUNK columns at a time (the _single passes in float32, with the
+    rows of _narrow that follow coef's)."""
     cdef Py_ssize_t j, i, q, a, b
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
+    cdef const float *f = <const float *>(coef + 4 * W)
+    if _single(op, out):
+        for j in range(j0, j1):
+            out[base + j] = _value_single(op, x[base + j], f[j], f[W + j], f[2 * W + j], f[3 * W + j])
+        return
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
         if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
@@ -808,11 +851,35 @@ cdef class _Scratch:
         free(self.p)
 
 
+# A call's scratch (doubles): coef (4*C*G), its float32 rows (_narrow: 4*C*G floats), cc (4*C, when G > 1), the
+# sums (2*C) and, for calls that sum, the partial sums and their merge tree.
+
+cdef inline Py_ssize_t _sums_at(Layout L) noexcept nogil:
+    """Where the (2, C) sums of a call are in its scratch."""
+    return 6 * L.C * L.G + (4 * L.C if L.G > 1 else 0)
+
+
 cdef inline Py_ssize_t _work_size(Layout L, bint sums) noexcept nogil:
-    """Doubles of scratch a call needs: coef (4*C*G), cc (4*C, when G > 1), the sums (2*C) and, with sums, the
-    partial sums and their merge tree."""
-    return (4 * L.C * L.G + (4 * L.C if L.G > 1 else 0) + 2 * L.C
-            + (L.nblocks * L.part + _terms(L) * 2 * L.C if sums else 0))
+    """Doubles of scratch a call needs."""
+    return _sums_at(L) + 2 * L.C + (L.nblocks * L.part + _terms(L) * 2 * L.C if sums else 0)
+
+
+cdef inline double *_compact(Layout L, double *work) noexcept nogil:
+    """Where the per-channel steps write their coefficients: cc, or coef itself when G == 1."""
+    return work + 6 * L.C * L.G if L.G > 1 else work
+
+
+cdef inline double *_totals(Layout L, double *work) noexcept nogil:
+    """The (2, C) sums of a call."""
+    return work + _sums_at(L)
+
+
+cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single) noexcept nogil:
+    """coef from the compact cc (_expand), and its float32 rows when a channel-minor pass runs in float32 (the
+    channel-major ones narrow a row's coefficients themselves)."""
+    _expand(L, cc, coef, 4)
+    if single and L.minor:
+        _narrow(L.C * L.G, coef, <float *>(coef + 4 * L.C * L.G))
 
 
 cpdef enum ForwardFlag:
@@ -901,12 +968,6 @@ cdef inline Positions _every() noexcept nogil:
     return P
 
 
-cdef inline double *_compact(Layout L, double *coef) noexcept nogil:
-    """Where the per-channel steps write their coefficients: after coef's 4*C*G doubles, or coef itself when
-    G == 1."""
-    return coef + 4 * L.C * L.G if L.G > 1 else coef
-
-
 cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, Pass kind,
                    floating *running_mean, floating *running_var, const floating *weight,
                    const floating *bias, double *mean, double *invstd, bint batch, bint update,
@@ -915,15 +976,16 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef Py_ssize_t c, k
     cdef bint stats_only = y == NULL
     cdef double *coef = work
-    cdef double *cc = _compact(L, coef)
-    cdef double *part = cc + 4 * L.C + 2 * L.C if L.G > 1 else coef + 4 * L.C * L.G + 2 * L.C
+    cdef double *cc = _compact(L, work)
+    cdef double *part = _totals(L, work) + 2 * L.C
     cdef double *s
+    cdef bint single = floating is float and (kind == AFFINE or kind == AFFINE_RELU)
     with nogil:
         if not batch:
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
                 _affine_coef(L.C, c, mean[c], invstd[c], weight, bias, cc)
-            _expand(L, cc, coef, 4)
+            _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
@@ -949,7 +1011,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
             _finish_stats(L, c, s[c], s[L.C + c], m, stats_only, update, running_mean, running_var, weight, bias,
                           momentum, eps, mean, invstd, cc)
         if not stats_only:
-            _expand(L, cc, coef, 4)
+            _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
@@ -1043,7 +1105,7 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), True)
     cdef bint given = sums is not None and dx is not None
     cdef _Scratch work = _Scratch(_work_size(L, not given))
-    cdef double *totals = work.p + 4 * C * L.G + (4 * C if L.G > 1 else 0)
+    cdef double *totals = _totals(L, work.p)
     if given:  # copied: given sums are only read, and may be read-only
         memcpy(totals, _data(sums), 2 * C * sizeof(double))
     elif sums is not None:
@@ -1082,8 +1144,8 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
     cdef Py_ssize_t c, k
     cdef bint sums_only = dx == NULL
     cdef double *coef = work
-    cdef double *cc = _compact(L, coef)
-    cdef double *part = cc + 4 * L.C + 2 * L.C if L.G > 1 else coef + 4 * L.C * L.G + 2 * L.C
+    cdef double *cc = _compact(L, work)
+    cdef double *part = _totals(L, work) + 2 * L.C
     cdef double *s
     with nogil:
         for c in range(L.C):  # the shift of the sums: the mean the forward used
@@ -1107,7 +1169,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
         for c in range(L.C):
             _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
         if not sums_only:
-            _expand(L, cc, coef, 4)
+            _coefficients(L, cc, coef, floating is float and kind == AFFINE)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
