@@ -311,7 +311,7 @@ def _saveload(layer, tmp_path):
         config = json.loads(str(data["__config__"]))
     assert config == {"format": "cbn.batchnorm", "version": cbn.modules.FORMAT_VERSION, "class": type(layer).__name__,
                       "training": layer.training, "num_features": layer.num_features, "eps": layer.eps,
-                      "dtype": layer.dtype.name, "axis": layer.axis}
+                      "dtype": layer.dtype.name, "axis": layer.axis, "activation": layer.activation}
     return cbn.load(path)
 
 
