@@ -54,7 +54,7 @@ class _BatchNorm:
     @classmethod
     def _settings(cls):
         """The Config fields that this class's constructor takes (and its files hold)."""
-        return tuple(name for name in inspect.signature(cls).parameters if name in NAMES)
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name in NAMES)
 
     @classmethod
     def _from_config(cls, config):
