@@ -8,12 +8,13 @@ import numpy as np
 from . import _validate as V
 
 FORMAT = "cbn.batchnorm"
-FORMAT_VERSION = 5  # files of every version up to this one load; a field's "since" is the version that added it
+FORMAT_VERSION = 5  # every earlier version loads too; each field's "since" is the version that added it to files
+# (5: a frozen layer's activation, cbn.frozen)
 
 
-def _since(version, default):
-    """A field with ``default`` that files hold from format ``version`` on."""
-    return dataclasses.field(default=default, metadata={"since": version})
+def _since(version, default, **options):
+    """A field with ``default`` (and dataclasses.field's ``options``) that files hold from format ``version`` on."""
+    return dataclasses.field(default=default, metadata={"since": version}, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Config:
     _: dataclasses.KW_ONLY
     virtual_batch_size: int | None = _since(4, None)
     renorm: bool = _since(4, False)
-    renorm_clipping: dict | None = dataclasses.field(default=None, metadata={"since": 4}, hash=False)
+    renorm_clipping: dict | None = _since(4, None, hash=False)  # a dict: not hashed
 
     def __post_init__(self):
         def put(name, value):
