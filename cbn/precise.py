@@ -4,7 +4,7 @@ import contextlib
 import numpy as np
 
 from . import functional as F
-from .distributed import _swap_layers
+from ._walk import swap_layers
 from .frozen import _FrozenBatchNorm
 
 
@@ -73,7 +73,7 @@ def precise_stats(model):
     ...         model.forward(x)        # training mode
     """
     found = []
-    _swap_layers(model, lambda layer: found.append(layer) or layer, {})
+    swap_layers(model, lambda layer: found.append(layer) or layer)
     layers = [layer for layer in found if layer.track_running_stats and not isinstance(layer, _FrozenBatchNorm)]
     busy = [layer for layer in layers if layer._population is not None]
     if busy:
