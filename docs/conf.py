@@ -3,6 +3,7 @@ docstrings (autodoc, autosummary, numpydoc). Build: ``sphinx-build -W --keep-goi
 (``.ci/docs`` does that and runs the doctests); cbn must be installed (its compiled kernels are imported).
 """
 import contextlib
+import doctest
 import io
 import os
 from pathlib import Path
@@ -37,6 +38,7 @@ myst_heading_anchors = 3
 # -- API reference ---------------------------------------------------------------------------------------------------
 autosummary_generate = True
 autodoc_default_options = {"members": False}
+autodoc_preserve_defaults = True  # signatures show defaults as written (np.float32), not their repr
 numpydoc_show_class_members = False  # the class template lists the members itself
 numpydoc_class_members_toctree = False
 
@@ -55,6 +57,8 @@ if not (os.environ.get("READTHEDOCS") == "True" or os.environ.get("CBN_DOCS_INTE
     nitpick_ignore_regex = [(r"py:.*", r"(numpy|torch|python|pickle|copy|os|multiprocessing|threading)(\..*)?")]
 
 # -- doctests: the examples of the pages and the docstrings ------------------------------------------------------------
+# Exception messages are compared too (Sphinx's default flags ignore their detail); long outputs may wrap.
+doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctest.DONT_ACCEPT_TRUE_FOR_1
 doctest_global_setup = """
 import numpy as np
 import cbn
@@ -65,6 +69,7 @@ html_theme = "pydata_sphinx_theme"
 html_title = f"cbn {release}"
 html_theme_options = {
     "github_url": "https://github.com/cbn-project/cbn",
+    "navbar_align": "left",
     "navigation_with_keys": False,
     "show_toc_level": 2,
     "footer_start": ["copyright"],
@@ -77,7 +82,7 @@ def _write_bench_help(app):
     """docs/_generated/cbn-bench-help.txt: ``cbn-bench --help`` as argparse prints it (the benchmarks page includes
     it), so that the options are written once, in cbn/bench.py."""
     text = io.StringIO()
-    with mock.patch.dict(os.environ, COLUMNS="100"), contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+    with mock.patch.dict(os.environ, COLUMNS="80"), contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
         cbn.bench.main(["--help"])
     out = Path(app.srcdir, "_generated", "cbn-bench-help.txt")
     out.parent.mkdir(exist_ok=True)
