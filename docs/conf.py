@@ -6,19 +6,25 @@ import contextlib
 import doctest
 import io
 import os
+import sys
 from pathlib import Path
 from unittest import mock
 
 from sphinx.util import logging
 
-import cbn
-import cbn.bench
-import cbn.functional
-import cbn.reference
+# `python -m sphinx` run from the checkout's root puts that folder first on sys.path, where cbn/ is the source without
+# its compiled kernels: the build imports the installed cbn.
+_root = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _root]
+
+import cbn  # noqa: E402
+import cbn.bench  # noqa: E402
+import cbn.functional  # noqa: E402
+import cbn.reference  # noqa: E402
 
 project = "cbn"
 author = "The cbn developers"
-copyright = "The cbn developers"  # noqa: A001 (Sphinx's name)
+copyright = "The cbn developers"
 release = version = cbn.__version__
 
 extensions = [
@@ -35,7 +41,7 @@ templates_path = ["_templates"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
-# -- API reference ---------------------------------------------------------------------------------------------------
+# -- API reference -----------------------------------------------------------------------------------------------------
 autosummary_generate = True
 autodoc_default_options = {"members": False}
 autodoc_preserve_defaults = True  # signatures show defaults as written (np.float32), not their repr
@@ -64,7 +70,7 @@ import numpy as np
 import cbn
 """
 
-# -- HTML ----------------------------------------------------------------------------------------------------------------
+# -- HTML --------------------------------------------------------------------------------------------------------------
 html_theme = "pydata_sphinx_theme"
 html_title = f"cbn {release}"
 html_theme_options = {
