@@ -82,13 +82,15 @@ html_theme_options = {
     "footer_end": ["sphinx-version"],
 }
 html_show_sourcelink = False
+# pages without sub-pages: no (empty) section navigation, the room goes to the content
+html_sidebars = {page: [] for page in ("getting-started", "benchmarks", "changelog")}
 
 
 def _write_bench_help(app):
     """docs/_generated/cbn-bench-help.txt: ``cbn-bench --help`` as argparse prints it (the benchmarks page includes
     it), so that the options are written once, in cbn/bench.py."""
     text = io.StringIO()
-    with mock.patch.dict(os.environ, COLUMNS="80"), contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+    with mock.patch.dict(os.environ, COLUMNS="72"), contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
         cbn.bench.main(["--help"])
     out = Path(app.srcdir, "_generated", "cbn-bench-help.txt")
     out.parent.mkdir(exist_ok=True)
