@@ -60,7 +60,7 @@ intersphinx_mapping = {
 }
 if not (os.environ.get("READTHEDOCS") == "True" or os.environ.get("CBN_DOCS_INTERSPHINX") == "1"):
     intersphinx_mapping = {}
-    nitpick_ignore_regex = [(r"py:.*", r"(numpy|torch|python|pickle|copy|os|multiprocessing|threading)(\..*)?")]
+    nitpick_ignore_regex = [(r"py:.*", r"(numpy|torch)\..+")]
 
 # -- doctests: the examples of the pages and the docstrings ------------------------------------------------------------
 # Exception messages are compared too (Sphinx's default flags ignore their detail); long outputs may wrap.
