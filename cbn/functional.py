@@ -83,7 +83,7 @@ def _kernel_output(out, order, dt):
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
                axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
                virtual_batch_size=None, renorm=False, renorm_clipping=None, mask=None):
-    """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
+    """Batch normalisation over the channel axis ``axis`` (default 1: ``(N, C, *)`` input), with an optional fused
     residual add and ReLU, ghost batches, batch renormalization or masked statistics.
 
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
