@@ -16,6 +16,7 @@ The two forwards are differentiable (``register_autograd``) and have fake implem
 differentiates with torch's own ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm``
 (see :func:`batch_norm`).
 """
+import contextlib
 import math
 from typing import Optional
 
@@ -44,11 +45,19 @@ def _dense(x):
 _MAX_THREADS = cbn.max_num_threads()
 
 
+@contextlib.contextmanager
 def _torch_threads():
-    """Set cbn's thread count in this thread to torch's, ``torch.get_num_threads()`` (when they differ)."""
-    n = min(torch.get_num_threads(), _MAX_THREADS)
-    if cbn.get_num_threads() != n:
-        cbn.set_num_threads(n)
+    """Run the block with cbn's thread count in this thread set to torch's, ``torch.get_num_threads()`` (then
+    restored), when they differ."""
+    before, n = cbn.get_num_threads(), min(torch.get_num_threads(), _MAX_THREADS)
+    if n == before:
+        yield
+        return
+    cbn.set_num_threads(n)
+    try:
+        yield
+    finally:
+        cbn.set_num_threads(before)
 
 
 def _channel_stat(x):
@@ -63,9 +72,9 @@ def _train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch
     x = _dense(x)
     y = torch.empty_like(x)
     stats = [None if t is None else t.clone() for t in (running_mean, running_var)]
-    _torch_threads()
-    _, saved = _F.batch_norm(_np(x), *map(_np, stats), _np(weight), _np(bias), True, momentum, eps, out=y.numpy(),
-                             return_saved=True)
+    with _torch_threads():
+        _, saved = _F.batch_norm(_np(x), *map(_np, stats), _np(weight), _np(bias), True, momentum, eps,
+                                 out=y.numpy(), return_saved=True)
     return (y, torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),
             *(x.new_empty((0,)) if t is None else t for t in stats))
 
@@ -81,8 +90,9 @@ def _eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.
           running_var: torch.Tensor, eps: float) -> torch.Tensor:
     x = _dense(x)
     y = torch.empty_like(x)
-    _torch_threads()
-    _F.batch_norm(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False, 0.0, eps, out=y.numpy())
+    with _torch_threads():
+        _F.batch_norm(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False, 0.0, eps,
+                      out=y.numpy())
     return y
 
 
@@ -102,8 +112,8 @@ def _backward(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional[torch
     k = order.index(1)
     x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
     saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _np(weight), training, xn.shape, xn.dtype, 1, order)
-    _torch_threads()
-    _, dweight, dbias = _F.batch_norm_backward(_np(grad_output), saved, out=dx.numpy())
+    with _torch_threads():
+        _, dweight, dbias = _F.batch_norm_backward(_np(grad_output), saved, out=dx.numpy())
     return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 
@@ -134,6 +144,8 @@ def _setup_train(ctx, inputs, output):
 
 
 def _train_gradients(ctx, grad_output, *_):
+    if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
+        return (None,) * ctx.n_inputs
     x, weight, mean, invstd = ctx.saved_tensors
     return _gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True)
 
