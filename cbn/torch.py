@@ -2,19 +2,21 @@
 
 ``import cbn.torch`` needs torch (``pip install cbn[torch]``); ``import cbn`` never imports it. Three custom ops of
 the ``cbn`` namespace (``torch.library.custom_op``) call :mod:`cbn.functional` on NumPy views of the tensors' memory
-(no copies, contiguous and ``channels_last`` alike; outputs keep the input's memory format), on
+(no copies, contiguous and ``channels_last`` alike; outputs keep the input's memory layout), on
 ``torch.get_num_threads()`` threads:
 
-- ``torch.ops.cbn.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps) -> (y, mean,
-  invstd)``: batch statistics (float64 ``mean`` and ``invstd`` for the backward); updates the running statistics in
-  place when given (a declared mutation).
+- ``torch.ops.cbn.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps) -> (y, mean, invstd,
+  new_running_mean, new_running_var)``: batch statistics; float64 ``mean`` and ``invstd`` for the backward, and the
+  updated running statistics ((0,) tensors when not given), which :func:`batch_norm` copies into the buffers.
 - ``torch.ops.cbn.batch_norm_eval(x, weight, bias, running_mean, running_var, eps) -> y``: running statistics.
 - ``torch.ops.cbn.batch_norm_backward(grad_output, x, weight, mean, invstd, training) -> (dx, dweight, dbias)``.
 
 The two forwards are differentiable (``register_autograd``) and have fake implementations, so autograd,
-``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. A double backward (``create_graph=True``)
-differentiates with torch's own ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm``
-(see :func:`batch_norm`).
+``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch refuses a backward formula for a
+custom op that mutates its inputs: the training op returns the new running statistics instead (the functional form
+torch's own batch norm takes under ``torch.compile``). A double backward (``create_graph=True``) differentiates with
+torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
+:func:`batch_norm`).
 """
 import contextlib
 import math
@@ -36,10 +38,10 @@ def _np(t):
 
 
 def _dense(x):
-    """``x``, or a copy laid out as ``torch.empty_like(x)`` when x's memory has gaps or overlaps: the layout of the
-    ops' outputs (x's own when it is dense)."""
-    like = torch.empty_like(x)
-    return x if like.stride() == x.stride() else like.copy_(x)
+    """(x, out): x, or a copy of it when x's memory has gaps or overlaps, and an uninitialised tensor of its shape for
+    an output, both laid out as ``torch.empty_like(x)`` (x's own layout when it is dense)."""
+    out = torch.empty_like(x)
+    return (x if out.stride() == x.stride() else torch.empty_like(out).copy_(x)), out
 
 
 _MAX_THREADS = cbn.max_num_threads()
@@ -69,8 +71,7 @@ def _channel_stat(x):
 def _train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], momentum: float,
            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = _dense(x)
-    y = torch.empty_like(x)
+    x, y = _dense(x)
     stats = [None if t is None else t.clone() for t in (running_mean, running_var)]
     with _torch_threads():
         _, saved = _F.batch_norm(_np(x), *map(_np, stats), _np(weight), _np(bias), True, momentum, eps,
@@ -88,8 +89,7 @@ def _(x, weight, bias, running_mean, running_var, momentum, eps):
 @torch.library.custom_op("cbn::batch_norm_eval", mutates_args=())
 def _eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], running_mean: torch.Tensor,
           running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    x = _dense(x)
-    y = torch.empty_like(x)
+    x, y = _dense(x)
     with _torch_threads():
         _F.batch_norm(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False, 0.0, eps,
                       out=y.numpy())
@@ -104,9 +104,8 @@ def _(x, weight, bias, running_mean, running_var, eps):
 @torch.library.custom_op("cbn::batch_norm_backward", mutates_args=())
 def _backward(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
               invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = _dense(x)
-    dx = torch.empty_like(x)
-    xn = x.numpy()
+    x, dx = _dense(x)
+    xn = _np(x)
     order = tuple(sorted(range(xn.ndim), key=lambda d: -xn.strides[d]))  # x's axes in memory order
     mem = xn.transpose(order)
     k = order.index(1)
@@ -257,8 +256,8 @@ def convert(model):
     """Swap every ``torch.nn.BatchNorm1d/2d/3d`` of ``model`` for cbn's module of the same rank.
 
     The new modules hold the same parameters, buffers, hyperparameters, mode and hooks (the same tensors: an
-    optimiser built before keeps working), so state_dicts are unchanged. Subclasses of torch's modules (SyncBatchNorm,
-    lazy modules before their first call) are left as they are.
+    optimiser built before keeps working), so state_dicts are unchanged. Other batch norm classes (SyncBatchNorm,
+    lazy modules before their first call, subclasses) are left as they are.
 
     Parameters
     ----------
