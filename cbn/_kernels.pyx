@@ -784,14 +784,14 @@ cdef void _pairwise(double *rows, Py_ssize_t n, Py_ssize_t w) noexcept nogil:
 cdef void _expand(Layout L, const double *cc, double *coef, Py_ssize_t nrows) noexcept nogil:
     """coef rows [0, nrows) from the compact cc: each channel's value in each of its G columns (minor: value s of
     channel c in folded row r is column r*C*S + c*S + s). Nothing to do when cc is coef (G == 1)."""
-    cdef Py_ssize_t row, r, c, s, j, W = L.C * L.G
+    cdef Py_ssize_t row, _r, c, _s, j, W = L.C * L.G
     if cc == coef:
         return
     for row in range(nrows):
         j = row * W
-        for r in range(L.G // L.S):
+        for _r in range(L.G // L.S):
             for c in range(L.C):
-                for s in range(L.S):
+                for _s in range(L.S):
                     coef[j] = cc[row * L.C + c]
                     j += 1
 
