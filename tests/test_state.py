@@ -490,7 +490,8 @@ def _current(cls="BatchNorm2d", **changes):
     (_current(activation=KeyError), {}, r"config key 'activation' is missing"),
     (_current(momentum_max=0.5), {}, r"unexpected config key 'momentum_max'"),
     (_current("FrozenBatchNorm2d", momentum=0.1), {}, r"unexpected config key 'momentum'"),
-    (_current("SyncBatchNorm2d", virtual_batch_size=2), {}, r"SyncBatchNorm takes no virtual_batch_size"),
+    # a BatchNorm2d's config named a SyncBatchNorm2d (the same settings): making one needs MPI
+    (_current(virtual_batch_size=2, **{"class": "SyncBatchNorm2d"}), {}, r"SyncBatchNorm takes no virtual_batch_size"),
     (_current(affine="yes"), {}, r"config 'affine' must be true or false, got 'yes'"),
     (_current(renorm=1), {}, r"config 'renorm' must be true or false, got 1"),
     (_current(dtype=5), {}, r"config 'dtype' must be a dtype name such as 'float32', got 5"),
