@@ -18,12 +18,13 @@ import statistics
 import sys
 import time
 
-import torch
-from torch import nn
-from torch.profiler import ProfilerActivity, profile
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's log lines (start, stop) off
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import cbn
-import cbn.torch
+import cbn  # noqa: E402
+import cbn.torch  # noqa: E402
 
 # Profiler events that are batch norm, each taking in its children: torch's forward op and autograd node, cbn's
 # forward ops and their autograd nodes (cbn::batch_norm_backward runs inside those).
@@ -127,7 +128,8 @@ def main(argv=None):
     images = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 10, (args.batch,))
     lines = [f"ResNet-18, batch {args.batch} of 3x{args.size}x{args.size} float32, torch {torch.__version__}, "
-             f"cbn {cbn.__version__}, {platform.machine()} ({os.cpu_count()} CPUs), median of {args.steps} steps",
+             f"cbn {cbn.__version__}, {platform.machine()} ({os.cpu_count()} CPUs), median of {args.steps} steps; load "
+             f"average at the start " + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
              f"{'threads':>7} {'mode':>5} {'layout':>13} {'compiled':>8} | {'step ms torch':>13} {'cbn':>7} "
              f"{'torch/cbn':>9} | {'BN ms torch':>11} {'cbn':>6} {'torch/cbn':>9}"]
     print("\n".join(lines), flush=True)
@@ -144,6 +146,8 @@ def main(argv=None):
                                  f"{'yes' if compiled else 'no':>8} | {st:13.1f} {sc:7.1f} {st / sc:9.2f} | "
                                  f"{bt:11.2f} {bc:6.2f} {bt / bc:9.2f}")
                     print(lines[-1], flush=True)
+    lines.append("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    print(lines[-1])
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

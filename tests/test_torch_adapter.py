@@ -351,4 +351,4 @@ def test_example_quick_run(run_python, tmp_path):
     res = run_python([EXAMPLE, "--quick", "--out", out], tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = out.read_text().splitlines()
-    assert rows[0].startswith("ResNet-18") and len(rows) == 6, rows
+    assert rows[0].startswith("ResNet-18") and len(rows) == 7, rows
