@@ -92,7 +92,7 @@ def bn_ms(step, steps):
 
 def measure(base, x, labels, training, compiled, steps, warmup):
     """(step ms, BN ms) of torch's and cbn's batch norm in copies of ``base``: steps timed in alternation (medians),
-    then profiled apart."""
+    then profiled apart. torch's BN ms is None when compiled: inductor fuses its batch norm into generated kernels."""
     models = {"torch": copy.deepcopy(base), "cbn": cbn.torch.convert(copy.deepcopy(base))}
     steps_of = {}
     for name, model in models.items():
@@ -106,7 +106,8 @@ def measure(base, x, labels, training, compiled, steps, warmup):
             t = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
-    return {name: (1e3 * statistics.median(times[name]), bn_ms(step, max(1, steps // 2)))
+    return {name: (1e3 * statistics.median(times[name]),
+                   None if compiled and name == "torch" else bn_ms(step, max(1, steps // 2)))
             for name, step in steps_of.items()}
 
 
@@ -141,10 +142,10 @@ def main(argv=None):
                     model, x = base.to(memory_format=layout), images.to(memory_format=layout)
                     r = measure(model, x, labels, training, compiled, args.steps, args.warmup)
                     (st, bt), (sc, bc) = r["torch"], r["cbn"]
+                    bn = f"{'n/a':>11} {bc:6.2f} {'n/a':>9}" if bt is None else f"{bt:11.2f} {bc:6.2f} {bt / bc:9.2f}"
                     lines.append(f"{threads:>7} {'train' if training else 'eval':>5} "
                                  f"{'channels_last' if layout == torch.channels_last else 'contiguous':>13} "
-                                 f"{'yes' if compiled else 'no':>8} | {st:13.1f} {sc:7.1f} {st / sc:9.2f} | "
-                                 f"{bt:11.2f} {bc:6.2f} {bt / bc:9.2f}")
+                                 f"{'yes' if compiled else 'no':>8} | {st:13.1f} {sc:7.1f} {st / sc:9.2f} | {bn}")
                     print(lines[-1], flush=True)
     lines.append("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(lines[-1])
