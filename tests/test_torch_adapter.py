@@ -44,8 +44,8 @@ def _torch_threads():
 
 @pytest.fixture
 def cbn_calls(monkeypatch):
-    """Counts of the calls into cbn.functional's batch_norm and batch_norm_backward (what the ops run), with the
-    thread count cbn had at each."""
+    """The calls into cbn.functional's batch_norm and batch_norm_backward (what the ops run): a list each of the
+    thread counts cbn had at them."""
     calls = {"batch_norm": [], "batch_norm_backward": []}
     for name, log in calls.items():
         def spy(*args, _f=getattr(cbn.functional, name), _log=log, **kw):
@@ -62,11 +62,11 @@ def close(a, b, rel, what):
         assert float((a - b).abs().max()) <= rel * max(float(b.abs().max()), 1.0), what
 
 
-def pair(ndim, C, dtype, seed=0, **flags):
+def pair(ndim, C, dtype, **flags):
     """A torch module with random affine parameters and the cbn.torch module of the same state."""
     tbn = TORCH_CLASS[ndim](C, dtype=dtype, **flags)
     if tbn.affine:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             tbn.weight.uniform_(0.5, 1.5, generator=g)
             tbn.bias.uniform_(-0.5, 0.5, generator=g)
