@@ -5,6 +5,7 @@ import platform
 import numpy as np
 
 from . import _dispatch, functional
+from ._load import load
 from ._threads import available_cpus, get_num_threads, max_num_threads, set_num_threads
 from .distributed import (
     SyncBatchNorm1d,
@@ -14,7 +15,7 @@ from .distributed import (
     revert_sync_batchnorm,
 )
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, fold, freeze
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, load
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .precise import precise_stats
 
 _build_info = _dispatch.kernels.build_info  # the kernels in use: the best instruction-set level built and supported

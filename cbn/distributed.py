@@ -10,13 +10,15 @@ BatchNorm's kernel does, bitwise); backward ``gradient_sums`` -> Allgather -> ``
 checked once, with :mod:`cbn._validate`, before the first collective.
 mpi4py is imported only when a synchronised layer is made (``pip install cbn[mpi]``).
 """
+import inspect
 import threading
-import types
 
 import numpy as np
 
 from . import _validate as V
 from . import functional as F
+from ._config import signature
+from ._walk import swap_layers
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 
@@ -58,26 +60,31 @@ def _raise_if_rejected(ok, error, what):
                            f"their input (see the error raised there); no state changed")
 
 
-def _no_virtual_batches(size):
-    """SyncBatchNorm normalises with the statistics of the whole global batch: no ghost batches."""
-    if size is not None:
-        raise ValueError(f"SyncBatchNorm takes no virtual_batch_size (its statistics are those of the batch of all "
-                         f"ranks): expected None, got {size!r}")
-
-
 class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None, comm=None, *, virtual_batch_size=None,
-                 renorm=False, renorm_clipping=None):
-        _no_virtual_batches(virtual_batch_size)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation,
-                         renorm=renorm, renorm_clipping=renorm_clipping)
+    def __init__(self, *args, **kwargs):  # comm=None, keyword only: in the signature below (the docs read it)
+        comm = kwargs.pop("comm", None)
+        self._setup(self._configured(*args, **kwargs), comm)
+
+    __init__.__signature__ = signature(inspect.Parameter("comm", inspect.Parameter.KEYWORD_ONLY, default=None))
+
+    @classmethod
+    def _validated(cls, config):
+        """BatchNorm's checks, and no ghost batches: SyncBatchNorm normalises with the statistics of the whole
+        global batch."""
+        config = super()._validated(config)
+        if config.virtual_batch_size is not None:
+            raise ValueError(f"SyncBatchNorm takes no virtual_batch_size (its statistics are those of the batch of "
+                             f"all ranks): expected None, got {config.virtual_batch_size!r}")
+        return config
+
+    def _setup(self, config, comm=None):
+        super()._setup(config)
         self.comm = _check_comm(comm)
         self._global_count = None  # values per channel (counted) on all ranks in the last synchronised forward
 
-    def forward(self, x, out=None, residual=None, mask=None):
+    def forward(self, x, *, out=None, residual=None, mask=None):
         """Normalise this rank's shard ``x`` (then add ``residual`` and apply the activation, as BatchNorm does); in
         training with the statistics of all ranks' shards together (with ``mask``, of the True positions of all
         ranks' masks: a shard's mask may have none).
@@ -92,14 +99,15 @@ class _SyncBatchNorm(_BatchNorm):
             On a rank whose input (or ``out``) is bad; the other ranks raise RuntimeError. ValueError on every
             rank when the ranks' channel counts differ or all shards together hold a single value per channel.
         """
-        if not self.training:
-            self._global_count = None
-            return super().forward(x, out, residual, mask)
         with self._lock:
+            if not self.training:
+                self._global_count = None
+                return super().forward(x, out=out, residual=residual, mask=mask)
             return self._sync_forward(x, out, residual, mask)
 
     def _sync_forward(self, x, out, residual, mask):
-        comm, C = self.comm, self.num_features
+        comm, c = self.comm, self._cfg
+        C = c.num_features
         error, local, masked = None, np.zeros(2 * C + 1), False
         try:  # everything that can be rejected is checked before the first collective, so no rank waits forever
             inp = self._input(x)
@@ -107,8 +115,8 @@ class _SyncBatchNorm(_BatchNorm):
             out = V.out_array(out, "out", inp.x.shape, inp.out_dtype, inp.order,
                               {"input": inp.x, "weight": self.weight, "bias": self.bias,
                                "running_mean": self.running_mean, "running_var": self.running_var, "residual": z})
-            weight = V.channel_param(self.weight, "weight", C, self.dtype)
-            bias = V.channel_param(self.bias, "bias", C, self.dtype)
+            weight = V.channel_param(self.weight, "weight", C, c.dtype)
+            bias = V.channel_param(self.bias, "bias", C, c.dtype)
             mask = V.mask(mask, inp)
             valid = None if mask is None else F.positions(mask, inp)
             count, mean, M2 = F.statistics(inp, valid)
@@ -128,18 +136,18 @@ class _SyncBatchNorm(_BatchNorm):
             V.valid_count(n, " over all ranks")
         var = M2 / n if n else np.full(C, np.nan)
         # Normalised with the global batch statistics: the backward differentiates through them.
-        relu, clipping = self.activation == "relu", V.renorm(self.renorm, self.renorm_clipping, None)
+        relu, clipping = c.activation == "relu", V.renorm(c.renorm, c.renorm_clipping, None)
         if clipping is None:
-            y, saved = F.normalize(inp, mean, var, weight, bias, self.eps, out, relu, z, valid)
+            y, saved = F.normalize(inp, mean, var, weight, bias, c.eps, out, relu, z, valid)
         else:
-            y, saved = F.renormalize(inp, mean, var, self.running_mean, self.running_var, weight, bias, self.eps,
+            y, saved = F.renormalize(inp, mean, var, self.running_mean, self.running_var, weight, bias, c.eps,
                                      clipping, out, relu, z, valid)
         if self._population is not None:  # inside precise_stats: the global batch's statistics are recorded
             self._population.add(n, mean, M2)
-        elif self.track_running_stats:
+        elif c.track_running_stats:
             self.num_batches_tracked += 1
             F.update_running_stats(self.running_mean, self.running_var, n, mean, M2,
-                                   self._factor(self.num_batches_tracked), self.nan_guard)
+                                   self._factor(self.num_batches_tracked), c.nan_guard)
         self._saved, self._global_count = saved, int(n)
         return y
 
@@ -206,8 +214,8 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
     renorm, renorm_clipping
         As :class:`BatchNorm2d`, with the statistics of the batch of all ranks (identical on every rank).
     comm : mpi4py.MPI.Intracomm, optional
-        The ranks that share the batch; default ``MPI.COMM_WORLD``. Pickling keeps everything but the
-        communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it).
+        The ranks that share the batch (keyword only); default ``MPI.COMM_WORLD``. Pickling keeps everything but
+        the communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it).
     """
 
 
@@ -229,42 +237,18 @@ def _as_class(layer, cls, **extra):
     return new
 
 
-def _swap_layers(obj, swap, memo):
-    """``obj`` with each layer replaced by ``swap(layer)``: lists, dicts and attributes in place, tuples rebuilt.
-
-    ``memo`` maps id(object) to its result, so shared layers stay shared and cycles end.
-    """
-    if id(obj) in memo:
-        return memo[id(obj)]
-    if isinstance(obj, _BatchNorm):
-        memo[id(obj)] = swap(obj)
-        return memo[id(obj)]
-    memo[id(obj)] = obj
-    if isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType)):
-        return obj
-    if isinstance(obj, tuple):
-        items = [_swap_layers(v, swap, memo) for v in obj]
-        if any(a is not b for a, b in zip(items, obj)):
-            memo[id(obj)] = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        return memo[id(obj)]
-    if isinstance(obj, (list, dict)):
-        items, assign = (enumerate(obj) if isinstance(obj, list) else obj.items()), obj.__setitem__
-    elif hasattr(obj, "__dict__"):
-        items, assign = vars(obj).items(), lambda k, v: setattr(obj, k, v)
-    else:
-        return obj
-    for k, v in list(items):
-        new = _swap_layers(v, swap, memo)
-        if new is not v:
-            assign(k, new)
-    return obj
+def _check_convertible(layer):
+    """``layer``, once checked that its SyncBatchNorm can have its settings (raise if not)."""
+    if type(layer) in _SYNC:
+        _SYNC[type(layer)]._validated(layer._cfg)
+    return layer
 
 
 def convert_sync_batchnorm(model, comm=None):
     """Replace every cbn BatchNorm1d/2d/3d in ``model`` by a SyncBatchNorm1d/2d/3d with the same state.
 
     Like torch's ``SyncBatchNorm.convert_sync_batchnorm``: the new layers share the old ones' arrays (weight,
-    bias, running statistics) and keep hyperparameters, mode and counter.
+    bias, running statistics) and keep every setting, the mode and the counter.
 
     Parameters
     ----------
@@ -284,12 +268,12 @@ def convert_sync_batchnorm(model, comm=None):
     The converted model (a new layer when ``model`` is a layer).
     """
     comm = _check_comm(comm)
-    _swap_layers(model, lambda layer: _no_virtual_batches(layer.virtual_batch_size) or layer, {})  # all checked first
-    return _swap_layers(model, lambda layer: _as_class(layer, _SYNC[type(layer)], comm=comm, _global_count=None)
-                        if type(layer) in _SYNC else layer, {})
+    swap_layers(model, _check_convertible)  # every layer checked first
+    return swap_layers(model, lambda layer: _as_class(layer, _SYNC[type(layer)], comm=comm, _global_count=None)
+                       if type(layer) in _SYNC else layer)
 
 
 def revert_sync_batchnorm(model):
     """Inverse of :func:`convert_sync_batchnorm`: SyncBatchNorm1d/2d/3d back to BatchNorm1d/2d/3d, state kept."""
-    return _swap_layers(model, lambda layer: _as_class(layer, _PLAIN[type(layer)])
-                        if type(layer) in _PLAIN else layer, {})
+    return swap_layers(model, lambda layer: _as_class(layer, _PLAIN[type(layer)])
+                       if type(layer) in _PLAIN else layer)

@@ -11,8 +11,11 @@ import numpy as np
 
 from . import _validate as V
 from . import functional as F
-from .distributed import _swap_layers
+from ._config import DEFAULTS, NAMES, SINCE
+from ._walk import swap_layers
 from .modules import _BatchNorm
+
+_FIXED = {"momentum": 0.0}  # a frozen layer's settings that are neither its constructor's nor the defaults
 
 
 def _check_running_stats(bn, what):
@@ -33,7 +36,8 @@ def fold(bn, weight, bias=None):
 
     so that ``layer(x, weight', bias')`` equals ``bn(layer(x, weight, bias))`` in eval mode, for a convolution
     ((O, I, kh, kw), (O, I, k), (O, I, kd, kh, kw)) or a linear layer ((O, I)). Computed in float64, returned in
-    ``weight``'s dtype. ``bn`` and the arrays passed are not modified.
+    ``weight``'s dtype. ``bn`` and the arrays passed are not modified. A layer with an activation is refused:
+    the folded layer would compute BN(layer(x)) without it.
 
     Parameters
     ----------
@@ -54,8 +58,8 @@ def fold(bn, weight, bias=None):
     TypeError
         ``bn`` is not a cbn batch-norm layer, or ``weight``/``bias`` is not a floating ndarray.
     ValueError
-        ``bn`` has no running statistics, the shapes do not match its channel count, or a folded value overflows
-        ``weight``'s dtype.
+        ``bn`` has no running statistics or has an activation, the shapes do not match its channel count, or a
+        folded value overflows ``weight``'s dtype.
     """
     if not isinstance(bn, _BatchNorm):
         raise TypeError(f"bn must be a cbn batch-norm layer (BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d, "
@@ -64,6 +68,11 @@ def fold(bn, weight, bias=None):
     bias = None if bias is None else V.float_array(bias, "bias")
     with bn._lock:  # one consistent set of parameters and statistics
         _check_running_stats(bn, "fold")
+        if bn.activation is not None:
+            raise ValueError(f"cannot fold {bn!r}: the folded layer computes BN(layer(x)) without the activation "
+                             f"{bn.activation!r}; expected a layer without activation, got activation="
+                             f"{bn.activation!r}: fold a copy with activation=None and keep the activation after the "
+                             f"folded layer")
         C = bn.num_features
         if weight.ndim < 1 or weight.shape[0] != C:
             raise ValueError(f"weight must have {C} output channels (bn.num_features) on axis 0, got shape "
@@ -84,21 +93,41 @@ class _FrozenBatchNorm(_BatchNorm):
     """Common implementation of FrozenBatchNorm1d/2d/3d: a batch norm that always normalises with its fixed
     running statistics and learns nothing (torchvision's ``FrozenBatchNorm2d``).
 
-    The state, locking, input checks, pickling and files are :class:`cbn.modules._BatchNorm`'s, with the
-    hyperparameters that describe a frozen layer fixed: ``affine`` and ``track_running_stats`` True, ``momentum``
-    0.0 (the statistics never move), ``nan_guard`` False; ``num_batches_tracked`` stays 0 and is not in the
-    state_dict.
+    The state, locking, input checks, pickling and files are :class:`cbn.modules._BatchNorm`'s. Its settings are
+    its constructor's (those of an eval-mode batch norm); the others are fixed: ``affine`` and
+    ``track_running_stats`` True, ``momentum`` 0.0 (the statistics never move), the training-only ones off.
+    ``num_batches_tracked`` stays 0 and is not in the state_dict.
     """
 
-    def __init__(self, num_features, eps=1e-5, dtype=np.float32, axis=1):
-        super().__init__(num_features, eps=eps, momentum=0.0, dtype=dtype, axis=axis)
+    _SINCE = dict(SINCE, activation=5)  # frozen layers' files hold their activation from version 5 on
 
-    def forward(self, x, out=None, mask=None):
-        """y = x*scale + shift per channel along ``axis``, in training and eval mode alike.
+    def __init__(self, num_features, eps=DEFAULTS["eps"], dtype=DEFAULTS["dtype"], axis=DEFAULTS["axis"],
+                 activation=DEFAULTS["activation"]):
+        self._setup(self._configured(num_features, eps, dtype=dtype, axis=axis, activation=activation))
+
+    @classmethod
+    def _configured(cls, *args, **kwargs):
+        return super()._configured(*args, **_FIXED, **kwargs)
+
+    @classmethod
+    def _validated(cls, config):
+        """BatchNorm's checks, and the settings that are not the constructor's at their fixed values."""
+        config = super()._validated(config)
+        settings = cls._settings()
+        for name in NAMES:
+            fixed = _FIXED.get(name, DEFAULTS[name])
+            if name not in settings and getattr(config, name) != fixed:
+                raise ValueError(f"a {cls.__name__}'s {name} is fixed: expected {fixed!r}, got "
+                                 f"{getattr(config, name)!r}")
+        return config
+
+    def forward(self, x, *, out=None, residual=None, mask=None):
+        """y = act(x*scale + shift [+ residual]) per channel along ``axis``, in training and eval mode alike.
 
         scale = weight/sqrt(running_var + eps) and shift = bias - running_mean*scale, computed by the kernels
         as an eval-mode batch norm, weight*(x - running_mean)/sqrt(running_var + eps) + bias, with the mean
-        subtracted in double (so float32 output is the float64 result rounded once).
+        subtracted in double (so float32 output is the float64 result rounded once); then the residual and the
+        activation as :meth:`BatchNorm2d.forward` adds them.
 
         Parameters
         ----------
@@ -106,6 +135,8 @@ class _FrozenBatchNorm(_BatchNorm):
             Input of one of the accepted ranks, any floating dtype, any layout (the output has x's layout).
         out : ndarray, optional
             Preallocated output (shape of x, output dtype, C-contiguous or with x's memory layout).
+        residual : ndarray, optional
+            Added before the activation, as :meth:`BatchNorm2d.forward` adds it.
         mask : ndarray, optional
             Checked as a BatchNorm's statistics mask and without effect (the statistics are fixed), so that a model
             that passes one runs after :func:`freeze`.
@@ -116,17 +147,18 @@ class _FrozenBatchNorm(_BatchNorm):
             The output.
         """
         with self._lock:
+            c = self._cfg
             inp = self._input(x)
             V.mask(mask, inp)
             y, self._saved = F.forward(inp, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                                       self.eps, out, False)
+                                       c.eps, out, False, c.activation, residual)
             return y
 
     __call__ = forward
 
     def backward(self, dy, out=None):
-        """dx = dy*scale, scale = weight/sqrt(running_var + eps); no parameter gradients (``grad_weight`` and
-        ``grad_bias`` stay None).
+        """dx = dy*scale (times the activation's mask), scale = weight/sqrt(running_var + eps); no parameter
+        gradients (``grad_weight`` and ``grad_bias`` stay None); ``grad_residual`` as a BatchNorm's.
 
         Parameters
         ----------
@@ -145,30 +177,23 @@ class _FrozenBatchNorm(_BatchNorm):
             self.grad_weight = self.grad_bias = None
             return dx
 
-    def _state_keys(self):
+    @classmethod
+    def _state_keys(cls, config):
         return ["weight", "bias", "running_mean", "running_var"]
 
     def load_state_dict(self, state, strict=True):
         """Load weight, bias, running_mean and running_var, e.g. from a torchvision ``FrozenBatchNorm2d`` or a
         ``BatchNorm2d``: a ``num_batches_tracked`` entry is ignored (as torchvision drops it on load); the rest as
-        :meth:`BatchNorm2d.load_state_dict` (checked before anything is assigned)."""
+        :meth:`BatchNorm2d.load_state_dict` (checked before anything is written, written into the layer's arrays)."""
         if isinstance(state, Mapping):
             state = {key: value for key, value in state.items() if key != "num_batches_tracked"}
         super().load_state_dict(state, strict)
 
     def extra_repr(self):
-        """``num_features, eps=...`` as torchvision prints it (plus the dtype when not float32 and the axis when
-        not 1)."""
-        s = f"{self.num_features}, eps={self.eps}"
-        s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
-        return s if self.axis == 1 else s + f", axis={self.axis}"
-
-    def _config(self):
-        return {"num_features": self.num_features, "eps": self.eps, "dtype": self.dtype.name, "axis": self.axis}
-
-    @classmethod
-    def _from_config(cls, config):
-        return cls(config["num_features"], config["eps"], config["dtype"], config["axis"])
+        """``num_features, eps=...`` as torchvision prints it, then the other settings that differ from their
+        defaults (dtype, axis, activation)."""
+        c = self._cfg
+        return f"{c.num_features}, eps={c.eps}" + c.shown(self._settings()[2:])
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
@@ -196,6 +221,8 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
         Dtype of the parameters, statistics and computation.
     axis : int
         The channel axis, as in :class:`BatchNorm2d` (1: NCHW, -1: NHWC).
+    activation : {None, "relu"}
+        Fused activation, as in :class:`BatchNorm2d`: y = max(0, x*scale + shift [+ residual]).
     """
 
     _ndims = (4,)
@@ -216,10 +243,12 @@ def _check_freezable(layer):
 
 
 def _frozen(layer):
-    """The frozen layer of ``layer``'s rank with copies of its parameters and statistics (a frozen layer itself)."""
+    """The frozen layer of ``layer``'s rank with its settings that apply and copies of its parameters and statistics
+    (a frozen layer itself)."""
     if isinstance(layer, _FrozenBatchNorm):
         return layer
-    frozen = _FROZEN[layer._ndims](layer.num_features, layer.eps, layer.dtype, layer.axis)
+    cls = _FROZEN[layer._ndims]
+    frozen = cls(**{name: getattr(layer._cfg, name) for name in cls._settings()})
     with layer._lock:
         for key in ("weight", "bias", "running_mean", "running_var"):
             if getattr(layer, key) is not None:  # not affine: weight 1, bias 0 as made
@@ -231,9 +260,11 @@ def freeze(model):
     """Replace every batch norm in ``model`` by the frozen layer of its rank with its statistics and parameters.
 
     BatchNorm1d/2d/3d and SyncBatchNorm1d/2d/3d become FrozenBatchNorm1d/2d/3d with copies of their running
-    statistics, weight and bias (1 and 0 when not affine), eps, dtype, axis and mode; frozen layers stay as they
-    are. ``model`` is walked as :func:`cbn.convert_sync_batchnorm` walks it: a layer shared by several places is
-    replaced by one frozen layer everywhere.
+    statistics, weight and bias (1 and 0 when not affine), their mode and the settings of an eval-mode batch norm:
+    eps, dtype, axis and activation. The training-only settings (momentum, nan_guard, virtual_batch_size, renorm)
+    change nothing in eval mode and have no place in a frozen layer. Frozen layers stay as they are. ``model`` is
+    walked as :func:`cbn.convert_sync_batchnorm` walks it: a layer shared by several places is replaced by one
+    frozen layer everywhere.
 
     Parameters
     ----------
@@ -251,5 +282,5 @@ def freeze(model):
         A layer has no running statistics (``track_running_stats=False``); every layer is checked before any is
         replaced, so the model is unchanged.
     """
-    _swap_layers(model, _check_freezable, {})
-    return _swap_layers(model, _frozen, {})
+    swap_layers(model, _check_freezable)
+    return swap_layers(model, _frozen)

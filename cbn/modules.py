@@ -1,4 +1,6 @@
 """Batch-norm layer objects with the API and semantics of torch.nn.BatchNorm{1,2,3}d, on NumPy arrays."""
+import dataclasses
+import inspect
 import json
 import os
 import threading
@@ -8,58 +10,76 @@ import numpy as np
 
 from . import _validate as V
 from . import functional as F
+from ._config import FORMAT, FORMAT_VERSION, NAMES, SINCE, Config, signature
 
-FORMAT = "cbn.batchnorm"
-FORMAT_VERSION = 4  # 2: the channel axis; 3: the fused activation; 4: virtual_batch_size and renorm (earlier
-# files load with axis 1, no activation, no virtual batches, no renorm)
+_TORCH_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")  # as torch's repr shows them
+_ARRAY_SETTINGS = ("num_features", "affine", "track_running_stats", "dtype")  # they shape the layer's arrays
 
 
 class _BatchNorm:
     """Common implementation of BatchNorm1d/2d/3d; subclasses set ``_ndims`` (accepted input ranks).
 
-    Each call that reads or changes the layer's state (forward, backward, state_dict, load_state_dict, the resets)
-    holds the layer's lock, so one layer may be called from several threads: the calls run one after another.
+    The settings are one :class:`cbn._config.Config` record, ``_cfg``, checked when it is set; the layer's
+    attributes of the same names read it, and those that do not shape the arrays also set it (checked). The arrays
+    (weight, bias, running statistics) stay the same objects for the layer's lifetime: loading and the resets write
+    into them. Each call that reads or changes the layer's state (forward, backward, state_dict, load_state_dict,
+    the resets, a setting) holds the layer's lock, so one layer may be called from several threads: the calls run
+    one after another.
     """
 
     _ndims = ()
+    _SINCE = SINCE  # the file-format version from which this class's files hold each setting
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32, nan_guard=False, axis=1, activation=None, *, virtual_batch_size=None, renorm=False,
-                 renorm_clipping=None):
-        num_features = V.integer(num_features, "num_features", 1)
-        V.channel_axis(axis, max(self._ndims))
-        self.activation = V.activation(activation)
-        self.virtual_batch_size = V.virtual_batch_size(virtual_batch_size)
-        if self.virtual_batch_size is not None and axis == 0:
+    def __init__(self, *args, **kwargs):
+        self._setup(self._configured(*args, **kwargs))
+
+    __init__.__signature__ = signature()
+
+    @classmethod
+    def _configured(cls, *args, **kwargs):
+        """The checked Config of a layer of this class made with these constructor arguments."""
+        return cls._validated(Config(*args, **kwargs))
+
+    @classmethod
+    def _validated(cls, config):
+        """``config`` when a layer of this class can have it (its channel axis fits the ranks; with ghost batches,
+        the channel axis is not axis 0 for every rank), else raise."""
+        V.channel_axis(config.axis, max(cls._ndims))
+        if config.virtual_batch_size is not None and all(config.axis % n == 0 for n in cls._ndims):
+            where = "" if config.axis == 0 else f", axis 0 of {max(cls._ndims)}-D input"
             raise ValueError("virtual_batch_size splits the batch axis 0, which must not be the channel axis: "
-                             "expected axis other than 0, got axis 0")
-        clipping = V.renorm(renorm, renorm_clipping, self.virtual_batch_size)
-        if clipping is not None and not track_running_stats:
-            raise ValueError("renorm needs running statistics: expected track_running_stats=True with renorm=True, "
-                             f"got track_running_stats={track_running_stats!r}")
-        self.renorm = bool(renorm)
-        self.renorm_clipping = None if renorm_clipping is None else dict(zip(("rmax", "dmax"), clipping))
-        V.scalars(0.0 if momentum is None else momentum, eps)
-        dtype = V.compute_dtype(dtype)
-        self.num_features = num_features
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.dtype = dtype
-        self.nan_guard = bool(nan_guard)
-        self.axis = int(axis)
+                             f"expected axis other than 0, got axis {config.axis}{where}")
+        return config
+
+    @classmethod
+    def _settings(cls):
+        """The Config fields that this class's constructor takes (and its files hold)."""
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name in NAMES)
+
+    @classmethod
+    def _from_config(cls, config):
+        """A new layer of this class with the checked settings ``config``."""
+        layer = cls.__new__(cls)
+        layer._setup(config)
+        return layer
+
+    def _setup(self, config):
+        """The state of a new layer with the checked settings ``config``: training mode, arrays as torch makes
+        them."""
+        self._cfg = config
+        C, dtype = config.num_features, config.dtype
         self.training = True
-        C = self.num_features
-        self.weight = np.ones(C, dtype) if self.affine else None
-        self.bias = np.zeros(C, dtype) if self.affine else None
-        self.running_mean = np.zeros(C, dtype) if self.track_running_stats else None
-        self.running_var = np.ones(C, dtype) if self.track_running_stats else None
+        self.weight = np.ones(C, dtype) if config.affine else None
+        self.bias = np.zeros(C, dtype) if config.affine else None
+        self.running_mean = np.zeros(C, dtype) if config.track_running_stats else None
+        self.running_var = np.ones(C, dtype) if config.track_running_stats else None
         self.num_batches_tracked = 0
         self.grad_weight = None
         self.grad_bias = None
         self.grad_residual = None
         self._saved = None
+        self._plan = None  # the Plan of the last forward's input (a repeated call with an input that fits it skips
+        # the input checks)
         self._population = None  # inside cbn.precise_stats: the exact statistics of the batches seen
         self._lock = threading.RLock()
 
@@ -74,9 +94,12 @@ class _BatchNorm:
         return self.train(False)
 
     # -- computation ------------------------------------------------------------------------------------------
-    def forward(self, x, out=None, residual=None, mask=None):
+    def forward(self, x, *, out=None, residual=None, mask=None):
         """Normalise ``x`` over its channel axis ``axis`` (then add ``residual`` and apply the layer's activation, in
         the same pass); in training with running stats, update them.
+
+        Every layer class has this signature; the arguments after ``x`` are keywords only (``out`` and
+        ``residual`` are both arrays of x's shape: passed by position, one could silently stand for the other).
 
         Parameters
         ----------
@@ -99,43 +122,83 @@ class _BatchNorm:
             The normalised output.
         """
         with self._lock:
+            plan = self._plan
+            if (plan is not None and out is None and residual is None and mask is None and plan.fits(x)
+                    and self._planned(x)):
+                return self._planned_forward(plan, x)
+            c = self._cfg
             inp = self._input(x)
             mask = V.mask(mask, inp)
             record = self.training and self._population is not None  # precise_stats: record, do not update
             count = self.num_batches_tracked
             factor = 0.0
-            if self.training and self.track_running_stats and not record:
+            if self.training and c.track_running_stats and not record:
                 count += 1
                 factor = self._factor(count)
             use_batch_stats = self.training or self.running_mean is None
-            track = not self.training or self.track_running_stats
+            track = not self.training or c.track_running_stats
             y, saved = F.forward(inp, self.running_mean if track else None, self.running_var if track else None,
-                                 self.weight, self.bias, use_batch_stats, factor, self.eps, out, self.nan_guard,
-                                 self.activation, residual, self.virtual_batch_size if self.training else None,
-                                 self.renorm, self.renorm_clipping, update_stats=not record,
+                                 self.weight, self.bias, use_batch_stats, factor, c.eps, out, c.nan_guard,
+                                 c.activation, residual, c.virtual_batch_size if self.training else None,
+                                 c.renorm, c.renorm_clipping, update_stats=not record,
                                  mask=mask)
             if record:
                 self._population.add(*F.statistics(inp, None if mask is None else F.positions(mask, inp)))
             self.num_batches_tracked = count
             self._saved = saved
+            self._plan = V.plan(inp)
             return y
 
     __call__ = forward
 
+    def _planned(self, x):
+        """True when a call on ``x`` (which fits the plan of an earlier call) is a plain batch norm (no ghost
+        batches, renorm, nan_guard or precise_stats recording in training) that cannot write into x's memory."""
+        if not self.training:
+            return True
+        c = self._cfg
+        if c.virtual_batch_size is not None or c.renorm or c.nan_guard or self._population is not None:
+            return False
+        return x.base is None or not c.track_running_stats or not (
+            np.may_share_memory(x, self.running_mean) or np.may_share_memory(x, self.running_var))
+
+    def _planned_forward(self, plan, x):
+        """:meth:`forward` of an input that fits ``plan`` (a plain call: :meth:`_planned`)."""
+        c = self._cfg
+        C = c.num_features
+        stats = np.empty(2 * C)
+        relu = F._RELU if c.activation == "relu" else 0
+        if self.training or self.running_mean is None:
+            if self.training and plan.acb[0] * plan.acb[2] == 1:
+                V.count_per_channel(1, f"input size {plan.shape}")
+            update = self.training and c.track_running_stats
+            count = self.num_batches_tracked + update
+            channels = (self.running_mean, self.running_var) if update else (None, None)
+            y, self._saved = F._normalize(plan, x, stats, channels + (self.weight, self.bias),
+                                          F._BATCH | relu | (F._UPDATE if update else 0),
+                                          self._factor(count) if update else 0.0, c.eps)
+            self.num_batches_tracked = count
+            return y
+        stats[:C], stats[C:] = self.running_mean, self.running_var
+        y, self._saved = F._normalize(plan, x, stats, (None, None, self.weight, self.bias), relu, 0.0, c.eps)
+        return y
+
     def _input(self, x):
         """``x`` checked as an input of an accepted rank with ``num_features`` channels at ``axis`` (an
         :class:`cbn._validate.Input` in the layer dtype), or raise."""
-        return V.input_array(x, self.axis, self.dtype, self._ndims, self.num_features)
+        c = self._cfg
+        return V.input_array(x, c.axis, c.dtype, self._ndims, c.num_features)
 
     def _factor(self, count):
         """The running-statistic factor of the count-th tracked batch: ``momentum``, or 1/count when momentum is
         None (the cumulative average)."""
-        return 1.0 / count if self.momentum is None else self.momentum
+        momentum = self._cfg.momentum
+        return 1.0 / count if momentum is None else momentum
 
     def _set_grads(self, dx, dweight, dbias, dresidual=None):
         """Keep a backward's gradients of weight and bias (None when not affine) and of the residual; return dx."""
-        self.grad_weight = dweight if self.affine else None
-        self.grad_bias = dbias if self.affine else None
+        self.grad_weight = dweight if self._cfg.affine else None
+        self.grad_bias = dbias if self._cfg.affine else None
         self.grad_residual = dresidual
         return dx
 
@@ -157,15 +220,22 @@ class _BatchNorm:
             dx, the gradient with respect to the last forward's input.
         """
         with self._lock:
-            if self._saved is None:
+            saved = self._saved
+            if saved is None:
                 raise RuntimeError("backward called before forward: there is no saved input to differentiate")
-            return self._set_grads(*F.batch_norm_backward(dy, self._saved, out=out))
+            plan = self._plan
+            # A saved forward made with the layer's plan (it holds the plan's own order tuple) is consistent: dy
+            # needs the checks of grad_output only.
+            if (out is None and type(saved) is F.BatchNormSaved and plan is not None and saved.order is plan.order
+                    and type(dy) is np.ndarray and dy.dtype.kind == "f" and dy.shape == plan.shape):
+                return self._set_grads(*F.gradient_input(dy, saved, None, None, None, plan))
+            return self._set_grads(*F.batch_norm_backward(dy, saved, out=out))
 
     # -- state ------------------------------------------------------------------------------------------------
     def reset_running_stats(self):
         """Running mean 0, running variance 1, num_batches_tracked 0."""
         with self._lock:
-            if self.track_running_stats:
+            if self._cfg.track_running_stats:
                 self.running_mean.fill(0)
                 self.running_var.fill(1)
                 self.num_batches_tracked = 0
@@ -174,24 +244,28 @@ class _BatchNorm:
         """Reset the running statistics, weight to 1 and bias to 0."""
         with self._lock:
             self.reset_running_stats()
-            if self.affine:
+            if self._cfg.affine:
                 self.weight.fill(1)
                 self.bias.fill(0)
 
-    def _state_keys(self):
-        keys = ["weight", "bias"] if self.affine else []
-        return keys + (["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else [])
+    @classmethod
+    def _state_keys(cls, config):
+        """The state_dict keys of a layer of this class with the settings ``config``."""
+        keys = ["weight", "bias"] if config.affine else []
+        return keys + (["running_mean", "running_var", "num_batches_tracked"] if config.track_running_stats else [])
 
     def state_dict(self):
         """Return a dict of copies, with torch's keys: weight, bias, running_mean, running_var, num_batches_tracked."""
         with self._lock:
             return {key: np.array(getattr(self, key), dtype=np.int64) if key == "num_batches_tracked"
-                    else getattr(self, key).copy() for key in self._state_keys()}
+                    else getattr(self, key).copy() for key in self._state_keys(self._cfg)}
 
     def load_state_dict(self, state, strict=True):
         """Load parameters and statistics (e.g. ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``).
 
-        All entries are checked before any is assigned: on any error the layer is unchanged.
+        As torch, the values are written into the layer's arrays: whatever holds them (an optimiser, layers that
+        share them after :func:`cbn.convert_sync_batchnorm`) sees the loaded state. All entries are checked before
+        any is written: on any error the layer is unchanged.
 
         Raises
         ------
@@ -203,13 +277,22 @@ class _BatchNorm:
         TypeError
             ``state`` is not a mapping, or a value cannot be read as a real array.
         """
+        new = self._checked_state(self._cfg, state, strict)
+        with self._lock:
+            self._assign(new)
+
+    @classmethod
+    def _checked_state(cls, config, state, strict):
+        """The entries of ``state`` that a layer of this class with the settings ``config`` loads, checked and
+        converted (arrays to the layer dtype, the counter to an int); raise as :meth:`load_state_dict` says."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
-        keys = self._state_keys()
+        keys = cls._state_keys(config)
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in keys]
         if strict and (missing or unexpected):
             raise KeyError(f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
+        C = config.num_features
         new = {}
         for key in keys:
             if key not in state:
@@ -222,9 +305,9 @@ class _BatchNorm:
                     raise ValueError(f"num_batches_tracked must be a non-negative integer, got {value!r}")
                 new[key] = int(value.reshape(()))
                 continue
-            if value.shape != (self.num_features,):
-                raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
-            cast = V.representable(value, self.dtype, key)
+            if value.shape != (C,):
+                raise ValueError(f"{key} must have shape ({C},), got {value.shape}")
+            cast = V.representable(value, config.dtype, key)
             bad = np.flatnonzero(~np.isfinite(cast))
             if key.startswith("running") and bad.size:
                 raise ValueError(f"{key} must be finite, got {cast[bad[0]]} at index {bad[0]}")
@@ -232,64 +315,49 @@ class _BatchNorm:
             if key == "running_var" and np.any(value < 0):
                 raise ValueError(f"running_var must be >= 0, got min {value.min()}")
             new[key] = value
-        with self._lock:
-            for key, value in new.items():
-                setattr(self, key, value)
+        return new
+
+    def _assign(self, state):
+        """Write the checked entries ``state`` into the layer: the arrays in place, the counter by value."""
+        for key, value in state.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                np.copyto(getattr(self, key), value)
 
     def __getstate__(self):
+        """The layer's attributes with the settings as attributes of their names (as cbn has always pickled
+        them), less the lock, the saved forward and what a precise_stats block records."""
         with self._lock:
             state = self.__dict__.copy()
-        state["_saved"] = None  # the last forward's input is not part of the layer's state
-        state["_population"] = None  # nor what a precise_stats block records
+        cfg = state.pop("_cfg")
+        state.update({name: getattr(cfg, name) for name in NAMES}, _saved=None, _plan=None, _population=None)
         del state["_lock"]
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.__dict__.setdefault("nan_guard", False)  # pickles of cbn 0.1.0 have no nan_guard
-        self.__dict__.setdefault("axis", 1)  # nor an axis
-        self.__dict__.setdefault("activation", None)  # pickles before cbn 0.2 have no activation
+        """Restore a pickle of any cbn so far (the settings that an earlier one lacked take their defaults)."""
+        state = dict(state)
+        self._cfg = self._validated(Config(**{name: state.pop(name) for name in NAMES if name in state}))
+        self.__dict__.update(state, _lock=threading.RLock())
         self.__dict__.setdefault("grad_residual", None)
-        self.__dict__.setdefault("virtual_batch_size", None)  # nor before cbn 0.3 ghost batches
-        self.__dict__.setdefault("renorm", False)  # nor batch renormalization
-        self.__dict__.setdefault("renorm_clipping", None)
         self.__dict__.setdefault("_population", None)
-        self._lock = threading.RLock()
+        self.__dict__.setdefault("_plan", None)
 
     def extra_repr(self):
-        """Hyperparameters as torch 2.13 prints them (plus the dtype when it is not float32, nan_guard if on, the
-        axis if not 1, the activation, the virtual batch size and batch renormalization if any)."""
-        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-             f"bias={self.affine}, track_running_stats={self.track_running_stats}")
-        s = s if self.dtype == np.float32 else s + f", dtype={self.dtype}"
-        s = s + ", nan_guard=True" if self.nan_guard else s
-        s = s if self.axis == 1 else s + f", axis={self.axis}"
-        s = s if self.activation is None else s + f", activation={self.activation!r}"
-        s = s if self.virtual_batch_size is None else s + f", virtual_batch_size={self.virtual_batch_size}"
-        s = s + ", renorm=True" if self.renorm else s
-        return s if self.renorm_clipping is None else s + f", renorm_clipping={self.renorm_clipping}"
+        """The settings as torch 2.13 prints them, then those of cbn's own that differ from their defaults."""
+        c = self._cfg
+        return (f"{c.num_features}, eps={c.eps}, momentum={c.momentum}, affine={c.affine}, bias={c.affine}, "
+                f"track_running_stats={c.track_running_stats}"
+                + c.shown(name for name in self._settings() if name not in _TORCH_SETTINGS))
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
 
     # -- files ------------------------------------------------------------------------------------------------
     def _config(self):
-        """The hyperparameters that ``save`` writes (JSON values) and :meth:`_from_config` reads back."""
-        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum, "affine": self.affine,
-                "track_running_stats": self.track_running_stats, "dtype": self.dtype.name,
-                "nan_guard": self.nan_guard, "axis": self.axis, "activation": self.activation,
-                "virtual_batch_size": self.virtual_batch_size, "renorm": self.renorm,
-                "renorm_clipping": self.renorm_clipping}
-
-    @classmethod
-    def _from_config(cls, config):
-        """A new layer with the hyperparameters of a file's config (version-1 files have no nan_guard and no axis,
-        versions 1 and 2 no activation, versions 1 to 3 no virtual batch size and no renorm)."""
-        return cls(config["num_features"], config["eps"], config["momentum"], config["affine"],
-                   config["track_running_stats"], config["dtype"], config.get("nan_guard", False),
-                   config.get("axis", 1), config.get("activation"),
-                   virtual_batch_size=config.get("virtual_batch_size"), renorm=config.get("renorm", False),
-                   renorm_clipping=config.get("renorm_clipping"))
+        """The settings that ``save`` writes (JSON values): those of this class's constructor."""
+        return self._cfg.to_json(self._settings())
 
     def save(self, path):
         """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
@@ -311,6 +379,32 @@ class _BatchNorm:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+class _Setting:
+    """The layer attribute of one Config field: reads the layer's setting; sets it (the new record checked as at
+    construction) unless it shapes the layer's arrays."""
+
+    def __init__(self, name):
+        self.name = name
+        self.__doc__ = f"The layer's {name} setting (see :class:`BatchNorm2d`)."
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        value = getattr(layer._cfg, self.name)
+        return dict(value) if isinstance(value, dict) else value  # a copy of renorm_clipping: the record is fixed
+
+    def __set__(self, layer, value):
+        if self.name in _ARRAY_SETTINGS:
+            raise AttributeError(f"{self.name} is fixed when a layer is made (it shapes the layer's arrays): "
+                                 f"make a new layer and load this one's state_dict")
+        with layer._lock:
+            layer._cfg = layer._validated(dataclasses.replace(layer._cfg, **{self.name: value}))
+
+
+for _name in NAMES:
+    setattr(_BatchNorm, _name, _Setting(_name))
 
 
 class BatchNorm1d(_BatchNorm):
@@ -357,6 +451,9 @@ class BatchNorm2d(_BatchNorm):
         sigma = sqrt(running_var + eps), r and d constants for the gradient; see :func:`cbn.functional.batch_norm`.
     renorm_clipping : dict, optional
         {"rmax": >= 1, "dmax": >= 0} (keyword only; a missing key or None: no clipping, as Keras).
+
+    Each setting is an attribute of the layer; all but num_features, affine, track_running_stats and dtype (they
+    shape the arrays) may be set later, checked as in the constructor.
     """
 
     _ndims = (4,)
@@ -366,43 +463,3 @@ class BatchNorm3d(_BatchNorm):
     """Batch norm over (N, C, D, H, W) input; see :class:`BatchNorm2d`."""
 
     _ndims = (5,)
-
-
-def load(path):
-    """Load a layer written by ``save``; reads with ``allow_pickle=False``.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-
-    Returns
-    -------
-    BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d (on COMM_WORLD) or FrozenBatchNorm1d/2d/3d
-    """
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    config = json.loads(str(arrays.pop("__config__", "null")))
-    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") not in range(
-            1, FORMAT_VERSION + 1):
-        got = (config.get("format"), config.get("version")) if isinstance(config, dict) else config
-        raise ValueError(f"not a cbn layer file of a known version (format {FORMAT!r}, version 1 to "
-                         f"{FORMAT_VERSION}), got {got!r}")
-    for key in ("training", "nan_guard"):  # nan_guard is absent from files of cbn 0.1.0: off, and axis: 1
-        if not isinstance(config.get(key, False), bool):
-            raise ValueError(f"config {key!r} must be true or false, got {config.get(key)!r}")
-    classes = _layer_classes()
-    if config["class"] not in classes:
-        raise ValueError(f"unknown layer class {config['class']!r}, expected one of {sorted(classes)}")
-    layer = classes[config["class"]]._from_config(config)
-    layer.load_state_dict(arrays)
-    return layer.train(config["training"])
-
-
-def _layer_classes():
-    """The classes :func:`load` rebuilds, by name (cbn.distributed and cbn.frozen, which build on this module,
-    imported here)."""
-    from . import distributed, frozen
-    return {cls.__name__: cls for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d, distributed.SyncBatchNorm1d,
-                                          distributed.SyncBatchNorm2d, distributed.SyncBatchNorm3d,
-                                          frozen.FrozenBatchNorm1d, frozen.FrozenBatchNorm2d,
-                                          frozen.FrozenBatchNorm3d)}

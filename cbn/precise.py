@@ -4,7 +4,7 @@ import contextlib
 import numpy as np
 
 from . import functional as F
-from .distributed import _swap_layers
+from ._walk import swap_layers
 from .frozen import _FrozenBatchNorm
 
 
@@ -68,12 +68,16 @@ def precise_stats(model):
 
     Examples
     --------
+    >>> model = [cbn.BatchNorm1d(8), cbn.BatchNorm1d(8)]
+    >>> loader = [np.random.default_rng(n).normal(size=(16, 8)) for n in range(3)]
     >>> with cbn.precise_stats(model):
     ...     for x in loader:
-    ...         model.forward(x)        # training mode
+    ...         y = model[1].forward(model[0].forward(x))   # training mode
+    >>> model[0].num_batches_tracked
+    3
     """
     found = []
-    _swap_layers(model, lambda layer: found.append(layer) or layer, {})
+    swap_layers(model, lambda layer: found.append(layer) or layer)
     layers = [layer for layer in found if layer.track_running_stats and not isinstance(layer, _FrozenBatchNorm)]
     busy = [layer for layer in layers if layer._population is not None]
     if busy:

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, settings
 import cbn
 
 # -- hypothesis profiles, chosen by HYPOTHESIS_PROFILE -------------------------------------------------------------
-# dev (default): quick local runs. ci (.ci/run): 300 examples for each of the 6 property tests of test_hypothesis.py
-# (1,800 in all). long: a soak run of 5,000 each (README, "Tests").
+# dev (default): quick local runs. ci (.ci/run): 300 examples for each property test. long: a soak run of 5,000 each
+# (docs/development/testing.md).
 PROPERTY_TESTS_EXAMPLES = {"dev": 50, "ci": 300, "long": 5000}
 for _name, _n in PROPERTY_TESTS_EXAMPLES.items():
     settings.register_profile(_name, max_examples=_n, deadline=None, print_blob=True,

@@ -107,6 +107,23 @@ def test_fold_of_frozen_sync_and_any_mode_is_the_same(mode):
             np.testing.assert_array_equal(a, c)
 
 
+def test_fold_refuses_a_layer_with_an_activation():
+    """The folded layer computes BN(layer(x)); a fused ReLU would be lost, so fold says to keep it after the folded
+    layer (and folds the same layer without it)."""
+    bn = bn_with_state()
+    w = np.random.default_rng(3).standard_normal((5, 3)).astype(np.float32)
+    want = cbn.fold(bn, w)
+    bn.activation = "relu"
+    before = full_snapshot(bn)
+    with pytest.raises(ValueError, match=r"cannot fold .*activation='relu'.* keep the activation after the folded "
+                                         r"layer"):
+        cbn.fold(bn, w)
+    assert full_snapshot(bn) == before
+    bn.activation = None
+    for a, b in zip(cbn.fold(bn, w), want):
+        np.testing.assert_array_equal(a, b)
+
+
 def _torch_bn_eval(y, bn):
     """torch.nn.functional.batch_norm in eval mode with ``bn``'s state, in y's dtype (channels on axis 1)."""
     def t(a):
@@ -290,6 +307,26 @@ def test_freeze_nested_containers_keeps_sharing():
     assert type(frozen) is cbn.FrozenBatchNorm2d and frozen is not shared
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_freeze_keeps_the_fused_relu_and_takes_a_residual(mode):
+    """A frozen BatchNorm2d(activation="relu") is the original's eval forward, ReLU and residual included, and
+    its backward; bn(x, residual=z) runs the same after freeze."""
+    bn = bn_with_state(cbn.BatchNorm2d, C=3, shape=(6, 3, 4, 4))
+    bn.activation = "relu"
+    frozen = cbn.freeze(bn.train(mode == "train"))
+    assert frozen.activation == "relu" and repr(frozen) == "FrozenBatchNorm2d(3, eps=0.001, activation='relu')"
+    rng = np.random.default_rng(12)
+    x, z, dy = (rng.standard_normal((2, 3, 4, 4)).astype(np.float32) * 3 for _ in range(3))
+    bn.eval()
+    for residual in (None, z):
+        y = frozen(x, residual=residual)
+        assert y.min() == 0.0
+        np.testing.assert_array_equal(y, bn(x, residual=residual))
+        np.testing.assert_array_equal(frozen.backward(dy), bn.backward(dy))
+        if residual is not None:
+            np.testing.assert_array_equal(frozen.grad_residual, bn.grad_residual)
+
+
 def test_freeze_without_running_stats_changes_nothing():
     good = bn_with_state()
     bad = cbn.BatchNorm2d(5, track_running_stats=False)
@@ -311,7 +348,7 @@ def _saveload(layer, tmp_path):
         config = json.loads(str(data["__config__"]))
     assert config == {"format": "cbn.batchnorm", "version": cbn.modules.FORMAT_VERSION, "class": type(layer).__name__,
                       "training": layer.training, "num_features": layer.num_features, "eps": layer.eps,
-                      "dtype": layer.dtype.name, "axis": layer.axis}
+                      "dtype": layer.dtype.name, "axis": layer.axis, "activation": layer.activation}
     return cbn.load(path)
 
 

@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 import cbn
+from cbn._config import FORMAT_VERSION
+from cbn._load import LAYER_CLASSES
+from cbn.distributed import _as_class
+from cbn.modules import _BatchNorm
 
 from bn_helpers import RefLayer, full_snapshot, snapshot, trained_layer
 
@@ -181,6 +185,23 @@ def test_load_state_dict_copies_and_converts():
     # and the layer can still train (running stats are updated in place)
     layer(np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32))
     assert layer.num_batches_tracked == 4
+
+
+def test_load_state_dict_writes_into_the_layer_arrays():
+    """As torch's load_state_dict copies into its tensors: whatever holds the layer's arrays (an optimiser's
+    parameter list, the SyncBatchNorm that convert_sync_batchnorm made to share them) sees the loaded state."""
+    layer = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float32)
+    params = [layer.weight, layer.bias]
+    sync = _as_class(layer, cbn.SyncBatchNorm2d, comm=None, _global_count=None)  # shares the arrays
+    held = {key: getattr(layer, key) for key in ("weight", "bias", "running_mean", "running_var")}
+    state = configured(cbn.BatchNorm2d, (4, 3, 5, 5), momentum=0.1, dtype=np.float64, seed=5).state_dict()
+    layer.load_state_dict(state)
+    for key, array in held.items():
+        assert getattr(layer, key) is array and getattr(sync, key) is array
+        np.testing.assert_array_equal(array, state[key].astype(np.float32))
+    assert params[0] is layer.weight and params[1] is layer.bias
+    layer.reset_parameters()
+    assert all(getattr(layer, key) is array for key, array in held.items())
 
 
 def test_load_state_dict_negative_strides_then_train():
@@ -421,8 +442,9 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
 
 
 @pytest.mark.parametrize("config,exc,expected,actual", [
-    (dict(_V1, version=5), ValueError, r"known version \(format 'cbn\.batchnorm', version 1 to 4\)",
-     r"got \('cbn\.batchnorm', 5\)"),
+    (dict(_V1, version=FORMAT_VERSION + 1), ValueError,
+     rf"known version \(format 'cbn\.batchnorm', version 1 to {FORMAT_VERSION}\)",
+     rf"got \('cbn\.batchnorm', {FORMAT_VERSION + 1}\)"),
     (dict(_V1, format="other"), ValueError, r"format 'cbn\.batchnorm'", r"got \('other', 1\)"),
     (None, ValueError, r"known version", r"got None"),
     (dict(_V1, training="yes"), ValueError, r"'training' must be true or false", r"got 'yes'"),
@@ -432,7 +454,7 @@ _V1 = {"format": "cbn.batchnorm", "version": 1, "class": "BatchNorm2d", "num_fea
      r"'FrozenBatchNorm3d', 'SyncBatchNorm1d'",
      r"unknown layer class 'Conv2d'"),
     (dict(_V1, version=2, axis=4), ValueError, r"axis must be in \[-4, 4\) for 4-D input", r"got 4\b"),
-    (dict(_V1, version=2, axis="last"), TypeError, r"axis must be an integer", r"got 'last'"),
+    (dict(_V1, version=2, axis="last"), ValueError, r"axis must be an integer", r"got 'last'"),
     (dict(_V1, version=3, activation="gelu"), ValueError, r"activation must be None or 'relu'", r"got 'gelu'"),
     (dict(_V1, version=4, virtual_batch_size=0), ValueError, r"virtual_batch_size must be an integer >= 1",
      r"got 0\b"),
@@ -451,8 +473,72 @@ def test_load_rejects_bad_files(tmp_path, config, exc, expected, actual):
     assert re.search(expected, str(info.value)) and re.search(actual, str(info.value)), str(info.value)
 
 
+def _current(cls="BatchNorm2d", **changes):
+    """A config of the current format version for a ``cls`` layer of 3 channels, with ``changes`` (KeyError drops
+    the key), and the layer's state_dict."""
+    layer = LAYER_CLASSES[cls](3)
+    config = {"format": "cbn.batchnorm", "version": FORMAT_VERSION, "class": cls, "training": True,
+              **layer._config()}
+    config.update(changes)
+    return {k: v for k, v in config.items() if v is not KeyError}, layer.state_dict()
+
+
+@pytest.mark.parametrize("config,arrays,expected", [
+    (_current(eps=KeyError), {}, r"config key 'eps' is missing"),
+    (_current(**{"class": KeyError}), {}, r"config 'class' names an unknown layer class None"),
+    (_current(training=KeyError), {}, r"config key 'training' is missing"),
+    (_current(activation=KeyError), {}, r"config key 'activation' is missing"),
+    (_current(momentum_max=0.5), {}, r"unexpected config key 'momentum_max'"),
+    (_current("FrozenBatchNorm2d", momentum=0.1), {}, r"unexpected config key 'momentum'"),
+    (_current("SyncBatchNorm2d", virtual_batch_size=2), {}, r"SyncBatchNorm takes no virtual_batch_size"),
+    (_current(affine="yes"), {}, r"config 'affine' must be true or false, got 'yes'"),
+    (_current(renorm=1), {}, r"config 'renorm' must be true or false, got 1"),
+    (_current(dtype=5), {}, r"config 'dtype' must be a dtype name such as 'float32', got 5"),
+    (_current(dtype="int8"), {}, r"dtype must be float32 or float64, got int8"),
+    (_current(momentum="0.1"), {}, r"momentum must be a number in \[0, 1\], got '0\.1'"),
+    (_current(num_features=3.0), {}, r"num_features must be an integer >= 1, got 3\.0"),
+    (_current(version=True), {}, r"known version .* got \('cbn\.batchnorm', True\)"),
+    (_current(), {"running_var": KeyError}, r"missing keys \['running_var'\]"),
+    (_current(), {"extra": np.ones(3)}, r"unexpected keys \['extra'\]"),
+    (_current(), {"bias": np.ones(3, complex)}, r"bias must be a real numeric array, got dtype complex128"),
+    (_current(), {"weight": np.ones(4, np.float32)}, r"weight must have shape \(3,\), got \(4,\)"),
+    (_current(), {"__config__": np.array("{not json")}, r"__config__ must be JSON text"),
+], ids=["no-eps", "no-class", "no-training", "no-activation", "extra-key", "frozen-momentum", "sync-ghost",
+        "affine-str", "renorm-int", "dtype-int", "dtype-int8", "momentum-str", "num_features-float", "version-bool",
+        "no-running_var", "extra-array", "complex-array", "weight-shape", "config-not-json"])
+def test_load_rejects_malformed_files(tmp_path, monkeypatch, config, arrays, expected):
+    """Every malformed file is a ValueError naming the key, and no layer is made (its arrays, an MPI
+    communicator for a SyncBatchNorm) before the whole file is checked."""
+    config, state = config
+    state = dict(state, __config__=np.array(json.dumps(config)))
+    for key, value in arrays.items():
+        if value is KeyError:
+            del state[key]
+        else:
+            state[key] = value
+    np.savez(tmp_path / "bad.npz", **state)
+    made = []
+    # load makes its layer with _from_config (patching __new__ instead leaves CPython's tp_new slot changed after
+    # the patch is undone: every later constructor call then fails)
+    monkeypatch.setattr(_BatchNorm, "_from_config", classmethod(lambda cls, config: made.append(cls)))
+    with pytest.raises(ValueError, match=expected):
+        cbn.load(tmp_path / "bad.npz")
+    assert made == []
+
+
+@pytest.mark.parametrize("content", [b"not an archive", b"PK\x03\x04 truncated", "npy"], ids=["text", "zip", "npy"])
+def test_load_rejects_files_that_are_no_npz(tmp_path, content):
+    path = tmp_path / "bad.npz"
+    if content == "npy":
+        np.save(path.with_suffix(".npy"), np.ones(3))
+        path = path.with_suffix(".npy")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"cannot load {path}"):
+        cbn.load(path)
+
+
 def test_load_knows_every_layer_class():
     """load() rebuilds every public layer class from a fixed table, whatever was imported before (no registry)."""
-    from cbn import modules
     public = {name for name in cbn.__all__ if name.endswith(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"))}
-    assert {name: cls.__name__ for name, cls in modules._layer_classes().items()} == {n: n for n in public}
+    assert {name: cls.__name__ for name, cls in LAYER_CLASSES.items()} == {n: n for n in public}
