@@ -99,7 +99,8 @@ def main(argv=None):
                     samples[rt, pol, mode][model][0].extend(wall)
                     samples[rt, pol, mode][model][1].extend(cpu)
     lines = [f"conv(64->64, 3x3) -> BN -> ReLU x 4, input (8, 64, 28, 28) float32, forward + backward, "
-             f"{args.threads} threads; medians of {args.rounds} processes x {args.steps} steps, ms per step",
+             f"{args.threads} threads; medians of {args.rounds} processes x {args.steps} steps, ms per step; load "
+             f"average at the end " + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
              f"{'runtimes':>27} {'policy':>24} {'process':>6} {'BN':>6} | {'wall':>7} {'CPU':>7}"]
     for (rt, pol, mode), by_model in samples.items():
         for model, (wall, cpu) in by_model.items():

@@ -4,8 +4,9 @@ step and time in batch norm (torch profiler), at each thread count, in training 
 
 The network is torchvision's ResNet-18 written in plain PyTorch (7x7 stem, max pool, four stages of two basic
 blocks, 20 BatchNorm2d layers), on random images and labels (SGD with momentum, cross-entropy): the timings do not
-depend on the data. The defaults (batch 8 of 112x112 images: a quarter of ImageNet's pixels) keep a run to a few
-minutes on 2 cores; ``--quick`` runs a tiny configuration once.
+depend on the data. The defaults (batch 8 of 112x112 images: a quarter of ImageNet's pixels) keep a run to under 3
+minutes on 2 cores (75 s once torch.compile's cache holds the compiled graphs); ``--quick`` runs a tiny configuration
+once.
 
 Usage: ``python examples/torch_resnet.py [--threads 1,2] [--batch 8] [--size 112] [--steps 6] [--no-compile]
 [--out FILE]``.
@@ -18,18 +19,20 @@ import statistics
 import sys
 import time
 
-import torch
-from torch import nn
-from torch.profiler import ProfilerActivity, profile
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's log lines (start, stop) off
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import cbn
-import cbn.torch
+import cbn  # noqa: E402
+import cbn.torch  # noqa: E402
 
-# Profiler events that are batch norm, each taking in its children: torch's forward op and autograd node, cbn's
-# forward ops and their autograd nodes (cbn::batch_norm_backward runs inside those).
-BN_EVENTS = ("aten::batch_norm", "NativeBatchNormBackward0", "cbn::batch_norm_train", "cbn::batch_norm_eval",
+# Profiler events that are batch norm: torch's forward op and autograd node (its backward op runs inside), cbn's
+# forward ops and their autograd nodes, and the ops alone where a compiled graph calls them.
+BN_EVENTS = {"aten::batch_norm", "NativeBatchNormBackward0", "aten::native_batch_norm_backward",
+             "cbn::batch_norm_train", "cbn::batch_norm_eval", "cbn::batch_norm_backward",
              "GeneratedBackwardFor_cbn_batch_norm_train_defaultBackward",
-             "GeneratedBackwardFor_cbn_batch_norm_eval_defaultBackward")
+             "GeneratedBackwardFor_cbn_batch_norm_eval_defaultBackward"}
 
 
 class BasicBlock(nn.Module):
@@ -82,16 +85,23 @@ def runner(model, x, labels, training):
 
 
 def bn_ms(step, steps):
-    """Milliseconds per step that the profiler attributes to batch norm (BN_EVENTS) over ``steps`` steps."""
+    """Milliseconds per step that the profiler attributes to batch norm over ``steps`` steps: the time of the
+    BN_EVENTS that no other BN event encloses."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    return sum(e.cpu_time_total for e in prof.key_averages() if e.key in BN_EVENTS) / 1e3 / steps
+
+    def enclosed(e):
+        e = e.cpu_parent
+        while e is not None and e.name not in BN_EVENTS:
+            e = e.cpu_parent
+        return e is not None
+    return sum(e.cpu_time_total for e in prof.events() if e.name in BN_EVENTS and not enclosed(e)) / 1e3 / steps
 
 
 def measure(base, x, labels, training, compiled, steps, warmup):
     """(step ms, BN ms) of torch's and cbn's batch norm in copies of ``base``: steps timed in alternation (medians),
-    then profiled apart."""
+    then profiled apart. torch's BN ms is None when compiled: inductor fuses its batch norm into generated kernels."""
     models = {"torch": copy.deepcopy(base), "cbn": cbn.torch.convert(copy.deepcopy(base))}
     steps_of = {}
     for name, model in models.items():
@@ -105,7 +115,8 @@ def measure(base, x, labels, training, compiled, steps, warmup):
             t = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
-    return {name: (1e3 * statistics.median(times[name]), bn_ms(step, max(1, steps // 2)))
+    return {name: (1e3 * statistics.median(times[name]),
+                   None if compiled and name == "torch" else bn_ms(step, max(1, steps // 2)))
             for name, step in steps_of.items()}
 
 
@@ -127,7 +138,8 @@ def main(argv=None):
     images = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 10, (args.batch,))
     lines = [f"ResNet-18, batch {args.batch} of 3x{args.size}x{args.size} float32, torch {torch.__version__}, "
-             f"cbn {cbn.__version__}, {platform.machine()} ({os.cpu_count()} CPUs), median of {args.steps} steps",
+             f"cbn {cbn.__version__}, {platform.machine()} ({os.cpu_count()} CPUs), median of {args.steps} steps; load "
+             f"average at the start " + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
              f"{'threads':>7} {'mode':>5} {'layout':>13} {'compiled':>8} | {'step ms torch':>13} {'cbn':>7} "
              f"{'torch/cbn':>9} | {'BN ms torch':>11} {'cbn':>6} {'torch/cbn':>9}"]
     print("\n".join(lines), flush=True)
@@ -139,11 +151,13 @@ def main(argv=None):
                     model, x = base.to(memory_format=layout), images.to(memory_format=layout)
                     r = measure(model, x, labels, training, compiled, args.steps, args.warmup)
                     (st, bt), (sc, bc) = r["torch"], r["cbn"]
+                    bn = f"{'n/a':>11} {bc:6.2f} {'n/a':>9}" if bt is None else f"{bt:11.2f} {bc:6.2f} {bt / bc:9.2f}"
                     lines.append(f"{threads:>7} {'train' if training else 'eval':>5} "
                                  f"{'channels_last' if layout == torch.channels_last else 'contiguous':>13} "
-                                 f"{'yes' if compiled else 'no':>8} | {st:13.1f} {sc:7.1f} {st / sc:9.2f} | "
-                                 f"{bt:11.2f} {bc:6.2f} {bt / bc:9.2f}")
+                                 f"{'yes' if compiled else 'no':>8} | {st:13.1f} {sc:7.1f} {st / sc:9.2f} | {bn}")
                     print(lines[-1], flush=True)
+    lines.append("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    print(lines[-1])
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
