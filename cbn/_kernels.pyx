@@ -16,7 +16,7 @@ The caller passes an (N, C, S) tensor (S = product of the sizes after the channe
 
 Every operation (statistics, normalisation, gradient sums, dx, and the statistics-only and two-step calls of
 SyncBatchNorm) is the same three steps over the blocks: partial sums of each block (``_block_sums``), their merge in
-block order (``_channel_sums``), then the elementwise pass over the same blocks (``_block_apply``). Blocks whose
+block order (``_merge``), then the elementwise pass over the same blocks (``_block_apply``). Blocks whose
 channels are whole (``Layout.fused``) do all three in one task, so a channel leaves memory once.
 
 Masked statistics: position weights (one word per position of the (N, C, S) tensor without its channel axis)
@@ -31,6 +31,8 @@ and nothing here allocates more than the small scratch of partial sums and coeff
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -362,7 +364,7 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 
 # -- the inner loops ------------------------------------------------------------------------------------------------
 
-cdef void _column_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                        Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
                        double *s0, double *s1, Positions P, Py_ssize_t p, Py_ssize_t pld,
                        Py_ssize_t j0) noexcept nogil:
@@ -445,12 +447,49 @@ cdef inline const Py_ssize_t *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t
     return buf
 
 
-cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
-                     floating[::1] out, floating[::1] dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
+cdef inline bint _single(ApplyOp op, floating *out) noexcept nogil:
+    """True for the passes computed in float32 on float32 data (see _value_single; out only selects the type)."""
+    if floating is float:
+        return ApplyOp is Affine or ApplyOp is AffineRelu
+    return False
+
+
+cdef inline float _value_single(ApplyOp op, float a, float hi, float lo, float c1, float c2) noexcept nogil:
+    """Affine (and AffineRelu) in float32: ((a - hi) - lo)*c1 + c2, with c0 = hi + lo split so that the
+    centring keeps c0's double precision (a - hi is exact for a near hi); four roundings, each within half a float32
+    ulp of the largest magnitude the output holds."""
+    cdef float v = ((a - hi) - lo) * c1 + c2
+    if ApplyOp is AffineRelu:
+        return 0.0 if v < 0.0 else v
+    return v
+
+
+cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
+    """The float32 coefficient rows of _value_single from coef's (c0, c1, c2): hi, lo, c1, c2 of each of the W
+    columns."""
+    cdef Py_ssize_t j
+    cdef float hi
+    for j in range(W):
+        hi = <float>coef[j]
+        single[j] = hi
+        single[W + j] = <float>(coef[j] - <double>hi)
+        single[2 * W + j] = <float>coef[W + j]
+        single[3 * W + j] = <float>coef[2 * W + j]
+
+
+cdef void _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
+                     floating *out, floating *dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
                      double c2, double c3, const Py_ssize_t *v) noexcept nogil:
     """Values [i0, i1) of one channel: out = _value(op, x, dy, e) in double, rounded once (and dz, for the Dz
-    ops); value i with the position weight v[i - i0] (read by the Valid ops only)."""
+    ops); value i with the position weight v[i - i0] (read by the Valid ops only). The _single passes in
+    float32."""
     cdef Py_ssize_t i
+    cdef float hi
+    if _single(op, out):
+        hi = <float>c0
+        for i in range(i0, i1):
+            out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2)
+        return
     for i in range(i0, i1):
         out[i] = <floating>_value(op, x[i], dy[i], e[i], c0, c1, c2, c3, _position(op, v, i - i0))
         if ApplyOp is AffineMaskedDz:
@@ -459,14 +498,20 @@ cdef void _apply_row(ApplyOp op, const floating[::1] x, const floating[::1] dy, 
             dz[i] = <floating>_masked(dy[i], e[i])
 
 
-cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
-                         floating[::1] out, floating[::1] dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
-                         Py_ssize_t W, const double[::1] coef, Positions P, Py_ssize_t p) noexcept nogil:
+cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, const floating *e,
+                         floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
+                         Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
-    coef[r*W + j], r = 0..3: as _apply_row, COL_CHUNK columns at a time."""
+    coef[r*W + j], r = 0..3: as _apply_row, COL_CHUNK columns at a time (the _single passes in float32, with the
+    rows of _narrow that follow coef's)."""
     cdef Py_ssize_t j, i, q, a, b
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
+    cdef const float *f = <const float *>(coef + 4 * W)
+    if _single(op, out):
+        for j in range(j0, j1):
+            out[base + j] = _value_single(op, x[base + j], f[j], f[W + j], f[2 * W + j], f[3 * W + j])
+        return
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
         if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
@@ -484,9 +529,9 @@ cdef void _apply_columns(ApplyOp op, const floating[::1] x, const floating[::1] 
                 dz[i] = <floating>_masked(dy[i], e[i])
 
 
-cdef void _apply_counted(ApplyOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
-                         floating[::1] out, floating[::1] dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
-                         Py_ssize_t W, const double[::1] coef) noexcept nogil:
+cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
+                         floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
+                         Py_ssize_t W, const double *coef) noexcept nogil:
     """_apply_columns of a Valid pass over columns that all count: the pass without position weights."""
     cdef Grad grad
     cdef GradMasked grad_masked
@@ -509,8 +554,8 @@ cdef inline Py_ssize_t _position(ApplyOp op, const Py_ssize_t *v, Py_ssize_t j) 
 
 # -- the three steps over blocks ----------------------------------------------------------------------------------
 
-cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                      const floating[::1] e, const double[::1] coef, double[::1] part, Positions P) noexcept nogil:
+cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+                      const floating *e, const double *coef, double *part, Positions P) noexcept nogil:
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0] (MomentsValid: weighted by P).
 
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
@@ -561,7 +606,7 @@ cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogi
     return P.run != 0 and a // P.run == (b - 1) // P.run
 
 
-cdef void _counted_rows(Layout L, const floating[::1] x, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t a, Py_ssize_t b,
+cdef void _counted_rows(Layout L, const floating *x, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t a, Py_ssize_t b,
                         const double *shift, double *s, Positions P) noexcept nogil:
     """MomentsValid sums of columns [a, b) (at one position of each row: _uniform) of rows [n0, n1): the plain
     Moments sums of each run of counted rows, the others skipped."""
@@ -578,7 +623,7 @@ cdef void _counted_rows(Layout L, const floating[::1] x, Py_ssize_t n0, Py_ssize
                          0, 0)
 
 
-cdef void _row_sums(SumOp op, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
+cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                     Py_ssize_t base, Py_ssize_t n, double k, double *pair, Positions P, Py_ssize_t p) noexcept nogil:
     """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (at positions p, p + 1,
     ...; u = x - k, w as in _column_sums): value e in lane e % LANES (the row cut into rows of LANES
@@ -611,8 +656,8 @@ cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
         s[COL_CHUNK + j] = 0.0
 
 
-cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                       const floating[::1] e, floating[::1] out, floating[::1] dz, const double[::1] coef,
+cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+                       const floating *e, floating *out, floating *dz, const double *coef,
                        Positions P) noexcept nogil:
     """The elementwise pass over block k (the Valid passes with the weights of P)."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
@@ -629,8 +674,8 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating[::1] x
                        coef[3 * L.C + c], P.valid + n * L.S + i0 if P.valid != NULL else NULL)
 
 
-cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                      const floating[::1] e, floating[::1] out, floating[::1] dz, const double[::1] coef,
+cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+                      const floating *e, floating *out, floating *dz, const double *coef,
                       Positions P) noexcept nogil:
     """The elementwise pass ``kind`` over block k (its compiled specialisation)."""
     cdef Affine affine
@@ -671,8 +716,8 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, 
         _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
 
 
-cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                     const floating[::1] e, const double[::1] coef, double[::1] part) noexcept nogil:
+cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+                     const floating *e, const double *coef, double *part) noexcept nogil:
     """The gradient sums of block k, of dy or of masked(dy)."""
     cdef GradSums gradsums
     cdef GradSumsMasked gradsums_masked
@@ -683,61 +728,83 @@ cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating[::1] x,
         _block_sums(gradsums, L, k, x, dy, e, coef, part, every)
 
 
-cdef void _channel_sums(Layout L, double[::1] part, Py_ssize_t c, double *s) noexcept nogil:
-    """s = channel c's two sums over all its blocks' partial sums, added pairwise in a fixed tree over them in
-    block order (columns in order within a block, for minor): the rounding error grows with log2 of their number,
-    not with it."""
-    cdef Py_ssize_t n = (L.nblocks // L.ncol) * L.G if L.minor else L.per_channel
-    s[0] = _pairwise(L, part, c, 0, n, 0)
-    s[1] = _pairwise(L, part, c, 0, n, 1)
+# -- per-channel work -----------------------------------------------------------------------------------------------
+# The coefficients of the elementwise passes are four rows of C*G columns (coef[row*C*G + j]: column j as the data
+# passes read it); the per-channel steps write them compactly, four rows of C (cc[row*C + c]), and _expand spreads
+# those over the columns. With G == 1 the two are one array.
+
+cdef inline Py_ssize_t _terms(Layout L) noexcept nogil:
+    """Partial sums per channel: minor, a column per row block and coefficient column; major, its group's blocks."""
+    return (L.nblocks // L.ncol) * L.G if L.minor else L.per_channel
 
 
-cdef double _pairwise(Layout L, double[::1] part, Py_ssize_t c, Py_ssize_t t0, Py_ssize_t n,
-                      int which) noexcept nogil:
-    """Sum of channel c's partial sums t0 .. t0 + n - 1 (sum ``which``: 0 or 1), the two halves added recursively."""
-    cdef Py_ssize_t h = n // 2
-    if n == 1:
-        return _partial(L, part, c, t0, which)
-    return _pairwise(L, part, c, t0, h, which) + _pairwise(L, part, c, t0 + h, n - h, which)
-
-
-cdef inline double _partial(Layout L, double[::1] part, Py_ssize_t c, Py_ssize_t t, int which) noexcept nogil:
-    """Channel c's t-th partial sum ``which``: minor, column i = t % G of row block t // G; major, its group's
-    block t."""
-    cdef Py_ssize_t j, b, g
+cdef double *_merge(Layout L, const double *part, double *tree) noexcept nogil:
+    """Every channel's two sums over its blocks' partial sums, added pairwise in a fixed tree over them in block
+    order (columns in order within a block, for minor), so the rounding error grows with log2 of their number.
+    The partial sums are gathered into tree (_terms(L) rows of 2C: s0 of each channel, then s1) and the tree runs
+    over whole rows; returns tree, whose first row then holds the sums."""
+    cdef Py_ssize_t C = L.C, w = 2 * L.C, n = _terms(L), t, g, c, cc, r, s, q, jj, rb, b, kf
     if L.minor:
-        j = _coef_column(L, c, t % L.G)
-        b = (t // L.G) * L.ncol + j // L.width
-        return part[b * L.part + which * L.width + j % L.width]
-    g = c // L.group
-    b = t * L.ngroups + g
-    return part[b * L.part + 2 * (c - g * L.group) + which]
+        kf = L.G // L.S  # rows folded into one
+        for rb in range(L.nblocks // L.ncol):
+            q = jj = 0
+            for r in range(kf):
+                for c in range(C):
+                    for s in range(L.S):
+                        b = (rb * L.ncol + q) * L.part
+                        t = (rb * L.G + r * L.S + s) * w
+                        tree[t + c] = part[b + jj]
+                        tree[t + C + c] = part[b + L.width + jj]
+                        jj += 1
+                        if jj == L.width:
+                            q += 1
+                            jj = 0
+    else:
+        for t in range(n):
+            for g in range(L.ngroups):
+                b = (t * L.ngroups + g) * L.part
+                for cc in range(min(L.group, C - g * L.group)):
+                    tree[t * w + g * L.group + cc] = part[b + 2 * cc]
+                    tree[t * w + C + g * L.group + cc] = part[b + 2 * cc + 1]
+    _pairwise(tree, n, w)
+    return tree
 
 
-cdef inline Py_ssize_t _coef_column(Layout L, Py_ssize_t c, Py_ssize_t i) noexcept nogil:
-    """Column of the i-th of the G coefficient columns of channel c: c (major), or the i-th column of the row that
-    belongs to channel c (minor: value s of channel c in folded row r, i = r*S + s)."""
-    if not L.minor:
-        return c
-    return (i // L.S) * L.C * L.S + c * L.S + i % L.S
+cdef void _pairwise(double *rows, Py_ssize_t n, Py_ssize_t w) noexcept nogil:
+    """rows[0:w] = the sum of the n rows of w values, the two halves added recursively (in place)."""
+    cdef Py_ssize_t i, h = n // 2
+    if n == 1:
+        return
+    _pairwise(rows, h, w)
+    _pairwise(rows + h * w, n - h, w)
+    for i in range(w):
+        rows[i] += rows[h * w + i]
 
 
-cdef inline void _set_coef(Layout L, double[::1] coef, Py_ssize_t row, Py_ssize_t c, double v) noexcept nogil:
-    """Coefficient row of channel c, coef[row*C*G + j] for its G columns j."""
-    cdef Py_ssize_t i
-    for i in range(L.G):
-        coef[row * L.C * L.G + _coef_column(L, c, i)] = v
+cdef void _expand(Layout L, const double *cc, double *coef, Py_ssize_t nrows) noexcept nogil:
+    """coef rows [0, nrows) from the compact cc: each channel's value in each of its G columns (minor: value s of
+    channel c in folded row r is column r*C*S + c*S + s). Nothing to do when cc is coef (G == 1)."""
+    cdef Py_ssize_t row, r, c, s, j, W = L.C * L.G
+    if cc == coef:
+        return
+    for row in range(nrows):
+        j = row * W
+        for r in range(L.G // L.S):
+            for c in range(L.C):
+                for s in range(L.S):
+                    coef[j] = cc[row * L.C + c]
+                    j += 1
 
 
 # -- forward ------------------------------------------------------------------------------------------------------
 
 cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, double m, bint stats_only, bint update,
-                        floating[::1] running_mean, floating[::1] running_var,  # INOUT (C,), when update
-                        const floating[::1] weight, const floating[::1] bias,    # IN (C,), or None
+                        floating *running_mean, floating *running_var,  # INOUT (C,), when update
+                        const floating *weight, const floating *bias,    # IN (C,), or NULL
                         double momentum, double eps,
-                        double[::1] mean, double[::1] invstd,                    # OUT (C,)
-                        double[::1] coef) noexcept nogil:                     # INOUT: IN shift K, OUT affine
-    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (coef) a value of it:
+                        double *mean, double *invstd,                    # OUT (C,)
+                        double *cc) noexcept nogil:                      # INOUT (4, C): IN shift K, OUT affine
+    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (cc[c]) a value of it:
     mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
@@ -745,7 +812,7 @@ cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, double m, 
     cdef double M2 = s2 - s1 * s1 / m
     if M2 < 0.0:
         M2 = 0.0
-    mean[c] = coef[_coef_column(L, c, 0)] + s1 / m
+    mean[c] = cc[c] + s1 / m
     if stats_only:
         invstd[c] = M2
         return
@@ -753,59 +820,118 @@ cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, double m, 
     if update:
         running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
         running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (M2 / (m - 1.0)))
-    _affine_coef(L, c, mean[c], invstd[c], weight, bias, coef)
+    _affine_coef(L.C, c, mean[c], invstd[c], weight, bias, cc)
 
 
-cdef inline void _affine_coef(Layout L, Py_ssize_t c, double mean, double invstd, const floating[::1] weight,
-                              const floating[::1] bias, double[::1] coef) noexcept nogil:
-    """coef of channel c = (mean, gamma*invstd, beta, 0) (gamma = 1, beta = 0 where weight, bias are None)."""
-    _set_coef(L, coef, 0, c, mean)
-    _set_coef(L, coef, 1, c, (<double>weight[c] if weight is not None else 1.0) * invstd)
-    _set_coef(L, coef, 2, c, <double>bias[c] if bias is not None else 0.0)
-    _set_coef(L, coef, 3, c, 0.0)
+cdef inline void _affine_coef(Py_ssize_t C, Py_ssize_t c, double mean, double invstd, const floating *weight,
+                              const floating *bias, double *cc) noexcept nogil:
+    """cc of channel c = (mean, gamma*invstd, beta, 0) (gamma = 1, beta = 0 where weight, bias are NULL)."""
+    cc[c] = mean
+    cc[C + c] = (<double>weight[c] if weight != NULL else 1.0) * invstd
+    cc[2 * C + c] = <double>bias[c] if bias != NULL else 0.0
+    cc[3 * C + c] = 0.0
 
 
-def forward(cnp.ndarray x,                # IN (N*C*S,) the (N, C, S) input, flat
-            y,                            # OUT (N*C*S,), or None: statistics only (use_batch_stats)
+cdef inline void *_data(object a):
+    """The data pointer of an ndarray (the callers pass aligned C-contiguous arrays of the right dtype), or NULL
+    for None."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef class _Scratch:
+    """The doubles a call works in (coefficients, partial sums, their merge): malloc'd, freed with the object."""
+    cdef double *p
+
+    def __cinit__(self, Py_ssize_t n):
+        self.p = <double *>malloc(max(1, n) * sizeof(double))
+        if self.p == NULL:
+            raise MemoryError(f"cannot allocate the kernel's scratch of {n} doubles")
+
+    def __dealloc__(self):
+        free(self.p)
+
+
+# A call's scratch (doubles): coef (4*C*G), its float32 rows (_narrow: 4*C*G floats), cc (4*C, when G > 1), the
+# sums (2*C) and, for calls that sum, the partial sums and their merge tree.
+
+cdef inline Py_ssize_t _sums_at(Layout L) noexcept nogil:
+    """Where the (2, C) sums of a call are in its scratch."""
+    return 6 * L.C * L.G + (4 * L.C if L.G > 1 else 0)
+
+
+cdef inline Py_ssize_t _work_size(Layout L, bint sums) noexcept nogil:
+    """Doubles of scratch a call needs."""
+    return _sums_at(L) + 2 * L.C + (L.nblocks * L.part + _terms(L) * 2 * L.C if sums else 0)
+
+
+cdef inline double *_compact(Layout L, double *work) noexcept nogil:
+    """Where the per-channel steps write their coefficients: cc, or coef itself when G == 1."""
+    return work + 6 * L.C * L.G if L.G > 1 else work
+
+
+cdef inline double *_totals(Layout L, double *work) noexcept nogil:
+    """The (2, C) sums of a call."""
+    return work + _sums_at(L)
+
+
+cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single) noexcept nogil:
+    """coef from the compact cc (_expand), and its float32 rows when a channel-minor pass runs in float32 (the
+    channel-major ones narrow a row's coefficients themselves)."""
+    _expand(L, cc, coef, 4)
+    if single and L.minor:
+        _narrow(L.C * L.G, coef, <float *>(coef + 4 * L.C * L.G))
+
+
+cpdef enum ForwardFlag:
+    FWD_BATCH = 1    # normalise with the batch's statistics (else with given ones)
+    FWD_UPDATE = 2   # update the running statistics
+    FWD_RELU = 4     # fused ReLU
+
+
+def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any shape: its data is read)
+            y,                            # OUT (N*C*S,), or None: statistics only (FWD_BATCH)
+            z,                            # IN (N*C*S,) the residual added to the normalised value, or None
             Py_ssize_t N, Py_ssize_t C,
-            running_mean, running_var,    # INOUT (C,) each, updated when update_running
-            weight, bias,                 # IN (C,) gamma and beta, or None (= 1 and 0)
-            double[::1] stats,            # OUT (2C,) batch mean, invstd; or IN running mean, var (OUT: invstd)
-            bint use_batch_stats, bint update_running, double momentum, double eps, int thread_cap,
-            residual=None,                # IN (N*C*S,) z added to the normalised value, or None
-            bint relu=False,
+            tuple channels,               # (running_mean, running_var, weight, bias): INOUT, INOUT, IN, IN; None
+                                          # where absent (the running ones are read only with FWD_UPDATE)
+            cnp.ndarray stats,            # OUT (2C,) batch mean, invstd; or IN running mean, var (OUT: invstd)
+            int flags, double momentum, double eps, int thread_cap,
             valid=None,                   # IN (N*S,) intp: 1 where a position counts in the statistics, else 0; or None
             double count=0.0):            # with valid: the number of positions it marks (> 0)
     """Batch-norm forward: y = act(gamma*(x - mean)*invstd + beta + z) per channel, invstd = 1/sqrt(var + eps),
-    act = max(0, .) with relu (else the identity), z = residual (else 0); in double, rounded once.
+    act = max(0, .) with FWD_RELU (else the identity), z = 0 when None; in double, rounded once. Arrays are aligned,
+    C-contiguous and of x's dtype (stats float64), as the caller checked.
 
-    use_batch_stats: mean and var (biased) of the batch, written to stats as (mean, invstd); with update_running
-    the running statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is
-    replaced by invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
+    FWD_BATCH: mean and var (biased) of the batch, written to stats as (mean, invstd); with FWD_UPDATE the running
+    statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is replaced by
+    invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     With valid, the batch statistics are those of the count positions it marks (every position is normalised).
     """
-    if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
+    if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
-    cdef Py_ssize_t S = x.shape[0] // (N * C)
-    cdef Layout L = _layout(N, C, S, use_batch_stats)
-    cdef double[::1] scratch = np.empty(4 * C * L.G + (L.nblocks * L.part if use_batch_stats else 0))
-    cdef Pass kind = <Pass>(AFFINE + relu + 2 * (residual is not None))
+    cdef bint batch = flags & FWD_BATCH
+    cdef Py_ssize_t S = cnp.PyArray_SIZE(x) // (N * C)
+    cdef Layout L = _layout(N, C, S, batch)
+    cdef _Scratch work = _Scratch(_work_size(L, batch))
+    cdef Pass kind = <Pass>(AFFINE + ((flags & FWD_RELU) != 0) + 2 * (z is not None))
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)
     cdef Py_ssize_t first = 0  # offset of the shift K of channel 0: its value at the first counted position
+    cdef double *mean = <double *>cnp.PyArray_DATA(stats)
     if valid is not None:
         first = np.argmax(valid)
         first = (first // S) * C * S + first % S
+    cdef void *a = cnp.PyArray_DATA(x)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        _forward[float](L, x, y, x if residual is None else residual, kind, running_mean, running_var, weight,
-                        bias, stats[:C], stats[C:], use_batch_stats, update_running, momentum, eps,
-                        scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap), P, first,
-                        count if valid is not None else <double>L.count)
+        _forward[float](L, <float *>a, <float *>_data(y), <float *>(a if z is None else _data(z)), kind,
+                        <float *>_data(channels[0]), <float *>_data(channels[1]), <float *>_data(channels[2]),
+                        <float *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
+                        eps, work.p, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
     else:
-        _forward[double](L, x, y, x if residual is None else residual, kind, running_mean, running_var, weight,
-                         bias, stats[:C], stats[C:], use_batch_stats, update_running, momentum, eps,
-                         scratch[:4 * C * L.G], scratch[4 * C * L.G:], _threads(L, thread_cap), P, first,
-                         count if valid is not None else <double>L.count)
+        _forward[double](L, <double *>a, <double *>_data(y), <double *>(a if z is None else _data(z)), kind,
+                         <double *>_data(channels[0]), <double *>_data(channels[1]), <double *>_data(channels[2]),
+                         <double *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
+                         eps, work.p, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
 
 
 cdef object _columns(Layout L, valid):
@@ -822,15 +948,14 @@ cdef object _columns(Layout L, valid):
     return table
 
 
-cdef Positions _positions(Layout L, const Py_ssize_t[::1] valid, Py_ssize_t[::1] cols) noexcept:
+cdef Positions _positions(Layout L, valid, cols) noexcept:
     """The Positions of the weights ``valid`` (None: every position counts) with the table ``cols`` of
     :func:`_columns` (the caller keeps both alive)."""
     cdef Positions P = _every()
     if valid is not None:
-        P.valid = &valid[0]
+        P.valid = <const Py_ssize_t *>_data(valid)
         P.run = L.C if L.minor and L.S == 1 else 0
-    if cols is not None:
-        P.col = &cols[0]
+    P.col = <const Py_ssize_t *>_data(cols)
     return P
 
 
@@ -843,26 +968,32 @@ cdef inline Positions _every() noexcept nogil:
     return P
 
 
-cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, const floating[::1] z, Pass kind,
-                   floating[::1] running_mean, floating[::1] running_var, const floating[::1] weight,
-                   const floating[::1] bias, double[::1] mean, double[::1] invstd, bint batch, bint update,
-                   double momentum, double eps, double[::1] coef, double[::1] part, int nt, Positions P,
+cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, Pass kind,
+                   floating *running_mean, floating *running_var, const floating *weight,
+                   const floating *bias, double *mean, double *invstd, bint batch, bint update,
+                   double momentum, double eps, double *work, int nt, Positions P,
                    Py_ssize_t first, double m) noexcept:
     cdef Py_ssize_t c, k
-    cdef bint stats_only = y is None
-    cdef double s[2]
+    cdef bint stats_only = y == NULL
+    cdef double *coef = work
+    cdef double *cc = _compact(L, work)
+    cdef double *part = _totals(L, work) + 2 * L.C
+    cdef double *s
+    cdef bint single = floating is float and (kind == AFFINE or kind == AFFINE_RELU)
     with nogil:
         if not batch:
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
-                _affine_coef(L, c, mean[c], invstd[c], weight, bias, coef)
+                _affine_coef(L.C, c, mean[c], invstd[c], weight, bias, cc)
+            _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             return
         for c in range(L.C):  # the shift K of the sums: a (counted) value of each channel
-            _set_coef(L, coef, 0, c, <double>x[first + c * L.S])
+            cc[c] = <double>x[first + c * L.S]
+        _expand(L, cc, coef, 1)
         if L.fused:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
@@ -875,18 +1006,19 @@ cdef void _forward(Layout L, const floating[::1] x, floating[::1] y, const float
             _moments(L, k, x, coef, part, P)
         for k in range(L.nblocks - _parallel_blocks(L, nt)):
             _moments(L, k, x, coef, part, P)
+        s = _merge(L, part, part + L.nblocks * L.part)
         for c in range(L.C):
-            _channel_sums(L, part, c, s)
-            _finish_stats(L, c, s[0], s[1], m, stats_only, update, running_mean, running_var, weight, bias,
-                          momentum, eps, mean, invstd, coef)
+            _finish_stats(L, c, s[c], s[L.C + c], m, stats_only, update, running_mean, running_var, weight, bias,
+                          momentum, eps, mean, invstd, cc)
         if not stats_only:
+            _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
 
 
-cdef void _moments(Layout L, Py_ssize_t k, const floating[::1] x, const double[::1] coef, double[::1] part,
+cdef void _moments(Layout L, Py_ssize_t k, const floating *x, const double *coef, double *part,
                    Positions P) noexcept nogil:
     """The moment sums of block k, over the positions of P when it has weights."""
     cdef Moments moments
@@ -897,12 +1029,12 @@ cdef void _moments(Layout L, Py_ssize_t k, const floating[::1] x, const double[:
         _block_sums(moments, L, k, x, x, x, coef, part, P)
 
 
-cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating[::1] y, const floating[::1] z,
-                         Pass kind, bint stats_only, bint update, floating[::1] running_mean,
-                         floating[::1] running_var, const floating[::1] weight, const floating[::1] bias,
-                         double momentum, double eps, double[::1] mean, double[::1] invstd, double[::1] coef,
-                         double[::1] part, Positions P, double m) noexcept nogil:
-    """Block k of whole channels: sums, statistics and output in one task."""
+cdef void _fused_forward(Layout L, Py_ssize_t k, const floating *x, floating *y, const floating *z,
+                         Pass kind, bint stats_only, bint update, floating *running_mean,
+                         floating *running_var, const floating *weight, const floating *bias,
+                         double momentum, double eps, double *mean, double *invstd, double *coef,
+                         double *part, Positions P, double m) noexcept nogil:
+    """Block k of whole channels (major, G == 1: coef is compact): sums, statistics and output in one task."""
     cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
     _moments(L, k, x, coef, part, P)
     for c in range(c0, min(L.C, c0 + L.group)):
@@ -914,102 +1046,111 @@ cdef void _fused_forward(Layout L, Py_ssize_t k, const floating[::1] x, floating
 
 # -- backward -----------------------------------------------------------------------------------------------------
 
-cdef void _finish_grad(Layout L, Py_ssize_t c, double s0, double s1, double m, bint batch,
-                       const double[::1] mean, const double[::1] invstd,  # IN (C,) statistics the forward used
-                       const floating[::1] weight,                        # IN (C,) gamma, or None
-                       floating[::1] dweight, floating[::1] dbias,        # OUT (C,)
-                       double[::1] coef) noexcept nogil:               # OUT (4, C*G)
+cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c, double s0, double s1, double m, bint batch,
+                       const double *mean, const double *invstd,  # IN (C,) statistics the forward used
+                       const floating *weight,                    # IN (C,) gamma, or NULL
+                       floating *dweight, floating *dbias,        # OUT (C,)
+                       double *cc) noexcept nogil:                # OUT (4, C)
     """Channel c from s0 = sum(dy), s1 = sum(dy*(x - mean)) over m values: dbeta = s0, dgamma = invstd*s1, and
     the coefficients of dx. Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m)
     = (dy - dbeta/m)*g - (x - mean)*(g*invstd*dgamma/m): Grad with coef = (mean, g, g*invstd*dgamma/m, dbeta/m),
     both differences taken before scaling. Eval: dx = g*dy, Affine on dy with coef = (0, g, 0, 0)."""
-    cdef double g = (<double>weight[c] if weight is not None else 1.0) * invstd[c]
+    cdef double g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
     dbias[c] = <floating>s0
     dweight[c] = <floating>(s1 * invstd[c])
-    _set_coef(L, coef, 1, c, g)
+    cc[C + c] = g
     if batch:
-        _set_coef(L, coef, 0, c, mean[c])
-        _set_coef(L, coef, 2, c, g * invstd[c] * (s1 * invstd[c]) / m)
-        _set_coef(L, coef, 3, c, s0 / m)
+        cc[c] = mean[c]
+        cc[2 * C + c] = g * invstd[c] * (s1 * invstd[c]) / m
+        cc[3 * C + c] = s0 / m
     else:
-        _set_coef(L, coef, 0, c, 0.0)
-        _set_coef(L, coef, 2, c, 0.0)
-        _set_coef(L, coef, 3, c, 0.0)
+        cc[c] = 0.0
+        cc[2 * C + c] = 0.0
+        cc[3 * C + c] = 0.0
 
 
-def backward(cnp.ndarray x,               # IN (N*C*S,) the forward's (N, C, S) input, flat
+cpdef enum BackwardFlag:
+    BWD_BATCH = 1    # the forward normalised with batch statistics
+    BWD_RELU = 2     # the forward had a fused ReLU: e is its output, dy is masked by it
+
+
+def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's memory (any shape)
              cnp.ndarray dy,              # IN (N*C*S,)
              dx,                          # OUT (N*C*S,), or None: sums only
+             dz,                          # OUT (N*C*S,) masked dy (the residual's gradient), or None
              Py_ssize_t N, Py_ssize_t C,
-             const double[::1] mean,      # IN (C,) mean the forward used
-             const double[::1] invstd,    # IN (C,) invstd the forward used
-             weight,                      # IN (C,) gamma, or None (= 1)
-             grads,                       # OUT (2C,) dweight = sum(dy*xhat), then dbias = sum(dy)
-             bint use_batch_stats,
+             tuple saved,                 # IN (mean, invstd, weight): (C,) float64 statistics the forward used,
+                                          # gamma (C,) or None (= 1)
+             cnp.ndarray grads,           # OUT (2C,) dweight = sum(dy*xhat), then dbias = sum(dy)
              sums,                        # (2, C) C-contiguous float64: OUT when dx is None, else IN or None
-             double count, int thread_cap,
-             mask=None,                   # IN (N*C*S,) the output of a forward with ReLU, or None
-             dz=None,                     # OUT (N*C*S,) masked dy (the residual's gradient), or None
+             int flags, double count, int thread_cap,
+             e=None,                      # IN (N*C*S,) the output of a forward with ReLU (BWD_RELU), or None
              valid=None):                 # IN (N*S,) intp position weights of a masked forward, or None
-    """Batch-norm backward.
+    """Batch-norm backward. Arrays are aligned, C-contiguous and of x's dtype (the statistics float64), as the
+    caller checked.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
     statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
-    After a forward with ReLU, dy stands for masked(dy) = dy where mask (the forward's output) > 0, else 0, in all
+    After a forward with ReLU, dy stands for masked(dy) = dy where e (the forward's output) > 0, else 0, in all
     of the above; dz (if given) receives masked(dy).
     After a training forward with position weights v (valid; m = count, the positions they mark), the exact
     gradient of that forward: dx = gamma*invstd*(dy - v*(sum(dy)/m + xhat*sum(dy*xhat)/m)), the sums over every
     position.
     """
-    if x.shape[0] == 0:  # nothing to compute (the caller never sends an empty tensor)
+    if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
-    cdef Layout L = _layout(N, C, x.shape[0] // (N * C), True)
+    cdef bint batch = flags & BWD_BATCH, relu = (flags & BWD_RELU) != 0
+    cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), True)
     cdef bint given = sums is not None and dx is not None
-    cdef double[::1] scratch = np.empty(4 * C * L.G + 2 * C + (0 if given else L.nblocks * L.part))
-    cdef double[::1] totals = scratch[4 * C * L.G:4 * C * L.G + 2 * C]
-    cdef const double[::1] given_sums
+    cdef _Scratch work = _Scratch(_work_size(L, not given))
+    cdef double *totals = _totals(L, work.p)
     if given:  # copied: given sums are only read, and may be read-only
-        given_sums = sums.reshape(-1)
-        totals[...] = given_sums
+        memcpy(totals, _data(sums), 2 * C * sizeof(double))
     elif sums is not None:
-        totals = sums.reshape(-1)
+        totals = <double *>_data(sums)
     cdef double m = count if given or valid is not None else <double>L.count
-    cdef Pass kind = GRAD if use_batch_stats else AFFINE
-    if mask is not None:
-        kind = <Pass>((GRAD_MASKED if use_batch_stats else AFFINE_MASKED) + (dz is not None))
-    if not use_batch_stats:
+    cdef Pass kind = GRAD if batch else AFFINE
+    if relu:
+        kind = <Pass>((GRAD_MASKED if batch else AFFINE_MASKED) + (dz is not None))
+    if not batch:
         valid = None
     elif valid is not None:
         kind = <Pass>(kind + GRAD_VALID - GRAD)
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)
-    cdef float[::1] grads_f
-    cdef double[::1] grads_d
+    cdef void *a = cnp.PyArray_DATA(x)
+    cdef const double *mean = <const double *>_data(saved[0])
+    cdef const double *invstd = <const double *>_data(saved[1])
+    cdef void *g = cnp.PyArray_DATA(grads)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        grads_f = grads
-        _backward[float](L, x, dy, x if mask is None else mask, dx, dz, kind, mean, invstd, weight, grads_f[:C],
-                         grads_f[C:], use_batch_stats, given, totals, m, scratch[:4 * C * L.G],
-                         scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap), mask is not None, P)
+        _backward[float](L, <float *>a, <float *>cnp.PyArray_DATA(dy), <float *>(_data(e) if relu else a),
+                         <float *>_data(dx), <float *>_data(dz), kind, mean, invstd, <float *>_data(saved[2]),
+                         <float *>g, <float *>g + C, batch, given, totals, m, work.p, _threads(L, thread_cap),
+                         relu, P)
     else:
-        grads_d = grads
-        _backward[double](L, x, dy, x if mask is None else mask, dx, dz, kind, mean, invstd, weight, grads_d[:C],
-                          grads_d[C:], use_batch_stats, given, totals, m, scratch[:4 * C * L.G],
-                          scratch[4 * C * L.G + 2 * C:], _threads(L, thread_cap), mask is not None, P)
+        _backward[double](L, <double *>a, <double *>cnp.PyArray_DATA(dy), <double *>(_data(e) if relu else a),
+                          <double *>_data(dx), <double *>_data(dz), kind, mean, invstd, <double *>_data(saved[2]),
+                          <double *>g, <double *>g + C, batch, given, totals, m, work.p, _threads(L, thread_cap),
+                          relu, P)
 
 
-cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, const floating[::1] e,
-                    floating[::1] dx, floating[::1] dz, Pass kind, const double[::1] mean,
-                    const double[::1] invstd, const floating[::1] weight, floating[::1] dweight,
-                    floating[::1] dbias, bint batch, bint given, double[::1] sums, double m, double[::1] coef,
-                    double[::1] part, int nt, bint masked, Positions P) noexcept:
+cdef void _backward(Layout L, const floating *x, const floating *dy, const floating *e,
+                    floating *dx, floating *dz, Pass kind, const double *mean,
+                    const double *invstd, const floating *weight, floating *dweight,
+                    floating *dbias, bint batch, bint given, double *sums, double m, double *work,
+                    int nt, bint masked, Positions P) noexcept:
     cdef Py_ssize_t c, k
-    cdef bint sums_only = dx is None
-    cdef double s[2]
+    cdef bint sums_only = dx == NULL
+    cdef double *coef = work
+    cdef double *cc = _compact(L, work)
+    cdef double *part = _totals(L, work) + 2 * L.C
+    cdef double *s
     with nogil:
         for c in range(L.C):  # the shift of the sums: the mean the forward used
-            _set_coef(L, coef, 0, c, mean[c])
+            cc[c] = mean[c]
+        _expand(L, cc, coef, 1)
         if L.fused and not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _fused_backward(L, k, x, dy, e, dx, dz, kind, masked, sums_only, mean, invstd, weight, dweight,
@@ -1023,21 +1164,21 @@ cdef void _backward(Layout L, const floating[::1] x, const floating[::1] dy, con
                 _grad_sums(masked, L, k, x, dy, e, coef, part)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _grad_sums(masked, L, k, x, dy, e, coef, part)
-            for c in range(L.C):
-                _channel_sums(L, part, c, s)
-                sums[c], sums[L.C + c] = s[0], s[1]
+            s = _merge(L, part, part + L.nblocks * L.part)
+            memcpy(sums, s, 2 * L.C * sizeof(double))
         for c in range(L.C):
-            _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
+            _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
         if not sums_only:
+            _coefficients(L, cc, coef, floating is float and kind == AFFINE)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 
 
-cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                             const floating[::1] e, floating[::1] dx, floating[::1] dz, bint batch,
-                             const double[::1] coef, Positions P) noexcept nogil:
+cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+                             const floating *e, floating *dx, floating *dz, bint batch,
+                             const double *coef, Positions P) noexcept nogil:
     """dx over block k: a Grad pass (training) or an Affine pass on dy (eval)."""
     if batch:
         _apply_pass(kind, L, k, x, dy, e, dx, dz, coef, P)
@@ -1045,17 +1186,18 @@ cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating[:
         _apply_pass(kind, L, k, dy, dy, e, dx, dz, coef, P)
 
 
-cdef void _fused_backward(Layout L, Py_ssize_t k, const floating[::1] x, const floating[::1] dy,
-                          const floating[::1] e, floating[::1] dx, floating[::1] dz, Pass kind, bint masked,
-                          bint sums_only, const double[::1] mean, const double[::1] invstd,
-                          const floating[::1] weight, floating[::1] dweight, floating[::1] dbias, bint batch,
-                          double[::1] sums, double m, double[::1] coef, double[::1] part,
+cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+                          const floating *e, floating *dx, floating *dz, Pass kind, bint masked,
+                          bint sums_only, const double *mean, const double *invstd,
+                          const floating *weight, floating *dweight, floating *dbias, bint batch,
+                          double *sums, double m, double *coef, double *part,
                           Positions P) noexcept nogil:
-    """Block k of whole channels: gradient sums, coefficients and dx in one task."""
+    """Block k of whole channels (major, G == 1: coef is compact): gradient sums, coefficients and dx in one
+    task."""
     cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
     _grad_sums(masked, L, k, x, dy, e, coef, part)
     for c in range(c0, min(L.C, c0 + L.group)):
         sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
-        _finish_grad(L, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
+        _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)

@@ -120,6 +120,67 @@ class Input(NamedTuple):
     out_dtype: np.dtype
 
 
+class Plan(NamedTuple):
+    """What the checks work out from an input's signature (shape, strides, dtype, channel axis and compute dtype):
+    the kernels' view of its memory. A repeated call whose input :meth:`fits` it reuses it without the checks.
+
+    Attributes
+    ----------
+    shape, strides, in_dtype
+        The input's signature.
+    axis, order, dtype, out_dtype
+        As :class:`Input`.
+    acb : tuple
+        (A, C, B): the kernels' view of the memory, A and B the products of the sizes before and after the channel
+        axis in memory order.
+    mem_shape : tuple
+        The shape in memory order (of an output laid out as the input).
+    back : tuple or None
+        The transpose from memory order back to the input's axes (None: C order).
+    direct : bool
+        The input's memory is the kernels' array as it is (dense, aligned, the compute dtype): no copy.
+    """
+
+    shape: tuple
+    strides: tuple
+    in_dtype: np.dtype
+    axis: int
+    order: tuple
+    dtype: np.dtype
+    out_dtype: np.dtype
+    acb: tuple
+    mem_shape: tuple
+    back: Optional[tuple]
+    direct: bool
+
+    def fits(self, x):
+        """True when ``x`` is an aligned ndarray of this plan's shape, strides and dtype."""
+        return (type(x) is np.ndarray and x.shape == self.shape and x.strides == self.strides
+                and x.dtype == self.in_dtype and x.flags.aligned)
+
+
+def plan(inp):
+    """The :class:`Plan` of a checked :class:`Input`."""
+    x, order = inp.x, inp.order
+    c_order = order == tuple(range(x.ndim))
+    direct = (x.dtype == inp.dtype and x.flags.aligned
+              and (x.flags.c_contiguous if c_order else x.transpose(order).flags.c_contiguous))
+    return _plan(x.shape, x.strides, x.dtype, inp.axis, order, inp.dtype, inp.out_dtype, direct)
+
+
+def saved_plan(saved):
+    """The :class:`Plan` of a saved forward's input (which no array fits: its strides are not known)."""
+    return _plan(saved.shape, None, None, saved.axis, saved_order(saved), saved.x.dtype, np.dtype(saved.dtype), False)
+
+
+def _plan(shape, strides, in_dtype, axis, order, dtype, out_dtype, direct):
+    k = order.index(axis)
+    mem_shape = tuple(shape[d] for d in order)
+    back = None if order == tuple(range(len(shape))) else tuple(sorted(range(len(shape)), key=order.__getitem__))
+    acb = (math.prod(mem_shape[:k]), shape[axis], math.prod(mem_shape[k + 1:]))
+    return Plan(shape, strides, in_dtype, axis, order, dtype, out_dtype, acb, mem_shape, back, direct)
+
+
 def is_integer(v):
     """True for an integer that is not a bool."""
     return type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral))

@@ -9,6 +9,10 @@ PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC 
 axis -1; PyTorch gets its (N, C, L) view). cbn and its roofline are timed round-robin, call after call, so that
 drift on a shared machine touches both alike. cbn's results are checked against the reference as it runs, and
 tracemalloc records what each call allocates (numpy arrays and the kernels' scratch) beyond its output.
+
+A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times the per-call cost on the shapes
+most NumPy users run: the layer calls as they make them and the NumPy reference, round-robin with the floor of a
+trivial NumPy ufunc call, and (after all cbn measurements, as above) PyTorch's module calls.
 """
 import argparse
 import importlib.metadata
@@ -41,6 +45,11 @@ VARIANT_CASES = [((32, 64, 56, 56), "NCHW"), ((256, 128, 8, 8), "NCHW"), ((32, 6
                  ((4096, 1024), "NCHW"), ((64, 256, 400), "NLC")]
 VARIANTS = ("relu", "add_relu", "numpy_add_relu", "masked", "ghost", "precise")
 OPS = ("train", "eval", "backward")
+# The small-shapes section's shapes, (N, C, *) C-contiguous: MLP activations and small CNN feature maps.
+SMALL_SHAPES = [(2, 8, 4, 4), (8, 16), (32, 64), (64, 256), (256, 512), (16, 32, 8, 8), (32, 64, 16, 16),
+                (64, 128, 8, 8)]
+# The layer of each number of dimensions (PyTorch's module has the same name).
+LAYERS = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}
 
 
 def median_times(fns, budget, min_runs=5, max_runs=10000):
@@ -78,14 +87,22 @@ def allocated(fn, output=0):
     return peak - output
 
 
-def _torch_calls(x, dy, layout, threads):
-    """Closures timing PyTorch's CPU batch-norm kernels on the same data (the (N, C, L) view of NLC), or None when
-    torch is missing."""
+def _torch(threads):
+    """torch, set to ``threads`` threads, or None when it is missing."""
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(threads)
+    return torch
+
+
+def _torch_calls(x, dy, layout, threads):
+    """Closures timing PyTorch's CPU batch-norm kernels on the same data (the (N, C, L) view of NLC), or None when
+    torch is missing."""
+    torch = _torch(threads)
+    if torch is None:
+        return None
     tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
     if layout == "NLC":
         tx, tdy = tx.transpose(1, 2), tdy.transpose(1, 2)
@@ -100,6 +117,36 @@ def _torch_calls(x, dy, layout, threads):
         "backward": lambda: torch.ops.aten.native_batch_norm_backward(
             tdy, tx, w, rm, rv, smean, sinvstd, True, 1e-5, [True, True, True]),
     }
+
+
+def _torch_module_calls(x, dy, threads):
+    """Closures calling PyTorch's module (``torch.nn.BatchNorm1d/2d/3d``) at ``threads`` threads on x and dy of shape
+    (N, C, *) as its users do, or None when torch is missing: the training forward ``m(tx)``, the eval forward
+    ``m_eval(tx)`` (autograd on, as by default) and the backward alone: ``torch.autograd.grad`` of the input, weight
+    and bias through a kept training-forward graph (``retain_graph=True``) of an input that requires grad, fresh
+    gradients each call."""
+    torch = _torch(threads)
+    if torch is None:
+        return None
+    module = getattr(torch.nn, LAYERS[x.ndim].__name__)
+    C = x.shape[1]
+    m, m_eval, m_grad = module(C), module(C).eval(), module(C)
+    tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+    tx_grad = tx.clone().requires_grad_()
+    out, inputs = m_grad(tx_grad), (tx_grad, m_grad.weight, m_grad.bias)
+    return {"train": lambda: m(tx), "eval": lambda: m_eval(tx),
+            "backward": lambda: torch.autograd.grad(out, inputs, tdy, retain_graph=True)}
+
+
+def _reference_calls(x, dy, axis):
+    """Closures calling the NumPy reference on x and dy: the training forward (updating its running statistics),
+    the eval forward and the backward."""
+    C = x.shape[axis]
+    rm, rv, w, b = np.zeros(C), np.ones(C), np.ones(C), np.zeros(C)
+    _, saved = R.batch_norm(x, rm, rv, w, b, True, axis=axis, return_saved=True)
+    return {"train": lambda: R.batch_norm(x, rm, rv, w, b, True, axis=axis),
+            "eval": lambda: R.batch_norm(x, rm, rv, w, b, False, axis=axis),
+            "backward": lambda: R.batch_norm_backward(dy, saved)}
 
 
 def _data(shape, layout, dtype):
@@ -133,7 +180,7 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
     x, dy, axis = _data(shape, layout, dtype)
     C = shape[1]
     cbn.set_num_threads(threads)
-    cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}[len(shape)]
+    cls = LAYERS[len(shape)]
     train = cls(C, dtype=dtype, axis=axis)
     ev = cls(C, dtype=dtype, axis=axis).eval()
     y, dx = np.empty_like(x), np.empty_like(x)
@@ -154,11 +201,7 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
     err_y, err_dx, ok = _check(y, train.backward(dy), x, dy, axis, dtype)
     ref = {}
     if with_reference:
-        rm, rv, w, b = np.zeros(C), np.ones(C), np.ones(C), np.zeros(C)
-        _, saved = R.batch_norm(x, rm, rv, w, b, True, axis=axis, return_saved=True)
-        calls = {"train": lambda: R.batch_norm(x, rm, rv, w, b, True, axis=axis),
-                 "eval": lambda: R.batch_norm(x, rm, rv, w, b, False, axis=axis),
-                 "backward": lambda: R.batch_norm_backward(dy, saved)}
+        calls = _reference_calls(x, dy, axis)
         ref = {op: median_time(calls[op], budget, min_runs=3) for op in OPS}
     return [{"shape": list(shape), "layout": layout, "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
              "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "roofline_us": floor[op] * 1e6,
@@ -187,7 +230,7 @@ def bench_variants(shape, layout, threads, budget):
     z = np.negative(dy)
     C = x.shape[axis]
     cbn.set_num_threads(threads)
-    cls = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}[len(shape)]
+    cls = LAYERS[len(shape)]
     options = {"relu": {"activation": "relu"}, "add_relu": {"activation": "relu"},
                "ghost": {"virtual_batch_size": -(-shape[0] // 4)}}
     layers = {v: cls(C, axis=axis, **options.get(v, {})) for v in ("plain",) + VARIANTS}
@@ -237,8 +280,52 @@ def format_variants(r):
             f"{r['train_precise'] / r['train']:13.2f} {r['backward']:9.1f} {ratios('backward')}")
 
 
-def add_torch(rows, budget):
-    """Time PyTorch on every case of ``rows`` and fill in torch_us and torch_over_cbn (no-op without torch).
+def bench_small(shape, threads, budget, with_reference=True):
+    """Per-call times of one small float32 (N, C, *) shape (C-contiguous), in one round-robin: the layer called as
+    a NumPy user calls it (``bn(x)`` training with the running-statistic update, ``bn_eval(x)``, ``bn.backward(dy)``
+    after the training forward; a new output each call), the NumPy reference and the floor, ``np.add(a, b, out=c)``
+    on 64 float32 values. Returns one row per op (times in us; numpy None when not measured, torch None until
+    :func:`add_torch` fills it in with PyTorch's module calls)."""
+    x, dy, axis = _data(shape, "NCHW", np.float32)
+    cbn.set_num_threads(threads)
+    cls = LAYERS[len(shape)]
+    bn, bn_eval = cls(shape[1]), cls(shape[1]).eval()
+    a, b, c = np.ones(64, np.float32), np.ones(64, np.float32), np.empty(64, np.float32)
+    calls = {"floor": lambda: np.add(a, b, out=c), ("cbn", "train"): lambda: bn(x),
+             ("cbn", "eval"): lambda: bn_eval(x), ("cbn", "backward"): lambda: bn.backward(dy)}
+    if with_reference:
+        calls.update({("numpy", op): fn for op, fn in _reference_calls(x, dy, axis).items()})
+    t = {k: v * 1e6 for k, v in median_times(calls, budget).items()}
+    return [{"shape": list(shape), "layout": "NCHW", "dtype": "float32", "threads": threads, "op": op,
+             "cbn_us": t["cbn", op], "floor_us": t["floor"], "cbn_over_floor": t["cbn", op] / t["floor"],
+             "numpy_us": t.get(("numpy", op)),
+             "numpy_over_cbn": t["numpy", op] / t["cbn", op] if with_reference else None,
+             "torch_us": None, "torch_over_cbn": None} for op in OPS]
+
+
+SMALL_TITLE = ("Small shapes (per call, float32): the layer calls as a NumPy user makes them (new outputs), the "
+               "NumPy reference and\nthe floor (a 64-value np.add(a, b, out=c)) in one round-robin per row; "
+               "PyTorch's module calls (backward: autograd)\nafter all cbn measurements; cbn/floor = cbn time / "
+               "floor; numpy/cbn and torch/cbn = how many times faster cbn is")
+SMALL_HEADER = (f"{'shape':>16} {'thr':>3} {'op':>8} {'cbn us':>8} {'numpy us':>9} {'torch us':>9} {'floor us':>8} "
+                f"{'cbn/floor':>9} {'numpy/cbn':>9} {'torch/cbn':>9}")
+
+
+def format_small(r):
+    """One line of the small-shapes table: the times and the ratios."""
+    return (f"{str(tuple(r['shape'])):>16} {r['threads']:>3} {r['op']:>8} {r['cbn_us']:8.1f} "
+            f"{_fmt(r['numpy_us'], '9.1f')} {_fmt(r['torch_us'], '9.1f')} {r['floor_us']:8.2f} "
+            f"{r['cbn_over_floor']:9.1f} {_fmt(r['numpy_over_cbn'], '9.2f')} {_fmt(r['torch_over_cbn'], '9.2f')}")
+
+
+def _shapes(text):
+    """Shapes written like 8x3x224x224,2x8x4x4."""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def add_torch(rows, budget, modules=False):
+    """Time PyTorch on every case of ``rows`` and fill in torch_us and torch_over_cbn (no-op without torch): its
+    batch-norm kernels (:func:`_torch_calls`), or with ``modules`` its module calls (:func:`_torch_module_calls`).
 
     PyTorch runs after all cbn measurements: its OpenMP threads keep spinning after a call and would slow down
     whatever runs next in the process.
@@ -248,7 +335,7 @@ def add_torch(rows, budget):
         shape, layout, dtype, threads = (tuple(case[0]["shape"]), case[0]["layout"], case[0]["dtype"],
                                          case[0]["threads"])
         x, dy, _ = _data(shape, layout, dtype)
-        calls = _torch_calls(x, dy, layout, threads)
+        calls = _torch_module_calls(x, dy, threads) if modules else _torch_calls(x, dy, layout, threads)
         if calls is None:
             return
         for r in case:
@@ -341,6 +428,9 @@ def main(argv=None):
     p.add_argument("--no-variants", action="store_true",
                    help="skip the table of the fused ops and training variants (of VARIANT_CASES, or of the shapes "
                         "given)")
+    p.add_argument("--no-small", action="store_true", help="skip the small-shapes section (per-call cost)")
+    p.add_argument("--small-shapes", default="all",
+                   help="'all' or the small-shapes section's shapes like 2x8x4x4,8x16 (as (N, C, *))")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG chart to this file (needs matplotlib)")
     a = p.parse_args(argv)
@@ -348,14 +438,13 @@ def main(argv=None):
     if a.shapes in ("all", "small"):
         cases = [(s, lay) for s, lay in CASES if lay in layouts and (a.shapes == "all" or np.prod(s) * 4 < 50e6)]
     else:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-        cases = [(s, lay) for s in shapes for lay in layouts
+        cases = [(s, lay) for s in _shapes(a.shapes) for lay in layouts
                  if lay == "NCHW" or (lay == "channels-last" and len(s) == 4) or (lay == "NLC" and len(s) == 3)]
     info = header()
     print("cbn benchmark: medians; cbn/roof = cbn time / (copy for train and eval, add for backward);")
     print("numpy/cbn and torch/cbn = how many times faster cbn is. " +
           ", ".join(f"{k} {v}" for k, v in info.items()))
-    rows, variants = [], []
+    rows, variants, small = [], [], []
     saved_threads = cbn.get_num_threads()
     try:
         for threads in (int(t) for t in a.threads.split(",")):
@@ -367,7 +456,11 @@ def main(argv=None):
             if not a.no_variants:
                 variants += [bench_variants(shape, layout, threads, a.budget) for shape, layout in
                              (VARIANT_CASES if a.shapes in ("all", "small") else cases)]
+            if not a.no_small:
+                for shape in SMALL_SHAPES if a.small_shapes == "all" else _shapes(a.small_shapes):
+                    small += bench_small(shape, threads, a.budget, not a.no_reference)
         add_torch(rows, a.budget)
+        add_torch(small, a.budget, modules=True)
     finally:
         cbn.set_num_threads(saved_threads)
     print(HEADER)
@@ -382,9 +475,14 @@ def main(argv=None):
         print(VARIANT_HEADER)
         for r in variants:
             print(format_variants(r))
+    if small:
+        print(SMALL_TITLE)
+        print(SMALL_HEADER)
+        for r in small:
+            print(format_small(r))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"header": info, "rows": rows, "variants": variants}, f, indent=1)
+            json.dump({"header": info, "rows": rows, "variants": variants, "small": small}, f, indent=1)
     if a.plot:
         plot(rows, a.plot)
     return 0 if all(r["correct"] for r in rows) else 1

@@ -63,7 +63,8 @@ def _raise_if_rejected(ok, error, what):
 class _SyncBatchNorm(_BatchNorm):
     """Common implementation of SyncBatchNorm1d/2d/3d (a BatchNorm whose training statistics span ``comm``)."""
 
-    def __init__(self, *args, comm=None, **kwargs):
+    def __init__(self, *args, **kwargs):  # comm=None, keyword only: in the signature below (the docs read it)
+        comm = kwargs.pop("comm", None)
         self._setup(self._configured(*args, **kwargs), comm)
 
     __init__.__signature__ = signature(inspect.Parameter("comm", inspect.Parameter.KEYWORD_ONLY, default=None))

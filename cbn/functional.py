@@ -26,6 +26,11 @@ from ._dispatch import kernels as _kernels
 from ._threads import thread_cap
 from ._validate import BatchNormSaved, GhostSaved
 
+# The kernels' flags as plain ints (enum arithmetic would cost more than the call).
+_BATCH, _UPDATE, _RELU = (int(f) for f in (_kernels.ForwardFlag.FWD_BATCH, _kernels.ForwardFlag.FWD_UPDATE,
+                                           _kernels.ForwardFlag.FWD_RELU))
+_BWD_BATCH, _BWD_RELU = int(_kernels.BackwardFlag.BWD_BATCH), int(_kernels.BackwardFlag.BWD_RELU)
+
 __all__ = ["BatchNormSaved", "GhostSaved", "batch_norm", "batch_norm_backward", "batch_norm_elemt",
            "batch_norm_grad_sums", "batch_norm_stats"]
 
@@ -46,6 +51,25 @@ def _empty(shape, order, dt):
     return np.empty([shape[d] for d in order], dtype=dt).transpose(sorted(range(len(order)), key=order.__getitem__))
 
 
+def _target(plan, out):
+    """An output laid out as the plan's input (``out`` when given) and the kernels' array for it: its own memory
+    when it can be, else a temporary whose values :func:`_copy_result` copies into it (then the third value is
+    True)."""
+    dt = plan.dtype
+    if out is None and plan.out_dtype == dt:
+        mem = np.empty(plan.mem_shape, dt)
+        return (mem if plan.back is None else mem.transpose(plan.back)), mem, False
+    out = _empty(plan.shape, plan.order, plan.out_dtype) if out is None else out
+    flat, direct = _kernel_output(out, plan.order, dt)
+    return out, flat, not direct
+
+
+def _kernel_input(plan, a):
+    """An array of the plan's shape as the kernels read it: itself when it fits a direct plan, else its
+    (A, C, B) memory (:func:`_memory`)."""
+    return a if plan.direct and plan.fits(a) else _memory(a, plan.order, plan.axis, plan.dtype)
+
+
 def _kernel_output(out, order, dt):
     """The flat array the kernel writes for ``out`` and whether it is out's own memory (when out is laid out in
     ``order`` with dtype dt); else a temporary, to be copied into out with :func:`_copy_result`."""
@@ -59,7 +83,7 @@ def _kernel_output(out, order, dt):
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
                axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
                virtual_batch_size=None, renorm=False, renorm_clipping=None, mask=None):
-    """Batch normalisation over the channel axis ``axis`` (default 1: (N, C, *) input), with an optional fused
+    """Batch normalisation over the channel axis ``axis`` (default 1: ``(N, C, *)`` input), with an optional fused
     residual add and ReLU, ghost batches, batch renormalization or masked statistics.
 
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
@@ -211,8 +235,8 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     new_mean, new_var = (running_mean, running_var) if update else (None, None)
     if guard:
         new_mean, new_var = running_mean.copy(), running_var.copy()
-    y, saved = _normalize(inp, stats, weight, bias, training, y, eps, update, new_mean, new_var, momentum, relu, z,
-                          valid)
+    y, saved = _normalize(V.plan(inp), x, stats, (new_mean, new_var, weight, bias),
+                          training * _BATCH + update * _UPDATE + relu * _RELU, momentum, eps, y, z, valid)
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)
     return y, saved
@@ -298,7 +322,7 @@ def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None, valid=
     C = mean.shape[0]
     stats = np.empty(2 * C)
     stats[:C], stats[C:] = mean, var
-    y, saved = _normalize(inp, stats, weight, bias, False, out, eps, False, None, None, 0.0, relu, z)
+    y, saved = _normalize(V.plan(inp), inp.x, stats, (None, None, weight, bias), relu * _RELU, 0.0, eps, out, z)
     return y, saved._replace(use_batch_stats=True, valid=valid)
 
 
@@ -336,36 +360,34 @@ def _renorm_grads(saved, dweight, dbias):
         dweight[...] = r * dweight + d * dbias
 
 
-def _normalize(inp, stats, weight, bias, training, y, eps, update, running_mean, running_var, momentum, relu, z,
-               valid=None):
-    """The kernel's forward on checked arguments: y (allocated when None) and the saved forward. ``stats``: (2C,)
-    float64, filled with the batch's (mean, invstd) when ``training`` (over the :func:`positions` ``valid`` when
-    given), else the given (mean, var), var replaced by invstd. ``relu``: the fused ReLU; ``z``: the residual or
-    None."""
-    x, axis, order, dt = inp.x, inp.axis, inp.order, inp.dtype
-    shape = x.shape
-    C = shape[axis]
-    if y is None:
-        y = _empty(shape, order, inp.out_dtype)
-    x3 = _memory(x, order, axis, dt)
+def _normalize(plan, x, stats, channels, flags, momentum, eps, y=None, z=None, valid=None):
+    """The kernels' forward of an input ``x`` that fits ``plan``, on checked arguments: y (allocated when None)
+    and the saved forward.
+
+    ``stats``: (2C,) float64, filled with the batch's (mean, invstd) with the _BATCH flag (over the
+    :func:`positions` ``valid`` when given), else the given (mean, var), var replaced by invstd. ``channels``:
+    (running_mean, running_var, weight, bias), None where absent (the running statistics are updated with the
+    _UPDATE flag). ``flags``: the kernels' forward flags. ``z``: the residual or None."""
+    A, C, B = acb = plan.acb
+    dt = plan.dtype
+    if plan.direct:
+        x3 = (x if plan.back is None else x.transpose(plan.order)).reshape(acb)
+    else:
+        x3 = _memory(x, plan.order, plan.axis, dt)
+    y, y1, copy = _target(plan, y)
     mean, invstd = stats[:C], stats[C:]
-    y1 = None
     if x3.size:
-        y1, direct = _kernel_output(y, order, dt)
-        _kernels.forward(x3.reshape(-1), y1, x3.shape[0], C, running_mean, running_var, weight, bias, stats,
-                         training, update, float(momentum), float(eps), thread_cap(),
-                         None if z is None else _memory(z, order, axis, dt).reshape(-1), relu, valid,
-                         _valid_count(valid))
-        if not direct:
-            _copy_result(y, y1, order)
-    elif training:
-        mean.fill(np.nan)
-        invstd.fill(np.nan)
+        _kernels.forward(x3, y1, None if z is None else _kernel_input(plan, z), A, C, channels, stats, flags, momentum,
+                         eps, thread_cap(), valid, _valid_count(valid))
+        if copy:
+            _copy_result(y, y1, plan.order)
+    elif flags & _BATCH:
+        stats.fill(np.nan)
     else:
         np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
-    mask = (np.empty(x3.shape, dt) if y1 is None else y1.reshape(x3.shape)) if relu else None
-    return y, BatchNormSaved(x3, mean, invstd, weight, training, shape, inp.out_dtype, axis, order, mask,
-                             z is not None, valid=valid)
+    return y, BatchNormSaved(x3, mean, invstd, channels[2], bool(flags & _BATCH), plan.shape, plan.out_dtype,
+                             plan.axis, plan.order, y1.reshape(acb) if flags & _RELU else None, z is not None,
+                             valid=valid)
 
 
 def _valid_count(valid):
@@ -419,8 +441,8 @@ def statistics(inp, valid=None):
     if count == 1 and valid is None:
         mean[...], M2[...] = x3[0, :, 0], 0.0
     elif count and C:
-        _kernels.forward(x3.reshape(-1), None, x3.shape[0], C, None, None, None, None, stats, True, False, 0.0, 0.0,
-                         thread_cap(), None, False, valid, count)
+        _kernels.forward(x3, None, None, x3.shape[0], C, (None, None, None, None), stats,
+                         _BATCH, 0.0, 0.0, thread_cap(), valid, count)
     return count, mean, M2
 
 
@@ -522,16 +544,16 @@ def gradient_sums(dy, saved):
     grads = np.zeros(2 * C, dtype=x3.dtype)
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
-        _kernels.backward(x3.reshape(-1), _memory(dy, V.saved_order(saved), saved.axis, x3.dtype).reshape(-1), None,
-                          N, C, saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, sums, 0.0,
-                          thread_cap(), _mask(saved))
+        _kernels.backward(x3, _kernel_input(V.saved_plan(saved), dy), None, None, N, C,
+                          (saved.mean, saved.invstd, saved.weight), grads, sums, _backward_flags(saved), 0.0,
+                          thread_cap(), saved.y)
     _renorm_grads(saved, dweight, dbias)
     return sums, dweight, dbias
 
 
-def _mask(saved):
-    """The flat ReLU mask source of a saved forward (its output), or None."""
-    return None if saved.y is None else saved.y.reshape(-1)
+def _backward_flags(saved):
+    """The kernel's backward flags of a saved forward."""
+    return saved.use_batch_stats * _BWD_BATCH + (saved.y is not None) * _BWD_RELU
 
 
 def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
@@ -599,26 +621,24 @@ def _ghost_gradient(dy, saved, out):
     return (dx, dweight, dbias) + ((dz,) if saved.residual else ())
 
 
-def gradient_input(dy, saved, out, grad_sums, count):
+def gradient_input(dy, saved, out, grad_sums, count, plan=None):
     """:func:`batch_norm_backward` of checked arguments (``out`` checked or None; grad_sums and count None or
-    checked by :func:`cbn._validate.grad_sums`)."""
+    checked by :func:`cbn._validate.grad_sums`; ``plan`` the forward input's, else worked out from ``saved``)."""
+    plan = V.saved_plan(saved) if plan is None else plan
     x3 = saved.x
-    N, C, S = x3.shape
-    dt = x3.dtype
-    order = V.saved_order(saved)
-    dx = _empty(saved.shape, order, saved.dtype) if out is None else out
+    A, C, B = x3.shape
     masked_dz = saved.residual and saved.y is not None  # the kernel writes dresidual = masked dy
-    dz = _empty(saved.shape, order, saved.dtype) if masked_dz else dy
-    grads = np.zeros(2 * C, dtype=dt)
+    dx, dx1, copy_dx = _target(plan, out)
+    dz, dz1, copy_dz = _target(plan, None) if masked_dz else (dy, None, False)
+    grads = np.zeros(2 * C, dtype=x3.dtype)
     dweight, dbias = grads[:C], grads[C:]
     if x3.size:
-        outputs = [(a, *_kernel_output(a, order, dt)) for a in ((dx, dz) if masked_dz else (dx,))]
-        _kernels.backward(x3.reshape(-1), _memory(dy, order, saved.axis, dt).reshape(-1), outputs[0][1], N, C,
-                          saved.mean, saved.invstd, saved.weight, grads, saved.use_batch_stats, grad_sums,
-                          float(count or _valid_count(saved.valid)), thread_cap(), _mask(saved),
-                          outputs[1][1] if masked_dz else None, saved.valid)
-        for a, flat, direct in outputs:
-            if not direct:
-                _copy_result(a, flat, order)
+        _kernels.backward(x3, _kernel_input(plan, dy), dx1, dz1, A, C, (saved.mean, saved.invstd, saved.weight), grads,
+                          grad_sums, _backward_flags(saved), float(count or _valid_count(saved.valid)), thread_cap(),
+                          saved.y, saved.valid)
+        if copy_dx:
+            _copy_result(dx, dx1, plan.order)
+        if copy_dz:
+            _copy_result(dz, dz1, plan.order)
     _renorm_grads(saved, dweight, dbias)
     return (dx, dweight, dbias) + ((dz,) if saved.residual else ())

@@ -78,6 +78,8 @@ class _BatchNorm:
         self.grad_bias = None
         self.grad_residual = None
         self._saved = None
+        self._plan = None  # the Plan of the last forward's input (a repeated call with an input that fits it skips
+        # the input checks)
         self._population = None  # inside cbn.precise_stats: the exact statistics of the batches seen
         self._lock = threading.RLock()
 
@@ -120,6 +122,10 @@ class _BatchNorm:
             The normalised output.
         """
         with self._lock:
+            plan = self._plan
+            if (plan is not None and out is None and residual is None and mask is None and plan.fits(x)
+                    and self._planned(x)):
+                return self._planned_forward(plan, x)
             c = self._cfg
             inp = self._input(x)
             mask = V.mask(mask, inp)
@@ -140,9 +146,42 @@ class _BatchNorm:
                 self._population.add(*F.statistics(inp, None if mask is None else F.positions(mask, inp)))
             self.num_batches_tracked = count
             self._saved = saved
+            self._plan = V.plan(inp)
             return y
 
     __call__ = forward
+
+    def _planned(self, x):
+        """True when a call on ``x`` (which fits the plan of an earlier call) is a plain batch norm (no ghost
+        batches, renorm, nan_guard or precise_stats recording in training) that cannot write into x's memory."""
+        if not self.training:
+            return True
+        c = self._cfg
+        if c.virtual_batch_size is not None or c.renorm or c.nan_guard or self._population is not None:
+            return False
+        return x.base is None or not c.track_running_stats or not (
+            np.may_share_memory(x, self.running_mean) or np.may_share_memory(x, self.running_var))
+
+    def _planned_forward(self, plan, x):
+        """:meth:`forward` of an input that fits ``plan`` (a plain call: :meth:`_planned`)."""
+        c = self._cfg
+        C = c.num_features
+        stats = np.empty(2 * C)
+        relu = F._RELU if c.activation == "relu" else 0
+        if self.training or self.running_mean is None:
+            if self.training and plan.acb[0] * plan.acb[2] == 1:
+                V.count_per_channel(1, f"input size {plan.shape}")
+            update = self.training and c.track_running_stats
+            count = self.num_batches_tracked + update
+            channels = (self.running_mean, self.running_var) if update else (None, None)
+            y, self._saved = F._normalize(plan, x, stats, channels + (self.weight, self.bias),
+                                          F._BATCH | relu | (F._UPDATE if update else 0),
+                                          self._factor(count) if update else 0.0, c.eps)
+            self.num_batches_tracked = count
+            return y
+        stats[:C], stats[C:] = self.running_mean, self.running_var
+        y, self._saved = F._normalize(plan, x, stats, (None, None, self.weight, self.bias), relu, 0.0, c.eps)
+        return y
 
     def _input(self, x):
         """``x`` checked as an input of an accepted rank with ``num_features`` channels at ``axis`` (an
@@ -181,9 +220,16 @@ class _BatchNorm:
             dx, the gradient with respect to the last forward's input.
         """
         with self._lock:
-            if self._saved is None:
+            saved = self._saved
+            if saved is None:
                 raise RuntimeError("backward called before forward: there is no saved input to differentiate")
-            return self._set_grads(*F.batch_norm_backward(dy, self._saved, out=out))
+            plan = self._plan
+            # A saved forward made with the layer's plan (it holds the plan's own order tuple) is consistent: dy
+            # needs the checks of grad_output only.
+            if (out is None and type(saved) is F.BatchNormSaved and plan is not None and saved.order is plan.order
+                    and type(dy) is np.ndarray and dy.dtype.kind == "f" and dy.shape == plan.shape):
+                return self._set_grads(*F.gradient_input(dy, saved, None, None, None, plan))
+            return self._set_grads(*F.batch_norm_backward(dy, saved, out=out))
 
     # -- state ------------------------------------------------------------------------------------------------
     def reset_running_stats(self):
@@ -285,7 +331,7 @@ class _BatchNorm:
         with self._lock:
             state = self.__dict__.copy()
         cfg = state.pop("_cfg")
-        state.update({name: getattr(cfg, name) for name in NAMES}, _saved=None, _population=None)
+        state.update({name: getattr(cfg, name) for name in NAMES}, _saved=None, _plan=None, _population=None)
         del state["_lock"]
         return state
 
@@ -296,6 +342,7 @@ class _BatchNorm:
         self.__dict__.update(state, _lock=threading.RLock())
         self.__dict__.setdefault("grad_residual", None)
         self.__dict__.setdefault("_population", None)
+        self.__dict__.setdefault("_plan", None)
 
     def extra_repr(self):
         """The settings as torch 2.13 prints them, then those of cbn's own that differ from their defaults."""

@@ -68,9 +68,13 @@ def precise_stats(model):
 
     Examples
     --------
+    >>> model = [cbn.BatchNorm1d(8), cbn.BatchNorm1d(8)]
+    >>> loader = [np.random.default_rng(n).normal(size=(16, 8)) for n in range(3)]
     >>> with cbn.precise_stats(model):
     ...     for x in loader:
-    ...         model.forward(x)        # training mode
+    ...         y = model[1].forward(model[0].forward(x))   # training mode
+    >>> model[0].num_batches_tracked
+    3
     """
     found = []
     swap_layers(model, lambda layer: found.append(layer) or layer)

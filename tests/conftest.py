@@ -12,7 +12,7 @@ import cbn
 
 # -- hypothesis profiles, chosen by HYPOTHESIS_PROFILE -------------------------------------------------------------
 # dev (default): quick local runs. ci (.ci/run): 300 examples for each property test. long: a soak run of 5,000 each
-# (README, "Tests").
+# (docs/development/testing.md).
 PROPERTY_TESTS_EXAMPLES = {"dev": 50, "ci": 300, "long": 5000}
 for _name, _n in PROPERTY_TESTS_EXAMPLES.items():
     settings.register_profile(_name, max_examples=_n, deadline=None, print_blob=True,

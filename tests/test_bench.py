@@ -13,7 +13,7 @@ TARGETS = Path(__file__).resolve().parent.parent / "benches" / "targets.py"
 def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert bench.main(["--shapes", "2x8x4x4,3x5x40x40,4x5x30", "--threads", "1", "--budget", "0.01",
-                       "--json", str(out)]) == 0
+                       "--small-shapes", "2x8x4x4,8x16", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert {r["op"] for r in rows} == {"train", "eval", "backward"} and len(rows) == 18
@@ -32,6 +32,32 @@ def test_bench_smoke(tmp_path, capsys):
     calls = [f"{op}{v}" for op in ("train", "backward") for v in ("",) + tuple(f"_{v}" for v in bench.VARIANTS)]
     assert all(r[k] > 0 for r in variants for k in calls if k != "backward_precise")
     assert "numpy/fused" in printed and "mask/plain" in printed and "precise/plain" in printed
+    small = data["small"]  # per-call times of the small shapes given, against the floor, NumPy and PyTorch
+    assert [(tuple(r["shape"]), r["op"]) for r in small] == [(s, op) for s in ((2, 8, 4, 4), (8, 16))
+                                                             for op in bench.OPS]
+    torch = small[0]["torch_us"] is not None  # PyTorch's module calls when it is installed
+    for r in small:
+        assert r["threads"] == 1 and r["cbn_us"] > 0 and r["floor_us"] > 0 and r["numpy_us"] > 0
+        assert r["cbn_over_floor"] == pytest.approx(r["cbn_us"] / r["floor_us"])
+        assert r["numpy_over_cbn"] == pytest.approx(r["numpy_us"] / r["cbn_us"])
+        assert (r["torch_us"] is not None) == torch and (r["torch_over_cbn"] is not None) == torch
+        if torch:
+            assert r["torch_us"] > 0 and r["torch_over_cbn"] == pytest.approx(r["torch_us"] / r["cbn_us"])
+    assert "Small shapes (per call, float32)" in printed and "cbn/floor" in printed
+
+
+def test_bench_small_options(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b.json"
+    args = ["--shapes", "2x8x4x4", "--layouts", "NCHW", "--threads", "1", "--budget", "0.001", "--no-variants",
+            "--no-reference", "--json", str(out)]
+    monkeypatch.setattr(bench, "_torch", lambda threads: None)  # as without torch
+    assert bench.main(args + ["--small-shapes", "8x16"]) == 0
+    small = json.loads(out.read_text())["small"]
+    assert len(small) == 3 and all(r[k] is None for r in small for k in
+                                   ("numpy_us", "numpy_over_cbn", "torch_us", "torch_over_cbn"))
+    assert "Small shapes" in capsys.readouterr().out
+    assert bench.main(args + ["--no-small"]) == 0
+    assert json.loads(out.read_text())["small"] == [] and "Small shapes" not in capsys.readouterr().out
 
 
 def _targets():

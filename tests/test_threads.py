@@ -388,7 +388,7 @@ FORK_SCRIPT = textwrap.dedent("""
 def test_child_processes_do_not_hang(subprocess_env, tmp_path, method):
     """A child made by os.fork() or multiprocessing (fork, forkserver, spawn) after the parent ran a parallel
     region finishes and computes bitwise the parent's results. GNU libgomp hangs in a forked child's first
-    parallel region, so cbn starts forked children with 1 thread (README, "Threads"); spawn and forkserver
+    parallel region, so cbn starts forked children with 1 thread (docs/user-guide/threads.md); spawn and forkserver
     children are fresh processes with the full thread count."""
     if method != "spawn" and not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")

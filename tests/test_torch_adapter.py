@@ -1,0 +1,354 @@
+"""cbn.torch, the PyTorch adapter, against torch's own modules: forward, backward, running statistics, gradcheck,
+opcheck, torch.compile, convert/revert, fallbacks and threads (skipped without torch, failed when
+CBN_EXPECT_TORCH=1)."""
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+
+import cbn
+
+from bn_helpers import require_torch
+
+torch = require_torch()
+import cbn.torch as ct  # noqa: E402  (needs torch: after the skip)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torch_resnet.py"
+# torch's float32 kernels round their own way (x*alpha + beta with alpha, beta in float32): compare to them at float32
+# noise, relative to the largest magnitude of each result; float64 tightly.
+TOL = {torch.float32: dict(y=2e-5, stat=2e-6, grad=1e-4), torch.float64: dict(y=1e-11, stat=1e-12, grad=1e-10)}
+SHAPES = {"1d-NC": (32, 5), "1d-NCL": (8, 5, 9), "2d": (6, 5, 7, 4), "3d": (3, 5, 4, 3, 5)}
+TORCH_CLASS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+CBN_CLASS = {2: ct.BatchNorm1d, 3: ct.BatchNorm1d, 4: ct.BatchNorm2d, 5: ct.BatchNorm3d}
+FLAGS = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+         dict(affine=False, track_running_stats=False)]
+
+
+def channels_last(x):
+    """x with its channels last in memory (torch's channels_last / channels_last_3d; NLC memory for (N, C, L))."""
+    if x.dim() == 3:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+LAYOUTS = {"contiguous": lambda x: x, "channels_last": channels_last}
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def cbn_calls(monkeypatch):
+    """Counts of the calls into cbn.functional's batch_norm and batch_norm_backward (what the ops run), with the
+    thread count cbn had at each."""
+    calls = {"batch_norm": [], "batch_norm_backward": []}
+    for name, log in calls.items():
+        def spy(*args, _f=getattr(cbn.functional, name), _log=log, **kw):
+            _log.append(cbn.get_num_threads())
+            return _f(*args, **kw)
+        monkeypatch.setattr(cbn.functional, name, spy)
+    return calls
+
+
+def close(a, b, rel, what):
+    """|a - b| <= rel * max(max|b|, 1) elementwise."""
+    a, b = a.detach().double(), b.detach().double()
+    if b.numel():
+        assert float((a - b).abs().max()) <= rel * max(float(b.abs().max()), 1.0), what
+
+
+def pair(ndim, C, dtype, seed=0, **flags):
+    """A torch module with random affine parameters and the cbn.torch module of the same state."""
+    tbn = TORCH_CLASS[ndim](C, dtype=dtype, **flags)
+    if tbn.affine:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            tbn.weight.uniform_(0.5, 1.5, generator=g)
+            tbn.bias.uniform_(-0.5, 0.5, generator=g)
+    cbn_bn = CBN_CLASS[ndim](C, dtype=dtype, **flags)
+    cbn_bn.load_state_dict(tbn.state_dict())
+    return tbn, cbn_bn
+
+
+def compare_step(tbn, cbn_bn, x, dy, what):
+    """One forward and backward through both modules: outputs (values, and the strides of the input, which torch
+    keeps too except for (N, C, L) in NLC memory), gradients, state."""
+    tol = TOL[x.dtype]
+    xs = [x.detach().clone(memory_format=torch.preserve_format).requires_grad_() for _ in range(2)]
+    ys = [m(xi) for m, xi in zip((tbn, cbn_bn), xs)]
+    assert ys[1].dtype == x.dtype and ys[1].stride() == x.stride(), what
+    close(ys[1], ys[0], tol["y"], what + " y")
+    for m, y in zip((tbn, cbn_bn), ys):
+        m.zero_grad()
+        y.backward(dy)
+    assert xs[1].grad.stride() == x.stride(), what
+    close(xs[1].grad, xs[0].grad, tol["grad"], what + " dx")
+    if tbn.affine:
+        close(cbn_bn.weight.grad, tbn.weight.grad, tol["grad"], what + " dweight")
+        close(cbn_bn.bias.grad, tbn.bias.grad, tol["grad"], what + " dbias")
+    if tbn.track_running_stats:
+        assert int(cbn_bn.num_batches_tracked) == int(tbn.num_batches_tracked), what
+        close(cbn_bn.running_mean, tbn.running_mean, tol["stat"], what + " running_mean")
+        close(cbn_bn.running_var, tbn.running_var, tol["stat"], what + " running_var")
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,layout", [pytest.param(shape, layout, id=f"{name}-{layout}")
+                                          for name, shape in SHAPES.items() for layout in LAYOUTS
+                                          if len(shape) > 2 or layout == "contiguous"])  # (N, C): one layout
+def test_parity_with_torch(shape, layout, dtype, flags, cbn_calls):
+    """Three training steps then two eval steps on offset, scaled data: y, dx, dweight, dbias, running statistics
+    and num_batches_tracked as torch's, outputs and gradients in the input's memory format."""
+    g = torch.Generator().manual_seed(1)
+    tbn, cbn_bn = pair(len(shape), shape[1], dtype, **flags)
+    for mode in ("train",) * 3 + ("eval",) * 2:
+        tbn.train(mode == "train")
+        cbn_bn.train(mode == "train")
+        x = LAYOUTS[layout](torch.randn(shape, dtype=dtype, generator=g) * 3 + 5)
+        dy = LAYOUTS[layout](torch.randn(shape, dtype=dtype, generator=g))
+        compare_step(tbn, cbn_bn, x, dy, f"{mode} step")
+    assert len(cbn_calls["batch_norm"]) == 5 and len(cbn_calls["batch_norm_backward"]) == 5
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_gradcheck(affine, training, layout):
+    """torch.autograd.gradcheck in float64 of the functional form (cbn's backward op), and gradgradcheck (a
+    double backward, which goes to torch's native_batch_norm_backward)."""
+    g = torch.Generator().manual_seed(2)
+    x = LAYOUTS[layout](torch.randn(3, 2, 2, 2, dtype=torch.float64, generator=g) * 2 + 1).requires_grad_()
+    params = [torch.rand(2, dtype=torch.float64, generator=g).add_(0.5).requires_grad_(),
+              torch.randn(2, dtype=torch.float64, generator=g).requires_grad_()] if affine else [None, None]
+    stats = [torch.randn(2, dtype=torch.float64, generator=g), torch.rand(2, dtype=torch.float64, generator=g) + 0.5]
+
+    def f(x, *wb):
+        # the running statistics are read (eval) or updated (training) from copies: each call sees the same ones
+        mean, var = (s.clone() for s in stats)
+        return ct.batch_norm(x, mean, var, *(wb if affine else params), training=training)
+    inputs = (x, *params) if affine else (x,)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def op_cases():
+    """(op, args) for torch.library.opcheck: each op with and without its optional tensors, contiguous and
+    channels_last, float32 and float64."""
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        for layout, to in LAYOUTS.items():
+            g = torch.Generator().manual_seed(3)
+            x = to(torch.randn(4, 3, 5, 2, dtype=dtype, generator=g) * 2 + 1)
+            w, b, mean = (torch.randn(3, dtype=dtype, generator=g) for _ in range(3))
+            var = torch.rand(3, dtype=dtype, generator=g) + 0.5
+            xg, wg, bg = (t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, w, b))
+            save_mean, save_invstd = (torch.rand(3, dtype=torch.float64, generator=g) + 0.5 for _ in range(2))
+            dy = to(torch.randn(4, 3, 5, 2, dtype=dtype, generator=g))
+            name = f"{dtype}-{layout}"
+            cases += [
+                pytest.param("batch_norm_train", (xg, wg, bg, mean, var, 0.1, 1e-5), id=f"train-{name}"),
+                pytest.param("batch_norm_train", (x, None, None, None, None, 0.1, 1e-5), id=f"train-bare-{name}"),
+                pytest.param("batch_norm_eval", (xg, wg, bg, mean, var, 1e-5), id=f"eval-{name}"),
+                pytest.param("batch_norm_eval", (x, None, None, mean, var, 1e-5), id=f"eval-bare-{name}"),
+                pytest.param("batch_norm_backward", (dy, x, w, save_mean, save_invstd, True), id=f"backward-{name}"),
+                pytest.param("batch_norm_backward", (dy, x, None, mean.double(), save_invstd, False),
+                             id=f"backward-eval-bare-{name}"),
+            ]
+    return cases
+
+
+@pytest.mark.parametrize("op,args", op_cases())
+def test_opcheck(op, args):
+    """torch.library.opcheck: schema (no undeclared mutation or aliasing), autograd registration, fake tensor and
+    AOT dispatch with dynamic shapes."""
+    torch.library.opcheck(getattr(torch.ops.cbn, op).default, args)
+
+
+def small_net():
+    """Conv -> BatchNorm2d -> ReLU -> pooling -> BatchNorm1d -> Linear."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.BatchNorm1d(24),
+                               torch.nn.Linear(24, 3))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_model_matches_eager(cbn_calls):
+    """torch.compile(fullgraph=True) of a converted model (no graph break at the batch norms): training steps and
+    an eval forward give the eager model's outputs, gradients and running statistics, with cbn's kernels."""
+    torch.manual_seed(4)
+    eager = ct.convert(small_net())
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    for i in range(2):
+        x = torch.randn(5, 3, 6, 6) * 2 + 1
+        ys = [m(x) for m in (eager, compiled)]
+        close(ys[1], ys[0], 1e-5, f"step {i} y")
+        for y in ys:
+            (y * torch.arange(3.0)).sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        close(q.grad, p.grad, 1e-5, name)
+    for (name, b), c in zip(eager.named_buffers(), model.buffers()):
+        close(c, b, 1e-6, name)
+    assert len(cbn_calls["batch_norm"]) == 8 and len(cbn_calls["batch_norm_backward"]) == 8
+    eager.eval()
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(5, 3, 6, 6)
+        close(compiled(x), eager(x), 1e-5, "eval y")
+
+
+def test_export_sees_the_ops():
+    """torch.export of a converted model in eval and in training mode: one cbn op per batch norm in the graph."""
+    torch.manual_seed(5)
+    model = ct.convert(small_net())
+    x = torch.randn(4, 3, 6, 6)
+    for training, op in ((False, "cbn.batch_norm_eval"), (True, "cbn.batch_norm_train")):
+        model.train(training)
+        graph = torch.export.export(model, (x,)).graph_module.code
+        assert graph.count(op) == 2, graph
+
+
+def test_convert_and_revert_round_trip():
+    """convert swaps every BatchNorm1d/2d/3d (nested, in Sequential, ModuleList, ModuleDict, a shared one stays
+    shared) for cbn's, holding the same parameter and buffer objects; revert swaps back; state_dicts load across."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.BatchNorm2d(3)
+            self.seq = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), self.shared, torch.nn.BatchNorm3d(3))
+            self.lst = torch.nn.ModuleList([torch.nn.BatchNorm1d(4, affine=False), torch.nn.Linear(2, 2)])
+            self.dct = torch.nn.ModuleDict({"a": torch.nn.BatchNorm1d(5, momentum=None),
+                                            "b": torch.nn.Sequential(torch.nn.BatchNorm2d(2,
+                                                                                          track_running_stats=False))})
+            self.sync = torch.nn.SyncBatchNorm(3)
+
+    net = Net().eval()
+    hook_calls = []
+    net.dct["a"].register_forward_hook(lambda *a: hook_calls.append(1))
+    before = {k: v for k, v in net.state_dict().items()}
+    tensors = {k: id(v) for k, v in list(net.named_parameters()) + list(net.named_buffers())}
+    assert ct.convert(net) is net
+    kinds = {name: type(m) for name, m in net.named_modules(remove_duplicate=False)}
+    assert kinds["shared"] is kinds["seq.1"] is ct.BatchNorm2d and net.shared is net.seq[1]
+    assert kinds["seq.2"] is ct.BatchNorm3d and kinds["lst.0"] is kinds["dct.a"] is ct.BatchNorm1d
+    assert kinds["dct.b.0"] is ct.BatchNorm2d and kinds["sync"] is torch.nn.SyncBatchNorm
+    assert all(isinstance(m, torch.nn.BatchNorm1d) for m in (net.lst[0], net.dct["a"]))
+    assert not net.seq[1].training and net.dct["a"].momentum is None and net.lst[0].weight is None
+    assert {k: id(v) for k, v in list(net.named_parameters()) + list(net.named_buffers())} == tensors
+    net.dct["a"](torch.randn(3, 5))
+    assert hook_calls == [1]
+    saved = net.state_dict()
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in saved)
+    assert ct.revert(net) is net
+    assert type(net.shared) is torch.nn.BatchNorm2d and type(net.dct["b"][0]) is torch.nn.BatchNorm2d
+    assert net.shared is net.seq[1]
+    fresh = ct.convert(Net())
+    fresh.load_state_dict(saved)
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    bn = torch.nn.BatchNorm2d(3)
+    assert type(ct.convert(bn)) is ct.BatchNorm2d and type(ct.revert(ct.convert(bn))) is torch.nn.BatchNorm2d
+
+
+def test_optimizer_built_before_convert_trains_the_converted_model(cbn_calls):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ct.convert(model)
+    weight = model[1].weight.detach().clone()
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(model[1].weight, weight) and len(cbn_calls["batch_norm_backward"]) == 1
+
+
+@pytest.mark.parametrize("case", ["float16", "bfloat16 input, float32 module", "meta device", "momentum > 1"])
+def test_unsupported_inputs_fall_back_to_torch(case, cbn_calls):
+    """Inputs cbn's ops do not take run torch's own batch norm, with torch's result."""
+    device = "meta" if case == "meta device" else "cpu"
+    tbn = torch.nn.BatchNorm2d(4, momentum=1.5 if case == "momentum > 1" else 0.1, device=device,
+                               dtype=torch.float16 if case == "float16" else torch.float32)
+    cbn_bn = ct.convert(copy.deepcopy(tbn))
+    x = torch.randn(3, 4, 5, 5, device=device).to({"float16": torch.float16, "bfloat16 input, float32 module":
+                                                   torch.bfloat16}.get(case, torch.float32))
+    y, ty = cbn_bn(x), tbn(x)
+    assert not cbn_calls["batch_norm"] and y.device == ty.device and y.dtype == ty.dtype
+    if device == "cpu":
+        assert torch.equal(y, ty) and torch.equal(cbn_bn.running_var, tbn.running_var)
+
+
+@pytest.mark.parametrize("case", ["eps=0 in training", "one value per channel", "eval without statistics",
+                                  "weight of another size", "float64 input, float32 weight"])
+def test_arguments_torch_rejects_raise_torch_errors(case):
+    x = torch.randn(1 if case == "one value per channel" else 4, 3, 1, 1,
+                    dtype=torch.float64 if case.startswith("float64") else torch.float32)
+    stats = (None, None) if case == "eval without statistics" else (torch.zeros(3), torch.ones(3))
+    weight = torch.ones(4 if case == "weight of another size" else 3)
+    kw = dict(training=case != "eval without statistics", eps=0.0 if case.startswith("eps") else 1e-5)
+    with pytest.raises(Exception) as want:
+        torch.nn.functional.batch_norm(x, *stats, weight, **kw)
+    with pytest.raises(want.type) as got:
+        ct.batch_norm(x, *stats, weight, **kw)
+    assert str(got.value) == str(want.value)
+
+
+def test_empty_batch_as_torch(cbn_calls):
+    tbn, cbn_bn = pair(4, 3, torch.float32)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y, ty = cbn_bn(x), tbn(x)
+    assert y.shape == ty.shape and int(cbn_bn.num_batches_tracked) == int(tbn.num_batches_tracked) == 1
+    assert torch.equal(cbn_bn.running_mean, tbn.running_mean) and torch.equal(cbn_bn.running_var, tbn.running_var)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(cbn_bn.weight.grad, torch.zeros(3))
+
+
+def test_strided_input_and_gradient(cbn_calls):
+    """A slice (memory with gaps) and the broadcast gradient of .sum(): copied once, results as torch's, output laid
+    out as torch.empty_like(x)."""
+    tbn, cbn_bn = pair(4, 3, torch.float64)
+    base = torch.randn(6, 3, 8, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    xs = [base[::2, :, 1:7].detach().requires_grad_(), base[::2, :, 1:7].detach().requires_grad_()]
+    ys = [m(x) for m, x in zip((tbn, cbn_bn), xs)]
+    assert ys[1].stride() == torch.empty_like(xs[1]).stride()
+    close(ys[1], ys[0], 1e-12, "y")
+    for y in ys:
+        y.sum().backward()
+    close(xs[1].grad, xs[0].grad, 1e-10, "dx")
+    assert len(cbn_calls["batch_norm_backward"]) == 1
+
+
+def test_ops_run_on_torch_thread_count(cbn_calls):
+    """The ops run cbn's kernels on torch.get_num_threads() threads (capped, as cbn's count always is, by its
+    OpenMP runtime's count), and leave cbn's count of the calling thread as it was."""
+    bn = ct.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    want = []
+    for n in (1, 2):
+        torch.set_num_threads(n)  # (sets the count of an OpenMP runtime that torch and cbn share, if they do)
+        before = cbn.get_num_threads()
+        cbn.set_num_threads(n)
+        want.append(cbn.get_num_threads())
+        cbn.set_num_threads(before)
+        bn(x).sum().backward()
+        assert cbn.get_num_threads() == before
+    assert cbn_calls["batch_norm"] == cbn_calls["batch_norm_backward"] == want
+
+
+def test_import_cbn_does_not_import_torch(run_python, tmp_path):
+    res = run_python(["-c", "import sys, cbn; assert 'torch' not in sys.modules; import cbn.torch; "
+                            "assert 'torch' in sys.modules"], tmp_path)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.skipif(not EXAMPLE.is_file(), reason="this copy of tests/ came without examples/")
+def test_example_quick_run(run_python, tmp_path):
+    out = tmp_path / "table.txt"
+    res = run_python([EXAMPLE, "--quick", "--out", out], tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = out.read_text().splitlines()
+    assert rows[0].startswith("ResNet-18") and len(rows) == 6, rows
