@@ -1,8 +1,9 @@
 """Conversions keep the layer: for random settings and state of every layer class, every chain of conversions and
 round trips (freeze, convert_sync_batchnorm, revert_sync_batchnorm, pickle, deepcopy, save/load, state_dict into a
 fresh layer) gives a layer with the original's settings, mode and state whose forward and backward equal the
-original's bitwise (after freeze: the original's eval mode), or raises the documented error. A new setting meets
-this test once it is a field of the configuration record (cbn._config.Config); add it to ``_settings`` below.
+original's bitwise (after freeze: the original's eval mode), or raises the documented error. A setting added to the
+configuration record (cbn._config.Config) fails test_the_property_test_draws_every_setting until ``_settings`` below
+draws it.
 
 Also: one forward signature for every class, and SyncBatchNorm's eval forward under its lock.
 """
@@ -13,7 +14,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, note
+from hypothesis import find, given, note
 from hypothesis import strategies as st
 
 import cbn
@@ -165,6 +166,13 @@ def test_every_conversion_chain_keeps_the_layer(folder, case):
         for name in ("grad_weight", "grad_bias"):
             a, b = getattr(layer, name), getattr(original, name)
             assert (a is None and b is None) or a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("name", NAMES[1:])
+def test_the_property_test_draws_every_setting(name):
+    """A field added to the record fails here until ``_settings`` draws it; then the property test carries it
+    through every conversion."""
+    find(st.sampled_from(["plain", "sync", "frozen"]).flatmap(lambda kind: _settings(kind, 4)), lambda s: name in s)
 
 
 @pytest.mark.parametrize("cls", EVERY_CLASS, ids=lambda c: c.__name__)

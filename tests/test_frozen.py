@@ -382,6 +382,22 @@ def test_earlier_files_still_load_beside_frozen_ones(tmp_path):
     np.testing.assert_array_equal(frozen(x), bn.eval()(x))
 
 
+@pytest.mark.parametrize("version", [3, 4, cbn.modules.FORMAT_VERSION])
+def test_frozen_files_without_activation(version, tmp_path):
+    """Frozen layers' files of versions 3 and 4 hold no activation and load without one; from version 5 on the key
+    is required."""
+    layer = frozen_with_state()
+    config = {"format": "cbn.batchnorm", "version": version, "class": "FrozenBatchNorm2d", "training": True,
+              "num_features": 5, "eps": 1e-3, "dtype": "float32", "axis": 1}
+    np.savez(tmp_path / "f.npz", __config__=np.array(json.dumps(config)), **layer.state_dict())
+    if version < 5:
+        loaded = cbn.load(tmp_path / "f.npz")
+        assert loaded.activation is None and snapshot(loaded) == snapshot(layer)
+    else:
+        with pytest.raises(ValueError, match=r"config key 'activation' is missing: a version-5 FrozenBatchNorm2d"):
+            cbn.load(tmp_path / "f.npz")
+
+
 # -- bad input -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,exc,pattern", [
     (dict(weight=np.ones((4, 3), np.float32)), ValueError,

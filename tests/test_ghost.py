@@ -13,7 +13,8 @@ from cbn import functional as F
 
 from bn_helpers import assert_rel, full_snapshot, require_torch, snapshot
 
-BOUND = {np.float32: 1e-6, np.float64: 1e-13}  # relative to the largest output (README, "How the kernels work")
+# relative to the largest output (docs/development/kernels.md, "The contract")
+BOUND = {np.float32: 1e-6, np.float64: 1e-13}
 
 
 def ghost_reference(x, size, weight, bias, dy, running, momentum=0.1, eps=1e-5, axis=1):

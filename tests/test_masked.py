@@ -4,7 +4,7 @@ batch renormalization, precise_stats, eval, NaN/Inf at masked-out positions, bad
 thread count and kernel layout.
 
 Bounds as in test_ghost.py and test_renorm.py: relative to the largest magnitude of the reference output, 1e-6 for
-float32 and 1e-13 for float64 (the contract in README, "How the kernels work"). The worst relative error of each
+float32 and 1e-13 for float64 (docs/development/kernels.md, "The contract"). The worst relative error of each
 quantity and dtype is printed at the end of the module (``pytest -s``).
 """
 import pickle

@@ -13,7 +13,8 @@ from cbn import functional as F
 
 from bn_helpers import assert_rel, full_snapshot, require_torch
 
-BOUND = {np.float32: 1e-6, np.float64: 1e-13}  # relative to the largest output (README, "How the kernels work")
+# relative to the largest output (docs/development/kernels.md, "The contract")
+BOUND = {np.float32: 1e-6, np.float64: 1e-13}
 CLIPPINGS = [None, {"rmax": 1.5, "dmax": 0.2}, {"rmax": 1.0, "dmax": 0.0}, {"dmax": 0.5}]
 
 
