@@ -838,8 +838,13 @@ cdef inline void *_data(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef enum:
+    SMALL_WORK = 512      # doubles of scratch a call keeps on its stack (beyond: a _Scratch)
+
+
 cdef class _Scratch:
-    """The doubles a call works in (coefficients, partial sums, their merge): malloc'd, freed with the object."""
+    """The doubles a call works in (coefficients, partial sums, their merge) when they are more than SMALL_WORK:
+    malloc'd, freed with the object."""
     cdef double *p
 
     def __cinit__(self, Py_ssize_t n):
@@ -912,7 +917,9 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
     cdef bint batch = flags & FWD_BATCH
     cdef Py_ssize_t S = cnp.PyArray_SIZE(x) // (N * C)
     cdef Layout L = _layout(N, C, S, batch)
-    cdef _Scratch work = _Scratch(_work_size(L, batch))
+    cdef double small[SMALL_WORK]
+    cdef _Scratch big = _Scratch(_work_size(L, batch)) if _work_size(L, batch) > SMALL_WORK else None
+    cdef double *work = &small[0] if big is None else big.p
     cdef Pass kind = <Pass>(AFFINE + ((flags & FWD_RELU) != 0) + 2 * (z is not None))
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)
@@ -926,12 +933,12 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
         _forward[float](L, <float *>a, <float *>_data(y), <float *>(a if z is None else _data(z)), kind,
                         <float *>_data(channels[0]), <float *>_data(channels[1]), <float *>_data(channels[2]),
                         <float *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
-                        eps, work.p, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
+                        eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
     else:
         _forward[double](L, <double *>a, <double *>_data(y), <double *>(a if z is None else _data(z)), kind,
                          <double *>_data(channels[0]), <double *>_data(channels[1]), <double *>_data(channels[2]),
                          <double *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
-                         eps, work.p, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
+                         eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
 
 
 cdef object _columns(Layout L, valid):
@@ -1104,8 +1111,10 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     cdef bint batch = flags & BWD_BATCH, relu = (flags & BWD_RELU) != 0
     cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), True)
     cdef bint given = sums is not None and dx is not None
-    cdef _Scratch work = _Scratch(_work_size(L, not given))
-    cdef double *totals = _totals(L, work.p)
+    cdef double small[SMALL_WORK]
+    cdef _Scratch big = _Scratch(_work_size(L, not given)) if _work_size(L, not given) > SMALL_WORK else None
+    cdef double *work = &small[0] if big is None else big.p
+    cdef double *totals = _totals(L, work)
     if given:  # copied: given sums are only read, and may be read-only
         memcpy(totals, _data(sums), 2 * C * sizeof(double))
     elif sums is not None:
@@ -1127,12 +1136,12 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _backward[float](L, <float *>a, <float *>cnp.PyArray_DATA(dy), <float *>(_data(e) if relu else a),
                          <float *>_data(dx), <float *>_data(dz), kind, mean, invstd, <float *>_data(saved[2]),
-                         <float *>g, <float *>g + C, batch, given, totals, m, work.p, _threads(L, thread_cap),
+                         <float *>g, <float *>g + C, batch, given, totals, m, work, _threads(L, thread_cap),
                          relu, P)
     else:
         _backward[double](L, <double *>a, <double *>cnp.PyArray_DATA(dy), <double *>(_data(e) if relu else a),
                           <double *>_data(dx), <double *>_data(dz), kind, mean, invstd, <double *>_data(saved[2]),
-                          <double *>g, <double *>g + C, batch, given, totals, m, work.p, _threads(L, thread_cap),
+                          <double *>g, <double *>g + C, batch, given, totals, m, work, _threads(L, thread_cap),
                           relu, P)
 
 

@@ -154,9 +154,10 @@ class Plan(NamedTuple):
     direct: bool
 
     def fits(self, x):
-        """True when ``x`` is an aligned ndarray of this plan's shape, strides and dtype."""
-        return (type(x) is np.ndarray and x.shape == self.shape and x.strides == self.strides
-                and x.dtype == self.in_dtype and x.flags.aligned)
+        """True when ``x`` is an aligned ndarray of this plan's shape, strides and dtype (the dtype object itself:
+        an equal dtype of another object, a rare thing, makes a call take the checks)."""
+        return (type(x) is np.ndarray and x.dtype is self.in_dtype and x.shape == self.shape
+                and x.strides == self.strides and x.flags.aligned)
 
 
 def plan(inp):

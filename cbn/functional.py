@@ -385,9 +385,9 @@ def _normalize(plan, x, stats, channels, flags, momentum, eps, y=None, z=None, v
         stats.fill(np.nan)
     else:
         np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
-    return y, BatchNormSaved(x3, mean, invstd, channels[2], bool(flags & _BATCH), plan.shape, plan.out_dtype,
-                             plan.axis, plan.order, y1.reshape(acb) if flags & _RELU else None, z is not None,
-                             valid=valid)
+    return y, BatchNormSaved._make((x3, mean, invstd, channels[2], bool(flags & _BATCH), plan.shape,
+                                    plan.out_dtype, plan.axis, plan.order, y1.reshape(acb) if flags & _RELU else None,
+                                    z is not None, None, valid))
 
 
 def _valid_count(valid):
