@@ -59,6 +59,8 @@ def _target(plan, out):
     if out is None and plan.out_dtype == dt:
         mem = np.empty(plan.mem_shape, dt)
         return (mem if plan.back is None else mem.transpose(plan.back)), mem, False
+    if out is not None and plan.direct and out.dtype is dt and out.strides == plan.strides:  # (checked shape)
+        return out, (out if plan.back is None else out.transpose(plan.order)), False
     out = _empty(plan.shape, plan.order, plan.out_dtype) if out is None else out
     flat, direct = _kernel_output(out, plan.order, dt)
     return out, flat, not direct

@@ -123,9 +123,9 @@ class _BatchNorm:
         """
         with self._lock:
             plan = self._plan
-            if (plan is not None and out is None and residual is None and mask is None and plan.fits(x)
-                    and self._planned(x)):
-                return self._planned_forward(plan, x)
+            if (plan is not None and residual is None and mask is None and plan.fits(x) and self._planned(x)
+                    and (out is None or plan.fits_out(out, x))):
+                return self._planned_forward(plan, x, out)
             c = self._cfg
             inp = self._input(x)
             mask = V.mask(mask, inp)
@@ -162,8 +162,9 @@ class _BatchNorm:
         return x.base is None or not c.track_running_stats or not (
             np.may_share_memory(x, self.running_mean) or np.may_share_memory(x, self.running_var))
 
-    def _planned_forward(self, plan, x):
-        """:meth:`forward` of an input that fits ``plan`` (a plain call: :meth:`_planned`)."""
+    def _planned_forward(self, plan, x, out):
+        """:meth:`forward` of an input that fits ``plan`` (a plain call: :meth:`_planned`) into ``out`` (None, or
+        one that fits the plan: :meth:`cbn._validate.Plan.fits_out`)."""
         c = self._cfg
         C = c.num_features
         stats = np.empty(2 * C)
@@ -176,11 +177,11 @@ class _BatchNorm:
             channels = (self.running_mean, self.running_var) if update else (None, None)
             y, self._saved = F._normalize(plan, x, stats, channels + (self.weight, self.bias),
                                           F._BATCH | relu | (F._UPDATE if update else 0),
-                                          self._factor(count) if update else 0.0, c.eps)
+                                          self._factor(count) if update else 0.0, c.eps, out)
             self.num_batches_tracked = count
             return y
         stats[:C], stats[C:] = self.running_mean, self.running_var
-        y, self._saved = F._normalize(plan, x, stats, (None, None, self.weight, self.bias), relu, 0.0, c.eps)
+        y, self._saved = F._normalize(plan, x, stats, (None, None, self.weight, self.bias), relu, 0.0, c.eps, out)
         return y
 
     def _input(self, x):
@@ -226,9 +227,10 @@ class _BatchNorm:
             plan = self._plan
             # A saved forward made with the layer's plan (it holds the plan's own order tuple) is consistent: dy
             # needs the checks of grad_output only.
-            if (out is None and type(saved) is F.BatchNormSaved and plan is not None and saved.order is plan.order
-                    and type(dy) is np.ndarray and dy.dtype.kind == "f" and dy.shape == plan.shape):
-                return self._set_grads(*F.gradient_input(dy, saved, None, None, None, plan))
+            if (type(saved) is F.BatchNormSaved and plan is not None and saved.order is plan.order
+                    and type(dy) is np.ndarray and dy.dtype.kind == "f" and dy.shape == plan.shape
+                    and (out is None or plan.fits_out(out, dy, saved.x, saved.y))):
+                return self._set_grads(*F.gradient_input(dy, saved, out, None, None, plan))
             return self._set_grads(*F.batch_norm_backward(dy, saved, out=out))
 
     # -- state ------------------------------------------------------------------------------------------------
