@@ -1,31 +1,22 @@
 """Side by side: this cbn against a previous build (e.g. the last main) installed in another environment.
 
-    python benches/compare_main.py /path/to/other/site-packages/cbn --threads 1,2 --budget 0.3
+    python benches/compare_main.py /path/to/other/venv/bin/python --threads 1,2 --budget 0.1 --rounds 2
 
-The other build is imported in the same process under the name ``cbn_main`` (its package directory is given), and
-both are timed round-robin, call after call (``cbn.bench.median_times``), on the benchmark suite's shapes: the
-layer calls ``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32, every layout of the
-suite (a case the other build cannot take, e.g. an axis before it had one, is skipped). Printed: the median
-times and new/main (below 1: this build is faster).
+Each build runs in its own process (its own Python, so its own compiled kernels: both builds name their kernel
+modules alike, and one process can load only one of them), in alternating order, ``--rounds`` times per thread
+count: this build, the other, this build, ... Each process times the benchmark suite's layer calls
+``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32, every layout of the suite, with
+``cbn.bench.median_times`` (a case the other build cannot take is skipped). Printed: the median over the rounds of
+each build's time and of the ratio new/main of the processes run one after the other (below 1: this build is
+faster).
 """
 import argparse
-import importlib.util
 import json
+import statistics
+import subprocess
 import sys
 
 import numpy as np
-
-import cbn
-from cbn import bench
-
-
-def load_other(path):
-    """Import the cbn package in directory ``path`` as the module ``cbn_main``."""
-    spec = importlib.util.spec_from_file_location("cbn_main", f"{path}/__init__.py", submodule_search_locations=[path])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cbn_main"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def layer_calls(lib, x, dy, axis):
@@ -43,35 +34,53 @@ def layer_calls(lib, x, dy, axis):
             "backward": lambda: train.backward(dy, out=dx)}
 
 
+def time_suite(threads, budget):
+    """{case: {op: seconds}} of the cbn this process imports (None for a case it cannot take)."""
+    import cbn
+    from cbn import bench
+    cbn.set_num_threads(threads)
+    times = {}
+    for shape, layout in bench.CASES:
+        x, dy, axis = bench._data(shape, layout, np.float32)
+        try:
+            times[f"{shape} {layout}"] = bench.median_times(layer_calls(cbn, x, dy, axis), budget)
+        except TypeError:
+            times[f"{shape} {layout}"] = None
+    return times
+
+
+def run(python, threads, budget):
+    """time_suite in a child process of ``python``."""
+    code = (f"import json, sys; sys.path.insert(0, {sys.path[0]!r}); import compare_main; "
+            f"print(json.dumps(compare_main.time_suite({threads}, {budget})))")
+    return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("other", help="directory of the other build's cbn package")
+    p.add_argument("other", help="the Python of the other build's environment")
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--budget", type=float, default=0.3, help="seconds per call kind and case")
+    p.add_argument("--budget", type=float, default=0.1, help="seconds per call kind and case")
+    p.add_argument("--rounds", type=int, default=2, help="process pairs per thread count")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
-    other = load_other(a.other)
     rows = []
-    print(f"{'shape':>18} {'layout':>13} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
+    print(f"{'case':>32} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
     for threads in map(int, a.threads.split(",")):
-        other.set_num_threads(threads)
-        cbn.set_num_threads(threads)
-        for shape, layout in bench.CASES:
-            x, dy, axis = bench._data(shape, layout, np.float32)
-            try:
-                calls = {("main", op): f for op, f in layer_calls(other, x, dy, axis).items()}
-            except TypeError as e:
-                print(f"{str(shape):>18} {layout:>13} {threads:>3} skipped: the other build cannot take it ({e})")
+        pairs = [(run(sys.executable, threads, a.budget), run(a.other, threads, a.budget)) for _ in range(a.rounds)]
+        for case in pairs[0][0]:
+            if any(main[case] is None for _, main in pairs):
+                print(f"{case:>32} {threads:>3} skipped: the other build cannot take it")
                 continue
-            calls.update({("new", op): f for op, f in layer_calls(cbn, x, dy, axis).items()})
-            t = bench.median_times(calls, a.budget)
-            for op in bench.OPS:
-                row = {"shape": list(shape), "layout": layout, "threads": threads, "op": op,
-                       "main_us": t["main", op] * 1e6, "new_us": t["new", op] * 1e6,
-                       "new_over_main": t["new", op] / t["main", op]}
+            for op in ("train", "eval", "backward"):
+                new = [n[case][op] for n, _ in pairs]
+                main = [m[case][op] for _, m in pairs]
+                row = {"case": case, "threads": threads, "op": op, "main_us": statistics.median(main) * 1e6,
+                       "new_us": statistics.median(new) * 1e6,
+                       "new_over_main": statistics.median(n / m for n, m in zip(new, main))}
                 rows.append(row)
-                print(f"{str(shape):>18} {layout:>13} {threads:>3} {op:>8} {row['main_us']:10.1f} "
-                      f"{row['new_us']:10.1f} {row['new_over_main']:8.2f}", flush=True)
+                print(f"{case:>32} {threads:>3} {op:>8} {row['main_us']:10.1f} {row['new_us']:10.1f} "
+                      f"{row['new_over_main']:8.2f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows}, f, indent=1)
