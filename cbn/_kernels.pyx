@@ -30,7 +30,7 @@ and nothing here allocates more than the small scratch of partial sums and coeff
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport INFINITY, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -61,13 +61,16 @@ ctypedef fused floating:
     double
 
 # The operations, as types of a fused argument: each kernel is specialised for its operation at compile time.
-# a = x (dy for the eval backward, which scales dy), d = dy, e = the extra input: the residual z of a forward, the
-# saved output y of a forward with ReLU (its mask) in a backward; masked(d) = d where e > 0, else 0.
+# a = x (dy for the eval backward, which scales dy, except AffineGated), d = dy, e = the extra input: the residual z
+# of a forward, the saved output y of a forward with ReLU and a residual in a backward; masked(d) = d where e > 0,
+# else 0. gated(d) = d where the forward's ReLU let its value through, recomputed from a = x (see _gate), else 0.
 cdef struct Moments:         # sums of u = x - K: s0 += u, s1 += u*u
     char tag
 cdef struct GradSums:        # s0 += dy, s1 += dy*(x - K)
     char tag
 cdef struct GradSumsMasked:  # s0 += masked(dy), s1 += masked(dy)*(x - K)
+    char tag
+cdef struct GradSumsGated:   # s0 += gated(dy), s1 += gated(dy)*(x - K)
     char tag
 cdef struct Affine:          # out = (a - c0)*c1 + c2
     char tag
@@ -77,24 +80,24 @@ cdef struct AffineAdd:       # out = (a - c0)*c1 + c2 + e
     char tag
 cdef struct AffineAddRelu:   # out = max(0, (a - c0)*c1 + c2 + e)
     char tag
-cdef struct AffineMasked:    # out = (masked(a) - c0)*c1 + c2
+cdef struct AffineGated:     # out = (gated(d) - c0)*c1 + c2
     char tag
-cdef struct AffineMaskedDz:  # AffineMasked, and dz = masked(a)
+cdef struct AffineMaskedDz:  # out = (masked(a) - c0)*c1 + c2, and dz = masked(a)
     char tag
 cdef struct Grad:            # out = (d - c3)*c1 - (a - c0)*c2
     char tag
-cdef struct GradMasked:      # out = (masked(d) - c3)*c1 - (a - c0)*c2
+cdef struct GradGated:       # out = (gated(d) - c3)*c1 - (a - c0)*c2
     char tag
-cdef struct GradMaskedDz:    # GradMasked, and dz = masked(d)
+cdef struct GradMaskedDz:    # out = (masked(d) - c3)*c1 - (a - c0)*c2, and dz = masked(d)
     char tag
 # With position weights v (1 where a position counts in the statistics, else 0; see Positions):
 cdef struct MomentsValid:    # Moments over the positions with v = 1
     char tag
 cdef struct GradValid:       # out = (d - c3)*c1 - (a - c0)*c2 where v = 1, else d*c1
     char tag
-cdef struct GradMaskedValid:    # GradValid of masked(d)
+cdef struct GradGatedValid:     # GradValid of gated(d)
     char tag
-cdef struct GradMaskedDzValid:  # GradMaskedValid, and dz = masked(d)
+cdef struct GradMaskedDzValid:  # GradValid of masked(d), and dz = masked(d)
     char tag
 
 ctypedef fused SumOp:
@@ -102,19 +105,39 @@ ctypedef fused SumOp:
     MomentsValid
     GradSums
     GradSumsMasked
+    GradSumsGated
 
 ctypedef fused ApplyOp:
     Affine
     AffineRelu
     AffineAdd
     AffineAddRelu
-    AffineMasked
+    AffineGated
     AffineMaskedDz
     Grad
-    GradMasked
+    GradGated
     GradMaskedDz
     GradValid
-    GradMaskedValid
+    GradGatedValid
+    GradMaskedDzValid
+
+ctypedef fused AnyOp:  # every op (_extra)
+    GradSumsGated
+    AffineGated
+    GradGated
+    GradGatedValid
+    GradSums
+    GradSumsMasked
+    Moments
+    MomentsValid
+    Affine
+    AffineRelu
+    AffineAdd
+    AffineAddRelu
+    AffineMaskedDz
+    Grad
+    GradMaskedDz
+    GradValid
     GradMaskedDzValid
 
 # The elementwise passes by number (a call picks one at run time; each block runs its compiled specialisation).
@@ -123,13 +146,13 @@ cpdef enum Pass:
     AFFINE_RELU = 1
     AFFINE_ADD = 2
     AFFINE_ADD_RELU = 3
-    AFFINE_MASKED = 4
+    AFFINE_GATED = 4
     AFFINE_MASKED_DZ = 5
     GRAD = 6
-    GRAD_MASKED = 7
+    GRAD_GATED = 7
     GRAD_MASKED_DZ = 8
     GRAD_VALID = 9
-    GRAD_MASKED_VALID = 10
+    GRAD_GATED_VALID = 10
     GRAD_MASKED_DZ_VALID = 11
 
 
@@ -153,6 +176,16 @@ cdef inline double _relu(double v) noexcept nogil:
     return 0.0 if v < 0.0 else v
 
 
+cdef inline double _extra(AnyOp op, floating a, floating e, const double *h, Py_ssize_t hs,
+                          Py_ssize_t j) noexcept nogil:
+    """The e of an op at input a: for the Gated ops, 1.0 where the forward's ReLU let the value through, else 0.0:
+    where h[j] <= a <= h[hs + j], the interval of the inputs it passed (_gate_coef); else e itself."""
+    if AnyOp is GradSumsGated or AnyOp is AffineGated or AnyOp is GradGated or AnyOp is GradGatedValid:
+        return 1.0 if (a >= h[j]) & (a <= h[hs + j]) else 0.0
+    else:
+        return e
+
+
 cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, double c1, double c2, double c3,
                           Py_ssize_t v) noexcept nogil:
     """One value of an elementwise pass, in double (see the ApplyOp structs; v: the position's weight)."""
@@ -164,11 +197,13 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
         return (a - c0) * c1 + c2 + e
     elif ApplyOp is AffineAddRelu:
         return _relu((a - c0) * c1 + c2 + e)
-    elif ApplyOp is AffineMasked or ApplyOp is AffineMaskedDz:
+    elif ApplyOp is AffineGated:
+        return (_masked(d, e) - c0) * c1 + c2
+    elif ApplyOp is AffineMaskedDz:
         return (_masked(a, e) - c0) * c1 + c2
     elif ApplyOp is Grad:
         return (d - c3) * c1 - (a - c0) * c2
-    elif ApplyOp is GradMasked or ApplyOp is GradMaskedDz:
+    elif ApplyOp is GradGated or ApplyOp is GradMaskedDz:
         return (_masked(d, e) - c3) * c1 - (a - c0) * c2
     elif ApplyOp is GradValid:
         return (d - c3) * c1 - (a - c0) * c2 if v else d * c1
@@ -367,11 +402,12 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                        Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
                        double *s0, double *s1, Positions P, Py_ssize_t p, Py_ssize_t pld,
-                       Py_ssize_t j0) noexcept nogil:
+                       Py_ssize_t j0, const double *h, Py_ssize_t hs) noexcept nogil:
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
     u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
-    p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums) or masked(dy) (GradSumsMasked); four rows per step,
-    added pairwise. Vectorised across columns: each column is one lane."""
+    p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums), masked(dy) (GradSumsMasked) or gated(dy)
+    (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _extra); four rows per step, added pairwise.
+    Vectorised across columns: each column is one lane."""
     cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
     cdef Py_ssize_t buf[4 * COL_CHUNK]
@@ -391,10 +427,10 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
             u1 = _weight(op, <double>x[i + ld + j] - shift[j], v1, j)
             u2 = _weight(op, <double>x[i + 2 * ld + j] - shift[j], v2, j)
             u3 = _weight(op, <double>x[i + 3 * ld + j] - shift[j], v3, j)
-            w0 = _grad_weight(op, u0, dy[i + j], e[i + j])
-            w1 = _grad_weight(op, u1, dy[i + ld + j], e[i + ld + j])
-            w2 = _grad_weight(op, u2, dy[i + 2 * ld + j], e[i + 2 * ld + j])
-            w3 = _grad_weight(op, u3, dy[i + 3 * ld + j], e[i + 3 * ld + j])
+            w0 = _grad_weight(op, u0, dy[i + j], _extra(op, x[i + j], e[i + j], h, hs, j))
+            w1 = _grad_weight(op, u1, dy[i + ld + j], _extra(op, x[i + ld + j], e[i + ld + j], h, hs, j))
+            w2 = _grad_weight(op, u2, dy[i + 2 * ld + j], _extra(op, x[i + 2 * ld + j], e[i + 2 * ld + j], h, hs, j))
+            w3 = _grad_weight(op, u3, dy[i + 3 * ld + j], _extra(op, x[i + 3 * ld + j], e[i + 3 * ld + j], h, hs, j))
             s0[j] += (w0 + w1) + (w2 + w3)
             s1[j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
     for r in range(r4, nrows):
@@ -403,7 +439,7 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
             v0 = _row_weights(P, p + r * pld, j0, j0 + width, buf)
         for j in range(width):
             u0 = _weight(op, <double>x[i + j] - shift[j], v0, j)
-            w0 = _grad_weight(op, u0, dy[i + j], e[i + j])
+            w0 = _grad_weight(op, u0, dy[i + j], _extra(op, x[i + j], e[i + j], h, hs, j))
             s0[j] += w0
             s1[j] += w0 * u0
 
@@ -478,20 +514,24 @@ cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexce
 
 
 cdef void _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
-                     floating *out, floating *dz, Py_ssize_t i0, Py_ssize_t i1, double c0, double c1,
-                     double c2, double c3, const Py_ssize_t *v) noexcept nogil:
-    """Values [i0, i1) of one channel: out = _value(op, x, dy, e) in double, rounded once (and dz, for the Dz
-    ops); value i with the position weight v[i - i0] (read by the Valid ops only). The _single passes in
-    float32."""
+                     floating *out, floating *dz, Py_ssize_t i0, Py_ssize_t i1, const double *cf, Py_ssize_t W,
+                     const Py_ssize_t *v) noexcept nogil:
+    """Values [i0, i1) of one channel, whose coefficients are cf[r*W] (r = 0..3; its gate interval, r = 6, 7): out =
+    _value(op, x, dy, e) in double, rounded once (and dz, for the Dz ops); value i with the position weight
+    v[i - i0] (read by the Valid ops only). The _single passes in float32."""
     cdef Py_ssize_t i
     cdef float hi
+    cdef double c0 = cf[0], c1 = cf[W], c2 = cf[2 * W], c3 = cf[3 * W]
+    cdef double h[2]
+    h[0], h[1] = cf[6 * W], cf[7 * W]
     if _single(op, out):
         hi = <float>c0
         for i in range(i0, i1):
             out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2)
         return
     for i in range(i0, i1):
-        out[i] = <floating>_value(op, x[i], dy[i], e[i], c0, c1, c2, c3, _position(op, v, i - i0))
+        out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], h, 1, 0), c0, c1, c2, c3,
+                                  _position(op, v, i - i0))
         if ApplyOp is AffineMaskedDz:
             dz[i] = <floating>_masked(x[i], e[i])
         elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
@@ -502,8 +542,8 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                          floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
-    coef[r*W + j], r = 0..3: as _apply_row, COL_CHUNK columns at a time (the _single passes in float32, with the
-    rows of _narrow that follow coef's)."""
+    coef[r*W + j], r = 0..3 (its gate interval, r = 6, 7): as _apply_row, COL_CHUNK columns at a time (the _single
+    passes in float32, with the rows of _narrow that follow coef's)."""
     cdef Py_ssize_t j, i, q, a, b
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
@@ -514,15 +554,15 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
         return
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
-        if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
+        if ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
             if _uniform(P, a, b) and P.valid[p + a // P.run]:
                 _apply_counted(op, x, dy, e, out, dz, base, a, b, W, coef)
                 continue
             v = _row_weights(P, p, a, b, buf)
         for j in range(a, b):
             i = base + j
-            out[i] = <floating>_value(op, x[i], dy[i], e[i], coef[j], coef[W + j], coef[2 * W + j],
-                                      coef[3 * W + j], _position(op, v, j - a))
+            out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], coef + 6 * W, W, j), coef[j],
+                                      coef[W + j], coef[2 * W + j], coef[3 * W + j], _position(op, v, j - a))
             if ApplyOp is AffineMaskedDz:
                 dz[i] = <floating>_masked(x[i], e[i])
             elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
@@ -534,19 +574,19 @@ cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, cons
                          Py_ssize_t W, const double *coef) noexcept nogil:
     """_apply_columns of a Valid pass over columns that all count: the pass without position weights."""
     cdef Grad grad
-    cdef GradMasked grad_masked
+    cdef GradGated grad_gated
     cdef GradMaskedDz grad_masked_dz
     if ApplyOp is GradValid:
         _apply_columns(grad, x, dy, e, out, dz, base, j0, j1, W, coef, _every(), 0)
-    elif ApplyOp is GradMaskedValid:
-        _apply_columns(grad_masked, x, dy, e, out, dz, base, j0, j1, W, coef, _every(), 0)
+    elif ApplyOp is GradGatedValid:
+        _apply_columns(grad_gated, x, dy, e, out, dz, base, j0, j1, W, coef, _every(), 0)
     elif ApplyOp is GradMaskedDzValid:
         _apply_columns(grad_masked_dz, x, dy, e, out, dz, base, j0, j1, W, coef, _every(), 0)
 
 
 cdef inline Py_ssize_t _position(ApplyOp op, const Py_ssize_t *v, Py_ssize_t j) noexcept nogil:
     """The weight v[j] for the passes that read position weights (v is NULL for the others)."""
-    if ApplyOp is GradValid or ApplyOp is GradMaskedValid or ApplyOp is GradMaskedDzValid:
+    if ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
         return v[j]
     else:
         return 1
@@ -556,7 +596,8 @@ cdef inline Py_ssize_t _position(ApplyOp op, const Py_ssize_t *v, Py_ssize_t j) 
 
 cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                       const floating *e, const double *coef, double *part, Positions P) noexcept nogil:
-    """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0] (MomentsValid: weighted by P).
+    """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0] (MomentsValid: weighted by P;
+    GradSumsGated: gated by the coefficients of _gate_rows).
 
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
@@ -564,7 +605,9 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     lane per column, the lanes added in order."""
     cdef double s[2 * COL_CHUNK]
     cdef double shift[COL_CHUNK]
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part
+    cdef double gate[2 * COL_CHUNK]
+    cdef const double *h = _gate_rows(L, coef)
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, r, a, b, off = k * L.part, hs = L.C * L.G
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         for q in range(_cdiv(i1 - i0, COL_CHUNK)):
@@ -576,7 +619,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
                 _counted_rows(L, x, n0, n1, a, b, shift, s, P)
             else:
                 _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK], P,
-                             n0 * L.G, L.G, a)
+                             n0 * L.G, L.G, a, h + a, hs)
             for j in range(b - a):
                 part[off + a - i0 + j] = s[j]
                 part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
@@ -588,14 +631,18 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
         for n in range(n0, n1):
             for c in range(c0, c1):
                 _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)], P,
-                          n * L.S + i0)
+                          n * L.S + i0, h + c, hs)
         return
     for c in range(c0, c1):  # short rows: down the block's images, a lane per column, the lanes added in order
         for j in range(i1 - i0):
             shift[j] = coef[c]
+        if SumOp is GradSumsGated:
+            for r in range(2):
+                for j in range(i1 - i0):
+                    gate[r * COL_CHUNK + j] = h[r * hs + c]
         _zero_lanes(s, i1 - i0)
         _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK], P,
-                     n0 * L.S + i0, L.S, 0)
+                     n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
         for j in range(i1 - i0):
             part[off + 2 * (c - c0)] += s[j]
             part[off + 2 * (c - c0) + 1] += s[COL_CHUNK + j]
@@ -620,24 +667,30 @@ cdef void _counted_rows(Layout L, const floating *x, Py_ssize_t n0, Py_ssize_t n
             n += 1
         if n > start:
             _column_sums(moments, x, x, x, start * L.W + a, L.W, n - start, b - a, shift, s, &s[COL_CHUNK], P, 0,
-                         0, 0)
+                         0, 0, NULL, 0)
 
 
 cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
-                    Py_ssize_t base, Py_ssize_t n, double k, double *pair, Positions P, Py_ssize_t p) noexcept nogil:
+                    Py_ssize_t base, Py_ssize_t n, double k, double *pair, Positions P, Py_ssize_t p,
+                    const double *hc, Py_ssize_t hs) noexcept nogil:
     """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (at positions p, p + 1,
-    ...; u = x - k, w as in _column_sums): value e in lane e % LANES (the row cut into rows of LANES
-    values, down which _column_sums runs), the lanes folded pairwise."""
+    ...; u = x - k, w as in _column_sums, the channel's gate coefficients at hc[r*hs]): value e in lane e % LANES
+    (the row cut into rows of LANES values, down which _column_sums runs), the lanes folded pairwise."""
     cdef double s[2 * LANES]
     cdef double shift[LANES]
-    cdef Py_ssize_t q, h, nsub = n // LANES
+    cdef double gate[2 * LANES]
+    cdef Py_ssize_t q, r, h, nsub = n // LANES
     for q in range(LANES):
         shift[q] = k
         s[q] = 0.0
         s[LANES + q] = 0.0
-    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0)
+    if SumOp is GradSumsGated:
+        for r in range(2):
+            for q in range(LANES):
+                gate[r * LANES + q] = hc[r * hs]
+    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES)
     _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES], P,
-                 p + nsub * LANES, 0, 0)
+                 p + nsub * LANES, 0, 0, gate, LANES)
     h = LANES // 2
     while h > 0:
         for q in range(h):
@@ -670,8 +723,8 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
-            _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef[c], coef[L.C + c], coef[2 * L.C + c],
-                       coef[3 * L.C + c], P.valid + n * L.S + i0 if P.valid != NULL else NULL)
+            _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
+                       P.valid + n * L.S + i0 if P.valid != NULL else NULL)
 
 
 cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
@@ -682,13 +735,13 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
     cdef AffineRelu affine_relu
     cdef AffineAdd affine_add
     cdef AffineAddRelu affine_add_relu
-    cdef AffineMasked affine_masked
+    cdef AffineGated affine_gated
     cdef AffineMaskedDz affine_masked_dz
     cdef Grad grad
-    cdef GradMasked grad_masked
+    cdef GradGated grad_gated
     cdef GradMaskedDz grad_masked_dz
     cdef GradValid grad_valid
-    cdef GradMaskedValid grad_masked_valid
+    cdef GradGatedValid grad_gated_valid
     cdef GradMaskedDzValid grad_masked_dz_valid
     if kind == AFFINE:
         _block_apply(affine, L, k, x, dy, e, out, dz, coef, P)
@@ -698,31 +751,34 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
         _block_apply(affine_add, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_ADD_RELU:
         _block_apply(affine_add_relu, L, k, x, dy, e, out, dz, coef, P)
-    elif kind == AFFINE_MASKED:
-        _block_apply(affine_masked, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == AFFINE_GATED:
+        _block_apply(affine_gated, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_MASKED_DZ:
         _block_apply(affine_masked_dz, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD:
         _block_apply(grad, L, k, x, dy, e, out, dz, coef, P)
-    elif kind == GRAD_MASKED:
-        _block_apply(grad_masked, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == GRAD_GATED:
+        _block_apply(grad_gated, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD_MASKED_DZ:
         _block_apply(grad_masked_dz, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD_VALID:
         _block_apply(grad_valid, L, k, x, dy, e, out, dz, coef, P)
-    elif kind == GRAD_MASKED_VALID:
-        _block_apply(grad_masked_valid, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == GRAD_GATED_VALID:
+        _block_apply(grad_gated_valid, L, k, x, dy, e, out, dz, coef, P)
     else:
         _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
 
 
-cdef void _grad_sums(bint masked, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+cdef void _grad_sums(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                      const floating *e, const double *coef, double *part) noexcept nogil:
-    """The gradient sums of block k, of dy or of masked(dy)."""
+    """The gradient sums of block k for the dx pass ``kind``: of dy, masked(dy) or gated(dy)."""
     cdef GradSums gradsums
     cdef GradSumsMasked gradsums_masked
+    cdef GradSumsGated gradsums_gated
     cdef Positions every = _every()
-    if masked:
+    if kind == AFFINE_GATED or kind == GRAD_GATED or kind == GRAD_GATED_VALID:
+        _block_sums(gradsums_gated, L, k, x, dy, e, coef, part, every)
+    elif kind == AFFINE_MASKED_DZ or kind == GRAD_MASKED_DZ or kind == GRAD_MASKED_DZ_VALID:
         _block_sums(gradsums_masked, L, k, x, dy, e, coef, part, every)
     else:
         _block_sums(gradsums, L, k, x, dy, e, coef, part, every)
@@ -839,7 +895,7 @@ cdef inline void *_data(object a):
 
 
 cdef enum:
-    SMALL_WORK = 512      # doubles of scratch a call keeps on its stack (beyond: a _Scratch)
+    SMALL_WORK = 1024     # doubles of scratch a call keeps on its stack (beyond: a _Scratch)
 
 
 cdef class _Scratch:
@@ -856,12 +912,13 @@ cdef class _Scratch:
         free(self.p)
 
 
-# A call's scratch (doubles): coef (4*C*G), its float32 rows (_narrow: 4*C*G floats), cc (4*C, when G > 1), the
-# sums (2*C) and, for calls that sum, the partial sums and their merge tree.
+# A call's scratch (doubles): coef (4*C*G), its float32 rows (_narrow: 4*C*G floats), the gate rows of a backward
+# after a ReLU (_gate_rows: 2*C*G), cc (4*C, when G > 1), the sums (2*C) and, for calls that sum, the partial sums
+# and their merge tree.
 
 cdef inline Py_ssize_t _sums_at(Layout L) noexcept nogil:
     """Where the (2, C) sums of a call are in its scratch."""
-    return 6 * L.C * L.G + (4 * L.C if L.G > 1 else 0)
+    return 8 * L.C * L.G + (4 * L.C if L.G > 1 else 0)
 
 
 cdef inline Py_ssize_t _work_size(Layout L, bint sums) noexcept nogil:
@@ -871,7 +928,125 @@ cdef inline Py_ssize_t _work_size(Layout L, bint sums) noexcept nogil:
 
 cdef inline double *_compact(Layout L, double *work) noexcept nogil:
     """Where the per-channel steps write their coefficients: cc, or coef itself when G == 1."""
-    return work + 6 * L.C * L.G if L.G > 1 else work
+    return work + 8 * L.C * L.G if L.G > 1 else work
+
+
+cdef inline double *_gate_rows(Layout L, const double *coef) noexcept nogil:
+    """The two rows of C*G columns after coef's rows and their float32 rows: the gate intervals (_gate_coef)."""
+    return <double *>coef + 6 * L.C * L.G
+
+
+cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *cc, double *coef,
+                     const floating *x) noexcept nogil:
+    """The gate rows of a backward after a forward with ReLU, from the forward's mean and gate (its (scale, shift)
+    per channel): per channel the interval [lo, hi] of the inputs whose output the ReLU let through, computed
+    into cc and spread over the columns (_expand). The forward's AffineRelu pass computes the pre-activation of
+    input a as v(a) = ((a - h0) - h1)*h2 + h3 in the floating type of x (float32: h0 + h1 the float split of the
+    mean, as _narrow, h2 and h3 the rounded scale and shift; float64: (mean, 0, scale, shift)). Each step rounds
+    monotonically, so the inputs with v > 0 are an interval of the floating values (an end of it infinite when
+    v(+inf) or v(-inf) > 0; else around h0 if v(h0) > 0; else empty: [inf, -inf]), and its ends, found by
+    _edge, make the gate the forward's own test, to the bit, for every input (NaN: outside)."""
+    cdef Py_ssize_t c, C = L.C
+    cdef floating h0, h1, h2, h3, top = <floating>INFINITY
+    cdef double *hc = cc if L.G > 1 else _gate_rows(L, coef)
+    cdef double root
+    cdef long long start, bottom = _key(-top), upper = _key(top)
+    for c in range(C):
+        h0 = <floating>mean[c]
+        h1 = <floating>(mean[c] - <double>h0) if floating is float else 0.0
+        h2, h3 = <floating>gate[c], <floating>gate[C + c]
+        root = <double>h0 + <double>h1 - <double>h3 / <double>h2  # where v is 0 in real arithmetic
+        start = _key(<floating>(root if root == root else 0.0))
+        if _passes(top, h0, h1, h2, h3) and not _passes(-top, h0, h1, h2, h3):  # [lo, inf]
+            hc[c], hc[C + c] = _value_of(_edge(_inside(start, upper, h0, h1, h2, h3), bottom, h0, h1, h2, h3), h0), top
+        elif _passes(-top, h0, h1, h2, h3) and not _passes(top, h0, h1, h2, h3):  # [-inf, hi]
+            hc[c], hc[C + c] = -top, _value_of(_edge(_inside(start, bottom, h0, h1, h2, h3), upper, h0, h1, h2, h3), h0)
+        elif _passes(h0, h0, h1, h2, h3):
+            start = _key(h0)
+            hc[c] = _value_of(_edge(start, bottom, h0, h1, h2, h3), h0)
+            hc[C + c] = _value_of(_edge(start, upper, h0, h1, h2, h3), h0)
+        else:
+            hc[c], hc[C + c] = top, -top
+    _expand(L, hc, _gate_rows(L, coef), 2)
+
+
+cdef inline bint _passes(floating a, floating h0, floating h1, floating h2, floating h3) noexcept nogil:
+    """The forward's ReLU lets input a through: v(a) > 0 (_gate_coef)."""
+    return ((a - h0) - h1) * h2 + h3 > 0
+
+
+cdef inline unsigned long long _distance(long long a, long long b) noexcept nogil:
+    """|b - a| of two keys (exact: it is below 2**64)."""
+    return <unsigned long long>b - <unsigned long long>a if b >= a else <unsigned long long>a - <unsigned long long>b
+
+
+cdef inline long long _moved(long long k, long long towards, unsigned long long n) noexcept nogil:
+    """The key n steps from k towards key ``towards`` (n at most their distance)."""
+    return <long long>(<unsigned long long>k + n) if towards > k else <long long>(<unsigned long long>k - n)
+
+
+cdef long long _inside(long long k, long long end, floating h0, floating h1, floating h2,
+                       floating h3) noexcept nogil:
+    """A key whose value passes (_passes), from k towards end (whose value passes): k itself, else the first of
+    steps doubling in length from k, or end."""
+    cdef unsigned long long step = 1
+    while not _passes(_value_of(k, h0), h0, h1, h2, h3):
+        if _distance(k, end) <= step:
+            return end
+        k = _moved(k, end, step)
+        step *= 2
+    return k
+
+
+cdef long long _edge(long long k, long long end, floating h0, floating h1, floating h2,
+                     floating h3) noexcept nogil:
+    """The last key from k (whose value passes) towards end whose value passes, the test monotone between them:
+    steps doubling in length from k until one fails (or end passes), then halving between the last key that
+    passed and the first that failed."""
+    cdef unsigned long long step = 1
+    cdef long long good = k, bad, mid
+    while good != end:
+        bad = _moved(good, end, step) if _distance(good, end) > step else end
+        if not _passes(_value_of(bad, h0), h0, h1, h2, h3):
+            while _distance(good, bad) > 1:
+                mid = _moved(good, bad, _distance(good, bad) // 2)
+                if _passes(_value_of(mid, h0), h0, h1, h2, h3):
+                    good = mid
+                else:
+                    bad = mid
+            return good
+        good = bad
+        step *= 2
+    return end
+
+
+cdef inline long long _key(floating a) noexcept nogil:
+    """An integer in the order of the floating values (not NaN): -0 and 0 alike, neighbours one apart (the bits of
+    |a|, negated for a < 0)."""
+    cdef int b32
+    cdef long long b64
+    if a == 0:
+        return 0
+    cdef floating m = -a if a < 0 else a
+    if floating is float:
+        memcpy(&b32, &m, sizeof(float))
+        b64 = b32
+    else:
+        memcpy(&b64, &m, sizeof(double))
+    return -b64 if a < 0 else b64
+
+
+cdef inline floating _value_of(long long k, floating like) noexcept nogil:
+    """The floating value of key k (_key; like only selects the type)."""
+    cdef int b32
+    cdef long long b64 = -k if k < 0 else k
+    cdef floating m
+    if floating is float:
+        b32 = <int>b64
+        memcpy(&m, &b32, sizeof(float))
+    else:
+        memcpy(&m, &b64, sizeof(double))
+    return -m if k < 0 else m
 
 
 cdef inline double *_totals(Layout L, double *work) noexcept nogil:
@@ -902,7 +1077,8 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
             cnp.ndarray stats,            # OUT (2C,) batch mean, invstd; or IN running mean, var (OUT: invstd)
             int flags, double momentum, double eps, int thread_cap,
             valid=None,                   # IN (N*S,) intp: 1 where a position counts in the statistics, else 0; or None
-            double count=0.0):            # with valid: the number of positions it marks (> 0)
+            double count=0.0,             # with valid: the number of positions it marks (> 0)
+            gate=None):                   # OUT (2C,) float64 or None: y's scale and shift (FWD_RELU, no z)
     """Batch-norm forward: y = act(gamma*(x - mean)*invstd + beta + z) per channel, invstd = 1/sqrt(var + eps),
     act = max(0, .) with FWD_RELU (else the identity), z = 0 when None; in double, rounded once. Arrays are aligned,
     C-contiguous and of x's dtype (stats float64), as the caller checked.
@@ -911,6 +1087,7 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
     statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is replaced by
     invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
     With valid, the batch statistics are those of the count positions it marks (every position is normalised).
+    With gate: each channel's gamma*invstd, then beta, for the backward to recompute the ReLU's gate (_gate_coef).
     """
     if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
@@ -933,12 +1110,14 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
         _forward[float](L, <float *>a, <float *>_data(y), <float *>(a if z is None else _data(z)), kind,
                         <float *>_data(channels[0]), <float *>_data(channels[1]), <float *>_data(channels[2]),
                         <float *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
-                        eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
+                        eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count,
+                        <double *>_data(gate))
     else:
         _forward[double](L, <double *>a, <double *>_data(y), <double *>(a if z is None else _data(z)), kind,
                          <double *>_data(channels[0]), <double *>_data(channels[1]), <double *>_data(channels[2]),
                          <double *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
-                         eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
+                         eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count,
+                         <double *>_data(gate))
 
 
 cdef object _columns(Layout L, valid):
@@ -979,7 +1158,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
                    floating *running_mean, floating *running_var, const floating *weight,
                    const floating *bias, double *mean, double *invstd, bint batch, bint update,
                    double momentum, double eps, double *work, int nt, Positions P,
-                   Py_ssize_t first, double m) noexcept:
+                   Py_ssize_t first, double m, double *gate) noexcept:
     cdef Py_ssize_t c, k
     cdef bint stats_only = y == NULL
     cdef double *coef = work
@@ -997,6 +1176,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
+            _keep_gate(L.C, cc, gate)
             return
         for c in range(L.C):  # the shift K of the sums: a (counted) value of each channel
             cc[c] = <double>x[first + c * L.S]
@@ -1008,6 +1188,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
                                momentum, eps, mean, invstd, coef, part, P, m)
+            _keep_gate(L.C, cc, gate)
             return
         for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
             _moments(L, k, x, coef, part, P)
@@ -1023,6 +1204,13 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
+            _keep_gate(L.C, cc, gate)
+
+
+cdef inline void _keep_gate(Py_ssize_t C, const double *cc, double *gate) noexcept nogil:
+    """gate = the (scale, shift) rows of the compact coefficients cc (nothing when gate is NULL)."""
+    if gate != NULL:
+        memcpy(gate, cc + C, 2 * C * sizeof(double))
 
 
 cdef void _moments(Layout L, Py_ssize_t k, const floating *x, const double *coef, double *part,
@@ -1078,13 +1266,13 @@ cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c, double s0, double s1, double 
 
 cpdef enum BackwardFlag:
     BWD_BATCH = 1    # the forward normalised with batch statistics
-    BWD_RELU = 2     # the forward had a fused ReLU: e is its output, dy is masked by it
+    BWD_RELU = 2     # the forward had a fused ReLU: dy is gated by it (gate given) or masked by its output e
 
 
 def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's memory (any shape)
              cnp.ndarray dy,              # IN (N*C*S,)
              dx,                          # OUT (N*C*S,), or None: sums only
-             dz,                          # OUT (N*C*S,) masked dy (the residual's gradient), or None
+             dz,                          # OUT (N*C*S,) masked dy (the residual's gradient): with e, else None
              Py_ssize_t N, Py_ssize_t C,
              tuple saved,                 # IN (mean, invstd, weight): (C,) float64 statistics the forward used,
                                           # gamma (C,) or None (= 1)
@@ -1092,7 +1280,8 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
              sums,                        # (2, C) C-contiguous float64: OUT when dx is None, else IN or None
              int flags, double count, int thread_cap,
              e=None,                      # IN (N*C*S,) the output of a forward with ReLU (BWD_RELU), or None
-             valid=None):                 # IN (N*S,) intp position weights of a masked forward, or None
+             valid=None,                  # IN (N*S,) intp position weights of a masked forward, or None
+             gate=None):                  # IN (2C,) the gate a forward with ReLU wrote (BWD_RELU without e)
     """Batch-norm backward. Arrays are aligned, C-contiguous and of x's dtype (the statistics float64), as the
     caller checked.
 
@@ -1100,8 +1289,10 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
-    After a forward with ReLU, dy stands for masked(dy) = dy where e (the forward's output) > 0, else 0, in all
-    of the above; dz (if given) receives masked(dy).
+    After a forward with ReLU, dy stands for gated(dy) in all of the above: dy where the forward's ReLU let the
+    value through, else 0; recomputed from x and the gate (the forward's scale and shift: _gate_coef), or, given
+    e (the forward's output; then dz is given too), masked(dy) = dy where e > 0, the same values, and dz receives
+    them.
     After a training forward with position weights v (valid; m = count, the positions they mark), the exact
     gradient of that forward: dx = gamma*invstd*(dy - v*(sum(dy)/m + xhat*sum(dy*xhat)/m)), the sums over every
     position.
@@ -1121,8 +1312,10 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
         totals = <double *>_data(sums)
     cdef double m = count if given or valid is not None else <double>L.count
     cdef Pass kind = GRAD if batch else AFFINE
-    if relu:
-        kind = <Pass>((GRAD_MASKED if batch else AFFINE_MASKED) + (dz is not None))
+    if relu and e is None:
+        kind = GRAD_GATED if batch else AFFINE_GATED
+    elif relu:
+        kind = GRAD_MASKED_DZ if batch else AFFINE_MASKED_DZ
     if not batch:
         valid = None
     elif valid is not None:
@@ -1134,22 +1327,22 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     cdef const double *invstd = <const double *>_data(saved[1])
     cdef void *g = cnp.PyArray_DATA(grads)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        _backward[float](L, <float *>a, <float *>cnp.PyArray_DATA(dy), <float *>(_data(e) if relu else a),
+        _backward[float](L, <float *>a, <float *>cnp.PyArray_DATA(dy), <float *>(a if e is None else _data(e)),
                          <float *>_data(dx), <float *>_data(dz), kind, mean, invstd, <float *>_data(saved[2]),
                          <float *>g, <float *>g + C, batch, given, totals, m, work, _threads(L, thread_cap),
-                         relu, P)
+                         <const double *>_data(gate) if relu and e is None else NULL, P)
     else:
-        _backward[double](L, <double *>a, <double *>cnp.PyArray_DATA(dy), <double *>(_data(e) if relu else a),
+        _backward[double](L, <double *>a, <double *>cnp.PyArray_DATA(dy), <double *>(a if e is None else _data(e)),
                           <double *>_data(dx), <double *>_data(dz), kind, mean, invstd, <double *>_data(saved[2]),
                           <double *>g, <double *>g + C, batch, given, totals, m, work, _threads(L, thread_cap),
-                          relu, P)
+                          <const double *>_data(gate) if relu and e is None else NULL, P)
 
 
 cdef void _backward(Layout L, const floating *x, const floating *dy, const floating *e,
                     floating *dx, floating *dz, Pass kind, const double *mean,
                     const double *invstd, const floating *weight, floating *dweight,
                     floating *dbias, bint batch, bint given, double *sums, double m, double *work,
-                    int nt, bint masked, Positions P) noexcept:
+                    int nt, const double *gate, Positions P) noexcept:
     cdef Py_ssize_t c, k
     cdef bint sums_only = dx == NULL
     cdef double *coef = work
@@ -1157,22 +1350,24 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
     cdef double *part = _totals(L, work) + 2 * L.C
     cdef double *s
     with nogil:
+        if gate != NULL:
+            _gate_coef(L, mean, gate, cc, coef, x)
         for c in range(L.C):  # the shift of the sums: the mean the forward used
             cc[c] = mean[c]
         _expand(L, cc, coef, 1)
         if L.fused and not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _fused_backward(L, k, x, dy, e, dx, dz, kind, masked, sums_only, mean, invstd, weight, dweight,
+                _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, mean, invstd, weight, dweight,
                                 dbias, batch, sums, m, coef, part, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _fused_backward(L, k, x, dy, e, dx, dz, kind, masked, sums_only, mean, invstd, weight, dweight,
+                _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, mean, invstd, weight, dweight,
                                 dbias, batch, sums, m, coef, part, P)
             return
         if not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _grad_sums(masked, L, k, x, dy, e, coef, part)
+                _grad_sums(kind, L, k, x, dy, e, coef, part)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _grad_sums(masked, L, k, x, dy, e, coef, part)
+                _grad_sums(kind, L, k, x, dy, e, coef, part)
             s = _merge(L, part, part + L.nblocks * L.part)
             memcpy(sums, s, 2 * L.C * sizeof(double))
         for c in range(L.C):
@@ -1188,23 +1383,23 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
 cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                              const floating *e, floating *dx, floating *dz, bint batch,
                              const double *coef, Positions P) noexcept nogil:
-    """dx over block k: a Grad pass (training) or an Affine pass on dy (eval)."""
-    if batch:
+    """dx over block k: a Grad pass (training) or an Affine pass on dy (eval; AffineGated reads x for its gate)."""
+    if batch or kind == AFFINE_GATED:
         _apply_pass(kind, L, k, x, dy, e, dx, dz, coef, P)
     else:
         _apply_pass(kind, L, k, dy, dy, e, dx, dz, coef, P)
 
 
 cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const floating *dy,
-                          const floating *e, floating *dx, floating *dz, Pass kind, bint masked,
-                          bint sums_only, const double *mean, const double *invstd,
+                          const floating *e, floating *dx, floating *dz, Pass kind, bint sums_only,
+                          const double *mean, const double *invstd,
                           const floating *weight, floating *dweight, floating *dbias, bint batch,
                           double *sums, double m, double *coef, double *part,
                           Positions P) noexcept nogil:
     """Block k of whole channels (major, G == 1: coef is compact): gradient sums, coefficients and dx in one
     task."""
     cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
-    _grad_sums(masked, L, k, x, dy, e, coef, part)
+    _grad_sums(kind, L, k, x, dy, e, coef, part)
     for c in range(c0, min(L.C, c0 + L.group)):
         sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
         _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)

@@ -51,6 +51,10 @@ class BatchNormSaved(NamedTuple):
     valid : ndarray or None
         After a forward with batch statistics over a mask: (A*B,) intp, 1 at the positions (the (A, B) of ``x``)
         the statistics counted, else 0 (the backward's correction applies there only).
+    gate : ndarray or None
+        After a forward with ReLU and no residual: (2, C) float64, the scale and shift of its affine map (y =
+        max(0, (x - mean)*scale + shift)), from which the backward recomputes where the ReLU let a value through
+        (it then reads ``x``, not ``y``; without ``gate`` it reads ``y``).
     """
 
     x: np.ndarray
@@ -66,6 +70,7 @@ class BatchNormSaved(NamedTuple):
     residual: bool = False
     renorm: Optional[np.ndarray] = None
     valid: Optional[np.ndarray] = None
+    gate: Optional[np.ndarray] = None
 
 
 class GhostSaved(NamedTuple):
@@ -534,6 +539,10 @@ def _saved(saved):
         if bad is None and saved.valid is not None and not (arr_ok(saved.valid, 1, (np.dtype(np.intp),))
                                                             and saved.valid.shape == positions):
             bad = "valid", f"None or an aligned C-contiguous intp array of shape {positions}", show(saved.valid)
+        if bad is None and saved.gate is not None and (saved.residual or not (
+                arr_ok(saved.gate, 2, (np.dtype(np.float64),)) and saved.gate.shape == (2, C))):
+            bad = ("gate", f"None, or without a residual an aligned C-contiguous float64 array of shape (2, {C})",
+                   show(saved.gate))
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")

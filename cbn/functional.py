@@ -378,9 +378,10 @@ def _normalize(plan, x, stats, channels, flags, momentum, eps, y=None, z=None, v
         x3 = _memory(x, plan.order, plan.axis, dt)
     y, y1, copy = _target(plan, y)
     mean, invstd = stats[:C], stats[C:]
+    gate = np.empty((2, C)) if flags & _RELU and z is None else None
     if x3.size:
         _kernels.forward(x3, y1, None if z is None else _kernel_input(plan, z), A, C, channels, stats, flags, momentum,
-                         eps, thread_cap(), valid, _valid_count(valid))
+                         eps, thread_cap(), valid, _valid_count(valid), gate)
         if copy:
             _copy_result(y, y1, plan.order)
     elif flags & _BATCH:
@@ -389,7 +390,7 @@ def _normalize(plan, x, stats, channels, flags, momentum, eps, y=None, z=None, v
         np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
     return y, BatchNormSaved._make((x3, mean, invstd, channels[2], bool(flags & _BATCH), plan.shape,
                                     plan.out_dtype, plan.axis, plan.order, y1.reshape(acb) if flags & _RELU else None,
-                                    z is not None, None, valid))
+                                    z is not None, None, valid, gate))
 
 
 def _valid_count(valid):
@@ -548,14 +549,19 @@ def gradient_sums(dy, saved):
     if x3.size:
         _kernels.backward(x3, _kernel_input(V.saved_plan(saved), dy), None, None, N, C,
                           (saved.mean, saved.invstd, saved.weight), grads, sums, _backward_flags(saved), 0.0,
-                          thread_cap(), saved.y)
+                          thread_cap(), _relu_output(saved), None, saved.gate)
     _renorm_grads(saved, dweight, dbias)
     return sums, dweight, dbias
 
 
 def _backward_flags(saved):
     """The kernel's backward flags of a saved forward."""
-    return saved.use_batch_stats * _BWD_BATCH + (saved.y is not None) * _BWD_RELU
+    return saved.use_batch_stats * _BWD_BATCH + (saved.y is not None or saved.gate is not None) * _BWD_RELU
+
+
+def _relu_output(saved):
+    """The ReLU output the kernels' backward reads (their e): saved.y when there is no gate to recompute from."""
+    return saved.y if saved.gate is None else None
 
 
 def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
@@ -629,7 +635,8 @@ def gradient_input(dy, saved, out, grad_sums, count, plan=None):
     plan = V.saved_plan(saved) if plan is None else plan
     x3 = saved.x
     A, C, B = x3.shape
-    masked_dz = saved.residual and saved.y is not None  # the kernel writes dresidual = masked dy
+    e = _relu_output(saved)
+    masked_dz = e is not None  # the kernel writes masked dy (dresidual, after a residual) beside dx
     dx, dx1, copy_dx = _target(plan, out)
     dz, dz1, copy_dz = _target(plan, None) if masked_dz else (dy, None, False)
     grads = np.zeros(2 * C, dtype=x3.dtype)
@@ -637,7 +644,7 @@ def gradient_input(dy, saved, out, grad_sums, count, plan=None):
     if x3.size:
         _kernels.backward(x3, _kernel_input(plan, dy), dx1, dz1, A, C, (saved.mean, saved.invstd, saved.weight), grads,
                           grad_sums, _backward_flags(saved), float(count or _valid_count(saved.valid)), thread_cap(),
-                          saved.y, saved.valid)
+                          e, saved.valid, saved.gate)
         if copy_dx:
             _copy_result(dx, dx1, plan.order)
         if copy_dz:

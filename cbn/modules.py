@@ -439,8 +439,8 @@ class BatchNorm2d(_BatchNorm):
         The channel axis: 1 (NCHW, and channels-last arrays viewed as NCHW, as torch takes them) or -1 (NHWC, as
         Keras takes it), any axis in [-4, 4). The layer still takes 4-D input only.
     activation : {None, "relu"}
-        Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward takes
-        the ReLU's mask from the saved output.
+        Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward
+        recomputes where the ReLU let values through from x (with a residual: from the saved output).
     virtual_batch_size : int, optional
         Ghost batches (keyword only): in training, axis 0 is split into groups of this many samples (the last may be
         smaller), each normalised with its own statistics; the running statistics are updated once per call with
