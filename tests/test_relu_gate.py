@@ -59,11 +59,12 @@ def test_gate_with_extreme_values(dtype):
     rm, rv = np.array([0.0, 1.0, 1e-30], dtype), np.array([1.0, 4.0, 1e-6], dtype)
     for xs in (x, np.ascontiguousarray(x.T)[None].transpose(0, 2, 1)[0].copy()):
         for training in (True, False):
-            _, saved = F.batch_norm(xs, rm, rv, None, np.array([0.0, -0.5, 0.25], dtype), training,
-                                    activation="relu", return_saved=True)
-            got, want = _both(dy, saved)
-            for u, v in zip(got, want):
-                np.testing.assert_array_equal(u, v)  # NaN where the other has NaN
+            for weight in (None, np.array([0.0, -1.0, 0.0], dtype), np.array([-2.0, 0.0, np.inf], dtype)):
+                _, saved = F.batch_norm(xs, rm, rv, weight, np.array([0.0, -0.5, 0.25], dtype), training,
+                                        activation="relu", return_saved=True)
+                got, want = _both(dy, saved)
+                for u, v in zip(got, want):
+                    np.testing.assert_array_equal(u, v)  # NaN where the other has NaN
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
