@@ -28,7 +28,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "Sync
            "set_num_threads", "max_num_threads", "available_cpus", "show_config", "__version__"]
 
 
-def show_config():
+def show_config() -> None:
     """Print the version, whether the build has OpenMP, the thread count, the instruction-set level in use and the
     compiler and flags of its kernels."""
     built = ", ".join(_dispatch.built_levels())
