@@ -26,10 +26,12 @@ def load(path: str | os.PathLike[str]) -> Layer:
     Parameters
     ----------
     path : str or os.PathLike
+        The file.
 
     Returns
     -------
-    BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d (on COMM_WORLD) or FrozenBatchNorm1d/2d/3d
+    BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d or FrozenBatchNorm1d/2d/3d
+        The layer of the file's class (a SyncBatchNorm on COMM_WORLD), settings, mode, parameters and statistics.
 
     Raises
     ------

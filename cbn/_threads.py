@@ -47,6 +47,11 @@ def available_cpus() -> int:
 
     Not the host's core count: ``os.process_cpu_count()`` (Python 3.13+) or ``os.sched_getaffinity`` where
     available, else ``os.cpu_count()``; then the Linux cgroup v2 ``cpu.max`` quota (containers) if lower.
+
+    Returns
+    -------
+    int
+        The number of CPUs, at least 1.
     """
     if hasattr(os, "process_cpu_count"):
         n = os.process_cpu_count()
@@ -74,7 +79,13 @@ def thread_cap() -> int:
 
 
 def max_num_threads() -> int:
-    """Return the largest count ``set_num_threads`` accepts: 4 x ``os.cpu_count()``, at least 64."""
+    """Return the largest count ``set_num_threads`` accepts.
+
+    Returns
+    -------
+    int
+        4 x ``os.cpu_count()``, at least 64.
+    """
     return max(64, 4 * (os.cpu_count() or 1))
 
 
@@ -84,6 +95,11 @@ def get_num_threads() -> int:
     At most the OpenMP runtime's count (OMP_NUM_THREADS, else the CPU count; threadpoolctl lowers it); the
     default is that count, lowered to the CPUs this process may use (``available_cpus()``) unless OMP_NUM_THREADS
     is set.
+
+    Returns
+    -------
+    int
+        The number of threads (1 in a serial build).
     """
     return cast(int, _kernels.num_threads(thread_cap()))
 

@@ -24,7 +24,9 @@ COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels
 class BatchNormSaved(NamedTuple):
     """What a forward keeps for its backward (public name: ``cbn.functional.BatchNormSaved``).
 
-    Attributes
+    Its fields, by name or in this order:
+
+    Parameters
     ----------
     x : ndarray
         The input's memory as a C-contiguous (A, C, B) array of the compute dtype (a view of the caller's array when
@@ -38,7 +40,7 @@ class BatchNormSaved(NamedTuple):
     shape : tuple
         Shape of the forward's input.
     dtype : numpy.dtype
-        dtype of the forward's output, and of dx.
+        The dtype of the forward's output, and of dx.
     axis : int
         The channel axis of ``shape`` (>= 0).
     order : tuple or None
@@ -74,10 +76,12 @@ class BatchNormSaved(NamedTuple):
 
 
 class GhostSaved(NamedTuple):
-    """What a ghost-batch forward (``virtual_batch_size``) keeps for its backward (public name:
-    ``cbn.functional.GhostSaved``): the groups along axis 0, each normalised on its own.
+    """What a ghost-batch forward (``virtual_batch_size``) keeps for its backward.
 
-    Attributes
+    Public name: ``cbn.functional.GhostSaved``. The groups along axis 0, each normalised on its own; its fields, by
+    name or in this order:
+
+    Parameters
     ----------
     bounds : tuple of (int, int)
         (start, stop) of each group along axis 0, consecutive from 0 to shape[0].
@@ -86,7 +90,7 @@ class GhostSaved(NamedTuple):
     shape : tuple
         Shape of the forward's input.
     dtype : numpy.dtype
-        dtype of the forward's output, and of dx.
+        The dtype of the forward's output, and of dx.
     order : tuple
         The axes of ``shape`` in memory order of the forward's input (the layout of dx).
     residual : bool

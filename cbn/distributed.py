@@ -23,10 +23,10 @@ import numpy.typing as npt
 
 from . import _validate as V
 from . import functional as F
-from ._config import Config, signature
+from ._config import NAMES, Config, signature
 from ._typing import BoolArray, FloatArray
 from ._walk import swap_layers
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from .modules import SETTABLE, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, docstring
 
 if TYPE_CHECKING:
     from mpi4py.MPI import Intracomm
@@ -104,13 +104,25 @@ class _SyncBatchNorm(_BatchNorm):
 
     def forward(self, x: FloatArray, *, out: FloatArray | None = None, residual: FloatArray | None = None,
                 mask: BoolArray | None = None) -> FloatArray:
-        """Normalise this rank's shard ``x`` (then add ``residual`` and apply the activation, as BatchNorm does); in
-        training with the statistics of all ranks' shards together (with ``mask``, of the True positions of all
-        ranks' masks: a shard's mask may have none).
+        """Normalise this rank's shard ``x``, in training with the statistics of all ranks' shards together.
 
-        A collective operation in training mode: every rank of ``comm`` must call it (its shard may be empty).
-        The running statistics are updated identically on every rank. Eval uses the running statistics (or,
-        with ``track_running_stats=False``, this shard's statistics, as torch does) and communicates nothing.
+        Then add ``residual`` and apply the activation, as BatchNorm does. With ``mask``, the statistics are those
+        of the True positions of all ranks' masks (a shard's mask may have none). A collective operation in training
+        mode: every rank of ``comm`` must call it (its shard may be empty). The running statistics are updated
+        identically on every rank. Eval uses the running statistics (or, with ``track_running_stats=False``, this
+        shard's statistics, as torch does) and communicates nothing.
+
+        Parameters
+        ----------
+        x : ndarray
+            This rank's shard of the batch, as :meth:`BatchNorm2d.forward` takes it.
+        out, residual, mask : ndarray, optional
+            As :meth:`BatchNorm2d.forward`.
+
+        Returns
+        -------
+        ndarray
+            The normalised shard.
 
         Raises
         ------
@@ -181,6 +193,18 @@ class _SyncBatchNorm(_BatchNorm):
         computed by the kernels as BatchNorm's backward is. ``grad_weight`` = sum(dy*xhat) and ``grad_bias`` =
         sum(dy) over this rank's shard, as in torch's SyncBatchNorm: all-reduce them with the other parameters'
         gradients (their sum over the ranks is the gradient of the whole batch).
+
+        Parameters
+        ----------
+        dy : ndarray
+            Gradient of the loss with respect to the last forward's output (this rank's shard).
+        out : ndarray, optional
+            Preallocated dx, as :meth:`BatchNorm2d.backward` takes it.
+
+        Returns
+        -------
+        ndarray
+            The gradient dx with respect to the last forward's input.
         """
         with self._lock:
             if self._global_count is None:
@@ -218,29 +242,28 @@ class _SyncBatchNorm(_BatchNorm):
         self.comm = _check_comm(self.comm)
 
 
+_ABOUT = ("Its training statistics (batch renormalization's too) are those of the batch of all ranks of the "
+          "communicator ``comm``, identical on every rank. " + SETTABLE)
+_OWN = {"virtual_batch_size": """None
+    Only None: the statistics are always those of the batch of all ranks.""",
+        "comm": """mpi4py.MPI.Intracomm, optional
+    The ranks that share the batch (keyword only); default ``MPI.COMM_WORLD``. Pickling keeps everything but the
+    communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it)."""}
+
+
 class SyncBatchNorm1d(_SyncBatchNorm, BatchNorm1d):
-    """:class:`BatchNorm1d` with the training statistics of all ranks of ``comm``; see :class:`SyncBatchNorm2d`."""
+    __doc__ = docstring(":class:`BatchNorm1d` whose training statistics are those of the batch of all MPI ranks.",
+                        _ABOUT, 3, NAMES + ("comm",), **_OWN)
 
 
 class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
-    """:class:`BatchNorm2d` whose training statistics are those of the batch of all ranks of an MPI communicator.
-
-    Parameters
-    ----------
-    num_features, eps, momentum, affine, track_running_stats, dtype, nan_guard, axis, activation
-        As :class:`BatchNorm2d`.
-    virtual_batch_size : None
-        Only None: the statistics are always those of the batch of all ranks.
-    renorm, renorm_clipping
-        As :class:`BatchNorm2d`, with the statistics of the batch of all ranks (identical on every rank).
-    comm : mpi4py.MPI.Intracomm, optional
-        The ranks that share the batch (keyword only); default ``MPI.COMM_WORLD``. Pickling keeps everything but
-        the communicator: an unpickled or loaded layer uses COMM_WORLD (set ``layer.comm`` to change it).
-    """
+    __doc__ = docstring(":class:`BatchNorm2d` whose training statistics are those of the batch of all MPI ranks.",
+                        _ABOUT, 4, NAMES + ("comm",), **_OWN)
 
 
 class SyncBatchNorm3d(_SyncBatchNorm, BatchNorm3d):
-    """:class:`BatchNorm3d` with the training statistics of all ranks of ``comm``; see :class:`SyncBatchNorm2d`."""
+    __doc__ = docstring(":class:`BatchNorm3d` whose training statistics are those of the batch of all MPI ranks.",
+                        _ABOUT, 5, NAMES + ("comm",), **_OWN)
 
 
 _SYNC: dict[type[_BatchNorm], type[_SyncBatchNorm]] = {
@@ -279,14 +302,15 @@ def convert_sync_batchnorm(model: T, comm: Intracomm | None = None) -> T:
     comm : mpi4py.MPI.Intracomm, optional
         Communicator of the new layers; default COMM_WORLD.
 
+    Returns
+    -------
+    layer, list, tuple, dict or object
+        The converted model (a new layer when ``model`` is a layer).
+
     Raises
     ------
     ValueError
         A layer has a ``virtual_batch_size`` (SyncBatchNorm takes none); nothing is converted.
-
-    Returns
-    -------
-    The converted model (a new layer when ``model`` is a layer).
     """
     comm = _check_comm(comm)
     swap_layers(model, _check_convertible)  # every layer checked first
@@ -304,6 +328,17 @@ def revert_sync_batchnorm(model: SyncBatchNorm3d) -> BatchNorm3d: ...
 @overload
 def revert_sync_batchnorm(model: T) -> T: ...
 def revert_sync_batchnorm(model: Any) -> Any:
-    """Inverse of :func:`convert_sync_batchnorm`: SyncBatchNorm1d/2d/3d back to BatchNorm1d/2d/3d, state kept."""
+    """Inverse of :func:`convert_sync_batchnorm`: SyncBatchNorm1d/2d/3d back to BatchNorm1d/2d/3d, state kept.
+
+    Parameters
+    ----------
+    model : layer, list, tuple, dict or object
+        Searched as :func:`convert_sync_batchnorm` searches it.
+
+    Returns
+    -------
+    layer, list, tuple, dict or object
+        The reverted model (a new layer when ``model`` is a SyncBatchNorm layer).
+    """
     return swap_layers(model, lambda layer: _as_class(layer, _PLAIN[type(layer)])
                        if type(layer) in _PLAIN else layer)

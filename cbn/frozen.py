@@ -18,7 +18,7 @@ from . import functional as F
 from ._config import DEFAULTS, NAMES, SINCE, Config
 from ._typing import BoolArray, FloatArray
 from ._walk import swap_layers
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, docstring
 
 T = TypeVar("T")
 
@@ -57,8 +57,10 @@ def fold(bn: Layer, weight: FloatArray, bias: FloatArray | None = None) -> tuple
 
     Returns
     -------
-    weight, bias : ndarray
-        The folded weight (shape of ``weight``, C-contiguous) and bias ((O,)), both of ``weight``'s dtype.
+    weight : ndarray
+        The folded weight: shape and dtype of ``weight``, C-contiguous.
+    bias : ndarray
+        The folded bias: (O,), ``weight``'s dtype.
 
     Raises
     ------
@@ -131,12 +133,13 @@ class _FrozenBatchNorm(_BatchNorm):
 
     def forward(self, x: FloatArray, *, out: FloatArray | None = None, residual: FloatArray | None = None,
                 mask: BoolArray | None = None) -> FloatArray:
-        """y = act(x*scale + shift [+ residual]) per channel along ``axis``, in training and eval mode alike.
+        """Apply the fixed per-channel transform along ``axis``, in training and eval mode alike.
 
-        scale = weight/sqrt(running_var + eps) and shift = bias - running_mean*scale, computed by the kernels
-        as an eval-mode batch norm, weight*(x - running_mean)/sqrt(running_var + eps) + bias, with the mean
-        subtracted in double (so float32 output is the float64 result rounded once); then the residual and the
-        activation as :meth:`BatchNorm2d.forward` adds them.
+        y = act(x*scale + shift [+ residual]): scale = weight/sqrt(running_var + eps) and shift =
+        bias - running_mean*scale, computed by the kernels as an eval-mode batch norm,
+        weight*(x - running_mean)/sqrt(running_var + eps) + bias, with the mean subtracted in double (so float32
+        output is the float64 result rounded once); then the residual and the activation as
+        :meth:`BatchNorm2d.forward` adds them.
 
         Parameters
         ----------
@@ -166,8 +169,10 @@ class _FrozenBatchNorm(_BatchNorm):
     __call__ = forward
 
     def backward(self, dy: FloatArray, out: FloatArray | None = None) -> FloatArray:
-        """dx = dy*scale (times the activation's mask), scale = weight/sqrt(running_var + eps); no parameter
-        gradients (``grad_weight`` and ``grad_bias`` stay None); ``grad_residual`` as a BatchNorm's.
+        """Gradient of the last forward's input: dx = dy*scale (times the activation's mask).
+
+        scale = weight/sqrt(running_var + eps); no parameter gradients (``grad_weight`` and ``grad_bias`` stay
+        None); ``grad_residual`` as a BatchNorm's.
 
         Parameters
         ----------
@@ -179,7 +184,7 @@ class _FrozenBatchNorm(_BatchNorm):
         Returns
         -------
         ndarray
-            dx, the gradient with respect to the last forward's input.
+            The gradient dx with respect to the last forward's input.
         """
         with self._lock:
             dx = super().backward(dy, out)
@@ -191,55 +196,59 @@ class _FrozenBatchNorm(_BatchNorm):
         return ["weight", "bias", "running_mean", "running_var"]
 
     def load_state_dict(self, state: Mapping[str, npt.ArrayLike], strict: bool = True) -> None:
-        """Load weight, bias, running_mean and running_var, e.g. from a torchvision ``FrozenBatchNorm2d`` or a
-        ``BatchNorm2d``: a ``num_batches_tracked`` entry is ignored (as torchvision drops it on load); the rest as
-        :meth:`BatchNorm2d.load_state_dict` (checked before anything is written, written into the layer's arrays)."""
+        """Load weight, bias, running_mean and running_var, e.g. from torchvision's ``FrozenBatchNorm2d``.
+
+        Or from a ``BatchNorm2d``: a ``num_batches_tracked`` entry is ignored (as torchvision drops it on load); the
+        rest as :meth:`BatchNorm2d.load_state_dict` (checked before anything is written, written into the layer's
+        arrays).
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            The entries, with torchvision's keys.
+        strict : bool
+            Refuse a missing or an unexpected key (else load the keys that are there).
+        """
         if isinstance(state, Mapping):
             state = {key: value for key, value in state.items() if key != "num_batches_tracked"}
         super().load_state_dict(state, strict)
 
     def extra_repr(self) -> str:
-        """``num_features, eps=...`` as torchvision prints it, then the other settings that differ from their
-        defaults (dtype, axis, activation)."""
+        """``num_features, eps=...`` as torchvision prints it, then the other settings unless at their defaults.
+
+        Returns
+        -------
+        str
+            What ``repr`` shows between the parentheses (dtype, axis and activation when not the defaults).
+        """
         c = self._cfg
         return f"{c.num_features}, eps={c.eps}" + c.shown(self._settings()[2:])
 
 
-class FrozenBatchNorm1d(_FrozenBatchNorm):
-    """Frozen batch norm over (N, C) or (N, C, L) input; see :class:`FrozenBatchNorm2d`."""
+_ABOUT = ("y = x*scale + shift per channel, scale = weight/sqrt(running_var + eps), shift = bias - running_mean*scale, "
+          "in every mode; the backward gives dx = dy*scale and no parameter gradients. ``weight``, ``bias``, "
+          "``running_mean`` and ``running_var`` are (C,) arrays (1, 0, 0, 1 when made; set them, load a state_dict, "
+          "or use :func:`freeze`); the state_dict has torchvision's keys.")
+_ACTIVATION = """{None, "relu"}
+    Fused activation: y = max(0, x*scale + shift [+ residual])."""
 
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    __doc__ = docstring("Batch norm with fixed statistics and affine parameters over (N, C) or (N, C, L) input.",
+                        _ABOUT, 3, _FrozenBatchNorm._settings(), activation=_ACTIVATION)
     _ndims = (2, 3)
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
-    """Batch norm with fixed statistics and affine parameters over (N, C, H, W) input, like torchvision's
-    ``FrozenBatchNorm2d``.
-
-    y = x*scale + shift per channel, scale = weight/sqrt(running_var + eps), shift = bias - running_mean*scale,
-    in every mode; the backward gives dx = dy*scale and no parameter gradients. ``weight``, ``bias``,
-    ``running_mean`` and ``running_var`` are (C,) arrays (1, 0, 0, 1 when made; set them, load a state_dict, or
-    use :func:`freeze`); the state_dict has torchvision's keys.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels.
-    eps : float
-        Added to the variance (finite, >= 0).
-    dtype : {float32, float64}
-        Dtype of the parameters, statistics and computation.
-    axis : int
-        The channel axis, as in :class:`BatchNorm2d` (1: NCHW, -1: NHWC).
-    activation : {None, "relu"}
-        Fused activation, as in :class:`BatchNorm2d`: y = max(0, x*scale + shift [+ residual]).
-    """
-
+    __doc__ = docstring("Batch norm with fixed statistics and affine parameters over (N, C, H, W) input, like "
+                        "torchvision's ``FrozenBatchNorm2d``.", _ABOUT, 4,
+                        _FrozenBatchNorm._settings(), activation=_ACTIVATION)
     _ndims = (4,)
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
-    """Frozen batch norm over (N, C, D, H, W) input; see :class:`FrozenBatchNorm2d`."""
-
+    __doc__ = docstring("Batch norm with fixed statistics and affine parameters over (N, C, D, H, W) input.",
+                        _ABOUT, 5, _FrozenBatchNorm._settings(), activation=_ACTIVATION)
     _ndims = (5,)
 
 
@@ -295,7 +304,8 @@ def freeze(model: Any) -> Any:
 
     Returns
     -------
-    The frozen model (a new layer when ``model`` is a layer).
+    layer, list, tuple, dict or object
+        The frozen model (a new layer when ``model`` is a layer).
 
     Raises
     ------

@@ -131,9 +131,9 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
                virtual_batch_size: int | None = None, renorm: bool = False,
                renorm_clipping: Mapping[str, float] | None = None, mask: BoolArray | None = None
                ) -> FloatArray | tuple[FloatArray, BatchNormSaved | GhostSaved]:
-    """Batch normalisation over the channel axis ``axis`` (default 1: ``(N, C, *)`` input), with an optional fused
-    residual add and ReLU, ghost batches, batch renormalization or masked statistics.
+    """Batch normalisation over the channel axis ``axis`` (default 1: ``(N, C, *)`` input).
 
+    With an optional fused residual add and ReLU, ghost batches, batch renormalization or masked statistics:
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
     variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
     in place: r = (1 - momentum)*r + momentum*batch_stat, with the unbiased variance), else the running statistics;
@@ -345,12 +345,12 @@ def batch_norm_elemt(x: FloatArray, mean: FloatArray, var: FloatArray, weight: F
                      dtype: npt.DTypeLike | None = None, return_saved: bool = False,
                      activation: Literal["relu"] | None = None, residual: FloatArray | None = None,
                      mask: BoolArray | None = None) -> FloatArray | tuple[FloatArray, BatchNormSaved]:
-    """Normalise with given batch statistics: y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual) per
-    channel.
+    """Normalise with given batch statistics, per channel.
 
-    The data-parallel step after :func:`batch_norm_stats` and a merge of the parts' statistics: they are those of a
-    batch of which ``x`` is a part, and the saved forward differentiates through them (as batch statistics: pass
-    the summed :func:`batch_norm_grad_sums` and the batch's count to :func:`batch_norm_backward`).
+    y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual). The data-parallel step after
+    :func:`batch_norm_stats` and a merge of the parts' statistics: they are those of a batch of which ``x`` is a
+    part, and the saved forward differentiates through them (as batch statistics: pass the summed
+    :func:`batch_norm_grad_sums` and the batch's count to :func:`batch_norm_backward`).
 
     Parameters
     ----------
@@ -358,13 +358,25 @@ def batch_norm_elemt(x: FloatArray, mean: FloatArray, var: FloatArray, weight: F
         As :func:`batch_norm`.
     mean, var : ndarray
         (C,) mean and biased variance of the batch, any floating dtype (used in float64).
-    weight, bias, eps, axis, out, dtype, activation, residual
+    weight, bias : ndarray or None
+        As :func:`batch_norm`.
+    eps : float
+        As :func:`batch_norm`.
+    axis : int
+        As :func:`batch_norm`.
+    out : ndarray, optional
+        As :func:`batch_norm`.
+    dtype : {None, float32, float64}
+        As :func:`batch_norm`.
+    return_saved : bool
+        Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
+    activation : {None, "relu"}
+        As :func:`batch_norm`.
+    residual : ndarray, optional
         As :func:`batch_norm`.
     mask : ndarray, optional
         The positions of x the statistics counted (as :func:`batch_norm`'s mask): the saved forward
         differentiates through them there only.
-    return_saved : bool
-        Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
 
     Returns
     -------
@@ -616,8 +628,10 @@ def batch_norm_grad_sums(dy: FloatArray, saved: BatchNormSaved) -> tuple[FloatAr
 
     Parameters
     ----------
-    dy, saved
+    dy : ndarray
         As :func:`batch_norm_backward`.
+    saved : BatchNormSaved
+        As :func:`batch_norm_backward` (not after a ghost-batch forward).
 
     Returns
     -------
@@ -651,7 +665,7 @@ def _backward_flags(saved: BatchNormSaved) -> int:
 
 def batch_norm_backward(dy: FloatArray, saved: BatchNormSaved | GhostSaved, *, out: FloatArray | None = None,
                         grad_sums: FloatArray | None = None, count: int | None = None) -> tuple[FloatArray, ...]:
-    """Gradients of :func:`batch_norm` with respect to its input, weight and bias (and residual).
+    """Compute the gradients of :func:`batch_norm` with respect to its input, weight and bias (and residual).
 
     Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
     xhat = (x - mean)*invstd, m values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),

@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy.typing as npt
 from . import _validate as V
 from . import functional as F
 from ._config import FORMAT, FORMAT_VERSION, NAMES, SINCE, Config, constructor
-from ._typing import FloatArray
+from ._typing import BoolArray, FloatArray
 
 _TORCH_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")  # as torch's repr shows them
 _ARRAY_SETTINGS = ("num_features", "affine", "track_running_stats", "dtype")  # they shape the layer's arrays
@@ -125,22 +125,39 @@ class _BatchNorm:
 
     # -- mode -------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Self:
-        """Set training mode (batch statistics) or eval mode; return self."""
+        """Set training mode (batch statistics) or eval mode.
+
+        Parameters
+        ----------
+        mode : bool
+            True for training mode, False for eval mode.
+
+        Returns
+        -------
+        layer
+            The layer itself.
+        """
         self.training = bool(mode)
         return self
 
     def eval(self) -> Self:
-        """Set eval mode (running statistics); return self."""
+        """Set eval mode (running statistics).
+
+        Returns
+        -------
+        layer
+            The layer itself.
+        """
         return self.train(False)
 
     # -- computation ------------------------------------------------------------------------------------------
     def forward(self, x: FloatArray, *, out: FloatArray | None = None, residual: FloatArray | None = None,
-                mask: npt.NDArray[np.bool_] | None = None) -> FloatArray:
-        """Normalise ``x`` over its channel axis ``axis`` (then add ``residual`` and apply the layer's activation, in
-        the same pass); in training with running stats, update them.
+                mask: BoolArray | None = None) -> FloatArray:
+        """Normalise ``x`` over its channel axis ``axis``, then add ``residual`` and apply the layer's activation.
 
-        Every layer class has this signature; the arguments after ``x`` are keywords only (``out`` and
-        ``residual`` are both arrays of x's shape: passed by position, one could silently stand for the other).
+        All in one pass; in training with running statistics, they are updated. Every layer class has this
+        signature; the arguments after ``x`` are keywords only (``out`` and ``residual`` are both arrays of x's
+        shape: passed by position, one could silently stand for the other).
 
         Parameters
         ----------
@@ -245,8 +262,10 @@ class _BatchNorm:
         return dx
 
     def backward(self, dy: FloatArray, out: FloatArray | None = None) -> FloatArray:
-        """Gradient of the last forward's input; also sets ``grad_weight`` and ``grad_bias`` (None if not affine), and
-        ``grad_residual`` (None when the forward had no residual).
+        """Gradient of the last forward's input.
+
+        Also sets ``grad_weight`` and ``grad_bias`` (None if not affine), and ``grad_residual`` (None when the forward
+        had no residual).
 
         Parameters
         ----------
@@ -259,7 +278,7 @@ class _BatchNorm:
         Returns
         -------
         ndarray
-            dx, the gradient with respect to the last forward's input.
+            The gradient dx with respect to the last forward's input.
         """
         with self._lock:
             saved = self._saved
@@ -297,7 +316,14 @@ class _BatchNorm:
         return keys + (["running_mean", "running_var", "num_batches_tracked"] if config.track_running_stats else [])
 
     def state_dict(self) -> dict[str, npt.NDArray[Any]]:
-        """Return a dict of copies, with torch's keys: weight, bias, running_mean, running_var, num_batches_tracked."""
+        """Return copies of the parameters and statistics, with torch's keys.
+
+        Returns
+        -------
+        dict
+            {"weight", "bias" (when affine), "running_mean", "running_var", "num_batches_tracked" (when tracking
+            running statistics): the arrays, the counter as a 0-d int64 array}.
+        """
         with self._lock:
             return {key: np.array(getattr(self, key), dtype=np.int64) if key == "num_batches_tracked"
                     else getattr(self, key).copy() for key in self._state_keys(self._cfg)}
@@ -308,6 +334,13 @@ class _BatchNorm:
         As torch, the values are written into the layer's arrays: whatever holds them (an optimiser, layers that
         share them after :func:`cbn.convert_sync_batchnorm`) sees the loaded state. All entries are checked before
         any is written: on any error the layer is unchanged.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            The entries of :meth:`state_dict`, with torch's keys.
+        strict : bool
+            Refuse a missing or an unexpected key (else load the keys that are there).
 
         Raises
         ------
@@ -387,7 +420,13 @@ class _BatchNorm:
         self.__dict__.setdefault("_plan", None)
 
     def extra_repr(self) -> str:
-        """The settings as torch 2.13 prints them, then those of cbn's own that differ from their defaults."""
+        """The settings as torch 2.13 prints them, then those of cbn's own that differ from their defaults.
+
+        Returns
+        -------
+        str
+            What ``repr`` shows between the parentheses.
+        """
         c = self._cfg
         return (f"{c.num_features}, eps={c.eps}, momentum={c.momentum}, affine={c.affine}, bias={c.affine}, "
                 f"track_running_stats={c.track_running_stats}"
@@ -449,59 +488,64 @@ for _name in NAMES:
     setattr(_BatchNorm, _name, _Setting(_name))
 
 
-class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) input; see :class:`BatchNorm2d`."""
+# The layer constructors' parameters as the layers' docstrings give them (numpydoc entries), each written once:
+# :func:`docstring` makes the docstring of every layer class from them. ``{ndim}`` is the largest accepted rank.
+PARAMETERS = {
+    "num_features": """int
+    C, the number of channels.""",
+    "eps": """float
+    Added to the variance (finite, >= 0).""",
+    "momentum": """float or None
+    Running-statistic factor in [0, 1]; None means the cumulative average over all batches seen.""",
+    "affine": """bool
+    Learn weight (gamma) and bias (beta).""",
+    "track_running_stats": """bool
+    Keep running statistics for eval; without them batch statistics are used in both modes.""",
+    "dtype": """{float32, float64}
+    Dtype of the parameters, statistics and computation.""",
+    "nan_guard": """bool
+    In training, leave the running statistics of a channel unchanged when its batch statistics are not finite
+    (NaN or Inf in its values); see :func:`cbn.functional.batch_norm`. The counter still counts the batch.""",
+    "axis": """int
+    The channel axis: 1 (channels first, and channels-last arrays viewed that way, as torch takes them) or -1
+    (channels last, as Keras takes them); any axis in [-{ndim}, {ndim}) of the input.""",
+    "activation": """{None, "relu"}
+    Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward takes
+    the ReLU's mask from the saved output.""",
+    "virtual_batch_size": """int, optional
+    Ghost batches (keyword only): in training, axis 0 is split into groups of this many samples (the last may be
+    smaller), each normalised with its own statistics; the running statistics are updated once per call with
+    the average over groups of the groups' means and unbiased variances; see
+    :func:`cbn.functional.batch_norm`. Eval is unchanged. The channel axis must not be 0.""",
+    "renorm": """bool
+    Batch renormalization (Ioffe 2017; keyword only, needs ``track_running_stats``, not with
+    ``virtual_batch_size``): in training y = weight*((x - mean_B)/sigma_B*r + d) + bias with
+    r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean_B - running_mean)/sigma, -dmax, dmax),
+    sigma = sqrt(running_var + eps), r and d constants for the gradient; see :func:`cbn.functional.batch_norm`.""",
+    "renorm_clipping": """dict, optional
+    {"rmax": >= 1, "dmax": >= 0} (keyword only; a missing key or None: no clipping, as Keras).""",
+}
+SETTABLE = ("Each setting is an attribute of the layer; all but num_features, affine, track_running_stats and dtype "
+            "(they shape the arrays) may be set later, checked as in the constructor.")
 
+
+def docstring(summary: str, about: str, ndim: int, names: Iterable[str], **own: str) -> str:
+    """A layer class's docstring: ``summary``, ``about`` (its extended summary), then the Parameters section of
+    its constructor's parameters ``names``, with the entries of ``own`` or else of :data:`PARAMETERS`."""
+    entries = "\n".join(f"{name} : {own.get(name) or PARAMETERS[name].replace('{ndim}', str(ndim))}" for name in names)
+    return f"{summary}\n\n{about}\n\nParameters\n----------\n{entries}\n"
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = docstring("Batch norm over (N, C) or (N, C, L) input, like torch.nn.BatchNorm1d.", SETTABLE, 3, NAMES)
     _ndims = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) input, like torch.nn.BatchNorm2d.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels.
-    eps : float
-        Added to the variance (finite, >= 0).
-    momentum : float or None
-        Running-statistic factor in [0, 1]; None means the cumulative average over all batches seen.
-    affine : bool
-        Learn weight (gamma) and bias (beta).
-    track_running_stats : bool
-        Keep running statistics for eval; without them batch statistics are used in both modes.
-    dtype : {float32, float64}
-        Dtype of the parameters, statistics and computation.
-    nan_guard : bool
-        In training, leave the running statistics of a channel unchanged when its batch statistics are not finite
-        (NaN or Inf in its values); see :func:`cbn.functional.batch_norm`. The counter still counts the batch.
-    axis : int
-        The channel axis: 1 (NCHW, and channels-last arrays viewed as NCHW, as torch takes them) or -1 (NHWC, as
-        Keras takes it), any axis in [-4, 4). The layer still takes 4-D input only.
-    activation : {None, "relu"}
-        Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward takes
-        the ReLU's mask from the saved output.
-    virtual_batch_size : int, optional
-        Ghost batches (keyword only): in training, axis 0 is split into groups of this many samples (the last may be
-        smaller), each normalised with its own statistics; the running statistics are updated once per call with
-        the average over groups of the groups' means and unbiased variances; see
-        :func:`cbn.functional.batch_norm`. Eval is unchanged. The channel axis must not be 0.
-    renorm : bool
-        Batch renormalization (Ioffe 2017; keyword only, needs ``track_running_stats``, not with
-        ``virtual_batch_size``): in training y = weight*((x - mean_B)/sigma_B*r + d) + bias with
-        r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean_B - running_mean)/sigma, -dmax, dmax),
-        sigma = sqrt(running_var + eps), r and d constants for the gradient; see :func:`cbn.functional.batch_norm`.
-    renorm_clipping : dict, optional
-        {"rmax": >= 1, "dmax": >= 0} (keyword only; a missing key or None: no clipping, as Keras).
-
-    Each setting is an attribute of the layer; all but num_features, affine, track_running_stats and dtype (they
-    shape the arrays) may be set later, checked as in the constructor.
-    """
-
+    __doc__ = docstring("Batch norm over (N, C, H, W) input, like torch.nn.BatchNorm2d.", SETTABLE, 4, NAMES)
     _ndims = (4,)
 
 
 class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) input; see :class:`BatchNorm2d`."""
-
+    __doc__ = docstring("Batch norm over (N, C, D, H, W) input, like torch.nn.BatchNorm3d.", SETTABLE, 5, NAMES)
     _ndims = (5,)

@@ -50,12 +50,13 @@ class _Population:
 
 @contextlib.contextmanager
 def precise_stats(model: T) -> Iterator[T]:
-    """Set the running statistics of every BatchNorm layer in ``model`` to the exact statistics of the training
-    batches it sees inside the block (PyTorch's ``swa_utils.update_bn`` averages batch statistics instead).
+    """Set the running statistics of the layers in ``model`` to the exact statistics of the batches of the block.
 
-    Inside the block, each layer with running statistics that runs in training mode records the per-channel count
-    n, mean and M2 = sum((x - mean)**2) of every batch (a SyncBatchNorm: of the batch of all ranks), merged in
-    float64 with Chan's formula (delta = mean_b - mean_a, n = n_a + n_b: mean = mean_a + delta*n_b/n,
+    Each BatchNorm layer's running statistics become the exact statistics of the training batches it sees inside
+    the block (PyTorch's ``swa_utils.update_bn`` averages batch statistics instead). Inside the block, each layer
+    with running statistics that runs in training mode records the per-channel count n, mean and
+    M2 = sum((x - mean)**2) of every batch (a SyncBatchNorm: of the batch of all ranks), merged in float64 with
+    Chan's formula (delta = mean_b - mean_a, n = n_a + n_b: mean = mean_a + delta*n_b/n,
     M2 = M2_a + M2_b + delta**2*n_a*n_b/n), and leaves its running statistics and counter alone; its outputs and
     backward are the normal training ones. On a normal exit::
 
@@ -73,7 +74,8 @@ def precise_stats(model: T) -> Iterator[T]:
 
     Yields
     ------
-    model
+    layer, list, tuple, dict or object
+        ``model`` itself.
 
     Raises
     ------

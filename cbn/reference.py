@@ -16,7 +16,9 @@ from ._typing import FloatArray, Shape
 class Saved(NamedTuple):
     """What the reference forward keeps for its backward (all float64).
 
-    Attributes
+    Its fields, by name or in this order:
+
+    Parameters
     ----------
     x : ndarray
         The input as an (A, C, B) array, A and B the products of the sizes before and after the channel axis.
@@ -65,8 +67,40 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
                weight: FloatArray | None = None, bias: FloatArray | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1, activation: Literal["relu"] | None = None,
                residual: FloatArray | None = None, return_saved: bool = False) -> FloatArray | tuple[FloatArray, Saved]:
-    """Float64 reference of :func:`cbn.functional.batch_norm` (running statistics updated in place):
-    y = act(BN(x) + residual)."""
+    """Float64 reference of :func:`cbn.functional.batch_norm`: y = act(BN(x) + residual).
+
+    The running statistics, when given in training, are updated in place.
+
+    Parameters
+    ----------
+    x : ndarray
+        Input of at least 2 dimensions.
+    running_mean, running_var : ndarray or None
+        (C,) running statistics.
+    weight, bias : ndarray or None
+        (C,) gamma and beta; None means 1 and 0.
+    training : bool
+        Normalise with batch statistics (True) or with the running statistics (False).
+    momentum : float
+        Factor of the running-statistic update.
+    eps : float
+        Added to the variance.
+    axis : int
+        The channel axis.
+    activation : {None, "relu"}
+        Activation after the residual.
+    residual : ndarray, optional
+        Added before the activation.
+    return_saved : bool
+        Also return the :class:`Saved` that :func:`batch_norm_backward` needs.
+
+    Returns
+    -------
+    y : ndarray
+        Float64 output of x's shape.
+    saved : Saved
+        Only with ``return_saved``.
+    """
     shape = x.shape
     axis %= x.ndim
     C = shape[axis]
@@ -98,8 +132,22 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
 
 
 def batch_norm_backward(dy: FloatArray, saved: Saved) -> tuple[FloatArray, ...]:
-    """Float64 reference of :func:`cbn.functional.batch_norm_backward`: returns (dx, dweight, dbias), and
-    dresidual when the forward had a residual (dy masked by the ReLU's output > 0 after a forward with ReLU)."""
+    """Float64 reference of :func:`cbn.functional.batch_norm_backward`.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to the forward's output.
+    saved : Saved
+        From ``batch_norm(..., return_saved=True)``.
+
+    Returns
+    -------
+    dx, dweight, dbias : ndarray
+        Float64 gradients of the input, weight and bias.
+    dresidual : ndarray
+        Only after a forward with a residual: dy (masked by the ReLU's output > 0 after a forward with ReLU).
+    """
     x3 = saved.x.astype(np.float64)
     N, C, S = x3.shape
     dy = np.asarray(dy, dtype=np.float64)
