@@ -79,8 +79,9 @@ class _SyncBatchNorm(_BatchNorm):
     comm: Intracomm
     _global_count: int | None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # comm=None, keyword only: in the signature below (the
-        # docs read it)
+    # comm=None, keyword only: in the signature below (the docs read it; a keyword parameter here would not match it
+    # for autodoc, and a type checker cannot add one to the parameters that the other layers take from Config)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         comm = kwargs.pop("comm", None)
         self._setup(self._configured(*args, **kwargs), comm)
 
