@@ -23,10 +23,10 @@ import numpy.typing as npt
 
 from . import _validate as V
 from . import functional as F
-from ._config import NAMES, Config, signature
+from ._config import NAMES, SETTABLE, Config, docstring, signature
 from ._typing import BoolArray, FloatArray
 from ._walk import swap_layers
-from .modules import SETTABLE, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, docstring
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 if TYPE_CHECKING:
     from mpi4py.MPI import Intracomm

@@ -15,10 +15,10 @@ import numpy.typing as npt
 
 from . import _validate as V
 from . import functional as F
-from ._config import DEFAULTS, NAMES, SINCE, Config
+from ._config import DEFAULTS, NAMES, SINCE, Config, docstring
 from ._typing import BoolArray, FloatArray
 from ._walk import swap_layers
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, docstring
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from . import _validate as V
 from . import functional as F
-from ._config import FORMAT, FORMAT_VERSION, NAMES, SINCE, Config, constructor
+from ._config import FORMAT, FORMAT_VERSION, NAMES, SETTABLE, SINCE, Config, constructor, docstring
 from ._typing import BoolArray, FloatArray
 
 _TORCH_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")  # as torch's repr shows them
@@ -486,54 +486,6 @@ class _Setting:
 
 for _name in NAMES:
     setattr(_BatchNorm, _name, _Setting(_name))
-
-
-# The layer constructors' parameters as the layers' docstrings give them (numpydoc entries), each written once:
-# :func:`docstring` makes the docstring of every layer class from them. ``{ndim}`` is the largest accepted rank.
-PARAMETERS = {
-    "num_features": """int
-    C, the number of channels.""",
-    "eps": """float
-    Added to the variance (finite, >= 0).""",
-    "momentum": """float or None
-    Running-statistic factor in [0, 1]; None means the cumulative average over all batches seen.""",
-    "affine": """bool
-    Learn weight (gamma) and bias (beta).""",
-    "track_running_stats": """bool
-    Keep running statistics for eval; without them batch statistics are used in both modes.""",
-    "dtype": """{float32, float64}
-    Dtype of the parameters, statistics and computation.""",
-    "nan_guard": """bool
-    In training, leave the running statistics of a channel unchanged when its batch statistics are not finite
-    (NaN or Inf in its values); see :func:`cbn.functional.batch_norm`. The counter still counts the batch.""",
-    "axis": """int
-    The channel axis: 1 (channels first, and channels-last arrays viewed that way, as torch takes them) or -1
-    (channels last, as Keras takes them); any axis in [-{ndim}, {ndim}) of the input.""",
-    "activation": """{None, "relu"}
-    Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward takes
-    the ReLU's mask from the saved output.""",
-    "virtual_batch_size": """int, optional
-    Ghost batches (keyword only): in training, axis 0 is split into groups of this many samples (the last may be
-    smaller), each normalised with its own statistics; the running statistics are updated once per call with
-    the average over groups of the groups' means and unbiased variances; see
-    :func:`cbn.functional.batch_norm`. Eval is unchanged. The channel axis must not be 0.""",
-    "renorm": """bool
-    Batch renormalization (Ioffe 2017; keyword only, needs ``track_running_stats``, not with
-    ``virtual_batch_size``): in training y = weight*((x - mean_B)/sigma_B*r + d) + bias with
-    r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean_B - running_mean)/sigma, -dmax, dmax),
-    sigma = sqrt(running_var + eps), r and d constants for the gradient; see :func:`cbn.functional.batch_norm`.""",
-    "renorm_clipping": """dict, optional
-    {"rmax": >= 1, "dmax": >= 0} (keyword only; a missing key or None: no clipping, as Keras).""",
-}
-SETTABLE = ("Each setting is an attribute of the layer; all but num_features, affine, track_running_stats and dtype "
-            "(they shape the arrays) may be set later, checked as in the constructor.")
-
-
-def docstring(summary: str, about: str, ndim: int, names: Iterable[str], **own: str) -> str:
-    """A layer class's docstring: ``summary``, ``about`` (its extended summary), then the Parameters section of
-    its constructor's parameters ``names``, with the entries of ``own`` or else of :data:`PARAMETERS`."""
-    entries = "\n".join(f"{name} : {own.get(name) or PARAMETERS[name].replace('{ndim}', str(ndim))}" for name in names)
-    return f"{summary}\n\n{about}\n\nParameters\n----------\n{entries}\n"
 
 
 class BatchNorm1d(_BatchNorm):
