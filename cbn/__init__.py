@@ -28,9 +28,12 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm1d", "Sync
            "set_num_threads", "max_num_threads", "available_cpus", "show_config", "__version__"]
 
 
-def show_config():
-    """Print the version, whether the build has OpenMP, the thread count, the instruction-set level in use and the
-    compiler and flags of its kernels."""
+def show_config() -> None:
+    """Print the version, the build and the machine's settings that cbn's speed depends on.
+
+    That is: whether the build has OpenMP, the thread count, the instruction-set level in use and the compiler and
+    flags of its kernels.
+    """
     built = ", ".join(_dispatch.built_levels())
     print(f"cbn {__version__}\n"
           f"  numpy:    {np.__version__}\n"

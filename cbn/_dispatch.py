@@ -9,9 +9,12 @@ What the CPU supports comes from NumPy's runtime CPU feature table, which also a
 saving the AVX / AVX-512 register state. A module above what the CPU supports is never imported: code compiled for
 x86-64-v4 may use AVX-512 instructions anywhere, its module initialisation included.
 """
+from __future__ import annotations
+
 import importlib
 import importlib.util
 import os
+import types
 import warnings
 
 ENV = "CBN_CPU_LEVEL"
@@ -27,7 +30,7 @@ FEATURES = {
 }
 
 
-def cpu_features():
+def cpu_features() -> dict[str, bool]:
     """Return NumPy's runtime CPU feature table ({name: bool}), or {} where it cannot be read."""
     for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # NumPy 2, NumPy 1.25+
         try:
@@ -37,7 +40,7 @@ def cpu_features():
     return {}
 
 
-def cpu_supports(level, features):
+def cpu_supports(level: str, features: dict[str, bool]) -> bool:
     """Whether a CPU with the feature table ``features`` runs code built for ``level``."""
     if level == "baseline":
         return True
@@ -47,18 +50,18 @@ def cpu_supports(level, features):
     return all(features.get(f, False) if required else features.get(f, True) for f, required in parts.items())
 
 
-def built_levels():
+def built_levels() -> list[str]:
     """Return the names of the levels whose kernel modules were built (found, not imported: see the module notes)."""
     return [level for level in LEVELS if importlib.util.find_spec(MODULES[level]) is not None]
 
 
-def supported_levels():
+def supported_levels() -> list[str]:
     """Return the names of the levels that were built and that this CPU supports, lowest first."""
     features = cpu_features()
     return [level for level in built_levels() if cpu_supports(level, features)]
 
 
-def requested_level():
+def requested_level() -> str:
     """Return CBN_CPU_LEVEL's value ('' for unset or empty); raise ValueError for an unknown level."""
     requested = os.environ.get(ENV, "").strip()
     if requested and requested not in LEVELS:
@@ -66,7 +69,7 @@ def requested_level():
     return requested
 
 
-def choose(requested, built, features):
+def choose(requested: str, built: list[str], features: dict[str, bool]) -> tuple[str, str | None]:
     """Return (level, warning or None) for a valid CBN_CPU_LEVEL value ``requested`` ('' for unset), the ``built``
     levels and the CPU feature table ``features``: the best built level the CPU supports, no higher than the one
     requested (baseline when nothing else fits)."""
@@ -80,7 +83,7 @@ def choose(requested, built, features):
     return level, f"{ENV}={requested} asked for, but that level {why}: using {level}"
 
 
-def _load():
+def _load() -> tuple[str, types.ModuleType]:
     requested = requested_level()
     built = built_levels()
     if "baseline" not in built:

@@ -1,31 +1,37 @@
 """``cbn.load``: a layer from a file that ``save`` wrote, the whole file checked before the layer is made."""
+from __future__ import annotations
+
 import json
 import os
 import zipfile
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from ._config import BOOLEANS, FORMAT, FORMAT_VERSION
+from ._config import BOOLEANS, FORMAT, FORMAT_VERSION, Config
 from .distributed import SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, Layer
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-LAYER_CLASSES = {cls.__name__: cls for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm1d,
-                                               SyncBatchNorm2d, SyncBatchNorm3d, FrozenBatchNorm1d,
-                                               FrozenBatchNorm2d, FrozenBatchNorm3d)}
+LAYER_CLASSES: dict[str, type[Layer]] = {
+    cls.__name__: cls for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm1d, SyncBatchNorm2d,
+                                  SyncBatchNorm3d, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)}
 _HEADER = ("format", "version", "class", "training")
 
 
-def load(path):
+def load(path: str | os.PathLike[str]) -> Layer:
     """Load a layer written by ``save`` (a file of any format version so far); reads with ``allow_pickle=False``.
 
     Parameters
     ----------
     path : str or os.PathLike
+        The file.
 
     Returns
     -------
-    BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d (on COMM_WORLD) or FrozenBatchNorm1d/2d/3d
+    BatchNorm1d/2d/3d, SyncBatchNorm1d/2d/3d or FrozenBatchNorm1d/2d/3d
+        The layer of the file's class (a SyncBatchNorm on COMM_WORLD), settings, mode, parameters and statistics.
 
     Raises
     ------
@@ -46,7 +52,7 @@ def load(path):
     return layer.train(training)
 
 
-def _read(path):
+def _read(path: str) -> tuple[dict[str, npt.NDArray[Any]], Any]:
     """The arrays of the .npz file at ``path`` and its parsed ``__config__``, or ValueError."""
     try:
         data = np.load(path, allow_pickle=False)
@@ -62,7 +68,7 @@ def _read(path):
         raise ValueError(f"__config__ must be JSON text, got {e}") from e
 
 
-def _layer_config(header):
+def _layer_config(header: Any) -> tuple[type[Layer], Config, bool]:
     """The class, checked Config and mode that a file's ``__config__`` describes, or ValueError or TypeError naming
     the key."""
     version = header.get("version") if isinstance(header, dict) else None
@@ -71,7 +77,7 @@ def _layer_config(header):
         got = (header.get("format"), version) if isinstance(header, dict) else header
         raise ValueError(f"not a cbn layer file of a known version (format {FORMAT!r}, version 1 to "
                          f"{FORMAT_VERSION}), got {got!r}")
-    cls = LAYER_CLASSES.get(header.get("class"))
+    cls = LAYER_CLASSES.get(header.get("class"))  # type: ignore[arg-type]  # (a key of another type: None)
     if cls is None:
         raise ValueError(f"config 'class' names an unknown layer class {header.get('class')!r}, expected one of "
                          f"{sorted(LAYER_CLASSES)}")

@@ -6,9 +6,12 @@ the CPU count; ``threadpoolctl.threadpool_limits(n, user_api="openmp")`` lowers 
 ``set_num_threads`` chose in that thread, else the CPUs this process may use (no cap of ours when OMP_NUM_THREADS
 is set). cbn never changes the runtime's setting.
 """
+from __future__ import annotations
+
 import math
 import os
 import threading
+from typing import cast
 
 from . import _validate as V
 from ._dispatch import kernels as _kernels
@@ -16,7 +19,7 @@ from ._dispatch import kernels as _kernels
 _OPENMP = _kernels.openmp_enabled()
 
 
-def _cgroup_cpu_limit(proc_cgroup="/proc/self/cgroup", mount="/sys/fs/cgroup"):
+def _cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> int | None:
     """Return the CPUs allowed by the cgroup v2 ``cpu.max`` quotas of this process's cgroup and its ancestors
     (rounded up, at least 1), or None when there is no quota or no cgroup v2."""
     try:
@@ -39,11 +42,16 @@ def _cgroup_cpu_limit(proc_cgroup="/proc/self/cgroup", mount="/sys/fs/cgroup"):
     return min(limits) if limits else None
 
 
-def available_cpus():
+def available_cpus() -> int:
     """Return the number of CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
 
     Not the host's core count: ``os.process_cpu_count()`` (Python 3.13+) or ``os.sched_getaffinity`` where
     available, else ``os.cpu_count()``; then the Linux cgroup v2 ``cpu.max`` quota (containers) if lower.
+
+    Returns
+    -------
+    int
+        The number of CPUs, at least 1.
     """
     if hasattr(os, "process_cpu_count"):
         n = os.process_cpu_count()
@@ -64,28 +72,39 @@ class _Chosen(threading.local):
 _chosen = _Chosen()
 
 
-def thread_cap():
+def thread_cap() -> int:
     """Return the cap on the threads of a kernel call from this thread (0: none): set_num_threads' count, else the
     default. The kernels take the OpenMP runtime's count, at most this."""
     return _chosen.n or _DEFAULT
 
 
-def max_num_threads():
-    """Return the largest count ``set_num_threads`` accepts: 4 x ``os.cpu_count()``, at least 64."""
+def max_num_threads() -> int:
+    """Return the largest count ``set_num_threads`` accepts.
+
+    Returns
+    -------
+    int
+        4 x ``os.cpu_count()``, at least 64.
+    """
     return max(64, 4 * (os.cpu_count() or 1))
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """Return the number of threads cbn's parallel kernels use when called from this thread.
 
     At most the OpenMP runtime's count (OMP_NUM_THREADS, else the CPU count; threadpoolctl lowers it); the
     default is that count, lowered to the CPUs this process may use (``available_cpus()``) unless OMP_NUM_THREADS
     is set.
+
+    Returns
+    -------
+    int
+        The number of threads (1 in a serial build).
     """
-    return _kernels.num_threads(thread_cap())
+    return cast(int, _kernels.num_threads(thread_cap()))
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Set the number of threads cbn's parallel kernels use when called from this thread.
 
     The OpenMP runtime's count caps it (OMP_NUM_THREADS, else the CPU count; while a
@@ -103,7 +122,7 @@ def set_num_threads(n):
     _chosen.n = n
 
 
-def _one_thread_after_fork():
+def _one_thread_after_fork() -> None:
     """In a forked child: 1 thread by default (GNU libgomp hangs in the first parallel region of a forked child
     whose parent already ran one)."""
     global _DEFAULT

@@ -6,12 +6,17 @@ checks return (an :class:`Input`, arrays as they were or converted); the computa
 trust them. Every check raises a TypeError or ValueError that names the expected and the actual value, before any
 state changes.
 """
+from __future__ import annotations
+
 import math
 import numbers
 from collections.abc import Mapping
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, TypeGuard, cast
 
 import numpy as np
+import numpy.typing as npt
+
+from ._typing import FloatArray, Shape
 
 COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels compute in
 
@@ -19,7 +24,9 @@ COMPUTE = (np.dtype(np.float32), np.dtype(np.float64))  # the dtypes the kernels
 class BatchNormSaved(NamedTuple):
     """What a forward keeps for its backward (public name: ``cbn.functional.BatchNormSaved``).
 
-    Attributes
+    Its fields, by name or in this order:
+
+    Parameters
     ----------
     x : ndarray
         The input's memory as a C-contiguous (A, C, B) array of the compute dtype (a view of the caller's array when
@@ -33,7 +40,7 @@ class BatchNormSaved(NamedTuple):
     shape : tuple
         Shape of the forward's input.
     dtype : numpy.dtype
-        dtype of the forward's output, and of dx.
+        The dtype of the forward's output, and of dx.
     axis : int
         The channel axis of ``shape`` (>= 0).
     order : tuple or None
@@ -57,27 +64,29 @@ class BatchNormSaved(NamedTuple):
         (it then reads ``x``, not ``y``; without ``gate`` it reads ``y``).
     """
 
-    x: np.ndarray
-    mean: np.ndarray
-    invstd: np.ndarray
-    weight: Optional[np.ndarray]
+    x: FloatArray
+    mean: FloatArray
+    invstd: FloatArray
+    weight: FloatArray | None
     use_batch_stats: bool
-    shape: tuple
-    dtype: np.dtype
+    shape: Shape
+    dtype: np.dtype[Any]
     axis: int = 1
-    order: Optional[tuple] = None
-    y: Optional[np.ndarray] = None
+    order: Shape | None = None
+    y: FloatArray | None = None
     residual: bool = False
-    renorm: Optional[np.ndarray] = None
-    valid: Optional[np.ndarray] = None
-    gate: Optional[np.ndarray] = None
+    renorm: FloatArray | None = None
+    valid: npt.NDArray[np.intp] | None = None
+    gate: FloatArray | None = None
 
 
 class GhostSaved(NamedTuple):
-    """What a ghost-batch forward (``virtual_batch_size``) keeps for its backward (public name:
-    ``cbn.functional.GhostSaved``): the groups along axis 0, each normalised on its own.
+    """What a ghost-batch forward (``virtual_batch_size``) keeps for its backward.
 
-    Attributes
+    Public name: ``cbn.functional.GhostSaved``. The groups along axis 0, each normalised on its own; its fields, by
+    name or in this order:
+
+    Parameters
     ----------
     bounds : tuple of (int, int)
         (start, stop) of each group along axis 0, consecutive from 0 to shape[0].
@@ -86,18 +95,18 @@ class GhostSaved(NamedTuple):
     shape : tuple
         Shape of the forward's input.
     dtype : numpy.dtype
-        dtype of the forward's output, and of dx.
+        The dtype of the forward's output, and of dx.
     order : tuple
         The axes of ``shape`` in memory order of the forward's input (the layout of dx).
     residual : bool
         True when the forward added a residual.
     """
 
-    bounds: tuple
-    parts: tuple
-    shape: tuple
-    dtype: np.dtype
-    order: tuple
+    bounds: tuple[tuple[int, int], ...]
+    parts: tuple[BatchNormSaved, ...]
+    shape: Shape
+    dtype: np.dtype[Any]
+    order: Shape
     residual: bool = False
 
 
@@ -118,11 +127,11 @@ class Input(NamedTuple):
         The output's dtype: float16 for float16 input, else the compute dtype.
     """
 
-    x: np.ndarray
+    x: FloatArray
     axis: int
-    order: tuple
-    dtype: np.dtype
-    out_dtype: np.dtype
+    order: Shape
+    dtype: np.dtype[Any]
+    out_dtype: np.dtype[Any]
 
 
 class Plan(NamedTuple):
@@ -146,25 +155,25 @@ class Plan(NamedTuple):
         The input's memory is the kernels' array as it is (dense, aligned, the compute dtype): no copy.
     """
 
-    shape: tuple
-    strides: tuple
-    in_dtype: np.dtype
+    shape: Shape
+    strides: Shape | None
+    in_dtype: np.dtype[Any] | None
     axis: int
-    order: tuple
-    dtype: np.dtype
-    out_dtype: np.dtype
-    acb: tuple
-    mem_shape: tuple
-    back: Optional[tuple]
+    order: Shape
+    dtype: np.dtype[Any]
+    out_dtype: np.dtype[Any]
+    acb: tuple[int, int, int]
+    mem_shape: Shape
+    back: Shape | None
     direct: bool
 
-    def fits(self, x):
+    def fits(self, x: FloatArray) -> bool:
         """True when ``x`` is an aligned ndarray of this plan's shape, strides and dtype (the dtype object itself:
         an equal dtype of another object, a rare thing, makes a call take the checks)."""
         return (type(x) is np.ndarray and x.dtype is self.in_dtype and x.shape == self.shape
                 and x.strides == self.strides and x.flags.aligned)
 
-    def fits_out(self, out, *inputs):
+    def fits_out(self, out: object, *inputs: FloatArray | None) -> bool:
         """True when ``out`` is an output the kernels write as it is (of a direct plan): an aligned, writeable
         ndarray of this plan's shape and strides in the compute dtype that owns its memory (so it overlaps no
         other array that owns its own) and shares none with ``inputs`` (None skipped)."""
@@ -173,7 +182,7 @@ class Plan(NamedTuple):
                 and out.flags.aligned and not any(a is not None and np.may_share_memory(out, a) for a in inputs))
 
 
-def plan(inp):
+def plan(inp: Input) -> Plan:
     """The :class:`Plan` of a checked :class:`Input`."""
     x, order = inp.x, inp.order
     c_order = order == tuple(range(x.ndim))
@@ -182,12 +191,13 @@ def plan(inp):
     return _plan(x.shape, x.strides, x.dtype, inp.axis, order, inp.dtype, inp.out_dtype, direct)
 
 
-def saved_plan(saved):
+def saved_plan(saved: BatchNormSaved) -> Plan:
     """The :class:`Plan` of a saved forward's input (which no array fits: its strides are not known)."""
     return _plan(saved.shape, None, None, saved.axis, saved_order(saved), saved.x.dtype, np.dtype(saved.dtype), False)
 
 
-def _plan(shape, strides, in_dtype, axis, order, dtype, out_dtype, direct):
+def _plan(shape: Shape, strides: Shape | None, in_dtype: np.dtype[Any] | None, axis: int, order: Shape,
+          dtype: np.dtype[Any], out_dtype: np.dtype[Any], direct: bool) -> Plan:
     k = order.index(axis)
     mem_shape = tuple(shape[d] for d in order)
     back = None if order == tuple(range(len(shape))) else tuple(sorted(range(len(shape)), key=order.__getitem__))
@@ -195,19 +205,19 @@ def _plan(shape, strides, in_dtype, axis, order, dtype, out_dtype, direct):
     return Plan(shape, strides, in_dtype, axis, order, dtype, out_dtype, acb, mem_shape, back, direct)
 
 
-def is_integer(v):
+def is_integer(v: object) -> TypeGuard[int]:
     """True for an integer that is not a bool."""
     return type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral))
 
 
-def integer(value, name, minimum, why=""):
+def integer(value: object, name: str, minimum: int, why: str = "") -> int:
     """``value`` as an int when it is an integer >= ``minimum``, else ValueError (``why`` follows the bound)."""
     if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
     return int(value)
 
 
-def compute_dtype(dtype):
+def compute_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
     """``dtype`` as a numpy.dtype when it is float32 or float64, else TypeError."""
     dtype = np.dtype(dtype)
     if dtype not in COMPUTE:
@@ -215,12 +225,12 @@ def compute_dtype(dtype):
     return dtype
 
 
-def _is_real(v):
+def _is_real(v: object) -> TypeGuard[float]:
     """True for a real number that is not a bool."""
     return type(v) is float or type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Real))
 
 
-def scalars(momentum, eps):
+def scalars(momentum: float, eps: float) -> None:
     """eps must be finite and >= 0; momentum a number in [0, 1]."""
     if not (_is_real(eps) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -228,13 +238,13 @@ def scalars(momentum, eps):
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
 
-def count_per_channel(count, got):
+def count_per_channel(count: float, got: str) -> None:
     """A training batch needs more than 1 value per channel (``got`` says what the caller had)."""
     if count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got {got}")
 
 
-def float_array(a, name):
+def float_array(a: object, name: str) -> FloatArray:
     """Return ``a`` if it is a floating ndarray (a subclass as an ndarray view), else raise TypeError naming what it
     is."""
     if type(a) is np.ndarray and a.dtype.kind == "f":  # the common case, checked first
@@ -246,7 +256,7 @@ def float_array(a, name):
     return a if type(a) is np.ndarray else a.view(np.ndarray)
 
 
-def channel_axis(axis, ndim):
+def channel_axis(axis: object, ndim: int) -> int:
     """``axis`` as an index in [0, ndim): an integer in [-ndim, ndim), else TypeError or ValueError."""
     if not is_integer(axis):
         raise TypeError(f"axis must be an integer, got {axis!r}")
@@ -255,7 +265,7 @@ def channel_axis(axis, ndim):
     return int(axis) % ndim
 
 
-def memory_order(a):
+def memory_order(a: FloatArray) -> Shape:
     """The order of the axes in ``a``'s memory when it is dense (a transposed C-contiguous array: axes from the
     largest stride to the smallest), else C order (the order of the copy the kernels get)."""
     c_order = tuple(range(a.ndim))
@@ -265,7 +275,8 @@ def memory_order(a):
     return order if a.transpose(order).flags.c_contiguous else c_order
 
 
-def input_array(x, axis, dtype=None, ranks=None, channels=None):
+def input_array(x: object, axis: int, dtype: npt.DTypeLike | None = None, ranks: tuple[int, ...] | None = None,
+                channels: int | None = None) -> Input:
     """Check an input and its channel axis; return it as an :class:`Input`.
 
     Parameters
@@ -297,19 +308,19 @@ def input_array(x, axis, dtype=None, ranks=None, channels=None):
     return Input(x, k, memory_order(x), dt, np.dtype(np.float16) if x.dtype.itemsize == 2 else dt)
 
 
-def activation(value):
+def activation(value: str | None) -> str | None:
     """Check a fused activation: None or "relu"."""
     if not (value is None or (isinstance(value, str) and value == "relu")):
         raise ValueError(f"activation must be None or 'relu', got {value!r}")
     return value
 
 
-def virtual_batch_size(value):
+def virtual_batch_size(value: int | None) -> int | None:
     """Check a ghost-batch size: None or an integer >= 1."""
     return None if value is None else integer(value, "virtual_batch_size", 1)
 
 
-def virtual_batches(size, inp, training):
+def virtual_batches(size: int | None, inp: Input, training: bool) -> tuple[tuple[int, int], ...] | None:
     """The (start, stop) groups of a ghost-batch forward along axis 0, or None when the call has one group (no
     ``size``, not ``training``, an empty batch or one of at most ``size`` samples). Raise when ``size`` is given and
     axis 0 is the channel axis, or when a group would have a single value per channel."""
@@ -328,7 +339,8 @@ def virtual_batches(size, inp, training):
     return tuple((start, min(start + size, N)) for start in range(0, N, size))
 
 
-def renorm(enabled, clipping, virtual_batch_size):
+def renorm(enabled: bool, clipping: Mapping[str, float] | None,
+           virtual_batch_size: int | None) -> tuple[float, float] | None:
     """Check the batch-renormalization options: ``enabled`` a bool, ``clipping`` None (no clipping, as Keras) or a
     dict with keys among "rmax" (>= 1) and "dmax" (>= 0), a missing one infinite, given only with ``enabled``, and no
     virtual batches with it. Return None when off, else (rmax, dmax) as floats."""
@@ -359,7 +371,7 @@ def renorm(enabled, clipping, virtual_batch_size):
     return float(rmax), float(dmax)
 
 
-def residual(z, inp):
+def residual(z: object, inp: Input) -> FloatArray | None:
     """Check a residual added before the activation: None, or a floating ndarray of the input's shape."""
     if z is None:
         return None
@@ -369,7 +381,7 @@ def residual(z, inp):
     return z
 
 
-def mask(m, inp):
+def mask(m: npt.NDArray[np.bool_] | None, inp: Input) -> npt.NDArray[np.bool_] | None:
     """Check a statistics mask: None, or a bool ndarray that broadcasts to the input's shape without its channel
     axis; return it broadcast to that shape (a view), or None."""
     if m is None:
@@ -387,13 +399,13 @@ def mask(m, inp):
                          f"broadcast to it, got {m.shape}") from None
 
 
-def valid_count(n, got):
+def valid_count(n: float | np.integer[Any], got: str) -> None:
     """A training batch with a mask needs more than 1 valid position (``got`` says where)."""
     if n < 2:
         raise ValueError(f"Expected more than 1 valid value per channel when training with a mask, got {n}{got}")
 
 
-def representable(a, dtype, name, note=""):
+def representable(a: npt.NDArray[Any], dtype: npt.DTypeLike, name: str, note: str = "") -> FloatArray:
     """``a`` cast to ``dtype``; ValueError naming the first finite value that the cast overflows (``note`` follows
     the dtype in the message)."""
     with np.errstate(all="ignore"):
@@ -406,7 +418,7 @@ def representable(a, dtype, name, note=""):
     return cast
 
 
-def channel_array(a, name, C):
+def channel_array(a: object, name: str, C: int) -> FloatArray:
     """Check that ``a`` is a floating ndarray of shape (C,) and return it."""
     a = float_array(a, name)
     if a.shape != (C,):
@@ -414,23 +426,23 @@ def channel_array(a, name, C):
     return a
 
 
-def channel_param(a, name, C, dt):
+def channel_param(a: object, name: str, C: int, dt: npt.DTypeLike) -> FloatArray | None:
     """Check an optional (C,) parameter and return it as a contiguous array of dtype dt (or None)."""
     return None if a is None else contiguous(channel_array(a, name, C), dt)
 
 
-def contiguous(a, dt):
+def contiguous(a: npt.ArrayLike, dt: npt.DTypeLike) -> FloatArray:
     """``a`` as an aligned C-contiguous array of dtype dt (a copy only when needed)."""
     a = np.ascontiguousarray(a, dtype=dt)
     return a if a.flags.aligned else a.copy()
 
 
-def flags(a):
+def flags(a: npt.NDArray[Any]) -> str:
     """The memory flags that the kernels need, as the error messages show them."""
     return f"writeable={a.flags.writeable}, aligned={a.flags.aligned}, C-contiguous={a.flags.c_contiguous}"
 
 
-def running_stat(a, name, C, dt):
+def running_stat(a: object, name: str, C: int, dt: np.dtype[Any]) -> FloatArray:
     """Check a running statistic that is updated in place: (C,), dtype dt, contiguous, writeable."""
     a = channel_array(a, name, C)
     if a.dtype != dt:
@@ -442,7 +454,8 @@ def running_stat(a, name, C, dt):
     return a
 
 
-def out_array(out, name, shape, dt, order, inputs):
+def out_array(out: object, name: str, shape: Shape, dt: np.dtype[Any], order: Shape,
+              inputs: Mapping[str, npt.NDArray[Any] | None] | None) -> FloatArray | None:
     """Check ``out`` (None, or shape, dtype, writeable, aligned, C-contiguous or laid out in ``order``, no overlap
     with ``inputs`` unless that is None) and return it."""
     if out is None:
@@ -461,12 +474,12 @@ def out_array(out, name, shape, dt, order, inputs):
     return out
 
 
-def _owns_memory(a):
+def _owns_memory(a: npt.NDArray[Any]) -> bool:
     """True when ``a`` is the sole owner of its buffer (then no other array object overlaps it)."""
     return a.base is None and a.flags.owndata
 
 
-def distinct_owners(*arrays):
+def distinct_owners(*arrays: object) -> bool:
     """True when the arrays (None skipped) are distinct ndarrays that each own their buffer: then none overlaps
     another, and the pairwise checks can be skipped."""
     ids = set()
@@ -478,7 +491,7 @@ def distinct_owners(*arrays):
     return True
 
 
-def no_overlap(name, a, others):
+def no_overlap(name: str, a: npt.NDArray[Any], others: Mapping[str, npt.NDArray[Any] | None]) -> None:
     """Raise ValueError if ``a`` may share memory with one of ``others`` ({name: array or None})."""
     a_owns = _owns_memory(a)
     for other, b in others.items():
@@ -488,12 +501,12 @@ def no_overlap(name, a, others):
             raise ValueError(f"{name} must not share memory with another argument, got memory shared with {other}")
 
 
-def saved_order(saved):
+def saved_order(saved: BatchNormSaved | GhostSaved) -> Shape:
     """The memory order of a saved forward's input (None stands for C order)."""
     return tuple(range(len(saved.shape))) if saved.order is None and isinstance(saved.shape, tuple) else saved.order
 
 
-def _layout_matches(shape, axis, order, acb):
+def _layout_matches(shape: Shape, axis: int, order: Shape, acb: Shape) -> bool:
     """True when ``acb`` is the (A, C, B) shape of memory holding an array of ``shape`` with its axes in ``order``
     and its channels at ``axis``."""
     if not (isinstance(shape, tuple) and len(shape) >= 2 and isinstance(order, tuple)
@@ -504,21 +517,21 @@ def _layout_matches(shape, axis, order, acb):
     return acb == (math.prod(sizes[:k]), shape[axis], math.prod(sizes[k + 1:]))
 
 
-def _saved(saved):
+def _saved(saved: object) -> None:
     """Check that ``saved`` is a consistent BatchNormSaved as a forward made it (it may have been edited)."""
     if not isinstance(saved, BatchNormSaved):
         raise TypeError(f"saved must be the BatchNormSaved of a forward, got {type(saved).__name__}")
     x3 = saved.x
 
-    def arr_ok(a, ndim, dtypes):
+    def arr_ok(a: object, ndim: int, dtypes: tuple[object, ...]) -> TypeGuard[npt.NDArray[Any]]:
         return (isinstance(a, np.ndarray) and a.ndim == ndim and a.dtype in dtypes and a.flags.c_contiguous
                 and a.flags.aligned)
 
-    def show(a):
+    def show(a: object) -> str:
         return f"{a.dtype} array of shape {a.shape} ({flags(a)})" if isinstance(a, np.ndarray) else type(a).__name__
 
     if not arr_ok(x3, 3, COMPUTE):
-        bad = "x", "an aligned C-contiguous (A, C, B) float32 or float64 array", show(x3)
+        bad: tuple[str, str, str] | None = "x", "an aligned C-contiguous (A, C, B) float32 or float64 array", show(x3)
     elif not _layout_matches(saved.shape, saved.axis, saved_order(saved), x3.shape):
         bad = ("shape, axis and order", f"a shape, channel axis and memory order of which saved.x {x3.shape} is "
                f"the (A, C, B) memory", repr((saved.shape, saved.axis, saved.order)))
@@ -548,7 +561,7 @@ def _saved(saved):
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")
 
 
-def _ghost_saved(saved):
+def _ghost_saved(saved: GhostSaved) -> None:
     """Check that ``saved`` is a consistent GhostSaved (consecutive groups covering axis 0, each a consistent
     BatchNormSaved of its part of the input)."""
     ok = (isinstance(saved.bounds, tuple) and isinstance(saved.parts, tuple) and isinstance(saved.shape, tuple)
@@ -565,7 +578,7 @@ def _ghost_saved(saved):
                          f"{saved.bounds!r}")
 
 
-def grad_output(dy, saved, ghost=True):
+def grad_output(dy: object, saved: BatchNormSaved | GhostSaved, ghost: bool = True) -> FloatArray:
     """Check ``saved`` (a BatchNormSaved, or with ``ghost`` a GhostSaved too) and ``dy`` (a floating array of the
     forward input's shape); return dy."""
     _ghost_saved(saved) if ghost and isinstance(saved, GhostSaved) else _saved(saved)
@@ -575,24 +588,25 @@ def grad_output(dy, saved, ghost=True):
     return dy
 
 
-def grad_out(out, dy, saved):
+def grad_out(out: object, dy: FloatArray, saved: BatchNormSaved | GhostSaved) -> FloatArray | None:
     """Check the ``out`` of a backward (as :func:`out_array`, not overlapping dy or what ``saved`` holds)."""
     out = out_array(out, "out", saved.shape, saved.dtype, saved_order(saved), {"grad_output": dy})
     parts = saved.parts if isinstance(saved, GhostSaved) else (saved,)
     for part in parts if out is not None else ():
-        no_overlap("out", out, {"the saved input": part.x, "saved.weight": part.weight, "saved.mean": part.mean,
-                                "saved.invstd": part.invstd, "the saved output": part.y})
+        no_overlap("out", cast(FloatArray, out), {"the saved input": part.x, "saved.weight": part.weight,
+                                                  "saved.mean": part.mean, "saved.invstd": part.invstd,
+                                                  "the saved output": part.y})
     return out
 
 
-def no_grad_sums(sums, count):
+def no_grad_sums(sums: object, count: object) -> None:
     """A ghost-batch backward takes no sums of a larger batch (its groups are normalised on their own)."""
     if sums is not None or count is not None:
         raise ValueError(f"grad_sums and count must be None after a forward with virtual batches (each group is "
                          f"differentiated on its own), got grad_sums {type(sums).__name__} and count {count!r}")
 
 
-def grad_sums(sums, count, C, m):
+def grad_sums(sums: object, count: object, C: int, m: int) -> tuple[FloatArray, int] | tuple[None, None]:
     """Check the (2, C) sums and the count of a larger batch of which m values per channel are here; return the
     sums as contiguous float64 and the count (None, None when neither is given)."""
     if sums is None and count is None:

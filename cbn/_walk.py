@@ -1,16 +1,21 @@
 """The model walker of freeze, convert_sync_batchnorm, revert_sync_batchnorm and precise_stats."""
+from __future__ import annotations
+
 import types
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .modules import _BatchNorm
 
 
-def swap_layers(obj, swap, memo=None):
+def swap_layers(obj: Any, swap: Callable[[_BatchNorm], object], memo: dict[int, Any] | None = None) -> Any:
     """``obj`` with each batch-norm layer replaced by ``swap(layer)``: lists, dicts and attributes in place, tuples
     rebuilt.
 
     ``memo`` maps id(object) to its result, so shared layers stay shared and cycles end.
     """
     memo = {} if memo is None else memo
+    items: Iterable[Any]
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, _BatchNorm):
@@ -24,6 +29,7 @@ def swap_layers(obj, swap, memo=None):
         if any(a is not b for a, b in zip(items, obj)):
             memo[id(obj)] = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
         return memo[id(obj)]
+    assign: Callable[[Any, Any], None]
     if isinstance(obj, (list, dict)):
         items, assign = (enumerate(obj) if isinstance(obj, list) else obj.items()), obj.__setitem__
     elif hasattr(obj, "__dict__"):

@@ -14,6 +14,8 @@ A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times 
 most NumPy users run: the layer calls as they make them and the NumPy reference, round-robin with the floor of a
 trivial NumPy ufunc call, and (after all cbn measurements, as above) PyTorch's module calls.
 """
+from __future__ import annotations
+
 import argparse
 import importlib.metadata
 import json
@@ -23,13 +25,22 @@ import statistics
 import sys
 import time
 import tracemalloc
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 import cbn
 from cbn import _roofline
 from cbn import reference as R
 from cbn._dispatch import kernels as _kernels
+from cbn._typing import BoolArray, FloatArray, Shape
+
+K = TypeVar("K")
+Calls = dict[str, Callable[[], object]]  # the timed closures of one case, by op
+Row = dict[str, Any]  # one row of results (as the JSON file holds it)
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7), (8, 3, 224, 224),
           (256, 128, 8, 8), (64, 16, 32, 32), (1, 64, 56, 56), (2, 8, 4, 4),
@@ -52,12 +63,13 @@ SMALL_SHAPES = [(2, 8, 4, 4), (8, 16), (32, 64), (64, 256), (256, 512), (16, 32,
 LAYERS = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}
 
 
-def median_times(fns, budget, min_runs=5, max_runs=10000):
+def median_times(fns: Mapping[K, Callable[[], object]], budget: float, min_runs: int = 5,
+                 max_runs: int = 10000) -> dict[K, float]:
     """Median seconds per call of each function of the dict ``fns``, called round-robin (one call of each per
     round) for at least ``min_runs`` rounds and about ``budget`` seconds per function."""
     for fn in fns.values():
         fn()
-    times = {k: [] for k in fns}
+    times: dict[K, list[float]] = {k: [] for k in fns}
     start = time.perf_counter()
     rounds = 0
     while rounds < min_runs or (time.perf_counter() - start < budget * len(fns) and rounds < max_runs):
@@ -69,12 +81,12 @@ def median_times(fns, budget, min_runs=5, max_runs=10000):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def median_time(fn, budget, min_runs=5):
+def median_time(fn: Callable[[], object], budget: float, min_runs: int = 5) -> float:
     """Median seconds per call of ``fn`` over repeated calls (see median_times)."""
     return median_times({0: fn}, budget, min_runs)[0]
 
 
-def allocated(fn, output=0):
+def allocated(fn: Callable[[], object], output: int = 0) -> int:
     """Peak bytes that tracemalloc sees allocated during one call of ``fn``, less ``output`` bytes."""
     fn()
     tracemalloc.start()
@@ -87,7 +99,7 @@ def allocated(fn, output=0):
     return peak - output
 
 
-def _torch(threads):
+def _torch(threads: int) -> types.ModuleType | None:
     """torch, set to ``threads`` threads, or None when it is missing."""
     try:
         import torch
@@ -97,7 +109,7 @@ def _torch(threads):
     return torch
 
 
-def _torch_calls(x, dy, layout, threads):
+def _torch_calls(x: FloatArray, dy: FloatArray, layout: str, threads: int) -> Calls | None:
     """Closures timing PyTorch's CPU batch-norm kernels on the same data (the (N, C, L) view of NLC), or None when
     torch is missing."""
     torch = _torch(threads)
@@ -119,7 +131,7 @@ def _torch_calls(x, dy, layout, threads):
     }
 
 
-def _torch_module_calls(x, dy, threads):
+def _torch_module_calls(x: FloatArray, dy: FloatArray, threads: int) -> Calls | None:
     """Closures calling PyTorch's module (``torch.nn.BatchNorm1d/2d/3d``) at ``threads`` threads on x and dy of shape
     (N, C, *) as its users do, or None when torch is missing: the training forward ``m(tx)``, the eval forward
     ``m_eval(tx)`` (autograd on, as by default) and the backward alone: ``torch.autograd.grad`` of the input, weight
@@ -138,7 +150,7 @@ def _torch_module_calls(x, dy, threads):
             "backward": lambda: torch.autograd.grad(out, inputs, tdy, retain_graph=True)}
 
 
-def _reference_calls(x, dy, axis):
+def _reference_calls(x: FloatArray, dy: FloatArray, axis: int) -> Calls:
     """Closures calling the NumPy reference on x and dy: the training forward (updating its running statistics),
     the eval forward and the backward."""
     C = x.shape[axis]
@@ -149,7 +161,7 @@ def _reference_calls(x, dy, axis):
             "backward": lambda: R.batch_norm_backward(dy, saved)}
 
 
-def _data(shape, layout, dtype):
+def _data(shape: Shape, layout: str, dtype: npt.DTypeLike) -> tuple[FloatArray, FloatArray, int]:
     """x and dy of the (N, C, *) ``shape`` in ``layout`` (NLC: the (N, L, C) array itself), and the channel axis."""
     rng = np.random.default_rng(0)
     x, dy = (rng.standard_normal(shape) * 2 + 3).astype(dtype), rng.standard_normal(shape).astype(dtype)
@@ -163,7 +175,8 @@ def _data(shape, layout, dtype):
     return x.transpose(first), dy.transpose(first), 1
 
 
-def _check(y, dx, x, dy, axis, dtype):
+def _check(y: FloatArray, dx: FloatArray, x: FloatArray, dy: FloatArray, axis: int,
+           dtype: npt.DTypeLike) -> tuple[float, float, bool]:
     """Max errors of cbn's training forward and backward against the float64 reference, and whether they pass."""
     C = x.shape[axis]
     yr, saved = R.batch_norm(x, np.zeros(C), np.ones(C), np.ones(C), np.zeros(C), True, 0.1, 1e-5, axis=axis,
@@ -175,7 +188,8 @@ def _check(y, dx, x, dy, axis, dtype):
     return err_y, err_dx, bool(err_y <= tol * max(1.0, float(np.max(np.abs(yr)))) and err_dx <= 1e3 * tol)
 
 
-def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
+def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, budget: float,
+               with_reference: bool = True) -> list[Row]:
     """Time cbn, the roofline and the NumPy reference on one case; return one row per op (times in us)."""
     x, dy, axis = _data(shape, layout, dtype)
     C = shape[1]
@@ -186,7 +200,7 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
     y, dx = np.empty_like(x), np.empty_like(x)
     flat_x, flat_dy, flat_out = x.ravel(order="K"), dy.ravel(order="K"), np.empty(x.size, dtype)
     train.forward(x, out=y)
-    calls = {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
+    calls: Calls = {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
              "backward": lambda: train.backward(dy, out=dx),
              "copy": lambda: _roofline.copy(flat_x, flat_out, threads),
              "add": lambda: _roofline.add(flat_x, flat_dy, flat_out, threads)}
@@ -199,7 +213,7 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
                  "backward": allocated(lambda: train.backward(dy), x.nbytes)}
     train.forward(x, out=y)
     err_y, err_dx, ok = _check(y, train.backward(dy), x, dy, axis, dtype)
-    ref = {}
+    ref: dict[str, float] = {}
     if with_reference:
         calls = _reference_calls(x, dy, axis)
         ref = {op: median_time(calls[op], budget, min_runs=3) for op in OPS}
@@ -212,7 +226,7 @@ def bench_case(shape, layout, dtype, threads, budget, with_reference=True):
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
 
-def padding_mask(shape):
+def padding_mask(shape: Sequence[int] | npt.NDArray[Any]) -> BoolArray:
     """A statistics mask of ``shape`` ((N, *positions)) as padding gives: sample n's first (in C order) L_n of its
     L positions are True, L_n drawn from [0.6 L, L] (a fixed seed); 80% of the positions on average."""
     N, L = shape[0], math.prod(shape[1:])
@@ -220,7 +234,7 @@ def padding_mask(shape):
     return (np.arange(L) < lengths[:, None]).reshape(shape)
 
 
-def bench_variants(shape, layout, threads, budget):
+def bench_variants(shape: Shape, layout: str, threads: int, budget: float) -> Row:
     """Time the layer's float32 training forward and backward of one case, plain and as each of VARIANTS: with
     activation="relu"; with a residual too; the unfused NumPy composition of that, np.maximum(bn(x) + z, 0), and its
     backward (dy masked by y > 0, then bn.backward); with a statistics mask (:func:`padding_mask`);
@@ -231,26 +245,28 @@ def bench_variants(shape, layout, threads, budget):
     C = x.shape[axis]
     cbn.set_num_threads(threads)
     cls = LAYERS[len(shape)]
-    options = {"relu": {"activation": "relu"}, "add_relu": {"activation": "relu"},
+    options: dict[str, dict[str, Any]] = {"relu": {"activation": "relu"}, "add_relu": {"activation": "relu"},
                "ghost": {"virtual_batch_size": -(-shape[0] // 4)}}
     layers = {v: cls(C, axis=axis, **options.get(v, {})) for v in ("plain",) + VARIANTS}
-    args = {"add_relu": {"residual": z}, "masked": {"mask": padding_mask(np.delete(x.shape, axis))}}
+    args: dict[str, dict[str, Any]] = {"add_relu": {"residual": z},
+                                       "masked": {"mask": padding_mask(np.delete(x.shape, axis))}}
     y = {v: np.empty_like(x) for v in layers}  # each layer's own: a ReLU backward reads its forward's output
     dx, grad = np.empty_like(x), np.empty_like(x)
-    calls = {}
+    calls: Calls = {}
     for v, layer in layers.items():
         suffix = "" if v == "plain" else f"_{v}"
-        calls["train" + suffix] = lambda layer=layer, v=v: layer(x, out=y[v], **args.get(v, {}))
+        # (mypy cannot infer a lambda with defaults where a callable without arguments is expected)
+        calls["train" + suffix] = lambda layer=layer, v=v: layer(x, out=y[v], **args.get(v, {}))  # type: ignore[misc]
         if v != "precise":  # its backward is the plain one
-            calls["backward" + suffix] = lambda layer=layer: layer.backward(dy, out=dx)
+            calls["backward" + suffix] = lambda layer=layer: layer.backward(dy, out=dx)  # type: ignore[misc]
     unfused = layers["numpy_add_relu"]
 
-    def unfused_forward():
+    def unfused_forward() -> FloatArray:
         out = unfused(x, out=y["numpy_add_relu"])
         np.add(out, z, out=out)
         return np.maximum(out, 0, out=out)
 
-    def unfused_backward():
+    def unfused_backward() -> FloatArray:
         np.multiply(dy, y["numpy_add_relu"] > 0, out=grad)  # the residual's gradient
         return unfused.backward(grad, out=dx)
 
@@ -271,16 +287,16 @@ VARIANT_HEADER = (f"{'shape':>18} {'layout':>13} {'thr':>3} {'train us':>9} "
                   + " ".join(f"{c:>{len(c)}}" for c, _, _ in VARIANT_COLUMNS))
 
 
-def format_variants(r):
+def format_variants(r: Row) -> str:
     """One line of the variant table: the plain times, and each variant's time over its denominator's."""
-    def ratios(op):
+    def ratios(op: str) -> str:
         key = {"": op, **{v: f"{op}_{v}" for v in VARIANTS}}
         return " ".join(f"{r[key[num]] / r[key[den]]:{len(c)}.2f}" for c, num, den in VARIANT_COLUMNS)
     return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['threads']:>3} {r['train']:9.1f} {ratios('train')} "
             f"{r['train_precise'] / r['train']:13.2f} {r['backward']:9.1f} {ratios('backward')}")
 
 
-def bench_small(shape, threads, budget, with_reference=True):
+def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool = True) -> list[Row]:
     """Per-call times of one small float32 (N, C, *) shape (C-contiguous), in one round-robin: the layer called as
     a NumPy user calls it (``bn(x)`` training with the running-statistic update, ``bn_eval(x)``, ``bn.backward(dy)``
     after the training forward; a new output each call), the NumPy reference and the floor, ``np.add(a, b, out=c)``
@@ -291,7 +307,7 @@ def bench_small(shape, threads, budget, with_reference=True):
     cls = LAYERS[len(shape)]
     bn, bn_eval = cls(shape[1]), cls(shape[1]).eval()
     a, b, c = np.ones(64, np.float32), np.ones(64, np.float32), np.empty(64, np.float32)
-    calls = {"floor": lambda: np.add(a, b, out=c), ("cbn", "train"): lambda: bn(x),
+    calls: dict[object, Callable[[], object]] = {"floor": lambda: np.add(a, b, out=c), ("cbn", "train"): lambda: bn(x),
              ("cbn", "eval"): lambda: bn_eval(x), ("cbn", "backward"): lambda: bn.backward(dy)}
     if with_reference:
         calls.update({("numpy", op): fn for op, fn in _reference_calls(x, dy, axis).items()})
@@ -311,19 +327,19 @@ SMALL_HEADER = (f"{'shape':>16} {'thr':>3} {'op':>8} {'cbn us':>8} {'numpy us':>
                 f"{'cbn/floor':>9} {'numpy/cbn':>9} {'torch/cbn':>9}")
 
 
-def format_small(r):
+def format_small(r: Row) -> str:
     """One line of the small-shapes table: the times and the ratios."""
     return (f"{str(tuple(r['shape'])):>16} {r['threads']:>3} {r['op']:>8} {r['cbn_us']:8.1f} "
             f"{_fmt(r['numpy_us'], '9.1f')} {_fmt(r['torch_us'], '9.1f')} {r['floor_us']:8.2f} "
             f"{r['cbn_over_floor']:9.1f} {_fmt(r['numpy_over_cbn'], '9.2f')} {_fmt(r['torch_over_cbn'], '9.2f')}")
 
 
-def _shapes(text):
+def _shapes(text: str) -> list[Shape]:
     """Shapes written like 8x3x224x224,2x8x4x4."""
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
 
 
-def add_torch(rows, budget, modules=False):
+def add_torch(rows: list[Row], budget: float, modules: bool = False) -> None:
     """Time PyTorch on every case of ``rows`` and fill in torch_us and torch_over_cbn (no-op without torch): its
     batch-norm kernels (:func:`_torch_calls`), or with ``modules`` its module calls (:func:`_torch_module_calls`).
 
@@ -343,7 +359,7 @@ def add_torch(rows, budget, modules=False):
             r["torch_over_cbn"] = r["torch_us"] / r["cbn_us"]
 
 
-def _fmt(v, spec):
+def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
@@ -351,7 +367,7 @@ HEADER = (f"{'shape':>18} {'layout':>13} {'dtype':>7} {'thr':>3} {'op':>8} {'MB'
           f"{'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
 
 
-def format_row(r):
+def format_row(r: Row) -> str:
     """One table line: time, ratio to the roofline, speedups over NumPy and PyTorch, allocation, correctness."""
     return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} "
             f"{r['MB']:7.1f} "
@@ -360,7 +376,7 @@ def format_row(r):
             f"{'yes' if r['correct'] else 'NO':>3}")
 
 
-def header():
+def header() -> dict[str, Any]:
     """Versions and machine the numbers belong to."""
     try:
         tv = importlib.metadata.version("torch")
@@ -371,7 +387,7 @@ def header():
             "openmp": _kernels.openmp_enabled(), "build": _kernels.build_info()}
 
 
-def _cpu_model():
+def _cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -383,12 +399,12 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _label(r):
+def _label(r: Row) -> str:
     """A case's name in the chart: its shape, and its layout unless NCHW."""
     return str(tuple(r["shape"])) + ("" if r["layout"] == "NCHW" else f" {r['layout']}")
 
 
-def plot(rows, path):
+def plot(rows: list[Row], path: str) -> None:
     """Bar chart of cbn/roofline and torch/cbn per shape and op (needs matplotlib)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -415,7 +431,7 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the benchmark, print the table, optionally write JSON and a PNG."""
     p = argparse.ArgumentParser(prog="cbn-bench", description=__doc__.splitlines()[0])
     p.add_argument("--threads", default=str(cbn.get_num_threads()), help="comma-separated thread counts")

@@ -5,20 +5,27 @@ s = gamma/sqrt(running_var + eps). :func:`fold` moves it into the weight and bia
 that feeds it; :class:`FrozenBatchNorm2d` (torchvision's ``FrozenBatchNorm2d``) applies it with fixed parameters
 and statistics in any mode; :func:`freeze` swaps every batch norm of a model for the frozen layer.
 """
+from __future__ import annotations
+
 from collections.abc import Mapping
+from typing import Any, Literal, TypeAlias, TypeVar, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _validate as V
 from . import functional as F
-from ._config import DEFAULTS, NAMES, SINCE
+from ._config import DEFAULTS, NAMES, SINCE, Config, docstring
+from ._typing import BoolArray, FloatArray
 from ._walk import swap_layers
-from .modules import _BatchNorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+
+T = TypeVar("T")
 
 _FIXED = {"momentum": 0.0}  # a frozen layer's settings that are neither its constructor's nor the defaults
 
 
-def _check_running_stats(bn, what):
+def _check_running_stats(bn: _BatchNorm, what: str) -> None:
     """Raise ValueError when ``bn`` keeps no running statistics (``what`` names the operation that needs them)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"cannot {what} {bn!r}: it has no running statistics (track_running_stats=False), expected "
@@ -26,7 +33,7 @@ def _check_running_stats(bn, what):
                          f"{type(bn.running_var).__name__}")
 
 
-def fold(bn, weight, bias=None):
+def fold(bn: Layer, weight: FloatArray, bias: FloatArray | None = None) -> tuple[FloatArray, FloatArray]:
     """Fold a batch norm's inference transform into the convolution or linear layer that feeds it.
 
     With s = gamma/sqrt(running_var + eps) per channel (gamma 1 and beta 0 when ``bn`` is not affine)::
@@ -50,8 +57,10 @@ def fold(bn, weight, bias=None):
 
     Returns
     -------
-    weight, bias : ndarray
-        The folded weight (shape of ``weight``, C-contiguous) and bias ((O,)), both of ``weight``'s dtype.
+    weight : ndarray
+        The folded weight: shape and dtype of ``weight``, C-contiguous.
+    bias : ndarray
+        The folded bias: (O,), ``weight``'s dtype.
 
     Raises
     ------
@@ -81,7 +90,8 @@ def fold(bn, weight, bias=None):
             raise ValueError(f"bias must have shape ({C},) (bn.num_features), got {bias.shape}")
         gamma = np.ones(C) if bn.weight is None else bn.weight.astype(np.float64)
         beta = np.zeros(C) if bn.bias is None else bn.bias.astype(np.float64)
-        mean, var, eps = bn.running_mean.astype(np.float64), bn.running_var.astype(np.float64), bn.eps
+        mean, var, eps = (bn.running_mean.astype(np.float64),  # type: ignore[union-attr]  # (checked above)
+                          bn.running_var.astype(np.float64), bn.eps)  # type: ignore[union-attr]
     s = gamma / np.sqrt(var + eps)
     folded_weight = weight.astype(np.float64) * s.reshape((C,) + (1,) * (weight.ndim - 1))
     folded_bias = ((0.0 if bias is None else bias.astype(np.float64)) - mean) * s + beta
@@ -101,16 +111,16 @@ class _FrozenBatchNorm(_BatchNorm):
 
     _SINCE = dict(SINCE, activation=5)  # frozen layers' files hold their activation from version 5 on
 
-    def __init__(self, num_features, eps=DEFAULTS["eps"], dtype=DEFAULTS["dtype"], axis=DEFAULTS["axis"],
-                 activation=DEFAULTS["activation"]):
+    def __init__(self, num_features: int, eps: float = DEFAULTS["eps"], dtype: npt.DTypeLike = DEFAULTS["dtype"],
+                 axis: int = DEFAULTS["axis"], activation: Literal["relu"] | None = DEFAULTS["activation"]) -> None:
         self._setup(self._configured(num_features, eps, dtype=dtype, axis=axis, activation=activation))
 
     @classmethod
-    def _configured(cls, *args, **kwargs):
+    def _configured(cls, *args: Any, **kwargs: Any) -> Config:
         return super()._configured(*args, **_FIXED, **kwargs)
 
     @classmethod
-    def _validated(cls, config):
+    def _validated(cls, config: Config) -> Config:
         """BatchNorm's checks, and the settings that are not the constructor's at their fixed values."""
         config = super()._validated(config)
         settings = cls._settings()
@@ -121,13 +131,15 @@ class _FrozenBatchNorm(_BatchNorm):
                                  f"{getattr(config, name)!r}")
         return config
 
-    def forward(self, x, *, out=None, residual=None, mask=None):
-        """y = act(x*scale + shift [+ residual]) per channel along ``axis``, in training and eval mode alike.
+    def forward(self, x: FloatArray, *, out: FloatArray | None = None, residual: FloatArray | None = None,
+                mask: BoolArray | None = None) -> FloatArray:
+        """Apply the fixed per-channel transform along ``axis``, in training and eval mode alike.
 
-        scale = weight/sqrt(running_var + eps) and shift = bias - running_mean*scale, computed by the kernels
-        as an eval-mode batch norm, weight*(x - running_mean)/sqrt(running_var + eps) + bias, with the mean
-        subtracted in double (so float32 output is the float64 result rounded once); then the residual and the
-        activation as :meth:`BatchNorm2d.forward` adds them.
+        y = act(x*scale + shift [+ residual]): scale = weight/sqrt(running_var + eps) and shift =
+        bias - running_mean*scale, computed by the kernels as an eval-mode batch norm,
+        weight*(x - running_mean)/sqrt(running_var + eps) + bias, with the mean subtracted in double (so float32
+        output is the float64 result rounded once); then the residual and the activation as
+        :meth:`BatchNorm2d.forward` adds them.
 
         Parameters
         ----------
@@ -156,9 +168,11 @@ class _FrozenBatchNorm(_BatchNorm):
 
     __call__ = forward
 
-    def backward(self, dy, out=None):
-        """dx = dy*scale (times the activation's mask), scale = weight/sqrt(running_var + eps); no parameter
-        gradients (``grad_weight`` and ``grad_bias`` stay None); ``grad_residual`` as a BatchNorm's.
+    def backward(self, dy: FloatArray, out: FloatArray | None = None) -> FloatArray:
+        """Gradient of the last forward's input: dx = dy*scale (times the activation's mask).
+
+        scale = weight/sqrt(running_var + eps); no parameter gradients (``grad_weight`` and ``grad_bias`` stay
+        None); ``grad_residual`` as a BatchNorm's.
 
         Parameters
         ----------
@@ -170,7 +184,7 @@ class _FrozenBatchNorm(_BatchNorm):
         Returns
         -------
         ndarray
-            dx, the gradient with respect to the last forward's input.
+            The gradient dx with respect to the last forward's input.
         """
         with self._lock:
             dx = super().backward(dy, out)
@@ -178,71 +192,79 @@ class _FrozenBatchNorm(_BatchNorm):
             return dx
 
     @classmethod
-    def _state_keys(cls, config):
+    def _state_keys(cls, config: Config) -> list[str]:
         return ["weight", "bias", "running_mean", "running_var"]
 
-    def load_state_dict(self, state, strict=True):
-        """Load weight, bias, running_mean and running_var, e.g. from a torchvision ``FrozenBatchNorm2d`` or a
-        ``BatchNorm2d``: a ``num_batches_tracked`` entry is ignored (as torchvision drops it on load); the rest as
-        :meth:`BatchNorm2d.load_state_dict` (checked before anything is written, written into the layer's arrays)."""
+    def load_state_dict(self, state: Mapping[str, npt.ArrayLike], strict: bool = True) -> None:
+        """Load weight, bias, running_mean and running_var, e.g. from torchvision's ``FrozenBatchNorm2d``.
+
+        Or from a ``BatchNorm2d``: a ``num_batches_tracked`` entry is ignored (as torchvision drops it on load); the
+        rest as :meth:`BatchNorm2d.load_state_dict` (checked before anything is written, written into the layer's
+        arrays).
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            The entries, with torchvision's keys.
+        strict : bool
+            Refuse a missing or an unexpected key (else load the keys that are there).
+        """
         if isinstance(state, Mapping):
             state = {key: value for key, value in state.items() if key != "num_batches_tracked"}
         super().load_state_dict(state, strict)
 
-    def extra_repr(self):
-        """``num_features, eps=...`` as torchvision prints it, then the other settings that differ from their
-        defaults (dtype, axis, activation)."""
+    def extra_repr(self) -> str:
+        """``num_features, eps=...`` as torchvision prints it, then the other settings unless at their defaults.
+
+        Returns
+        -------
+        str
+            What ``repr`` shows between the parentheses (dtype, axis and activation when not the defaults).
+        """
         c = self._cfg
         return f"{c.num_features}, eps={c.eps}" + c.shown(self._settings()[2:])
 
 
-class FrozenBatchNorm1d(_FrozenBatchNorm):
-    """Frozen batch norm over (N, C) or (N, C, L) input; see :class:`FrozenBatchNorm2d`."""
+_ABOUT = ("y = x*scale + shift per channel, scale = weight/sqrt(running_var + eps), shift = bias - running_mean*scale, "
+          "in every mode; the backward gives dx = dy*scale and no parameter gradients. ``weight``, ``bias``, "
+          "``running_mean`` and ``running_var`` are (C,) arrays (1, 0, 0, 1 when made; set them, load a state_dict, "
+          "or use :func:`freeze`); the state_dict has torchvision's keys.")
+_ACTIVATION = """{None, "relu"}
+    Fused activation: y = max(0, x*scale + shift [+ residual])."""
 
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    __doc__ = docstring("Batch norm with fixed statistics and affine parameters over (N, C) or (N, C, L) input.",
+                        _ABOUT, 3, _FrozenBatchNorm._settings(), activation=_ACTIVATION)
     _ndims = (2, 3)
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
-    """Batch norm with fixed statistics and affine parameters over (N, C, H, W) input, like torchvision's
-    ``FrozenBatchNorm2d``.
-
-    y = x*scale + shift per channel, scale = weight/sqrt(running_var + eps), shift = bias - running_mean*scale,
-    in every mode; the backward gives dx = dy*scale and no parameter gradients. ``weight``, ``bias``,
-    ``running_mean`` and ``running_var`` are (C,) arrays (1, 0, 0, 1 when made; set them, load a state_dict, or
-    use :func:`freeze`); the state_dict has torchvision's keys.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels.
-    eps : float
-        Added to the variance (finite, >= 0).
-    dtype : {float32, float64}
-        Dtype of the parameters, statistics and computation.
-    axis : int
-        The channel axis, as in :class:`BatchNorm2d` (1: NCHW, -1: NHWC).
-    activation : {None, "relu"}
-        Fused activation, as in :class:`BatchNorm2d`: y = max(0, x*scale + shift [+ residual]).
-    """
-
+    __doc__ = docstring("Batch norm with fixed statistics and affine parameters over (N, C, H, W) input, like "
+                        "torchvision's ``FrozenBatchNorm2d``.", _ABOUT, 4,
+                        _FrozenBatchNorm._settings(), activation=_ACTIVATION)
     _ndims = (4,)
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
-    """Frozen batch norm over (N, C, D, H, W) input; see :class:`FrozenBatchNorm2d`."""
-
+    __doc__ = docstring("Batch norm with fixed statistics and affine parameters over (N, C, D, H, W) input.",
+                        _ABOUT, 5, _FrozenBatchNorm._settings(), activation=_ACTIVATION)
     _ndims = (5,)
 
 
-_FROZEN = {cls._ndims: cls for cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)}
+# A cbn layer of any class (SyncBatchNorm1d/2d/3d are BatchNorm1d/2d/3d).
+Layer: TypeAlias = (BatchNorm1d | BatchNorm2d | BatchNorm3d | FrozenBatchNorm1d | FrozenBatchNorm2d
+                    | FrozenBatchNorm3d)
+_FROZEN: dict[tuple[int, ...], type[_FrozenBatchNorm]] = {
+    cls._ndims: cls for cls in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)}
 
 
-def _check_freezable(layer):
+def _check_freezable(layer: _BatchNorm) -> _BatchNorm:
     _check_running_stats(layer, "freeze")
     return layer
 
 
-def _frozen(layer):
+def _frozen(layer: _BatchNorm) -> _BatchNorm:
     """The frozen layer of ``layer``'s rank with its settings that apply and copies of its parameters and statistics
     (a frozen layer itself)."""
     if isinstance(layer, _FrozenBatchNorm):
@@ -256,7 +278,15 @@ def _frozen(layer):
         return frozen.train(layer.training)
 
 
-def freeze(model):
+@overload
+def freeze(model: BatchNorm1d) -> FrozenBatchNorm1d: ...
+@overload
+def freeze(model: BatchNorm2d) -> FrozenBatchNorm2d: ...
+@overload
+def freeze(model: BatchNorm3d) -> FrozenBatchNorm3d: ...
+@overload
+def freeze(model: T) -> T: ...
+def freeze(model: Any) -> Any:
     """Replace every batch norm in ``model`` by the frozen layer of its rank with its statistics and parameters.
 
     BatchNorm1d/2d/3d and SyncBatchNorm1d/2d/3d become FrozenBatchNorm1d/2d/3d with copies of their running
@@ -274,7 +304,8 @@ def freeze(model):
 
     Returns
     -------
-    The frozen model (a new layer when ``model`` is a layer).
+    layer, list, tuple, dict or object
+        The frozen model (a new layer when ``model`` is a layer).
 
     Raises
     ------

@@ -17,13 +17,19 @@ arrays as the checks returned them) and check nothing. The layers and SyncBatchN
 check with :mod:`cbn._validate` and call the second tier, so that each argument is checked once per call. The
 second tier is not part of the public API.
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _validate as V
 from ._dispatch import kernels as _kernels
 from ._threads import thread_cap
+from ._typing import BoolArray, FloatArray, Positions, Shape
 from ._validate import BatchNormSaved, GhostSaved
 
 # The kernels' flags as plain ints (enum arithmetic would cost more than the call).
@@ -35,7 +41,7 @@ __all__ = ["BatchNormSaved", "GhostSaved", "batch_norm", "batch_norm_backward", 
            "batch_norm_grad_sums", "batch_norm_stats"]
 
 
-def _memory(a, order, axis, dt):
+def _memory(a: FloatArray, order: Shape, axis: int, dt: np.dtype[Any]) -> FloatArray:
     """``a`` transposed to ``order`` as an aligned C-contiguous (A, C, B) array of dtype dt, C = a.shape[axis]:
     a view when a's memory is dense in that order, else a copy."""
     mem = V.contiguous(a if order == tuple(range(a.ndim)) else a.transpose(order), dt)
@@ -43,7 +49,7 @@ def _memory(a, order, axis, dt):
     return mem.reshape(math.prod(mem.shape[:k]), a.shape[axis], math.prod(mem.shape[k + 1:]))
 
 
-def _empty(shape, order, dt):
+def _empty(shape: Shape, order: Shape, dt: np.dtype[Any]) -> FloatArray:
     """An uninitialised array of ``shape`` whose memory holds its axes in ``order`` (C-contiguous when
     transposed to it)."""
     if order == tuple(range(len(shape))):
@@ -51,7 +57,7 @@ def _empty(shape, order, dt):
     return np.empty([shape[d] for d in order], dtype=dt).transpose(sorted(range(len(order)), key=order.__getitem__))
 
 
-def _target(plan, out):
+def _target(plan: V.Plan, out: FloatArray | None) -> tuple[FloatArray, FloatArray, bool]:
     """An output laid out as the plan's input (``out`` when given) and the kernels' array for it: its own memory
     when it can be, else a temporary whose values :func:`_copy_result` copies into it (then the third value is
     True)."""
@@ -66,13 +72,13 @@ def _target(plan, out):
     return out, flat, not direct
 
 
-def _kernel_input(plan, a):
+def _kernel_input(plan: V.Plan, a: FloatArray) -> FloatArray:
     """An array of the plan's shape as the kernels read it: itself when it fits a direct plan, else its
     (A, C, B) memory (:func:`_memory`)."""
     return a if plan.direct and plan.fits(a) else _memory(a, plan.order, plan.axis, plan.dtype)
 
 
-def _kernel_output(out, order, dt):
+def _kernel_output(out: FloatArray, order: Shape, dt: np.dtype[Any]) -> tuple[FloatArray, bool]:
     """The flat array the kernel writes for ``out`` and whether it is out's own memory (when out is laid out in
     ``order`` with dtype dt); else a temporary, to be copied into out with :func:`_copy_result`."""
     if out.dtype == dt:
@@ -82,12 +88,54 @@ def _kernel_output(out, order, dt):
     return np.empty(out.size, dtype=dt), False
 
 
-def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               axis=1, out=None, dtype=None, return_saved=False, nan_guard=False, activation=None, residual=None,
-               virtual_batch_size=None, renorm=False, renorm_clipping=None, mask=None):
-    """Batch normalisation over the channel axis ``axis`` (default 1: ``(N, C, *)`` input), with an optional fused
-    residual add and ReLU, ghost batches, batch renormalization or masked statistics.
+# The result's type follows return_saved, the saved forward's virtual_batch_size.
+@overload
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = ..., bias: FloatArray | None = ..., training: bool = ...,
+               momentum: float = ..., eps: float = ..., *, axis: int = ..., out: FloatArray | None = ...,
+               dtype: npt.DTypeLike | None = ..., return_saved: Literal[False] = ..., nan_guard: bool = ...,
+               activation: Literal["relu"] | None = ..., residual: FloatArray | None = ...,
+               virtual_batch_size: int | None = ..., renorm: bool = ...,
+               renorm_clipping: Mapping[str, float] | None = ..., mask: BoolArray | None = ...
+               ) -> FloatArray: ...
+@overload
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = ..., bias: FloatArray | None = ..., training: bool = ...,
+               momentum: float = ..., eps: float = ..., *, axis: int = ..., out: FloatArray | None = ...,
+               dtype: npt.DTypeLike | None = ..., return_saved: Literal[True], nan_guard: bool = ...,
+               activation: Literal["relu"] | None = ..., residual: FloatArray | None = ...,
+               virtual_batch_size: None = ..., renorm: bool = ...,
+               renorm_clipping: Mapping[str, float] | None = ..., mask: BoolArray | None = ...
+               ) -> tuple[FloatArray, BatchNormSaved]: ...
+@overload
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = ..., bias: FloatArray | None = ..., training: bool = ...,
+               momentum: float = ..., eps: float = ..., *, axis: int = ..., out: FloatArray | None = ...,
+               dtype: npt.DTypeLike | None = ..., return_saved: Literal[True], nan_guard: bool = ...,
+               activation: Literal["relu"] | None = ..., residual: FloatArray | None = ...,
+               virtual_batch_size: int | None = ..., renorm: bool = ...,
+               renorm_clipping: Mapping[str, float] | None = ..., mask: BoolArray | None = ...
+               ) -> tuple[FloatArray, BatchNormSaved | GhostSaved]: ...
+@overload
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = ..., bias: FloatArray | None = ..., training: bool = ...,
+               momentum: float = ..., eps: float = ..., *, axis: int = ..., out: FloatArray | None = ...,
+               dtype: npt.DTypeLike | None = ..., return_saved: bool = ..., nan_guard: bool = ...,
+               activation: Literal["relu"] | None = ..., residual: FloatArray | None = ...,
+               virtual_batch_size: int | None = ..., renorm: bool = ...,
+               renorm_clipping: Mapping[str, float] | None = ..., mask: BoolArray | None = ...
+               ) -> FloatArray | tuple[FloatArray, BatchNormSaved | GhostSaved]: ...
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = None, bias: FloatArray | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1, out: FloatArray | None = None,
+               dtype: npt.DTypeLike | None = None, return_saved: bool = False, nan_guard: bool = False,
+               activation: Literal["relu"] | None = None, residual: FloatArray | None = None,
+               virtual_batch_size: int | None = None, renorm: bool = False,
+               renorm_clipping: Mapping[str, float] | None = None, mask: BoolArray | None = None
+               ) -> FloatArray | tuple[FloatArray, BatchNormSaved | GhostSaved]:
+    """Batch normalisation over the channel axis ``axis`` (default 1: ``(N, C, *)`` input).
 
+    With an optional fused residual add and ReLU, ghost batches, batch renormalization or masked statistics:
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
     variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
     in place: r = (1 - momentum)*r + momentum*batch_stat, with the unbiased variance), else the running statistics;
@@ -167,8 +215,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     return (y, saved) if return_saved else y
 
 
-def forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard, activation=None,
-            residual=None, virtual_batch_size=None, renorm=False, renorm_clipping=None, update_stats=True, mask=None):
+def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArray | None, weight: FloatArray | None,
+            bias: FloatArray | None, training: bool, momentum: float, eps: float, out: FloatArray | None,
+            nan_guard: bool, activation: Literal["relu"] | None = None, residual: FloatArray | None = None,
+            virtual_batch_size: int | None = None, renorm: bool = False,
+            renorm_clipping: Mapping[str, float] | None = None, update_stats: bool = True,
+            mask: BoolArray | None = None) -> tuple[FloatArray, BatchNormSaved | GhostSaved]:
     """:func:`batch_norm` of a checked input ``inp`` (:func:`cbn._validate.input_array`) and a checked ``mask``
     (:func:`cbn._validate.mask`): checks the other arguments, then computes; returns (y, saved).
     ``update_stats=False``: the running statistics are read (by renorm) but not updated."""
@@ -185,11 +237,12 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     if training:
         V.count_per_channel(math.prod(shape) // C if C else 0, f"input size {shape}")
     by_mask = training and mask is not None and x.size > 0
-    valid = positions(mask, inp) if by_mask and groups is None else None
+    valid = positions(mask, inp) if by_mask and groups is None else None  # type: ignore[arg-type]
     if valid is not None:
         V.valid_count(np.count_nonzero(valid), "")
     for start, stop in groups if by_mask and groups is not None else ():  # the mask's axis 0 is the batch's
-        V.valid_count(np.count_nonzero(mask[start:stop]), f" in the virtual batch of samples {start}:{stop}")
+        V.valid_count(np.count_nonzero(mask[start:stop]),  # type: ignore[index]
+                      f" in the virtual batch of samples {start}:{stop}")
     renorming = training and clipping is not None and x.size > 0
     if renorming and (running_mean is None or running_var is None):
         raise ValueError(f"renorm needs the running statistics: expected running_mean and running_var arrays when "
@@ -218,17 +271,21 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
         "input": x, "running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
         "residual": z})
     update = update and update_stats
+    saved: BatchNormSaved | GhostSaved
+    # (mypy does not follow the flags: running_mean and running_var are arrays when update or renorming, clipping
+    # is set when renorming)
     if groups is not None:
         y, saved, mean, var = _ghost_forward(inp, groups, weight, bias, eps, y, relu, z, mask if by_mask else None)
         if update:
-            running_update(running_mean, running_var, mean, var, momentum, nan_guard)
+            running_update(running_mean, running_var, mean, var, momentum, nan_guard)  # type: ignore[arg-type]
         return y, saved
     if renorming:
         count, mean, M2 = statistics(inp, valid)
-        y, saved = renormalize(inp, mean, M2 / count, running_mean, running_var, weight, bias, eps, clipping, y, relu,
-                               z, valid)
+        y, saved = renormalize(inp, mean, M2 / count, running_mean, running_var,  # type: ignore[arg-type]
+                               weight, bias, eps, clipping, y, relu, z, valid)  # type: ignore[arg-type]
         if update:
-            update_running_stats(running_mean, running_var, count, mean, M2, momentum, nan_guard)
+            update_running_stats(running_mean, running_var,  # type: ignore[arg-type]
+                                 count, mean, M2, momentum, nan_guard)
         return y, saved
     if training:
         stats = np.empty(2 * C)
@@ -236,15 +293,17 @@ def forward(inp, running_mean, running_var, weight, bias, training, momentum, ep
     # nan_guard: the kernel updates copies; only the finite channels are committed (commit_running_stats)
     new_mean, new_var = (running_mean, running_var) if update else (None, None)
     if guard:
-        new_mean, new_var = running_mean.copy(), running_var.copy()
+        new_mean, new_var = running_mean.copy(), running_var.copy()  # type: ignore[union-attr]
     y, saved = _normalize(V.plan(inp), x, stats, (new_mean, new_var, weight, bias),
                           training * _BATCH + update * _UPDATE + relu * _RELU, momentum, eps, y, z, valid)
     if guard and x.size:
-        commit_running_stats(running_mean, running_var, new_mean, new_var, True)
+        commit_running_stats(running_mean, running_var, new_mean, new_var, True)  # type: ignore[arg-type]
     return y, saved
 
 
-def _ghost_forward(inp, groups, weight, bias, eps, y, relu, z, mask):
+def _ghost_forward(inp: V.Input, groups: tuple[tuple[int, int], ...], weight: FloatArray | None,
+                   bias: FloatArray | None, eps: float, y: FloatArray | None, relu: bool, z: FloatArray | None,
+                   mask: BoolArray | None) -> tuple[FloatArray, GhostSaved, FloatArray, FloatArray]:
     """Each group x[start:stop] of ``groups`` normalised with its own statistics (over mask[start:stop] when
     ``mask`` is not None) into y[start:stop] (allocated when None): returns y, the GhostSaved, and the groups'
     average mean and average unbiased variance."""
@@ -264,14 +323,36 @@ def _ghost_forward(inp, groups, weight, bias, eps, y, relu, z, mask):
     return y, saved, np.mean(means, axis=0), np.mean(variances, axis=0)
 
 
-def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, out=None, dtype=None,
-                     return_saved=False, activation=None, residual=None, mask=None):
-    """Normalise with given batch statistics: y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual) per
-    channel.
+# The result's type follows return_saved.
+@overload
+def batch_norm_elemt(x: FloatArray, mean: FloatArray, var: FloatArray, weight: FloatArray | None = ...,
+                     bias: FloatArray | None = ..., eps: float = ..., *, axis: int = ..., out: FloatArray | None = ...,
+                     dtype: npt.DTypeLike | None = ..., return_saved: Literal[False] = ...,
+                     activation: Literal["relu"] | None = ..., residual: FloatArray | None = ...,
+                     mask: BoolArray | None = ...) -> FloatArray: ...
+@overload
+def batch_norm_elemt(x: FloatArray, mean: FloatArray, var: FloatArray, weight: FloatArray | None = ...,
+                     bias: FloatArray | None = ..., eps: float = ..., *, axis: int = ..., out: FloatArray | None = ...,
+                     dtype: npt.DTypeLike | None = ..., return_saved: Literal[True],
+                     activation: Literal["relu"] | None = ..., residual: FloatArray | None = ...,
+                     mask: BoolArray | None = ...) -> tuple[FloatArray, BatchNormSaved]: ...
+@overload
+def batch_norm_elemt(x: FloatArray, mean: FloatArray, var: FloatArray, weight: FloatArray | None = ...,
+                     bias: FloatArray | None = ..., eps: float = ..., *, axis: int = ..., out: FloatArray | None = ...,
+                     dtype: npt.DTypeLike | None = ..., return_saved: bool = ...,
+                     activation: Literal["relu"] | None = ..., residual: FloatArray | None = ...,
+                     mask: BoolArray | None = ...) -> FloatArray | tuple[FloatArray, BatchNormSaved]: ...
+def batch_norm_elemt(x: FloatArray, mean: FloatArray, var: FloatArray, weight: FloatArray | None = None,
+                     bias: FloatArray | None = None, eps: float = 1e-5, *, axis: int = 1, out: FloatArray | None = None,
+                     dtype: npt.DTypeLike | None = None, return_saved: bool = False,
+                     activation: Literal["relu"] | None = None, residual: FloatArray | None = None,
+                     mask: BoolArray | None = None) -> FloatArray | tuple[FloatArray, BatchNormSaved]:
+    """Normalise with given batch statistics, per channel.
 
-    The data-parallel step after :func:`batch_norm_stats` and a merge of the parts' statistics: they are those of a
-    batch of which ``x`` is a part, and the saved forward differentiates through them (as batch statistics: pass
-    the summed :func:`batch_norm_grad_sums` and the batch's count to :func:`batch_norm_backward`).
+    y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual). The data-parallel step after
+    :func:`batch_norm_stats` and a merge of the parts' statistics: they are those of a batch of which ``x`` is a
+    part, and the saved forward differentiates through them (as batch statistics: pass the summed
+    :func:`batch_norm_grad_sums` and the batch's count to :func:`batch_norm_backward`).
 
     Parameters
     ----------
@@ -279,13 +360,25 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
         As :func:`batch_norm`.
     mean, var : ndarray
         (C,) mean and biased variance of the batch, any floating dtype (used in float64).
-    weight, bias, eps, axis, out, dtype, activation, residual
+    weight, bias : ndarray or None
+        As :func:`batch_norm`.
+    eps : float
+        As :func:`batch_norm`.
+    axis : int
+        As :func:`batch_norm`.
+    out : ndarray, optional
+        As :func:`batch_norm`.
+    dtype : {None, float32, float64}
+        As :func:`batch_norm`.
+    return_saved : bool
+        Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
+    activation : {None, "relu"}
+        As :func:`batch_norm`.
+    residual : ndarray, optional
         As :func:`batch_norm`.
     mask : ndarray, optional
         The positions of x the statistics counted (as :func:`batch_norm`'s mask): the saved forward
         differentiates through them there only.
-    return_saved : bool
-        Also return the :class:`BatchNormSaved` that :func:`batch_norm_backward` needs.
 
     Returns
     -------
@@ -310,7 +403,7 @@ def batch_norm_elemt(x, mean, var, weight=None, bias=None, eps=1e-5, *, axis=1, 
     return (y, saved) if return_saved else y
 
 
-def positions(mask, inp):
+def positions(mask: BoolArray, inp: V.Input) -> Positions:
     """A checked mask (:func:`cbn._validate.mask`) as the kernels' position weights: (A*B,) intp (a word per
     position, which the kernels' vector loops read without conversions), 1 where True, the positions of the input's
     (A, C, B) memory in order."""
@@ -318,7 +411,9 @@ def positions(mask, inp):
     return np.ascontiguousarray(mask.transpose(rest), dtype=np.intp).reshape(-1)
 
 
-def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None, valid=None):
+def normalize(inp: V.Input, mean: FloatArray, var: FloatArray, weight: FloatArray | None, bias: FloatArray | None,
+              eps: float, out: FloatArray | None, relu: bool = False, z: FloatArray | None = None,
+              valid: Positions | None = None) -> tuple[FloatArray, BatchNormSaved]:
     """:func:`batch_norm_elemt` of checked arguments (``out`` checked or None, ``z`` the checked residual or None,
     ``valid`` the :func:`positions` the statistics counted or None); returns (y, saved)."""
     C = mean.shape[0]
@@ -328,8 +423,10 @@ def normalize(inp, mean, var, weight, bias, eps, out, relu=False, z=None, valid=
     return y, saved._replace(use_batch_stats=True, valid=valid)
 
 
-def renormalize(inp, mean, var, running_mean, running_var, weight, bias, eps, clipping, out, relu=False, z=None,
-                valid=None):
+def renormalize(inp: V.Input, mean: FloatArray, var: FloatArray, running_mean: FloatArray, running_var: FloatArray,
+                weight: FloatArray | None, bias: FloatArray | None, eps: float, clipping: tuple[float, float],
+                out: FloatArray | None, relu: bool = False, z: FloatArray | None = None,
+                valid: Positions | None = None) -> tuple[FloatArray, BatchNormSaved]:
     """Batch renormalization of checked arguments with the batch's mean and biased variance ``var`` and the
     ``clipping`` (rmax, dmax); returns (y, saved) (the running statistics are not updated).
 
@@ -354,7 +451,7 @@ def renormalize(inp, mean, var, running_mean, running_var, weight, bias, eps, cl
     return y, saved._replace(invstd=invstd, weight=(gamma * r).astype(inp.dtype), renorm=np.stack((r, d)))
 
 
-def _renorm_grads(saved, dweight, dbias):
+def _renorm_grads(saved: BatchNormSaved, dweight: FloatArray, dbias: FloatArray) -> None:
     """After a renorm forward, turn the kernel's dweight = sum(dy*xhat) into the gradient of the weight,
     r*sum(dy*xhat) + d*sum(dy), in place."""
     if saved.renorm is not None:
@@ -362,7 +459,9 @@ def _renorm_grads(saved, dweight, dbias):
         dweight[...] = r * dweight + d * dbias
 
 
-def _normalize(plan, x, stats, channels, flags, momentum, eps, y=None, z=None, valid=None):
+def _normalize(plan: V.Plan, x: FloatArray, stats: FloatArray, channels: tuple[FloatArray | None, ...], flags: int,
+               momentum: float, eps: float, y: FloatArray | None = None, z: FloatArray | None = None,
+               valid: Positions | None = None) -> tuple[FloatArray, BatchNormSaved]:
     """The kernels' forward of an input ``x`` that fits ``plan``, on checked arguments: y (allocated when None)
     and the saved forward.
 
@@ -393,12 +492,12 @@ def _normalize(plan, x, stats, channels, flags, momentum, eps, y=None, z=None, v
                                     z is not None, None, valid, gate))
 
 
-def _valid_count(valid):
+def _valid_count(valid: Positions | None) -> int:
     """The positions that :func:`positions` weights ``valid`` count (0 for None)."""
     return 0 if valid is None else int(np.count_nonzero(valid))
 
 
-def _copy_result(out, flat, order):
+def _copy_result(out: FloatArray, flat: FloatArray, order: Shape) -> None:
     """Copy a kernel's flat result (``out``'s values with its axes in ``order``) into ``out``, converting the dtype:
     float16 overflow gives inf (as in torch), and never raises late."""
     mem = out.transpose(order)
@@ -406,7 +505,8 @@ def _copy_result(out, flat, order):
         mem[...] = flat.reshape(mem.shape)
 
 
-def batch_norm_stats(x, *, axis=1, dtype=None, mask=None):
+def batch_norm_stats(x: FloatArray, *, axis: int = 1, dtype: npt.DTypeLike | None = None,
+                     mask: BoolArray | None = None) -> tuple[int, FloatArray, FloatArray]:
     """Per-channel statistics of a batch, in float64: what data-parallel ranks combine.
 
     Parameters
@@ -433,7 +533,7 @@ def batch_norm_stats(x, *, axis=1, dtype=None, mask=None):
     return statistics(inp, None if mask is None else positions(mask, inp))
 
 
-def statistics(inp, valid=None):
+def statistics(inp: V.Input, valid: Positions | None = None) -> tuple[int, FloatArray, FloatArray]:
     """:func:`batch_norm_stats` of a checked input, over the :func:`positions` ``valid`` when given."""
     x, axis = inp.x, inp.axis
     C = x.shape[axis]
@@ -449,7 +549,8 @@ def statistics(inp, valid=None):
     return count, mean, M2
 
 
-def merge_statistics(counts, means, M2s):
+def merge_statistics(counts: Iterable[float] | FloatArray, means: Sequence[FloatArray] | FloatArray,
+                     M2s: Iterable[FloatArray] | FloatArray) -> tuple[float, FloatArray, FloatArray]:
     """Chan's parallel merge of per-part statistics in part order: (count, mean, M2) of their union, in float64.
 
     delta = mean_b - mean_a, n = n_a + n_b: mean = mean_a + delta*n_b/n, M2 = M2_a + M2_b + delta**2*n_a*n_b/n.
@@ -469,7 +570,8 @@ def merge_statistics(counts, means, M2s):
         (C,) float64.
     """
     C = len(means[0])
-    n, mean, M2 = 0, np.zeros(C), np.zeros(C)
+    n: float = 0
+    mean, M2 = np.zeros(C), np.zeros(C)
     for nb, mean_b, M2_b in zip(counts, means, M2s):
         if nb == 0:
             continue
@@ -481,7 +583,8 @@ def merge_statistics(counts, means, M2s):
     return n, mean, M2
 
 
-def update_running_stats(running_mean, running_var, count, mean, M2, momentum, nan_guard):
+def update_running_stats(running_mean: FloatArray, running_var: FloatArray, count: float, mean: FloatArray,
+                         M2: FloatArray, momentum: float, nan_guard: bool) -> None:
     """The running-statistic update from a batch's (count, mean, M2), as the kernels do it in a training forward:
     r = (1 - f)*r + f*stat in float64, the variance unbiased (M2/(count - 1)), each rounded once to the statistics'
     dtype; then committed (:func:`commit_running_stats`). Nothing changes when count is 0.
@@ -503,7 +606,8 @@ def update_running_stats(running_mean, running_var, count, mean, M2, momentum, n
         running_update(running_mean, running_var, mean, M2 / (count - 1.0), momentum, nan_guard)
 
 
-def running_update(running_mean, running_var, mean, var, momentum, nan_guard):
+def running_update(running_mean: FloatArray, running_var: FloatArray, mean: FloatArray, var: FloatArray,
+                   momentum: float, nan_guard: bool) -> None:
     """:func:`update_running_stats` from a (C,) float64 mean and unbiased variance: r = (1 - f)*r + f*stat in
     float64, each rounded once to the statistics' dtype, then committed (:func:`commit_running_stats`)."""
     dt = running_mean.dtype
@@ -513,7 +617,8 @@ def running_update(running_mean, running_var, mean, var, momentum, nan_guard):
     commit_running_stats(running_mean, running_var, new_mean, new_var, nan_guard)
 
 
-def commit_running_stats(running_mean, running_var, new_mean, new_var, nan_guard):
+def commit_running_stats(running_mean: FloatArray, running_var: FloatArray, new_mean: FloatArray,
+                         new_var: FloatArray, nan_guard: bool) -> None:
     """Write the new running statistics, with ``nan_guard`` only the channels whose new mean and variance are both
     finite (the others keep their statistics)."""
     keep = np.isfinite(new_mean) & np.isfinite(new_var) if nan_guard else True
@@ -521,13 +626,15 @@ def commit_running_stats(running_mean, running_var, new_mean, new_var, nan_guard
     np.copyto(running_var, new_var, where=keep)
 
 
-def batch_norm_grad_sums(dy, saved):
+def batch_norm_grad_sums(dy: FloatArray, saved: BatchNormSaved) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Per-channel sums that a training backward combines: what data-parallel ranks add up.
 
     Parameters
     ----------
-    dy, saved
+    dy : ndarray
         As :func:`batch_norm_backward`.
+    saved : BatchNormSaved
+        As :func:`batch_norm_backward` (not after a ghost-batch forward).
 
     Returns
     -------
@@ -539,7 +646,7 @@ def batch_norm_grad_sums(dy, saved):
     return gradient_sums(V.grad_output(dy, saved, ghost=False), saved)
 
 
-def gradient_sums(dy, saved):
+def gradient_sums(dy: FloatArray, saved: BatchNormSaved) -> tuple[FloatArray, FloatArray, FloatArray]:
     """:func:`batch_norm_grad_sums` of checked arguments (:func:`cbn._validate.grad_output`)."""
     x3 = saved.x
     N, C, S = x3.shape
@@ -554,18 +661,19 @@ def gradient_sums(dy, saved):
     return sums, dweight, dbias
 
 
-def _backward_flags(saved):
+def _backward_flags(saved: BatchNormSaved) -> int:
     """The kernel's backward flags of a saved forward."""
     return saved.use_batch_stats * _BWD_BATCH + (saved.y is not None or saved.gate is not None) * _BWD_RELU
 
 
-def _relu_output(saved):
+def _relu_output(saved: BatchNormSaved) -> FloatArray | None:
     """The ReLU output the kernels' backward reads (their e): saved.y when there is no gate to recompute from."""
     return saved.y if saved.gate is None else None
 
 
-def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
-    """Gradients of :func:`batch_norm` with respect to its input, weight and bias (and residual).
+def batch_norm_backward(dy: FloatArray, saved: BatchNormSaved | GhostSaved, *, out: FloatArray | None = None,
+                        grad_sums: FloatArray | None = None, count: int | None = None) -> tuple[FloatArray, ...]:
+    """Compute the gradients of :func:`batch_norm` with respect to its input, weight and bias (and residual).
 
     Training (batch statistics): dx = g*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m) with g = weight*invstd,
     xhat = (x - mean)*invstd, m values per channel. Eval: dx = g*dy. Always dweight = sum(dy*xhat),
@@ -613,7 +721,7 @@ def batch_norm_backward(dy, saved, *, out=None, grad_sums=None, count=None):
     return gradient_input(dy, saved, V.grad_out(out, dy, saved), grad_sums, count)
 
 
-def _ghost_gradient(dy, saved, out):
+def _ghost_gradient(dy: FloatArray, saved: GhostSaved, out: FloatArray | None) -> tuple[FloatArray, ...]:
     """:func:`batch_norm_backward` of a ghost-batch forward (checked arguments): each group's gradient into its
     slice of dx (and of dresidual after a ReLU), dweight and dbias summed over the groups in float64."""
     dx = _empty(saved.shape, saved.order, saved.dtype) if out is None else out
@@ -629,7 +737,8 @@ def _ghost_gradient(dy, saved, out):
     return (dx, dweight, dbias) + ((dz,) if saved.residual else ())
 
 
-def gradient_input(dy, saved, out, grad_sums, count, plan=None):
+def gradient_input(dy: FloatArray, saved: BatchNormSaved, out: FloatArray | None, grad_sums: FloatArray | None,
+                   count: int | None, plan: V.Plan | None = None) -> tuple[FloatArray, ...]:
     """:func:`batch_norm_backward` of checked arguments (``out`` checked or None; grad_sums and count None or
     checked by :func:`cbn._validate.grad_sums`; ``plan`` the forward input's, else worked out from ``saved``)."""
     plan = V.saved_plan(saved) if plan is None else plan
@@ -648,6 +757,6 @@ def gradient_input(dy, saved, out, grad_sums, count, plan=None):
         if copy_dx:
             _copy_result(dx, dx1, plan.order)
         if copy_dz:
-            _copy_result(dz, dz1, plan.order)
+            _copy_result(dz, dz1, plan.order)  # type: ignore[arg-type]  # dz1 is an array when copy_dz
     _renorm_grads(saved, dweight, dbias)
     return (dx, dweight, dbias) + ((dz,) if saved.residual else ())

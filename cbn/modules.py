@@ -1,16 +1,21 @@
 """Batch-norm layer objects with the API and semantics of torch.nn.BatchNorm{1,2,3}d, on NumPy arrays."""
+from __future__ import annotations
+
 import dataclasses
 import inspect
 import json
 import os
 import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _validate as V
 from . import functional as F
-from ._config import FORMAT, FORMAT_VERSION, NAMES, SINCE, Config, signature
+from ._config import FORMAT, FORMAT_VERSION, NAMES, SETTABLE, SINCE, Config, constructor, docstring
+from ._typing import BoolArray, FloatArray
 
 _TORCH_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")  # as torch's repr shows them
 _ARRAY_SETTINGS = ("num_features", "affine", "track_running_stats", "dtype")  # they shape the layer's arrays
@@ -27,21 +32,56 @@ class _BatchNorm:
     one after another.
     """
 
-    _ndims = ()
+    _ndims: tuple[int, ...] = ()
     _SINCE = SINCE  # the file-format version from which this class's files hold each setting
 
-    def __init__(self, *args, **kwargs):
+    # The state (_setup makes it).
+    training: bool
+    weight: FloatArray | None
+    bias: FloatArray | None
+    running_mean: FloatArray | None
+    running_var: FloatArray | None
+    num_batches_tracked: int
+    grad_weight: FloatArray | None
+    grad_bias: FloatArray | None
+    grad_residual: FloatArray | None
+    _cfg: Config
+    _saved: V.BatchNormSaved | V.GhostSaved | None
+    _plan: V.Plan | None
+    _population: Any  # a cbn.precise._Population (precise.py imports this module) or None
+    _lock: threading.RLock
+
+    # The settings, Config's fields: attributes (the _Setting descriptors below the class) of the types that
+    # Config's checks give them; those that shape the arrays are read only.
+    eps: float
+    momentum: float | None
+    nan_guard: bool
+    axis: int
+    activation: Literal["relu"] | None
+    virtual_batch_size: int | None
+    renorm: bool
+    renorm_clipping: dict[str, float] | None
+    if TYPE_CHECKING:
+        @property
+        def num_features(self) -> int: ...
+        @property
+        def affine(self) -> bool: ...
+        @property
+        def track_running_stats(self) -> bool: ...
+        @property
+        def dtype(self) -> np.dtype[Any]: ...
+
+    @constructor(Config)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._setup(self._configured(*args, **kwargs))
 
-    __init__.__signature__ = signature()
-
     @classmethod
-    def _configured(cls, *args, **kwargs):
+    def _configured(cls, *args: Any, **kwargs: Any) -> Config:
         """The checked Config of a layer of this class made with these constructor arguments."""
         return cls._validated(Config(*args, **kwargs))
 
     @classmethod
-    def _validated(cls, config):
+    def _validated(cls, config: Config) -> Config:
         """``config`` when a layer of this class can have it (its channel axis fits the ranks; with ghost batches,
         the channel axis is not axis 0 for every rank), else raise."""
         V.channel_axis(config.axis, max(cls._ndims))
@@ -52,18 +92,18 @@ class _BatchNorm:
         return config
 
     @classmethod
-    def _settings(cls):
+    def _settings(cls) -> tuple[str, ...]:
         """The Config fields that this class's constructor takes (and its files hold)."""
         return tuple(name for name in inspect.signature(cls.__init__).parameters if name in NAMES)
 
     @classmethod
-    def _from_config(cls, config):
+    def _from_config(cls, config: Config) -> Self:
         """A new layer of this class with the checked settings ``config``."""
         layer = cls.__new__(cls)
         layer._setup(config)
         return layer
 
-    def _setup(self, config):
+    def _setup(self, config: Config) -> None:
         """The state of a new layer with the checked settings ``config``: training mode, arrays as torch makes
         them."""
         self._cfg = config
@@ -84,22 +124,40 @@ class _BatchNorm:
         self._lock = threading.RLock()
 
     # -- mode -------------------------------------------------------------------------------------------------
-    def train(self, mode=True):
-        """Set training mode (batch statistics) or eval mode; return self."""
+    def train(self, mode: bool = True) -> Self:
+        """Set training mode (batch statistics) or eval mode.
+
+        Parameters
+        ----------
+        mode : bool
+            True for training mode, False for eval mode.
+
+        Returns
+        -------
+        layer
+            The layer itself.
+        """
         self.training = bool(mode)
         return self
 
-    def eval(self):
-        """Set eval mode (running statistics); return self."""
+    def eval(self) -> Self:
+        """Set eval mode (running statistics).
+
+        Returns
+        -------
+        layer
+            The layer itself.
+        """
         return self.train(False)
 
     # -- computation ------------------------------------------------------------------------------------------
-    def forward(self, x, *, out=None, residual=None, mask=None):
-        """Normalise ``x`` over its channel axis ``axis`` (then add ``residual`` and apply the layer's activation, in
-        the same pass); in training with running stats, update them.
+    def forward(self, x: FloatArray, *, out: FloatArray | None = None, residual: FloatArray | None = None,
+                mask: BoolArray | None = None) -> FloatArray:
+        """Normalise ``x`` over its channel axis ``axis``, then add ``residual`` and apply the layer's activation.
 
-        Every layer class has this signature; the arguments after ``x`` are keywords only (``out`` and
-        ``residual`` are both arrays of x's shape: passed by position, one could silently stand for the other).
+        All in one pass; in training with running statistics, they are updated. Every layer class has this
+        signature; the arguments after ``x`` are keywords only (``out`` and ``residual`` are both arrays of x's
+        shape: passed by position, one could silently stand for the other).
 
         Parameters
         ----------
@@ -151,7 +209,7 @@ class _BatchNorm:
 
     __call__ = forward
 
-    def _planned(self, x):
+    def _planned(self, x: FloatArray) -> bool:
         """True when a call on ``x`` (which fits the plan of an earlier call) is a plain batch norm (no ghost
         batches, renorm, nan_guard or precise_stats recording in training) that cannot write into x's memory."""
         if not self.training:
@@ -162,7 +220,7 @@ class _BatchNorm:
         return x.base is None or not c.track_running_stats or not (
             np.may_share_memory(x, self.running_mean) or np.may_share_memory(x, self.running_var))
 
-    def _planned_forward(self, plan, x, out):
+    def _planned_forward(self, plan: V.Plan, x: FloatArray, out: FloatArray | None) -> FloatArray:
         """:meth:`forward` of an input that fits ``plan`` (a plain call: :meth:`_planned`) into ``out`` (None, or
         one that fits the plan: :meth:`cbn._validate.Plan.fits_out`)."""
         c = self._cfg
@@ -184,28 +242,31 @@ class _BatchNorm:
         y, self._saved = F._normalize(plan, x, stats, (None, None, self.weight, self.bias), relu, 0.0, c.eps, out)
         return y
 
-    def _input(self, x):
+    def _input(self, x: object) -> V.Input:
         """``x`` checked as an input of an accepted rank with ``num_features`` channels at ``axis`` (an
         :class:`cbn._validate.Input` in the layer dtype), or raise."""
         c = self._cfg
         return V.input_array(x, c.axis, c.dtype, self._ndims, c.num_features)
 
-    def _factor(self, count):
+    def _factor(self, count: int) -> float:
         """The running-statistic factor of the count-th tracked batch: ``momentum``, or 1/count when momentum is
         None (the cumulative average)."""
         momentum = self._cfg.momentum
         return 1.0 / count if momentum is None else momentum
 
-    def _set_grads(self, dx, dweight, dbias, dresidual=None):
+    def _set_grads(self, dx: FloatArray, dweight: FloatArray, dbias: FloatArray,
+                   dresidual: FloatArray | None = None) -> FloatArray:
         """Keep a backward's gradients of weight and bias (None when not affine) and of the residual; return dx."""
         self.grad_weight = dweight if self._cfg.affine else None
         self.grad_bias = dbias if self._cfg.affine else None
         self.grad_residual = dresidual
         return dx
 
-    def backward(self, dy, out=None):
-        """Gradient of the last forward's input; also sets ``grad_weight`` and ``grad_bias`` (None if not affine), and
-        ``grad_residual`` (None when the forward had no residual).
+    def backward(self, dy: FloatArray, out: FloatArray | None = None) -> FloatArray:
+        """Gradient of the last forward's input.
+
+        Also sets ``grad_weight`` and ``grad_bias`` (None if not affine), and ``grad_residual`` (None when the forward
+        had no residual).
 
         Parameters
         ----------
@@ -218,7 +279,7 @@ class _BatchNorm:
         Returns
         -------
         ndarray
-            dx, the gradient with respect to the last forward's input.
+            The gradient dx with respect to the last forward's input.
         """
         with self._lock:
             saved = self._saved
@@ -234,40 +295,54 @@ class _BatchNorm:
             return self._set_grads(*F.batch_norm_backward(dy, saved, out=out))
 
     # -- state ------------------------------------------------------------------------------------------------
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, num_batches_tracked 0."""
         with self._lock:
-            if self._cfg.track_running_stats:
+            if self.running_mean is not None and self.running_var is not None:  # track_running_stats
                 self.running_mean.fill(0)
                 self.running_var.fill(1)
                 self.num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Reset the running statistics, weight to 1 and bias to 0."""
         with self._lock:
             self.reset_running_stats()
-            if self._cfg.affine:
+            if self.weight is not None and self.bias is not None:  # affine
                 self.weight.fill(1)
                 self.bias.fill(0)
 
     @classmethod
-    def _state_keys(cls, config):
+    def _state_keys(cls, config: Config) -> list[str]:
         """The state_dict keys of a layer of this class with the settings ``config``."""
         keys = ["weight", "bias"] if config.affine else []
         return keys + (["running_mean", "running_var", "num_batches_tracked"] if config.track_running_stats else [])
 
-    def state_dict(self):
-        """Return a dict of copies, with torch's keys: weight, bias, running_mean, running_var, num_batches_tracked."""
+    def state_dict(self) -> dict[str, npt.NDArray[Any]]:
+        """Return copies of the parameters and statistics, with torch's keys.
+
+        Returns
+        -------
+        dict
+            {"weight", "bias" (when affine), "running_mean", "running_var", "num_batches_tracked" (when tracking
+            running statistics): the arrays, the counter as a 0-d int64 array}.
+        """
         with self._lock:
             return {key: np.array(getattr(self, key), dtype=np.int64) if key == "num_batches_tracked"
                     else getattr(self, key).copy() for key in self._state_keys(self._cfg)}
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self, state: Mapping[str, npt.ArrayLike], strict: bool = True) -> None:
         """Load parameters and statistics (e.g. ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``).
 
         As torch, the values are written into the layer's arrays: whatever holds them (an optimiser, layers that
         share them after :func:`cbn.convert_sync_batchnorm`) sees the loaded state. All entries are checked before
         any is written: on any error the layer is unchanged.
+
+        Parameters
+        ----------
+        state : mapping of str to array_like
+            The entries of :meth:`state_dict`, with torch's keys.
+        strict : bool
+            Refuse a missing or an unexpected key (else load the keys that are there).
 
         Raises
         ------
@@ -284,7 +359,7 @@ class _BatchNorm:
             self._assign(new)
 
     @classmethod
-    def _checked_state(cls, config, state, strict):
+    def _checked_state(cls, config: Config, state: object, strict: bool) -> dict[str, Any]:
         """The entries of ``state`` that a layer of this class with the settings ``config`` loads, checked and
         converted (arrays to the layer dtype, the counter to an int); raise as :meth:`load_state_dict` says."""
         if not isinstance(state, Mapping):
@@ -295,7 +370,7 @@ class _BatchNorm:
         if strict and (missing or unexpected):
             raise KeyError(f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
         C = config.num_features
-        new = {}
+        new: dict[str, Any] = {}
         for key in keys:
             if key not in state:
                 continue
@@ -319,7 +394,7 @@ class _BatchNorm:
             new[key] = value
         return new
 
-    def _assign(self, state):
+    def _assign(self, state: Mapping[str, Any]) -> None:
         """Write the checked entries ``state`` into the layer: the arrays in place, the counter by value."""
         for key, value in state.items():
             if key == "num_batches_tracked":
@@ -327,7 +402,7 @@ class _BatchNorm:
             else:
                 np.copyto(getattr(self, key), value)
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         """The layer's attributes with the settings as attributes of their names (as cbn has always pickled
         them), less the lock, the saved forward and what a precise_stats block records."""
         with self._lock:
@@ -337,7 +412,7 @@ class _BatchNorm:
         del state["_lock"]
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
         """Restore a pickle of any cbn so far (the settings that an earlier one lacked take their defaults)."""
         state = dict(state)
         self._cfg = self._validated(Config(**{name: state.pop(name) for name in NAMES if name in state}))
@@ -346,22 +421,28 @@ class _BatchNorm:
         self.__dict__.setdefault("_population", None)
         self.__dict__.setdefault("_plan", None)
 
-    def extra_repr(self):
-        """The settings as torch 2.13 prints them, then those of cbn's own that differ from their defaults."""
+    def extra_repr(self) -> str:
+        """The settings as torch 2.13 prints them, then those of cbn's own that differ from their defaults.
+
+        Returns
+        -------
+        str
+            What ``repr`` shows between the parentheses.
+        """
         c = self._cfg
         return (f"{c.num_features}, eps={c.eps}, momentum={c.momentum}, affine={c.affine}, bias={c.affine}, "
                 f"track_running_stats={c.track_running_stats}"
                 + c.shown(name for name in self._settings() if name not in _TORCH_SETTINGS))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     # -- files ------------------------------------------------------------------------------------------------
-    def _config(self):
+    def _config(self) -> dict[str, Any]:
         """The settings that ``save`` writes (JSON values): those of this class's constructor."""
         return self._cfg.to_json(self._settings())
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Save hyperparameters, mode, parameters and statistics to an .npz file (no pickle inside), atomically.
 
         Parameters
@@ -371,7 +452,7 @@ class _BatchNorm:
         """
         config = {"format": FORMAT, "version": FORMAT_VERSION, "class": type(self).__name__,
                   "training": self.training, **self._config()}
-        arrays = dict(self.state_dict(), __config__=np.array(json.dumps(config)))
+        arrays: dict[str, Any] = dict(self.state_dict(), __config__=np.array(json.dumps(config)))
         path = os.fspath(path)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
@@ -387,17 +468,17 @@ class _Setting:
     """The layer attribute of one Config field: reads the layer's setting; sets it (the new record checked as at
     construction) unless it shapes the layer's arrays."""
 
-    def __init__(self, name):
+    def __init__(self, name: str) -> None:
         self.name = name
         self.__doc__ = f"The layer's {name} setting (see :class:`BatchNorm2d`)."
 
-    def __get__(self, layer, owner=None):
+    def __get__(self, layer: _BatchNorm | None, owner: type | None = None) -> object:
         if layer is None:
             return self
         value = getattr(layer._cfg, self.name)
         return dict(value) if isinstance(value, dict) else value  # a copy of renorm_clipping: the record is fixed
 
-    def __set__(self, layer, value):
+    def __set__(self, layer: _BatchNorm, value: Any) -> None:
         if self.name in _ARRAY_SETTINGS:
             raise AttributeError(f"{self.name} is fixed when a layer is made (it shapes the layer's arrays): "
                                  f"make a new layer and load this one's state_dict")
@@ -410,58 +491,15 @@ for _name in NAMES:
 
 
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) input; see :class:`BatchNorm2d`."""
-
+    __doc__ = docstring("Batch norm over (N, C) or (N, C, L) input, like torch.nn.BatchNorm1d.", SETTABLE, 3, NAMES)
     _ndims = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) input, like torch.nn.BatchNorm2d.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels.
-    eps : float
-        Added to the variance (finite, >= 0).
-    momentum : float or None
-        Running-statistic factor in [0, 1]; None means the cumulative average over all batches seen.
-    affine : bool
-        Learn weight (gamma) and bias (beta).
-    track_running_stats : bool
-        Keep running statistics for eval; without them batch statistics are used in both modes.
-    dtype : {float32, float64}
-        Dtype of the parameters, statistics and computation.
-    nan_guard : bool
-        In training, leave the running statistics of a channel unchanged when its batch statistics are not finite
-        (NaN or Inf in its values); see :func:`cbn.functional.batch_norm`. The counter still counts the batch.
-    axis : int
-        The channel axis: 1 (NCHW, and channels-last arrays viewed as NCHW, as torch takes them) or -1 (NHWC, as
-        Keras takes it), any axis in [-4, 4). The layer still takes 4-D input only.
-    activation : {None, "relu"}
-        Fused activation, y = max(0, BN(x) [+ residual]) in the same pass as the normalisation; the backward
-        recomputes where the ReLU let values through from x (with a residual: from the saved output).
-    virtual_batch_size : int, optional
-        Ghost batches (keyword only): in training, axis 0 is split into groups of this many samples (the last may be
-        smaller), each normalised with its own statistics; the running statistics are updated once per call with
-        the average over groups of the groups' means and unbiased variances; see
-        :func:`cbn.functional.batch_norm`. Eval is unchanged. The channel axis must not be 0.
-    renorm : bool
-        Batch renormalization (Ioffe 2017; keyword only, needs ``track_running_stats``, not with
-        ``virtual_batch_size``): in training y = weight*((x - mean_B)/sigma_B*r + d) + bias with
-        r = clip(sigma_B/sigma, 1/rmax, rmax) and d = clip((mean_B - running_mean)/sigma, -dmax, dmax),
-        sigma = sqrt(running_var + eps), r and d constants for the gradient; see :func:`cbn.functional.batch_norm`.
-    renorm_clipping : dict, optional
-        {"rmax": >= 1, "dmax": >= 0} (keyword only; a missing key or None: no clipping, as Keras).
-
-    Each setting is an attribute of the layer; all but num_features, affine, track_running_stats and dtype (they
-    shape the arrays) may be set later, checked as in the constructor.
-    """
-
+    __doc__ = docstring("Batch norm over (N, C, H, W) input, like torch.nn.BatchNorm2d.", SETTABLE, 4, NAMES)
     _ndims = (4,)
 
 
 class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) input; see :class:`BatchNorm2d`."""
-
+    __doc__ = docstring("Batch norm over (N, C, D, H, W) input, like torch.nn.BatchNorm3d.", SETTABLE, 5, NAMES)
     _ndims = (5,)

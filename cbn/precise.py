@@ -1,25 +1,38 @@
 """Exact population statistics ("precise BN"): ``with cbn.precise_stats(model): ...``."""
+from __future__ import annotations
+
 import contextlib
+from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 
 from . import functional as F
+from ._typing import FloatArray
 from ._walk import swap_layers
 from .frozen import _FrozenBatchNorm
+from .modules import _BatchNorm
+
+T = TypeVar("T")
 
 
 class _Population:
     """The exact per-channel count, mean and M2 of the training batches a layer saw, merged in float64."""
 
-    def __init__(self, C):
+    count: float  # a float after a SyncBatchNorm's batches (their count is merged in float64)
+    mean: FloatArray
+    M2: FloatArray
+    batches: int
+
+    def __init__(self, C: int) -> None:
         self.count, self.mean, self.M2, self.batches = 0, np.zeros(C), np.zeros(C), 0
 
-    def add(self, count, mean, M2):
+    def add(self, count: float, mean: FloatArray, M2: FloatArray) -> None:
         """Merge one batch's statistics (those of :func:`cbn.functional.statistics`) with Chan's formula."""
         self.count, self.mean, self.M2 = F.merge_statistics((self.count, count), (self.mean, mean), (self.M2, M2))
         self.batches += 1
 
-    def commit(self, layer):
+    def commit(self, layer: _BatchNorm) -> None:
         """Set the layer's running mean and variance to the population's mean and unbiased variance (with
         ``nan_guard``, only the channels where both are finite) and its counter to the number of batches; a layer
         that saw no batch keeps its state, one that saw only empty batches its statistics."""
@@ -28,20 +41,22 @@ class _Population:
         layer.num_batches_tracked = self.batches
         if self.count < 2:
             return
-        dt = layer.running_mean.dtype
+        dt = layer.running_mean.dtype  # type: ignore[union-attr]  # (a layer with running statistics)
         with np.errstate(all="ignore"):
             mean, var = self.mean.astype(dt), (self.M2 / (self.count - 1.0)).astype(dt)
-        F.commit_running_stats(layer.running_mean, layer.running_var, mean, var, layer.nan_guard)
+        F.commit_running_stats(layer.running_mean, layer.running_var,  # type: ignore[arg-type]
+                               mean, var, layer.nan_guard)
 
 
 @contextlib.contextmanager
-def precise_stats(model):
-    """Set the running statistics of every BatchNorm layer in ``model`` to the exact statistics of the training
-    batches it sees inside the block (PyTorch's ``swa_utils.update_bn`` averages batch statistics instead).
+def precise_stats(model: T) -> Iterator[T]:
+    """Set the running statistics of the layers in ``model`` to the exact statistics of the batches of the block.
 
-    Inside the block, each layer with running statistics that runs in training mode records the per-channel count
-    n, mean and M2 = sum((x - mean)**2) of every batch (a SyncBatchNorm: of the batch of all ranks), merged in
-    float64 with Chan's formula (delta = mean_b - mean_a, n = n_a + n_b: mean = mean_a + delta*n_b/n,
+    Each BatchNorm layer's running statistics become the exact statistics of the training batches it sees inside
+    the block (PyTorch's ``swa_utils.update_bn`` averages batch statistics instead). Inside the block, each layer
+    with running statistics that runs in training mode records the per-channel count n, mean and
+    M2 = sum((x - mean)**2) of every batch (a SyncBatchNorm: of the batch of all ranks), merged in float64 with
+    Chan's formula (delta = mean_b - mean_a, n = n_a + n_b: mean = mean_a + delta*n_b/n,
     M2 = M2_a + M2_b + delta**2*n_a*n_b/n), and leaves its running statistics and counter alone; its outputs and
     backward are the normal training ones. On a normal exit::
 
@@ -59,7 +74,8 @@ def precise_stats(model):
 
     Yields
     ------
-    model
+    layer, list, tuple, dict or object
+        ``model`` itself.
 
     Raises
     ------
@@ -76,8 +92,8 @@ def precise_stats(model):
     >>> model[0].num_batches_tracked
     3
     """
-    found = []
-    swap_layers(model, lambda layer: found.append(layer) or layer)
+    found: list[_BatchNorm] = []
+    swap_layers(model, lambda layer: found.append(layer) or layer)  # type: ignore[func-returns-value]
     layers = [layer for layer in found if layer.track_running_stats and not isinstance(layer, _FrozenBatchNorm)]
     busy = [layer for layer in layers if layer._population is not None]
     if busy:

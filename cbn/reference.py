@@ -3,16 +3,22 @@
 Same signatures as :mod:`cbn.functional` (``out`` and ``dtype`` are not offered); every computation is done in
 float64 with NumPy's pairwise sums, straight from the formulas.
 """
+from __future__ import annotations
+
 import math
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, overload
 
 import numpy as np
+
+from ._typing import FloatArray, Shape
 
 
 class Saved(NamedTuple):
     """What the reference forward keeps for its backward (all float64).
 
-    Attributes
+    Its fields, by name or in this order:
+
+    Parameters
     ----------
     x : ndarray
         The input as an (A, C, B) array, A and B the products of the sizes before and after the channel axis.
@@ -30,20 +36,71 @@ class Saved(NamedTuple):
         True when the forward added a residual.
     """
 
-    x: np.ndarray
-    mean: np.ndarray
-    invstd: np.ndarray
-    weight: Optional[np.ndarray]
+    x: FloatArray
+    mean: FloatArray
+    invstd: FloatArray
+    weight: FloatArray | None
     use_batch_stats: bool
-    shape: tuple
-    y: Optional[np.ndarray] = None
+    shape: Shape
+    y: FloatArray | None = None
     residual: bool = False
 
 
-def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
-               axis=1, activation=None, residual=None, return_saved=False):
-    """Float64 reference of :func:`cbn.functional.batch_norm` (running statistics updated in place):
-    y = act(BN(x) + residual)."""
+# The result's type follows return_saved.
+@overload
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = ..., bias: FloatArray | None = ..., training: bool = ...,
+               momentum: float = ..., eps: float = ..., *, axis: int = ..., activation: Literal["relu"] | None = ...,
+               residual: FloatArray | None = ..., return_saved: Literal[False] = ...) -> FloatArray: ...
+@overload
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = ..., bias: FloatArray | None = ..., training: bool = ...,
+               momentum: float = ..., eps: float = ..., *, axis: int = ..., activation: Literal["relu"] | None = ...,
+               residual: FloatArray | None = ..., return_saved: Literal[True]) -> tuple[FloatArray, Saved]: ...
+@overload
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = ..., bias: FloatArray | None = ..., training: bool = ...,
+               momentum: float = ..., eps: float = ..., *, axis: int = ..., activation: Literal["relu"] | None = ...,
+               residual: FloatArray | None = ..., return_saved: bool = ...
+               ) -> FloatArray | tuple[FloatArray, Saved]: ...
+def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: FloatArray | None,
+               weight: FloatArray | None = None, bias: FloatArray | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1, activation: Literal["relu"] | None = None,
+               residual: FloatArray | None = None, return_saved: bool = False) -> FloatArray | tuple[FloatArray, Saved]:
+    """Float64 reference of :func:`cbn.functional.batch_norm`: y = act(BN(x) + residual).
+
+    The running statistics, when given in training, are updated in place.
+
+    Parameters
+    ----------
+    x : ndarray
+        Input of at least 2 dimensions.
+    running_mean, running_var : ndarray or None
+        (C,) running statistics.
+    weight, bias : ndarray or None
+        (C,) gamma and beta; None means 1 and 0.
+    training : bool
+        Normalise with batch statistics (True) or with the running statistics (False).
+    momentum : float
+        Factor of the running-statistic update.
+    eps : float
+        Added to the variance.
+    axis : int
+        The channel axis.
+    activation : {None, "relu"}
+        Activation after the residual.
+    residual : ndarray, optional
+        Added before the activation.
+    return_saved : bool
+        Also return the :class:`Saved` that :func:`batch_norm_backward` needs.
+
+    Returns
+    -------
+    y : ndarray
+        Float64 output of x's shape.
+    saved : Saved
+        Only with ``return_saved``.
+    """
     shape = x.shape
     axis %= x.ndim
     C = shape[axis]
@@ -54,14 +111,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         var = ((x3 - mean[:, None]) ** 2).mean(axis=(0, 2))
         if running_mean is not None and m > 0:
             running_mean[...] = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
-            running_var[...] = (1 - momentum) * running_var.astype(np.float64) + momentum * var * m / (m - 1)
+            running_var[...] = (  # type: ignore[index]  # (given with running_mean)
+                (1 - momentum) * running_var.astype(np.float64)  # type: ignore[union-attr]
+                + momentum * var * m / (m - 1))
     else:
         mean = np.asarray(running_mean, dtype=np.float64)
         var = np.asarray(running_var, dtype=np.float64)
     invstd = 1.0 / np.sqrt(var + eps)
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
-    y = ((x3 - mean[:, None]) * (invstd * w)[:, None] + b[:, None]).reshape(shape)
+    y: FloatArray = ((x3 - mean[:, None]) * (invstd * w)[:, None] + b[:, None]).reshape(shape)
     if residual is not None:
         y = y + np.asarray(residual, dtype=np.float64)
     if activation == "relu":
@@ -72,9 +131,23 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                     y if activation == "relu" else None, residual is not None)
 
 
-def batch_norm_backward(dy, saved):
-    """Float64 reference of :func:`cbn.functional.batch_norm_backward`: returns (dx, dweight, dbias), and
-    dresidual when the forward had a residual (dy masked by the ReLU's output > 0 after a forward with ReLU)."""
+def batch_norm_backward(dy: FloatArray, saved: Saved) -> tuple[FloatArray, ...]:
+    """Float64 reference of :func:`cbn.functional.batch_norm_backward`.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to the forward's output.
+    saved : Saved
+        From ``batch_norm(..., return_saved=True)``.
+
+    Returns
+    -------
+    dx, dweight, dbias : ndarray
+        Float64 gradients of the input, weight and bias.
+    dresidual : ndarray
+        Only after a forward with a residual: dy (masked by the ReLU's output > 0 after a forward with ReLU).
+    """
     x3 = saved.x.astype(np.float64)
     N, C, S = x3.shape
     dy = np.asarray(dy, dtype=np.float64)

@@ -45,6 +45,9 @@ myst_heading_anchors = 3
 autosummary_generate = True
 autodoc_default_options = {"members": False}
 autodoc_preserve_defaults = True  # signatures show defaults as written (np.float32), not their repr
+# The annotations (cbn is typed: py.typed) are for type checkers; the pages give the types in words, in numpydoc's
+# Parameters and Returns sections, and show each function's own signature rather than its typing overloads.
+autodoc_typehints = "none"
 numpydoc_show_class_members = False  # the class template lists the members itself
 numpydoc_class_members_toctree = False
 

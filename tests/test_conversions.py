@@ -177,10 +177,11 @@ def test_the_property_test_draws_every_setting(name):
 
 @pytest.mark.parametrize("cls", EVERY_CLASS, ids=lambda c: c.__name__)
 def test_one_forward_signature(cls):
-    """forward(x, *, out=None, residual=None, mask=None) for every class: the arrays after x are keywords, so
-    ``bn(x, None, z)`` cannot pass z as a mask (or an output) after a conversion."""
+    """forward(x, *, out=None, residual=None, mask=None), annotated alike, for every class: the arrays after x are
+    keywords, so ``bn(x, None, z)`` cannot pass z as a mask (or an output) after a conversion."""
     sig = inspect.signature(cls.forward)
-    assert str(sig) == "(self, x, *, out=None, residual=None, mask=None)"
+    assert str(sig) == ("(self, x: 'FloatArray', *, out: 'FloatArray | None' = None, residual: 'FloatArray | None' = "
+                        "None, mask: 'BoolArray | None' = None) -> 'FloatArray'")
     assert cls.__call__ is cls.forward
     rank = max(cls._ndims)
     sync = cls in CLASSES["sync"].values()  # made without MPI: the call fails on its arguments first
