@@ -47,8 +47,8 @@ class BatchNormSaved(NamedTuple):
         The axes of ``shape`` in memory order (None: C order): ``x`` is the input transposed to ``order``, as an
         (A, C, B) array.
     y : ndarray or None
-        After a forward with ReLU: its output in the compute dtype, laid out as ``x`` (the backward's mask; a view of
-        the returned output when that has the compute dtype and the input's layout).
+        After a forward with ReLU: its output in the compute dtype, laid out as ``x`` (a view of the returned output
+        when that has the compute dtype and the input's layout; the backward's mask when there is no ``gate``).
     residual : bool
         True when the forward added a residual (the backward then returns its gradient too).
     renorm : ndarray or None

@@ -85,6 +85,8 @@ html_theme_options = {
     "footer_end": ["sphinx-version"],
 }
 html_show_sourcelink = False
+html_static_path = ["_static"]
+html_css_files = ["cbn.css"]
 # pages without sub-pages: no (empty) section navigation, the room goes to the content
 html_sidebars = {page: [] for page in ("getting-started", "benchmarks", "changelog")}
 
