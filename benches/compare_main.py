@@ -5,10 +5,11 @@
 Each build runs in its own process (its own Python, so its own compiled kernels: both builds name their kernel
 modules alike, and one process can load only one of them), in alternating order, ``--rounds`` times per thread
 count: this build, the other, this build, ... Each process times the benchmark suite's layer calls
-``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32, every layout of the suite, with
-``cbn.bench.median_times`` (a case the other build cannot take is skipped). Printed: the median over the rounds of
-each build's time and of the ratio new/main of the processes run one after the other (below 1: this build is
-faster).
+``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32, every layout of the suite, and
+the calls of this build's small shapes (``cbn.bench.SMALL_SHAPES``) as a NumPy user makes them (``bn(x)``,
+``bn.backward(dy)``: new outputs), with ``cbn.bench.median_times`` (a case the other build cannot take is
+skipped). Printed: the median over the rounds of each build's time and of the ratio new/main of the processes run
+one after the other (below 1: this build is faster).
 """
 import argparse
 import json
@@ -34,7 +35,19 @@ def layer_calls(lib, x, dy, axis):
             "backward": lambda: train.backward(dy, out=dx)}
 
 
-def time_suite(threads, budget):
+def small_calls(lib, shape):
+    """The three timed calls of one cbn build's layer on a small float32 input of ``shape``, new outputs each."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    cls = lib.BatchNorm2d if x.ndim == 4 else lib.BatchNorm1d
+    train, ev = cls(shape[1]), cls(shape[1])
+    ev(x)
+    ev.eval()
+    train(x)
+    return {"train": lambda: train(x), "eval": lambda: ev(x), "backward": lambda: train.backward(dy)}
+
+
+def time_suite(threads, budget, small_shapes):
     """{case: {op: seconds}} of the cbn this process imports (None for a case it cannot take)."""
     import cbn
     from cbn import bench
@@ -46,13 +59,16 @@ def time_suite(threads, budget):
             times[f"{shape} {layout}"] = bench.median_times(layer_calls(cbn, x, dy, axis), budget)
         except TypeError:
             times[f"{shape} {layout}"] = None
+    for shape in map(tuple, small_shapes):
+        times[f"{shape} small"] = bench.median_times(small_calls(cbn, shape), budget)
     return times
 
 
 def run(python, threads, budget):
     """time_suite in a child process of ``python``."""
+    from cbn import bench
     code = (f"import json, sys; sys.path.insert(0, {sys.path[0]!r}); import compare_main; "
-            f"print(json.dumps(compare_main.time_suite({threads}, {budget})))")
+            f"print(json.dumps(compare_main.time_suite({threads}, {budget}, {bench.SMALL_SHAPES!r})))")
     return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
