@@ -523,7 +523,8 @@ cdef void _apply_row(ApplyOp op, const floating *x, const floating *dy, const fl
     cdef float hi
     cdef double c0 = cf[0], c1 = cf[W], c2 = cf[2 * W], c3 = cf[3 * W]
     cdef double h[2]
-    h[0], h[1] = cf[6 * W], cf[7 * W]
+    if ApplyOp is AffineGated or ApplyOp is GradGated or ApplyOp is GradGatedValid:
+        h[0], h[1] = cf[6 * W], cf[7 * W]
     if _single(op, out):
         hi = <float>c0
         for i in range(i0, i1):
