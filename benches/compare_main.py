@@ -48,11 +48,12 @@ def small_calls(lib, shape):
 
 
 def time_suite(threads, budget, small_shapes):
-    """{case: {op: seconds}} of the cbn this process imports (None for a case it cannot take)."""
+    """{case: {op: seconds}} of the cbn this process imports (None for a case it cannot take), and under "cbn" the
+    file it imported."""
     import cbn
     from cbn import bench
     cbn.set_num_threads(threads)
-    times = {}
+    times = {"cbn": cbn.__file__}
     for shape, layout in bench.CASES:
         x, dy, axis = bench._data(shape, layout, np.float32)
         try:
@@ -65,11 +66,13 @@ def time_suite(threads, budget, small_shapes):
 
 
 def run(python, threads, budget):
-    """time_suite in a child process of ``python``."""
+    """time_suite in a child process of ``python``, run in this script's folder (from a checkout's root, ``-c``
+    code would import the checkout's cbn whatever the environment)."""
     from cbn import bench
-    code = (f"import json, sys; sys.path.insert(0, {sys.path[0]!r}); import compare_main; "
+    code = (f"import json, compare_main; "
             f"print(json.dumps(compare_main.time_suite({threads}, {budget}, {bench.SMALL_SHAPES!r})))")
-    return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout)
+    return json.loads(subprocess.run([python, "-c", code], check=True, capture_output=True, text=True,
+                                     cwd=sys.path[0]).stdout)
 
 
 def main(argv=None):
@@ -84,6 +87,10 @@ def main(argv=None):
     print(f"{'case':>32} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
     for threads in map(int, a.threads.split(",")):
         pairs = [(run(sys.executable, threads, a.budget), run(a.other, threads, a.budget)) for _ in range(a.rounds)]
+        files = {(new.pop("cbn"), main.pop("cbn")) for new, main in pairs}
+        if any(new == main for new, main in files):
+            raise SystemExit(f"both environments imported the same cbn: {files}")
+        print(f"# {threads} thread(s): new {', '.join(n for n, _ in files)}; main {', '.join(m for _, m in files)}")
         for case in pairs[0][0]:
             if any(main[case] is None for _, main in pairs):
                 print(f"{case:>32} {threads:>3} skipped: the other build cannot take it")
