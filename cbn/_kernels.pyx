@@ -634,7 +634,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
                 _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)], P,
                           n * L.S + i0, h + c, hs)
         return
-    for c in range(c0, c1):  # short rows: down the block's images, a lane per column, the lanes added in order
+    for c in range(c0, c1):  # short rows: down the block's images, a lane per column, the lanes folded pairwise
         for j in range(i1 - i0):
             shift[j] = coef[c]
         if SumOp is GradSumsGated:
@@ -644,9 +644,10 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
         _zero_lanes(s, i1 - i0)
         _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK], P,
                      n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
-        for j in range(i1 - i0):
-            part[off + 2 * (c - c0)] += s[j]
-            part[off + 2 * (c - c0) + 1] += s[COL_CHUNK + j]
+        _fold(s, i1 - i0)
+        _fold(&s[COL_CHUNK], i1 - i0)
+        part[off + 2 * (c - c0)] += s[0]
+        part[off + 2 * (c - c0) + 1] += s[COL_CHUNK]
 
 
 cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -680,7 +681,7 @@ cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const float
     cdef double s[2 * LANES]
     cdef double shift[LANES]
     cdef double gate[2 * LANES]
-    cdef Py_ssize_t q, r, h, nsub = n // LANES
+    cdef Py_ssize_t q, r, nsub = n // LANES
     for q in range(LANES):
         shift[q] = k
         s[q] = 0.0
@@ -692,14 +693,23 @@ cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const float
     _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES)
     _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES], P,
                  p + nsub * LANES, 0, 0, gate, LANES)
-    h = LANES // 2
-    while h > 0:
-        for q in range(h):
-            s[q] += s[q + h]
-            s[LANES + q] += s[LANES + q + h]
-        h //= 2
+    _fold(s, LANES)
+    _fold(&s[LANES], LANES)
     pair[0] += s[0]
     pair[1] += s[LANES]
+
+
+cdef inline void _fold(double *s, Py_ssize_t n) noexcept nogil:
+    """s[0] = the sum of s[:n] (n >= 1), in a fixed pairwise order (in place): while more than one is left, the
+    first n // 2 take the last n // 2 (log2 n vectorised steps, not n dependent adds)."""
+    cdef Py_ssize_t q, h
+    cdef const double *top
+    while n > 1:
+        h = n // 2
+        top = s + n - h
+        for q in range(h):
+            s[q] += top[q]
+        n -= h
 
 
 cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
