@@ -219,6 +219,10 @@ cdef enum:
 # holds. Longer rows go channel-major.
 cdef Py_ssize_t SHORT_ROW = 16
 cdef Py_ssize_t MIN_IMAGES = 4
+# Blocks of short rows (summed down their images, _block_sums) take up to this many images, as long as there are
+# MIN_BLOCKS blocks per channel.
+cdef Py_ssize_t SHORT_IMAGES = 16
+cdef Py_ssize_t MIN_BLOCKS = 8
 # Values per block (about 128 KB of float32: a block stays in L2 between its sums and its elementwise pass).
 cdef Py_ssize_t BLOCK = 1 << 15
 # Channel-major blocks of whole channels (sums, statistics and output in one task, so that a channel leaves memory
@@ -342,7 +346,9 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
         L.nimg = N
     elif L.W <= block:  # whole images
         L.group = C
-        L.nimg = max(max(block // L.W, _cdiv(N, MAX_BLOCKS)), MIN_IMAGES) if sums else block // L.W
+        L.nimg = max(block // L.W, _cdiv(N, MAX_BLOCKS), MIN_IMAGES) if sums else block // L.W
+        if sums and S < COL_CHUNK:  # short rows are summed down the images: more of them per block
+            L.nimg = max(L.nimg, min(SHORT_IMAGES, _cdiv(N, MIN_BLOCKS)))
     else:  # runs of about block values: groups of whole rows, or pieces of a row
         L.group = max(1, block // S)
         L.ncol = _cdiv(S, block)
