@@ -18,9 +18,7 @@ torch's own batch norm takes under ``torch.compile``). A double backward (``crea
 torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
 :func:`batch_norm`).
 """
-import contextlib
 import math
-from typing import Optional
 
 import torch
 
@@ -30,11 +28,13 @@ from cbn import functional as _F
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]
 
 _DTYPES = (torch.float32, torch.float64)
+_MAX_THREADS = cbn.max_num_threads()
+_LIB = torch.library.Library("cbn", "DEF")  # the ops' definitions and kernels, as long as this module lives
 
 
 def _np(t):
     """The NumPy view of a CPU tensor's memory (None for None)."""
-    return None if t is None else t.detach().numpy()
+    return None if t is None else t.numpy(force=True)
 
 
 def _dense(x):
@@ -44,20 +44,15 @@ def _dense(x):
     return (x if out.stride() == x.stride() else torch.empty_like(out).copy_(x)), out
 
 
-_MAX_THREADS = cbn.max_num_threads()
-
-
-@contextlib.contextmanager
-def _torch_threads():
-    """Run the block with cbn's thread count in this thread set to torch's, ``torch.get_num_threads()`` (then
-    restored), when they differ."""
+def _on_torch_threads(f, *args, **kwargs):
+    """``f(*args, **kwargs)`` with cbn's thread count in this thread set to torch's, ``torch.get_num_threads()``
+    (then restored), when they differ."""
     before, n = cbn.get_num_threads(), min(torch.get_num_threads(), _MAX_THREADS)
     if n == before:
-        yield
-        return
+        return f(*args, **kwargs)
     cbn.set_num_threads(n)
     try:
-        yield
+        return f(*args, **kwargs)
     finally:
         cbn.set_num_threads(before)
 
@@ -67,102 +62,130 @@ def _channel_stat(x):
     return x.new_empty((x.shape[1],), dtype=torch.float64)
 
 
-@torch.library.custom_op("cbn::batch_norm_train", mutates_args=())
-def _train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-           running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], momentum: float,
-           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _define(name, schema, kernel, fake):
+    """Define the op ``cbn::name`` with its CPU kernel and its fake kernel; return its OpOverload."""
+    _LIB.define(name + schema)
+    _LIB.impl(name, kernel, "CPU")
+    torch.library.register_fake(f"cbn::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.cbn, name).default
+
+
+def _below_autograd(op, keyset, args):
+    """``op(*args)`` dispatched past the autograd keys of ``keyset``: its CPU kernel, or a tracing mode's."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+def _register_autograd(op, function):
+    """Give ``op`` an Autograd kernel: ``function.apply(keyset, *args)`` (an autograd.Function whose forward runs
+    :func:`_below_autograd`) when a gradient is needed, else op below autograd. What
+    ``torch.library.register_autograd`` registers, without the per-call work of its generic kernel."""
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(keyset, *args)
+        return _below_autograd(op, keyset, args)
+    _LIB.impl(op._opname, kernel, "Autograd", with_keyset=True)
+
+
+def _train(x, weight, bias, running_mean, running_var, momentum, eps):
     x, y = _dense(x)
     stats = [None if t is None else t.clone() for t in (running_mean, running_var)]
-    with _torch_threads():
-        _, saved = _F.batch_norm(_np(x), *map(_np, stats), _np(weight), _np(bias), True, momentum, eps,
+    _, saved = _on_torch_threads(_F.batch_norm, _np(x), *map(_np, stats), _np(weight), _np(bias), True, momentum, eps,
                                  out=y.numpy(), return_saved=True)
     return (y, torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),
             *(x.new_empty((0,)) if t is None else t for t in stats))
 
 
-@_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps):
+def _train_fake(x, weight, bias, running_mean, running_var, momentum, eps):
     return (torch.empty_like(x), _channel_stat(x), _channel_stat(x),
             *(x.new_empty((0,)) if t is None else torch.empty_like(t) for t in (running_mean, running_var)))
 
 
-@torch.library.custom_op("cbn::batch_norm_eval", mutates_args=())
-def _eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], running_mean: torch.Tensor,
-          running_var: torch.Tensor, eps: float) -> torch.Tensor:
+def _eval(x, weight, bias, running_mean, running_var, eps):
     x, y = _dense(x)
-    with _torch_threads():
-        _F.batch_norm(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False, 0.0, eps,
-                      out=y.numpy())
+    _on_torch_threads(_F.batch_norm, _np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False, 0.0,
+                      eps, out=y.numpy())
     return y
 
 
-@_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps):
+def _eval_fake(x, weight, bias, running_mean, running_var, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("cbn::batch_norm_backward", mutates_args=())
-def _backward(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-              invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(grad_output, x, weight, mean, invstd, training):
     x, dx = _dense(x)
-    xn = _np(x)
+    xn = x.numpy(force=True)
     order = tuple(sorted(range(xn.ndim), key=lambda d: -xn.strides[d]))  # x's axes in memory order
     mem = xn.transpose(order)
     k = order.index(1)
     x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
-    saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _np(weight), training, xn.shape, xn.dtype, 1, order)
-    with _torch_threads():
-        _, dweight, dbias = _F.batch_norm_backward(_np(grad_output), saved, out=dx.numpy())
+    saved = _F.BatchNormSaved(x3, mean.numpy(), invstd.numpy(), _np(weight), training, xn.shape, xn.dtype, 1, order)
+    _, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, grad_output.numpy(force=True), saved, out=dx.numpy())
     return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 
-@_backward.register_fake
-def _(grad_output, x, weight, mean, invstd, training):
+def _backward_fake(grad_output, x, weight, mean, invstd, training):
     return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
 
 
 def _gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, training):
-    """The gradients of a forward op with respect to its inputs (x, weight, bias, then None for the rest): cbn's
-    backward op, or torch's differentiable ``native_batch_norm_backward`` under ``create_graph=True``."""
-    affine = weight is not None, ctx.has_bias
+    """(dx, dweight, dbias) of a forward op (None for an absent weight or bias): cbn's backward op, or torch's
+    differentiable ``native_batch_norm_backward`` under ``create_graph=True``."""
     if torch.is_grad_enabled():
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             grad_output, x, weight, running_mean, running_var, mean.to(x.dtype), invstd.to(x.dtype), training,
-            ctx.eps, [True, *affine])
+            ctx.eps, [True, *ctx.affine])
     else:
-        dx, dweight, dbias = torch.ops.cbn.batch_norm_backward(grad_output, x, weight, mean, invstd, training)
-    return (dx, dweight if affine[0] else None, dbias if affine[1] else None) + (None,) * (ctx.n_inputs - 3)
+        dx, dweight, dbias = _BACKWARD(grad_output, x, weight, mean, invstd, training)
+    return dx, dweight if ctx.affine[0] else None, dbias if ctx.affine[1] else None
 
 
-def _setup_train(ctx, inputs, output):
-    x, weight, bias, _, _, _, ctx.eps = inputs
-    ctx.has_bias, ctx.n_inputs = bias is not None, len(inputs)
-    ctx.save_for_backward(x, weight, output[1], output[2])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
+class _CbnTrain(torch.autograd.Function):
+    """Autograd of the training op (the dispatch keyset first, then the op's arguments)."""
+
+    @staticmethod
+    def forward(ctx, keyset, x, weight, bias, running_mean, running_var, momentum, eps):
+        out = _below_autograd(_TRAIN, keyset, (x, weight, bias, running_mean, running_var, momentum, eps))
+        ctx.eps, ctx.affine = eps, (weight is not None, bias is not None)
+        ctx.save_for_backward(x, weight, out[1], out[2])
+        ctx.mark_non_differentiable(*out[1:])
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output, *_):
+        if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
+            return (None,) * 8
+        x, weight, mean, invstd = ctx.saved_tensors
+        return None, *_gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True), None, None, None, None
 
 
-def _train_gradients(ctx, grad_output, *_):
-    if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
-        return (None,) * ctx.n_inputs
-    x, weight, mean, invstd = ctx.saved_tensors
-    return _gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True)
+class _CbnEval(torch.autograd.Function):
+    """Autograd of the eval op (the dispatch keyset first, then the op's arguments)."""
+
+    @staticmethod
+    def forward(ctx, keyset, x, weight, bias, running_mean, running_var, eps):
+        ctx.eps, ctx.affine = eps, (weight is not None, bias is not None)
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        return _below_autograd(_EVAL, keyset, (x, weight, bias, running_mean, running_var, eps))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        mean, invstd = running_mean.double(), torch.rsqrt(running_var.double() + ctx.eps)
+        return (None, *_gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, False), None,
+                None, None)
 
 
-def _setup_eval(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, ctx.eps = inputs
-    ctx.has_bias, ctx.n_inputs = bias is not None, len(inputs)
-    ctx.save_for_backward(x, weight, running_mean, running_var)
-
-
-def _eval_gradients(ctx, grad_output):
-    x, weight, running_mean, running_var = ctx.saved_tensors
-    mean, invstd = running_mean.double(), torch.rsqrt(running_var.double() + ctx.eps)
-    return _gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, False)
-
-
-_train.register_autograd(_train_gradients, setup_context=_setup_train)
-_eval.register_autograd(_eval_gradients, setup_context=_setup_eval)
+_TRAIN = _define("batch_norm_train", "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+                 "Tensor? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                 _train, _train_fake)
+_EVAL = _define("batch_norm_eval", "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
+                "Tensor running_var, float eps) -> Tensor", _eval, _eval_fake)
+_BACKWARD = _define("batch_norm_backward", "(Tensor grad_output, Tensor x, Tensor? weight, Tensor mean, "
+                    "Tensor invstd, bool training) -> (Tensor, Tensor, Tensor)", _backward, _backward_fake)
+_register_autograd(_TRAIN, _CbnTrain)
+_register_autograd(_EVAL, _CbnEval)
 
 
 def _on_cbn(x, running_mean, running_var, weight, bias, training, momentum, eps):

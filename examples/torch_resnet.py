@@ -31,8 +31,7 @@ import cbn.torch  # noqa: E402
 # forward ops and their autograd nodes, and the ops alone where a compiled graph calls them.
 BN_EVENTS = {"aten::batch_norm", "NativeBatchNormBackward0", "aten::native_batch_norm_backward",
              "cbn::batch_norm_train", "cbn::batch_norm_eval", "cbn::batch_norm_backward",
-             "GeneratedBackwardFor_cbn_batch_norm_train_defaultBackward",
-             "GeneratedBackwardFor_cbn_batch_norm_eval_defaultBackward"}
+             "_CbnTrainBackward", "_CbnEvalBackward"}
 
 
 class BasicBlock(nn.Module):
