@@ -33,15 +33,24 @@ _LIB = torch.library.Library("cbn", "DEF")  # the ops' definitions and kernels, 
 
 
 def _np(t):
-    """The NumPy view of a CPU tensor's memory (None for None)."""
-    return None if t is None else t.numpy(force=True)
+    """The NumPy view of a CPU tensor's memory (None for None); through ``.data`` when it requires grad (which,
+    unlike ``detach()`` or ``numpy(force=True)``, dispatches no op: nothing for the profiler to record)."""
+    return None if t is None else (t.data if t.requires_grad else t).numpy()
 
 
-def _dense(x):
-    """(x, out): x, or a copy of it when x's memory has gaps or overlaps, and an uninitialised tensor of its shape for
-    an output, both laid out as ``torch.empty_like(x)`` (x's own layout when it is dense)."""
+def _layout(x):
+    """(x, out) for a kernel call: x, or a copy of it laid out as ``torch.empty_like(x)`` when its memory has gaps or
+    overlaps, and the output tensor: None when x is contiguous (cbn.functional allocates it, with torch's strides:
+    see :func:`_result`), else an uninitialised tensor laid out as x."""
+    if x.is_contiguous():
+        return x, None
     out = torch.empty_like(x)
-    return (x if out.stride() == x.stride() else torch.empty_like(out).copy_(x)), out
+    return (x, out) if out.stride() == x.stride() else _layout(out.copy_(x))
+
+
+def _result(y, out):
+    """The tensor of an output array ``y`` that cbn.functional returned for the ``out`` of :func:`_layout`."""
+    return torch.from_numpy(y) if out is None else out
 
 
 def _on_torch_threads(f, *args, **kwargs):
@@ -88,12 +97,12 @@ def _register_autograd(op, function):
 
 
 def _train(x, weight, bias, running_mean, running_var, momentum, eps):
-    x, y = _dense(x)
-    stats = [None if t is None else t.clone() for t in (running_mean, running_var)]
-    _, saved = _on_torch_threads(_F.batch_norm, _np(x), *map(_np, stats), _np(weight), _np(bias), True, momentum, eps,
-                                 out=y.numpy(), return_saved=True)
-    return (y, torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),
-            *(x.new_empty((0,)) if t is None else t for t in stats))
+    x, out = _layout(x)
+    stats = [None if t is None else _np(t).copy() for t in (running_mean, running_var)]  # updated: the new ones
+    y, saved = _on_torch_threads(_F.batch_norm, _np(x), *stats, _np(weight), _np(bias), True, momentum, eps,
+                                 out=_np(out), return_saved=True)
+    return (_result(y, out), torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),
+            *(x.new_empty((0,)) if t is None else torch.from_numpy(t) for t in stats))
 
 
 def _train_fake(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -102,10 +111,10 @@ def _train_fake(x, weight, bias, running_mean, running_var, momentum, eps):
 
 
 def _eval(x, weight, bias, running_mean, running_var, eps):
-    x, y = _dense(x)
-    _on_torch_threads(_F.batch_norm, _np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False, 0.0,
-                      eps, out=y.numpy())
-    return y
+    x, out = _layout(x)
+    y = _on_torch_threads(_F.batch_norm, _np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False,
+                          0.0, eps, out=_np(out))
+    return _result(y, out)
 
 
 def _eval_fake(x, weight, bias, running_mean, running_var, eps):
@@ -113,15 +122,15 @@ def _eval_fake(x, weight, bias, running_mean, running_var, eps):
 
 
 def _backward(grad_output, x, weight, mean, invstd, training):
-    x, dx = _dense(x)
-    xn = x.numpy(force=True)
-    order = tuple(sorted(range(xn.ndim), key=lambda d: -xn.strides[d]))  # x's axes in memory order
-    mem = xn.transpose(order)
+    x, out = _layout(x)
+    xn = _np(x)
+    order = tuple(range(xn.ndim)) if out is None else tuple(sorted(range(xn.ndim), key=lambda d: -xn.strides[d]))
+    mem = xn.transpose(order)  # x's axes in memory order
     k = order.index(1)
     x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
-    saved = _F.BatchNormSaved(x3, mean.numpy(), invstd.numpy(), _np(weight), training, xn.shape, xn.dtype, 1, order)
-    _, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, grad_output.numpy(force=True), saved, out=dx.numpy())
-    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+    saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _np(weight), training, xn.shape, xn.dtype, 1, order)
+    dx, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, _np(grad_output), saved, out=_np(out))
+    return _result(dx, out), torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 
 def _backward_fake(grad_output, x, weight, mean, invstd, training):
@@ -192,12 +201,12 @@ def _on_cbn(x, running_mean, running_var, weight, bias, training, momentum, eps)
     """True when cbn's ops compute this batch norm: a CPU float32/float64 input of at least 2 dimensions, (C,)
     parameters and contiguous statistics of its dtype and device, arguments torch accepts (eps > 0 in training,
     more than one value per channel) and 0 <= momentum <= 1."""
-    if not (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() >= 2):
+    if not (x.is_cpu and x.dtype in _DTYPES and x.dim() >= 2):
         return False
-    C = x.shape[1]
-    if not all(t is None or (t.device == x.device and t.dtype == x.dtype and t.shape == (C,) and t.is_contiguous())
-               for t in (running_mean, running_var, weight, bias)):
-        return False
+    C, dtype = x.shape[1], x.dtype
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and not (t.is_cpu and t.dtype == dtype and t.shape == (C,) and t.is_contiguous()):
+            return False
     if training:
         return (running_mean is None) == (running_var is None) and eps > 0 and x.numel() != C and 0 <= momentum <= 1
     return running_mean is not None and running_var is not None and eps >= 0
@@ -214,13 +223,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                               eps)
     if training:
-        y, _, _, new_mean, new_var = torch.ops.cbn.batch_norm_train(input, weight, bias, running_mean, running_var,
-                                                                    momentum, eps)
+        y, _, _, new_mean, new_var = _TRAIN(input, weight, bias, running_mean, running_var, momentum, eps)
         if running_mean is not None:
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
         return y
-    return torch.ops.cbn.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    return _EVAL(input, weight, bias, running_mean, running_var, eps)
 
 
 class _CbnForward:
