@@ -40,9 +40,9 @@ def _np(t):
 
 def _layout(x):
     """(x, out) for a kernel call: x, or a copy of it laid out as ``torch.empty_like(x)`` when its memory has gaps or
-    overlaps, and the output tensor: None when x is contiguous (cbn.functional allocates it, with torch's strides:
-    see :func:`_result`), else an uninitialised tensor laid out as x."""
-    if x.is_contiguous():
+    overlaps, and the output tensor: None when x is contiguous without dimensions of size 1 (cbn.functional
+    allocates it, with x's strides: see :func:`_result`), else an uninitialised tensor with x's strides."""
+    if x.is_contiguous() and 1 not in x.shape:
         return x, None
     out = torch.empty_like(x)
     return (x, out) if out.stride() == x.stride() else _layout(out.copy_(x))

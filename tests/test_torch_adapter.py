@@ -328,6 +328,20 @@ def test_strided_input_and_gradient(cbn_calls):
     assert len(cbn_calls["batch_norm_backward"]) == 1
 
 
+@pytest.mark.parametrize("make", [lambda: torch.randn(4, 1, 1, 3).permute(0, 3, 1, 2),
+                                  lambda: channels_last(torch.randn(1, 3, 4, 4)), lambda: torch.randn(4, 3, 5, 1)],
+                         ids=["NC11-strides-3,1,3,3", "1CHW-channels_last", "NCH1"])
+def test_size_one_dimensions_keep_their_strides(make, cbn_calls):
+    """y and dx have x's strides, those of its dimensions of size 1 too (as torch.empty_like(x))."""
+    x = make().requires_grad_()
+    for training in (True, False):
+        y = ct.BatchNorm2d(3).train(training)(x)
+        y.backward(torch.ones_like(y))
+        assert y.stride() == x.stride() and x.grad.stride() == x.stride(), training
+        x.grad = None
+    assert len(cbn_calls["batch_norm_backward"]) == 2
+
+
 def test_ops_run_on_torch_thread_count(cbn_calls):
     """The ops run cbn's kernels on torch.get_num_threads() threads (capped, as cbn's count always is, by its
     OpenMP runtime's count), and leave cbn's count of the calling thread as it was."""
