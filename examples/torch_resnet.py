@@ -101,6 +101,8 @@ def bn_ms(step, steps):
 def measure(base, x, labels, training, compiled, steps, warmup):
     """(step ms, BN ms) of torch's and cbn's batch norm in copies of ``base``: steps timed in alternation (medians),
     then profiled apart. torch's BN ms is None when compiled: inductor fuses its batch norm into generated kernels."""
+    if compiled:  # fresh dynamo caches: past its recompile limit (8 per function) dynamo would run the models eagerly
+        torch.compiler.reset()
     models = {"torch": copy.deepcopy(base), "cbn": cbn.torch.convert(copy.deepcopy(base))}
     steps_of = {}
     for name, model in models.items():
