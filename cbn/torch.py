@@ -1,9 +1,9 @@
 """cbn for PyTorch: batch norm modules and a functional form whose CPU float32/float64 work runs on cbn's kernels.
 
 ``import cbn.torch`` needs torch (``pip install cbn[torch]``); ``import cbn`` never imports it. Three custom ops of
-the ``cbn`` namespace (``torch.library.custom_op``) call :mod:`cbn.functional` on NumPy views of the tensors' memory
-(no copies, contiguous and ``channels_last`` alike; outputs keep the input's memory layout), on
-``torch.get_num_threads()`` threads:
+the ``cbn`` namespace (defined with ``torch.library.Library``: a CPU kernel and a fake one each) call
+:mod:`cbn.functional` on NumPy views of the tensors' memory (no copies, contiguous and ``channels_last`` alike;
+outputs keep the input's strides), on ``torch.get_num_threads()`` threads:
 
 - ``torch.ops.cbn.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps) -> (y, mean, invstd,
   new_running_mean, new_running_var)``: batch statistics; float64 ``mean`` and ``invstd`` for the backward, and the
@@ -11,11 +11,11 @@ the ``cbn`` namespace (``torch.library.custom_op``) call :mod:`cbn.functional` o
 - ``torch.ops.cbn.batch_norm_eval(x, weight, bias, running_mean, running_var, eps) -> y``: running statistics.
 - ``torch.ops.cbn.batch_norm_backward(grad_output, x, weight, mean, invstd, training) -> (dx, dweight, dbias)``.
 
-The two forwards are differentiable (``register_autograd``) and have fake implementations, so autograd,
-``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch refuses a backward formula for a
-custom op that mutates its inputs: the training op returns the new running statistics instead (the functional form
-torch's own batch norm takes under ``torch.compile``). A double backward (``create_graph=True``) differentiates with
-torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
+The two forwards have an Autograd kernel (what ``torch.library.register_autograd`` registers, with less work per
+call), so autograd, ``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch's custom-op
+autograd rules out ops that mutate their inputs: the training op returns the new running statistics instead (the
+functional form torch's own batch norm takes under ``torch.compile``). A double backward (``create_graph=True``)
+differentiates with torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
 :func:`batch_norm`).
 """
 import math
