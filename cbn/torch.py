@@ -38,14 +38,26 @@ def _np(t):
     return None if t is None else (t.data if t.requires_grad else t).numpy()
 
 
+def _dense(x):
+    """Whether x's memory has no gaps or overlaps (some order of its axes makes it C-contiguous)."""
+    if x.is_contiguous():
+        return True
+    size = 1
+    for stride, n in sorted(zip(x.stride(), x.shape)):
+        if n != 1:
+            if stride != size:
+                return False
+            size *= n
+    return True
+
+
 def _layout(x):
     """(x, out) for a kernel call: x, or a copy of it laid out as ``torch.empty_like(x)`` when its memory has gaps or
-    overlaps, and the output tensor: None when x is contiguous without dimensions of size 1 (cbn.functional
-    allocates it, with x's strides: see :func:`_result`), else an uninitialised tensor with x's strides."""
-    if x.is_contiguous() and 1 not in x.shape:
-        return x, None
-    out = torch.empty_like(x)
-    return (x, out) if out.stride() == x.stride() else _layout(out.copy_(x))
+    overlaps, and the output tensor: None when cbn.functional's output, laid out as x, has x's strides (see
+    :func:`_result`), else (for dimensions of size 1, whose strides torch keeps and NumPy sets) torch.empty_like(x)."""
+    if not _dense(x):
+        x = torch.empty_like(x).copy_(x)
+    return x, (torch.empty_like(x) if 1 in x.shape else None)
 
 
 def _result(y, out):
@@ -124,7 +136,9 @@ def _eval_fake(x, weight, bias, running_mean, running_var, eps):
 def _backward(grad_output, x, weight, mean, invstd, training):
     x, out = _layout(x)
     xn = _np(x)
-    order = tuple(range(xn.ndim)) if out is None else tuple(sorted(range(xn.ndim), key=lambda d: -xn.strides[d]))
+    order = tuple(range(xn.ndim))
+    if not xn.flags.c_contiguous:
+        order = tuple(sorted(order, key=lambda d: -xn.strides[d]))
     mem = xn.transpose(order)  # x's axes in memory order
     k = order.index(1)
     x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
