@@ -73,7 +73,8 @@ def main(argv=None):
     names = [*impls, "functional"]
     lines = [f"per call, us: medians of {args.rounds} rounds; torch {torch.__version__}, cbn {cbn.__version__}, "
              f"{args.threads} thread(s), {os.cpu_count()} CPUs, load average " +
-             ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+             ", ".join(f"{v:.2f}" for v in os.getloadavg()) +
+             (f"; baseline: {os.path.basename(args.baseline)}" if args.baseline else ""),
              f"{'shape':>16} {'layout':>13} {'op':>8} | " + " ".join(f"{n:>10}" for n in names)]
     print("\n".join(lines), flush=True)
     for shape, number in CASES:
