@@ -85,7 +85,7 @@ def _channel_stat(x):
 
 def _define(name, schema, kernel, fake):
     """Define the op ``cbn::name`` with its CPU kernel and its fake kernel; return its OpOverload."""
-    _LIB.define(name + schema)
+    _LIB.define(name + schema, tags=(torch.Tag.flexible_layout,))
     _LIB.impl(name, kernel, "CPU")
     torch.library.register_fake(f"cbn::{name}", fake, lib=_LIB)
     return getattr(torch.ops.cbn, name).default

@@ -181,29 +181,36 @@ def small_net():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
                     reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_model_matches_eager(cbn_calls):
+def test_compiled_model_matches_eager(cbn_calls, monkeypatch):
     """torch.compile(fullgraph=True) of a converted model (no graph break at the batch norms): training steps and
-    an eval forward give the eager model's outputs, gradients and running statistics, with cbn's kernels."""
+    an eval forward give the eager model's outputs, gradients and running statistics, with cbn's kernels. Inductor
+    (its layout optimisation forced) runs the convolutions channels-last, and cbn's ops (flexible_layout) get their
+    outputs as they are, not converted back to the eager model's layout."""
+    channels_last_2d = []  # whether each BatchNorm2d input reached cbn.functional channels-last
+    monkeypatch.setattr(cbn.functional, "batch_norm", lambda x, *a, _f=cbn.functional.batch_norm, **kw: (
+        x.ndim == 4 and channels_last_2d.append(x.strides[1] == x.itemsize), _f(x, *a, **kw))[1])
     torch.manual_seed(4)
     eager = ct.convert(small_net())
     model = copy.deepcopy(eager)
-    compiled = torch.compile(model, fullgraph=True)
-    for i in range(2):
-        x = torch.randn(5, 3, 6, 6) * 2 + 1
-        ys = [m(x) for m in (eager, compiled)]
-        close(ys[1], ys[0], 1e-5, f"step {i} y")
-        for y in ys:
-            (y * torch.arange(3.0)).sum().backward()
-    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
-        close(q.grad, p.grad, 1e-5, name)
-    for (name, b), c in zip(eager.named_buffers(), model.buffers()):
-        close(c, b, 1e-6, name)
-    assert len(cbn_calls["batch_norm"]) == 8 and len(cbn_calls["batch_norm_backward"]) == 8
-    eager.eval()
-    model.eval()
-    with torch.no_grad():
-        x = torch.randn(5, 3, 6, 6)
-        close(compiled(x), eager(x), 1e-5, "eval y")
+    with torch._inductor.config.patch(force_layout_optimization=True):
+        compiled = torch.compile(model, fullgraph=True)
+        for i in range(2):
+            x = torch.randn(5, 3, 6, 6) * 2 + 1
+            ys = [m(x) for m in (eager, compiled)]
+            close(ys[1], ys[0], 1e-5, f"step {i} y")
+            for y in ys:
+                (y * torch.arange(3.0)).sum().backward()
+        for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+            close(q.grad, p.grad, 1e-5, name)
+        for (name, b), c in zip(eager.named_buffers(), model.buffers()):
+            close(c, b, 1e-6, name)
+        assert len(cbn_calls["batch_norm"]) == 8 and len(cbn_calls["batch_norm_backward"]) == 8
+        eager.eval()
+        model.eval()
+        with torch.no_grad():
+            x = torch.randn(5, 3, 6, 6)
+            close(compiled(x), eager(x), 1e-5, "eval y")
+    assert sorted(channels_last_2d) == [False] * 3 + [True] * 3  # eager's three calls, then the compiled model's
 
 
 def test_export_sees_the_ops():
