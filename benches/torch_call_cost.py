@@ -1,8 +1,10 @@
 """Per-call cost of cbn.torch against torch's own batch norm: the eval forward (under no_grad), the training forward
 (inputs that require grad: autograd records it) and its backward (``torch.autograd.grad``), on a tiny tensor, where
-a call's Python and dispatch work is all there is, and on a ResNet layer's, contiguous and channels_last.
-``cbn.functional`` on NumPy views of the same memory is the floor the adapter adds to. Each figure is the median over
-rounds in which every implementation takes its turn, in microseconds per call.
+a call's Python and dispatch work is all there is, and on the batch norm shapes of ``examples/torch_resnet.py``'s
+ResNet-18 (batch 8 of 112x112 images), contiguous and channels_last, with their sum over its 20 layers: its batch
+norm time per step without the profiler's cost. ``cbn.functional`` on NumPy views of the same memory is the floor the
+adapter adds to. Each figure is the median over rounds in which every implementation takes its turn, in
+microseconds per call (per step for the sums).
 
 ``--baseline FILE`` also times another version of cbn/torch.py (``git show REV:cbn/torch.py > FILE``) in the same
 run, its ops renamed to the namespace ``cbn_before``.
@@ -22,7 +24,9 @@ import cbn
 import cbn.torch
 from cbn import functional as F
 
-CASES = (((2, 8, 4, 4), 1000), ((8, 64, 56, 56), 10))  # (shape, calls per timing)
+# (shape, calls per timing, layers of that shape in ResNet-18 at batch 8 of 112x112 images)
+CASES = (((2, 8, 4, 4), 1000, 0), ((8, 64, 56, 56), 10, 1), ((8, 64, 28, 28), 40, 4), ((8, 128, 14, 14), 100, 5),
+         ((8, 256, 7, 7), 200, 5), ((8, 512, 4, 4), 300, 5))
 
 
 def load_baseline(path):
@@ -77,8 +81,11 @@ def main(argv=None):
              (f"; baseline: {os.path.basename(args.baseline)}" if args.baseline else ""),
              f"{'shape':>16} {'layout':>13} {'op':>8} | " + " ".join(f"{n:>10}" for n in names)]
     print("\n".join(lines), flush=True)
-    for shape, number in CASES:
-        for layout, layout_name in ((torch.contiguous_format, "contiguous"), (torch.channels_last, "channels_last")):
+    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    resnet = {(layout_name, op): dict.fromkeys(names, 0.0) for layout_name in layouts
+              for op in ("eval", "train", "backward")}
+    for shape, number, layers in CASES:
+        for layout_name, layout in layouts.items():
             g = torch.Generator().manual_seed(0)
             x, dy = (torch.randn(shape, generator=g).contiguous(memory_format=layout) for _ in range(2))
             params = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
@@ -90,9 +97,16 @@ def main(argv=None):
                 for _ in range(args.rounds):
                     for name in names:
                         times[name].append(timeit.timeit(fns[name][op], number=number) / number * 1e6)
+                medians = {n: statistics.median(times[n]) for n in names}
+                for n in names:
+                    resnet[layout_name, op][n] += layers * medians[n]
                 lines.append(f"{str(shape):>16} {layout_name:>13} {op:>8} | " +
-                             " ".join(f"{statistics.median(times[n]):10.1f}" for n in names))
+                             " ".join(f"{medians[n]:10.1f}" for n in names))
                 print(lines[-1], flush=True)
+    for (layout_name, op), sums in resnet.items():
+        lines.append(f"{'ResNet-18 sum':>16} {layout_name:>13} {op:>8} | " +
+                     " ".join(f"{sums[n]:10.1f}" for n in names))
+        print(lines[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

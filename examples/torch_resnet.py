@@ -4,9 +4,9 @@ step and time in batch norm (torch profiler), at each thread count, in training 
 
 The network is torchvision's ResNet-18 written in plain PyTorch (7x7 stem, max pool, four stages of two basic
 blocks, 20 BatchNorm2d layers), on random images and labels (SGD with momentum, cross-entropy): the timings do not
-depend on the data. The defaults (batch 8 of 112x112 images: a quarter of ImageNet's pixels) keep a run to under 3
-minutes on 2 cores (75 s once torch.compile's cache holds the compiled graphs); ``--quick`` runs a tiny configuration
-once.
+depend on the data. The defaults (batch 8 of 112x112 images: a quarter of ImageNet's pixels) keep a run to 1.5 minutes
+on 2 cores once torch.compile's cache holds the compiled graphs (5.5 minutes with an empty cache); ``--quick`` runs a
+tiny configuration once.
 
 Usage: ``python examples/torch_resnet.py [--threads 1,2] [--batch 8] [--size 112] [--steps 6] [--no-compile]
 [--out FILE]``.
