@@ -1,9 +1,9 @@
 """cbn for PyTorch: batch norm modules and a functional form whose CPU float32/float64 work runs on cbn's kernels.
 
 ``import cbn.torch`` needs torch (``pip install cbn[torch]``); ``import cbn`` never imports it. Three custom ops of
-the ``cbn`` namespace (``torch.library.custom_op``) call :mod:`cbn.functional` on NumPy views of the tensors' memory
-(no copies, contiguous and ``channels_last`` alike; outputs keep the input's memory layout), on
-``torch.get_num_threads()`` threads:
+the ``cbn`` namespace (defined with ``torch.library.Library``: a CPU kernel and a fake one each) call
+:mod:`cbn.functional` on NumPy views of the tensors' memory (no copies, contiguous and ``channels_last`` alike;
+outputs keep the input's strides), on ``torch.get_num_threads()`` threads:
 
 - ``torch.ops.cbn.batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps) -> (y, mean, invstd,
   new_running_mean, new_running_var)``: batch statistics; float64 ``mean`` and ``invstd`` for the backward, and the
@@ -11,17 +11,16 @@ the ``cbn`` namespace (``torch.library.custom_op``) call :mod:`cbn.functional` o
 - ``torch.ops.cbn.batch_norm_eval(x, weight, bias, running_mean, running_var, eps) -> y``: running statistics.
 - ``torch.ops.cbn.batch_norm_backward(grad_output, x, weight, mean, invstd, training) -> (dx, dweight, dbias)``.
 
-The two forwards are differentiable (``register_autograd``) and have fake implementations, so autograd,
-``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch refuses a backward formula for a
-custom op that mutates its inputs: the training op returns the new running statistics instead (the functional form
-torch's own batch norm takes under ``torch.compile``). A double backward (``create_graph=True``) differentiates with
-torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
+The two forwards have an Autograd kernel (what ``torch.library.register_autograd`` registers, with less work per
+call), so autograd, ``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch's custom-op
+autograd rules out ops that mutate their inputs: the training op returns the new running statistics instead (the
+functional form torch's own batch norm takes under ``torch.compile``). A double backward (``create_graph=True``)
+differentiates with torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
 :func:`batch_norm`).
 """
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Optional, TypeVar, cast, overload
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import torch
 
@@ -30,10 +29,14 @@ from cbn import functional as _F
 from cbn._typing import FloatArray
 
 M = TypeVar("M", bound=torch.nn.Module)
+T = TypeVar("T")
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "revert"]
 
 _DTYPES = (torch.float32, torch.float64)
+_MAX_THREADS = cbn.max_num_threads()
+# the ops' definitions and kernels, as long as this module lives (torch.library leaves Library unannotated)
+_LIB = torch.library.Library("cbn", "DEF")  # type: ignore[no-untyped-call]
 
 
 @overload
@@ -41,31 +44,47 @@ def _np(t: torch.Tensor) -> FloatArray: ...
 @overload
 def _np(t: torch.Tensor | None) -> FloatArray | None: ...
 def _np(t: torch.Tensor | None) -> FloatArray | None:
-    """The NumPy view of a CPU tensor's memory (None for None)."""
-    return None if t is None else t.detach().numpy()
+    """The NumPy view of a CPU tensor's memory (None for None); through ``.data`` when it requires grad (which,
+    unlike ``detach()`` or ``numpy(force=True)``, dispatches no op: nothing for the profiler to record)."""
+    return None if t is None else (t.data if t.requires_grad else t).numpy()
 
 
-def _dense(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, out): x, or a copy of it when x's memory has gaps or overlaps, and an uninitialised tensor of its shape for
-    an output, both laid out as ``torch.empty_like(x)`` (x's own layout when it is dense)."""
-    out = torch.empty_like(x)
-    return (x if out.stride() == x.stride() else torch.empty_like(out).copy_(x)), out
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's memory has no gaps or overlaps (some order of its axes makes it C-contiguous)."""
+    if x.is_contiguous():
+        return True
+    size = 1
+    for stride, n in sorted(zip(x.stride(), x.shape)):
+        if n != 1:
+            if stride != size:
+                return False
+            size *= n
+    return True
 
 
-_MAX_THREADS = cbn.max_num_threads()
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, out) for a kernel call: x, or a copy of it laid out as ``torch.empty_like(x)`` when its memory has gaps or
+    overlaps, and the output tensor: None when cbn.functional's output, laid out as x, has x's strides (see
+    :func:`_result`), else (for dimensions of size 1, whose strides torch keeps and NumPy sets) torch.empty_like(x)."""
+    if not _dense(x):
+        x = torch.empty_like(x).copy_(x)
+    return x, (torch.empty_like(x) if 1 in x.shape else None)
 
 
-@contextlib.contextmanager
-def _torch_threads() -> Iterator[None]:
-    """Run the block with cbn's thread count in this thread set to torch's, ``torch.get_num_threads()`` (then
-    restored), when they differ."""
+def _result(y: FloatArray, out: torch.Tensor | None) -> torch.Tensor:
+    """The tensor of an output array ``y`` that cbn.functional returned for the ``out`` of :func:`_layout`."""
+    return torch.from_numpy(y) if out is None else out
+
+
+def _on_torch_threads(f: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``f(*args, **kwargs)`` with cbn's thread count in this thread set to torch's, ``torch.get_num_threads()``
+    (then restored), when they differ."""
     before, n = cbn.get_num_threads(), min(torch.get_num_threads(), _MAX_THREADS)
     if n == before:
-        yield
-        return
+        return f(*args, **kwargs)
     cbn.set_num_threads(n)
     try:
-        yield
+        return f(*args, **kwargs)
     finally:
         cbn.set_num_threads(before)
 
@@ -75,108 +94,144 @@ def _channel_stat(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[1],), dtype=torch.float64)
 
 
-@torch.library.custom_op("cbn::batch_norm_train", mutates_args=())
-def _train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-           running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], momentum: float,
-           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, y = _dense(x)
-    stats = [None if t is None else t.clone() for t in (running_mean, running_var)]
-    with _torch_threads():
-        _, saved = _F.batch_norm(_np(x), _np(stats[0]), _np(stats[1]), _np(weight), _np(bias), True, momentum, eps,
-                                 out=y.numpy(), return_saved=True)
-    return (y, torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),  # type: ignore[return-value]
-            *(x.new_empty((0,)) if t is None else t for t in stats))  # (the two running statistics)
+def _define(name: str, schema: str, kernel: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+    """Define the op ``cbn::name`` with its CPU kernel and its fake kernel; return its OpOverload."""
+    _LIB.define(name + schema, tags=(torch.Tag.flexible_layout,))  # type: ignore[no-untyped-call]
+    _LIB.impl(name, kernel, "CPU")  # type: ignore[no-untyped-call]
+    torch.library.register_fake(f"cbn::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.cbn, name).default
 
 
-@_train.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor | None,
-      running_var: torch.Tensor | None, momentum: float, eps: float) -> tuple[torch.Tensor, ...]:
+def _below_autograd(op: Any, keyset: Any, args: tuple[Any, ...]) -> Any:
+    """``op(*args)`` dispatched past the autograd keys of ``keyset``: its CPU kernel, or a tracing mode's."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+def _register_autograd(op: Any, function: type[torch.autograd.Function]) -> None:
+    """Give ``op`` an Autograd kernel: ``function.apply(keyset, *args)`` (an autograd.Function whose forward runs
+    :func:`_below_autograd`) when a gradient is needed, else op below autograd. What
+    ``torch.library.register_autograd`` registers, without the per-call work of its generic kernel."""
+    def kernel(keyset: Any, *args: Any) -> Any:
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(keyset, *args)  # type: ignore[no-untyped-call]
+        return _below_autograd(op, keyset, args)
+    _LIB.impl(op._opname, kernel, "Autograd", with_keyset=True)  # type: ignore[no-untyped-call]
+
+
+def _train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+           running_var: torch.Tensor | None, momentum: float, eps: float) -> tuple[torch.Tensor, ...]:
+    x, out = _layout(x)
+    stats = [None if t is None else _np(t).copy() for t in (running_mean, running_var)]  # updated: the new ones
+    y, saved = _on_torch_threads(_F.batch_norm, _np(x), *stats, _np(weight), _np(bias), True, momentum, eps,
+                                 out=_np(out), return_saved=True)
+    return (_result(y, out), torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),
+            *(x.new_empty((0,)) if t is None else torch.from_numpy(t) for t in stats))
+
+
+def _train_fake(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
+                eps: float) -> tuple[torch.Tensor, ...]:
     return (torch.empty_like(x), _channel_stat(x), _channel_stat(x),
             *(x.new_empty((0,)) if t is None else torch.empty_like(t) for t in (running_mean, running_var)))
 
 
-@torch.library.custom_op("cbn::batch_norm_eval", mutates_args=())
-def _eval(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+def _eval(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
           running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    x, y = _dense(x)
-    with _torch_threads():
-        _F.batch_norm(_np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False, 0.0, eps,
-                      out=y.numpy())
-    return y
+    x, out = _layout(x)
+    y = _on_torch_threads(_F.batch_norm, _np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False,
+                          0.0, eps, out=_np(out))
+    return _result(y, out)
 
 
-@_eval.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
-      running_var: torch.Tensor, eps: float) -> torch.Tensor:
+def _eval_fake(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
+               running_var: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("cbn::batch_norm_backward", mutates_args=())
-def _backward(grad_output: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+def _backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
               invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, dx = _dense(x)
+    x, out = _layout(x)
     xn = _np(x)
-    order = tuple(sorted(range(xn.ndim), key=lambda d: -xn.strides[d]))  # x's axes in memory order
-    mem = xn.transpose(order)
+    order = tuple(range(xn.ndim))
+    if not xn.flags.c_contiguous:
+        order = tuple(sorted(order, key=lambda d: -xn.strides[d]))
+    mem = xn.transpose(order)  # x's axes in memory order
     k = order.index(1)
     x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
     saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _np(weight), training, xn.shape, xn.dtype, 1, order)
-    with _torch_threads():
-        _, dweight, dbias = _F.batch_norm_backward(_np(grad_output), saved, out=dx.numpy())
-    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+    dx, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, _np(grad_output), saved, out=_np(out))
+    return _result(dx, out), torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 
-@_backward.register_fake
-def _(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-      invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_fake(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                   invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
 
 
 def _gradients(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, mean: torch.Tensor,
-               invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor | None, ...]:
-    """The gradients of a forward op with respect to its inputs (x, weight, bias, then None for the rest): cbn's
-    backward op, or torch's differentiable ``native_batch_norm_backward`` under ``create_graph=True``."""
-    affine = weight is not None, ctx.has_bias
+               invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias) of a forward op (None for an absent weight or bias): cbn's backward op, or torch's
+    differentiable ``native_batch_norm_backward`` under ``create_graph=True``."""
     if torch.is_grad_enabled():
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             grad_output, x, weight, running_mean, running_var, mean.to(x.dtype), invstd.to(x.dtype), training,
-            ctx.eps, [True, *affine])
+            ctx.eps, [True, *ctx.affine])
     else:
-        dx, dweight, dbias = torch.ops.cbn.batch_norm_backward(grad_output, x, weight, mean, invstd, training)
-    return ((dx, dweight if affine[0] else None, dbias if affine[1] else None)  # type: ignore[no-any-return]
-            + (None,) * (ctx.n_inputs - 3))  # (ctx's attributes are untyped)
+        dx, dweight, dbias = _BACKWARD(grad_output, x, weight, mean, invstd, training)
+    return dx, dweight if ctx.affine[0] else None, dbias if ctx.affine[1] else None
 
 
-def _setup_train(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, bias, _, _, _, ctx.eps = inputs
-    ctx.has_bias, ctx.n_inputs = bias is not None, len(inputs)
-    ctx.save_for_backward(x, weight, output[1], output[2])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
+class _CbnTrain(torch.autograd.Function):
+    """Autograd of the training op (the dispatch keyset first, then the op's arguments)."""
+
+    @staticmethod
+    def forward(ctx: Any, keyset: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float,
+                eps: float) -> Any:
+        out = _below_autograd(_TRAIN, keyset, (x, weight, bias, running_mean, running_var, momentum, eps))
+        ctx.eps, ctx.affine = eps, (weight is not None, bias is not None)
+        ctx.save_for_backward(x, weight, out[1], out[2])
+        ctx.mark_non_differentiable(*out[1:])
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
+            return (None,) * 8
+        x, weight, mean, invstd = ctx.saved_tensors
+        return None, *_gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True), None, None, None, None
 
 
-def _train_gradients(ctx: Any, grad_output: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
-    if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
-        return (None,) * ctx.n_inputs  # type: ignore[no-any-return]  # (ctx's attributes are untyped)
-    x, weight, mean, invstd = ctx.saved_tensors
-    return _gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True)
+class _CbnEval(torch.autograd.Function):
+    """Autograd of the eval op (the dispatch keyset first, then the op's arguments)."""
+
+    @staticmethod
+    def forward(ctx: Any, keyset: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> Any:
+        ctx.eps, ctx.affine = eps, (weight is not None, bias is not None)
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        return _below_autograd(_EVAL, keyset, (x, weight, bias, running_mean, running_var, eps))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        mean, invstd = running_mean.double(), torch.rsqrt(running_var.double() + ctx.eps)
+        return (None, *_gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, False), None,
+                None, None)
 
 
-def _setup_eval(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, bias, running_mean, running_var, ctx.eps = inputs
-    ctx.has_bias, ctx.n_inputs = bias is not None, len(inputs)
-    ctx.save_for_backward(x, weight, running_mean, running_var)
-
-
-def _eval_gradients(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, weight, running_mean, running_var = ctx.saved_tensors
-    mean, invstd = running_mean.double(), torch.rsqrt(running_var.double() + ctx.eps)
-    return _gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, False)
-
-
-_train.register_autograd(_train_gradients, setup_context=_setup_train)
-_eval.register_autograd(_eval_gradients, setup_context=_setup_eval)
+_TRAIN = _define("batch_norm_train", "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+                 "Tensor? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                 _train, _train_fake)
+_EVAL = _define("batch_norm_eval", "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
+                "Tensor running_var, float eps) -> Tensor", _eval, _eval_fake)
+_BACKWARD = _define("batch_norm_backward", "(Tensor grad_output, Tensor x, Tensor? weight, Tensor mean, "
+                    "Tensor invstd, bool training) -> (Tensor, Tensor, Tensor)", _backward, _backward_fake)
+_register_autograd(_TRAIN, _CbnTrain)
+_register_autograd(_EVAL, _CbnEval)
 
 
 def _on_cbn(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -185,12 +240,12 @@ def _on_cbn(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: tor
     """True when cbn's ops compute this batch norm: a CPU float32/float64 input of at least 2 dimensions, (C,)
     parameters and contiguous statistics of its dtype and device, arguments torch accepts (eps > 0 in training,
     more than one value per channel) and 0 <= momentum <= 1."""
-    if not (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() >= 2):
+    if not (x.is_cpu and x.dtype in _DTYPES and x.dim() >= 2):
         return False
-    C = x.shape[1]
-    if not all(t is None or (t.device == x.device and t.dtype == x.dtype and t.shape == (C,) and t.is_contiguous())
-               for t in (running_mean, running_var, weight, bias)):
-        return False
+    C, dtype = x.shape[1], x.dtype
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and not (t.is_cpu and t.dtype == dtype and t.shape == (C,) and t.is_contiguous()):
+            return False
     if training:
         return (running_mean is None) == (running_var is None) and eps > 0 and x.numel() != C and 0 <= momentum <= 1
     return running_mean is not None and running_var is not None and eps >= 0
@@ -209,13 +264,12 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                               eps)
     if training:
-        y, _, _, new_mean, new_var = torch.ops.cbn.batch_norm_train(input, weight, bias, running_mean, running_var,
-                                                                    momentum, eps)
+        y, _, _, new_mean, new_var = _TRAIN(input, weight, bias, running_mean, running_var, momentum, eps)
         if running_mean is not None:
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)  # type: ignore[union-attr]  # (given with running_mean: _on_cbn)
-        return cast(torch.Tensor, y)  # (torch.ops' operators are untyped)
-    return cast(torch.Tensor, torch.ops.cbn.batch_norm_eval(input, weight, bias, running_mean, running_var, eps))
+        return cast(torch.Tensor, y)  # (the ops' overloads are untyped)
+    return cast(torch.Tensor, _EVAL(input, weight, bias, running_mean, running_var, eps))
 
 
 if TYPE_CHECKING:  # what the mixin is mixed into

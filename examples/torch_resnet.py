@@ -4,9 +4,9 @@ step and time in batch norm (torch profiler), at each thread count, in training 
 
 The network is torchvision's ResNet-18 written in plain PyTorch (7x7 stem, max pool, four stages of two basic
 blocks, 20 BatchNorm2d layers), on random images and labels (SGD with momentum, cross-entropy): the timings do not
-depend on the data. The defaults (batch 8 of 112x112 images: a quarter of ImageNet's pixels) keep a run to under 3
-minutes on 2 cores (75 s once torch.compile's cache holds the compiled graphs); ``--quick`` runs a tiny configuration
-once.
+depend on the data. The defaults (batch 8 of 112x112 images: a quarter of ImageNet's pixels) keep a run to 1.5 minutes
+on 2 cores once torch.compile's cache holds the compiled graphs (5.5 minutes with an empty cache); ``--quick`` runs a
+tiny configuration once.
 
 Usage: ``python examples/torch_resnet.py [--threads 1,2] [--batch 8] [--size 112] [--steps 6] [--no-compile]
 [--out FILE]``.
@@ -31,8 +31,7 @@ import cbn.torch  # noqa: E402
 # forward ops and their autograd nodes, and the ops alone where a compiled graph calls them.
 BN_EVENTS = {"aten::batch_norm", "NativeBatchNormBackward0", "aten::native_batch_norm_backward",
              "cbn::batch_norm_train", "cbn::batch_norm_eval", "cbn::batch_norm_backward",
-             "GeneratedBackwardFor_cbn_batch_norm_train_defaultBackward",
-             "GeneratedBackwardFor_cbn_batch_norm_eval_defaultBackward"}
+             "_CbnTrainBackward", "_CbnEvalBackward"}
 
 
 class BasicBlock(nn.Module):
@@ -102,6 +101,8 @@ def bn_ms(step, steps):
 def measure(base, x, labels, training, compiled, steps, warmup):
     """(step ms, BN ms) of torch's and cbn's batch norm in copies of ``base``: steps timed in alternation (medians),
     then profiled apart. torch's BN ms is None when compiled: inductor fuses its batch norm into generated kernels."""
+    if compiled:  # fresh dynamo caches: past its recompile limit (8 per function) dynamo would run the models eagerly
+        torch.compiler.reset()
     models = {"torch": copy.deepcopy(base), "cbn": cbn.torch.convert(copy.deepcopy(base))}
     steps_of = {}
     for name, model in models.items():

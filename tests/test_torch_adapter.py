@@ -181,29 +181,36 @@ def small_net():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")),
                     reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_model_matches_eager(cbn_calls):
+def test_compiled_model_matches_eager(cbn_calls, monkeypatch):
     """torch.compile(fullgraph=True) of a converted model (no graph break at the batch norms): training steps and
-    an eval forward give the eager model's outputs, gradients and running statistics, with cbn's kernels."""
+    an eval forward give the eager model's outputs, gradients and running statistics, with cbn's kernels. Inductor
+    (its layout optimisation forced) runs the convolutions channels-last, and cbn's ops (flexible_layout) get their
+    outputs as they are, not converted back to the eager model's layout."""
+    channels_last_2d = []  # whether each BatchNorm2d input reached cbn.functional channels-last
+    monkeypatch.setattr(cbn.functional, "batch_norm", lambda x, *a, _f=cbn.functional.batch_norm, **kw: (
+        x.ndim == 4 and channels_last_2d.append(x.strides[1] == x.itemsize), _f(x, *a, **kw))[1])
     torch.manual_seed(4)
     eager = ct.convert(small_net())
     model = copy.deepcopy(eager)
-    compiled = torch.compile(model, fullgraph=True)
-    for i in range(2):
-        x = torch.randn(5, 3, 6, 6) * 2 + 1
-        ys = [m(x) for m in (eager, compiled)]
-        close(ys[1], ys[0], 1e-5, f"step {i} y")
-        for y in ys:
-            (y * torch.arange(3.0)).sum().backward()
-    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
-        close(q.grad, p.grad, 1e-5, name)
-    for (name, b), c in zip(eager.named_buffers(), model.buffers()):
-        close(c, b, 1e-6, name)
-    assert len(cbn_calls["batch_norm"]) == 8 and len(cbn_calls["batch_norm_backward"]) == 8
-    eager.eval()
-    model.eval()
-    with torch.no_grad():
-        x = torch.randn(5, 3, 6, 6)
-        close(compiled(x), eager(x), 1e-5, "eval y")
+    with torch._inductor.config.patch(force_layout_optimization=True):
+        compiled = torch.compile(model, fullgraph=True)
+        for i in range(2):
+            x = torch.randn(5, 3, 6, 6) * 2 + 1
+            ys = [m(x) for m in (eager, compiled)]
+            close(ys[1], ys[0], 1e-5, f"step {i} y")
+            for y in ys:
+                (y * torch.arange(3.0)).sum().backward()
+        for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+            close(q.grad, p.grad, 1e-5, name)
+        for (name, b), c in zip(eager.named_buffers(), model.buffers()):
+            close(c, b, 1e-6, name)
+        assert len(cbn_calls["batch_norm"]) == 8 and len(cbn_calls["batch_norm_backward"]) == 8
+        eager.eval()
+        model.eval()
+        with torch.no_grad():
+            x = torch.randn(5, 3, 6, 6)
+            close(compiled(x), eager(x), 1e-5, "eval y")
+    assert sorted(channels_last_2d) == [False] * 3 + [True] * 3  # eager's three calls, then the compiled model's
 
 
 def test_export_sees_the_ops():
@@ -326,6 +333,20 @@ def test_strided_input_and_gradient(cbn_calls):
         y.sum().backward()
     close(xs[1].grad, xs[0].grad, 1e-10, "dx")
     assert len(cbn_calls["batch_norm_backward"]) == 1
+
+
+@pytest.mark.parametrize("make", [lambda: torch.randn(4, 1, 1, 3).permute(0, 3, 1, 2),
+                                  lambda: channels_last(torch.randn(1, 3, 4, 4)), lambda: torch.randn(4, 3, 5, 1)],
+                         ids=["NC11-strides-3,1,3,3", "1CHW-channels_last", "NCH1"])
+def test_size_one_dimensions_keep_their_strides(make, cbn_calls):
+    """y and dx have x's strides, those of its dimensions of size 1 too (as torch.empty_like(x))."""
+    x = make().requires_grad_()
+    for training in (True, False):
+        y = ct.BatchNorm2d(3).train(training)(x)
+        y.backward(torch.ones_like(y))
+        assert y.stride() == x.stride() and x.grad.stride() == x.stride(), training
+        x.grad = None
+    assert len(cbn_calls["batch_norm_backward"]) == 2
 
 
 def test_ops_run_on_torch_thread_count(cbn_calls):
