@@ -78,15 +78,19 @@ def thread_cap() -> int:
     return _chosen.n or _DEFAULT
 
 
+# (os.cpu_count() costs microseconds a call: read once)
+_MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
 def max_num_threads() -> int:
     """Return the largest count ``set_num_threads`` accepts.
 
     Returns
     -------
     int
-        4 x ``os.cpu_count()``, at least 64.
+        4 x ``os.cpu_count()`` at import, at least 64.
     """
-    return max(64, 4 * (os.cpu_count() or 1))
+    return _MAX_THREADS
 
 
 def get_num_threads() -> int:
