@@ -609,7 +609,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
     (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, down the images with a
-    lane per column, the lanes added in order."""
+    lane per column, the lanes folded pairwise (_fold)."""
     cdef double s[2 * COL_CHUNK]
     cdef double shift[COL_CHUNK]
     cdef double gate[2 * COL_CHUNK]
@@ -967,6 +967,7 @@ cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *c
     cdef floating h0, h1, h2, h3, top = <floating>INFINITY
     cdef double *hc = cc if L.G > 1 else _gate_rows(L, coef)
     cdef double root
+    cdef bint up, down
     cdef long long start, bottom = _key(-top), upper = _key(top)
     for c in range(C):
         h0 = <floating>mean[c]
@@ -974,9 +975,10 @@ cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *c
         h2, h3 = <floating>gate[c], <floating>gate[C + c]
         root = <double>h0 + <double>h1 - <double>h3 / <double>h2  # where v is 0 in real arithmetic
         start = _key(<floating>(root if root == root else 0.0))
-        if _passes(top, h0, h1, h2, h3) and not _passes(-top, h0, h1, h2, h3):  # [lo, inf]
+        up, down = _passes(top, h0, h1, h2, h3), _passes(-top, h0, h1, h2, h3)
+        if up and not down:  # [lo, inf]
             hc[c], hc[C + c] = _value_of(_edge(_inside(start, upper, h0, h1, h2, h3), bottom, h0, h1, h2, h3), h0), top
-        elif _passes(-top, h0, h1, h2, h3) and not _passes(top, h0, h1, h2, h3):  # [-inf, hi]
+        elif down and not up:  # [-inf, hi]
             hc[c], hc[C + c] = -top, _value_of(_edge(_inside(start, bottom, h0, h1, h2, h3), upper, h0, h1, h2, h3), h0)
         elif _passes(h0, h0, h1, h2, h3):
             start = _key(h0)
@@ -1127,14 +1129,14 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
         _forward[float](L, <float *>a, <float *>_data(y), <float *>(a if z is None else _data(z)), kind,
                         <float *>_data(channels[0]), <float *>_data(channels[1]), <float *>_data(channels[2]),
                         <float *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
-                        eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count,
-                        <double *>_data(gate))
+                        eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
     else:
         _forward[double](L, <double *>a, <double *>_data(y), <double *>(a if z is None else _data(z)), kind,
                          <double *>_data(channels[0]), <double *>_data(channels[1]), <double *>_data(channels[2]),
                          <double *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
-                         eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count,
-                         <double *>_data(gate))
+                         eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
+    if gate is not None:  # the (scale, shift) rows of the compact coefficients the pass used
+        memcpy(_data(gate), _compact(L, work) + C, 2 * C * sizeof(double))
 
 
 cdef object _columns(Layout L, valid):
@@ -1175,7 +1177,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
                    floating *running_mean, floating *running_var, const floating *weight,
                    const floating *bias, double *mean, double *invstd, bint batch, bint update,
                    double momentum, double eps, double *work, int nt, Positions P,
-                   Py_ssize_t first, double m, double *gate) noexcept:
+                   Py_ssize_t first, double m) noexcept:
     cdef Py_ssize_t c, k
     cdef bint stats_only = y == NULL
     cdef double *coef = work
@@ -1193,7 +1195,6 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
-            _keep_gate(L.C, cc, gate)
             return
         for c in range(L.C):  # the shift K of the sums: a (counted) value of each channel
             cc[c] = <double>x[first + c * L.S]
@@ -1205,7 +1206,6 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
                                momentum, eps, mean, invstd, coef, part, P, m)
-            _keep_gate(L.C, cc, gate)
             return
         for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
             _moments(L, k, x, coef, part, P)
@@ -1221,13 +1221,6 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
-            _keep_gate(L.C, cc, gate)
-
-
-cdef inline void _keep_gate(Py_ssize_t C, const double *cc, double *gate) noexcept nogil:
-    """gate = the (scale, shift) rows of the compact coefficients cc (nothing when gate is NULL)."""
-    if gate != NULL:
-        memcpy(gate, cc + C, 2 * C * sizeof(double))
 
 
 cdef void _moments(Layout L, Py_ssize_t k, const floating *x, const double *coef, double *part,
@@ -1343,16 +1336,17 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     cdef const double *mean = <const double *>_data(saved[0])
     cdef const double *invstd = <const double *>_data(saved[1])
     cdef void *g = cnp.PyArray_DATA(grads)
+    cdef const double *forward_gate = <const double *>_data(gate) if relu and e is None else NULL
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         _backward[float](L, <float *>a, <float *>cnp.PyArray_DATA(dy), <float *>(a if e is None else _data(e)),
                          <float *>_data(dx), <float *>_data(dz), kind, mean, invstd, <float *>_data(saved[2]),
                          <float *>g, <float *>g + C, batch, given, totals, m, work, _threads(L, thread_cap),
-                         <const double *>_data(gate) if relu and e is None else NULL, P)
+                         forward_gate, P)
     else:
         _backward[double](L, <double *>a, <double *>cnp.PyArray_DATA(dy), <double *>(a if e is None else _data(e)),
                           <double *>_data(dx), <double *>_data(dz), kind, mean, invstd, <double *>_data(saved[2]),
                           <double *>g, <double *>g + C, batch, given, totals, m, work, _threads(L, thread_cap),
-                          <const double *>_data(gate) if relu and e is None else NULL, P)
+                          forward_gate, P)
 
 
 cdef void _backward(Layout L, const floating *x, const floating *dy, const floating *e,
