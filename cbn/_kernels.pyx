@@ -608,13 +608,15 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
 
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
-    (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, channel by channel:
-    all its rows in the block into one set of LANES lanes (_row_lanes), folded pairwise once (_fold)."""
+    (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, channel by channel down
+    the block's images: with SHORT_IMAGES images or more, a lane per column (the lanes' setup and fold cost about
+    three rows); with fewer, each row into one set of LANES lanes (_row_lanes). The lanes are folded pairwise
+    (_fold) once per channel."""
     cdef double s[2 * COL_CHUNK]
     cdef double shift[COL_CHUNK]
     cdef double gate[2 * COL_CHUNK]
     cdef const double *h = _gate_rows(L, coef)
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part, hs = L.C * L.G
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, r, a, b, off = k * L.part, hs = L.C * L.G
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         for q in range(_cdiv(i1 - i0, COL_CHUNK)):
@@ -640,14 +642,29 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
                 _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)], P,
                           n * L.S + i0, h + c, hs)
         return
-    for c in range(c0, c1):  # short rows: every row of the channel into one set of lanes, folded once
-        _lanes(op, coef[c], h + c, hs, s, shift, gate)
-        for n in range(n0, n1):
-            _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate)
-        _fold(s, LANES)
-        _fold(&s[LANES], LANES)
-        part[off + 2 * (c - c0)] += s[0]
-        part[off + 2 * (c - c0) + 1] += s[LANES]
+    for c in range(c0, c1):  # short rows: channel by channel, down the block's images
+        if n1 - n0 >= SHORT_IMAGES:  # a lane per column
+            for j in range(i1 - i0):
+                shift[j] = coef[c]
+            if SumOp is GradSumsGated:
+                for r in range(2):
+                    for j in range(i1 - i0):
+                        gate[r * COL_CHUNK + j] = h[r * hs + c]
+            _zero_lanes(s, i1 - i0)
+            _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK],
+                         P, n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
+            _fold(s, i1 - i0)
+            _fold(&s[COL_CHUNK], i1 - i0)
+            part[off + 2 * (c - c0)] += s[0]
+            part[off + 2 * (c - c0) + 1] += s[COL_CHUNK]
+        else:  # LANES lanes: each row into them (_row_lanes), folded once
+            _lanes(op, coef[c], h + c, hs, s, shift, gate)
+            for n in range(n0, n1):
+                _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate)
+            _fold(s, LANES)
+            _fold(&s[LANES], LANES)
+            part[off + 2 * (c - c0)] += s[0]
+            part[off + 2 * (c - c0) + 1] += s[LANES]
 
 
 cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -676,8 +693,8 @@ cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const float
                     Py_ssize_t base, Py_ssize_t n, double k, double *pair, Positions P, Py_ssize_t p,
                     const double *hc, Py_ssize_t hs) noexcept nogil:
     """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (at positions p, p + 1,
-    ...; u = x - k, w as in _column_sums, the channel's gate coefficients at hc[r*hs]): _row_lanes, the lanes folded
-    pairwise."""
+    ...; u = x - k, w as in _column_sums, the channel's gate coefficients at hc[r*hs]): value i in lane i % LANES
+    (_row_lanes), the lanes folded pairwise."""
     cdef double s[2 * LANES]
     cdef double shift[LANES]
     cdef double gate[2 * LANES]
@@ -691,8 +708,8 @@ cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const float
 
 cdef inline void _lanes(SumOp op, double k, const double *hc, Py_ssize_t hs, double *s, double *shift,
                         double *gate) noexcept nogil:
-    """Lanes for _row_lanes of a channel with shift k and gate coefficients at hc[r*hs]: s[:2*LANES] = 0,
-    shift[:LANES] = k, gate[r*LANES:(r + 1)*LANES] = hc[r*hs] (GradSumsGated)."""
+    """The lanes of a channel's sums (_row_sums, _block_sums), shift k, gate coefficients at hc[r*hs]:
+    s[:2*LANES] = 0, shift[:LANES] = k, gate[r*LANES:(r + 1)*LANES] = hc[r*hs] (GradSumsGated)."""
     cdef Py_ssize_t q, r
     for q in range(LANES):
         shift[q] = k
@@ -707,9 +724,8 @@ cdef inline void _lanes(SumOp op, double k, const double *hc, Py_ssize_t hs, dou
 cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, const floating *e,
                             Py_ssize_t base, Py_ssize_t n, const double *shift, double *s, Positions P,
                             Py_ssize_t p, const double *gate) noexcept nogil:
-    """The sums of the n values at x[base:] (positions p, p + 1, ...) added into LANES lanes, s[:LANES] and
-    s[LANES:2*LANES]: value i in lane i % LANES (the row cut into rows of LANES values, down which _column_sums
-    runs; shift and gate: LANES lanes of the shift and of each gate row)."""
+    """The sums of the n values at x[base:] (positions p, p + 1, ...) added into the lanes of _lanes: value i in lane
+    i % LANES (the row cut into rows of LANES values, down which _column_sums runs)."""
     cdef Py_ssize_t nsub = n // LANES
     _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES)
     if n > nsub * LANES:

@@ -12,7 +12,8 @@ from cbn import reference as R
 
 from bn_helpers import FORCED_LAYOUTS, forced_layout, layer_class
 
-SHAPES = [(6, 3, 5, 4), (32, 8), (4, 5, 33), (3, 4, 2, 3, 5), (2, 16, 40, 40)]
+# (128, 3, 5, 4): short rows in blocks of 16 images or more (a sum lane per column)
+SHAPES = [(6, 3, 5, 4), (32, 8), (4, 5, 33), (3, 4, 2, 3, 5), (2, 16, 40, 40), (128, 3, 5, 4)]
 OPTIONS = [(None, False), ("relu", False), (None, True), ("relu", True)]
 
 

@@ -28,6 +28,7 @@ SHAPES = [
     ("BatchNorm1d", (16, 24, 100)),
     ("BatchNorm2d", (8, 3, 64, 64)),
     ("BatchNorm2d", (32, 64, 7, 7)),
+    ("BatchNorm2d", (256, 8, 8, 8)),
     ("BatchNorm3d", (2, 8, 8, 32, 32)),
     ("BatchNorm2d", (2, 32, 256, 256)),
 ]

@@ -9,7 +9,7 @@ from cbn import functional as F
 
 from bn_helpers import FORCED_LAYOUTS, forced_layout
 
-SHAPES = [(6, 3, 5, 4), (32, 8), (4, 5, 33), (2, 16, 40, 40), (5, 7)]
+SHAPES = [(6, 3, 5, 4), (32, 8), (4, 5, 33), (2, 16, 40, 40), (5, 7), (128, 3, 5, 4)]
 
 
 def _data(shape, dtype, seed):

@@ -25,6 +25,7 @@ def openmp_on():
 SHAPES = [
     ("BatchNorm2d", (8, 3, 128, 128)),
     ("BatchNorm2d", (16, 64, 16, 16)),
+    ("BatchNorm2d", (256, 8, 8, 8)),  # short rows in blocks of 16 images or more: a sum lane per column
     ("BatchNorm2d", (4, 2, 300, 300)),
     ("BatchNorm1d", (64, 16)),
     ("BatchNorm1d", (4096, 32)),
