@@ -492,16 +492,19 @@ cdef inline const Py_ssize_t *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t
 cdef inline bint _single(ApplyOp op, floating *out) noexcept nogil:
     """True for the passes computed in float32 on float32 data (see _value_single; out only selects the type)."""
     if floating is float:
-        return ApplyOp is Affine or ApplyOp is AffineRelu
+        return ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu
     return False
 
 
-cdef inline float _value_single(ApplyOp op, float a, float hi, float lo, float c1, float c2) noexcept nogil:
-    """Affine (and AffineRelu) in float32: ((a - hi) - lo)*c1 + c2, with c0 = hi + lo split so that the
-    centring keeps c0's double precision (a - hi is exact for a near hi); four roundings, each within half a float32
-    ulp of the largest magnitude the output holds."""
+cdef inline float _value_single(ApplyOp op, float a, float hi, float lo, float c1, float c2,
+                                float e) noexcept nogil:
+    """Affine (and AffineRelu, AffineAdd, AffineAddRelu) in float32: ((a - hi) - lo)*c1 + c2 (+ e), with c0 = hi +
+    lo split so that the centring keeps c0's double precision (a - hi is exact for a near hi); four roundings, each
+    within half a float32 ulp of the largest magnitude the output holds, and one more for the residual e."""
     cdef float v = ((a - hi) - lo) * c1 + c2
-    if ApplyOp is AffineRelu:
+    if ApplyOp is AffineAdd or ApplyOp is AffineAddRelu:
+        v = v + e
+    if ApplyOp is AffineRelu or ApplyOp is AffineAddRelu:
         return 0.0 if v < 0.0 else v
     return v
 
@@ -534,7 +537,7 @@ cdef void _apply_row(ApplyOp op, const floating *x, const floating *dy, const fl
     if _single(op, out):
         hi = <float>c0
         for i in range(i0, i1):
-            out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2)
+            out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, e[i])
         return
     for i in range(i0, i1):
         out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], h, 1, 0), c0, c1, c2, c3,
@@ -557,7 +560,8 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     cdef const float *f = <const float *>(coef + 4 * W)
     if _single(op, out):
         for j in range(j0, j1):
-            out[base + j] = _value_single(op, x[base + j], f[j], f[W + j], f[2 * W + j], f[3 * W + j])
+            i = base + j
+            out[i] = _value_single(op, x[i], f[j], f[W + j], f[2 * W + j], f[3 * W + j], e[i])
         return
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
@@ -1127,8 +1131,9 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
             double count=0.0,             # with valid: the number of positions it marks (> 0)
             gate=None):                   # OUT (2C,) float64 or None: y's scale and shift (FWD_RELU, no z)
     """Batch-norm forward: y = act(gamma*(x - mean)*invstd + beta + z) per channel, invstd = 1/sqrt(var + eps),
-    act = max(0, .) with FWD_RELU (else the identity), z = 0 when None; in double, rounded once. Arrays are aligned,
-    C-contiguous and of x's dtype (stats float64), as the caller checked.
+    act = max(0, .) with FWD_RELU (else the identity), z = 0 when None; float64 in double, float32 in float32 from
+    the double coefficients (_value_single). Arrays are aligned, C-contiguous and of x's dtype (stats float64), as
+    the caller checked.
 
     FWD_BATCH: mean and var (biased) of the batch, written to stats as (mean, invstd); with FWD_UPDATE the running
     statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is replaced by
@@ -1212,7 +1217,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef double *cc = _compact(L, work)
     cdef double *part = _totals(L, work) + 2 * L.C
     cdef double *s
-    cdef bint single = floating is float and (kind == AFFINE or kind == AFFINE_RELU)
+    cdef bint single = floating is float and kind <= AFFINE_ADD_RELU  # the forward passes: _single
     with nogil:
         if not batch:
             for c in range(L.C):

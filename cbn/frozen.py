@@ -137,9 +137,9 @@ class _FrozenBatchNorm(_BatchNorm):
 
         y = act(x*scale + shift [+ residual]): scale = weight/sqrt(running_var + eps) and shift =
         bias - running_mean*scale, computed by the kernels as an eval-mode batch norm,
-        weight*(x - running_mean)/sqrt(running_var + eps) + bias, with the mean subtracted in double (so float32
-        output is the float64 result rounded once); then the residual and the activation as
-        :meth:`BatchNorm2d.forward` adds them.
+        weight*(x - running_mean)/sqrt(running_var + eps) + bias, the mean subtracted as two floats for float32
+        (the precision of the batch norm's y); then the residual and the activation as :meth:`BatchNorm2d.forward`
+        adds them.
 
         Parameters
         ----------

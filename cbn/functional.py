@@ -139,7 +139,8 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
     y = act(weight*(x - mean)/sqrt(var + eps) + bias + residual), per channel, with the batch's mean and biased
     variance (over all positions of the other axes) when ``training`` (and, if given, the running statistics updated
     in place: r = (1 - momentum)*r + momentum*batch_stat, with the unbiased variance), else the running statistics;
-    act = max(0, .) with ``activation="relu"``, else the identity; all in one pass, rounded once.
+    act = max(0, .) with ``activation="relu"``, else the identity; all in one pass (float64 in double, float32 in
+    float32 with the mean split in two floats: the documentation's exactness page).
 
     Parameters
     ----------
