@@ -496,6 +496,14 @@ cdef inline bint _single(ApplyOp op, floating *out) noexcept nogil:
     return False
 
 
+cdef inline bint _single_pass(Pass kind, const floating *x) noexcept nogil:
+    """_single by pass number: the forward passes (AFFINE to AFFINE_ADD_RELU) on float32 data (x only selects the
+    type)."""
+    if floating is float:
+        return kind <= AFFINE_ADD_RELU
+    return False
+
+
 cdef inline float _value_single(ApplyOp op, float a, float hi, float lo, float c1, float c2,
                                 float e) noexcept nogil:
     """Affine (and AffineRelu, AffineAdd, AffineAddRelu) in float32: ((a - hi) - lo)*c1 + c2 (+ e), with c0 = hi +
@@ -1217,7 +1225,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef double *cc = _compact(L, work)
     cdef double *part = _totals(L, work) + 2 * L.C
     cdef double *s
-    cdef bint single = floating is float and kind <= AFFINE_ADD_RELU  # the forward passes: _single
+    cdef bint single = _single_pass(kind, x)
     with nogil:
         if not batch:
             for c in range(L.C):
@@ -1417,7 +1425,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
         for c in range(L.C):
             _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
         if not sums_only:
-            _coefficients(L, cc, coef, floating is float and kind == AFFINE)
+            _coefficients(L, cc, coef, _single_pass(kind, x))
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
