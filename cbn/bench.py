@@ -11,8 +11,9 @@ drift on a shared machine touches both alike. cbn's results are checked against 
 tracemalloc records what each call allocates (numpy arrays and the kernels' scratch) beyond its output.
 
 A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times the per-call cost on the shapes
-most NumPy users run: the layer calls as they make them and the NumPy reference, round-robin with the floor of a
-trivial NumPy ufunc call, and (after all cbn measurements, as above) PyTorch's module calls.
+most NumPy users run: the layer calls as they make them, round-robin with the floor of a trivial NumPy ufunc call;
+the NumPy reference in a round-robin of its own (its temporaries would evict the layer's input from the caches
+that PyTorch's calls find warm); and (after all cbn measurements, as above) PyTorch's module calls.
 """
 from __future__ import annotations
 
@@ -297,11 +298,11 @@ def format_variants(r: Row) -> str:
 
 
 def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool = True) -> list[Row]:
-    """Per-call times of one small float32 (N, C, *) shape (C-contiguous), in one round-robin: the layer called as
+    """Per-call times of one small float32 (N, C, *) shape (C-contiguous): in one round-robin the layer called as
     a NumPy user calls it (``bn(x)`` training with the running-statistic update, ``bn_eval(x)``, ``bn.backward(dy)``
-    after the training forward; a new output each call), the NumPy reference and the floor, ``np.add(a, b, out=c)``
-    on 64 float32 values. Returns one row per op (times in us; numpy None when not measured, torch None until
-    :func:`add_torch` fills it in with PyTorch's module calls)."""
+    after the training forward; a new output each call) and the floor, ``np.add(a, b, out=c)`` on 64 float32
+    values; then the NumPy reference in a round-robin of its own. Returns one row per op (times in us; numpy None
+    when not measured, torch None until :func:`add_torch` fills it in with PyTorch's module calls)."""
     x, dy, axis = _data(shape, "NCHW", np.float32)
     cbn.set_num_threads(threads)
     cls = LAYERS[len(shape)]
@@ -309,9 +310,10 @@ def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool 
     a, b, c = np.ones(64, np.float32), np.ones(64, np.float32), np.empty(64, np.float32)
     calls: dict[object, Callable[[], object]] = {"floor": lambda: np.add(a, b, out=c), ("cbn", "train"): lambda: bn(x),
              ("cbn", "eval"): lambda: bn_eval(x), ("cbn", "backward"): lambda: bn.backward(dy)}
-    if with_reference:
-        calls.update({("numpy", op): fn for op, fn in _reference_calls(x, dy, axis).items()})
     t = {k: v * 1e6 for k, v in median_times(calls, budget).items()}
+    if with_reference:
+        reference = {("numpy", op): fn for op, fn in _reference_calls(x, dy, axis).items()}
+        t.update({k: v * 1e6 for k, v in median_times(reference, budget).items()})
     return [{"shape": list(shape), "layout": "NCHW", "dtype": "float32", "threads": threads, "op": op,
              "cbn_us": t["cbn", op], "floor_us": t["floor"], "cbn_over_floor": t["cbn", op] / t["floor"],
              "numpy_us": t.get(("numpy", op)),
@@ -319,8 +321,9 @@ def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool 
              "torch_us": None, "torch_over_cbn": None} for op in OPS]
 
 
-SMALL_TITLE = ("Small shapes (per call, float32): the layer calls as a NumPy user makes them (new outputs), the "
-               "NumPy reference and\nthe floor (a 64-value np.add(a, b, out=c)) in one round-robin per row; "
+SMALL_TITLE = ("Small shapes (per call, float32): the layer calls as a NumPy user makes them (new outputs) and "
+               "the floor\n(a 64-value np.add(a, b, out=c)) in one round-robin per row, the NumPy reference in its "
+               "own; "
                "PyTorch's module calls (backward: autograd)\nafter all cbn measurements; cbn/floor = cbn time / "
                "floor; numpy/cbn and torch/cbn = how many times faster cbn is")
 SMALL_HEADER = (f"{'shape':>16} {'thr':>3} {'op':>8} {'cbn us':>8} {'numpy us':>9} {'torch us':>9} {'floor us':>8} "
@@ -341,7 +344,8 @@ def _shapes(text: str) -> list[Shape]:
 
 def add_torch(rows: list[Row], budget: float, modules: bool = False) -> None:
     """Time PyTorch on every case of ``rows`` and fill in torch_us and torch_over_cbn (no-op without torch): its
-    batch-norm kernels (:func:`_torch_calls`), or with ``modules`` its module calls (:func:`_torch_module_calls`).
+    batch-norm kernels (:func:`_torch_calls`), or with ``modules`` its module calls (:func:`_torch_module_calls`);
+    a case's three calls round-robin, as cbn's are timed.
 
     PyTorch runs after all cbn measurements: its OpenMP threads keep spinning after a call and would slow down
     whatever runs next in the process.
@@ -354,8 +358,9 @@ def add_torch(rows: list[Row], budget: float, modules: bool = False) -> None:
         calls = _torch_module_calls(x, dy, threads) if modules else _torch_calls(x, dy, layout, threads)
         if calls is None:
             return
+        t = median_times({r["op"]: calls[r["op"]] for r in case}, budget)
         for r in case:
-            r["torch_us"] = median_time(calls[r["op"]], budget) * 1e6
+            r["torch_us"] = t[r["op"]] * 1e6
             r["torch_over_cbn"] = r["torch_us"] / r["cbn_us"]
 
 
