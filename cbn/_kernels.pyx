@@ -628,14 +628,14 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     cdef double shift[COL_CHUNK]
     cdef double gate[2 * COL_CHUNK]
     cdef const double *h = _gate_rows(L, coef)
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, r, a, b, off = k * L.part, hs = L.C * L.G
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part, hs = L.C * L.G
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         for q in range(_cdiv(i1 - i0, COL_CHUNK)):
             a, b = i0 + q * COL_CHUNK, min(i1, i0 + (q + 1) * COL_CHUNK)
             for j in range(b - a):
                 shift[j] = coef[a + j]
-            _zero_lanes(s, b - a)
+            _zero_lanes(s, b - a, COL_CHUNK)
             if SumOp is MomentsValid and _uniform(P, a, b):
                 _counted_rows(L, x, n0, n1, a, b, shift, s, P)
             else:
@@ -656,27 +656,15 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
         return
     for c in range(c0, c1):  # short rows: channel by channel, down the block's images
         if n1 - n0 >= SHORT_IMAGES:  # a lane per column
-            for j in range(i1 - i0):
-                shift[j] = coef[c]
-            if SumOp is GradSumsGated:
-                for r in range(2):
-                    for j in range(i1 - i0):
-                        gate[r * COL_CHUNK + j] = h[r * hs + c]
-            _zero_lanes(s, i1 - i0)
+            _lanes(op, coef[c], h + c, hs, s, shift, gate, i1 - i0, COL_CHUNK)
             _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK],
                          P, n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
-            _fold(s, i1 - i0)
-            _fold(&s[COL_CHUNK], i1 - i0)
-            part[off + 2 * (c - c0)] += s[0]
-            part[off + 2 * (c - c0) + 1] += s[COL_CHUNK]
-        else:  # LANES lanes: each row into them (_row_lanes), folded once
-            _lanes(op, coef[c], h + c, hs, s, shift, gate)
+            _add_folded(s, i1 - i0, COL_CHUNK, &part[off + 2 * (c - c0)])
+        else:  # LANES lanes: each row into them
+            _lanes(op, coef[c], h + c, hs, s, shift, gate, LANES, LANES)
             for n in range(n0, n1):
                 _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate)
-            _fold(s, LANES)
-            _fold(&s[LANES], LANES)
-            part[off + 2 * (c - c0)] += s[0]
-            part[off + 2 * (c - c0) + 1] += s[LANES]
+            _add_folded(s, LANES, LANES, &part[off + 2 * (c - c0)])
 
 
 cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -710,27 +698,31 @@ cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const float
     cdef double s[2 * LANES]
     cdef double shift[LANES]
     cdef double gate[2 * LANES]
-    _lanes(op, k, hc, hs, s, shift, gate)
+    _lanes(op, k, hc, hs, s, shift, gate, LANES, LANES)
     _row_lanes(op, x, dy, e, base, n, shift, s, P, p, gate)
-    _fold(s, LANES)
-    _fold(&s[LANES], LANES)
-    pair[0] += s[0]
-    pair[1] += s[LANES]
+    _add_folded(s, LANES, LANES, pair)
 
 
 cdef inline void _lanes(SumOp op, double k, const double *hc, Py_ssize_t hs, double *s, double *shift,
-                        double *gate) noexcept nogil:
-    """The lanes of a channel's sums (_row_sums, _block_sums), shift k, gate coefficients at hc[r*hs]:
-    s[:2*LANES] = 0, shift[:LANES] = k, gate[r*LANES:(r + 1)*LANES] = hc[r*hs] (GradSumsGated)."""
+                        double *gate, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+    """n lanes of a channel's sums (_row_sums, _block_sums), shift k, gate coefficients at hc[r*hs]: the sums
+    s[:n] = s[stride:stride + n] = 0, shift[:n] = k, gate[r*stride:r*stride + n] = hc[r*hs] (GradSumsGated)."""
     cdef Py_ssize_t q, r
-    for q in range(LANES):
+    for q in range(n):
         shift[q] = k
-        s[q] = 0.0
-        s[LANES + q] = 0.0
+    _zero_lanes(s, n, stride)
     if SumOp is GradSumsGated:
         for r in range(2):
-            for q in range(LANES):
-                gate[r * LANES + q] = hc[r * hs]
+            for q in range(n):
+                gate[r * stride + q] = hc[r * hs]
+
+
+cdef inline void _add_folded(double *s, Py_ssize_t n, Py_ssize_t stride, double *pair) noexcept nogil:
+    """pair[0] += the sum of s[:n], pair[1] += the sum of s[stride:stride + n], each folded pairwise (_fold)."""
+    _fold(s, n)
+    _fold(&s[stride], n)
+    pair[0] += s[0]
+    pair[1] += s[stride]
 
 
 cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, const floating *e,
@@ -758,12 +750,12 @@ cdef inline void _fold(double *s, Py_ssize_t n) noexcept nogil:
         n -= h
 
 
-cdef inline void _zero_lanes(double *s, Py_ssize_t n) noexcept nogil:
-    """s[:n] = s[COL_CHUNK:COL_CHUNK + n] = 0."""
+cdef inline void _zero_lanes(double *s, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+    """s[:n] = s[stride:stride + n] = 0 (the two sums' lanes)."""
     cdef Py_ssize_t j
     for j in range(n):
         s[j] = 0.0
-        s[COL_CHUNK + j] = 0.0
+        s[stride + j] = 0.0
 
 
 cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
