@@ -12,9 +12,11 @@ outputs keep the input's strides), on ``torch.get_num_threads()`` threads:
 - ``torch.ops.cbn.batch_norm_backward(grad_output, x, weight, mean, invstd, training) -> (dx, dweight, dbias)``.
 
 The two forwards have an Autograd kernel (what ``torch.library.register_autograd`` registers, with less work per
-call), so autograd, ``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch's custom-op
-autograd rules out ops that mutate their inputs: the training op returns the new running statistics instead (the
-functional form torch's own batch norm takes under ``torch.compile``). A double backward (``create_graph=True``)
+call), so ``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch's custom-op autograd
+rules out ops that mutate their inputs: the training op returns the new running statistics instead (the functional
+form torch's own batch norm takes under ``torch.compile``). An eager call on plain tensors skips the op dispatch: an
+autograd.Function calls :mod:`cbn.functional` directly, updates the running statistics in place and keeps its saved
+forward for the backward (the profiler sees it under the ops' names). A double backward (``create_graph=True``)
 differentiates with torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
 :func:`batch_norm`).
 """
@@ -64,11 +66,17 @@ def _dense(x: torch.Tensor) -> bool:
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x, out) for a kernel call: x, or a copy of it laid out as ``torch.empty_like(x)`` when its memory has gaps or
-    overlaps, and the output tensor: None when cbn.functional's output, laid out as x, has x's strides (see
-    :func:`_result`), else (for dimensions of size 1, whose strides torch keeps and NumPy sets) torch.empty_like(x)."""
+    overlaps, and the output tensor of :func:`_output`."""
     if not _dense(x):
         x = torch.empty_like(x).copy_(x)
-    return x, (torch.empty_like(x) if 1 in x.shape else None)
+    return x, _output(x)
+
+
+def _output(x: torch.Tensor) -> torch.Tensor | None:
+    """The output tensor of a kernel call on x: None when cbn.functional's output, laid out as x, has x's strides
+    (see :func:`_result`), else (for dimensions of size 1, whose strides torch keeps and NumPy sets)
+    torch.empty_like(x)."""
+    return torch.empty_like(x) if 1 in x.shape else None
 
 
 def _result(y: FloatArray, out: torch.Tensor | None) -> torch.Tensor:
@@ -175,11 +183,23 @@ def _gradients(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, weight: tor
     """(dx, dweight, dbias) of a forward op (None for an absent weight or bias): cbn's backward op, or torch's
     differentiable ``native_batch_norm_backward`` under ``create_graph=True``."""
     if torch.is_grad_enabled():
-        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            grad_output, x, weight, running_mean, running_var, mean.to(x.dtype), invstd.to(x.dtype), training,
-            ctx.eps, [True, *ctx.affine])
-    else:
-        dx, dweight, dbias = _BACKWARD(grad_output, x, weight, mean, invstd, training)
+        return _double_backward(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, training)
+    return _affine_grads(ctx, *_BACKWARD(grad_output, x, weight, mean, invstd, training))
+
+
+def _double_backward(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, mean: torch.Tensor,
+                     invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                     torch.Tensor | None]:
+    """(dx, dweight, dbias) by torch's differentiable ``native_batch_norm_backward`` (``create_graph=True``)."""
+    return _affine_grads(ctx, *torch.ops.aten.native_batch_norm_backward(
+        grad_output, x, weight, running_mean, running_var, mean.to(x.dtype), invstd.to(x.dtype), training, ctx.eps,
+        [True, *ctx.affine]))
+
+
+def _affine_grads(ctx: Any, dx: torch.Tensor, dweight: torch.Tensor,
+                  dbias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias) with None for the weight or bias that ``ctx.affine`` says is absent."""
     return dx, dweight if ctx.affine[0] else None, dbias if ctx.affine[1] else None
 
 
@@ -223,6 +243,66 @@ class _CbnEval(torch.autograd.Function):
                 None, None)
 
 
+def _eager_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float, eps: float,
+                   save: bool) -> tuple[torch.Tensor, Any]:
+    """(y, the saved forward when ``save``, else None) of cbn.functional's batch norm on views of the tensors, the
+    running statistics ``stats`` updated in place in training (their version counters left as they are, as torch's
+    kernel leaves them)."""
+    x, out = _layout(x)
+    result = _on_torch_threads(_F.batch_norm, _np(x), _np(stats[0]), _np(stats[1]), _np(weight), _np(bias), training,
+                               momentum, eps, out=_np(out), return_saved=save)
+    y, saved = result if save else (result, None)
+    return _result(y, out), saved
+
+
+class _CbnBatchNorm(torch.autograd.Function):
+    """Autograd of an eager call (:func:`_eager_batch_norm`): the forward keeps cbn.functional's saved forward, the
+    backward hands it to cbn.functional.batch_norm_backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float,
+                eps: float) -> torch.Tensor:
+        y, ctx.saved = _eager_forward(x, weight, bias, stats, training, momentum, eps, True)
+        ctx.stats, ctx.training, ctx.eps, ctx.affine = stats, training, eps, (weight is not None, bias is not None)
+        ctx.save_for_backward(x, weight)  # (their version counters: modified in place before the backward raises)
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
+            return (None,) * 7
+        x, weight = ctx.saved_tensors
+        saved = ctx.saved
+        if torch.is_grad_enabled():
+            running_mean, running_var = ctx.stats
+            grads = _double_backward(ctx, grad_output, x, weight, running_mean, running_var,
+                                     torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd), ctx.training)
+        else:
+            out = _output(x)
+            dx, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, _np(grad_output), saved, out=_np(out))
+            grads = _affine_grads(ctx, _result(dx, out), torch.from_numpy(dweight), torch.from_numpy(dbias))
+        return *grads, None, None, None, None
+
+
+def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float,
+                      eps: float) -> torch.Tensor:
+    """:func:`batch_norm` of an eager call: through :class:`_CbnBatchNorm` when autograd records it."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias):
+        return cast(torch.Tensor, _CbnBatchNorm.apply(  # type: ignore[no-untyped-call]
+            x, weight, bias, stats, training, momentum, eps))
+    return _eager_forward(x, weight, bias, stats, training, momentum, eps, False)[0]
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """True for a call on a plain tensor outside torch.compile's tracing: one that :func:`_eager_batch_norm`
+    computes (fake, functional and other tensor subclasses, and traced calls, go through the ops)."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 _TRAIN = _define("batch_norm_train", "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
                  "Tensor? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                  _train, _train_fake)
@@ -263,6 +343,12 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if not _on_cbn(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                               eps)
+    if _eager(input):
+        stats = (running_mean, running_var)
+        if torch._C._autograd._profiler_enabled():  # under the ops' names
+            with torch.profiler.record_function(f"cbn::batch_norm_{'train' if training else 'eval'}"):
+                return _eager_batch_norm(input, weight, bias, stats, training, momentum, eps)
+        return _eager_batch_norm(input, weight, bias, stats, training, momentum, eps)
     if training:
         y, _, _, new_mean, new_var = _TRAIN(input, weight, bias, running_mean, running_var, momentum, eps)
         if running_mean is not None:

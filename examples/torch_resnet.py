@@ -28,10 +28,11 @@ import cbn  # noqa: E402
 import cbn.torch  # noqa: E402
 
 # Profiler events that are batch norm: torch's forward op and autograd node (its backward op runs inside), cbn's
-# forward ops and their autograd nodes, and the ops alone where a compiled graph calls them.
+# forward ops (an eager call records its forward under their names) and their autograd nodes (an eager call's is
+# _CbnBatchNormBackward), and the ops alone where a compiled graph calls them.
 BN_EVENTS = {"aten::batch_norm", "NativeBatchNormBackward0", "aten::native_batch_norm_backward",
              "cbn::batch_norm_train", "cbn::batch_norm_eval", "cbn::batch_norm_backward",
-             "_CbnTrainBackward", "_CbnEvalBackward"}
+             "_CbnTrainBackward", "_CbnEvalBackward", "_CbnBatchNormBackward"}
 
 
 class BasicBlock(nn.Module):

@@ -56,6 +56,15 @@ def cbn_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture(params=["eager", "ops"])
+def path(request, monkeypatch):
+    """The two ways a call runs: "eager" (a plain tensor outside torch.compile: cbn.functional through an
+    autograd.Function) and "ops" (every call through the custom ops, as under torch.compile and torch.export)."""
+    if request.param == "ops":
+        monkeypatch.setattr(ct, "_eager", lambda x: False)
+    return request.param
+
+
 def close(a, b, rel, what):
     """|a - b| <= rel * max(max|b|, 1) elementwise."""
     a, b = a.detach().double(), b.detach().double()
@@ -103,7 +112,7 @@ def compare_step(tbn, cbn_bn, x, dy, what):
 @pytest.mark.parametrize("shape,layout", [pytest.param(shape, layout, id=f"{name}-{layout}")
                                           for name, shape in SHAPES.items() for layout in LAYOUTS
                                           if len(shape) > 2 or layout == "contiguous"])  # (N, C): one layout
-def test_parity_with_torch(shape, layout, dtype, flags, cbn_calls):
+def test_parity_with_torch(shape, layout, dtype, flags, cbn_calls, path):
     """Three training steps then two eval steps on offset, scaled data: y, dx, dweight, dbias, running statistics
     and num_batches_tracked as torch's, outputs and gradients in the input's memory format."""
     g = torch.Generator().manual_seed(1)
@@ -120,9 +129,9 @@ def test_parity_with_torch(shape, layout, dtype, flags, cbn_calls):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-def test_gradcheck(affine, training, layout):
-    """torch.autograd.gradcheck in float64 of the functional form (cbn's backward op), and gradgradcheck (a
-    double backward, which goes to torch's native_batch_norm_backward)."""
+def test_gradcheck(affine, training, layout, path):
+    """torch.autograd.gradcheck in float64 of the functional form (cbn's backward), and gradgradcheck (a double
+    backward, which goes to torch's native_batch_norm_backward)."""
     g = torch.Generator().manual_seed(2)
     x = LAYOUTS[layout](torch.randn(3, 2, 2, 2, dtype=torch.float64, generator=g) * 2 + 1).requires_grad_()
     params = [torch.rand(2, dtype=torch.float64, generator=g).add_(0.5).requires_grad_(),
@@ -364,6 +373,61 @@ def test_ops_run_on_torch_thread_count(cbn_calls):
         bn(x).sum().backward()
         assert cbn.get_num_threads() == before
     assert cbn_calls["batch_norm"] == cbn_calls["batch_norm_backward"] == want
+
+
+def test_eager_calls_keep_torchs_inplace_semantics(cbn_calls):
+    """An eager training call leaves the running statistics' version counters as torch's kernel does (unchanged),
+    and a backward after the input or the weight was modified in place raises torch's error (the autograd.Function
+    saves them)."""
+    tbn, cbn_bn = pair(4, 3, torch.float32)
+    x = torch.randn(4, 3, 5, 5)
+    versions = []
+    for m in (tbn, cbn_bn):
+        before = (m.running_mean._version, m.running_var._version)
+        m(x)
+        versions.append((m.running_mean._version - before[0], m.running_var._version - before[1]))
+    assert versions == [(0, 0), (0, 0)]
+    for modify in ("input", "weight"):
+        errors = []
+        for m in (tbn, cbn_bn):
+            xi = x.clone().requires_grad_()
+            xm = xi * 1.0  # a non-leaf that can be modified in place
+            y = m(xm)
+            with torch.no_grad():
+                (xm if modify == "input" else m.weight).add_(1.0)
+            with pytest.raises(RuntimeError) as err:
+                y.sum().backward()
+            errors.append(str(err.value))
+        assert all("modified by an inplace operation" in e for e in errors), (modify, errors)
+    assert len(cbn_calls["batch_norm_backward"]) == 0
+
+
+def test_profiler_sees_eager_calls(cbn_calls):
+    """Under the torch profiler an eager call records its forward under the op's name and its backward as the
+    autograd node _CbnBatchNormBackward (the events the example counts as batch norm)."""
+    bn = ct.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        bn(x).sum().backward()
+        bn.eval()
+        with torch.no_grad():
+            bn(x)
+    names = {e.name for e in prof.events()}
+    assert {"cbn::batch_norm_train", "cbn::batch_norm_eval", "_CbnBatchNormBackward"} <= names, names
+    assert len(cbn_calls["batch_norm"]) == 2 and len(cbn_calls["batch_norm_backward"]) == 1
+
+
+def test_inference_mode(cbn_calls):
+    """Under torch.inference_mode an eval and a training forward give what they give under no_grad."""
+    bn = ct.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    for training in (True, False):
+        bn.train(training)
+        with torch.no_grad():
+            want = bn(x)
+        with torch.inference_mode():
+            got = bn(x)
+        assert torch.equal(got, want), training
 
 
 def test_import_cbn_does_not_import_torch(run_python, tmp_path):
