@@ -298,9 +298,11 @@ def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
 
 
 def _eager(x: torch.Tensor) -> bool:
-    """True for a call on a plain tensor outside torch.compile's tracing: one that :func:`_eager_batch_norm`
-    computes (fake, functional and other tensor subclasses, and traced calls, go through the ops)."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    """True for a call on a plain tensor that neither torch.compile nor torch.jit.trace is tracing: one that
+    :func:`_eager_batch_norm` computes (fake, functional and other tensor subclasses, and traced calls, go through
+    the ops)."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())  # type: ignore[attr-defined, no-untyped-call]  # (unannotated in torch)
 
 
 _TRAIN = _define("batch_norm_train", "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "

@@ -233,6 +233,20 @@ def test_export_sees_the_ops():
         assert graph.count(op) == 2, graph
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_ops(cbn_calls):
+    """torch.jit.trace of a converted model records cbn's ops (an eager call's NumPy work would be traced as
+    constants): the traced model gives the eager results on another input."""
+    torch.manual_seed(6)
+    model = ct.convert(small_net()).eval()
+    traced = torch.jit.trace(model, torch.randn(4, 3, 6, 6))
+    x = torch.randn(4, 3, 6, 6) * 3 + 1
+    before = len(cbn_calls["batch_norm"])
+    y = traced(x)
+    assert len(cbn_calls["batch_norm"]) == before + 2  # the traced model runs cbn's two batch norms
+    close(y, model(x), 1e-6, "traced y")
+
+
 def test_convert_and_revert_round_trip():
     """convert swaps every BatchNorm1d/2d/3d (nested, in Sequential, ModuleList, ModuleDict, a shared one stays
     shared) for cbn's, holding the same parameter and buffer objects; revert swaps back; state_dicts load across."""
