@@ -8,6 +8,7 @@ state changes.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -196,6 +197,7 @@ def saved_plan(saved: BatchNormSaved) -> Plan:
     return _plan(saved.shape, None, None, saved.axis, saved_order(saved), saved.x.dtype, np.dtype(saved.dtype), False)
 
 
+@functools.lru_cache(maxsize=256)  # a repeated call's plan (its arguments are the input's signature)
 def _plan(shape: Shape, strides: Shape | None, in_dtype: np.dtype[Any] | None, axis: int, order: Shape,
           dtype: np.dtype[Any], out_dtype: np.dtype[Any], direct: bool) -> Plan:
     k = order.index(axis)
@@ -489,6 +491,22 @@ def distinct_owners(*arrays: object) -> bool:
                 return False
             ids.add(id(a))
     return True
+
+
+def stats_apart(x: FloatArray, running_mean: FloatArray, running_var: FloatArray, weight: FloatArray | None,
+                bias: FloatArray | None) -> None:
+    """Raise ValueError if a running statistic, updated in place, may share memory with another argument."""
+    no_overlap("running_mean", running_mean, {"input": x, "running_var": running_var, "weight": weight, "bias": bias})
+    no_overlap("running_var", running_var, {"input": x, "weight": weight, "bias": bias})
+
+
+def fits_channel(a: object, C: int, dt: np.dtype[Any], writeable: bool = False) -> bool:
+    """True when ``a`` is an aligned C-contiguous (C,) ndarray of dtype ``dt`` (the dtype object itself), and
+    writeable when asked: a per-channel array the kernels take as it is."""
+    if type(a) is not np.ndarray or a.dtype is not dt or a.shape != (C,):
+        return False
+    f = a.flags
+    return f.c_contiguous and f.aligned and (f.writeable or not writeable)
 
 
 def no_overlap(name: str, a: npt.NDArray[Any], others: Mapping[str, npt.NDArray[Any] | None]) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -210,10 +210,80 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
     saved : BatchNormSaved or GhostSaved
         Only with ``return_saved`` (a GhostSaved after a forward of several virtual batches).
     """
-    inp = V.input_array(x, axis, dtype)
-    y, saved = forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard,
-                       activation, residual, virtual_batch_size, renorm, renorm_clipping, mask=V.mask(mask, inp))
-    return (y, saved) if return_saved else y
+    plain = (out is None and dtype is None and nan_guard is False and activation is None and residual is None
+             and virtual_batch_size is None and renorm is False and renorm_clipping is None and mask is None)
+    plan = _known_plan(x, axis) if plain else None
+    result: tuple[FloatArray, BatchNormSaved | GhostSaved] | None
+    result = None if plan is None else _plain(plan, x, running_mean, running_var, weight, bias, training, momentum,
+                                              eps)
+    if result is None:
+        inp = V.input_array(x, axis, dtype)
+        result = forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard,
+                         activation, residual, virtual_batch_size, renorm, renorm_clipping, mask=V.mask(mask, inp))
+        if plain and type(x) is np.ndarray and type(axis) is int:
+            _remember(x, axis, V.plan(inp))
+    return result if return_saved else result[0]
+
+
+# The plans of the inputs of earlier plain batch_norm calls (no optional feature, the default dtype), by the input's
+# signature: a repeated call whose input fits one skips the input checks (_plain).
+_PLANS: dict[tuple[Any, ...], V.Plan] = {}
+_MAX_PLANS = 256
+
+
+def _known_plan(x: object, axis: object) -> V.Plan | None:
+    """The plan of an earlier plain call whose input had x's signature (dtype, shape, strides; axis), when x fits
+    it (an aligned ndarray, not a subclass); else None."""
+    if type(x) is not np.ndarray or type(axis) is not int:
+        return None
+    plan = _PLANS.get((x.dtype, x.shape, x.strides, axis))
+    return plan if plan is not None and plan.fits(x) else None
+
+
+def _remember(x: FloatArray, axis: int, plan: V.Plan) -> None:
+    """Keep the plan of a plain call's input for the next calls with its signature (at most _MAX_PLANS, the
+    oldest dropped all at once)."""
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[(x.dtype, x.shape, x.strides, axis)] = plan
+
+
+def _plain(plan: V.Plan, x: FloatArray, running_mean: object, running_var: object, weight: object, bias: object,
+           training: bool, momentum: float, eps: float) -> tuple[FloatArray, BatchNormSaved] | None:
+    """:func:`batch_norm` without optional features of an input that fits ``plan``: (y, saved), or None when a
+    per-channel array is not one the kernels take as it is (then the full checks run, and raise where an argument
+    is wrong). Running statistics updated in place must not overlap another argument (raised here, as there)."""
+    C, dt = plan.acb[1], plan.dtype
+    if not ((weight is None or V.fits_channel(weight, C, dt)) and (bias is None or V.fits_channel(bias, C, dt))):
+        return None
+    batch = bool(training)
+    update = batch and (running_mean is not None or running_var is not None)
+    if (update or not batch) and not (V.fits_channel(running_mean, C, dt, update)
+                                      and V.fits_channel(running_var, C, dt, update)):
+        return None
+    V.scalars(momentum, eps)
+    if batch and plan.acb[0] * plan.acb[2] == 1:
+        V.count_per_channel(1, f"input size {plan.shape}")
+    channels = cast(tuple[FloatArray | None, ...], (running_mean, running_var, weight, bias))
+    if update:
+        if not V.distinct_owners(x, *channels):
+            V.stats_apart(x, *channels)  # type: ignore[arg-type]  # (arrays: fits_channel)
+        return _planned(plan, x, channels, _BATCH | _UPDATE, momentum, eps)
+    return _planned(plan, x, (None, None, weight, bias) if batch else channels,  # type: ignore[arg-type]
+                    _BATCH if batch else 0, 0.0, eps)
+
+
+def _planned(plan: V.Plan, x: FloatArray, channels: tuple[FloatArray | None, ...], flags: int, momentum: float,
+             eps: float, out: FloatArray | None = None) -> tuple[FloatArray, BatchNormSaved]:
+    """The forward of an input that fits ``plan`` on checked arguments (``channels``: running_mean, running_var,
+    weight, bias, None where absent): with the _BATCH flag the batch statistics (the running ones updated with
+    _UPDATE), else the running statistics. Returns (y, saved)."""
+    C = plan.acb[1]
+    stats = np.empty(2 * C)
+    if flags & _BATCH:
+        return _normalize(plan, x, stats, channels, flags, momentum, eps, out)
+    stats[:C], stats[C:] = channels[0], channels[1]
+    return _normalize(plan, x, stats, (None, None) + channels[2:], flags, 0.0, eps, out)
 
 
 def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArray | None, weight: FloatArray | None,
@@ -254,9 +324,7 @@ def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArr
         running_mean = V.running_stat(running_mean, "running_mean", C, dt)
         running_var = V.running_stat(running_var, "running_var", C, dt)
         if not disjoint:
-            V.no_overlap("running_mean", running_mean,
-                         {"input": x, "running_var": running_var, "weight": weight, "bias": bias})
-            V.no_overlap("running_var", running_var, {"input": x, "weight": weight, "bias": bias})
+            V.stats_apart(x, running_mean, running_var, weight, bias)
     elif not training:
         if running_mean is None or running_var is None:
             raise ValueError(f"running_mean and running_var are required when training=False, got "

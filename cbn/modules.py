@@ -224,8 +224,6 @@ class _BatchNorm:
         """:meth:`forward` of an input that fits ``plan`` (a plain call: :meth:`_planned`) into ``out`` (None, or
         one that fits the plan: :meth:`cbn._validate.Plan.fits_out`)."""
         c = self._cfg
-        C = c.num_features
-        stats = np.empty(2 * C)
         relu = F._RELU if c.activation == "relu" else 0
         if self.training or self.running_mean is None:
             if self.training and plan.acb[0] * plan.acb[2] == 1:
@@ -233,13 +231,13 @@ class _BatchNorm:
             update = self.training and c.track_running_stats
             count = self.num_batches_tracked + update
             channels = (self.running_mean, self.running_var) if update else (None, None)
-            y, self._saved = F._normalize(plan, x, stats, channels + (self.weight, self.bias),
-                                          F._BATCH | relu | (F._UPDATE if update else 0),
-                                          self._factor(count) if update else 0.0, c.eps, out)
+            y, self._saved = F._planned(plan, x, channels + (self.weight, self.bias),
+                                        F._BATCH | relu | (F._UPDATE if update else 0),
+                                        self._factor(count) if update else 0.0, c.eps, out)
             self.num_batches_tracked = count
             return y
-        stats[:C], stats[C:] = self.running_mean, self.running_var
-        y, self._saved = F._normalize(plan, x, stats, (None, None, self.weight, self.bias), relu, 0.0, c.eps, out)
+        y, self._saved = F._planned(plan, x, (self.running_mean, self.running_var, self.weight, self.bias), relu, 0.0,
+                                    c.eps, out)
         return y
 
     def _input(self, x: object) -> V.Input:

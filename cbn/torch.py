@@ -179,27 +179,17 @@ def _backward_fake(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 def _gradients(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, mean: torch.Tensor,
-               invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dweight, dbias) of a forward op (None for an absent weight or bias): cbn's backward op, or torch's
-    differentiable ``native_batch_norm_backward`` under ``create_graph=True``."""
+               invstd: torch.Tensor, training: bool,
+               backward: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight, dbias) of a forward (None for an absent weight or bias): cbn's ``backward`` (the backward op,
+    or :func:`_backward` itself for an eager call), or torch's differentiable ``native_batch_norm_backward`` under
+    ``create_graph=True``."""
     if torch.is_grad_enabled():
-        return _double_backward(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, training)
-    return _affine_grads(ctx, *_BACKWARD(grad_output, x, weight, mean, invstd, training))
-
-
-def _double_backward(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                     running_mean: torch.Tensor | None, running_var: torch.Tensor | None, mean: torch.Tensor,
-                     invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                     torch.Tensor | None]:
-    """(dx, dweight, dbias) by torch's differentiable ``native_batch_norm_backward`` (``create_graph=True``)."""
-    return _affine_grads(ctx, *torch.ops.aten.native_batch_norm_backward(
-        grad_output, x, weight, running_mean, running_var, mean.to(x.dtype), invstd.to(x.dtype), training, ctx.eps,
-        [True, *ctx.affine]))
-
-
-def _affine_grads(ctx: Any, dx: torch.Tensor, dweight: torch.Tensor,
-                  dbias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dweight, dbias) with None for the weight or bias that ``ctx.affine`` says is absent."""
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            grad_output, x, weight, running_mean, running_var, mean.to(x.dtype), invstd.to(x.dtype), training,
+            ctx.eps, [True, *ctx.affine])
+    else:
+        dx, dweight, dbias = backward(grad_output, x, weight, mean, invstd, training)
     return dx, dweight if ctx.affine[0] else None, dbias if ctx.affine[1] else None
 
 
@@ -222,7 +212,8 @@ class _CbnTrain(torch.autograd.Function):
         if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
             return (None,) * 8
         x, weight, mean, invstd = ctx.saved_tensors
-        return None, *_gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True), None, None, None, None
+        return (None, *_gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True, _BACKWARD), None, None,
+                None, None)
 
 
 class _CbnEval(torch.autograd.Function):
@@ -239,8 +230,8 @@ class _CbnEval(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, running_mean, running_var = ctx.saved_tensors
         mean, invstd = running_mean.double(), torch.rsqrt(running_var.double() + ctx.eps)
-        return (None, *_gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, False), None,
-                None, None)
+        return (None, *_gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, False,
+                                  _BACKWARD), None, None, None)
 
 
 def _eager_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -257,16 +248,18 @@ def _eager_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 
 class _CbnBatchNorm(torch.autograd.Function):
-    """Autograd of an eager call (:func:`_eager_batch_norm`): the forward keeps cbn.functional's saved forward, the
-    backward hands it to cbn.functional.batch_norm_backward."""
+    """Autograd of an eager call (:func:`_eager_batch_norm`): it saves what the ops' autograd saves (x, weight and
+    the batch's mean and invstd, or the running statistics in eval), through torch's saved tensors (their version
+    checks and hooks), and differentiates with :func:`_backward`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float,
                 eps: float) -> torch.Tensor:
-        y, ctx.saved = _eager_forward(x, weight, bias, stats, training, momentum, eps, True)
-        ctx.stats, ctx.training, ctx.eps, ctx.affine = stats, training, eps, (weight is not None, bias is not None)
-        ctx.save_for_backward(x, weight)  # (their version counters: modified in place before the backward raises)
+        y, saved = _eager_forward(x, weight, bias, stats, training, momentum, eps, training)
+        ctx.training, ctx.eps, ctx.affine = training, eps, (weight is not None, bias is not None)
+        ctx.save_for_backward(x, weight, *((torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd))
+                                           if training else stats))
         ctx.set_materialize_grads(False)
         return y
 
@@ -274,16 +267,12 @@ class _CbnBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
             return (None,) * 7
-        x, weight = ctx.saved_tensors
-        saved = ctx.saved
-        if torch.is_grad_enabled():
-            running_mean, running_var = ctx.stats
-            grads = _double_backward(ctx, grad_output, x, weight, running_mean, running_var,
-                                     torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd), ctx.training)
-        else:
-            out = _output(x)
-            dx, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, _np(grad_output), saved, out=_np(out))
-            grads = _affine_grads(ctx, _result(dx, out), torch.from_numpy(dweight), torch.from_numpy(dbias))
+        x, weight, a, b = ctx.saved_tensors
+        if ctx.training:  # the batch's mean and invstd
+            grads = _gradients(ctx, grad_output, x, weight, None, None, a, b, True, _backward)
+        else:  # the running statistics
+            grads = _gradients(ctx, grad_output, x, weight, a, b, a.double(), torch.rsqrt(b.double() + ctx.eps),
+                               False, _backward)
         return *grads, None, None, None, None
 
 
@@ -298,10 +287,12 @@ def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
 
 
 def _eager(x: torch.Tensor) -> bool:
-    """True for a call on a plain tensor that neither torch.compile nor torch.jit.trace is tracing: one that
-    :func:`_eager_batch_norm` computes (fake, functional and other tensor subclasses, and traced calls, go through
-    the ops)."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    """True for a call on a plain tensor that nothing traces or transforms: one that :func:`_eager_batch_norm`
+    computes. Tensor subclasses (fake, functional), torch.func's wrapped tensors (vmap, jvp), calls under a
+    dispatch mode (make_fx, FakeTensorMode, FlopCounterMode) and the calls that torch.compile or torch.jit.trace
+    traces go through the ops, which those see."""
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor  # (compiling first: dynamo traces this)
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not torch.jit.is_tracing())  # type: ignore[attr-defined, no-untyped-call]  # (unannotated in torch)
 
 
@@ -320,14 +311,16 @@ def _on_cbn(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: tor
             weight: torch.Tensor | None, bias: torch.Tensor | None, training: bool, momentum: float,
             eps: float) -> bool:
     """True when cbn's ops compute this batch norm: a CPU float32/float64 input of at least 2 dimensions, (C,)
-    parameters and contiguous statistics of its dtype and device, arguments torch accepts (eps > 0 in training,
-    more than one value per channel) and 0 <= momentum <= 1."""
+    parameters and contiguous statistics of its dtype and device that do not require grad, arguments torch accepts
+    (eps > 0 in training, more than one value per channel) and 0 <= momentum <= 1."""
     if not (x.is_cpu and x.dtype in _DTYPES and x.dim() >= 2):
         return False
     C, dtype = x.shape[1], x.dtype
     for t in (running_mean, running_var, weight, bias):
         if t is not None and not (t.is_cpu and t.dtype == dtype and t.shape == (C,) and t.is_contiguous()):
             return False
+    if any(t is not None and t.requires_grad for t in (running_mean, running_var)):
+        return False  # (torch raises: not differentiable with respect to them)
     if training:
         return (running_mean is None) == (running_var is None) and eps > 0 and x.numel() != C and 0 <= momentum <= 1
     return running_mean is not None and running_var is not None and eps >= 0
@@ -339,8 +332,9 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     """``torch.nn.functional.batch_norm`` on cbn's ops for CPU float32/float64 tensors, torch's own elsewhere.
 
     torch computes it for input on another device or of another dtype (float16, bfloat16), parameters or
-    statistics of another dtype or device than the input, non-contiguous running statistics, momentum outside
-    [0, 1], and the arguments torch rejects (it raises its error). Same parameters and result as torch's.
+    statistics of another dtype or device than the input, non-contiguous running statistics or ones that require
+    grad, momentum outside [0, 1], and the arguments torch rejects (it raises its error). Same parameters and result
+    as torch's.
     """
     if not _on_cbn(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,

@@ -74,3 +74,74 @@ def test_a_view_of_the_running_statistics_is_checked():
     bad = np.lib.stride_tricks.as_strided(bn.running_mean, shape=(3, 4), strides=x.strides)
     with pytest.raises(ValueError, match="share memory"):
         bn(bad)
+
+
+def _functional_args(layout, dtype):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 3, 5, 6)) * 2 + 7).astype(dtype)
+    if layout == "channels-last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    weight, bias = rng.random(3).astype(dtype) + 0.5, rng.standard_normal(3).astype(dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "channels-last"])
+def test_repeated_functional_calls_reuse_the_plan(layout, dtype, monkeypatch):
+    """cbn.functional.batch_norm remembers the plan of a plain call's input: a repeated call with that signature
+    skips the input checks (input_array runs once) and gives the checked call's bits, in training (with and
+    without running statistics) and in eval."""
+    x, weight, bias = _functional_args(layout, dtype)
+    F._PLANS.clear()
+    checked = []
+    monkeypatch.setattr(F.V, "input_array", lambda *a, _f=F.V.input_array: checked.append(1) or _f(*a))
+    results = []
+    for _ in range(2):
+        stats = [np.zeros(3, dtype), np.ones(3, dtype)]
+        results.append([*F.batch_norm(x, *stats, weight, bias, True, return_saved=True), stats[0].copy(),
+                        stats[1].copy(), F.batch_norm(x, None, None, weight, bias, True),
+                        F.batch_norm(x, *stats, weight, bias, False)])
+    assert len(checked) == 1
+    first, second = results
+    saved = first.pop(1), second.pop(1)
+    assert saved[0].mean.tobytes() == saved[1].mean.tobytes() and saved[0].order == saved[1].order
+    for a, b in zip(first, second):
+        assert a.tobytes() == b.tobytes() and a.strides == b.strides
+    F._PLANS.clear()
+
+
+def test_functional_calls_with_a_known_plan_keep_the_checks():
+    """Arguments that a remembered plan does not cover take the full checks: their errors, no state changed; a
+    weight of another dtype is converted there, as on a first call."""
+    x, weight, bias = _functional_args("NCHW", np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    F.batch_norm(x, rm, rv, weight, bias, True)  # remembers x's plan
+    before = [rm.copy(), rv.copy()]
+    frozen = rv.copy()
+    frozen.flags.writeable = False
+    buffer = np.zeros(x.size + 3, np.float32)
+    inside = buffer[:x.size].reshape(x.shape)
+    inside[...] = x
+    for message, args in {
+        "weight must have shape": (x, rm, rv, weight[:2], bias, True),
+        "running_var must be a writeable": (x, rm, frozen, weight, bias, True),
+        "momentum must be a number": (x, rm, rv, weight, bias, True, 1.5),
+        "eps must be a finite number": (x, rm, rv, weight, bias, True, 0.1, -1.0),
+        "running_mean and running_var are required": (x, None, None, weight, bias, False),
+    }.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            F.batch_norm(*args)
+        assert all(np.array_equal(a, b) for a, b in zip((rm, rv), before)), message
+    F.batch_norm(inside, rm, rv, weight, bias, True)  # remembers the view's plan
+    kept = buffer.copy()
+    with pytest.raises(ValueError, match="running_mean must not share memory"):
+        F.batch_norm(inside, buffer[:3], rv, weight, bias, True)  # a running mean inside the input
+    assert np.array_equal(buffer, kept)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        F.batch_norm(np.ones((1, 3), np.float32), None, None, None, None, True)
+    one = np.ones((1, 3), np.float32)
+    F.batch_norm(one, rm, rv, None, None, False)  # remembers (1, 3) in eval
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        F.batch_norm(one, None, None, None, None, True)
+    want = F.batch_norm(x, rm.copy(), rv.copy(), weight.astype(np.float64), bias, True)
+    assert want.tobytes() == F.batch_norm(x, rm.copy(), rv.copy(), weight, bias, True).tobytes()

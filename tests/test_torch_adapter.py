@@ -432,16 +432,80 @@ def test_profiler_sees_eager_calls(cbn_calls):
 
 
 def test_inference_mode(cbn_calls):
-    """Under torch.inference_mode an eval and a training forward give what they give under no_grad."""
-    bn = ct.BatchNorm2d(3)
+    """Under torch.inference_mode a training and an eval forward run cbn's kernels and give what they give under
+    no_grad: outputs, running statistics, num_batches_tracked."""
+    bns = [ct.BatchNorm2d(3), ct.BatchNorm2d(3)]
     x = torch.randn(4, 3, 5, 5)
     for training in (True, False):
-        bn.train(training)
+        for bn in bns:
+            bn.train(training)
         with torch.no_grad():
-            want = bn(x)
+            want = bns[0](x)
         with torch.inference_mode():
-            got = bn(x)
+            got = bns[1](x)
         assert torch.equal(got, want), training
+        for a, b in zip(bns[1].buffers(), bns[0].buffers()):
+            assert torch.equal(a, b), training
+    assert len(cbn_calls["batch_norm"]) == 4
+
+
+def test_saved_tensors_go_through_torch(cbn_calls):
+    """An eager call keeps its input only through torch's saved tensors: saved_tensors_hooks decide what the
+    backward reads (what torch.utils.checkpoint and offloading rely on). A pack hook that copies the input makes the
+    backward use the copy after the input's memory changed."""
+    bns = [ct.BatchNorm2d(3), ct.BatchNorm2d(3)]
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    dy = torch.randn(4, 3, 5, 5)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        h = x * 2
+        y = bns[0](h)
+    with torch.no_grad():
+        h.mul_(3)  # no version error: the saved tensor is the hook's copy
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (want,) = torch.autograd.grad(bns[1](x * 2), x, dy)
+    assert torch.equal(dx, want) and len(cbn_calls["batch_norm_backward"]) == 2
+
+
+def test_traced_and_transformed_calls_see_the_ops(cbn_calls):
+    """make_fx, a TorchDispatchMode and vmap see cbn's op (an eager call's NumPy work would be invisible to them or
+    fail): make_fx's graph recomputes on another input, the mode logs the op, vmap gives the per-sample results."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stats = (torch.randn(3), torch.rand(3) + 0.5)
+    weight, bias = torch.rand(3) + 0.5, torch.randn(3)
+
+    def f(x):
+        return ct.batch_norm(x, *stats, weight, bias, False)
+    x = torch.randn(4, 3, 5, 5)
+    gm = make_fx(f)(x)
+    assert "cbn.batch_norm_eval" in gm.code
+    close(gm(x * 3 + 1), f(x * 3 + 1), 1e-6, "make_fx graph")
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with Log() as log:
+        f(x)
+    assert "cbn.batch_norm_eval.default" in log.ops, log.ops
+    xs = torch.randn(2, 4, 3, 5, 5)
+    close(torch.vmap(f)(xs), torch.stack([f(xi) for xi in xs]), 1e-6, "vmap")
+
+
+def test_running_statistics_that_require_grad_go_to_torch():
+    """Running statistics that require grad: torch's batch norm runs (and raises its error in training)."""
+    x = torch.randn(4, 3, 5, 5)
+    stats = [torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)]
+    with pytest.raises(RuntimeError) as want:
+        torch.nn.functional.batch_norm(x, *stats, training=True)
+    with pytest.raises(RuntimeError) as got:
+        ct.batch_norm(x, *stats, training=True)
+    assert str(got.value) == str(want.value)
 
 
 def test_import_cbn_does_not_import_torch(run_python, tmp_path):
