@@ -535,21 +535,24 @@ def _layout_matches(shape: Shape, axis: int, order: Shape, acb: Shape) -> bool:
     return acb == (math.prod(sizes[:k]), shape[axis], math.prod(sizes[k + 1:]))
 
 
+def _arr_ok(a: object, ndim: int, dtypes: tuple[object, ...]) -> TypeGuard[npt.NDArray[Any]]:
+    """True for an aligned C-contiguous ndarray of ``ndim`` dimensions and one of ``dtypes`` (:func:`_saved`)."""
+    return (isinstance(a, np.ndarray) and a.ndim == ndim and a.dtype in dtypes and a.flags.c_contiguous
+            and a.flags.aligned)
+
+
+def _show(a: object) -> str:
+    """What an argument of :func:`_saved` is, for its error message."""
+    return f"{a.dtype} array of shape {a.shape} ({flags(a)})" if isinstance(a, np.ndarray) else type(a).__name__
+
+
 def _saved(saved: object) -> None:
     """Check that ``saved`` is a consistent BatchNormSaved as a forward made it (it may have been edited)."""
     if not isinstance(saved, BatchNormSaved):
         raise TypeError(f"saved must be the BatchNormSaved of a forward, got {type(saved).__name__}")
     x3 = saved.x
-
-    def arr_ok(a: object, ndim: int, dtypes: tuple[object, ...]) -> TypeGuard[npt.NDArray[Any]]:
-        return (isinstance(a, np.ndarray) and a.ndim == ndim and a.dtype in dtypes and a.flags.c_contiguous
-                and a.flags.aligned)
-
-    def show(a: object) -> str:
-        return f"{a.dtype} array of shape {a.shape} ({flags(a)})" if isinstance(a, np.ndarray) else type(a).__name__
-
-    if not arr_ok(x3, 3, COMPUTE):
-        bad: tuple[str, str, str] | None = "x", "an aligned C-contiguous (A, C, B) float32 or float64 array", show(x3)
+    if not _arr_ok(x3, 3, COMPUTE):
+        bad: tuple[str, str, str] | None = "x", "an aligned C-contiguous (A, C, B) float32 or float64 array", _show(x3)
     elif not _layout_matches(saved.shape, saved.axis, saved_order(saved), x3.shape):
         bad = ("shape, axis and order", f"a shape, channel axis and memory order of which saved.x {x3.shape} is "
                f"the (A, C, B) memory", repr((saved.shape, saved.axis, saved.order)))
@@ -557,23 +560,23 @@ def _saved(saved: object) -> None:
         bad = "dtype", f"{x3.dtype} or float16", repr(saved.dtype)
     else:
         C = x3.shape[1]
-        bad = next(((key, f"an aligned C-contiguous {np.dtype(dt)} array of shape ({C},)", show(a))
+        bad = next(((key, f"an aligned C-contiguous {np.dtype(dt)} array of shape ({C},)", _show(a))
                     for key, a, dt in (("mean", saved.mean, np.float64), ("invstd", saved.invstd, np.float64),
                                        ("weight", saved.weight, x3.dtype))
-                    if not (key == "weight" and a is None) and not (arr_ok(a, 1, (dt,)) and a.shape == (C,))), None)
-        if bad is None and saved.y is not None and not (arr_ok(saved.y, 3, (x3.dtype,)) and saved.y.shape == x3.shape):
-            bad = "y", f"None or an aligned C-contiguous {x3.dtype} array of shape {x3.shape}", show(saved.y)
-        if bad is None and saved.renorm is not None and not (arr_ok(saved.renorm, 2, (np.dtype(np.float64),))
+                    if not (key == "weight" and a is None) and not (_arr_ok(a, 1, (dt,)) and a.shape == (C,))), None)
+        if bad is None and saved.y is not None and not (_arr_ok(saved.y, 3, (x3.dtype,)) and saved.y.shape == x3.shape):
+            bad = "y", f"None or an aligned C-contiguous {x3.dtype} array of shape {x3.shape}", _show(saved.y)
+        if bad is None and saved.renorm is not None and not (_arr_ok(saved.renorm, 2, (np.dtype(np.float64),))
                                                              and saved.renorm.shape == (2, C)):
-            bad = "renorm", f"None or an aligned C-contiguous float64 array of shape (2, {C})", show(saved.renorm)
+            bad = "renorm", f"None or an aligned C-contiguous float64 array of shape (2, {C})", _show(saved.renorm)
         positions = (x3.shape[0] * x3.shape[2],)
-        if bad is None and saved.valid is not None and not (arr_ok(saved.valid, 1, (np.dtype(np.intp),))
+        if bad is None and saved.valid is not None and not (_arr_ok(saved.valid, 1, (np.dtype(np.intp),))
                                                             and saved.valid.shape == positions):
-            bad = "valid", f"None or an aligned C-contiguous intp array of shape {positions}", show(saved.valid)
+            bad = "valid", f"None or an aligned C-contiguous intp array of shape {positions}", _show(saved.valid)
         if bad is None and saved.gate is not None and (saved.residual or not (
-                arr_ok(saved.gate, 2, (np.dtype(np.float64),)) and saved.gate.shape == (2, C))):
+                _arr_ok(saved.gate, 2, (np.dtype(np.float64),)) and saved.gate.shape == (2, C))):
             bad = ("gate", f"None, or without a residual an aligned C-contiguous float64 array of shape (2, {C})",
-                   show(saved.gate))
+                   _show(saved.gate))
     if bad is not None:
         raise ValueError(f"saved is not a consistent BatchNormSaved from batch_norm(..., return_saved=True): "
                          f"saved.{bad[0]} must be {bad[1]}, got {bad[2]}")
