@@ -15,8 +15,9 @@ The two forwards have an Autograd kernel (what ``torch.library.register_autograd
 call), so ``torch.compile`` and ``torch.export`` see each batch norm as one opaque op. torch's custom-op autograd
 rules out ops that mutate their inputs: the training op returns the new running statistics instead (the functional
 form torch's own batch norm takes under ``torch.compile``). An eager call on plain tensors skips the op dispatch: an
-autograd.Function calls :mod:`cbn.functional` directly, updates the running statistics in place and keeps its saved
-forward for the backward (the profiler sees it under the ops' names). A double backward (``create_graph=True``)
+autograd.Function calls :mod:`cbn.functional` directly, updates the running statistics in place and saves what the
+ops' autograd saves, as torch's saved tensors (the profiler sees it under the ops' names). A double backward
+(``create_graph=True``)
 differentiates with torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
 :func:`batch_norm`).
 """
