@@ -537,8 +537,8 @@ def _layout_matches(shape: Shape, axis: int, order: Shape, acb: Shape) -> bool:
 
 def _arr_ok(a: object, ndim: int, dtypes: tuple[object, ...]) -> TypeGuard[npt.NDArray[Any]]:
     """True for an aligned C-contiguous ndarray of ``ndim`` dimensions and one of ``dtypes`` (:func:`_saved`)."""
-    return (isinstance(a, np.ndarray) and a.ndim == ndim and a.dtype in dtypes and a.flags.c_contiguous
-            and a.flags.aligned)
+    return (isinstance(a, np.ndarray) and a.ndim == ndim and a.dtype in dtypes and (f := a.flags).c_contiguous
+            and f.aligned)
 
 
 def _show(a: object) -> str:
