@@ -17,9 +17,8 @@ rules out ops that mutate their inputs: the training op returns the new running 
 form torch's own batch norm takes under ``torch.compile``). An eager call on plain tensors skips the op dispatch: an
 autograd.Function calls :mod:`cbn.functional` directly, updates the running statistics in place and saves what the
 ops' autograd saves, as torch's saved tensors (the profiler sees it under the ops' names). A double backward
-(``create_graph=True``)
-differentiates with torch's ``native_batch_norm_backward``. Other inputs go to ``torch.nn.functional.batch_norm`` (see
-:func:`batch_norm`).
+(``create_graph=True``) differentiates with torch's ``native_batch_norm_backward``. Other inputs go to
+``torch.nn.functional.batch_norm`` (see :func:`batch_norm`).
 """
 import math
 from collections.abc import Callable, Mapping
@@ -67,17 +66,11 @@ def _dense(x: torch.Tensor) -> bool:
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x, out) for a kernel call: x, or a copy of it laid out as ``torch.empty_like(x)`` when its memory has gaps or
-    overlaps, and the output tensor of :func:`_output`."""
+    overlaps, and the output tensor: None when cbn.functional's output, laid out as x, has x's strides (see
+    :func:`_result`), else (for dimensions of size 1, whose strides torch keeps and NumPy sets) torch.empty_like(x)."""
     if not _dense(x):
         x = torch.empty_like(x).copy_(x)
-    return x, _output(x)
-
-
-def _output(x: torch.Tensor) -> torch.Tensor | None:
-    """The output tensor of a kernel call on x: None when cbn.functional's output, laid out as x, has x's strides
-    (see :func:`_result`), else (for dimensions of size 1, whose strides torch keeps and NumPy sets)
-    torch.empty_like(x)."""
-    return torch.empty_like(x) if 1 in x.shape else None
+    return x, (torch.empty_like(x) if 1 in x.shape else None)
 
 
 def _result(y: FloatArray, out: torch.Tensor | None) -> torch.Tensor:
@@ -145,12 +138,22 @@ def _train_fake(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
             *(x.new_empty((0,)) if t is None else torch.empty_like(t) for t in (running_mean, running_var)))
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float, eps: float,
+             save: bool) -> tuple[torch.Tensor, Any]:
+    """(y, the saved forward when ``save``, else None) of cbn.functional's batch norm on views of the tensors (the eval
+    op's kernel and eager calls), the running statistics ``stats`` updated in place in training (their version
+    counters left as they are, as torch's kernel leaves them)."""
+    x, out = _layout(x)
+    result = _on_torch_threads(_F.batch_norm, _np(x), _np(stats[0]), _np(stats[1]), _np(weight), _np(bias), training,
+                               momentum, eps, out=_np(out), return_saved=save)
+    y, saved = result if save else (result, None)
+    return _result(y, out), saved
+
+
 def _eval(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
           running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    x, out = _layout(x)
-    y = _on_torch_threads(_F.batch_norm, _np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias), False,
-                          0.0, eps, out=_np(out))
-    return _result(y, out)
+    return _forward(x, weight, bias, (running_mean, running_var), False, 0.0, eps, False)[0]
 
 
 def _eval_fake(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
@@ -178,13 +181,17 @@ def _backward_fake(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
 
 
-def _gradients(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-               running_mean: torch.Tensor | None, running_var: torch.Tensor | None, mean: torch.Tensor,
-               invstd: torch.Tensor, training: bool,
+def _gradients(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, a: torch.Tensor,
+               b: torch.Tensor, training: bool,
                backward: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dweight, dbias) of a forward (None for an absent weight or bias): cbn's ``backward`` (the backward op,
-    or :func:`_backward` itself for an eager call), or torch's differentiable ``native_batch_norm_backward`` under
+    """(dx, dweight, dbias) of a forward (None for an absent weight or bias) from what it saved: (a, b) the batch's
+    mean and invstd in training, else the running mean and variance. By cbn's ``backward`` (the backward op, or
+    :func:`_backward` itself for an eager call), or torch's differentiable ``native_batch_norm_backward`` under
     ``create_graph=True``."""
+    if training:
+        running_mean, running_var, mean, invstd = None, None, a, b
+    else:
+        running_mean, running_var, mean, invstd = a, b, a.double(), torch.rsqrt(b.double() + ctx.eps)
     if torch.is_grad_enabled():
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             grad_output, x, weight, running_mean, running_var, mean.to(x.dtype), invstd.to(x.dtype), training,
@@ -213,8 +220,7 @@ class _CbnTrain(torch.autograd.Function):
         if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
             return (None,) * 8
         x, weight, mean, invstd = ctx.saved_tensors
-        return (None, *_gradients(ctx, grad_output, x, weight, None, None, mean, invstd, True, _BACKWARD), None, None,
-                None, None)
+        return None, *_gradients(ctx, grad_output, x, weight, mean, invstd, True, _BACKWARD), None, None, None, None
 
 
 class _CbnEval(torch.autograd.Function):
@@ -230,22 +236,8 @@ class _CbnEval(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, running_mean, running_var = ctx.saved_tensors
-        mean, invstd = running_mean.double(), torch.rsqrt(running_var.double() + ctx.eps)
-        return (None, *_gradients(ctx, grad_output, x, weight, running_mean, running_var, mean, invstd, False,
-                                  _BACKWARD), None, None, None)
-
-
-def _eager_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float, eps: float,
-                   save: bool) -> tuple[torch.Tensor, Any]:
-    """(y, the saved forward when ``save``, else None) of cbn.functional's batch norm on views of the tensors, the
-    running statistics ``stats`` updated in place in training (their version counters left as they are, as torch's
-    kernel leaves them)."""
-    x, out = _layout(x)
-    result = _on_torch_threads(_F.batch_norm, _np(x), _np(stats[0]), _np(stats[1]), _np(weight), _np(bias), training,
-                               momentum, eps, out=_np(out), return_saved=save)
-    y, saved = result if save else (result, None)
-    return _result(y, out), saved
+        return (None, *_gradients(ctx, grad_output, x, weight, running_mean, running_var, False, _BACKWARD), None,
+                None, None)
 
 
 class _CbnBatchNorm(torch.autograd.Function):
@@ -257,7 +249,7 @@ class _CbnBatchNorm(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float,
                 eps: float) -> torch.Tensor:
-        y, saved = _eager_forward(x, weight, bias, stats, training, momentum, eps, training)
+        y, saved = _forward(x, weight, bias, stats, training, momentum, eps, training)
         ctx.training, ctx.eps, ctx.affine = training, eps, (weight is not None, bias is not None)
         ctx.save_for_backward(x, weight, *((torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd))
                                            if training else stats))
@@ -269,12 +261,7 @@ class _CbnBatchNorm(torch.autograd.Function):
         if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
             return (None,) * 7
         x, weight, a, b = ctx.saved_tensors
-        if ctx.training:  # the batch's mean and invstd
-            grads = _gradients(ctx, grad_output, x, weight, None, None, a, b, True, _backward)
-        else:  # the running statistics
-            grads = _gradients(ctx, grad_output, x, weight, a, b, a.double(), torch.rsqrt(b.double() + ctx.eps),
-                               False, _backward)
-        return *grads, None, None, None, None
+        return *_gradients(ctx, grad_output, x, weight, a, b, ctx.training, _backward), None, None, None, None
 
 
 def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -284,7 +271,7 @@ def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias):
         return cast(torch.Tensor, _CbnBatchNorm.apply(  # type: ignore[no-untyped-call]
             x, weight, bias, stats, training, momentum, eps))
-    return _eager_forward(x, weight, bias, stats, training, momentum, eps, False)[0]
+    return _forward(x, weight, bias, stats, training, momentum, eps, False)[0]
 
 
 def _eager(x: torch.Tensor) -> bool:
