@@ -323,8 +323,7 @@ def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool 
 
 SMALL_TITLE = ("Small shapes (per call, float32): the layer calls as a NumPy user makes them (new outputs) and "
                "the floor\n(a 64-value np.add(a, b, out=c)) in one round-robin per row, the NumPy reference in its "
-               "own; "
-               "PyTorch's module calls (backward: autograd)\nafter all cbn measurements; cbn/floor = cbn time / "
+               "own; PyTorch's module calls (backward: autograd)\nafter all cbn measurements; cbn/floor = cbn time / "
                "floor; numpy/cbn and torch/cbn = how many times faster cbn is")
 SMALL_HEADER = (f"{'shape':>16} {'thr':>3} {'op':>8} {'cbn us':>8} {'numpy us':>9} {'torch us':>9} {'floor us':>8} "
                 f"{'cbn/floor':>9} {'numpy/cbn':>9} {'torch/cbn':>9}")
