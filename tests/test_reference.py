@@ -350,6 +350,27 @@ def test_float32_within_1e6_of_float64_far_from_zero(shape, layout, dy_kind):
 
 
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
+@pytest.mark.parametrize("shape", [(512, 24), (16, 6, 9, 9), (3, 4, 2000)])
+@pytest.mark.parametrize("slope", [0.0, 0.3, 0.6, 1.0, 2.0, 10.0, 1e3])
+def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope):
+    """dy = slope*y + noise: as the slope grows, dx's two terms (dy - mean(dy) and xhat*dgamma/m) cancel more
+    (from none to about 1000 times dx's largest value); every case keeps the contract (1e-6 of the float64 result,
+    relative to its largest magnitude), in every layout. A float32 dx pass must fall back to double there."""
+    rng = np.random.default_rng(12)
+    C = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    y, saved = F.batch_norm(x, None, None, w, None, True, return_saved=True)
+    dy = (slope * y + rng.standard_normal(shape)).astype(np.float32)
+    with forced_layout(layout):
+        dx = F.batch_norm_backward(dy, saved)[0]
+    _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, w.astype(np.float64), None, True,
+                                return_saved=True)
+    dx_ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
+    assert np.max(np.abs(dx - dx_ref)) <= 1e-6 * np.max(np.abs(dx_ref))
+
+
+@pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("std,eps", [(1e-20, 0.0), (1e22, 1e-5), (1e30, 1e-5)])
 def test_float32_backward_at_extreme_scales(std, eps, layout):
     """dx's coefficients (gamma*invstd and gamma*invstd**2*dgamma/m) can leave float32's range where dx does not:
