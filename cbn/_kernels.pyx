@@ -30,7 +30,7 @@ and nothing here allocates more than the small scratch of partial sums and coeff
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, sqrt
+from libc.math cimport INFINITY, fabs, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -51,10 +51,20 @@ cdef extern from *:
     #ifndef CBN_BUILD_INFO
     #define CBN_BUILD_INFO "unknown"
     #endif
+    typedef union { float f; unsigned int u; } cbn_float_bits;
+    static inline unsigned int cbn_magnitude(float v) { cbn_float_bits b; b.f = v; return b.u & 0x7fffffffu; }
+    static inline float cbn_float_of(unsigned int u) { cbn_float_bits b; b.u = u; return b.f; }
     """
     const int CBN_OPENMP
     const char *CBN_BUILD_INFO
     int cbn_max_threads() noexcept nogil
+    # |v| as an unsigned integer in the order of the magnitudes (NaN above inf), and back
+    unsigned int cbn_magnitude(float v) noexcept nogil
+    float cbn_float_of(unsigned int u) noexcept nogil
+    # pointers to memory that no other pointer of the function reaches (GCC then vectorises without alias checks)
+    ctypedef unsigned int *peak_row "unsigned int *__restrict__"
+    ctypedef float *float_row "float *__restrict__"
+    ctypedef const float *const_float_row "const float *__restrict__"
 
 ctypedef fused floating:
     float
@@ -90,6 +100,8 @@ cdef struct GradGated:       # out = (gated(d) - c3)*c1 - (a - c0)*c2
     char tag
 cdef struct GradMaskedDz:    # out = (masked(d) - c3)*c1 - (a - c0)*c2, and dz = masked(d)
     char tag
+cdef struct GradSingle:      # Grad in float32, with the peaks of its check (see _grad_check)
+    char tag
 # With position weights v (1 where a position counts in the statistics, else 0; see Positions):
 cdef struct MomentsValid:    # Moments over the positions with v = 1
     char tag
@@ -120,6 +132,7 @@ ctypedef fused ApplyOp:
     GradValid
     GradGatedValid
     GradMaskedDzValid
+    GradSingle
 
 ctypedef fused AnyOp:  # every op (_extra)
     GradSumsGated
@@ -139,6 +152,7 @@ ctypedef fused AnyOp:  # every op (_extra)
     GradMaskedDz
     GradValid
     GradMaskedDzValid
+    GradSingle
 
 # The elementwise passes by number (a call picks one at run time; each block runs its compiled specialisation).
 cpdef enum Pass:
@@ -154,6 +168,7 @@ cpdef enum Pass:
     GRAD_VALID = 9
     GRAD_GATED_VALID = 10
     GRAD_MASKED_DZ_VALID = 11
+    GRAD_SINGLE = 12
 
 
 # Position weights of masked statistics. Position p = n*S + s of the (N, C, S) tensor (the input without its
@@ -211,8 +226,14 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
         return (_masked(d, e) - c3) * c1 - (a - c0) * c2 if v else _masked(d, e) * c1
 
 
+# The unit roundoff of float32 (half its machine epsilon): 2**-24.
+cdef double U32 = 5.9604644775390625e-08
+
 cdef enum:
     COL_CHUNK = 512       # columns per pass of the column sums: their accumulators stay in L1
+    # floats of padding after each float32 coefficient row and peaks row: rows W apart with W a multiple of 1024
+    # would share their L1 sets (10 streams, 8 ways)
+    SKEW = 16
     LANES = 16            # fixed lanes of a channel-major row sum
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
@@ -246,6 +267,15 @@ cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t FOLD_WIDTH = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
+# A float32 training backward computes dx in float32 (GradSingle, each channel checked and recomputed in double
+# where its bound fails) with SINGLE_DX channels or more, unless the input's rows (values per channel and sample)
+# number 2 to SHORT_DX - 1. Both memory layouts of an array must give the same bits, so its shape decides, not the
+# layout: channel-minor passes run along rows of C (or C*rows) columns, whose double coefficient rows outgrow L1
+# from about 1024 columns, which float32 rows four at a time relieve (narrower, the check's per-column peaks cost
+# more than float32 saves); channel-major rows shorter than SHORT_DX spend more on folding each row's peaks than
+# float32 saves.
+cdef Py_ssize_t SINGLE_DX = 1024
+cdef Py_ssize_t SHORT_DX = 64
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
 # _forced_block values and threads even for tiny inputs.
@@ -492,15 +522,16 @@ cdef inline const Py_ssize_t *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t
 cdef inline bint _single(ApplyOp op, floating *out) noexcept nogil:
     """True for the passes computed in float32 on float32 data (see _value_single; out only selects the type)."""
     if floating is float:
-        return ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu
+        return (ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu
+                or ApplyOp is GradSingle)
     return False
 
 
 cdef inline bint _single_pass(Pass kind, const floating *x) noexcept nogil:
-    """_single by pass number: the forward passes (AFFINE to AFFINE_ADD_RELU) on float32 data (x only selects the
-    type)."""
+    """_single by pass number: the forward passes (AFFINE to AFFINE_ADD_RELU) and GRAD_SINGLE on float32 data (x
+    only selects the type)."""
     if floating is float:
-        return kind <= AFFINE_ADD_RELU
+        return kind <= AFFINE_ADD_RELU or kind == GRAD_SINGLE
     return False
 
 
@@ -517,36 +548,76 @@ cdef inline float _value_single(ApplyOp op, float a, float hi, float lo, float c
     return v
 
 
+cdef struct GradPair:  # a GradSingle value: out = t1 - t2, and t1 + t2 for its check
+    float out, terms
+
+
+cdef struct Peaks:     # of a GradSingle row: the largest |t1 + t2| and |out| (cbn_magnitude), 0 for other passes
+    unsigned int terms, out
+
+
+cdef inline GradPair _grad_single(float a, float d, float hi, float lo, float c1, float c2,
+                                  float c3) noexcept nogil:
+    """Grad in float32: t1 = (d - c3)*c1, t2 = ((a - hi) - lo)*c2, out = t1 - t2, c0 = hi + lo split as in
+    _value_single; within 3u|t1| + 4u|t2| + u|out| (u = 2**-24) plus the slack of the coefficients' rounding
+    (_grad_slack) of the exact value (_grad_check)."""
+    cdef float t1 = (d - c3) * c1, t2 = ((a - hi) - lo) * c2
+    cdef GradPair r
+    r.out, r.terms = t1 - t2, t1 + t2
+    return r
+
+
+cdef inline unsigned int _peak(unsigned int p, float v) noexcept nogil:
+    """The larger of p and |v| (as cbn_magnitude)."""
+    cdef unsigned int m = cbn_magnitude(v)
+    return m if m > p else p
+
+
+cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
+    """Where the |out| peaks of a channel-minor block of width columns start in its slot (after the |t1 + t2|
+    ones; the slot holds 4*width): SKEW beyond them where there is room."""
+    return width + SKEW if width >= SKEW else width
+
+
 cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
-    """The float32 coefficient rows of _value_single from coef's (c0, c1, c2): hi, lo, c1, c2 of each of the W
-    columns."""
-    cdef Py_ssize_t j
+    """The float32 coefficient rows of _value_single and _grad_single from coef's (c0, c1, c2, c3): hi, lo, c1,
+    c2, c3 of each of the W columns, rows W + SKEW apart."""
+    cdef Py_ssize_t j, F = W + SKEW
     cdef float hi
     for j in range(W):
         hi = <float>coef[j]
         single[j] = hi
-        single[W + j] = <float>(coef[j] - <double>hi)
-        single[2 * W + j] = <float>coef[W + j]
-        single[3 * W + j] = <float>coef[2 * W + j]
+        single[F + j] = <float>(coef[j] - <double>hi)
+        single[2 * F + j] = <float>coef[W + j]
+        single[3 * F + j] = <float>coef[2 * W + j]
+        single[4 * F + j] = <float>coef[3 * W + j]
 
 
-cdef void _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
-                     floating *out, floating *dz, Py_ssize_t i0, Py_ssize_t i1, const double *cf, Py_ssize_t W,
-                     const Py_ssize_t *v) noexcept nogil:
-    """Values [i0, i1) of one channel, whose coefficients are cf[r*W] (r = 0..3; its gate interval, r = 6, 7): out =
+cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
+                      floating *out, floating *dz, Py_ssize_t i0, Py_ssize_t i1, const double *cf, Py_ssize_t W,
+                      const Py_ssize_t *v) noexcept nogil:
+    """Values [i0, i1) of one channel, whose coefficients are cf[r*W] (r = 0..3; its gate interval, r = 4, 5): out =
     _value(op, x, dy, e) in double, rounded once (and dz, for the Dz ops); value i with the position weight
-    v[i - i0] (read by the Valid ops only). The _single passes in float32."""
+    v[i - i0] (read by the Valid ops only). The _single passes in float32; returns GradSingle's peaks."""
     cdef Py_ssize_t i
     cdef float hi
     cdef double c0 = cf[0], c1 = cf[W], c2 = cf[2 * W], c3 = cf[3 * W]
     cdef double h[2]
+    cdef Peaks peaks
+    cdef GradPair g
+    peaks.terms = peaks.out = 0
     if ApplyOp is AffineGated or ApplyOp is GradGated or ApplyOp is GradGatedValid:
-        h[0], h[1] = cf[6 * W], cf[7 * W]
+        h[0], h[1] = cf[4 * W], cf[5 * W]
     if _single(op, out):
         hi = <float>c0
         for i in range(i0, i1):
-            out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, e[i])
-        return
+            if ApplyOp is GradSingle and floating is float:
+                g = _grad_single(x[i], dy[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, <float>c3)
+                out[i] = g.out
+                peaks.terms, peaks.out = _peak(peaks.terms, g.terms), _peak(peaks.out, g.out)
+            else:
+                out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, e[i])
+        return peaks
     for i in range(i0, i1):
         out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], h, 1, 0), c0, c1, c2, c3,
                                   _position(op, v, i - i0))
@@ -554,22 +625,23 @@ cdef void _apply_row(ApplyOp op, const floating *x, const floating *dy, const fl
             dz[i] = <floating>_masked(x[i], e[i])
         elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
             dz[i] = <floating>_masked(dy[i], e[i])
+    return peaks
 
 
 cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, const floating *e,
                          floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
-    coef[r*W + j], r = 0..3 (its gate interval, r = 6, 7): as _apply_row, COL_CHUNK columns at a time (the _single
-    passes in float32, with the rows of _narrow that follow coef's)."""
-    cdef Py_ssize_t j, i, q, a, b
+    coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, COL_CHUNK columns at a time (the _single
+    passes in float32, with the rows of _narrow that follow coef's; GradSingle: _grad_columns)."""
+    cdef Py_ssize_t j, i, q, a, b, F = W + SKEW
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
-    cdef const float *f = <const float *>(coef + 4 * W)
+    cdef const float *f = <const float *>(coef + 6 * W)
     if _single(op, out):
         for j in range(j0, j1):
             i = base + j
-            out[i] = _value_single(op, x[i], f[j], f[W + j], f[2 * W + j], f[3 * W + j], e[i])
+            out[i] = _value_single(op, x[i], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[i])
         return
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
@@ -580,12 +652,44 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
             v = _row_weights(P, p, a, b, buf)
         for j in range(a, b):
             i = base + j
-            out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], coef + 6 * W, W, j), coef[j],
+            out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], coef + 4 * W, W, j), coef[j],
                                       coef[W + j], coef[2 * W + j], coef[3 * W + j], _position(op, v, j - a))
             if ApplyOp is AffineMaskedDz:
                 dz[i] = <floating>_masked(x[i], e[i])
             elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
                 dz[i] = <floating>_masked(dy[i], e[i])
+
+
+cdef void _grad_columns(const_float_row x, const_float_row dy, float_row out, Py_ssize_t base, Py_ssize_t W,
+                        Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1, const_float_row f, Py_ssize_t F,
+                        peak_row peaks, Py_ssize_t gap) noexcept nogil:
+    """GradSingle over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
+    coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow): out = t1 - t2 of _grad_single, four
+    rows per step (each column's coefficients and peaks loaded once for them); each column's peaks raised to its
+    values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
+    cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
+    cdef unsigned int *terms = peaks - j0
+    cdef unsigned int *outs = peaks + gap - j0
+    cdef float hi, lo, c1, c2, c3, a0, a1, a2, a3, b0, b1, b2, b3
+    for r in range(0, r4, 4):
+        i = base + r * W
+        for j in range(j0, j1):
+            hi, lo, c1, c2, c3 = f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j]
+            a0, b0 = (dy[i + j] - c3) * c1, ((x[i + j] - hi) - lo) * c2
+            a1, b1 = (dy[i + W + j] - c3) * c1, ((x[i + W + j] - hi) - lo) * c2
+            a2, b2 = (dy[i + 2 * W + j] - c3) * c1, ((x[i + 2 * W + j] - hi) - lo) * c2
+            a3, b3 = (dy[i + 3 * W + j] - c3) * c1, ((x[i + 3 * W + j] - hi) - lo) * c2
+            out[i + j], out[i + W + j] = a0 - b0, a1 - b1
+            out[i + 2 * W + j], out[i + 3 * W + j] = a2 - b2, a3 - b3
+            terms[j] = _peak(_peak(_peak(_peak(terms[j], a0 + b0), a1 + b1), a2 + b2), a3 + b3)
+            outs[j] = _peak(_peak(_peak(_peak(outs[j], a0 - b0), a1 - b1), a2 - b2), a3 - b3)
+    for r in range(r4, nrows):
+        i = base + r * W
+        for j in range(j0, j1):
+            a0 = (dy[i + j] - f[4 * F + j]) * f[2 * F + j]
+            b0 = ((x[i + j] - f[j]) - f[F + j]) * f[3 * F + j]
+            out[i + j] = a0 - b0
+            terms[j], outs[j] = _peak(terms[j], a0 + b0), _peak(outs[j], a0 - b0)
 
 
 cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -761,19 +865,35 @@ cdef inline void _zero_lanes(double *s, Py_ssize_t n, Py_ssize_t stride) noexcep
 cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                        const floating *e, floating *out, floating *dz, const double *coef,
                        Positions P) noexcept nogil:
-    """The elementwise pass over block k (the Valid passes with the weights of P)."""
+    """The elementwise pass over block k (the Valid passes with the weights of P). GradSingle writes the peaks of
+    each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|) or channels (major: of its
+    group of channels, likewise) over the block's rows to the block's slot of partial sums (_block_peaks)."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
+    cdef Peaks peaks
+    cdef unsigned int *slot = _block_peaks(L, coef, k) if ApplyOp is GradSingle else NULL
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
+        if ApplyOp is GradSingle and floating is float:
+            for c in range(_outs_at(i1 - i0) + i1 - i0):
+                slot[c] = 0
+            _grad_columns(x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, <const float *>(coef + 6 * L.W),
+                          L.W + SKEW, slot, _outs_at(i1 - i0))
+            return
         for n in range(n0, n1):
             _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+    if ApplyOp is GradSingle:
+        for c in range(2 * L.group):
+            slot[c] = 0
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
-            _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
-                       P.valid + n * L.S + i0 if P.valid != NULL else NULL)
+            peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
+                               P.valid + n * L.S + i0 if P.valid != NULL else NULL)
+            if ApplyOp is GradSingle:
+                slot[c - c0] = max(slot[c - c0], peaks.terms)
+                slot[L.group + c - c0] = max(slot[L.group + c - c0], peaks.out)
 
 
 cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
@@ -792,6 +912,7 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
     cdef GradValid grad_valid
     cdef GradGatedValid grad_gated_valid
     cdef GradMaskedDzValid grad_masked_dz_valid
+    cdef GradSingle grad_single
     if kind == AFFINE:
         _block_apply(affine, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_RELU:
@@ -814,6 +935,8 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
         _block_apply(grad_valid, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD_GATED_VALID:
         _block_apply(grad_gated_valid, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == GRAD_SINGLE:
+        _block_apply(grad_single, L, k, x, dy, e, out, dz, coef, P)
     else:
         _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
 
@@ -961,13 +1084,19 @@ cdef class _Scratch:
         free(self.p)
 
 
-# A call's scratch (doubles): coef (4*C*G), its float32 rows (_narrow: 4*C*G floats), the gate rows of a backward
-# after a ReLU (_gate_rows: 2*C*G), cc (4*C, when G > 1), the sums (2*C) and, for calls that sum, the partial sums
-# and their merge tree.
+# A call's scratch (doubles): coef (4*C*G), the gate rows of a backward after a ReLU (_gate_rows: 2*C*G), coef's
+# float32 rows (_narrow: 5 of C*G + SKEW floats, _single_rows), cc (4*C, when G > 1), the sums (2*C) and, for calls
+# that sum (and every backward), the partial sums and their merge tree; a GradSingle pass then writes its peaks over
+# the partial sums (_block_peaks) and its channels' checks over the tree (_grad_redo).
+
+cdef inline Py_ssize_t _single_rows(Layout L) noexcept nogil:
+    """Doubles of scratch that _narrow's rows take."""
+    return (5 * (L.C * L.G + SKEW) + 1) // 2
+
 
 cdef inline Py_ssize_t _sums_at(Layout L) noexcept nogil:
     """Where the (2, C) sums of a call are in its scratch."""
-    return 8 * L.C * L.G + (4 * L.C if L.G > 1 else 0)
+    return 6 * L.C * L.G + _single_rows(L) + (4 * L.C if L.G > 1 else 0)
 
 
 cdef inline Py_ssize_t _work_size(Layout L, bint sums) noexcept nogil:
@@ -977,12 +1106,22 @@ cdef inline Py_ssize_t _work_size(Layout L, bint sums) noexcept nogil:
 
 cdef inline double *_compact(Layout L, double *work) noexcept nogil:
     """Where the per-channel steps write their coefficients: cc, or coef itself when G == 1."""
-    return work + 8 * L.C * L.G if L.G > 1 else work
+    return work + 6 * L.C * L.G + _single_rows(L) if L.G > 1 else work
 
 
 cdef inline double *_gate_rows(Layout L, const double *coef) noexcept nogil:
-    """The two rows of C*G columns after coef's rows and their float32 rows: the gate intervals (_gate_coef)."""
-    return <double *>coef + 6 * L.C * L.G
+    """The two rows of C*G columns after coef's rows: the gate intervals (_gate_coef)."""
+    return <double *>coef + 4 * L.C * L.G
+
+
+cdef inline double *_parts(Layout L, const double *work) noexcept nogil:
+    """The partial sums of the blocks (L.part doubles each), then their merge tree."""
+    return <double *>work + _sums_at(L) + 2 * L.C
+
+
+cdef inline unsigned int *_block_peaks(Layout L, const double *work, Py_ssize_t k) noexcept nogil:
+    """Block k's peaks of a GradSingle pass (_block_apply), in its slot of partial sums (used by then)."""
+    return <unsigned int *>(_parts(L, work) + k * L.part)
 
 
 cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *cc, double *coef,
@@ -1110,7 +1249,7 @@ cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint si
     channel-major ones narrow a row's coefficients themselves)."""
     _expand(L, cc, coef, 4)
     if single and L.minor:
-        _narrow(L.C * L.G, coef, <float *>(coef + 4 * L.C * L.G))
+        _narrow(L.C * L.G, coef, <float *>(coef + 6 * L.C * L.G))
 
 
 cpdef enum ForwardFlag:
@@ -1215,7 +1354,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef bint stats_only = y == NULL
     cdef double *coef = work
     cdef double *cc = _compact(L, work)
-    cdef double *part = _totals(L, work) + 2 * L.C
+    cdef double *part = _parts(L, work)
     cdef double *s
     cdef bint single = _single_pass(kind, x)
     with nogil:
@@ -1324,12 +1463,16 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
              int flags, double count, int thread_cap,
              e=None,                      # IN (N*C*S,) the output of a forward with ReLU (BWD_RELU), or None
              valid=None,                  # IN (N*S,) intp position weights of a masked forward, or None
-             gate=None):                  # IN (2C,) the gate a forward with ReLU wrote (BWD_RELU without e)
+             gate=None,                   # IN (2C,) the gate a forward with ReLU wrote (BWD_RELU without e)
+             Py_ssize_t rows=1):          # values per channel and sample in any layout (Plan.rows)
     """Batch-norm backward. Arrays are aligned, C-contiguous and of x's dtype (the statistics float64), as the
     caller checked.
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
-    statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy).
+    statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy). dx is computed
+    in double and rounded once, except the plain training dx of float32 data with SINGLE_DX channels or more and
+    rows (a property of the array, not its layout: see SINGLE_DX) of 1 or at least SHORT_DX values: in float32,
+    each channel checked and recomputed in double where its error bound fails (_grad_check).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     After a forward with ReLU, dy stands for gated(dy) in all of the above: dy where the forward's ReLU let the
@@ -1346,7 +1489,7 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), True)
     cdef bint given = sums is not None and dx is not None
     cdef double small[SMALL_WORK]
-    cdef _Scratch big = _Scratch(_work_size(L, not given)) if _work_size(L, not given) > SMALL_WORK else None
+    cdef _Scratch big = _Scratch(_work_size(L, True)) if _work_size(L, True) > SMALL_WORK else None
     cdef double *work = &small[0] if big is None else big.p
     cdef double *totals = _totals(L, work)
     if given:  # copied: given sums are only read, and may be read-only
@@ -1363,6 +1506,9 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
         valid = None
     elif valid is not None:
         kind = <Pass>(kind + GRAD_VALID - GRAD)
+    if (kind == GRAD and dx is not None and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT and C >= SINGLE_DX
+            and not 1 < rows < SHORT_DX):
+        kind = GRAD_SINGLE
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)
     cdef void *a = cnp.PyArray_DATA(x)
@@ -1391,8 +1537,9 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
     cdef bint sums_only = dx == NULL
     cdef double *coef = work
     cdef double *cc = _compact(L, work)
-    cdef double *part = _totals(L, work) + 2 * L.C
+    cdef double *part = _parts(L, work)
     cdef double *s
+    cdef bint single = kind == GRAD_SINGLE
     with nogil:
         if gate != NULL:
             _gate_coef(L, mean, gate, cc, coef, x)
@@ -1406,22 +1553,35 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, mean, invstd, weight, dweight,
                                 dbias, batch, sums, m, coef, part, P)
-            return
-        if not given:
+        else:
+            if not given:
+                for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+                    _grad_sums(kind, L, k, x, dy, e, coef, part)
+                for k in range(L.nblocks - _parallel_blocks(L, nt)):
+                    _grad_sums(kind, L, k, x, dy, e, coef, part)
+                s = _merge(L, part, part + L.nblocks * L.part)
+                memcpy(sums, s, 2 * L.C * sizeof(double))
+            for c in range(L.C):
+                _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
+            if not sums_only:
+                _coefficients(L, cc, coef, _single_pass(kind, x))
+                _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
+        if single and _grad_redo(L, work, cc, <unsigned int *>(part + L.nblocks * L.part)):
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _grad_sums(kind, L, k, x, dy, e, coef, part)
+                _redo_block(L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _grad_sums(kind, L, k, x, dy, e, coef, part)
-            s = _merge(L, part, part + L.nblocks * L.part)
-            memcpy(sums, s, 2 * L.C * sizeof(double))
-        for c in range(L.C):
-            _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
-        if not sums_only:
-            _coefficients(L, cc, coef, _single_pass(kind, x))
-            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
-            for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
+                _redo_block(L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
+
+
+cdef void _dx_pass(Pass kind, Layout L, const floating *x, const floating *dy, const floating *e,
+                   floating *dx, floating *dz, bint batch, const double *coef, Positions P,
+                   int nt) noexcept nogil:
+    """dx over every block (_grad_apply), on nt threads."""
+    cdef Py_ssize_t k
+    for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
+        _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
+    for k in range(L.nblocks - _parallel_blocks(L, nt)):
+        _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 
 
 cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
@@ -1449,3 +1609,99 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const float
         _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
+
+
+cdef inline bint _normal32(double v) noexcept nogil:
+    """v is 0 or a float32 normal number a few binades away from float32's limits (about 2**-120 to 2**120;
+    False for NaN and inf)."""
+    return v == 0.0 or (fabs(v) >= 7.5e-37 and fabs(v) <= 1.3e36)
+
+
+cdef double _grad_slack(Py_ssize_t C, Py_ssize_t c, const double *cc) noexcept nogil:
+    """The part of channel c's GradSingle error bound that does not scale with its terms (_grad_check):
+    u*|c3*c1| (c3 rounded to float32) + 2u*|lo*c2| (lo of c0's float split), u = 2**-24; or -1 when one of its
+    coefficients in cc (compact, C channels) is outside float32's normal range."""
+    cdef Py_ssize_t r
+    cdef double lo = cc[c] - <double><float>cc[c]
+    for r in range(4):
+        if not _normal32(cc[r * C + c]):
+            return -1.0
+    return U32 * fabs(cc[3 * C + c] * cc[C + c]) + 2.0 * U32 * fabs(lo * cc[2 * C + c])
+
+
+cdef inline bint _grad_check(double T, double D, double slack) noexcept nogil:
+    """True when a channel's GradSingle values kept the float32 contract: each within 1e-6*max|dx| of the exact dx
+    (False for slack -1: a coefficient outside float32's normal range). A value's error is at most 3u|t1| +
+    4u|t2| + u|out| + slack (_grad_single) <= 4u(|t1| + |t2|) + u|out| + slack, and |t1| + |t2| = max(|t1 + t2|,
+    |t1 - t2|): with T and D the channel's largest |t1 + t2| and |out|, every error is below E = 4.1u*max(T, D) +
+    u*D + 1.1*slack (the 0.1s cover the roundings of t1 + t2 and out themselves). max|dx| >= D - E, so E <=
+    0.99e-6*D suffices; D >= 1e-30 keeps subnormals out of it. NaN or inf peaks fail."""
+    return (slack >= 0.0 and 1e-30 <= D < INFINITY
+            and 4.1 * U32 * max(T, D) + U32 * D + 1.1 * slack <= 0.99e-6 * D)
+
+
+cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned int *redo) noexcept nogil:
+    """Each channel's check of a GradSingle pass from its blocks' peaks (_block_apply): redo[c] = 1 where channel c
+    failed _grad_check (its dx is then recomputed in double: _redo_block), else 0; True when any failed. redo has
+    room for 2*C values (the second C hold the channels' |out| peaks meanwhile)."""
+    cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, s
+    cdef unsigned int *outs = redo + L.C
+    cdef const unsigned int *slot
+    cdef bint any = False
+    for c in range(2 * L.C):
+        redo[c] = 0
+    for k in range(L.nblocks):
+        slot = _block_peaks(L, work, k)
+        if L.minor:  # column j is value s of channel c: (c, s) stepped along the block's columns
+            _minor_block(L, k, &n0, &n1, &i0, &i1)
+            c, s = (i0 // L.S) % L.C, i0 % L.S
+            for j in range(i1 - i0):
+                redo[c] = max(redo[c], slot[j])
+                outs[c] = max(outs[c], slot[_outs_at(i1 - i0) + j])
+                c, s = _next_column(L, c, s)
+        else:
+            _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+            for c in range(c0, c1):
+                redo[c] = max(redo[c], slot[c - c0])
+                outs[c] = max(outs[c], slot[L.group + c - c0])
+    for c in range(L.C):
+        redo[c] = not _grad_check(cbn_float_of(redo[c]), cbn_float_of(outs[c]), _grad_slack(L.C, c, cc))
+        any = any or redo[c]
+    return any
+
+
+cdef inline (Py_ssize_t, Py_ssize_t) _next_column(Layout L, Py_ssize_t c, Py_ssize_t s) noexcept nogil:
+    """Channel and value (c, s) of the channel-minor column after the one of channel c, value s."""
+    s += 1
+    if s < L.S:
+        return c, s
+    return (c + 1 if c + 1 < L.C else 0), 0
+
+
+cdef void _redo_block(Layout L, Py_ssize_t k, const floating *x, const floating *dy, floating *dx,
+                      const double *coef, const unsigned int *redo) noexcept nogil:
+    """Grad in double over block k's values of the channels with redo[c] (_grad_redo): minor, each row's runs of
+    such channels' columns; major, their rows."""
+    cdef Grad grad
+    cdef Py_ssize_t c, c0, c1, n0, n1, i0, i1, n, j, s, start
+    if L.minor:
+        _minor_block(L, k, &n0, &n1, &i0, &i1)
+        for n in range(n0, n1):
+            c, s, j = (i0 // L.S) % L.C, i0 % L.S, i0
+            while j < i1:
+                start = j
+                while j < i1 and redo[c]:
+                    c, s = _next_column(L, c, s)
+                    j += 1
+                if j > start:
+                    _apply_columns(grad, x, dy, x, dx, NULL, n * L.W, start, j, L.W, coef, _every(), 0)
+                while j < i1 and not redo[c]:
+                    c, s = _next_column(L, c, s)
+                    j += 1
+        return
+    _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            if redo[c]:
+                _apply_row(grad, x, dy, x, dx, NULL, n * L.W + c * L.S + i0, n * L.W + c * L.S + i1, coef + c,
+                           L.C, NULL)

@@ -154,6 +154,9 @@ class Plan(NamedTuple):
         The transpose from memory order back to the input's axes (None: C order).
     direct : bool
         The input's memory is the kernels' array as it is (dense, aligned, the compute dtype): no copy.
+    rows : int
+        Values per channel and sample: the product of the sizes but the channel axis's and the first other axis's
+        (the same for every memory layout of the array, and for the array with its channel axis moved).
     """
 
     shape: Shape
@@ -167,6 +170,7 @@ class Plan(NamedTuple):
     mem_shape: Shape
     back: Shape | None
     direct: bool
+    rows: int
 
     def fits(self, x: FloatArray) -> bool:
         """True when ``x`` is an aligned ndarray of this plan's shape, strides and dtype (the dtype object itself:
@@ -204,7 +208,9 @@ def _plan(shape: Shape, strides: Shape | None, in_dtype: np.dtype[Any] | None, a
     mem_shape = tuple(shape[d] for d in order)
     back = None if order == tuple(range(len(shape))) else tuple(sorted(range(len(shape)), key=order.__getitem__))
     acb = (math.prod(mem_shape[:k]), shape[axis], math.prod(mem_shape[k + 1:]))
-    return Plan(shape, strides, in_dtype, axis, order, dtype, out_dtype, acb, mem_shape, back, direct)
+    sample = 1 if axis == 0 else 0  # the first axis that is not the channel's
+    rows = math.prod(size for d, size in enumerate(shape) if d not in (sample, axis))
+    return Plan(shape, strides, in_dtype, axis, order, dtype, out_dtype, acb, mem_shape, back, direct, rows)
 
 
 def is_integer(v: object) -> TypeGuard[int]:

@@ -822,7 +822,7 @@ def gradient_input(dy: FloatArray, saved: BatchNormSaved, out: FloatArray | None
     if x3.size:
         _kernels.backward(x3, _kernel_input(plan, dy), dx1, dz1, A, C, (saved.mean, saved.invstd, saved.weight), grads,
                           grad_sums, _backward_flags(saved), float(count or _valid_count(saved.valid)), thread_cap(),
-                          e, saved.valid, saved.gate)
+                          e, saved.valid, saved.gate, plan.rows)
         if copy_dx:
             _copy_result(dx, dx1, plan.order)
         if copy_dz:

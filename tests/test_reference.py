@@ -350,12 +350,14 @@ def test_float32_within_1e6_of_float64_far_from_zero(shape, layout, dy_kind):
 
 
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
-@pytest.mark.parametrize("shape", [(512, 24), (16, 6, 9, 9), (3, 4, 2000)])
+@pytest.mark.parametrize("shape", [(512, 24), (16, 6, 9, 9), (3, 4, 2000), (64, 1024), (3, 1024, 64)])
 @pytest.mark.parametrize("slope", [0.0, 0.3, 0.6, 1.0, 2.0, 10.0, 1e3])
 def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope):
     """dy = slope*y + noise: as the slope grows, dx's two terms (dy - mean(dy) and xhat*dgamma/m) cancel more
     (from none to about 1000 times dx's largest value); every case keeps the contract (1e-6 of the float64 result,
-    relative to its largest magnitude), in every layout. A float32 dx pass must fall back to double there."""
+    relative to its largest magnitude), in every layout. With 1024 channels or more (and rows of 1 or 64 or more
+    values) dx runs in float32 where its check allows and falls back to double per channel where it does not:
+    both sides of that limit."""
     rng = np.random.default_rng(12)
     C = shape[1]
     x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
@@ -370,13 +372,60 @@ def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope):
     assert np.max(np.abs(dx - dx_ref)) <= 1e-6 * np.max(np.abs(dx_ref))
 
 
+def test_float32_dx_channels_fall_back_alone():
+    """The float32 dx pass (1024 channels or more, rows of 64 values here) decides per channel: a channel whose dx
+    needs double (its terms cancel, or it holds NaN or huge values) changes no other channel's bits, and the bits
+    are those of the same tensor in channels-last memory and at either thread count."""
+    rng = np.random.default_rng(13)
+    shape = (4, 1024, 8, 8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx = F.batch_norm_backward(dy, saved)[0]
+    dy2 = dy.copy()
+    dy2[:, 3] = 1e3 * y[:, 3] + dy[:, 3]  # cancels: double
+    dy2[0, 7, 1, 1] = np.nan
+    dy2[:, 9] *= 1e30
+    dx2 = F.batch_norm_backward(dy2, saved)[0]
+    clean = [c for c in range(shape[1]) if c not in (3, 7, 9)]
+    assert dx2[:, clean].tobytes() == dx[:, clean].tobytes()
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    dyl = np.ascontiguousarray(np.moveaxis(dy2, 1, -1))
+    _, saved_l = F.batch_norm(np.moveaxis(xl, -1, 1), None, None, None, None, True, return_saved=True)
+    np.testing.assert_array_equal(F.batch_norm_backward(np.moveaxis(dyl, -1, 1), saved_l)[0], dx2)
+    threads = cbn.get_num_threads()
+    try:
+        cbn.set_num_threads(1)
+        np.testing.assert_array_equal(F.batch_norm_backward(dy2, saved)[0], dx2)
+    finally:
+        cbn.set_num_threads(threads)
+    _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, None, None, True, return_saved=True)
+    ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
+    assert np.max(np.abs(dx - ref)) <= 1e-6 * np.max(np.abs(ref))
+    assert np.mean(dx != ref.astype(np.float32)) > 0.1  # float32 arithmetic ran (double rounds the result once)
+
+
+@pytest.mark.parametrize("shape", [(4, 1024, 8, 8), (4, 1024, 4, 4), (64, 1024)])
+def test_float32_dx_same_bits_with_the_channel_axis_first(shape):
+    """Whether dx runs in float32 is decided by the array's rows (values per channel and sample), which do not
+    change when its channel axis moves: the same bits with the channel axis first."""
+    rng = np.random.default_rng(14)
+    x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    _, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
+    x0, dy0 = np.ascontiguousarray(np.moveaxis(x, 1, 0)), np.ascontiguousarray(np.moveaxis(dy, 1, 0))
+    _, saved_0 = F.batch_norm(x0, None, None, None, None, True, axis=0, return_saved=True)
+    np.testing.assert_array_equal(np.moveaxis(F.batch_norm_backward(dy0, saved_0)[0], 0, 1),
+                                  F.batch_norm_backward(dy, saved)[0])
+
+
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("std,eps", [(1e-20, 0.0), (1e22, 1e-5), (1e30, 1e-5)])
-def test_float32_backward_at_extreme_scales(std, eps, layout):
+@pytest.mark.parametrize("shape", [(8, 2, 32), (2, 1024, 64)])
+def test_float32_backward_at_extreme_scales(std, eps, layout, shape):
     """dx's coefficients (gamma*invstd and gamma*invstd**2*dgamma/m) can leave float32's range where dx does not:
     they stay in double, so float32 dx is finite and within 1e-6 of the float64 result."""
     rng = np.random.default_rng(5)
-    x = (rng.standard_normal((8, 2, 32)) * std).astype(np.float32)
+    x = (rng.standard_normal(shape) * std).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     with forced_layout(layout):
         _, saved = F.batch_norm(x, None, None, None, None, True, eps=eps, return_saved=True)
