@@ -670,26 +670,25 @@ cdef void _grad_columns(const_float_row x, const_float_row dy, float_row out, Py
     cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
     cdef unsigned int *outs = peaks + gap - j0
-    cdef float hi, lo, c1, c2, c3, a0, a1, a2, a3, b0, b1, b2, b3
+    cdef float hi, lo, c1, c2, c3
+    cdef GradPair g0, g1, g2, g3
     for r in range(0, r4, 4):
         i = base + r * W
         for j in range(j0, j1):
             hi, lo, c1, c2, c3 = f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j]
-            a0, b0 = (dy[i + j] - c3) * c1, ((x[i + j] - hi) - lo) * c2
-            a1, b1 = (dy[i + W + j] - c3) * c1, ((x[i + W + j] - hi) - lo) * c2
-            a2, b2 = (dy[i + 2 * W + j] - c3) * c1, ((x[i + 2 * W + j] - hi) - lo) * c2
-            a3, b3 = (dy[i + 3 * W + j] - c3) * c1, ((x[i + 3 * W + j] - hi) - lo) * c2
-            out[i + j], out[i + W + j] = a0 - b0, a1 - b1
-            out[i + 2 * W + j], out[i + 3 * W + j] = a2 - b2, a3 - b3
-            terms[j] = _peak(_peak(_peak(_peak(terms[j], a0 + b0), a1 + b1), a2 + b2), a3 + b3)
-            outs[j] = _peak(_peak(_peak(_peak(outs[j], a0 - b0), a1 - b1), a2 - b2), a3 - b3)
+            g0 = _grad_single(x[i + j], dy[i + j], hi, lo, c1, c2, c3)
+            g1 = _grad_single(x[i + W + j], dy[i + W + j], hi, lo, c1, c2, c3)
+            g2 = _grad_single(x[i + 2 * W + j], dy[i + 2 * W + j], hi, lo, c1, c2, c3)
+            g3 = _grad_single(x[i + 3 * W + j], dy[i + 3 * W + j], hi, lo, c1, c2, c3)
+            out[i + j], out[i + W + j], out[i + 2 * W + j], out[i + 3 * W + j] = g0.out, g1.out, g2.out, g3.out
+            terms[j] = _peak(_peak(_peak(_peak(terms[j], g0.terms), g1.terms), g2.terms), g3.terms)
+            outs[j] = _peak(_peak(_peak(_peak(outs[j], g0.out), g1.out), g2.out), g3.out)
     for r in range(r4, nrows):
         i = base + r * W
         for j in range(j0, j1):
-            a0 = (dy[i + j] - f[4 * F + j]) * f[2 * F + j]
-            b0 = ((x[i + j] - f[j]) - f[F + j]) * f[3 * F + j]
-            out[i + j] = a0 - b0
-            terms[j], outs[j] = _peak(terms[j], a0 + b0), _peak(outs[j], a0 - b0)
+            g0 = _grad_single(x[i + j], dy[i + j], f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j])
+            out[i + j] = g0.out
+            terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
 
 
 cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
