@@ -355,7 +355,7 @@ def test_float32_within_1e6_of_float64_far_from_zero(shape, layout, dy_kind):
 def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope):
     """dy = slope*y + noise: as the slope grows, dx's two terms (dy - mean(dy) and xhat*dgamma/m) cancel more
     (from none to about 1000 times dx's largest value); every case keeps the contract (1e-6 of the float64 result,
-    relative to its largest magnitude), in every layout. With 1024 channels or more (and rows of 1 or 64 or more
+    relative to its largest magnitude), in every layout. With 1024 channels or more (and rows of 1 or 32 or more
     values) dx runs in float32 where its check allows and falls back to double per channel where it does not:
     both sides of that limit."""
     rng = np.random.default_rng(12)
