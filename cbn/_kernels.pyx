@@ -216,7 +216,7 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
         return (_masked(d, e) - c0) * c1 + c2
     elif ApplyOp is AffineMaskedDz:
         return (_masked(a, e) - c0) * c1 + c2
-    elif ApplyOp is Grad:
+    elif ApplyOp is Grad or ApplyOp is GradSingle:  # GradSingle in double: never selected (float32 only)
         return (d - c3) * c1 - (a - c0) * c2
     elif ApplyOp is GradGated or ApplyOp is GradMaskedDz:
         return (_masked(d, e) - c3) * c1 - (a - c0) * c2
@@ -1619,14 +1619,17 @@ cdef inline bint _normal32(double v) noexcept nogil:
 
 cdef double _grad_slack(Py_ssize_t C, Py_ssize_t c, const double *cc) noexcept nogil:
     """The part of channel c's GradSingle error bound that does not scale with its terms (_grad_check):
-    u*|c3*c1| (c3 rounded to float32) + 2u*|lo*c2| (lo of c0's float split), u = 2**-24; or -1 when one of its
-    coefficients in cc (compact, C channels) is outside float32's normal range."""
+    |c1|*e(c3) + |c2|*(u*|lo| + e(lo)), e(v) = |v - float32(v)| the rounding error of v (exact, subnormals
+    included), lo = c0 - float32(c0) the low part of the mean's float split (x - hi in float32 rounds by at most
+    u*(|x - c0| + |lo|)), u = 2**-24; or -1 when c0, c1, c2 or c3 in cc (compact, C channels) is outside float32's
+    normal range."""
     cdef Py_ssize_t r
-    cdef double lo = cc[c] - <double><float>cc[c]
+    cdef double lo = cc[c] - <double><float>cc[c], c3 = cc[3 * C + c]
     for r in range(4):
         if not _normal32(cc[r * C + c]):
             return -1.0
-    return U32 * fabs(cc[3 * C + c] * cc[C + c]) + 2.0 * U32 * fabs(lo * cc[2 * C + c])
+    return (fabs(cc[C + c]) * fabs(c3 - <double><float>c3)
+            + fabs(cc[2 * C + c]) * (U32 * fabs(lo) + fabs(lo - <double><float>lo)))
 
 
 cdef inline bint _grad_check(double T, double D, double slack) noexcept nogil:

@@ -374,8 +374,8 @@ def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope):
 
 def test_float32_dx_channels_fall_back_alone():
     """The float32 dx pass (1024 channels or more, rows of 64 values here) decides per channel: a channel whose dx
-    needs double (its terms cancel, or it holds NaN or huge values) changes no other channel's bits, and the bits
-    are those of the same tensor in channels-last memory and at either thread count."""
+    needs double (its terms cancel, or it holds NaN) or that holds huge values changes no other channel's bits, and
+    the bits are those of the same tensor in channels-last memory and at either thread count."""
     rng = np.random.default_rng(13)
     shape = (4, 1024, 8, 8)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -403,6 +403,24 @@ def test_float32_dx_channels_fall_back_alone():
     ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
     assert np.max(np.abs(dx - ref)) <= 1e-6 * np.max(np.abs(ref))
     assert np.mean(dx != ref.astype(np.float32)) > 0.1  # float32 arithmetic ran (double rounds the result once)
+
+
+def test_float32_dx_within_1e6_with_a_mean_near_float32s_subnormals():
+    """Data of two neighbouring float32 values near 1e-33 (the mean's low float part is a subnormal, which float32
+    rounds with an absolute, not relative, error) and dy correlated with xhat: the float32 dx pass's check counts
+    that rounding, so dx keeps the contract."""
+    rng = np.random.default_rng(0)
+    m, C = 1001, 1024
+    a = np.float32(1e-33)
+    x = np.where(rng.random((m, C)) < 0.5, a, np.nextafter(a, np.float32(1))).astype(np.float32)
+    w = np.full(C, 1.4e-45, np.float32)
+    _, saved = F.batch_norm(x, None, None, w, None, True, eps=0.0, return_saved=True)
+    dy = ((x - saved.mean) * saved.invstd + rng.standard_normal((m, C))).astype(np.float32)
+    dx = F.batch_norm_backward(dy, saved)[0]
+    _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, w.astype(np.float64), None, True, eps=0.0,
+                                return_saved=True)
+    ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
+    assert np.max(np.abs(dx - ref)) <= 1e-6 * np.max(np.abs(ref))
 
 
 @pytest.mark.parametrize("shape", [(4, 1024, 8, 8), (4, 1024, 4, 4), (64, 1024)])
