@@ -638,7 +638,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     cdef Py_ssize_t j, i, q, a, b, F = W + SKEW
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
-    cdef const float *f = <const float *>(coef + 6 * W)
+    cdef const float *f = _float_rows(coef, W)
     if _single(op, out):
         for j in range(j0, j1):
             i = base + j
@@ -876,7 +876,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         if ApplyOp is GradSingle and floating is float:
             for c in range(_outs_at(i1 - i0) + i1 - i0):
                 slot[c] = 0
-            _grad_columns(x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, <const float *>(coef + 6 * L.W),
+            _grad_columns(x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
                           L.W + SKEW, slot, _outs_at(i1 - i0))
             return
         for n in range(n0, n1):
@@ -1114,6 +1114,11 @@ cdef inline double *_gate_rows(Layout L, const double *coef) noexcept nogil:
     return <double *>coef + 4 * L.C * L.G
 
 
+cdef inline float *_float_rows(const double *coef, Py_ssize_t W) noexcept nogil:
+    """Where _narrow's float32 rows start: after coef's four rows and the two gate rows, of W columns each."""
+    return <float *>(coef + 6 * W)
+
+
 cdef inline double *_parts(Layout L, const double *work) noexcept nogil:
     """The partial sums of the blocks (L.part doubles each), then their merge tree."""
     return <double *>work + _sums_at(L) + 2 * L.C
@@ -1249,7 +1254,7 @@ cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint si
     channel-major ones narrow a row's coefficients themselves)."""
     _expand(L, cc, coef, 4)
     if single and L.minor:
-        _narrow(L.C * L.G, coef, <float *>(coef + 6 * L.C * L.G))
+        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G))
 
 
 cpdef enum ForwardFlag:
