@@ -277,6 +277,9 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 # the same arrays' channels-last memory).
 cdef Py_ssize_t SINGLE_DX = 1024
 cdef Py_ssize_t SHORT_DX = 32
+# A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
+# run's three float32 coefficient rows (12 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
+cdef Py_ssize_t SINGLE_RUN = 1024
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
 # _forced_block values and threads even for tiny inputs.
@@ -875,7 +878,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     """The elementwise pass over block k (the Valid passes with the weights of P). GradSingle writes the peaks of
     each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|) or channels (major: of its
     group of channels, likewise) over the block's rows to the block's slot of partial sums (_block_peaks)."""
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, run
     cdef Peaks peaks
     cdef unsigned int *slot = _block_peaks(L, coef, k) if ApplyOp is GradSingle else NULL
     if L.minor:
@@ -886,8 +889,11 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             _grad_columns(x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
                           L.W + SKEW, slot, _outs_at(i1 - i0))
             return
-        for n in range(n0, n1):
-            _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
+        run = SINGLE_RUN if _single(op, out) else i1 - i0
+        for c in range(_cdiv(i1 - i0, run)):
+            a = i0 + c * run
+            for n in range(n0, n1):
+                _apply_columns(op, x, dy, e, out, dz, n * L.W, a, min(i1, a + run), L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     if ApplyOp is GradSingle:
