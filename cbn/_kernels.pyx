@@ -191,7 +191,7 @@ cdef inline double _relu(double v) noexcept nogil:
     return 0.0 if v < 0.0 else v
 
 
-cdef inline double _extra(AnyOp op, floating a, floating e, const double *h, Py_ssize_t hs,
+cdef inline double _extra(AnyOp op, floating a, floating e, const floating *h, Py_ssize_t hs,
                           Py_ssize_t j) noexcept nogil:
     """The e of an op at input a: for the Gated ops, 1.0 where the forward's ReLU let the value through, else 0.0:
     where h[j] <= a <= h[hs + j], the interval of the inputs it passed (_gate_coef); else e itself."""
@@ -442,7 +442,7 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                        Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
                        double *s0, double *s1, Positions P, Py_ssize_t p, Py_ssize_t pld,
-                       Py_ssize_t j0, const double *h, Py_ssize_t hs) noexcept nogil:
+                       Py_ssize_t j0, const floating *h, Py_ssize_t hs) noexcept nogil:
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
     u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
     p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums), masked(dy) (GradSumsMasked) or gated(dy)
@@ -606,19 +606,19 @@ cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single, bint g
 
 cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
                       floating *out, floating *dz, Py_ssize_t i0, Py_ssize_t i1, const double *cf, Py_ssize_t W,
-                      const Py_ssize_t *v) noexcept nogil:
-    """Values [i0, i1) of one channel, whose coefficients are cf[r*W] (r = 0..3; its gate interval, r = 4, 5): out =
+                      const Py_ssize_t *v, const floating *gc) noexcept nogil:
+    """Values [i0, i1) of one channel, whose coefficients are cf[r*W] (r = 0..3; its gate interval gc[0], gc[W]): out =
     _value(op, x, dy, e) in double, rounded once (and dz, for the Dz ops); value i with the position weight
     v[i - i0] (read by the Valid ops only). The _single passes in float32; returns GradSingle's peaks."""
     cdef Py_ssize_t i
     cdef float hi
     cdef double c0 = cf[0], c1 = cf[W], c2 = cf[2 * W], c3 = cf[3 * W]
-    cdef double h[2]
+    cdef floating h[2]
     cdef Peaks peaks
     cdef GradPair g
     peaks.terms = peaks.out = 0
     if ApplyOp is AffineGated or ApplyOp is GradGated or ApplyOp is GradGatedValid:
-        h[0], h[1] = cf[4 * W], cf[5 * W]
+        h[0], h[1] = gc[0], gc[W]
     if _single(op, out):
         hi = <float>c0
         for i in range(i0, i1):
@@ -649,6 +649,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
     cdef const float *f = _float_rows(coef, W)
+    cdef const floating *g = <const floating *>(coef + 4 * W)
     if _single(op, out):
         for j in range(j0, j1):
             i = base + j
@@ -663,7 +664,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
             v = _row_weights(P, p, a, b, buf)
         for j in range(a, b):
             i = base + j
-            out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], coef + 4 * W, W, j), coef[j],
+            out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], g, W, j), coef[j],
                                       coef[W + j], coef[2 * W + j], coef[3 * W + j], _position(op, v, j - a))
             if ApplyOp is AffineMaskedDz:
                 dz[i] = <floating>_masked(x[i], e[i])
@@ -740,8 +741,8 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     (_fold) once per channel."""
     cdef double s[2 * COL_CHUNK]
     cdef double shift[COL_CHUNK]
-    cdef double gate[2 * COL_CHUNK]
-    cdef const double *h = _gate_rows(L, coef)
+    cdef floating gate[2 * COL_CHUNK]
+    cdef const floating *h = _gate(L, coef, x)
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part, hs = L.C * L.G
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
@@ -805,20 +806,20 @@ cdef void _counted_rows(Layout L, const floating *x, Py_ssize_t n0, Py_ssize_t n
 
 cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                     Py_ssize_t base, Py_ssize_t n, double k, double *pair, Positions P, Py_ssize_t p,
-                    const double *hc, Py_ssize_t hs) noexcept nogil:
+                    const floating *hc, Py_ssize_t hs) noexcept nogil:
     """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (at positions p, p + 1,
     ...; u = x - k, w as in _column_sums, the channel's gate coefficients at hc[r*hs]): value i in lane i % LANES
     (_row_lanes), the lanes folded pairwise."""
     cdef double s[2 * LANES]
     cdef double shift[LANES]
-    cdef double gate[2 * LANES]
+    cdef floating gate[2 * LANES]
     _lanes(op, k, hc, hs, s, shift, gate, LANES, LANES)
     _row_lanes(op, x, dy, e, base, n, shift, s, P, p, gate)
     _add_folded(s, LANES, LANES, pair)
 
 
-cdef inline void _lanes(SumOp op, double k, const double *hc, Py_ssize_t hs, double *s, double *shift,
-                        double *gate, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+cdef inline void _lanes(SumOp op, double k, const floating *hc, Py_ssize_t hs, double *s, double *shift,
+                        floating *gate, Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
     """n lanes of a channel's sums (_row_sums, _block_sums), shift k, gate coefficients at hc[r*hs]: the sums
     s[:n] = s[stride:stride + n] = 0, shift[:n] = k, gate[r*stride:r*stride + n] = hc[r*hs] (GradSumsGated)."""
     cdef Py_ssize_t q, r
@@ -841,7 +842,7 @@ cdef inline void _add_folded(double *s, Py_ssize_t n, Py_ssize_t stride, double 
 
 cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, const floating *e,
                             Py_ssize_t base, Py_ssize_t n, const double *shift, double *s, Positions P,
-                            Py_ssize_t p, const double *gate) noexcept nogil:
+                            Py_ssize_t p, const floating *gate) noexcept nogil:
     """The sums of the n values at x[base:] (positions p, p + 1, ...) added into the lanes of _lanes: value i in lane
     i % LANES (the row cut into rows of LANES values, down which _column_sums runs)."""
     cdef Py_ssize_t nsub = n // LANES
@@ -903,7 +904,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         for c in range(c0, c1):
             a = n * L.W + c * L.S
             peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
-                               P.valid + n * L.S + i0 if P.valid != NULL else NULL)
+                               P.valid + n * L.S + i0 if P.valid != NULL else NULL, _gate(L, coef, x) + c)
             if ApplyOp is GradSingle:
                 slot[c - c0] = max(slot[c - c0], peaks.terms)
                 slot[L.group + c - c0] = max(slot[L.group + c - c0], peaks.out)
@@ -1022,18 +1023,19 @@ cdef void _pairwise(double *rows, Py_ssize_t n, Py_ssize_t w) noexcept nogil:
         rows[i] += rows[h * w + i]
 
 
-cdef void _expand(Layout L, const double *cc, double *coef, Py_ssize_t nrows) noexcept nogil:
+cdef void _expand(Layout L, const double *cc, floating *coef, Py_ssize_t nrows) noexcept nogil:
     """coef rows [0, nrows) from the compact cc: each channel's value in each of its G columns (minor: value s of
-    channel c in folded row r is column r*C*S + c*S + s). Nothing to do when cc is coef (G == 1)."""
-    cdef Py_ssize_t row, _r, c, _s, j, W = L.C * L.G
-    if cc == coef:
+    channel c in folded row r is column r*C*S + c*S + s; major: column c), in coef's type. Nothing to do when cc
+    is coef."""
+    cdef Py_ssize_t row, _r, c, _s, j, W = L.C * L.G, S = L.S if L.minor else 1
+    if <const void *>cc == <void *>coef:
         return
     for row in range(nrows):
         j = row * W
-        for _r in range(L.G // L.S):
+        for _r in range(L.G // S):
             for c in range(L.C):
-                for _s in range(L.S):
-                    coef[j] = cc[row * L.C + c]
+                for _s in range(S):
+                    coef[j] = <floating>cc[row * L.C + c]
                     j += 1
 
 
@@ -1123,8 +1125,14 @@ cdef inline double *_compact(Layout L, double *work) noexcept nogil:
 
 
 cdef inline double *_gate_rows(Layout L, const double *coef) noexcept nogil:
-    """The two rows of C*G columns after coef's rows: the gate intervals (_gate_coef)."""
+    """Where the two rows of C*G columns after coef's rows are: the gate intervals (_gate), in doubles."""
     return <double *>coef + 4 * L.C * L.G
+
+
+cdef inline floating *_gate(Layout L, const double *coef, const floating *x) noexcept nogil:
+    """The gate rows (_gate_coef) in the data's type: the ends of each column's interval are values of that type,
+    so the gated passes compare x with them exactly in it (x only selects the type)."""
+    return <floating *>_gate_rows(L, coef)
 
 
 cdef inline float *_float_rows(const double *coef, Py_ssize_t W) noexcept nogil:
@@ -1154,7 +1162,6 @@ cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *c
     _edge, make the gate the forward's own test, to the bit, for every input (NaN: outside)."""
     cdef Py_ssize_t c, C = L.C
     cdef floating h0, h2, h3, top = <floating>INFINITY
-    cdef double *hc = cc if L.G > 1 else _gate_rows(L, coef)
     cdef double root
     cdef bint up, down
     cdef long long start, bottom = _key(-top), upper = _key(top)
@@ -1165,16 +1172,16 @@ cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *c
         start = _key(<floating>(root if root == root else 0.0))
         up, down = _passes(top, h0, h2, h3), _passes(-top, h0, h2, h3)
         if up and not down:  # [lo, inf]
-            hc[c], hc[C + c] = _value_of(_edge(_inside(start, upper, h0, h2, h3), bottom, h0, h2, h3), h0), top
+            cc[c], cc[C + c] = _value_of(_edge(_inside(start, upper, h0, h2, h3), bottom, h0, h2, h3), h0), top
         elif down and not up:  # [-inf, hi]
-            hc[c], hc[C + c] = -top, _value_of(_edge(_inside(start, bottom, h0, h2, h3), upper, h0, h2, h3), h0)
+            cc[c], cc[C + c] = -top, _value_of(_edge(_inside(start, bottom, h0, h2, h3), upper, h0, h2, h3), h0)
         elif _passes(h0, h0, h2, h3):
             start = _key(h0)
-            hc[c] = _value_of(_edge(start, bottom, h0, h2, h3), h0)
-            hc[C + c] = _value_of(_edge(start, upper, h0, h2, h3), h0)
+            cc[c] = _value_of(_edge(start, bottom, h0, h2, h3), h0)
+            cc[C + c] = _value_of(_edge(start, upper, h0, h2, h3), h0)
         else:
-            hc[c], hc[C + c] = top, -top
-    _expand(L, hc, _gate_rows(L, coef), 2)
+            cc[c], cc[C + c] = top, -top
+    _expand(L, cc, _gate(L, coef, x), 2)
 
 
 cdef inline bint _passes(floating a, floating h0, floating h2, floating h3) noexcept nogil:
@@ -1722,4 +1729,4 @@ cdef void _redo_block(Layout L, Py_ssize_t k, const floating *x, const floating 
         for c in range(c0, c1):
             if redo[c]:
                 _apply_row(grad, x, dy, x, dx, NULL, n * L.W + c * L.S + i0, n * L.W + c * L.S + i1, coef + c,
-                           L.C, NULL)
+                           L.C, NULL, NULL)
