@@ -102,6 +102,8 @@ cdef struct GradMaskedDz:    # out = (masked(d) - c3)*c1 - (a - c0)*c2, and dz =
     char tag
 cdef struct GradSingle:      # Grad in float32, with the peaks of its check (see _grad_check)
     char tag
+cdef struct GradGatedSingle:  # GradGated in float32, likewise
+    char tag
 # With position weights v (1 where a position counts in the statistics, else 0; see Positions):
 cdef struct MomentsValid:    # Moments over the positions with v = 1
     char tag
@@ -133,6 +135,15 @@ ctypedef fused ApplyOp:
     GradGatedValid
     GradMaskedDzValid
     GradSingle
+    GradGatedSingle
+
+ctypedef fused DxSingle:  # the dx passes in float32
+    GradSingle
+    GradGatedSingle
+
+ctypedef fused DxDouble:  # the double passes a float32 dx pass falls back to, per channel
+    Grad
+    GradGated
 
 ctypedef fused AnyOp:  # every op (_extra)
     GradSumsGated
@@ -153,6 +164,7 @@ ctypedef fused AnyOp:  # every op (_extra)
     GradValid
     GradMaskedDzValid
     GradSingle
+    GradGatedSingle
 
 # The elementwise passes by number (a call picks one at run time; each block runs its compiled specialisation).
 cpdef enum Pass:
@@ -169,6 +181,7 @@ cpdef enum Pass:
     GRAD_GATED_VALID = 10
     GRAD_MASKED_DZ_VALID = 11
     GRAD_SINGLE = 12
+    GRAD_GATED_SINGLE = 13  # GRAD_SINGLE and up: the float32 dx passes (_checked)
 
 
 # Position weights of masked statistics. Position p = n*S + s of the (N, C, S) tensor (the input without its
@@ -195,7 +208,8 @@ cdef inline double _extra(AnyOp op, floating a, floating e, const floating *h, P
                           Py_ssize_t j) noexcept nogil:
     """The e of an op at input a: for the Gated ops, 1.0 where the forward's ReLU let the value through, else 0.0:
     where h[j] <= a <= h[hs + j], the interval of the inputs it passed (_gate_coef); else e itself."""
-    if AnyOp is GradSumsGated or AnyOp is AffineGated or AnyOp is GradGated or AnyOp is GradGatedValid:
+    if (AnyOp is GradSumsGated or AnyOp is AffineGated or AnyOp is GradGated or AnyOp is GradGatedValid
+            or AnyOp is GradGatedSingle):
         return 1.0 if (a >= h[j]) & (a <= h[hs + j]) else 0.0
     else:
         return e
@@ -218,7 +232,7 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
         return (_masked(a, e) - c0) * c1 + c2
     elif ApplyOp is Grad or ApplyOp is GradSingle:  # GradSingle in double: never selected (float32 only)
         return (d - c3) * c1 - (a - c0) * c2
-    elif ApplyOp is GradGated or ApplyOp is GradMaskedDz:
+    elif ApplyOp is GradGated or ApplyOp is GradMaskedDz or ApplyOp is GradGatedSingle:  # (the latter: as GradSingle)
         return (_masked(d, e) - c3) * c1 - (a - c0) * c2
     elif ApplyOp is GradValid:
         return (d - c3) * c1 - (a - c0) * c2 if v else d * c1
@@ -267,14 +281,14 @@ cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t FOLD_WIDTH = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
-# A float32 training backward computes dx in float32 (GradSingle, each channel checked and recomputed in double
-# where its bound fails) with SINGLE_DX channels or more, unless the input's rows (values per channel and sample)
-# number 2 to SHORT_DX - 1. Both memory layouts of an array must give the same bits, so its shape decides, not the
-# layout: channel-minor passes run along rows of C (or C*rows) columns, whose double coefficient rows outgrow L1
-# from about 1024 columns, which float32 rows four at a time relieve (narrower, the check's per-column peaks cost
-# more than float32 saves); channel-major rows shorter than SHORT_DX spend more on folding each row's peaks than
-# float32 saves (rows of 25 values: 1.11x the double pass's time; 32-49 values: 0.94-1.03x, against 0.78-0.83x for
-# the same arrays' channels-last memory).
+# A float32 training backward (plain, or after a fused ReLU without residual) computes dx in float32 (DxSingle,
+# each channel checked and recomputed in double where its bound fails) with SINGLE_DX channels or more, unless the
+# input's rows (values per channel and sample) number 2 to SHORT_DX - 1. Both memory layouts of an array must give
+# the same bits, so its shape decides, not the layout: channel-minor passes run along rows of C (or C*rows)
+# columns, whose double coefficient rows outgrow L1 from about 1024 columns, which float32 rows four at a time
+# relieve (narrower, the check's per-column peaks cost more than float32 saves); channel-major rows shorter than
+# SHORT_DX spend more on folding each row's peaks than float32 saves (rows of 25 values: 1.11x the double pass's
+# time; 32-49 values: 0.94-1.03x, against 0.78-0.83x for the same arrays' channels-last memory).
 cdef Py_ssize_t SINGLE_DX = 1024
 cdef Py_ssize_t SHORT_DX = 32
 # A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
@@ -527,16 +541,27 @@ cdef inline bint _single(ApplyOp op, floating *out) noexcept nogil:
     """True for the passes computed in float32 on float32 data (see _value_single; out only selects the type)."""
     if floating is float:
         return (ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu
-                or ApplyOp is GradSingle)
+                or ApplyOp is GradSingle or ApplyOp is GradGatedSingle)
     return False
 
 
 cdef inline bint _single_pass(Pass kind, const floating *x) noexcept nogil:
-    """_single by pass number: the forward passes (AFFINE to AFFINE_ADD_RELU) and GRAD_SINGLE on float32 data (x
-    only selects the type)."""
+    """_single by pass number: the forward passes (AFFINE to AFFINE_ADD_RELU) and the float32 dx passes (_checked)
+    on float32 data (x only selects the type)."""
     if floating is float:
-        return kind <= AFFINE_ADD_RELU or kind == GRAD_SINGLE
+        return kind <= AFFINE_ADD_RELU or _checked(kind)
     return False
+
+
+cdef inline bint _dx_single(ApplyOp op) noexcept nogil:
+    """The DxSingle ops (which keep peaks: _block_apply)."""
+    return ApplyOp is GradSingle or ApplyOp is GradGatedSingle
+
+
+cdef inline bint _checked(Pass kind) noexcept nogil:
+    """The float32 dx passes (DxSingle), whose channels are checked and recomputed in double where their bound fails
+    (_grad_redo)."""
+    return kind >= GRAD_SINGLE
 
 
 cdef inline float _value_single(ApplyOp op, float a, float hi, float s, float c1, float e) noexcept nogil:
@@ -569,6 +594,15 @@ cdef inline GradPair _grad_single(float a, float d, float hi, float lo, float c1
     cdef GradPair r
     r.out, r.terms = t1 - t2, t1 + t2
     return r
+
+
+cdef inline float _dy_single(DxSingle op, float a, float d, float lo, float hi) noexcept nogil:
+    """The d of a float32 dx value: GradGatedSingle gated(d), d where lo <= a <= hi (the interval of inputs the
+    forward's ReLU let through, _gate_coef), else 0; GradSingle d itself (lo and hi unread)."""
+    cdef float zero = 0.0
+    if DxSingle is GradGatedSingle:
+        return d if (a >= lo) & (a <= hi) else zero
+    return d
 
 
 cdef inline unsigned int _peak(unsigned int p, float v) noexcept nogil:
@@ -609,7 +643,7 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
                       const Py_ssize_t *v, const floating *gc) noexcept nogil:
     """Values [i0, i1) of one channel, whose coefficients are cf[r*W] (r = 0..3; its gate interval gc[0], gc[W]): out =
     _value(op, x, dy, e) in double, rounded once (and dz, for the Dz ops); value i with the position weight
-    v[i - i0] (read by the Valid ops only). The _single passes in float32; returns GradSingle's peaks."""
+    v[i - i0] (read by the Valid ops only). The _single passes in float32; returns a DxSingle pass's peaks."""
     cdef Py_ssize_t i
     cdef float hi
     cdef double c0 = cf[0], c1 = cf[W], c2 = cf[2 * W], c3 = cf[3 * W]
@@ -617,13 +651,15 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
     cdef Peaks peaks
     cdef GradPair g
     peaks.terms = peaks.out = 0
-    if ApplyOp is AffineGated or ApplyOp is GradGated or ApplyOp is GradGatedValid:
+    h[0] = h[1] = 0
+    if ApplyOp is AffineGated or ApplyOp is GradGated or ApplyOp is GradGatedValid or ApplyOp is GradGatedSingle:
         h[0], h[1] = gc[0], gc[W]
     if _single(op, out):
         hi = <float>c0
         for i in range(i0, i1):
-            if ApplyOp is GradSingle and floating is float:
-                g = _grad_single(x[i], dy[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, <float>c3)
+            if (ApplyOp is GradSingle or ApplyOp is GradGatedSingle) and floating is float:
+                g = _grad_single(x[i], _dy_single(op, x[i], dy[i], h[0], h[1]), hi, <float>(c0 - <double>hi),
+                                 <float>c1, <float>c2, <float>c3)
                 out[i] = g.out
                 peaks.terms, peaks.out = _peak(peaks.terms, g.terms), _peak(peaks.out, g.out)
             else:
@@ -672,34 +708,44 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                 dz[i] = <floating>_masked(dy[i], e[i])
 
 
-cdef void _grad_columns(const_float_row x, const_float_row dy, float_row out, Py_ssize_t base, Py_ssize_t W,
-                        Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1, const_float_row f, Py_ssize_t F,
-                        peak_row peaks, Py_ssize_t gap) noexcept nogil:
-    """GradSingle over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
-    coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow): out = t1 - t2 of _grad_single, four
-    rows per step (each column's coefficients and peaks loaded once for them); each column's peaks raised to its
-    values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
-    cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
+cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, float_row out, Py_ssize_t base,
+                        Py_ssize_t W, Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1, const_float_row f,
+                        Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g) noexcept nogil:
+    """A DxSingle pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
+    coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
+    (GradGatedSingle): out = t1 - t2 of _grad_single, four rows per step (each column's coefficients and peaks
+    loaded once for them); each column's peaks raised to its values': |t1 + t2| in peaks[j - j0], |out| in
+    peaks[gap + j - j0]."""
+    cdef Py_ssize_t r, j, i, q, r4 = nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
     cdef unsigned int *outs = peaks + gap - j0
-    cdef float hi, lo, c1, c2, c3
+    cdef float hi, lo, c1, c2, c3, glo = 0.0, ghi = 0.0
     cdef GradPair g0, g1, g2, g3
     for r in range(0, r4, 4):
         i = base + r * W
         for j in range(j0, j1):
             hi, lo, c1, c2, c3 = f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j]
-            g0 = _grad_single(x[i + j], dy[i + j], hi, lo, c1, c2, c3)
-            g1 = _grad_single(x[i + W + j], dy[i + W + j], hi, lo, c1, c2, c3)
-            g2 = _grad_single(x[i + 2 * W + j], dy[i + 2 * W + j], hi, lo, c1, c2, c3)
-            g3 = _grad_single(x[i + 3 * W + j], dy[i + 3 * W + j], hi, lo, c1, c2, c3)
-            out[i + j], out[i + W + j], out[i + 2 * W + j], out[i + 3 * W + j] = g0.out, g1.out, g2.out, g3.out
+            if DxSingle is GradGatedSingle:
+                glo, ghi = g[j], g[W + j]
+            q = i + j
+            g0 = _grad_single(x[q], _dy_single(op, x[q], dy[q], glo, ghi), hi, lo, c1, c2, c3)
+            g1 = _grad_single(x[q + W], _dy_single(op, x[q + W], dy[q + W], glo, ghi), hi, lo, c1, c2, c3)
+            g2 = _grad_single(x[q + 2 * W], _dy_single(op, x[q + 2 * W], dy[q + 2 * W], glo, ghi), hi, lo, c1, c2,
+                              c3)
+            g3 = _grad_single(x[q + 3 * W], _dy_single(op, x[q + 3 * W], dy[q + 3 * W], glo, ghi), hi, lo, c1, c2,
+                              c3)
+            out[q], out[q + W], out[q + 2 * W], out[q + 3 * W] = g0.out, g1.out, g2.out, g3.out
             terms[j] = _peak(_peak(_peak(_peak(terms[j], g0.terms), g1.terms), g2.terms), g3.terms)
             outs[j] = _peak(_peak(_peak(_peak(outs[j], g0.out), g1.out), g2.out), g3.out)
     for r in range(r4, nrows):
         i = base + r * W
         for j in range(j0, j1):
-            g0 = _grad_single(x[i + j], dy[i + j], f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j])
-            out[i + j] = g0.out
+            if DxSingle is GradGatedSingle:
+                glo, ghi = g[j], g[W + j]
+            q = i + j
+            g0 = _grad_single(x[q], _dy_single(op, x[q], dy[q], glo, ghi), f[j], f[F + j], f[2 * F + j],
+                              f[3 * F + j], f[4 * F + j])
+            out[q] = g0.out
             terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
 
 
@@ -876,19 +922,19 @@ cdef inline void _zero_lanes(double *s, Py_ssize_t n, Py_ssize_t stride) noexcep
 cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                        const floating *e, floating *out, floating *dz, const double *coef,
                        Positions P) noexcept nogil:
-    """The elementwise pass over block k (the Valid passes with the weights of P). GradSingle writes the peaks of
+    """The elementwise pass over block k (the Valid passes with the weights of P). A DxSingle pass writes the peaks of
     each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|) or channels (major: of its
     group of channels, likewise) over the block's rows to the block's slot of partial sums (_block_peaks)."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, run
     cdef Peaks peaks
-    cdef unsigned int *slot = _block_peaks(L, coef, k) if ApplyOp is GradSingle else NULL
+    cdef unsigned int *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
-        if ApplyOp is GradSingle and floating is float:
+        if (ApplyOp is GradSingle or ApplyOp is GradGatedSingle) and floating is float:
             for c in range(_outs_at(i1 - i0) + i1 - i0):
                 slot[c] = 0
-            _grad_columns(x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
-                          L.W + SKEW, slot, _outs_at(i1 - i0))
+            _grad_columns(op, x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
+                          slot, _outs_at(i1 - i0), _gate(L, coef, x))
             return
         run = SINGLE_RUN if _single(op, out) else i1 - i0
         for c in range(_cdiv(i1 - i0, run)):
@@ -897,7 +943,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 _apply_columns(op, x, dy, e, out, dz, n * L.W, a, min(i1, a + run), L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
-    if ApplyOp is GradSingle:
+    if _dx_single(op):
         for c in range(2 * L.group):
             slot[c] = 0
     for n in range(n0, n1):
@@ -905,7 +951,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             a = n * L.W + c * L.S
             peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
                                P.valid + n * L.S + i0 if P.valid != NULL else NULL, _gate(L, coef, x) + c)
-            if ApplyOp is GradSingle:
+            if _dx_single(op):
                 slot[c - c0] = max(slot[c - c0], peaks.terms)
                 slot[L.group + c - c0] = max(slot[L.group + c - c0], peaks.out)
 
@@ -927,6 +973,7 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
     cdef GradGatedValid grad_gated_valid
     cdef GradMaskedDzValid grad_masked_dz_valid
     cdef GradSingle grad_single
+    cdef GradGatedSingle grad_gated_single
     if kind == AFFINE:
         _block_apply(affine, L, k, x, dy, e, out, dz, coef, P)
     elif kind == AFFINE_RELU:
@@ -951,6 +998,9 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
         _block_apply(grad_gated_valid, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD_SINGLE:
         _block_apply(grad_single, L, k, x, dy, e, out, dz, coef, P)
+    elif kind == GRAD_GATED_SINGLE:
+        _block_apply(grad_gated_single, L, k, x, dy, e, out, dz, coef, P)
+
     else:
         _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
 
@@ -962,7 +1012,7 @@ cdef void _grad_sums(Pass kind, Layout L, Py_ssize_t k, const floating *x, const
     cdef GradSumsMasked gradsums_masked
     cdef GradSumsGated gradsums_gated
     cdef Positions every = _every()
-    if kind == AFFINE_GATED or kind == GRAD_GATED or kind == GRAD_GATED_VALID:
+    if kind == AFFINE_GATED or kind == GRAD_GATED or kind == GRAD_GATED_VALID or kind == GRAD_GATED_SINGLE:
         _block_sums(gradsums_gated, L, k, x, dy, e, coef, part, every)
     elif kind == AFFINE_MASKED_DZ or kind == GRAD_MASKED_DZ or kind == GRAD_MASKED_DZ_VALID:
         _block_sums(gradsums_masked, L, k, x, dy, e, coef, part, every)
@@ -1101,7 +1151,7 @@ cdef class _Scratch:
 
 # A call's scratch (doubles): coef (4*C*G), the gate rows of a backward after a ReLU (_gate_rows: 2*C*G), coef's
 # float32 rows (_narrow: 5 of C*G + SKEW floats, _single_rows), cc (4*C, when G > 1), the sums (2*C) and, for calls
-# that sum (and every backward), the partial sums and their merge tree; a GradSingle pass then writes its peaks over
+# that sum (and every backward), the partial sums and their merge tree; a DxSingle pass then writes its peaks over
 # the partial sums (_block_peaks) and its channels' checks over the tree (_grad_redo).
 
 cdef inline Py_ssize_t _single_rows(Layout L) noexcept nogil:
@@ -1146,7 +1196,7 @@ cdef inline double *_parts(Layout L, const double *work) noexcept nogil:
 
 
 cdef inline unsigned int *_block_peaks(Layout L, const double *work, Py_ssize_t k) noexcept nogil:
-    """Block k's peaks of a GradSingle pass (_block_apply), in its slot of partial sums (used by then)."""
+    """Block k's peaks of a DxSingle pass (_block_apply), in its slot of partial sums (used by then)."""
     return <unsigned int *>(_parts(L, work) + k * L.part)
 
 
@@ -1492,9 +1542,10 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
 
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
     statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy). dx is computed
-    in double and rounded once, except the plain training dx of float32 data with SINGLE_DX channels or more and
-    rows (a property of the array, not its layout: see SINGLE_DX) of 1 or at least SHORT_DX values: in float32,
-    each channel checked and recomputed in double where its error bound fails (_grad_check).
+    in double and rounded once, except the training dx of float32 data (plain, or gated: after a ReLU without a
+    residual) with SINGLE_DX channels or more and rows (a property of the array, not its layout: see SINGLE_DX) of
+    1 or at least SHORT_DX values: in float32, each channel checked and recomputed in double where its error bound
+    fails (_grad_check).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     After a forward with ReLU, dy stands for gated(dy) in all of the above: dy where the forward's ReLU let the
@@ -1528,9 +1579,9 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
         valid = None
     elif valid is not None:
         kind = <Pass>(kind + GRAD_VALID - GRAD)
-    if (kind == GRAD and dx is not None and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT and C >= SINGLE_DX
-            and not 1 < rows < SHORT_DX):
-        kind = GRAD_SINGLE
+    if ((kind == GRAD or kind == GRAD_GATED) and dx is not None and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
+            and C >= SINGLE_DX and not 1 < rows < SHORT_DX):
+        kind = <Pass>(kind - GRAD + GRAD_SINGLE)
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)
     cdef void *a = cnp.PyArray_DATA(x)
@@ -1561,7 +1612,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
     cdef double *cc = _compact(L, work)
     cdef double *part = _parts(L, work)
     cdef double *s
-    cdef bint single = kind == GRAD_SINGLE
+    cdef bint single = _checked(kind)
     with nogil:
         if gate != NULL:
             _gate_coef(L, mean, gate, cc, coef, x)
@@ -1586,13 +1637,13 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
             for c in range(L.C):
                 _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
             if not sums_only:
-                _coefficients(L, cc, coef, _single_pass(kind, x), kind == GRAD_SINGLE)
+                _coefficients(L, cc, coef, _single_pass(kind, x), single)
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
         if single and _grad_redo(L, work, cc, <unsigned int *>(part + L.nblocks * L.part)):
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _redo_block(L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
+                _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _redo_block(L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
+                _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
 
 
 cdef void _dx_pass(Pass kind, Layout L, const floating *x, const floating *dy, const floating *e,
@@ -1666,7 +1717,7 @@ cdef inline bint _grad_check(double T, double D, double slack) noexcept nogil:
 
 
 cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned int *redo) noexcept nogil:
-    """Each channel's check of a GradSingle pass from its blocks' peaks (_block_apply): redo[c] = 1 where channel c
+    """Each channel's check of a DxSingle pass from its blocks' peaks (_block_apply): redo[c] = 1 where channel c
     failed _grad_check (its dx is then recomputed in double: _redo_block), else 0; True when any failed. redo has
     room for 2*C values (the second C hold the channels' |out| peaks meanwhile)."""
     cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, s
@@ -1703,11 +1754,21 @@ cdef inline (Py_ssize_t, Py_ssize_t) _next_column(Layout L, Py_ssize_t c, Py_ssi
     return (c + 1 if c + 1 < L.C else 0), 0
 
 
-cdef void _redo_block(Layout L, Py_ssize_t k, const floating *x, const floating *dy, floating *dx,
-                      const double *coef, const unsigned int *redo) noexcept nogil:
-    """Grad in double over block k's values of the channels with redo[c] (_grad_redo): minor, each row's runs of
-    such channels' columns; major, their rows."""
+cdef inline void _redo(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy, floating *dx,
+                       const double *coef, const unsigned int *redo) noexcept nogil:
+    """_redo_block of the float32 dx pass ``kind`` (_checked) with its double pass: Grad, or GradGated."""
     cdef Grad grad
+    cdef GradGated grad_gated
+    if kind == GRAD_GATED_SINGLE:
+        _redo_block(grad_gated, L, k, x, dy, dx, coef, redo)
+    else:
+        _redo_block(grad, L, k, x, dy, dx, coef, redo)
+
+
+cdef void _redo_block(DxDouble op, Layout L, Py_ssize_t k, const floating *x, const floating *dy, floating *dx,
+                      const double *coef, const unsigned int *redo) noexcept nogil:
+    """The double pass op over block k's values of the channels with redo[c] (_grad_redo): minor, each row's runs
+    of such channels' columns; major, their rows."""
     cdef Py_ssize_t c, c0, c1, n0, n1, i0, i1, n, j, s, start
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
@@ -1719,7 +1780,7 @@ cdef void _redo_block(Layout L, Py_ssize_t k, const floating *x, const floating 
                     c, s = _next_column(L, c, s)
                     j += 1
                 if j > start:
-                    _apply_columns(grad, x, dy, x, dx, NULL, n * L.W, start, j, L.W, coef, _every(), 0)
+                    _apply_columns(op, x, dy, x, dx, NULL, n * L.W, start, j, L.W, coef, _every(), 0)
                 while j < i1 and not redo[c]:
                     c, s = _next_column(L, c, s)
                     j += 1
@@ -1728,5 +1789,5 @@ cdef void _redo_block(Layout L, Py_ssize_t k, const floating *x, const floating 
     for n in range(n0, n1):
         for c in range(c0, c1):
             if redo[c]:
-                _apply_row(grad, x, dy, x, dx, NULL, n * L.W + c * L.S + i0, n * L.W + c * L.S + i1, coef + c,
-                           L.C, NULL, NULL)
+                _apply_row(op, x, dy, x, dx, NULL, n * L.W + c * L.S + i0, n * L.W + c * L.S + i1, coef + c,
+                           L.C, NULL, _gate(L, coef, x) + c)

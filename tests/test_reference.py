@@ -352,34 +352,42 @@ def test_float32_within_1e6_of_float64_far_from_zero(shape, layout, dy_kind):
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("shape", [(512, 24), (16, 6, 9, 9), (3, 4, 2000), (64, 1024), (3, 1024, 64)])
 @pytest.mark.parametrize("slope", [0.0, 0.3, 0.6, 1.0, 2.0, 10.0, 1e3])
-def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope):
+@pytest.mark.parametrize("fused", [None, "relu", "add+relu"])
+def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope, fused):
     """dy = slope*y + noise: as the slope grows, dx's two terms (dy - mean(dy) and xhat*dgamma/m) cancel more
     (from none to about 1000 times dx's largest value); every case keeps the contract (1e-6 of the float64 result,
-    relative to its largest magnitude), in every layout. With 1024 channels or more (and rows of 1 or 32 or more
-    values) dx runs in float32 where its check allows and falls back to double per channel where it does not:
-    both sides of that limit."""
+    relative to its largest magnitude), in every layout, plain, with a fused ReLU and with a residual and ReLU (its
+    dresidual exact). With 1024 channels or more (and rows of 1 or 32 or more values) dx runs in float32 where its
+    check allows and falls back to double per channel where it does not: both sides of that limit."""
     rng = np.random.default_rng(12)
     C = shape[1]
     x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
     w = rng.uniform(0.5, 1.5, C).astype(np.float32)
-    y, saved = F.batch_norm(x, None, None, w, None, True, return_saved=True)
+    z = rng.standard_normal(shape).astype(np.float32) if fused == "add+relu" else None
+    activation = None if fused is None else "relu"
+    y, saved = F.batch_norm(x, None, None, w, None, True, activation=activation, residual=z, return_saved=True)
     dy = (slope * y + rng.standard_normal(shape)).astype(np.float32)
     with forced_layout(layout):
-        dx = F.batch_norm_backward(dy, saved)[0]
+        grads = F.batch_norm_backward(dy, saved)
     _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, w.astype(np.float64), None, True,
+                                activation=activation, residual=None if z is None else z.astype(np.float64),
                                 return_saved=True)
-    dx_ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
-    assert np.max(np.abs(dx - dx_ref)) <= 1e-6 * np.max(np.abs(dx_ref))
+    ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)
+    assert np.max(np.abs(grads[0] - ref[0])) <= 1e-6 * np.max(np.abs(ref[0]))
+    if z is not None:
+        np.testing.assert_array_equal(grads[3], ref[3])
 
 
-def test_float32_dx_channels_fall_back_alone():
-    """The float32 dx pass (1024 channels or more, rows of 64 values here) decides per channel: a channel whose dx
-    needs double (its terms cancel, or it holds NaN) or that holds huge values changes no other channel's bits, and
-    the bits are those of the same tensor in channels-last memory and at either thread count."""
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_float32_dx_channels_fall_back_alone(activation):
+    """The float32 dx pass (1024 channels or more, rows of 64 values here; with a fused ReLU too) decides per
+    channel: a channel whose dx needs double (its terms cancel, or it holds NaN) or that holds huge values changes
+    no other channel's bits, and the bits are those of the same tensor in channels-last memory and at either thread
+    count."""
     rng = np.random.default_rng(13)
     shape = (4, 1024, 8, 8)
     x = rng.standard_normal(shape).astype(np.float32)
-    y, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
+    y, saved = F.batch_norm(x, None, None, None, None, True, activation=activation, return_saved=True)
     dy = rng.standard_normal(shape).astype(np.float32)
     dx = F.batch_norm_backward(dy, saved)[0]
     dy2 = dy.copy()
@@ -391,7 +399,8 @@ def test_float32_dx_channels_fall_back_alone():
     assert dx2[:, clean].tobytes() == dx[:, clean].tobytes()
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     dyl = np.ascontiguousarray(np.moveaxis(dy2, 1, -1))
-    _, saved_l = F.batch_norm(np.moveaxis(xl, -1, 1), None, None, None, None, True, return_saved=True)
+    _, saved_l = F.batch_norm(np.moveaxis(xl, -1, 1), None, None, None, None, True, activation=activation,
+                              return_saved=True)
     np.testing.assert_array_equal(F.batch_norm_backward(np.moveaxis(dyl, -1, 1), saved_l)[0], dx2)
     threads = cbn.get_num_threads()
     try:
@@ -399,7 +408,8 @@ def test_float32_dx_channels_fall_back_alone():
         np.testing.assert_array_equal(F.batch_norm_backward(dy2, saved)[0], dx2)
     finally:
         cbn.set_num_threads(threads)
-    _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, None, None, True, return_saved=True)
+    _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, None, None, True, activation=activation,
+                                return_saved=True)
     ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
     assert np.max(np.abs(dx - ref)) <= 1e-6 * np.max(np.abs(ref))
     assert np.mean(dx != ref.astype(np.float32)) > 0.1  # float32 arithmetic ran (double rounds the result once)
@@ -423,15 +433,16 @@ def test_float32_dx_within_1e6_with_a_mean_near_float32s_subnormals():
     assert np.max(np.abs(dx - ref)) <= 1e-6 * np.max(np.abs(ref))
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("shape", [(4, 1024, 8, 8), (4, 1024, 4, 4), (64, 1024)])
-def test_float32_dx_same_bits_with_the_channel_axis_first(shape):
+def test_float32_dx_same_bits_with_the_channel_axis_first(shape, activation):
     """Whether dx runs in float32 is decided by the array's rows (values per channel and sample), which do not
     change when its channel axis moves: the same bits with the channel axis first."""
     rng = np.random.default_rng(14)
     x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-    _, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
+    _, saved = F.batch_norm(x, None, None, None, None, True, activation=activation, return_saved=True)
     x0, dy0 = np.ascontiguousarray(np.moveaxis(x, 1, 0)), np.ascontiguousarray(np.moveaxis(dy, 1, 0))
-    _, saved_0 = F.batch_norm(x0, None, None, None, None, True, axis=0, return_saved=True)
+    _, saved_0 = F.batch_norm(x0, None, None, None, None, True, axis=0, activation=activation, return_saved=True)
     np.testing.assert_array_equal(np.moveaxis(F.batch_norm_backward(dy0, saved_0)[0], 0, 1),
                                   F.batch_norm_backward(dy, saved)[0])
 
