@@ -564,12 +564,12 @@ cdef inline bint _checked(Pass kind) noexcept nogil:
     return kind >= GRAD_SINGLE
 
 
-cdef inline float _value_single(ApplyOp op, float a, float hi, float s, float c1, float e) noexcept nogil:
-    """Affine (and AffineRelu, AffineAdd, AffineAddRelu) in float32: (a - hi)*c1 + s (+ e), where hi is c0
-    rounded and s = c2 - (c0 - hi)*c1 (_shift_single), so that the centring keeps c0's double precision (a - hi is
-    exact for a near hi): within 2u|(a - hi)*c1| + u|s| + u|out| (u = 2**-24), that is within a few float32 ulps of
-    the largest magnitude the output holds, and one more rounding for the residual e."""
-    cdef float v = (a - hi) * c1 + s
+cdef inline float _value_single(ApplyOp op, float a, float hi, float lo, float c1, float c2,
+                                float e) noexcept nogil:
+    """Affine (and AffineRelu, AffineAdd, AffineAddRelu) in float32: ((a - hi) - lo)*c1 + c2 (+ e), with c0 = hi +
+    lo split so that the centring keeps c0's double precision (a - hi is exact for a near hi); four roundings, each
+    within half a float32 ulp of the largest magnitude the output holds, and one more for the residual e."""
+    cdef float v = ((a - hi) - lo) * c1 + c2
     if ApplyOp is AffineAdd or ApplyOp is AffineAddRelu:
         v = v + e
     if ApplyOp is AffineRelu or ApplyOp is AffineAddRelu:
@@ -617,25 +617,18 @@ cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
     return width + SKEW if width >= SKEW else width
 
 
-cdef inline float _shift_single(double c0, float hi, double c1, double c2) noexcept nogil:
-    """The float32 shift s of _value_single: c2 - (c0 - hi)*c1 (c0 - hi exact), rounded once."""
-    return <float>(c2 - (c0 - <double>hi) * c1)
-
-
-cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single, bint grad) noexcept nogil:
-    """The float32 coefficient rows, W + SKEW apart, from coef's (c0, c1, c2, c3) of each of the W columns: of
-    _grad_single (grad) hi, lo, c1, c2, c3; of _value_single hi, s, c1."""
+cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
+    """The float32 coefficient rows of _value_single and _grad_single from coef's (c0, c1, c2, c3): hi, lo, c1,
+    c2, c3 of each of the W columns, rows W + SKEW apart."""
     cdef Py_ssize_t j, F = W + SKEW
     cdef float hi
     for j in range(W):
         hi = <float>coef[j]
         single[j] = hi
-        single[F + j] = <float>(coef[j] - <double>hi) if grad else _shift_single(coef[j], hi, coef[W + j],
-                                                                                 coef[2 * W + j])
+        single[F + j] = <float>(coef[j] - <double>hi)
         single[2 * F + j] = <float>coef[W + j]
-        if grad:
-            single[3 * F + j] = <float>coef[2 * W + j]
-            single[4 * F + j] = <float>coef[3 * W + j]
+        single[3 * F + j] = <float>coef[2 * W + j]
+        single[4 * F + j] = <float>coef[3 * W + j]
 
 
 cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -663,7 +656,7 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
                 out[i] = g.out
                 peaks.terms, peaks.out = _peak(peaks.terms, g.terms), _peak(peaks.out, g.out)
             else:
-                out[i] = _value_single(op, x[i], hi, _shift_single(c0, hi, c1, c2), <float>c1, e[i])
+                out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, e[i])
         return peaks
     for i in range(i0, i1):
         out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], h, 1, 0), c0, c1, c2, c3,
@@ -689,7 +682,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     if _single(op, out):
         for j in range(j0, j1):
             i = base + j
-            out[i] = _value_single(op, x[i], f[j], f[F + j], f[2 * F + j], e[i])
+            out[i] = _value_single(op, x[i], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[i])
         return
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
@@ -1205,38 +1198,39 @@ cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *c
     """The gate rows of a backward after a forward with ReLU, from the forward's mean and gate (its (scale, shift)
     per channel): per channel the interval [lo, hi] of the inputs whose output the ReLU let through, computed
     into cc and spread over the columns (_expand). The forward's AffineRelu pass computes the pre-activation of
-    input a as v(a) = (a - h0)*h2 + h3 in the floating type of x (float32: h0 the rounded mean, h2 the rounded
-    scale and h3 the shift s of _value_single; float64: (mean, scale, shift)). Each step rounds
+    input a as v(a) = ((a - h0) - h1)*h2 + h3 in the floating type of x (float32: h0 + h1 the float split of the
+    mean, as _narrow, h2 and h3 the rounded scale and shift; float64: (mean, 0, scale, shift)). Each step rounds
     monotonically, so the inputs with v > 0 are an interval of the floating values (an end of it infinite when
     v(+inf) or v(-inf) > 0; else around h0 if v(h0) > 0; else empty: [inf, -inf]), and its ends, found by
     _edge, make the gate the forward's own test, to the bit, for every input (NaN: outside)."""
     cdef Py_ssize_t c, C = L.C
-    cdef floating h0, h2, h3, top = <floating>INFINITY
+    cdef floating h0, h1, h2, h3, top = <floating>INFINITY
     cdef double root
     cdef bint up, down
     cdef long long start, bottom = _key(-top), upper = _key(top)
     for c in range(C):
-        h0, h2 = <floating>mean[c], <floating>gate[c]
-        h3 = _shift_single(mean[c], h0, gate[c], gate[C + c]) if floating is float else <floating>gate[C + c]
-        root = <double>h0 - <double>h3 / <double>h2  # where v is 0 in real arithmetic
+        h0 = <floating>mean[c]
+        h1 = <floating>(mean[c] - <double>h0) if floating is float else 0.0
+        h2, h3 = <floating>gate[c], <floating>gate[C + c]
+        root = <double>h0 + <double>h1 - <double>h3 / <double>h2  # where v is 0 in real arithmetic
         start = _key(<floating>(root if root == root else 0.0))
-        up, down = _passes(top, h0, h2, h3), _passes(-top, h0, h2, h3)
+        up, down = _passes(top, h0, h1, h2, h3), _passes(-top, h0, h1, h2, h3)
         if up and not down:  # [lo, inf]
-            cc[c], cc[C + c] = _value_of(_edge(_inside(start, upper, h0, h2, h3), bottom, h0, h2, h3), h0), top
+            cc[c], cc[C + c] = _value_of(_edge(_inside(start, upper, h0, h1, h2, h3), bottom, h0, h1, h2, h3), h0), top
         elif down and not up:  # [-inf, hi]
-            cc[c], cc[C + c] = -top, _value_of(_edge(_inside(start, bottom, h0, h2, h3), upper, h0, h2, h3), h0)
-        elif _passes(h0, h0, h2, h3):
+            cc[c], cc[C + c] = -top, _value_of(_edge(_inside(start, bottom, h0, h1, h2, h3), upper, h0, h1, h2, h3), h0)
+        elif _passes(h0, h0, h1, h2, h3):
             start = _key(h0)
-            cc[c] = _value_of(_edge(start, bottom, h0, h2, h3), h0)
-            cc[C + c] = _value_of(_edge(start, upper, h0, h2, h3), h0)
+            cc[c] = _value_of(_edge(start, bottom, h0, h1, h2, h3), h0)
+            cc[C + c] = _value_of(_edge(start, upper, h0, h1, h2, h3), h0)
         else:
             cc[c], cc[C + c] = top, -top
     _expand(L, cc, _gate(L, coef, x), 2)
 
 
-cdef inline bint _passes(floating a, floating h0, floating h2, floating h3) noexcept nogil:
+cdef inline bint _passes(floating a, floating h0, floating h1, floating h2, floating h3) noexcept nogil:
     """The forward's ReLU lets input a through: v(a) > 0 (_gate_coef)."""
-    return (a - h0) * h2 + h3 > 0
+    return ((a - h0) - h1) * h2 + h3 > 0
 
 
 cdef inline unsigned long long _distance(long long a, long long b) noexcept nogil:
@@ -1249,11 +1243,12 @@ cdef inline long long _moved(long long k, long long towards, unsigned long long 
     return <long long>(<unsigned long long>k + n) if towards > k else <long long>(<unsigned long long>k - n)
 
 
-cdef long long _inside(long long k, long long end, floating h0, floating h2, floating h3) noexcept nogil:
+cdef long long _inside(long long k, long long end, floating h0, floating h1, floating h2,
+                       floating h3) noexcept nogil:
     """A key whose value passes (_passes), from k towards end (whose value passes): k itself, else the first of
     steps doubling in length from k, or end."""
     cdef unsigned long long step = 1
-    while not _passes(_value_of(k, h0), h0, h2, h3):
+    while not _passes(_value_of(k, h0), h0, h1, h2, h3):
         if _distance(k, end) <= step:
             return end
         k = _moved(k, end, step)
@@ -1261,7 +1256,8 @@ cdef long long _inside(long long k, long long end, floating h0, floating h2, flo
     return k
 
 
-cdef long long _edge(long long k, long long end, floating h0, floating h2, floating h3) noexcept nogil:
+cdef long long _edge(long long k, long long end, floating h0, floating h1, floating h2,
+                     floating h3) noexcept nogil:
     """The last key from k (whose value passes) towards end whose value passes, the test monotone between them:
     steps doubling in length from k until one fails (or end passes), then halving between the last key that
     passed and the first that failed."""
@@ -1269,10 +1265,10 @@ cdef long long _edge(long long k, long long end, floating h0, floating h2, float
     cdef long long good = k, bad, mid
     while good != end:
         bad = _moved(good, end, step) if _distance(good, end) > step else end
-        if not _passes(_value_of(bad, h0), h0, h2, h3):
+        if not _passes(_value_of(bad, h0), h0, h1, h2, h3):
             while _distance(good, bad) > 1:
                 mid = _moved(good, bad, _distance(good, bad) // 2)
-                if _passes(_value_of(mid, h0), h0, h2, h3):
+                if _passes(_value_of(mid, h0), h0, h1, h2, h3):
                     good = mid
                 else:
                     bad = mid
@@ -1316,12 +1312,12 @@ cdef inline double *_totals(Layout L, double *work) noexcept nogil:
     return work + _sums_at(L)
 
 
-cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single, bint grad) noexcept nogil:
-    """coef from the compact cc (_expand), and its float32 rows (_narrow; grad: GradSingle's) when a
-    channel-minor pass runs in float32 (the channel-major ones narrow a row's coefficients themselves)."""
+cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single) noexcept nogil:
+    """coef from the compact cc (_expand), and its float32 rows when a channel-minor pass runs in float32 (the
+    channel-major ones narrow a row's coefficients themselves)."""
     _expand(L, cc, coef, 4)
     if single and L.minor:
-        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G), grad)
+        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G))
 
 
 cpdef enum ForwardFlag:
@@ -1434,7 +1430,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
                 _affine_coef(L.C, c, mean[c], invstd[c], weight, bias, cc)
-            _coefficients(L, cc, coef, single, False)
+            _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
@@ -1460,7 +1456,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
             _finish_stats(L, c, s[c], s[L.C + c], m, stats_only, update, running_mean, running_var, weight, bias,
                           momentum, eps, mean, invstd, cc)
         if not stats_only:
-            _coefficients(L, cc, coef, single, False)
+            _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
@@ -1637,7 +1633,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
             for c in range(L.C):
                 _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
             if not sums_only:
-                _coefficients(L, cc, coef, _single_pass(kind, x), single)
+                _coefficients(L, cc, coef, _single_pass(kind, x))
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
         if single and _grad_redo(L, work, cc, <unsigned int *>(part + L.nblocks * L.part)):
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):

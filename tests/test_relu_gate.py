@@ -73,7 +73,7 @@ def test_gate_with_extreme_values(dtype):
 @pytest.mark.parametrize("shape", [(16, 2), (1, 2, 16)], ids=["minor", "major"])
 def test_gate_keeps_the_low_part_of_the_mean(shape, dtype):
     """Per channel 4 values 1 and 12 values 1 + ulp: the mean 1 + 0.75 ulp rounds to 1 + ulp, so the forward's
-    pre-activation of 1 + ulp is positive only through the mean's low part (which float32's shift carries)."""
+    pre-activation of 1 + ulp is positive only through the mean's low part (hi - lo split in float32)."""
     one_up = np.nextafter(dtype(1), dtype(2))
     x = np.full(16, one_up, dtype)
     x[:4] = 1
