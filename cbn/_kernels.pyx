@@ -292,7 +292,7 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 cdef Py_ssize_t SINGLE_DX = 1024
 cdef Py_ssize_t SHORT_DX = 32
 # A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
-# run's three float32 coefficient rows (12 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
+# run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
 cdef Py_ssize_t SINGLE_RUN = 1024
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
