@@ -678,7 +678,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
     cdef const float *f = _float_rows(coef, W)
-    cdef const floating *g = <const floating *>(coef + 4 * W)
+    cdef const floating *g = _gate(coef, W, x)
     if _single(op, out):
         for j in range(j0, j1):
             i = base + j
@@ -770,7 +770,7 @@ cdef inline Py_ssize_t _position(ApplyOp op, const Py_ssize_t *v, Py_ssize_t j) 
 cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                       const floating *e, const double *coef, double *part, Positions P) noexcept nogil:
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0] (MomentsValid: weighted by P;
-    GradSumsGated: gated by the coefficients of _gate_rows).
+    GradSumsGated: gated by the interval rows of _gate).
 
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
@@ -781,7 +781,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     cdef double s[2 * COL_CHUNK]
     cdef double shift[COL_CHUNK]
     cdef floating gate[2 * COL_CHUNK]
-    cdef const floating *h = _gate(L, coef, x)
+    cdef const floating *h = _gate(coef, L.C * L.G, x)
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part, hs = L.C * L.G
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
@@ -927,7 +927,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             for c in range(_outs_at(i1 - i0) + i1 - i0):
                 slot[c] = 0
             _grad_columns(op, x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
-                          slot, _outs_at(i1 - i0), _gate(L, coef, x))
+                          slot, _outs_at(i1 - i0), _gate(coef, L.W, x))
             return
         run = SINGLE_RUN if _single(op, out) else i1 - i0
         for c in range(_cdiv(i1 - i0, run)):
@@ -943,7 +943,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         for c in range(c0, c1):
             a = n * L.W + c * L.S
             peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
-                               P.valid + n * L.S + i0 if P.valid != NULL else NULL, _gate(L, coef, x) + c)
+                               P.valid + n * L.S + i0 if P.valid != NULL else NULL, _gate(coef, L.C, x) + c)
             if _dx_single(op):
                 slot[c - c0] = max(slot[c - c0], peaks.terms)
                 slot[L.group + c - c0] = max(slot[L.group + c - c0], peaks.out)
@@ -993,7 +993,6 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
         _block_apply(grad_single, L, k, x, dy, e, out, dz, coef, P)
     elif kind == GRAD_GATED_SINGLE:
         _block_apply(grad_gated_single, L, k, x, dy, e, out, dz, coef, P)
-
     else:
         _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
 
@@ -1142,7 +1141,7 @@ cdef class _Scratch:
         free(self.p)
 
 
-# A call's scratch (doubles): coef (4*C*G), the gate rows of a backward after a ReLU (_gate_rows: 2*C*G), coef's
+# A call's scratch (doubles): coef (4*C*G), the gate rows of a backward after a ReLU (_gate: room for 2*C*G), coef's
 # float32 rows (_narrow: 5 of C*G + SKEW floats, _single_rows), cc (4*C, when G > 1), the sums (2*C) and, for calls
 # that sum (and every backward), the partial sums and their merge tree; a DxSingle pass then writes its peaks over
 # the partial sums (_block_peaks) and its channels' checks over the tree (_grad_redo).
@@ -1167,15 +1166,11 @@ cdef inline double *_compact(Layout L, double *work) noexcept nogil:
     return work + 6 * L.C * L.G + _single_rows(L) if L.G > 1 else work
 
 
-cdef inline double *_gate_rows(Layout L, const double *coef) noexcept nogil:
-    """Where the two rows of C*G columns after coef's rows are: the gate intervals (_gate), in doubles."""
-    return <double *>coef + 4 * L.C * L.G
-
-
-cdef inline floating *_gate(Layout L, const double *coef, const floating *x) noexcept nogil:
-    """The gate rows (_gate_coef) in the data's type: the ends of each column's interval are values of that type,
-    so the gated passes compare x with them exactly in it (x only selects the type)."""
-    return <floating *>_gate_rows(L, coef)
+cdef inline floating *_gate(const double *coef, Py_ssize_t W, const floating *x) noexcept nogil:
+    """The two gate rows of W columns after coef's four rows (_gate_coef: room for 2*W doubles), in the data's type:
+    the ends of each column's interval are values of that type, so the gated passes compare x with them exactly in
+    it (x only selects the type)."""
+    return <floating *>(coef + 4 * W)
 
 
 cdef inline float *_float_rows(const double *coef, Py_ssize_t W) noexcept nogil:
@@ -1225,7 +1220,7 @@ cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *c
             cc[C + c] = _value_of(_edge(start, upper, h0, h1, h2, h3), h0)
         else:
             cc[c], cc[C + c] = top, -top
-    _expand(L, cc, _gate(L, coef, x), 2)
+    _expand(L, cc, _gate(coef, L.C * L.G, x), 2)
 
 
 cdef inline bint _passes(floating a, floating h0, floating h1, floating h2, floating h3) noexcept nogil:
@@ -1607,6 +1602,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
     cdef double *coef = work
     cdef double *cc = _compact(L, work)
     cdef double *part = _parts(L, work)
+    cdef double *tree = part + L.nblocks * L.part  # the sums' merge tree, then a DxSingle pass's checks (_grad_redo)
     cdef double *s
     cdef bint single = _checked(kind)
     with nogil:
@@ -1628,18 +1624,18 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
                     _grad_sums(kind, L, k, x, dy, e, coef, part)
                 for k in range(L.nblocks - _parallel_blocks(L, nt)):
                     _grad_sums(kind, L, k, x, dy, e, coef, part)
-                s = _merge(L, part, part + L.nblocks * L.part)
+                s = _merge(L, part, tree)
                 memcpy(sums, s, 2 * L.C * sizeof(double))
             for c in range(L.C):
                 _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
             if not sums_only:
                 _coefficients(L, cc, coef, _single_pass(kind, x))
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
-        if single and _grad_redo(L, work, cc, <unsigned int *>(part + L.nblocks * L.part)):
+        if single and _grad_redo(L, work, cc, <unsigned int *>tree):
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
+                _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>tree)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>(part + L.nblocks * L.part))
+                _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>tree)
 
 
 cdef void _dx_pass(Pass kind, Layout L, const floating *x, const floating *dy, const floating *e,
@@ -1786,4 +1782,4 @@ cdef void _redo_block(DxDouble op, Layout L, Py_ssize_t k, const floating *x, co
         for c in range(c0, c1):
             if redo[c]:
                 _apply_row(op, x, dy, x, dx, NULL, n * L.W + c * L.S + i0, n * L.W + c * L.S + i1, coef + c,
-                           L.C, NULL, _gate(L, coef, x) + c)
+                           L.C, NULL, _gate(coef, L.C, x) + c)
