@@ -1,6 +1,11 @@
 """Train a ResNet-18-shaped network on CPU with torch's BatchNorm2d and with cbn's (``cbn.torch.convert``): time per
-step and time in batch norm (torch profiler), at each thread count, in training and eval, contiguous and
-``channels_last``, eager and with ``torch.compile``.
+step and time in batch norm, at each thread count, in training and eval, contiguous and ``channels_last``, eager and
+with ``torch.compile``.
+
+Batch norm time is measured two ways: "BN ms" with timing hooks on the batch norm modules (their forward, and the
+autograd node of their output in the backward; the same hooks on both models, eager only), and "profiled" with the
+torch profiler, which also counts its own cost of recording each op that runs inside a batch norm (cbn's Python
+path runs more of them than torch's one op).
 
 The network is torchvision's ResNet-18 written in plain PyTorch (7x7 stem, max pool, four stages of two basic
 blocks, 20 BatchNorm2d layers), on random images and labels (SGD with momentum, cross-entropy): the timings do not
@@ -99,9 +104,43 @@ def bn_ms(step, steps):
     return sum(e.cpu_time_total for e in prof.events() if e.name in BN_EVENTS and not enclosed(e)) / 1e3 / steps
 
 
+def bn_hooked_ms(model, step, steps):
+    """Milliseconds per step spent in ``model``'s batch norm modules over ``steps`` steps, without the profiler: each
+    module's forward timed by a forward pre-hook and a forward hook, its backward by a pre-hook and a hook on the
+    autograd node of its output (the same hooks on torch's modules and cbn's)."""
+    total, start = [0.0], {}
+
+    def begin(key, *_):
+        start[key] = time.perf_counter()
+
+    def end(key, *_):
+        total[0] += time.perf_counter() - start.pop(key)
+
+    def forward_end(module, args, out):
+        end(module)
+        if out.grad_fn is not None:
+            node = out.grad_fn
+            node.register_prehook(lambda *_: begin(node))
+            node.register_hook(lambda *_: end(node))
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            handles += [module.register_forward_pre_hook(begin), module.register_forward_hook(forward_end)]
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        for h in handles:
+            h.remove()
+    return 1e3 * total[0] / steps
+
+
 def measure(base, x, labels, training, compiled, steps, warmup):
-    """(step ms, BN ms) of torch's and cbn's batch norm in copies of ``base``: steps timed in alternation (medians),
-    then profiled apart. torch's BN ms is None when compiled: inductor fuses its batch norm into generated kernels."""
+    """(step ms, BN ms, profiled BN ms) of torch's and cbn's batch norm in copies of ``base``: steps timed in
+    alternation (medians), then with timing hooks on the batch norm modules (bn_hooked_ms; None when compiled), then
+    profiled, each model apart. torch's profiled BN ms is None when compiled: inductor fuses its batch norm into
+    generated kernels."""
     if compiled:  # fresh dynamo caches: past its recompile limit (8 per function) dynamo would run the models eagerly
         torch.compiler.reset()
     models = {"torch": copy.deepcopy(base), "cbn": cbn.torch.convert(copy.deepcopy(base))}
@@ -118,8 +157,19 @@ def measure(base, x, labels, training, compiled, steps, warmup):
             step()
             times[name].append(time.perf_counter() - t)
     return {name: (1e3 * statistics.median(times[name]),
+                   None if compiled else bn_hooked_ms(models[name], step, max(1, steps // 2)),
                    None if compiled and name == "torch" else bn_ms(step, max(1, steps // 2)))
             for name, step in steps_of.items()}
+
+
+def ms_columns(torch_ms, cbn_ms, width):
+    """The table's three columns of a time measured on both models: torch's, cbn's and their ratio (n/a where a time
+    is None)."""
+    if cbn_ms is None:
+        return f"{'n/a':>{width}} {'n/a':>6} {'n/a':>9}"
+    if torch_ms is None:
+        return f"{'n/a':>{width}} {cbn_ms:6.2f} {'n/a':>9}"
+    return f"{torch_ms:{width}.2f} {cbn_ms:6.2f} {torch_ms / cbn_ms:9.2f}"
 
 
 def main(argv=None):
@@ -143,7 +193,8 @@ def main(argv=None):
              f"cbn {cbn.__version__}, {platform.machine()} ({os.cpu_count()} CPUs), median of {args.steps} steps; load "
              f"average at the start " + ", ".join(f"{v:.2f}" for v in os.getloadavg()),
              f"{'threads':>7} {'mode':>5} {'layout':>13} {'compiled':>8} | {'step ms torch':>13} {'cbn':>7} "
-             f"{'torch/cbn':>9} | {'BN ms torch':>11} {'cbn':>6} {'torch/cbn':>9}"]
+             f"{'torch/cbn':>9} | {'BN ms torch':>11} {'cbn':>6} {'torch/cbn':>9} | {'profiled torch':>14} "
+             f"{'cbn':>6} {'torch/cbn':>9}"]
     print("\n".join(lines), flush=True)
     for compiled in (False, True) if args.compile else (False,):
         for threads in map(int, args.threads.split(",")):
@@ -152,11 +203,11 @@ def main(argv=None):
                 for layout in (torch.contiguous_format, torch.channels_last):
                     model, x = base.to(memory_format=layout), images.to(memory_format=layout)
                     r = measure(model, x, labels, training, compiled, args.steps, args.warmup)
-                    (st, bt), (sc, bc) = r["torch"], r["cbn"]
-                    bn = f"{'n/a':>11} {bc:6.2f} {'n/a':>9}" if bt is None else f"{bt:11.2f} {bc:6.2f} {bt / bc:9.2f}"
+                    (st, ht, pt), (sc, hc, pc) = r["torch"], r["cbn"]
                     lines.append(f"{threads:>7} {'train' if training else 'eval':>5} "
                                  f"{'channels_last' if layout == torch.channels_last else 'contiguous':>13} "
-                                 f"{'yes' if compiled else 'no':>8} | {st:13.1f} {sc:7.1f} {st / sc:9.2f} | {bn}")
+                                 f"{'yes' if compiled else 'no':>8} | {st:13.1f} {sc:7.1f} {st / sc:9.2f} | "
+                                 f"{ms_columns(ht, hc, 11)} | {ms_columns(pt, pc, 14)}")
                     print(lines[-1], flush=True)
     lines.append("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(lines[-1])
