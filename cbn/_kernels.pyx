@@ -282,14 +282,19 @@ cdef Py_ssize_t FOLD_WIDTH = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 # A float32 training backward (plain, or after a fused ReLU without residual) computes dx in float32 (DxSingle,
-# each channel checked and recomputed in double where its bound fails) with SINGLE_DX channels or more, unless the
-# input's rows (values per channel and sample) number 2 to SHORT_DX - 1. Both memory layouts of an array must give
-# the same bits, so its shape decides, not the layout: channel-minor passes run along rows of C (or C*rows)
-# columns, whose double coefficient rows outgrow L1 from about 1024 columns, which float32 rows four at a time
-# relieve (narrower, the check's per-column peaks cost more than float32 saves); channel-major rows shorter than
-# SHORT_DX spend more on folding each row's peaks than float32 saves (rows of 25 values: 1.11x the double pass's
-# time; 32-49 values: 0.94-1.03x, against 0.78-0.83x for the same arrays' channels-last memory).
+# each channel checked and recomputed in double where its bound fails) with SINGLE_DX channels or more, or
+# NARROW_DX channels or more in arrays of at most NARROW_DX_VALUES values, unless the input's rows (values per
+# channel and sample) number 2 to SHORT_DX - 1. Both memory layouts of an array must give the same bits, so its
+# shape decides, not the layout: channel-minor passes run along rows of C (or C*rows) columns, whose double
+# coefficient rows outgrow L1 from about 1024 columns, which float32 rows four at a time relieve; narrower, the
+# float32 pass (four rows at a time, with the check's per-column peaks) ran 1.12-1.43x the double pass's time on
+# channel-minor arrays of 8 MB and more, and 0.71-0.79x on those of 4 MB or less (NCHW 0.71-0.98x at any size);
+# channel-major rows shorter than SHORT_DX spend more on folding each row's peaks than float32 saves (rows of 25
+# values: 1.11x the double pass's time; 32-49 values: 0.94-1.03x, against 0.78-0.83x for the same arrays'
+# channels-last memory).
 cdef Py_ssize_t SINGLE_DX = 1024
+cdef Py_ssize_t NARROW_DX = 64
+cdef Py_ssize_t NARROW_DX_VALUES = 1 << 20
 cdef Py_ssize_t SHORT_DX = 32
 # A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
 # run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
@@ -1534,9 +1539,9 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
     statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy). dx is computed
     in double and rounded once, except the training dx of float32 data (plain, or gated: after a ReLU without a
-    residual) with SINGLE_DX channels or more and rows (a property of the array, not its layout: see SINGLE_DX) of
-    1 or at least SHORT_DX values: in float32, each channel checked and recomputed in double where its error bound
-    fails (_grad_check).
+    residual) with SINGLE_DX channels or more (or NARROW_DX or more in arrays of at most NARROW_DX_VALUES values)
+    and rows (a property of the array, not its layout: see SINGLE_DX) of 1 or at least SHORT_DX values: in
+    float32, each channel checked and recomputed in double where its error bound fails (_grad_check).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     After a forward with ReLU, dy stands for gated(dy) in all of the above: dy where the forward's ReLU let the
@@ -1571,7 +1576,8 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     elif valid is not None:
         kind = <Pass>(kind + GRAD_VALID - GRAD)
     if ((kind == GRAD or kind == GRAD_GATED) and dx is not None and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
-            and C >= SINGLE_DX and not 1 < rows < SHORT_DX):
+            and (C >= SINGLE_DX or C >= NARROW_DX and cnp.PyArray_SIZE(x) <= NARROW_DX_VALUES)
+            and not 1 < rows < SHORT_DX):
         kind = <Pass>(kind - GRAD + GRAD_SINGLE)
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)

@@ -2,8 +2,9 @@
 and the forward's scale and shift (``saved.gate``) instead of reading the saved output: it must give the bits of the
 backward that reads the output (``saved._replace(gate=None)``), in every kernel layout, dtype and training mode,
 with masks, ghost batches and renorm, and on inputs whose pre-activation is exactly 0, tiny, huge, infinite or NaN.
-(With 1024 channels or more the first computes the float32 training dx in float32, the second in double: there the
-two agree within the contract, not to the bit; these shapes have fewer.)"""
+(Where the float32 training dx runs in float32, 1024 channels or more, or 64 or more in arrays of at most 2**20
+values, the first computes it in float32 and the second in double: there the two agree within the contract, not to
+the bit; these shapes have fewer than 64 channels.)"""
 import numpy as np
 import pytest
 
