@@ -288,7 +288,7 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 # shape decides, not the layout: channel-minor passes run along rows of C (or C*rows) columns, whose double
 # coefficient rows outgrow L1 from about 1024 columns, which float32 rows four at a time relieve; narrower, the
 # float32 pass (four rows at a time, with the check's per-column peaks) ran 1.12-1.43x the double pass's time on
-# channel-minor arrays of 8 MB and more, and 0.71-0.79x on those of 4 MB or less (NCHW 0.71-0.98x at any size);
+# channel-minor arrays of 8 MB and more, and 0.69-0.95x on those of 4 MB or less (NCHW 0.71-0.98x at any size);
 # channel-major rows shorter than SHORT_DX spend more on folding each row's peaks than float32 saves (rows of 25
 # values: 1.11x the double pass's time; 32-49 values: 0.94-1.03x, against 0.78-0.83x for the same arrays'
 # channels-last memory).
