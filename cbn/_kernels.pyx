@@ -341,6 +341,11 @@ def force_layout(kind=None, Py_ssize_t block=64):
     _forced_block = block
 
 
+def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums=True):
+    """Test-only: the blocks (``Layout`` as a dict) an (N, C, S) tensor's calls run over (sums: calls that sum)."""
+    return _layout(N, C, S, sums)
+
+
 cdef struct Layout:
     bint minor            # channel-minor (else channel-major)
     # rows (of the folded matrix, for minor), channels, values of a channel in a row of the input, row width
@@ -381,8 +386,8 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
         L.ncol = _cdiv(L.W, min(COL_BLOCK, block) if _forced_kind else COL_BLOCK)
         L.width = _cdiv(L.W, L.ncol)
         cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
-        L.rows = max(max(1, block // L.W), _cdiv(N, cap))
-        L.nblocks = _cdiv(N, L.rows) * L.ncol
+        L.rows = max(max(1, block // L.W), _cdiv(L.N, cap))
+        L.nblocks = _cdiv(L.N, L.rows) * L.ncol
         L.part = 2 * L.width
         L.fused = False
         return L

@@ -120,6 +120,23 @@ def test_bitwise_identical_in_process(restore_threads):
             assert a.tobytes() == b.tobytes()
 
 
+# (N, C, S) as the kernels see channel-minor memory: NHWC (N*H*W, C, 1), (N, C) and short rows, folded (rows
+# narrower than 64 values taken k at a time) and not.
+MINOR = [(64 * 32 * 32, 16, 1), (8 * 224 * 224, 3, 1), (4096, 32, 1), (70001, 2, 1), (4096, 24, 3), (401408, 64, 1),
+         (64, 9000, 1), (256 * 16 * 16, 32, 1)]
+
+
+@pytest.mark.parametrize("shape", MINOR, ids=[f"{n}x{c}x{s}" for n, c, s in MINOR])
+def test_every_channel_minor_block_holds_rows(shape):
+    """The static schedule hands each thread a share of the blocks: none of them may be empty (blocks cut from
+    the rows before the fold left a folded array's work all in the first thread's share)."""
+    L = _kernels.layout(*shape)
+    assert L["minor"]
+    blocks_down = L["nblocks"] // L["ncol"]
+    assert (blocks_down - 1) * L["rows"] < L["N"] <= blocks_down * L["rows"]
+    assert L["nblocks"] >= 2 or L["N"] * L["W"] < 1 << 16
+
+
 def test_set_get_num_threads(restore_threads):
     if not openmp_on():
         pytest.skip("serial build: one thread")
