@@ -407,8 +407,8 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
         L.nimg = max(block // L.W, _cdiv(N, MAX_BLOCKS), MIN_IMAGES) if sums else block // L.W
         if sums and S < COL_CHUNK:  # short rows are summed down the images: more of them per block
             L.nimg = max(L.nimg, min(SHORT_IMAGES, _cdiv(N, MIN_BLOCKS)))
-    else:  # runs of about block values: groups of whole rows, or pieces of a row
-        L.group = max(1, block // S)
+    else:  # runs of about block values: groups of whole rows (at most C // MIN_TASKS), or pieces of a row
+        L.group = max(1, min(block // S, C // MIN_TASKS))
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
         L.nimg = min(N, max(_cdiv(2 * N * C * L.ncol, PART_BUDGET), MIN_IMAGES)) if sums else 1

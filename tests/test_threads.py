@@ -137,6 +137,14 @@ def test_every_channel_minor_block_holds_rows(shape):
     assert L["nblocks"] >= 2 or L["N"] * L["W"] < 1 << 16
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 3136), (4, 64, 3136), (1, 512, 784), (2, 128, 3136)])
+def test_one_image_of_many_channels_makes_many_blocks(shape):
+    """Images larger than a block, of 16 channels or more, are cut into 16 groups of channels or more, so that
+    two threads split them evenly (groups of 10 channels gave (1, 64, 56, 56) 7 blocks: 4 and 3 per thread)."""
+    L = _kernels.layout(*shape)
+    assert not L["minor"] and L["ngroups"] >= 16
+
+
 def test_set_get_num_threads(restore_threads):
     if not openmp_on():
         pytest.skip("serial build: one thread")
