@@ -1093,38 +1093,63 @@ cdef void _expand(Layout L, const double *cc, floating *coef, Py_ssize_t nrows) 
 
 # -- forward ------------------------------------------------------------------------------------------------------
 
-cdef void _finish_stats(Layout L, Py_ssize_t c, double s1, double s2, double m, bint stats_only, bint update,
+cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                        const double *s1, const double *s2, Py_ssize_t stride,  # IN sums of channel c at (c-c0)*stride
+                        double m, bint stats_only, bint update,
                         floating *running_mean, floating *running_var,  # INOUT (C,), when update
                         const floating *weight, const floating *bias,    # IN (C,), or NULL
                         double momentum, double eps,
                         double *mean, double *invstd,                    # OUT (C,)
                         double *cc) noexcept nogil:                      # INOUT (4, C): IN shift K, OUT affine
-    """Channel c from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (cc[c]) a value of it:
-    mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
+    """Channels [c0, c1), each from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (cc[c]) a value of
+    it: mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
-    Affine coefficients of y = (x - mean)*(gamma*invstd) + beta."""
-    cdef double M2 = s2 - s1 * s1 / m
-    if M2 < 0.0:
-        M2 = 0.0
-    mean[c] = cc[c] + s1 / m
+    Affine coefficients of y = (x - mean)*(gamma*invstd) + beta. A loop per step, each vectorised across channels."""
+    cdef Py_ssize_t c, i
+    cdef double M2
+    for c in range(c0, c1):  # M2 in invstd's place
+        i = (c - c0) * stride
+        M2 = s2[i] - s1[i] * s1[i] / m
+        mean[c] = cc[c] + s1[i] / m
+        invstd[c] = 0.0 if M2 < 0.0 else M2
     if stats_only:
-        invstd[c] = M2
         return
-    invstd[c] = 1.0 / sqrt(M2 / m + eps)
     if update:
-        running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
-        running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (M2 / (m - 1.0)))
-    _affine_coef(L.C, c, mean[c], invstd[c], weight, bias, cc)
+        for c in range(c0, c1):
+            running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
+            running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (invstd[c] / (m - 1.0)))
+    for c in range(c0, c1):
+        invstd[c] = 1.0 / sqrt(invstd[c] / m + eps)
+    _affine_coefs(C, c0, c1, mean, invstd, weight, bias, cc)
 
 
-cdef inline void _affine_coef(Py_ssize_t C, Py_ssize_t c, double mean, double invstd, const floating *weight,
-                              const floating *bias, double *cc) noexcept nogil:
-    """cc of channel c = (mean, gamma*invstd, beta, 0) (gamma = 1, beta = 0 where weight, bias are NULL)."""
-    cc[c] = mean
-    cc[C + c] = (<double>weight[c] if weight != NULL else 1.0) * invstd
-    cc[2 * C + c] = <double>bias[c] if bias != NULL else 0.0
-    cc[3 * C + c] = 0.0
+cdef void _affine_coefs(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const double *mean, const double *invstd,
+                        const floating *weight, const floating *bias, double *cc) noexcept nogil:
+    """cc of channels [c0, c1) = (mean, gamma*invstd, beta, 0) (gamma = 1, beta = 0 where weight, bias are
+    NULL)."""
+    cdef Py_ssize_t c
+    _gamma_times(c0, c1, weight, invstd, cc + C)
+    for c in range(c0, c1):
+        cc[c] = mean[c]
+        cc[2 * C + c] = 0.0
+        cc[3 * C + c] = 0.0
+    if bias != NULL:
+        for c in range(c0, c1):
+            cc[2 * C + c] = <double>bias[c]
+
+
+cdef void _gamma_times(Py_ssize_t c0, Py_ssize_t c1, const floating *weight, const double *v,
+                       double *out) noexcept nogil:
+    """out[c] = gamma*v[c] for the channels [c0, c1) (gamma = 1 where weight is NULL): a loop of its own for each
+    case, without a select in it, so that both vectorise."""
+    cdef Py_ssize_t c
+    if weight == NULL:
+        for c in range(c0, c1):
+            out[c] = v[c]
+    else:
+        for c in range(c0, c1):
+            out[c] = <double>weight[c] * v[c]
 
 
 cdef inline void *_data(object a):
@@ -1434,7 +1459,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
         if not batch:
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
-                _affine_coef(L.C, c, mean[c], invstd[c], weight, bias, cc)
+            _affine_coefs(L.C, 0, L.C, mean, invstd, weight, bias, cc)
             _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
@@ -1457,9 +1482,8 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
         for k in range(L.nblocks - _parallel_blocks(L, nt)):
             _moments(L, k, x, coef, part, P)
         s = _merge(L, part, part + L.nblocks * L.part)
-        for c in range(L.C):
-            _finish_stats(L, c, s[c], s[L.C + c], m, stats_only, update, running_mean, running_var, weight, bias,
-                          momentum, eps, mean, invstd, cc)
+        _finish_stats(L.C, 0, L.C, s, s + L.C, 1, m, stats_only, update, running_mean, running_var, weight, bias,
+                      momentum, eps, mean, invstd, cc)
         if not stats_only:
             _coefficients(L, cc, coef, single)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
@@ -1485,38 +1509,43 @@ cdef void _fused_forward(Layout L, Py_ssize_t k, const floating *x, floating *y,
                          double momentum, double eps, double *mean, double *invstd, double *coef,
                          double *part, Positions P, double m) noexcept nogil:
     """Block k of whole channels (major, G == 1: coef is compact): sums, statistics and output in one task."""
-    cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
+    cdef Py_ssize_t c0 = (k % L.ngroups) * L.group
     _moments(L, k, x, coef, part, P)
-    for c in range(c0, min(L.C, c0 + L.group)):
-        _finish_stats(L, c, part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1], m, stats_only,
-                      update, running_mean, running_var, weight, bias, momentum, eps, mean, invstd, coef)
+    _finish_stats(L.C, c0, min(L.C, c0 + L.group), part + k * L.part, part + k * L.part + 1, 2, m, stats_only,
+                  update, running_mean, running_var, weight, bias, momentum, eps, mean, invstd, coef)
     if not stats_only:
         _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
 
 
 # -- backward -----------------------------------------------------------------------------------------------------
 
-cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c, double s0, double s1, double m, bint batch,
+cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                       const double *s0, const double *s1,        # IN (C,) sums of channel c at c - c0
+                       double m, bint batch,
                        const double *mean, const double *invstd,  # IN (C,) statistics the forward used
                        const floating *weight,                    # IN (C,) gamma, or NULL
                        floating *dweight, floating *dbias,        # OUT (C,)
                        double *cc) noexcept nogil:                # OUT (4, C)
-    """Channel c from s0 = sum(dy), s1 = sum(dy*(x - mean)) over m values: dbeta = s0, dgamma = invstd*s1, and
-    the coefficients of dx. Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m)
+    """Channels [c0, c1), each from s0 = sum(dy), s1 = sum(dy*(x - mean)) over m values: dbeta = s0, dgamma =
+    invstd*s1, and the coefficients of dx. Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m)
     = (dy - dbeta/m)*g - (x - mean)*(g*invstd*dgamma/m): Grad with coef = (mean, g, g*invstd*dgamma/m, dbeta/m),
-    both differences taken before scaling. Eval: dx = g*dy, Affine on dy with coef = (0, g, 0, 0)."""
-    cdef double g = (<double>weight[c] if weight != NULL else 1.0) * invstd[c]
-    dbias[c] = <floating>s0
-    dweight[c] = <floating>(s1 * invstd[c])
-    cc[C + c] = g
-    if batch:
+    both differences taken before scaling. Eval: dx = g*dy, Affine on dy with coef = (0, g, 0, 0). Vectorised
+    across channels."""
+    cdef Py_ssize_t c
+    _gamma_times(c0, c1, weight, invstd, cc + C)  # g
+    for c in range(c0, c1):
+        dbias[c] = <floating>s0[c - c0]
+        dweight[c] = <floating>(s1[c - c0] * invstd[c])
+    if not batch:
+        for c in range(c0, c1):
+            cc[c] = cc[2 * C + c] = cc[3 * C + c] = 0.0
+        return
+    for c in range(c0, c1):
         cc[c] = mean[c]
-        cc[2 * C + c] = g * invstd[c] * (s1 * invstd[c]) / m
-        cc[3 * C + c] = s0 / m
-    else:
-        cc[c] = 0.0
-        cc[2 * C + c] = 0.0
-        cc[3 * C + c] = 0.0
+    for c in range(c0, c1):
+        cc[2 * C + c] = cc[C + c] * invstd[c] * (s1[c - c0] * invstd[c]) / m
+    for c in range(c0, c1):
+        cc[3 * C + c] = s0[c - c0] / m
 
 
 cpdef enum BackwardFlag:
@@ -1637,8 +1666,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
                     _grad_sums(kind, L, k, x, dy, e, coef, part)
                 s = _merge(L, part, tree)
                 memcpy(sums, s, 2 * L.C * sizeof(double))
-            for c in range(L.C):
-                _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, cc)
+            _finish_grad(L.C, 0, L.C, sums, sums + L.C, m, batch, mean, invstd, weight, dweight, dbias, cc)
             if not sums_only:
                 _coefficients(L, cc, coef, _single_pass(kind, x))
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
@@ -1678,11 +1706,11 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const float
                           Positions P) noexcept nogil:
     """Block k of whole channels (major, G == 1: coef is compact): gradient sums, coefficients and dx in one
     task."""
-    cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group
+    cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group, c1 = min(L.C, c0 + L.group)
     _grad_sums(kind, L, k, x, dy, e, coef, part)
-    for c in range(c0, min(L.C, c0 + L.group)):
+    for c in range(c0, c1):
         sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
-        _finish_grad(L.C, c, sums[c], sums[L.C + c], m, batch, mean, invstd, weight, dweight, dbias, coef)
+    _finish_grad(L.C, c0, c1, sums + c0, sums + L.C + c0, m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 
