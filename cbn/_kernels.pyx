@@ -145,7 +145,7 @@ ctypedef fused DxDouble:  # the double passes a float32 dx pass falls back to, p
     Grad
     GradGated
 
-ctypedef fused AnyOp:  # every op (_extra)
+ctypedef fused AnyOp:  # every op (_dy)
     GradSumsGated
     AffineGated
     GradGated
@@ -204,20 +204,24 @@ cdef inline double _relu(double v) noexcept nogil:
     return 0.0 if v < 0.0 else v
 
 
-cdef inline double _extra(AnyOp op, floating a, floating e, const floating *h, Py_ssize_t hs,
-                          Py_ssize_t j) noexcept nogil:
-    """The e of an op at input a: for the Gated ops, 1.0 where the forward's ReLU let the value through, else 0.0:
-    where h[j] <= a <= h[hs + j], the interval of the inputs it passed (_gate_coef); else e itself."""
+cdef inline floating _dy(AnyOp op, floating a, floating d, floating e, const floating *h, Py_ssize_t hs,
+                         Py_ssize_t j) noexcept nogil:
+    """The dy an op reads at input a, in the data's type (selected before any conversion to double): for the
+    Gated ops gated(d), d where the forward's ReLU let a through (h[j] <= a <= h[hs + j], the interval of the
+    inputs it passed: _gate_coef), else 0; for the masked ones masked(d) = d where e > 0 (as _masked); else d."""
+    cdef floating zero = 0.0
     if (AnyOp is GradSumsGated or AnyOp is AffineGated or AnyOp is GradGated or AnyOp is GradGatedValid
             or AnyOp is GradGatedSingle):
-        return 1.0 if (a >= h[j]) & (a <= h[hs + j]) else 0.0
-    else:
-        return e
+        return d if (a >= h[j]) & (a <= h[hs + j]) else zero
+    elif AnyOp is GradSumsMasked or AnyOp is GradMaskedDz or AnyOp is GradMaskedDzValid:
+        return d if e > 0 else zero
+    return d
 
 
 cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, double c1, double c2, double c3,
                           Py_ssize_t v) noexcept nogil:
-    """One value of an elementwise pass, in double (see the ApplyOp structs; v: the position's weight)."""
+    """One value of an elementwise pass, in double (see the ApplyOp structs; d: the dy the op reads, _dy, so
+    gated or masked already; v: the position's weight)."""
     if ApplyOp is Affine:
         return (a - c0) * c1 + c2
     elif ApplyOp is AffineRelu:
@@ -227,17 +231,13 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
     elif ApplyOp is AffineAddRelu:
         return _relu((a - c0) * c1 + c2 + e)
     elif ApplyOp is AffineGated:
-        return (_masked(d, e) - c0) * c1 + c2
+        return (d - c0) * c1 + c2
     elif ApplyOp is AffineMaskedDz:
         return (_masked(a, e) - c0) * c1 + c2
-    elif ApplyOp is Grad or ApplyOp is GradSingle:  # GradSingle in double: never selected (float32 only)
-        return (d - c3) * c1 - (a - c0) * c2
-    elif ApplyOp is GradGated or ApplyOp is GradMaskedDz or ApplyOp is GradGatedSingle:  # (the latter: as GradSingle)
-        return (_masked(d, e) - c3) * c1 - (a - c0) * c2
-    elif ApplyOp is GradValid:
+    elif ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
         return (d - c3) * c1 - (a - c0) * c2 if v else d * c1
-    else:
-        return (_masked(d, e) - c3) * c1 - (a - c0) * c2 if v else _masked(d, e) * c1
+    else:  # Grad, GradGated, GradMaskedDz (GradSingle, GradGatedSingle in double: never selected, float32 only)
+        return (d - c3) * c1 - (a - c0) * c2
 
 
 # The unit roundoff of float32 (half its machine epsilon): 2**-24.
@@ -470,7 +470,7 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
     u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
     p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums), masked(dy) (GradSumsMasked) or gated(dy)
-    (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _extra); four rows per step, added pairwise.
+    (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _dy); four rows per step, added pairwise.
     Vectorised across columns: each column is one lane."""
     cdef Py_ssize_t r, j, i, r4 = nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
@@ -491,10 +491,10 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
             u1 = _weight(op, <double>x[i + ld + j] - shift[j], v1, j)
             u2 = _weight(op, <double>x[i + 2 * ld + j] - shift[j], v2, j)
             u3 = _weight(op, <double>x[i + 3 * ld + j] - shift[j], v3, j)
-            w0 = _grad_weight(op, u0, dy[i + j], _extra(op, x[i + j], e[i + j], h, hs, j))
-            w1 = _grad_weight(op, u1, dy[i + ld + j], _extra(op, x[i + ld + j], e[i + ld + j], h, hs, j))
-            w2 = _grad_weight(op, u2, dy[i + 2 * ld + j], _extra(op, x[i + 2 * ld + j], e[i + 2 * ld + j], h, hs, j))
-            w3 = _grad_weight(op, u3, dy[i + 3 * ld + j], _extra(op, x[i + 3 * ld + j], e[i + 3 * ld + j], h, hs, j))
+            w0 = _grad_weight(op, u0, _dy(op, x[i + j], dy[i + j], e[i + j], h, hs, j))
+            w1 = _grad_weight(op, u1, _dy(op, x[i + ld + j], dy[i + ld + j], e[i + ld + j], h, hs, j))
+            w2 = _grad_weight(op, u2, _dy(op, x[i + 2 * ld + j], dy[i + 2 * ld + j], e[i + 2 * ld + j], h, hs, j))
+            w3 = _grad_weight(op, u3, _dy(op, x[i + 3 * ld + j], dy[i + 3 * ld + j], e[i + 3 * ld + j], h, hs, j))
             s0[j] += (w0 + w1) + (w2 + w3)
             s1[j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
     for r in range(r4, nrows):
@@ -503,7 +503,7 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
             v0 = _row_weights(P, p + r * pld, j0, j0 + width, buf)
         for j in range(width):
             u0 = _weight(op, <double>x[i + j] - shift[j], v0, j)
-            w0 = _grad_weight(op, u0, dy[i + j], _extra(op, x[i + j], e[i + j], h, hs, j))
+            w0 = _grad_weight(op, u0, _dy(op, x[i + j], dy[i + j], e[i + j], h, hs, j))
             s0[j] += w0
             s1[j] += w0 * u0
 
@@ -516,14 +516,12 @@ cdef inline double _weight(SumOp op, double u, const Py_ssize_t *v, Py_ssize_t j
         return u
 
 
-cdef inline double _grad_weight(SumOp op, double u, double d, double e) noexcept nogil:
-    """The w of a sum (see _column_sums) from u (as _weight gives it)."""
+cdef inline double _grad_weight(SumOp op, double u, double d) noexcept nogil:
+    """The w of a sum (see _column_sums) from u (as _weight gives it) and d (as _dy gives it)."""
     if SumOp is Moments or SumOp is MomentsValid:
         return u
-    elif SumOp is GradSums:
-        return d
     else:
-        return _masked(d, e)
+        return d
 
 
 cdef inline const Py_ssize_t *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t j0, Py_ssize_t j1,
@@ -651,6 +649,7 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
     cdef float hi
     cdef double c0 = cf[0], c1 = cf[W], c2 = cf[2 * W], c3 = cf[3 * W]
     cdef floating h[2]
+    cdef floating d
     cdef Peaks peaks
     cdef GradPair g
     peaks.terms = peaks.out = 0
@@ -669,12 +668,12 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
                 out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, e[i])
         return peaks
     for i in range(i0, i1):
-        out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], h, 1, 0), c0, c1, c2, c3,
-                                  _position(op, v, i - i0))
+        d = _dy(op, x[i], dy[i], e[i], h, 1, 0)
+        out[i] = <floating>_value(op, x[i], d, e[i], c0, c1, c2, c3, _position(op, v, i - i0))
         if ApplyOp is AffineMaskedDz:
             dz[i] = <floating>_masked(x[i], e[i])
         elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
-            dz[i] = <floating>_masked(dy[i], e[i])
+            dz[i] = d
     return peaks
 
 
@@ -689,6 +688,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     cdef const Py_ssize_t *v = NULL
     cdef const float *f = _float_rows(coef, W)
     cdef const floating *g = _gate(coef, W, x)
+    cdef floating d
     if _single(op, out):
         for j in range(j0, j1):
             i = base + j
@@ -703,12 +703,13 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
             v = _row_weights(P, p, a, b, buf)
         for j in range(a, b):
             i = base + j
-            out[i] = <floating>_value(op, x[i], dy[i], _extra(op, x[i], e[i], g, W, j), coef[j],
-                                      coef[W + j], coef[2 * W + j], coef[3 * W + j], _position(op, v, j - a))
+            d = _dy(op, x[i], dy[i], e[i], g, W, j)
+            out[i] = <floating>_value(op, x[i], d, e[i], coef[j], coef[W + j], coef[2 * W + j], coef[3 * W + j],
+                                      _position(op, v, j - a))
             if ApplyOp is AffineMaskedDz:
                 dz[i] = <floating>_masked(x[i], e[i])
             elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
-                dz[i] = <floating>_masked(dy[i], e[i])
+                dz[i] = d
 
 
 cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, float_row out, Py_ssize_t base,
