@@ -785,15 +785,16 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
 
     Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
-    (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, channel by channel down
-    the block's images: with SHORT_IMAGES images or more, a lane per column (the lanes' setup and fold cost about
-    three rows); with fewer, each row into one set of LANES lanes (_row_lanes). The lanes are folded pairwise
-    (_fold) once per channel."""
+    (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, down the block's
+    images: with SHORT_IMAGES images or more, a lane per column (the lanes' setup and fold cost about three rows),
+    the whole rows of up to COL_CHUNK // S channels side by side (each image's rows of them one run of memory: one
+    channel at a time, its rows W apart in both x and dy, thrashed L1 sets); with fewer, channel by channel, each
+    row into one set of LANES lanes (_row_lanes). The lanes are folded pairwise (_fold) once per channel."""
     cdef double s[2 * COL_CHUNK]
     cdef double shift[COL_CHUNK]
     cdef floating gate[2 * COL_CHUNK]
     cdef const floating *h = _gate(coef, L.C * L.G, x)
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, off = k * L.part, hs = L.C * L.G
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, w, g, off = k * L.part, hs = L.C * L.G
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         for q in range(_cdiv(i1 - i0, COL_CHUNK)):
@@ -819,17 +820,27 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
                 _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)], P,
                           n * L.S + i0, h + c, hs)
         return
-    for c in range(c0, c1):  # short rows: channel by channel, down the block's images
-        if n1 - n0 >= SHORT_IMAGES:  # a lane per column
-            _lanes(op, coef[c], h + c, hs, s, shift, gate, i1 - i0, COL_CHUNK)
-            _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, i1 - i0, shift, s, &s[COL_CHUNK],
-                         P, n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
-            _add_folded(s, i1 - i0, COL_CHUNK, &part[off + 2 * (c - c0)])
-        else:  # LANES lanes: each row into them
-            _lanes(op, coef[c], h + c, hs, s, shift, gate, LANES, LANES)
-            for n in range(n0, n1):
-                _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate)
-            _add_folded(s, LANES, LANES, &part[off + 2 * (c - c0)])
+    if n1 - n0 >= SHORT_IMAGES:  # short rows down the block's images, a lane per column: the whole rows of
+        w = i1 - i0                # up to COL_CHUNK // S channels side by side (one run of memory per image)
+        g = max(1, COL_CHUNK // w) if w == L.S else 1
+        if SumOp is MomentsValid:  # (its weights are of positions: one channel's columns at a time)
+            g = 1
+        c = c0
+        while c < c1:
+            q = min(g, c1 - c)
+            for j in range(q):
+                _lanes(op, coef[c + j], h + c + j, hs, &s[j * w], &shift[j * w], &gate[j * w], w, COL_CHUNK)
+            _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, q * w, shift, s, &s[COL_CHUNK], P,
+                         n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
+            for j in range(q):
+                _add_folded(&s[j * w], w, COL_CHUNK, &part[off + 2 * (c + j - c0)])
+            c += q
+        return
+    for c in range(c0, c1):  # fewer images: channel by channel, each row into LANES lanes
+        _lanes(op, coef[c], h + c, hs, s, shift, gate, LANES, LANES)
+        for n in range(n0, n1):
+            _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate)
+        _add_folded(s, LANES, LANES, &part[off + 2 * (c - c0)])
 
 
 cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
