@@ -604,15 +604,6 @@ cdef inline GradPair _grad_single(float a, float d, float hi, float lo, float c1
     return r
 
 
-cdef inline float _dy_single(DxSingle op, float a, float d, float lo, float hi) noexcept nogil:
-    """The d of a float32 dx value: GradGatedSingle gated(d), d where lo <= a <= hi (the interval of inputs the
-    forward's ReLU let through, _gate_coef), else 0; GradSingle d itself (lo and hi unread)."""
-    cdef float zero = 0.0
-    if DxSingle is GradGatedSingle:
-        return d if (a >= lo) & (a <= hi) else zero
-    return d
-
-
 cdef inline unsigned int _peak(unsigned int p, float v) noexcept nogil:
     """The larger of p and |v| (as cbn_magnitude)."""
     cdef unsigned int m = cbn_magnitude(v)
@@ -660,7 +651,7 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
         hi = <float>c0
         for i in range(i0, i1):
             if (ApplyOp is GradSingle or ApplyOp is GradGatedSingle) and floating is float:
-                g = _grad_single(x[i], _dy_single(op, x[i], dy[i], h[0], h[1]), hi, <float>(c0 - <double>hi),
+                g = _grad_single(x[i], _dy(op, x[i], dy[i], x[i], h, 1, 0), hi, <float>(c0 - <double>hi),
                                  <float>c1, <float>c2, <float>c3)
                 out[i] = g.out
                 peaks.terms, peaks.out = _peak(peaks.terms, g.terms), _peak(peaks.out, g.out)
@@ -723,31 +714,27 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
     cdef Py_ssize_t r, j, i, q, r4 = nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
     cdef unsigned int *outs = peaks + gap - j0
-    cdef float hi, lo, c1, c2, c3, glo = 0.0, ghi = 0.0
+    cdef float hi, lo, c1, c2, c3
     cdef GradPair g0, g1, g2, g3
     for r in range(0, r4, 4):
         i = base + r * W
         for j in range(j0, j1):
             hi, lo, c1, c2, c3 = f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j]
-            if DxSingle is GradGatedSingle:
-                glo, ghi = g[j], g[W + j]
             q = i + j
-            g0 = _grad_single(x[q], _dy_single(op, x[q], dy[q], glo, ghi), hi, lo, c1, c2, c3)
-            g1 = _grad_single(x[q + W], _dy_single(op, x[q + W], dy[q + W], glo, ghi), hi, lo, c1, c2, c3)
-            g2 = _grad_single(x[q + 2 * W], _dy_single(op, x[q + 2 * W], dy[q + 2 * W], glo, ghi), hi, lo, c1, c2,
-                              c3)
-            g3 = _grad_single(x[q + 3 * W], _dy_single(op, x[q + 3 * W], dy[q + 3 * W], glo, ghi), hi, lo, c1, c2,
-                              c3)
+            g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), hi, lo, c1, c2, c3)
+            g1 = _grad_single(x[q + W], _dy(op, x[q + W], dy[q + W], x[q + W], g, W, j), hi, lo, c1, c2, c3)
+            g2 = _grad_single(x[q + 2 * W], _dy(op, x[q + 2 * W], dy[q + 2 * W], x[q + 2 * W], g, W, j), hi, lo, c1,
+                              c2, c3)
+            g3 = _grad_single(x[q + 3 * W], _dy(op, x[q + 3 * W], dy[q + 3 * W], x[q + 3 * W], g, W, j), hi, lo, c1,
+                              c2, c3)
             out[q], out[q + W], out[q + 2 * W], out[q + 3 * W] = g0.out, g1.out, g2.out, g3.out
             terms[j] = _peak(_peak(_peak(_peak(terms[j], g0.terms), g1.terms), g2.terms), g3.terms)
             outs[j] = _peak(_peak(_peak(_peak(outs[j], g0.out), g1.out), g2.out), g3.out)
     for r in range(r4, nrows):
         i = base + r * W
         for j in range(j0, j1):
-            if DxSingle is GradGatedSingle:
-                glo, ghi = g[j], g[W + j]
             q = i + j
-            g0 = _grad_single(x[q], _dy_single(op, x[q], dy[q], glo, ghi), f[j], f[F + j], f[2 * F + j],
+            g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), f[j], f[F + j], f[2 * F + j],
                               f[3 * F + j], f[4 * F + j])
             out[q] = g0.out
             terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
