@@ -282,20 +282,17 @@ cdef Py_ssize_t FOLD_WIDTH = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 # A float32 training backward (plain, or after a fused ReLU without residual) computes dx in float32 (DxSingle,
-# each channel checked and recomputed in double where its bound fails) with SINGLE_DX channels or more, or
-# NARROW_DX channels or more in arrays of at most NARROW_DX_VALUES values, unless the input's rows (values per
-# channel and sample) number 2 to SHORT_DX - 1. Both memory layouts of an array must give the same bits, so its
-# shape decides, not the layout: channel-minor passes run along rows of C (or C*rows) columns, whose double
-# coefficient rows outgrow L1 from about 1024 columns, which float32 rows four at a time relieve; narrower, the
-# float32 pass (four rows at a time, with the check's per-column peaks) ran 1.12-1.43x the double pass's time on
-# channel-minor arrays of 8 MB and more, and 0.69-0.95x on those of 4 MB or less (NCHW 0.71-0.98x at any size);
-# channel-major rows shorter than SHORT_DX spend more on folding each row's peaks than float32 saves (rows of 25
-# values: 1.11x the double pass's time; 32-49 values: 0.94-1.03x, against 0.78-0.83x for the same arrays'
-# channels-last memory).
-cdef Py_ssize_t SINGLE_DX = 1024
-cdef Py_ssize_t NARROW_DX = 64
-cdef Py_ssize_t NARROW_DX_VALUES = 1 << 20
+# each channel checked and recomputed in double where its bound fails) unless the input's rows (values per channel
+# and sample) number 2 to SHORT_DX - 1: channel-major rows that short spend more on folding each row's peaks than
+# float32 saves (rows of 25 values: 1.11x the double pass's time). Both memory layouts of an array must give the
+# same bits, so its shape decides, not the layout. Elsewhere the float32 pass took 0.65-0.92x the double pass's
+# backward time (any channel count, NCHW and channels-last, up to 100 MB), once channel-minor arrays beyond
+# CACHED_VALUES values take their whole rows of at most SINGLE_RUN values one at a time: they come from memory, and
+# four rows at a time from four places of the run took 1.4x the time (channels-last (256, 128, 8, 8)); in cache four
+# rows at a time load each column's coefficients and peaks once for them (one at a time: 1.06-1.15x the time of
+# (256, 512) and (1024, 128)), and wider rows' five coefficient rows outgrow L1.
 cdef Py_ssize_t SHORT_DX = 32
+cdef Py_ssize_t CACHED_VALUES = 1 << 20
 # A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
 # run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
 cdef Py_ssize_t SINGLE_RUN = 1024
@@ -708,13 +705,13 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
 
 cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, float_row out, Py_ssize_t base,
                         Py_ssize_t W, Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1, const_float_row f,
-                        Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g) noexcept nogil:
+                        Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g, bint by_row) noexcept nogil:
     """A DxSingle pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
     (GradGatedSingle): out = t1 - t2 of _grad_single, four rows per step (each column's coefficients and peaks
-    loaded once for them); each column's peaks raised to its values': |t1 + t2| in peaks[j - j0], |out| in
-    peaks[gap + j - j0]."""
-    cdef Py_ssize_t r, j, i, q, r4 = nrows // 4 * 4
+    loaded once for them), or by_row one row at a time (in memory order: see _column_sums); each column's peaks
+    raised to its values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
+    cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
     cdef unsigned int *outs = peaks + gap - j0
     cdef float hi, lo, c1, c2, c3
@@ -939,7 +936,8 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             for c in range(_outs_at(i1 - i0) + i1 - i0):
                 slot[c] = 0
             _grad_columns(op, x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
-                          slot, _outs_at(i1 - i0), _gate(coef, L.W, x))
+                          slot, _outs_at(i1 - i0), _gate(coef, L.W, x),
+                          i1 - i0 == L.W and LANES < L.W <= SINGLE_RUN and L.N * L.W > CACHED_VALUES)
             return
         run = SINGLE_RUN if _single(op, out) else i1 - i0
         for c in range(_cdiv(i1 - i0, run)):
@@ -1575,9 +1573,8 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
     statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy). dx is computed
     in double and rounded once, except the training dx of float32 data (plain, or gated: after a ReLU without a
-    residual) with SINGLE_DX channels or more (or NARROW_DX or more in arrays of at most NARROW_DX_VALUES values)
-    and rows (a property of the array, not its layout: see SINGLE_DX) of 1 or at least SHORT_DX values: in
-    float32, each channel checked and recomputed in double where its error bound fails (_grad_check).
+    residual) with rows (a property of the array, not its layout: see SHORT_DX) of 1 or at least SHORT_DX values:
+    in float32, each channel checked and recomputed in double where its error bound fails (_grad_check).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     After a forward with ReLU, dy stands for gated(dy) in all of the above: dy where the forward's ReLU let the
@@ -1612,7 +1609,6 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     elif valid is not None:
         kind = <Pass>(kind + GRAD_VALID - GRAD)
     if ((kind == GRAD or kind == GRAD_GATED) and dx is not None and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
-            and (C >= SINGLE_DX or C >= NARROW_DX and cnp.PyArray_SIZE(x) <= NARROW_DX_VALUES)
             and not 1 < rows < SHORT_DX):
         kind = <Pass>(kind - GRAD + GRAD_SINGLE)
     cdef object cols = _columns(L, valid)

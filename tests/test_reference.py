@@ -351,16 +351,15 @@ def test_float32_within_1e6_of_float64_far_from_zero(shape, layout, dy_kind):
 
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("shape", [(512, 24), (16, 6, 9, 9), (3, 4, 2000), (64, 1024), (3, 1024, 64), (256, 64),
-                                   (4, 128, 8, 8)])
+                                   (4, 128, 8, 8), (16, 6, 5, 5)])
 @pytest.mark.parametrize("slope", [0.0, 0.3, 0.6, 1.0, 2.0, 10.0, 1e3])
 @pytest.mark.parametrize("fused", [None, "relu", "add+relu"])
 def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope, fused):
     """dy = slope*y + noise: as the slope grows, dx's two terms (dy - mean(dy) and xhat*dgamma/m) cancel more
     (from none to about 1000 times dx's largest value); every case keeps the contract (1e-6 of the float64 result,
     relative to its largest magnitude), in every layout, plain, with a fused ReLU and with a residual and ReLU (its
-    dresidual exact). With 1024 channels or more, or 64 or more in arrays of at most 2**20 values (and rows of 1 or
-    32 or more values), dx runs in float32 where its check allows and falls back to double per channel where it does
-    not: both sides of that limit."""
+    dresidual exact). With rows of 1 or 32 or more values dx runs in float32 where its check allows and falls back to
+    double per channel where it does not; rows of 2 to 31 values run in double: both sides of that limit."""
     rng = np.random.default_rng(12)
     C = shape[1]
     x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
@@ -381,9 +380,9 @@ def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope, fused):
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
-@pytest.mark.parametrize("shape", [(4, 1024, 8, 8), (4, 64, 8, 8)])
+@pytest.mark.parametrize("shape", [(4, 1024, 8, 8), (4, 64, 8, 8), (4, 16, 8, 8)])
 def test_float32_dx_channels_fall_back_alone(shape, activation):
-    """The float32 dx pass (1024 channels, or 64 in a small array; rows of 64 values here; with a fused ReLU too)
+    """The float32 dx pass (rows of 64 values here; with a fused ReLU too)
     decides per channel: a channel whose dx needs double (its terms cancel, or it holds NaN) or that holds huge
     values changes no other channel's bits, and the bits are those of the same tensor in channels-last memory and at
     either thread count."""
@@ -449,18 +448,21 @@ def test_float32_dx_same_bits_with_the_channel_axis_first(shape, activation):
                                   F.batch_norm_backward(dy, saved)[0])
 
 
-@pytest.mark.parametrize("rows,float32", [(2**14, True), (2**14 + 1, False)])
-def test_float32_dx_of_fewer_than_1024_channels_only_in_small_arrays(rows, float32):
-    """With 64 to 1023 channels dx runs in float32 only in arrays of at most 2**20 values (in larger channel-minor
-    ones the float32 pass is the slower): (2**14, 64) in float32, one row more in double (dx then differs from the
-    float64 result rounded once only where double rounding lands on the other side); either way within 1e-6, and the
-    same bits in both memory layouts of the array."""
+@pytest.mark.parametrize("shape,float32", [((2**14 + 1, 64), True), ((2**17 + 1, 8), True), ((1024, 3, 33), True),
+                                           ((64, 8, 5, 5), False)])
+def test_float32_dx_at_any_channel_count_and_size(shape, float32):
+    """dx runs in float32 (checked per channel) at any channel count and size, arrays beyond the caches too (whose
+    channel-minor rows go one at a time), unless the rows (values per channel and sample) hold 2 to 31 values: then
+    in double, and dx differs from the float64 result rounded once only where double rounding lands on the other
+    side. Either way within 1e-6, with the same bits in both memory layouts of the array."""
     rng = np.random.default_rng(15)
-    x, dy = (rng.standard_normal((rows, 64)).astype(np.float32) for _ in range(2))
+    x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
     _, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
     dx = F.batch_norm_backward(dy, saved)[0]
-    _, saved_t = F.batch_norm(np.asfortranarray(x), None, None, None, None, True, return_saved=True)
-    np.testing.assert_array_equal(F.batch_norm_backward(np.asfortranarray(dy), saved_t)[0], dx)
+    other = np.asfortranarray if x.ndim == 2 else (lambda a: np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)),
+                                                                             -1, 1))
+    _, saved_t = F.batch_norm(other(x), None, None, None, None, True, return_saved=True)
+    np.testing.assert_array_equal(F.batch_norm_backward(other(dy), saved_t)[0], dx)
     _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, None, None, True, return_saved=True)
     ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
     assert np.max(np.abs(dx - ref)) <= 1e-6 * np.max(np.abs(ref))

@@ -2,9 +2,9 @@
 and the forward's scale and shift (``saved.gate``) instead of reading the saved output: it must give the bits of the
 backward that reads the output (``saved._replace(gate=None)``), in every kernel layout, dtype and training mode,
 with masks, ghost batches and renorm, and on inputs whose pre-activation is exactly 0, tiny, huge, infinite or NaN.
-(Where the float32 training dx runs in float32, 1024 channels or more, or 64 or more in arrays of at most 2**20
-values, the first computes it in float32 and the second in double: there the two agree within the contract, not to
-the bit; these shapes have fewer than 64 channels.)"""
+(A float32 training dx runs in float32 from the gate, unless the input's rows hold 2 to 31 values, and in double
+from the saved output: there dweight and dbias keep the bits and dx agrees within the contract, 1e-6 of its largest
+magnitude; a value the two gated differently would move dx by its whole gamma*invstd*dy, and dweight and dbias.)"""
 import numpy as np
 import pytest
 
@@ -30,9 +30,19 @@ def _both(dy, saved):
     return F.batch_norm_backward(dy, saved), F.batch_norm_backward(dy, saved._replace(gate=None))
 
 
-def _same(a, b):
+def _same(a, b, single=False):
+    """(dx, dweight, dbias) bitwise equal; with single (a float32 training dx, in float32 from the gate) dx within
+    1e-6 of b's largest magnitude."""
+    if single:
+        assert np.max(np.abs(a[0] - b[0])) <= 1e-6 * np.max(np.abs(b[0]))
+        a, b = a[1:], b[1:]
     for u, v in zip(a, b):
         assert u.tobytes() == v.tobytes()
+
+
+def _single(shape, dtype, training):
+    """Whether the gated backward of this input computes its dx in float32 (see the module's docstring)."""
+    return dtype == np.float32 and training and not 1 < int(np.prod(shape[2:])) < 32
 
 
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS, ids=str)
@@ -48,9 +58,9 @@ def test_gate_gives_the_bits_of_the_saved_output(shape, dtype, training, layout)
     with forced_layout(layout):
         y, saved = F.batch_norm(x, rm, rv, weight, bias, training, activation="relu", return_saved=True)
         assert 0 < np.count_nonzero(y) < y.size
-        _same(*_both(dy, saved))
+        _same(*_both(dy, saved), _single(shape, dtype, training))
         _, saved = F.batch_norm(x, rm, rv, None, None, training, activation="relu", return_saved=True)
-        _same(*_both(dy, saved))
+        _same(*_both(dy, saved), _single(shape, dtype, training))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -83,7 +93,7 @@ def test_gate_keeps_the_low_part_of_the_mean(shape, dtype):
     y, saved = F.batch_norm(x, None, None, None, None, True, activation="relu", return_saved=True)
     if dtype == np.float32:
         assert np.array_equal(y > 0, x == one_up)
-    _same(*_both(dy, saved))
+    _same(*_both(dy, saved), _single(x.shape, dtype, True))
 
 
 def test_gate_with_masks_ghost_batches_and_renorm():
