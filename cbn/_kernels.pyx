@@ -284,14 +284,12 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 # A float32 training backward (plain, or after a fused ReLU without residual) computes dx in float32 (DxSingle,
 # each channel checked and recomputed in double where its bound fails) unless the input's rows (values per channel
 # and sample) number 2 to SHORT_DX - 1: channel-major rows that short spend more on folding each row's peaks than
-# float32 saves (rows of 25 values: 1.11x the double pass's time). Both memory layouts of an array must give the
-# same bits, so its shape decides, not the layout. Elsewhere the float32 pass took 0.65-0.92x the double pass's
-# backward time (any channel count, NCHW and channels-last, up to 100 MB), once channel-minor arrays beyond
-# CACHED_VALUES values take their whole rows of at most SINGLE_RUN values one at a time: they come from memory, and
-# four rows at a time from four places of the run took 1.4x the time (channels-last (256, 128, 8, 8)); in cache four
-# rows at a time load each column's coefficients and peaks once for them (one at a time: 1.06-1.15x the time of
-# (256, 512) and (1024, 128)), and wider rows' five coefficient rows outgrow L1.
+# float32 saves. Both memory layouts of an array must give the same bits, so its shape decides, not the layout.
 cdef Py_ssize_t SHORT_DX = 32
+# Channel-minor arrays beyond CACHED_VALUES values come from memory: the float32 dx pass takes their whole rows of
+# at most SINGLE_RUN values one at a time, in memory order (four rows at a time read four places of the run, which
+# the prefetchers follow worse). In cache, four rows at a time load each column's coefficients and peaks once for
+# them; wider rows' five coefficient rows outgrow L1.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
 # A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
 # run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
