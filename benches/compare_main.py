@@ -10,22 +10,36 @@ the calls of this build's small shapes (``cbn.bench.SMALL_SHAPES``) as a NumPy u
 ``bn.backward(dy)``: new outputs), with ``cbn.bench.median_times`` (a case the other build cannot take is
 skipped). Printed: the median over the rounds of each build's time and of the ratio new/main of the processes run
 one after the other (below 1: this build is faster).
+
+    python benches/compare_main.py --in-process /path/to/other/checkout --threads 1,2 --budget 0.2
+
+With ``--in-process`` the other build is a source tree built in place (``python setup.py build_ext --inplace``),
+imported into this process beside this one's cbn under other module names (``cbn_other*``), and both builds'
+calls of each case are timed round-robin in one ``cbn.bench.median_times`` (new/main: the ratio of the two
+medians). Both run on the same arrays, in the same process state, alternating, so a drift of the machine between
+processes cancels out; the suite's cases only.
 """
 import argparse
+import importlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 
 import numpy as np
 
+OPS = ("train", "eval", "backward")
 
-def layer_calls(lib, x, dy, axis):
-    """The three timed calls of one cbn build's layers on x and dy (channels at ``axis``)."""
+
+def layer_calls(lib, x, dy, axis, y=None, dx=None):
+    """The three timed calls of one cbn build's layers on x and dy (channels at ``axis``), writing y and dx (new
+    arrays laid out as x when None)."""
     cls = lib.BatchNorm2d if x.ndim == 4 else lib.BatchNorm1d
     kw = {} if axis == 1 else {"axis": axis}  # builds before the channel axis take axis 1 only
     train, ev = cls(x.shape[axis], **kw), cls(x.shape[axis], **kw).eval()
-    y, dx = np.empty_like(x), np.empty_like(x)
+    if y is None:
+        y, dx = np.empty_like(x), np.empty_like(x)
     try:
         train.forward(x, out=y)
     except ValueError:  # a build before channels-last support takes a C-contiguous out only
@@ -65,6 +79,54 @@ def time_suite(threads, budget, small_shapes):
     return times
 
 
+def load_tree(path):
+    """The cbn of the source tree ``path`` (built in place), imported beside this process's own cbn: its modules are
+    renamed ``cbn_other*`` once imported, so that both builds' modules and kernels stay loaded."""
+    import cbn  # noqa: F401  (this build first, under its own name)
+    own = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "cbn" or k.startswith("cbn.")}
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        other = importlib.import_module("cbn")
+        for k in [k for k in sys.modules if k == "cbn" or k.startswith("cbn.")]:
+            sys.modules["cbn_other" + k[3:]] = sys.modules.pop(k)
+    finally:
+        sys.path.pop(0)
+        sys.modules.update(own)
+    if not other.__file__.startswith(os.path.abspath(path)):
+        raise SystemExit(f"{path} holds no cbn: imported {other.__file__}")
+    return other
+
+
+def time_in_process(other, threads, budget):
+    """[(case, {op: (new seconds, main seconds)})]: medians of this process's cbn and ``other`` on each case, each
+    op's two calls one after the other, the first of them alternating from round to round (the second runs on
+    caches the first warmed), writing the same output arrays (a call's time moves with where its arrays lie),
+    for at least 6 rounds and about ``budget`` seconds per call."""
+    import time
+
+    import cbn
+    from cbn import bench
+    for lib in (cbn, other):
+        lib.set_num_threads(threads)
+    times = []
+    for shape, layout in bench.CASES:
+        x, dy, axis = bench._data(shape, layout, np.float32)
+        y, dx = np.empty_like(x), np.empty_like(x)
+        calls = {name: layer_calls(lib, x, dy, axis, y, dx) for name, lib in (("new", cbn), ("main", other))}
+        samples = {(name, op): [] for name in calls for op in OPS}
+        start, rounds = time.perf_counter(), 0
+        while rounds < 6 or time.perf_counter() - start < budget * len(samples):
+            for op in OPS:
+                for name in (("new", "main") if rounds % 2 else ("main", "new")):
+                    t0 = time.perf_counter()
+                    calls[name][op]()
+                    samples[name, op].append(time.perf_counter() - t0)
+            rounds += 1
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        times.append((f"{shape} {layout}", {op: (med["new", op], med["main", op]) for op in OPS}))
+    return times
+
+
 def run(python, threads, budget):
     """time_suite in a child process of ``python``, run in this script's folder (from a checkout's root, ``-c``
     code would import the checkout's cbn whatever the environment)."""
@@ -77,7 +139,8 @@ def run(python, threads, budget):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("other", help="the Python of the other build's environment")
+    p.add_argument("other", help="the Python of the other build's environment (--in-process: its source tree)")
+    p.add_argument("--in-process", action="store_true", help="both builds in this process (see the docstring)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--budget", type=float, default=0.1, help="seconds per call kind and case")
     p.add_argument("--rounds", type=int, default=2, help="process pairs per thread count")
@@ -85,7 +148,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     rows = []
     print(f"{'case':>32} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
+    other = load_tree(a.other) if a.in_process else None
     for threads in map(int, a.threads.split(",")):
+        if other is not None:
+            for case, ops in time_in_process(other, threads, a.budget):
+                for op, (new, main) in ops.items():
+                    rows.append({"case": case, "threads": threads, "op": op, "main_us": main * 1e6,
+                                 "new_us": new * 1e6, "new_over_main": new / main})
+                    print(f"{case:>32} {threads:>3} {op:>8} {main * 1e6:10.1f} {new * 1e6:10.1f} {new / main:8.2f}",
+                          flush=True)
+            continue
         pairs = [(run(sys.executable, threads, a.budget), run(a.other, threads, a.budget)) for _ in range(a.rounds)]
         files = {(new.pop("cbn"), main.pop("cbn")) for new, main in pairs}
         if any(new == main for new, main in files):
@@ -95,7 +167,7 @@ def main(argv=None):
             if any(main[case] is None for _, main in pairs):
                 print(f"{case:>32} {threads:>3} skipped: the other build cannot take it")
                 continue
-            for op in ("train", "eval", "backward"):
+            for op in OPS:
                 new = [n[case][op] for n, _ in pairs]
                 main = [m[case][op] for _, m in pairs]
                 row = {"case": case, "threads": threads, "op": op, "main_us": statistics.median(main) * 1e6,
