@@ -1,10 +1,9 @@
-"""Side by side: this cbn against a previous build (e.g. the last main) installed in another environment.
+"""Side by side: this cbn against a previous build (e.g. the last main), in another environment or another tree.
 
     python benches/compare_main.py /path/to/other/venv/bin/python --threads 1,2 --budget 0.1 --rounds 2
 
-Each build runs in its own process (its own Python, so its own compiled kernels: both builds name their kernel
-modules alike, and one process can load only one of them), in alternating order, ``--rounds`` times per thread
-count: this build, the other, this build, ... Each process times the benchmark suite's layer calls
+Each build runs in its own process (its own Python and compiled kernels), in alternating order, ``--rounds`` times
+per thread count: this build, the other, this build, ... Each process times the benchmark suite's layer calls
 ``forward(x, out=y)`` in training and eval and ``backward(dy, out=dx)``, float32, every layout of the suite, and
 the calls of this build's small shapes (``cbn.bench.SMALL_SHAPES``) as a NumPy user makes them (``bn(x)``,
 ``bn.backward(dy)``: new outputs), with ``cbn.bench.median_times`` (a case the other build cannot take is
