@@ -14,9 +14,9 @@ one after the other (below 1: this build is faster).
 
 With ``--in-process`` the other build is a source tree built in place (``python setup.py build_ext --inplace``),
 imported into this process beside this one's cbn under other module names (``cbn_other*``), and both builds'
-calls of each case are timed round-robin in one ``cbn.bench.median_times`` (new/main: the ratio of the two
-medians). Both run on the same arrays, in the same process state, alternating, so a drift of the machine between
-processes cancels out; the suite's cases only.
+calls of each case are timed in rounds, each op's two calls one after the other, the first alternating between
+rounds (new/main: the ratio of the two medians; see ``time_in_process``). Both run on the same arrays and write the
+same outputs, so a drift of the machine between processes cancels out; the suite's cases only.
 """
 import argparse
 import importlib
