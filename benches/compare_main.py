@@ -136,6 +136,13 @@ def run(python, threads, budget):
                                      cwd=sys.path[0]).stdout)
 
 
+def report(rows, case, threads, op, main, new, ratio):
+    """Append the row of one case's op (main and new in seconds, ratio new/main) to rows and print it."""
+    rows.append({"case": case, "threads": threads, "op": op, "main_us": main * 1e6, "new_us": new * 1e6,
+                 "new_over_main": ratio})
+    print(f"{case:>32} {threads:>3} {op:>8} {main * 1e6:10.1f} {new * 1e6:10.1f} {ratio:8.2f}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("other", help="the Python of the other build's environment (--in-process: its source tree)")
@@ -152,10 +159,7 @@ def main(argv=None):
         if other is not None:
             for case, ops in time_in_process(other, threads, a.budget):
                 for op, (new, main) in ops.items():
-                    rows.append({"case": case, "threads": threads, "op": op, "main_us": main * 1e6,
-                                 "new_us": new * 1e6, "new_over_main": new / main})
-                    print(f"{case:>32} {threads:>3} {op:>8} {main * 1e6:10.1f} {new * 1e6:10.1f} {new / main:8.2f}",
-                          flush=True)
+                    report(rows, case, threads, op, main, new, new / main)
             continue
         pairs = [(run(sys.executable, threads, a.budget), run(a.other, threads, a.budget)) for _ in range(a.rounds)]
         files = {(new.pop("cbn"), main.pop("cbn")) for new, main in pairs}
@@ -169,12 +173,8 @@ def main(argv=None):
             for op in OPS:
                 new = [n[case][op] for n, _ in pairs]
                 main = [m[case][op] for _, m in pairs]
-                row = {"case": case, "threads": threads, "op": op, "main_us": statistics.median(main) * 1e6,
-                       "new_us": statistics.median(new) * 1e6,
-                       "new_over_main": statistics.median(n / m for n, m in zip(new, main))}
-                rows.append(row)
-                print(f"{case:>32} {threads:>3} {op:>8} {row['main_us']:10.1f} {row['new_us']:10.1f} "
-                      f"{row['new_over_main']:8.2f}", flush=True)
+                report(rows, case, threads, op, statistics.median(main), statistics.median(new),
+                       statistics.median(n / m for n, m in zip(new, main)))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows}, f, indent=1)
