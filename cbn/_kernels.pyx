@@ -1130,9 +1130,11 @@ cdef void _affine_coefs(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const double
     _gamma_times(c0, c1, weight, invstd, cc + C)
     for c in range(c0, c1):
         cc[c] = mean[c]
-        cc[2 * C + c] = 0.0
         cc[3 * C + c] = 0.0
-    if bias != NULL:
+    if bias == NULL:
+        for c in range(c0, c1):
+            cc[2 * C + c] = 0.0
+    else:
         for c in range(c0, c1):
             cc[2 * C + c] = <double>bias[c]
 
