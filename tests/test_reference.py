@@ -379,6 +379,14 @@ def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope, fused):
         np.testing.assert_array_equal(grads[3], ref[3])
 
 
+def _other_memory(a):
+    """a's values in the other memory layout of its channels (axis 1): channels-last for (N, C, *) input, Fortran
+    order (each channel contiguous) for (N, C)."""
+    if a.ndim == 2:
+        return np.asfortranarray(a)
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("shape", [(4, 1024, 8, 8), (4, 64, 8, 8), (4, 16, 8, 8)])
 def test_float32_dx_channels_fall_back_alone(shape, activation):
@@ -398,11 +406,9 @@ def test_float32_dx_channels_fall_back_alone(shape, activation):
     dx2 = F.batch_norm_backward(dy2, saved)[0]
     clean = [c for c in range(shape[1]) if c not in (3, 7, 9)]
     assert dx2[:, clean].tobytes() == dx[:, clean].tobytes()
-    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-    dyl = np.ascontiguousarray(np.moveaxis(dy2, 1, -1))
-    _, saved_l = F.batch_norm(np.moveaxis(xl, -1, 1), None, None, None, None, True, activation=activation,
+    _, saved_l = F.batch_norm(_other_memory(x), None, None, None, None, True, activation=activation,
                               return_saved=True)
-    np.testing.assert_array_equal(F.batch_norm_backward(np.moveaxis(dyl, -1, 1), saved_l)[0], dx2)
+    np.testing.assert_array_equal(F.batch_norm_backward(_other_memory(dy2), saved_l)[0], dx2)
     threads = cbn.get_num_threads()
     try:
         cbn.set_num_threads(1)
@@ -459,10 +465,8 @@ def test_float32_dx_at_any_channel_count_and_size(shape, float32):
     x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
     _, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
     dx = F.batch_norm_backward(dy, saved)[0]
-    other = np.asfortranarray if x.ndim == 2 else (lambda a: np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)),
-                                                                             -1, 1))
-    _, saved_t = F.batch_norm(other(x), None, None, None, None, True, return_saved=True)
-    np.testing.assert_array_equal(F.batch_norm_backward(other(dy), saved_t)[0], dx)
+    _, saved_t = F.batch_norm(_other_memory(x), None, None, None, None, True, return_saved=True)
+    np.testing.assert_array_equal(F.batch_norm_backward(_other_memory(dy), saved_t)[0], dx)
     _, ref_saved = R.batch_norm(x.astype(np.float64), None, None, None, None, True, return_saved=True)
     ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)[0]
     assert np.max(np.abs(dx - ref)) <= 1e-6 * np.max(np.abs(ref))
