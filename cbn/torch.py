@@ -20,6 +20,7 @@ ops' autograd saves, as torch's saved tensors (the profiler sees it under the op
 (``create_graph=True``) differentiates with torch's ``native_batch_norm_backward``. Other inputs go to
 ``torch.nn.functional.batch_norm`` (see :func:`batch_norm`).
 """
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
@@ -139,21 +140,21 @@ def _train_fake(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float, eps: float,
-             save: bool) -> tuple[torch.Tensor, Any]:
+             running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool, momentum: float,
+             eps: float, save: bool) -> tuple[torch.Tensor, Any]:
     """(y, the saved forward when ``save``, else None) of cbn.functional's batch norm on views of the tensors (the eval
-    op's kernel and eager calls), the running statistics ``stats`` updated in place in training (their version
-    counters left as they are, as torch's kernel leaves them)."""
+    op's kernel and eager calls), the running statistics updated in place in training (their version counters left
+    as they are, as torch's kernel leaves them)."""
     x, out = _layout(x)
-    result = _on_torch_threads(_F.batch_norm, _np(x), _np(stats[0]), _np(stats[1]), _np(weight), _np(bias), training,
-                               momentum, eps, out=_np(out), return_saved=save)
+    result = _on_torch_threads(_F.batch_norm, _np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias),
+                               training, momentum, eps, out=_np(out), return_saved=save)
     y, saved = result if save else (result, None)
     return _result(y, out), saved
 
 
 def _eval(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
           running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    return _forward(x, weight, bias, (running_mean, running_var), False, 0.0, eps, False)[0]
+    return _forward(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)[0]
 
 
 def _eval_fake(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, running_mean: torch.Tensor,
@@ -162,16 +163,20 @@ def _eval_fake(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 
 def _backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-              invstd: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              invstd: torch.Tensor, training: bool,
+              saved: _F.BatchNormSaved | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op's kernel, and an eager call's backward: with ``saved`` (the forward's BatchNormSaved, which
+    holds views of the same x, weight, mean and invstd) it is not rebuilt."""
     x, out = _layout(x)
-    xn = _np(x)
-    order = tuple(range(xn.ndim))
-    if not xn.flags.c_contiguous:
-        order = tuple(sorted(order, key=lambda d: -xn.strides[d]))
-    mem = xn.transpose(order)  # x's axes in memory order
-    k = order.index(1)
-    x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
-    saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _np(weight), training, xn.shape, xn.dtype, 1, order)
+    if saved is None:
+        xn = _np(x)
+        order = tuple(range(xn.ndim))
+        if not xn.flags.c_contiguous:
+            order = tuple(sorted(order, key=lambda d: -xn.strides[d]))
+        mem = xn.transpose(order)  # x's axes in memory order
+        k = order.index(1)
+        x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
+        saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _np(weight), training, xn.shape, xn.dtype, 1, order)
     dx, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, _np(grad_output), saved, out=_np(out))
     return _result(dx, out), torch.from_numpy(dweight), torch.from_numpy(dbias)
 
@@ -243,35 +248,43 @@ class _CbnEval(torch.autograd.Function):
 class _CbnBatchNorm(torch.autograd.Function):
     """Autograd of an eager call (:func:`_eager_batch_norm`): it saves what the ops' autograd saves (x, weight and
     the batch's mean and invstd, or the running statistics in eval), through torch's saved tensors (their version
-    checks and hooks), and differentiates with :func:`_backward`."""
+    checks and hooks), and differentiates with :func:`_backward`: in training, when no saved_tensors_hooks were
+    active (torch then keeps the saved tensors as they are), with the forward's own BatchNormSaved."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float,
-                eps: float) -> torch.Tensor:
-        y, saved = _forward(x, weight, bias, stats, training, momentum, eps, training)
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                momentum: float, eps: float) -> torch.Tensor:
+        y, saved = _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, training)
         ctx.training, ctx.eps, ctx.affine = training, eps, (weight is not None, bias is not None)
         ctx.save_for_backward(x, weight, *((torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd))
-                                           if training else stats))
+                                           if training else (running_mean, running_var)))
+        ctx.saved = saved if torch._C._autograd._top_saved_tensors_default_hooks(False) is None else None
         ctx.set_materialize_grads(False)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
-            return (None,) * 7
+            return (None,) * 8
         x, weight, a, b = ctx.saved_tensors
-        return *_gradients(ctx, grad_output, x, weight, a, b, ctx.training, _backward), None, None, None, None
+        backward = _backward if ctx.saved is None else functools.partial(_backward, saved=ctx.saved)
+        return *_gradients(ctx, grad_output, x, weight, a, b, ctx.training, backward), None, None, None, None, None
+
+
+# Function.apply without its per-call work for torch.func transforms (an eager call has none: see _eager)
+_CBN_APPLY = super(torch.autograd.Function, _CbnBatchNorm).apply
 
 
 def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                      stats: tuple[torch.Tensor | None, torch.Tensor | None], training: bool, momentum: float,
-                      eps: float) -> torch.Tensor:
+                      running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                      momentum: float, eps: float) -> torch.Tensor:
     """:func:`batch_norm` of an eager call: through :class:`_CbnBatchNorm` when autograd records it."""
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias):
-        return cast(torch.Tensor, _CbnBatchNorm.apply(  # type: ignore[no-untyped-call]
-            x, weight, bias, stats, training, momentum, eps))
-    return _forward(x, weight, bias, stats, training, momentum, eps, False)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return cast(torch.Tensor, _CBN_APPLY(  # type: ignore[no-untyped-call]  # (untyped in torch)
+            x, weight, bias, running_mean, running_var, training, momentum, eps))
+    return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, False)[0]
 
 
 def _eager(x: torch.Tensor) -> bool:
@@ -328,11 +341,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                               eps)
     if _eager(input):
-        stats = (running_mean, running_var)
         if torch._C._autograd._profiler_enabled():  # under the ops' names
             with torch.profiler.record_function(f"cbn::batch_norm_{'train' if training else 'eval'}"):
-                return _eager_batch_norm(input, weight, bias, stats, training, momentum, eps)
-        return _eager_batch_norm(input, weight, bias, stats, training, momentum, eps)
+                return _eager_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        return _eager_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
     if training:
         y, _, _, new_mean, new_var = _TRAIN(input, weight, bias, running_mean, running_var, momentum, eps)
         if running_mean is not None:
