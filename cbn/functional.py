@@ -210,12 +210,12 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
     saved : BatchNormSaved or GhostSaved
         Only with ``return_saved`` (a GhostSaved after a forward of several virtual batches).
     """
-    plain = (out is None and dtype is None and nan_guard is False and activation is None and residual is None
+    plain = (dtype is None and nan_guard is False and activation is None and residual is None
              and virtual_batch_size is None and renorm is False and renorm_clipping is None and mask is None)
     plan = _known_plan(x, axis) if plain else None
     result: tuple[FloatArray, BatchNormSaved | GhostSaved] | None
     result = None if plan is None else _plain(plan, x, running_mean, running_var, weight, bias, training, momentum,
-                                              eps)
+                                              eps, out)
     if result is None:
         inp = V.input_array(x, axis, dtype)
         result = forward(inp, running_mean, running_var, weight, bias, training, momentum, eps, out, nan_guard,
@@ -249,12 +249,17 @@ def _remember(x: FloatArray, axis: int, plan: V.Plan) -> None:
 
 
 def _plain(plan: V.Plan, x: FloatArray, running_mean: object, running_var: object, weight: object, bias: object,
-           training: bool, momentum: float, eps: float) -> tuple[FloatArray, BatchNormSaved] | None:
+           training: bool, momentum: float, eps: float, out: object) -> tuple[FloatArray, BatchNormSaved] | None:
     """:func:`batch_norm` without optional features of an input that fits ``plan``: (y, saved), or None when a
-    per-channel array is not one the kernels take as it is (then the full checks run, and raise where an argument
-    is wrong). Running statistics updated in place must not overlap another argument (raised here, as there)."""
+    per-channel array is not one the kernels take as it is, or ``out`` (None, or an array) not one they write as it
+    is (then the full checks run, and raise where an argument is wrong). Running statistics updated in place and
+    ``out`` must not overlap another argument (raised here, as there)."""
     C, dt = plan.acb[1], plan.dtype
     if not ((weight is None or V.fits_channel(weight, C, dt)) and (bias is None or V.fits_channel(bias, C, dt))):
+        return None
+    if out is not None and not (plan.direct and type(out) is np.ndarray and out.dtype is dt
+                                and out.shape == plan.shape and out.strides == plan.strides
+                                and out.flags.writeable and out.flags.aligned):
         return None
     batch = bool(training)
     update = batch and (running_mean is not None or running_var is not None)
@@ -265,12 +270,14 @@ def _plain(plan: V.Plan, x: FloatArray, running_mean: object, running_var: objec
     if batch and plan.acb[0] * plan.acb[2] == 1:
         V.count_per_channel(1, f"input size {plan.shape}")
     channels = cast(tuple[FloatArray | None, ...], (running_mean, running_var, weight, bias))
+    if update and not V.distinct_owners(x, *channels):
+        V.stats_apart(x, *channels)  # type: ignore[arg-type]  # (arrays: fits_channel)
+    if out is not None and not V.distinct_owners(x, *channels, out):
+        V.no_overlap("out", out, dict(zip(("input", "running_mean", "running_var", "weight", "bias"), (x, *channels))))
     if update:
-        if not V.distinct_owners(x, *channels):
-            V.stats_apart(x, *channels)  # type: ignore[arg-type]  # (arrays: fits_channel)
-        return _planned(plan, x, channels, _BATCH | _UPDATE, momentum, eps)
+        return _planned(plan, x, channels, _BATCH | _UPDATE, momentum, eps, out)
     return _planned(plan, x, (None, None, weight, bias) if batch else channels,  # type: ignore[arg-type]
-                    _BATCH if batch else 0, 0.0, eps)
+                    _BATCH if batch else 0, 0.0, eps, out)
 
 
 def _planned(plan: V.Plan, x: FloatArray, channels: tuple[FloatArray | None, ...], flags: int, momentum: float,

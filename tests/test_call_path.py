@@ -90,7 +90,8 @@ def _functional_args(layout, dtype):
 def test_repeated_functional_calls_reuse_the_plan(layout, dtype, monkeypatch):
     """cbn.functional.batch_norm remembers the plan of a plain call's input: a repeated call with that signature
     skips the input checks (input_array runs once) and gives the checked call's bits, in training (with and
-    without running statistics) and in eval."""
+    without running statistics) and in eval, with or without an ``out`` laid out as the input (a view of another
+    array's memory too, as NumPy views of torch tensors are)."""
     x, weight, bias = _functional_args(layout, dtype)
     F._PLANS.clear()
     checked = []
@@ -98,10 +99,13 @@ def test_repeated_functional_calls_reuse_the_plan(layout, dtype, monkeypatch):
     results = []
     for _ in range(2):
         stats = [np.zeros(3, dtype), np.ones(3, dtype)]
+        out = np.zeros(x.size + 8, dtype)[8:].reshape(x.shape) if layout == "NCHW" else np.zeros_like(x)
         results.append([*F.batch_norm(x, *stats, weight, bias, True, return_saved=True), stats[0].copy(),
                         stats[1].copy(), F.batch_norm(x, None, None, weight, bias, True),
-                        F.batch_norm(x, *stats, weight, bias, False)])
+                        F.batch_norm(x, *stats, weight, bias, False),
+                        F.batch_norm(x, None, None, weight, bias, True, out=out), out])
     assert len(checked) == 1
+    assert results[1][-1].tobytes() == results[1][-2].tobytes() == results[1][4].tobytes()
     first, second = results
     saved = first.pop(1), second.pop(1)
     assert saved[0].mean.tobytes() == saved[1].mean.tobytes() and saved[0].order == saved[1].order
@@ -137,6 +141,20 @@ def test_functional_calls_with_a_known_plan_keep_the_checks():
     with pytest.raises(ValueError, match="running_mean must not share memory"):
         F.batch_norm(inside, buffer[:3], rv, weight, bias, True)  # a running mean inside the input
     assert np.array_equal(buffer, kept)
+    before = [rm.copy(), rv.copy()]
+    other = np.zeros(x.size + 3, np.float32)  # an out whose last values are the weight's memory
+    read_only = np.empty_like(x)
+    read_only.flags.writeable = False
+    for message, out, w in [
+        ("out must have shape", np.empty((2, 3), np.float32), weight),
+        ("out must be a writeable", read_only, weight),
+        ("out must not share memory with another argument, got memory shared with input", inside, weight),
+        ("out must not share memory with another argument, got memory shared with weight",
+         other[:x.size].reshape(x.shape), other[x.size - 3:x.size]),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            F.batch_norm(inside, rm, rv, w, bias, True, out=out)
+        assert np.array_equal(buffer, kept) and all(np.array_equal(a, b) for a, b in zip((rm, rv), before)), message
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         F.batch_norm(np.ones((1, 3), np.float32), None, None, None, None, True)
     one = np.ones((1, 3), np.float32)
