@@ -52,6 +52,28 @@ def _np(t: torch.Tensor | None) -> FloatArray | None:
     return None if t is None else (t.data if t.requires_grad else t).numpy()
 
 
+# The NumPy views of per-channel tensors (weights, biases, running statistics: the same tensors call after call) by
+# id: (the tensor, its data_ptr, dtype and shape when viewed, the view). An entry serves while its tensor has that
+# memory, dtype and shape (and, holding the tensor, keeps its id from being reused); at most _MAX_VIEWS of them, the
+# oldest dropped all at once.
+_VIEWS: dict[int, tuple[torch.Tensor, int, torch.dtype, torch.Size, FloatArray]] = {}
+_MAX_VIEWS = 256
+
+
+def _channel_np(t: torch.Tensor | None) -> FloatArray | None:
+    """:func:`_np` of a per-channel tensor, through the views kept in _VIEWS."""
+    if t is None:
+        return None
+    kept = _VIEWS.get(id(t))
+    if kept is not None and kept[1] == t.data_ptr() and kept[2] is t.dtype and kept[3] == t.shape:
+        return kept[4]
+    if len(_VIEWS) >= _MAX_VIEWS:
+        _VIEWS.clear()
+    view = _np(t)
+    _VIEWS[id(t)] = (t, t.data_ptr(), t.dtype, t.shape, view)
+    return view
+
+
 def _dense(x: torch.Tensor) -> bool:
     """Whether x's memory has no gaps or overlaps (some order of its axes makes it C-contiguous)."""
     if x.is_contiguous():
@@ -126,7 +148,8 @@ def _train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
            running_var: torch.Tensor | None, momentum: float, eps: float) -> tuple[torch.Tensor, ...]:
     x, out = _layout(x)
     stats = [None if t is None else _np(t).copy() for t in (running_mean, running_var)]  # updated: the new ones
-    y, saved = _on_torch_threads(_F.batch_norm, _np(x), *stats, _np(weight), _np(bias), True, momentum, eps,
+    y, saved = _on_torch_threads(_F.batch_norm, _np(x), *stats, _channel_np(weight), _channel_np(bias), True,
+                                 momentum, eps,
                                  out=_np(out), return_saved=True)
     return (_result(y, out), torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),
             *(x.new_empty((0,)) if t is None else torch.from_numpy(t) for t in stats))
@@ -146,8 +169,9 @@ def _forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     op's kernel and eager calls), the running statistics updated in place in training (their version counters left
     as they are, as torch's kernel leaves them)."""
     x, out = _layout(x)
-    result = _on_torch_threads(_F.batch_norm, _np(x), _np(running_mean), _np(running_var), _np(weight), _np(bias),
-                               training, momentum, eps, out=_np(out), return_saved=save)
+    result = _on_torch_threads(_F.batch_norm, _np(x), _channel_np(running_mean), _channel_np(running_var),
+                               _channel_np(weight), _channel_np(bias), training, momentum, eps, out=_np(out),
+                               return_saved=save)
     y, saved = result if save else (result, None)
     return _result(y, out), saved
 
@@ -176,7 +200,8 @@ def _backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
         mem = xn.transpose(order)  # x's axes in memory order
         k = order.index(1)
         x3 = mem.reshape(math.prod(mem.shape[:k]), xn.shape[1], math.prod(mem.shape[k + 1:]))
-        saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _np(weight), training, xn.shape, xn.dtype, 1, order)
+        saved = _F.BatchNormSaved(x3, _np(mean), _np(invstd), _channel_np(weight), training, xn.shape, xn.dtype, 1,
+                                  order)
     dx, dweight, dbias = _on_torch_threads(_F.batch_norm_backward, _np(grad_output), saved, out=_np(out))
     return _result(dx, out), torch.from_numpy(dweight), torch.from_numpy(dbias)
 
@@ -320,7 +345,8 @@ def _on_cbn(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: tor
     for t in (running_mean, running_var, weight, bias):
         if t is not None and not (t.is_cpu and t.dtype == dtype and t.shape == (C,) and t.is_contiguous()):
             return False
-    if any(t is not None and t.requires_grad for t in (running_mean, running_var)):
+    if (running_mean is not None and running_mean.requires_grad) or (running_var is not None
+                                                                      and running_var.requires_grad):
         return False  # (torch raises: not differentiable with respect to them)
     if training:
         return (running_mean is None) == (running_var is None) and eps > 0 and x.numel() != C and 0 <= momentum <= 1

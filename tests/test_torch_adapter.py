@@ -416,6 +416,36 @@ def test_eager_calls_keep_torchs_inplace_semantics(cbn_calls):
     assert len(cbn_calls["batch_norm_backward"]) == 0
 
 
+def test_per_channel_tensors_given_new_memory_are_read_anew(cbn_calls):
+    """A module's parameters and running statistics given new memory between calls (weight.data replaced, a new
+    running_mean buffer, the module moved to float64 and back) are read from it, as torch's module reads them; a
+    change in place is seen too."""
+    tbn, cbn_bn = pair(4, 3, torch.float32)
+    x = torch.randn(4, 3, 5, 5)
+    for step in ("first", "weight.data", "in place", "new buffer", "float64", "float32"):
+        for m in (tbn, cbn_bn):
+            with torch.no_grad():
+                if step == "weight.data":
+                    m.weight.data = torch.arange(3.0) + 0.5
+                elif step == "in place":
+                    m.bias.mul_(-2.0)
+                elif step == "new buffer":
+                    m.running_mean = torch.full((3,), 0.25)
+                elif step == "float64":
+                    m.double()
+                elif step == "float32":
+                    m.float()
+        xs = x.to(tbn.weight.dtype)
+        for training in (True, False):
+            for m in (tbn, cbn_bn):
+                m.train(training)
+            with torch.no_grad():
+                close(cbn_bn(xs), tbn(xs), TOL[torch.float32]["y"], f"{step} training={training}")
+            for a, b in zip(cbn_bn.buffers(), tbn.buffers()):  # (within float32's: float32 before)
+                close(a, b, TOL[torch.float32]["stat"], f"{step} buffers")
+    assert len(cbn_calls["batch_norm"]) == 12
+
+
 def test_profiler_sees_eager_calls(cbn_calls):
     """Under the torch profiler an eager call records its forward under the op's name and its backward as the
     autograd node _CbnBatchNormBackward (the events the example counts as batch norm)."""
