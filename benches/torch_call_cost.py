@@ -1,5 +1,6 @@
 """Per-call cost of cbn.torch against torch's own batch norm: the eval forward (under no_grad), the training forward
-(inputs that require grad: autograd records it) and its backward (``torch.autograd.grad``), on a tiny tensor, where
+(inputs that require grad: autograd records it) and a training step (that forward and its backward,
+``torch.autograd.grad``, the graph not retained, as in training), on a tiny tensor, where
 a call's Python and dispatch work is all there is, and on the batch norm shapes of ``examples/torch_resnet.py``'s
 ResNet-18 (batch 8 of 112x112 images), contiguous and channels_last, with their sum over its 20 layers: its batch
 norm time per step without the profiler's cost. ``cbn.functional`` on NumPy views of the same memory is the floor the
@@ -27,6 +28,7 @@ from cbn import functional as F
 # (shape, calls per timing, layers of that shape in ResNet-18 at batch 8 of 112x112 images)
 CASES = (((2, 8, 4, 4), 1000, 0), ((8, 64, 56, 56), 10, 1), ((8, 64, 28, 28), 40, 4), ((8, 128, 14, 14), 100, 5),
          ((8, 256, 7, 7), 200, 5), ((8, 512, 4, 4), 300, 5))
+OPS = ("eval", "train", "step")
 
 
 def load_baseline(path):
@@ -45,22 +47,24 @@ def load_baseline(path):
 def calls(batch_norm, x, dy, params, stats):
     """{op: function} of one implementation of torch.nn.functional.batch_norm's signature."""
     xg, wg, bg = (t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, *params))
-    y = batch_norm(xg, *(s.clone() for s in stats), wg, bg, True)  # statistics that no other call updates
 
     def eval_forward():
         with torch.no_grad():
             batch_norm(x, *stats, *params, False)
-    return {"eval": eval_forward, "train": lambda: batch_norm(xg, *stats, wg, bg, True),
-            "backward": lambda: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True)}
+
+    def step():
+        torch.autograd.grad(batch_norm(xg, *stats, wg, bg, True), (xg, wg, bg), dy)
+    return {"eval": eval_forward, "train": lambda: batch_norm(xg, *stats, wg, bg, True), "step": step}
 
 
 def functional_calls(x, dy, params, stats):
     """{op: function} of cbn.functional on NumPy views of the same tensors."""
     xn, dyn, wn, bn, mn, vn = (t.numpy() for t in (x, dy, *params, *stats))
-    _, saved = F.batch_norm(xn, mn, vn, wn, bn, True, return_saved=True)
-    return {"eval": lambda: F.batch_norm(xn, mn, vn, wn, bn, False),
-            "train": lambda: F.batch_norm(xn, mn, vn, wn, bn, True, return_saved=True),
-            "backward": lambda: F.batch_norm_backward(dyn, saved)}
+
+    def train():
+        return F.batch_norm(xn, mn, vn, wn, bn, True, return_saved=True)
+    return {"eval": lambda: F.batch_norm(xn, mn, vn, wn, bn, False), "train": train,
+            "step": lambda: F.batch_norm_backward(dyn, train()[1])}
 
 
 def main(argv=None):
@@ -82,8 +86,7 @@ def main(argv=None):
              f"{'shape':>16} {'layout':>13} {'op':>8} | " + " ".join(f"{n:>10}" for n in names)]
     print("\n".join(lines), flush=True)
     layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    resnet = {(layout_name, op): dict.fromkeys(names, 0.0) for layout_name in layouts
-              for op in ("eval", "train", "backward")}
+    resnet = {(layout_name, op): dict.fromkeys(names, 0.0) for layout_name in layouts for op in OPS}
     for shape, number, layers in CASES:
         for layout_name, layout in layouts.items():
             g = torch.Generator().manual_seed(0)
@@ -92,7 +95,7 @@ def main(argv=None):
             stats = torch.zeros(shape[1]), torch.ones(shape[1])
             fns = {name: calls(bn, x, dy, params, stats) for name, bn in impls.items()}
             fns["functional"] = functional_calls(x, dy, params, stats)
-            for op in ("eval", "train", "backward"):
+            for op in OPS:
                 times = {name: [] for name in names}
                 for _ in range(args.rounds):
                     for name in names:

@@ -149,8 +149,7 @@ def _train(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     x, out = _layout(x)
     stats = [None if t is None else _np(t).copy() for t in (running_mean, running_var)]  # updated: the new ones
     y, saved = _on_torch_threads(_F.batch_norm, _np(x), *stats, _channel_np(weight), _channel_np(bias), True,
-                                 momentum, eps,
-                                 out=_np(out), return_saved=True)
+                                 momentum, eps, out=_np(out), return_saved=True)
     return (_result(y, out), torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd),
             *(x.new_empty((0,)) if t is None else torch.from_numpy(t) for t in stats))
 
@@ -274,7 +273,8 @@ class _CbnBatchNorm(torch.autograd.Function):
     """Autograd of an eager call (:func:`_eager_batch_norm`): it saves what the ops' autograd saves (x, weight and
     the batch's mean and invstd, or the running statistics in eval), through torch's saved tensors (their version
     checks and hooks), and differentiates with :func:`_backward`: in training, when no saved_tensors_hooks were
-    active (torch then keeps the saved tensors as they are), with the forward's own BatchNormSaved."""
+    active (torch then keeps the saved tensors as they are), the first backward with the forward's own
+    BatchNormSaved."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -293,7 +293,8 @@ class _CbnBatchNorm(torch.autograd.Function):
         if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
             return (None,) * 8
         x, weight, a, b = ctx.saved_tensors
-        backward = _backward if ctx.saved is None else functools.partial(_backward, saved=ctx.saved)
+        saved, ctx.saved = ctx.saved, None  # (released with torch's saved tensors; a retained graph rebuilds it)
+        backward = _backward if saved is None else functools.partial(_backward, saved=saved)
         return *_gradients(ctx, grad_output, x, weight, a, b, ctx.training, backward), None, None, None, None, None
 
 

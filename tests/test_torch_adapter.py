@@ -446,6 +446,21 @@ def test_per_channel_tensors_given_new_memory_are_read_anew(cbn_calls):
     assert len(cbn_calls["batch_norm"]) == 12
 
 
+def test_retained_graph_differentiates_twice(cbn_calls):
+    """A graph kept with retain_graph=True differentiates twice with the same bits (the second backward rebuilds
+    the saved forward that the first one took from the forward), as torch's does within its tolerance."""
+    tbn, cbn_bn = pair(4, 3, torch.float32)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    dy = torch.randn(4, 3, 5, 5)
+    y = cbn_bn(x)
+    first = torch.autograd.grad(y, (x, cbn_bn.weight), dy, retain_graph=True)
+    second = torch.autograd.grad(y, (x, cbn_bn.weight), dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for got, want, what in zip(first, torch.autograd.grad(tbn(x), (x, tbn.weight), dy), ("dx", "dweight")):
+        close(got, want, TOL[torch.float32]["grad"], what)
+    assert len(cbn_calls["batch_norm_backward"]) == 2
+
+
 def test_profiler_sees_eager_calls(cbn_calls):
     """Under the torch profiler an eager call records its forward under the op's name and its backward as the
     autograd node _CbnBatchNormBackward (the events the example counts as batch norm)."""
