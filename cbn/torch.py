@@ -16,7 +16,8 @@ call), so ``torch.compile`` and ``torch.export`` see each batch norm as one opaq
 rules out ops that mutate their inputs: the training op returns the new running statistics instead (the functional
 form torch's own batch norm takes under ``torch.compile``). An eager call on plain tensors skips the op dispatch: an
 autograd.Function calls :mod:`cbn.functional` directly, updates the running statistics in place and saves what the
-ops' autograd saves, as torch's saved tensors (the profiler sees it under the ops' names). A double backward
+ops' autograd saves, as torch's saved tensors (the profiler sees it under the ops' names); without saved-tensor
+hooks, its first backward also reuses the forward's :class:`cbn.functional.BatchNormSaved`. A double backward
 (``create_graph=True``) differentiates with torch's ``native_batch_norm_backward``. Other inputs go to
 ``torch.nn.functional.batch_norm`` (see :func:`batch_norm`).
 """
