@@ -71,13 +71,14 @@ def _channel_np(t: torch.Tensor | None) -> FloatArray | None:
     if len(_VIEWS) >= _MAX_VIEWS:
         _VIEWS.clear()
     view = _np(t)
-    _VIEWS[id(t)] = (t, t.data_ptr(), t.dtype, t.shape, view)
+    if t.is_leaf:  # (not a tensor computed anew at each call, by a parametrization say: it would only fill _VIEWS)
+        _VIEWS[id(t)] = (t, t.data_ptr(), t.dtype, t.shape, view)
     return view
 
 
 def _dense(x: torch.Tensor) -> bool:
     """Whether x's memory has no gaps or overlaps (some order of its axes makes it C-contiguous)."""
-    if x.is_contiguous():
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         return True
     size = 1
     for stride, n in sorted(zip(x.stride(), x.shape)):
@@ -273,9 +274,10 @@ class _CbnEval(torch.autograd.Function):
 class _CbnBatchNorm(torch.autograd.Function):
     """Autograd of an eager call (:func:`_eager_batch_norm`): it saves what the ops' autograd saves (x, weight and
     the batch's mean and invstd, or the running statistics in eval), through torch's saved tensors (their version
-    checks and hooks), and differentiates with :func:`_backward`: in training, when no saved_tensors_hooks were
-    active (torch then keeps the saved tensors as they are), the first backward with the forward's own
-    BatchNormSaved."""
+    checks and hooks), and differentiates with :func:`_backward`. In training its first backward reuses the forward's
+    own BatchNormSaved when that views the memory the saved tensors hold: no saved_tensors_hooks were active (torch
+    then keeps the saved tensors as they are), x was dense (not copied for the kernels) and neither x's nor the
+    weight's memory was replaced (``.data``) since."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -285,22 +287,26 @@ class _CbnBatchNorm(torch.autograd.Function):
         ctx.training, ctx.eps, ctx.affine = training, eps, (weight is not None, bias is not None)
         ctx.save_for_backward(x, weight, *((torch.from_numpy(saved.mean), torch.from_numpy(saved.invstd))
                                            if training else (running_mean, running_var)))
-        ctx.saved = saved if torch._C._autograd._top_saved_tensors_default_hooks(False) is None else None
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        ctx.saved = (saved, _addresses(x, weight)) if training and hooks is None and _dense(x) else None
         ctx.set_materialize_grads(False)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        kept, ctx.saved = ctx.saved, None  # (released with torch's saved tensors; a retained graph rebuilds it)
         if grad_output is None:  # no gradient reached y (set_materialize_grads(False) leaves it None)
             return (None,) * 8
         x, weight, a, b = ctx.saved_tensors
-        saved, ctx.saved = ctx.saved, None  # (released with torch's saved tensors; a retained graph rebuilds it)
-        backward = _backward if saved is None else functools.partial(_backward, saved=saved)
+        backward = _backward
+        if kept is not None and kept[1] == _addresses(x, weight):
+            backward = functools.partial(_backward, saved=kept[0])
         return *_gradients(ctx, grad_output, x, weight, a, b, ctx.training, backward), None, None, None, None, None
 
 
-# Function.apply without its per-call work for torch.func transforms (an eager call has none: see _eager)
-_CBN_APPLY = super(torch.autograd.Function, _CbnBatchNorm).apply
+def _addresses(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[int, int]:
+    """Where x's and the weight's memory start (0 for no weight)."""
+    return x.data_ptr(), 0 if weight is None else weight.data_ptr()
 
 
 def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -309,7 +315,7 @@ def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     """:func:`batch_norm` of an eager call: through :class:`_CbnBatchNorm` when autograd records it."""
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return cast(torch.Tensor, _CBN_APPLY(  # type: ignore[no-untyped-call]  # (untyped in torch)
+        return cast(torch.Tensor, _CbnBatchNorm.apply(  # type: ignore[no-untyped-call]  # (untyped in torch)
             x, weight, bias, running_mean, running_var, training, momentum, eps))
     return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, False)[0]
 

@@ -106,6 +106,9 @@ def test_repeated_functional_calls_reuse_the_plan(layout, dtype, monkeypatch):
                         F.batch_norm(x, None, None, weight, bias, True, out=out), out])
     assert len(checked) == 1
     assert results[1][-1].tobytes() == results[1][-2].tobytes() == results[1][4].tobytes()
+    c_order = np.zeros(x.shape, dtype)  # (channels-last input: another layout than the plan's, the full checks)
+    assert F.batch_norm(x, None, None, weight, bias, True, out=c_order) is c_order
+    assert c_order.tobytes() == results[1][4].tobytes()
     first, second = results
     saved = first.pop(1), second.pop(1)
     assert saved[0].mean.tobytes() == saved[1].mean.tobytes() and saved[0].order == saved[1].order

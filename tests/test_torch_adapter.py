@@ -461,6 +461,41 @@ def test_retained_graph_differentiates_twice(cbn_calls):
     assert len(cbn_calls["batch_norm_backward"]) == 2
 
 
+def test_eager_backward_reuses_the_forward_where_it_views_the_saved_memory(monkeypatch):
+    """An eager training call's first backward reuses the forward's saved state where that views the memory of
+    torch's saved tensors (no saved_tensors_hooks, a dense x, neither x's nor the weight's memory replaced since);
+    otherwise, and in a retained graph's second backward, it rebuilds it from them. The gradients are torch's either
+    way (with a weight replaced before the backward, those of the new weight, as torch's)."""
+    reused = []
+    monkeypatch.setattr(ct, "_backward", lambda *a, saved=None, _f=ct._backward: reused.append(saved is not None)
+                        or _f(*a, saved=saved))
+    dy = torch.randn(4, 3, 5, 5)
+    for case, want in {"plain": [True], "retained": [True, False], "hooks": [False], "strided": [False],
+                       "weight.data": [False]}.items():
+        reused.clear()
+        tbn, cbn_bn = pair(4, 3, torch.float32)
+        x = torch.randn(4, 3, 5, 10) if case == "strided" else torch.randn(4, 3, 5, 5)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        if case == "strided":  # (views with gaps: the forward copies them for the kernels)
+            xs = [xi[..., ::2] for xi in xs]
+        if case == "hooks":
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                ys = [m(xi) for m, xi in zip((tbn, cbn_bn), xs)]
+        else:
+            ys = [m(xi) for m, xi in zip((tbn, cbn_bn), xs)]
+        if case == "weight.data":
+            for m in (tbn, cbn_bn):
+                m.weight.data = torch.tensor([2.0, -1.0, 0.5])
+        grads = [torch.autograd.grad(y, (xi, m.weight), dy, retain_graph=case == "retained")
+                 for y, xi, m in zip(ys, xs, (tbn, cbn_bn))]
+        if case == "retained":
+            assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ys[1], (xs[1], cbn_bn.weight), dy),
+                                                          grads[1])), case
+        for got, expected, what in zip(grads[1], grads[0], ("dx", "dweight")):
+            close(got, expected, TOL[torch.float32]["grad"], f"{case} {what}")
+        assert reused == want, case
+
+
 def test_profiler_sees_eager_calls(cbn_calls):
     """Under the torch profiler an eager call records its forward under the op's name and its backward as the
     autograd node _CbnBatchNormBackward (the events the example counts as batch norm)."""
@@ -495,9 +530,9 @@ def test_inference_mode(cbn_calls):
 
 
 def test_saved_tensors_go_through_torch(cbn_calls):
-    """An eager call keeps its input only through torch's saved tensors: saved_tensors_hooks decide what the
-    backward reads (what torch.utils.checkpoint and offloading rely on). A pack hook that copies the input makes the
-    backward use the copy after the input's memory changed."""
+    """Under saved_tensors_hooks an eager call keeps its input only through torch's saved tensors: the hooks decide
+    what the backward reads (what torch.utils.checkpoint and offloading rely on). A pack hook that copies the input
+    makes the backward use the copy after the input's memory changed."""
     bns = [ct.BatchNorm2d(3), ct.BatchNorm2d(3)]
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     dy = torch.randn(4, 3, 5, 5)
