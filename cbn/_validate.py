@@ -178,13 +178,17 @@ class Plan(NamedTuple):
         return (type(x) is np.ndarray and x.dtype is self.in_dtype and x.shape == self.shape
                 and x.strides == self.strides and x.flags.aligned)
 
-    def fits_out(self, out: object, *inputs: FloatArray | None) -> bool:
+    def writes(self, out: object) -> TypeGuard[FloatArray]:
         """True when ``out`` is an output the kernels write as it is (of a direct plan): an aligned, writeable
-        ndarray of this plan's shape and strides in the compute dtype that owns its memory (so it overlaps no
+        ndarray of this plan's shape and strides in the compute dtype (the dtype object itself)."""
+        return (self.direct and type(out) is np.ndarray and out.dtype is self.dtype and out.shape == self.shape
+                and out.strides == self.strides and out.flags.writeable and out.flags.aligned)
+
+    def fits_out(self, out: object, *inputs: FloatArray | None) -> bool:
+        """True when the kernels write ``out`` as it is (:meth:`writes`) and it owns its memory (so it overlaps no
         other array that owns its own) and shares none with ``inputs`` (None skipped)."""
-        return (self.direct and type(out) is np.ndarray and out.base is None and out.dtype is self.dtype
-                and out.shape == self.shape and out.strides == self.strides and out.flags.writeable
-                and out.flags.aligned and not any(a is not None and np.may_share_memory(out, a) for a in inputs))
+        return (self.writes(out) and out.base is None
+                and not any(a is not None and np.may_share_memory(out, a) for a in inputs))
 
 
 def plan(inp: Input) -> Plan:

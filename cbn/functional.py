@@ -257,9 +257,7 @@ def _plain(plan: V.Plan, x: FloatArray, running_mean: object, running_var: objec
     C, dt = plan.acb[1], plan.dtype
     if not ((weight is None or V.fits_channel(weight, C, dt)) and (bias is None or V.fits_channel(bias, C, dt))):
         return None
-    if out is not None and not (plan.direct and type(out) is np.ndarray and out.dtype is dt
-                                and out.shape == plan.shape and out.strides == plan.strides
-                                and out.flags.writeable and out.flags.aligned):
+    if out is not None and not plan.writes(out):
         return None
     batch = bool(training)
     update = batch and (running_mean is not None or running_var is not None)
