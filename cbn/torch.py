@@ -309,24 +309,33 @@ def _addresses(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[int, int]:
     return x.data_ptr(), 0 if weight is None else weight.data_ptr()
 
 
+# Function.apply without its per-call work for torch.func (the unwrapping of dead wrappers, the transforms' path): an
+# eager call has neither (_eager)
+_CBN_APPLY = super(torch.autograd.Function, _CbnBatchNorm).apply
+
+
 def _eager_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
                       momentum: float, eps: float) -> torch.Tensor:
     """:func:`batch_norm` of an eager call: through :class:`_CbnBatchNorm` when autograd records it."""
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return cast(torch.Tensor, _CbnBatchNorm.apply(  # type: ignore[no-untyped-call]  # (untyped in torch)
+        return cast(torch.Tensor, _CBN_APPLY(  # type: ignore[no-untyped-call]  # (untyped in torch)
             x, weight, bias, running_mean, running_var, training, momentum, eps))
     return _forward(x, weight, bias, running_mean, running_var, training, momentum, eps, False)[0]
 
 
-def _eager(x: torch.Tensor) -> bool:
-    """True for a call on a plain tensor that nothing traces or transforms: one that :func:`_eager_batch_norm`
-    computes. Tensor subclasses (fake, functional), torch.func's wrapped tensors (vmap, jvp), calls under a
-    dispatch mode (make_fx, FakeTensorMode, FlopCounterMode) and the calls that torch.compile or torch.jit.trace
-    traces go through the ops, which those see."""
+def _eager(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """True for a call on plain tensors that nothing traces or transforms: one that :func:`_eager_batch_norm`
+    computes. Tensor subclasses (fake, functional), torch.func's wrapped tensors (vmap, jvp, and the dead ones a
+    transform leaves; as input, weight or bias), calls inside a torch.func transform or under a dispatch mode
+    (make_fx, FakeTensorMode, FlopCounterMode) and the calls that torch.compile or torch.jit.trace traces go through
+    the ops, which those see."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return (not torch.compiler.is_compiling() and type(x) is torch.Tensor  # (compiling first: dynamo traces this)
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and not wrapped(x) and not (weight is not None and wrapped(weight))
+            and not (bias is not None and wrapped(bias))
             and not torch.jit.is_tracing())  # type: ignore[attr-defined, no-untyped-call]  # (unannotated in torch)
 
 
@@ -374,7 +383,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if not _on_cbn(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                                               eps)
-    if _eager(input):
+    if _eager(input, weight, bias):
         if torch._C._autograd._profiler_enabled():  # under the ops' names
             with torch.profiler.record_function(f"cbn::batch_norm_{'train' if training else 'eval'}"):
                 return _eager_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)

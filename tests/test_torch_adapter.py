@@ -61,7 +61,7 @@ def path(request, monkeypatch):
     """The two ways a call runs: "eager" (a plain tensor outside torch.compile: cbn.functional through an
     autograd.Function) and "ops" (every call through the custom ops, as under torch.compile and torch.export)."""
     if request.param == "ops":
-        monkeypatch.setattr(ct, "_eager", lambda x: False)
+        monkeypatch.setattr(ct, "_eager", lambda *tensors: False)
     return request.param
 
 
@@ -575,6 +575,31 @@ def test_traced_and_transformed_calls_see_the_ops(cbn_calls):
     assert "cbn.batch_norm_eval.default" in log.ops, log.ops
     xs = torch.randn(2, 4, 3, 5, 5)
     close(torch.vmap(f)(xs), torch.stack([f(xi) for xi in xs]), 1e-6, "vmap")
+
+
+def test_weights_wrapped_by_torch_func_go_through_the_ops():
+    """A weight that torch.func wraps (vmap over it) or left wrapped (a dead wrapper, escaped from a finished
+    transform) takes the ops' path, not the eager one, and gives torch's results."""
+    x = torch.randn(4, 3, 5, 5)
+    weights = torch.rand(2, 3) + 0.5
+    got = torch.func.vmap(lambda w: ct.batch_norm(x, None, None, w, None, True))(weights)
+    want = torch.stack([torch.nn.functional.batch_norm(x, None, None, w, None, True) for w in weights])
+    close(got, want, TOL[torch.float32]["y"], "vmap over the weight")
+    escaped = {}
+
+    def keep(w):
+        escaped["w"] = w
+        return w.sum()
+    torch.func.grad(keep)(weights[0].clone().requires_grad_())
+    dead = escaped["w"]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [ct.batch_norm(xs[0], None, None, dead, None, True),
+          torch.nn.functional.batch_norm(xs[1], None, None, weights[0], None, True)]
+    close(ys[0], ys[1], TOL[torch.float32]["y"], "dead wrapper")
+    for y in ys:
+        y.sum().backward()
+    close(xs[0].grad, xs[1].grad, TOL[torch.float32]["grad"], "dead wrapper dx")
 
 
 def test_running_statistics_that_require_grad_go_to_torch():
