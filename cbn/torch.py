@@ -68,10 +68,10 @@ def _channel_np(t: torch.Tensor | None) -> FloatArray | None:
     kept = _VIEWS.get(id(t))
     if kept is not None and kept[1] == t.data_ptr() and kept[2] is t.dtype and kept[3] == t.shape:
         return kept[4]
-    if len(_VIEWS) >= _MAX_VIEWS:
-        _VIEWS.clear()
     view = _np(t)
     if t.is_leaf:  # (not a tensor computed anew at each call, by a parametrization say: it would only fill _VIEWS)
+        if len(_VIEWS) >= _MAX_VIEWS:
+            _VIEWS.clear()
         _VIEWS[id(t)] = (t, t.data_ptr(), t.dtype, t.shape, view)
     return view
 

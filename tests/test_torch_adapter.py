@@ -446,21 +446,6 @@ def test_per_channel_tensors_given_new_memory_are_read_anew(cbn_calls):
     assert len(cbn_calls["batch_norm"]) == 12
 
 
-def test_retained_graph_differentiates_twice(cbn_calls):
-    """A graph kept with retain_graph=True differentiates twice with the same bits (the second backward rebuilds
-    the saved forward that the first one took from the forward), as torch's does within its tolerance."""
-    tbn, cbn_bn = pair(4, 3, torch.float32)
-    x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    dy = torch.randn(4, 3, 5, 5)
-    y = cbn_bn(x)
-    first = torch.autograd.grad(y, (x, cbn_bn.weight), dy, retain_graph=True)
-    second = torch.autograd.grad(y, (x, cbn_bn.weight), dy)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    for got, want, what in zip(first, torch.autograd.grad(tbn(x), (x, tbn.weight), dy), ("dx", "dweight")):
-        close(got, want, TOL[torch.float32]["grad"], what)
-    assert len(cbn_calls["batch_norm_backward"]) == 2
-
-
 def test_eager_backward_reuses_the_forward_where_it_views_the_saved_memory(monkeypatch):
     """An eager training call's first backward reuses the forward's saved state where that views the memory of
     torch's saved tensors (no saved_tensors_hooks, a dense x, neither x's nor the weight's memory replaced since);
