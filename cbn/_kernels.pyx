@@ -1035,22 +1035,24 @@ cdef double *_merge(Layout L, const double *part, double *tree) noexcept nogil:
     order (columns in order within a block, for minor), so the rounding error grows with log2 of their number.
     The partial sums are gathered into tree (_terms(L) rows of 2C: s0 of each channel, then s1) and the tree runs
     over whole rows; returns tree, whose first row then holds the sums."""
-    cdef Py_ssize_t C = L.C, w = 2 * L.C, n = _terms(L), t, g, c, cc, r, s, q, jj, rb, b, kf
+    cdef Py_ssize_t C = L.C, w = 2 * L.C, n = _terms(L), t, g, c, cc, r, s, q, j, jj, rb, b, i, run
     if L.minor:
-        kf = L.G // L.S  # rows folded into one
+        # tree row rb*G + r*S + s: value s of each channel c in folded row r of row block rb, the partial sums of
+        # column j = r*C*S + c*S + s: S columns apart in the blocks, gathered in runs that end where a block does
         for rb in range(L.nblocks // L.ncol):
-            q = jj = 0
-            for r in range(kf):
-                for c in range(C):
-                    for s in range(L.S):
-                        b = (rb * L.ncol + q) * L.part
-                        t = (rb * L.G + r * L.S + s) * w
-                        tree[t + c] = part[b + jj]
-                        tree[t + C + c] = part[b + L.width + jj]
-                        jj += 1
-                        if jj == L.width:
-                            q += 1
-                            jj = 0
+            for r in range(L.G // L.S):
+                for s in range(L.S):
+                    t = (rb * L.G + r * L.S + s) * w
+                    c = 0
+                    while c < C:
+                        j = r * C * L.S + c * L.S + s
+                        q, jj = j // L.width, j % L.width
+                        run = min(C - c, _cdiv(L.width - jj, L.S))
+                        b = (rb * L.ncol + q) * L.part + jj
+                        for i in range(run):
+                            tree[t + c + i] = part[b + i * L.S]
+                            tree[t + C + c + i] = part[b + L.width + i * L.S]
+                        c += run
     else:
         for t in range(n):
             for g in range(L.ngroups):
@@ -1716,22 +1718,20 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const float
 cdef inline bint _normal32(double v) noexcept nogil:
     """v is 0 or a float32 normal number a few binades away from float32's limits (about 2**-120 to 2**120;
     False for NaN and inf)."""
-    return v == 0.0 or (fabs(v) >= 7.5e-37 and fabs(v) <= 1.3e36)
+    return (v == 0.0) | ((fabs(v) >= 7.5e-37) & (fabs(v) <= 1.3e36))
 
 
-cdef double _grad_slack(Py_ssize_t C, Py_ssize_t c, const double *cc) noexcept nogil:
+cdef inline double _grad_slack(Py_ssize_t C, Py_ssize_t c, const double *cc) noexcept nogil:
     """The part of channel c's GradSingle error bound that does not scale with its terms (_grad_check):
     |c1|*e(c3) + |c2|*(u*|lo| + e(lo)), e(v) = |v - float32(v)| the rounding error of v (exact, subnormals
     included), lo = c0 - float32(c0) the low part of the mean's float split (x - hi in float32 rounds by at most
     u*(|x - c0| + |lo|)), u = 2**-24; or -1 when c0, c1, c2 or c3 in cc (compact, C channels) is outside float32's
-    normal range."""
-    cdef Py_ssize_t r
-    cdef double lo = cc[c] - <double><float>cc[c], c3 = cc[3 * C + c]
-    for r in range(4):
-        if not _normal32(cc[r * C + c]):
-            return -1.0
-    return (fabs(cc[C + c]) * fabs(c3 - <double><float>c3)
-            + fabs(cc[2 * C + c]) * (U32 * fabs(lo) + fabs(lo - <double><float>lo)))
+    normal range (branch-free, so that the loop over the channels vectorises)."""
+    cdef double c0 = cc[c], c1 = cc[C + c], c2 = cc[2 * C + c], c3 = cc[3 * C + c]
+    cdef double lo = c0 - <double><float>c0
+    cdef double slack = (fabs(c1) * fabs(c3 - <double><float>c3)
+                         + fabs(c2) * (U32 * fabs(lo) + fabs(lo - <double><float>lo)))
+    return slack if _normal32(c0) & _normal32(c1) & _normal32(c2) & _normal32(c3) else -1.0
 
 
 cdef inline bint _grad_check(double T, double D, double slack) noexcept nogil:
@@ -1741,37 +1741,54 @@ cdef inline bint _grad_check(double T, double D, double slack) noexcept nogil:
     |t1 - t2|): with T and D the channel's largest |t1 + t2| and |out|, every error is below E = 4.1u*max(T, D) +
     u*D + 1.1*slack (the 0.1s cover the roundings of t1 + t2 and out themselves). max|dx| >= D - E, so E <=
     0.99e-6*D suffices; D >= 1e-30 keeps subnormals out of it. NaN or inf peaks fail."""
-    return (slack >= 0.0 and 1e-30 <= D < INFINITY
-            and 4.1 * U32 * max(T, D) + U32 * D + 1.1 * slack <= 0.99e-6 * D)
+    return ((slack >= 0.0) & (1e-30 <= D) & (D < INFINITY)
+            & (4.1 * U32 * (T if T > D else D) + U32 * D + 1.1 * slack <= 0.99e-6 * D))
+
+
+cdef inline void _raise_peaks(peak_row to, const unsigned int *peaks, Py_ssize_t n) noexcept nogil:
+    """to[i] = max(to[i], peaks[i]) for i < n."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        to[i] = max(to[i], peaks[i])
 
 
 cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned int *redo) noexcept nogil:
     """Each channel's check of a DxSingle pass from its blocks' peaks (_block_apply): redo[c] = 1 where channel c
     failed _grad_check (its dx is then recomputed in double: _redo_block), else 0; True when any failed. redo has
-    room for 2*C values (the second C hold the channels' |out| peaks meanwhile)."""
-    cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, s
+    room for 2*C + 2*W values: the second C hold the channels' |out| peaks meanwhile, and, minor, the last 2*W
+    those of each column over the blocks (|t1 + t2|, then |out|) before they are gathered by channel."""
+    cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, s, r
     cdef unsigned int *outs = redo + L.C
+    cdef unsigned int *col = redo + 2 * L.C
     cdef const unsigned int *slot
     cdef bint any = False
     for c in range(2 * L.C):
         redo[c] = 0
-    for k in range(L.nblocks):
-        slot = _block_peaks(L, work, k)
-        if L.minor:  # column j is value s of channel c: (c, s) stepped along the block's columns
+    if L.minor:
+        for j in range(2 * L.W):
+            col[j] = 0
+        for k in range(L.nblocks):
+            slot = _block_peaks(L, work, k)
             _minor_block(L, k, &n0, &n1, &i0, &i1)
-            c, s = (i0 // L.S) % L.C, i0 % L.S
-            for j in range(i1 - i0):
-                redo[c] = max(redo[c], slot[j])
-                outs[c] = max(outs[c], slot[_outs_at(i1 - i0) + j])
-                c, s = _next_column(L, c, s)
-        else:
+            _raise_peaks(col + i0, slot, i1 - i0)
+            _raise_peaks(col + L.W + i0, slot + _outs_at(i1 - i0), i1 - i0)
+        j = 0
+        for r in range(L.G // L.S):  # column j is value s of channel c in folded row r
+            for c in range(L.C):
+                for s in range(L.S):
+                    redo[c] = max(redo[c], col[j])
+                    outs[c] = max(outs[c], col[L.W + j])
+                    j += 1
+    else:
+        for k in range(L.nblocks):
+            slot = _block_peaks(L, work, k)
             _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
-            for c in range(c0, c1):
-                redo[c] = max(redo[c], slot[c - c0])
-                outs[c] = max(outs[c], slot[L.group + c - c0])
+            _raise_peaks(redo + c0, slot, c1 - c0)
+            _raise_peaks(outs + c0, slot + L.group, c1 - c0)
     for c in range(L.C):
         redo[c] = not _grad_check(cbn_float_of(redo[c]), cbn_float_of(outs[c]), _grad_slack(L.C, c, cc))
-        any = any or redo[c]
+    for c in range(L.C):
+        any = any | redo[c]
     return any
 
 
