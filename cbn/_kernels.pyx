@@ -1757,7 +1757,7 @@ cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned in
     failed _grad_check (its dx is then recomputed in double: _redo_block), else 0; True when any failed. redo has
     room for 2*C + 2*W values: the second C hold the channels' |out| peaks meanwhile, and, minor, the last 2*W
     those of each column over the blocks (|t1 + t2|, then |out|) before they are gathered by channel."""
-    cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, s, r
+    cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, _r, _s
     cdef unsigned int *outs = redo + L.C
     cdef unsigned int *col = redo + 2 * L.C
     cdef const unsigned int *slot
@@ -1773,9 +1773,9 @@ cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned in
             _raise_peaks(col + i0, slot, i1 - i0)
             _raise_peaks(col + L.W + i0, slot + _outs_at(i1 - i0), i1 - i0)
         j = 0
-        for r in range(L.G // L.S):  # column j is value s of channel c in folded row r
+        for _r in range(L.G // L.S):  # column j: value _s of channel c in folded row _r
             for c in range(L.C):
-                for s in range(L.S):
+                for _s in range(L.S):
                     redo[c] = max(redo[c], col[j])
                     outs[c] = max(outs[c], col[L.W + j])
                     j += 1
