@@ -1760,6 +1760,7 @@ cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned in
     cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, _r, _s
     cdef unsigned int *outs = redo + L.C
     cdef unsigned int *col = redo + 2 * L.C
+    cdef double *slack = <double *>col  # once the columns are gathered
     cdef const unsigned int *slot
     cdef bint any = False
     for c in range(2 * L.C):
@@ -1786,7 +1787,9 @@ cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned in
             _raise_peaks(redo + c0, slot, c1 - c0)
             _raise_peaks(outs + c0, slot + L.group, c1 - c0)
     for c in range(L.C):
-        redo[c] = not _grad_check(cbn_float_of(redo[c]), cbn_float_of(outs[c]), _grad_slack(L.C, c, cc))
+        slack[c] = _grad_slack(L.C, c, cc)
+    for c in range(L.C):
+        redo[c] = not _grad_check(cbn_float_of(redo[c]), cbn_float_of(outs[c]), slack[c])
     for c in range(L.C):
         any = any | redo[c]
     return any
