@@ -1755,8 +1755,9 @@ cdef inline void _raise_peaks(peak_row to, const unsigned int *peaks, Py_ssize_t
 cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned int *redo) noexcept nogil:
     """Each channel's check of a DxSingle pass from its blocks' peaks (_block_apply): redo[c] = 1 where channel c
     failed _grad_check (its dx is then recomputed in double: _redo_block), else 0; True when any failed. redo has
-    room for 2*C + 2*W values: the second C hold the channels' |out| peaks meanwhile, and, minor, the last 2*W
-    those of each column over the blocks (|t1 + t2|, then |out|) before they are gathered by channel."""
+    room for 2*C + 2*W values (W >= C): the second C hold the channels' |out| peaks meanwhile; the rest, minor, each
+    column's peaks over the blocks (|t1 + t2|, then |out|) before they are gathered by channel, then the channels'
+    slacks (C doubles)."""
     cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, _r, _s
     cdef unsigned int *outs = redo + L.C
     cdef unsigned int *col = redo + 2 * L.C
