@@ -291,6 +291,12 @@ cdef Py_ssize_t SHORT_DX = 32
 # the prefetchers follow worse). In cache, four rows at a time load each column's coefficients and peaks once for
 # them; wider rows' five coefficient rows outgrow L1.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
+# Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
+# modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
+# bits of the stores of this one in all four rows, and the CPU holds them behind those stores (4K aliasing); one row
+# at a time has one such pair. (512, 1024) backward: 590-800 us four rows at a time there, 490-540 one at a time,
+# 390-490 four at a time elsewhere.
+cdef size_t STALL_BYTES = 128
 # A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
 # run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
 cdef Py_ssize_t SINGLE_RUN = 1024
@@ -707,8 +713,8 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
     """A DxSingle pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
     (GradGatedSingle): out = t1 - t2 of _grad_single, four rows per step (each column's coefficients and peaks
-    loaded once for them), or by_row one row at a time (in memory order: see _column_sums); each column's peaks
-    raised to its values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
+    loaded once for them), or by_row one row at a time (in memory order: see _column_sums and _stalls); each
+    column's peaks raised to its values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
     cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
     cdef unsigned int *outs = peaks + gap - j0
@@ -736,6 +742,13 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
                               f[3 * F + j], f[4 * F + j])
             out[q] = g0.out
             terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
+
+
+cdef inline bint _stalls(const void *x, const void *dy, const void *out, size_t row) noexcept nogil:
+    """Four rows at a time of a dx pass with rows of ``row`` bytes would stall its loads behind its stores (see
+    STALL_BYTES)."""
+    cdef size_t a = (<size_t>out - <size_t>x) % 4096, b = (<size_t>out - <size_t>dy) % 4096
+    return row % 4096 == 0 and 0 < a < STALL_BYTES and 0 < b < STALL_BYTES
 
 
 cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -935,7 +948,8 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 slot[c] = 0
             _grad_columns(op, x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
                           slot, _outs_at(i1 - i0), _gate(coef, L.W, x),
-                          i1 - i0 == L.W and LANES < L.W <= SINGLE_RUN and L.N * L.W > CACHED_VALUES)
+                          (i1 - i0 == L.W and LANES < L.W <= SINGLE_RUN and L.N * L.W > CACHED_VALUES)
+                          or _stalls(x, dy, out, L.W * sizeof(float)))
             return
         run = SINGLE_RUN if _single(op, out) else i1 - i0
         for c in range(_cdiv(i1 - i0, run)):

@@ -217,3 +217,30 @@ def test_functional_out_and_dtype():
     dx, dw, db = F.batch_norm_backward(dy, saved, out=dx_out)
     assert dx is dx_out
     np.testing.assert_array_equal(dx, bn.backward(dy))
+
+
+def _at(shape, offset, keep):
+    """A float32 array of ``shape`` whose data starts ``offset`` bytes past a 4 KB boundary."""
+    size = int(np.prod(shape)) * 4
+    buf = np.empty(size + 8192, np.uint8)
+    keep.append(buf)
+    start = (-buf.ctypes.data) % 4096 + offset
+    return buf[start:start + size].view(np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("shape", [(64, 1024), (16, 2048), (8, 4096)])
+def test_dx_bits_do_not_depend_on_where_dx_lies(shape):
+    # rows a multiple of 4 KB long, dy 16 bytes past x and dx 16 past dy modulo 4 KB (back-to-back allocations):
+    # the float32 dx pass then steps one row at a time instead of four (_stalls); the same bits either way
+    keep = []
+    rng = np.random.default_rng(7)
+    x, dy = _at(shape, 0, keep), _at(shape, 16, keep)
+    x[...] = rng.standard_normal(shape) * 3 + 1
+    dy[...] = rng.standard_normal(shape)
+    bn = cbn.BatchNorm1d(shape[1])
+    bn(x)
+    stalled, apart = _at(shape, 32, keep), _at(shape, 2048, keep)
+    bn.backward(dy, out=stalled)
+    bn.backward(dy, out=apart)
+    np.testing.assert_array_equal(stalled, apart)
+    np.testing.assert_array_equal(stalled, bn.backward(dy))
