@@ -713,7 +713,7 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
     """A DxSingle pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
     (GradGatedSingle): out = t1 - t2 of _grad_single, four rows per step (each column's coefficients and peaks
-    loaded once for them), or by_row one row at a time (in memory order: see _column_sums and _stalls); each
+    loaded once for them), or by_row one row at a time (in memory order: see _column_sums and _dx_by_row); each
     column's peaks raised to its values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
     cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
@@ -744,11 +744,14 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
             terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
 
 
-cdef inline bint _stalls(const void *x, const void *dy, const void *out, size_t row) noexcept nogil:
-    """Four rows at a time of a dx pass with rows of ``row`` bytes would stall its loads behind its stores (see
-    STALL_BYTES)."""
+cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const float *dy,
+                            const float *out) noexcept nogil:
+    """Whether the float32 dx pass over a channel-minor block of ``width`` columns takes its rows one at a time
+    (_grad_columns): the whole rows of an array beyond the caches (CACHED_VALUES), or rows a multiple of 4 KB long
+    with dx less than STALL_BYTES past both x and dy modulo 4 KB, where four at a time would stall."""
     cdef size_t a = (<size_t>out - <size_t>x) % 4096, b = (<size_t>out - <size_t>dy) % 4096
-    return row % 4096 == 0 and 0 < a < STALL_BYTES and 0 < b < STALL_BYTES
+    return ((width == L.W and LANES < L.W <= SINGLE_RUN and L.N * L.W > CACHED_VALUES)
+            or ((L.W * sizeof(float)) % 4096 == 0 and 0 < a < STALL_BYTES and 0 < b < STALL_BYTES))
 
 
 cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -948,8 +951,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 slot[c] = 0
             _grad_columns(op, x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
                           slot, _outs_at(i1 - i0), _gate(coef, L.W, x),
-                          (i1 - i0 == L.W and LANES < L.W <= SINGLE_RUN and L.N * L.W > CACHED_VALUES)
-                          or _stalls(x, dy, out, L.W * sizeof(float)))
+                          _dx_by_row(L, i1 - i0, x, dy, out))
             return
         run = SINGLE_RUN if _single(op, out) else i1 - i0
         for c in range(_cdiv(i1 - i0, run)):
@@ -1769,9 +1771,9 @@ cdef inline void _raise_peaks(peak_row to, const unsigned int *peaks, Py_ssize_t
 cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned int *redo) noexcept nogil:
     """Each channel's check of a DxSingle pass from its blocks' peaks (_block_apply): redo[c] = 1 where channel c
     failed _grad_check (its dx is then recomputed in double: _redo_block), else 0; True when any failed. redo has
-    room for 2*C + 2*W values (W >= C): the second C hold the channels' |out| peaks meanwhile; the rest, minor, each
-    column's peaks over the blocks (|t1 + t2|, then |out|) before they are gathered by channel, then the channels'
-    slacks (C doubles)."""
+    room for 4*C values (the merge tree), minor for 2*C + 2*W (W >= C): the second C hold the channels' |out| peaks
+    meanwhile; the rest, minor, each column's peaks over the blocks (|t1 + t2|, then |out|) before they are gathered
+    by channel, then the channels' slacks (C doubles)."""
     cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, _r, _s
     cdef unsigned int *outs = redo + L.C
     cdef unsigned int *col = redo + 2 * L.C

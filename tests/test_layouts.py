@@ -231,7 +231,7 @@ def _at(shape, offset, keep):
 @pytest.mark.parametrize("shape", [(64, 1024), (16, 2048), (8, 4096)])
 def test_dx_bits_do_not_depend_on_where_dx_lies(shape):
     # rows a multiple of 4 KB long, dy 16 bytes past x and dx 16 past dy modulo 4 KB (back-to-back allocations):
-    # the float32 dx pass then steps one row at a time instead of four (_stalls); the same bits either way
+    # the float32 dx pass then steps one row at a time instead of four (_dx_by_row); the same bits either way
     keep = []
     rng = np.random.default_rng(7)
     x, dy = _at(shape, 0, keep), _at(shape, 16, keep)
