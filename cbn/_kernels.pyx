@@ -17,8 +17,7 @@ The caller passes an (N, C, S) tensor (S = product of the sizes after the channe
 Every operation (statistics, normalisation, gradient sums, dx, and the statistics-only and two-step calls of
 SyncBatchNorm) is the same three steps over the blocks: partial sums of each block (``_block_sums``), their merge in
 block order (``_merge``), then the elementwise pass over the same blocks (``_block_apply``). Blocks whose
-channels are whole, and channel-minor panels (all rows of a range of columns) (``Layout.fused``), do all three in
-one task, so that a channel leaves memory once, or stays in cache between the two passes.
+channels are whole (``Layout.fused``) do all three in one task, so a channel leaves memory once.
 
 Masked statistics: position weights (one word per position of the (N, C, S) tensor without its channel axis)
 restrict the moment sums to the counted positions, and the dx pass applies the batch-statistics correction there
@@ -278,14 +277,6 @@ cdef Py_ssize_t MIN_TASKS = 16
 cdef Py_ssize_t COL_BLOCK = 2048
 cdef Py_ssize_t PART_BUDGET = 1 << 14
 cdef Py_ssize_t MAX_BLOCKS = 64
-# Channel-minor calls that sum, of unfolded (N, C) matrices (G == 1) of PANEL_MIN values or more, run in panels:
-# blocks of whole columns (all rows of a range of channels: sums, statistics and output in one task, so that the
-# panel's data is still in cache for the second pass) about PANEL_VALUES values each (a multiple of PANEL_STEP
-# columns wide), when that makes at least MIN_TASKS of them. The panels' blocks are those of the matrix cut into
-# narrower columns: the same row blocks and merge trees, so the same bits.
-cdef Py_ssize_t PANEL_MIN = 1 << 18
-cdef Py_ssize_t PANEL_VALUES = 1 << 16
-cdef Py_ssize_t PANEL_STEP = 16
 # Channel-minor rows narrower than this are folded (k rows as one, k the largest divisor of N with k*W <= FOLD_WIDTH).
 cdef Py_ssize_t FOLD_WIDTH = 64
 # Below this many values a call runs serially: starting threads costs more than the work.
@@ -343,8 +334,7 @@ cdef inline int _runtime_threads(int cap) noexcept nogil:
 
 def force_layout(kind=None, Py_ssize_t block=64):
     """Test-only: run every call with the given layout kind ("major" or "minor"; None: by shape), blocks of about
-    ``block`` values, and the caller's thread count even for tiny inputs. Minor calls that sum run their columns of
-    blocks as panels (_fused_forward, _fused_backward) where G == 1 and block > 1."""
+    ``block`` values, and the caller's thread count even for tiny inputs."""
     global _forced_kind, _forced_block
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
@@ -365,7 +355,7 @@ cdef struct Layout:
     Py_ssize_t G          # coefficient columns per channel: k*S (minor, k rows folded into one), 1 (major)
     Py_ssize_t nblocks
     Py_ssize_t part       # doubles of partial sums per block: 2*W (minor), 2*group (major)
-    bint fused            # blocks of whole channels (major) or panels (minor): sums, finish, output in one task
+    bint fused            # major with whole channels per block: sums, finish and output in one task
     # channel-major: block k = channels [g*group, +group) x images [(r // ncol)*nimg, +nimg) x columns
     # [(r % ncol)*width, +width) of each row, r = k // ngroups, g = k % ngroups (memory order); a channel's
     # partial sums are those of its group's per_channel blocks. ncol and width serve channel-minor blocks too.
@@ -398,15 +388,9 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
         L.width = _cdiv(L.W, L.ncol)
         cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
         L.rows = max(max(1, block // L.W), _cdiv(L.N, cap))
-        if _forced_kind:
-            L.fused = sums and L.G == 1 and L.ncol > 1 and block > 1
-        else:
-            L.fused = sums and L.G == 1 and L.N * L.W >= PANEL_MIN and L.W >= MIN_TASKS * _panel_width(L.N)
-        if L.fused and not _forced_kind:
-            L.width = _panel_width(L.N)
-            L.ncol = _cdiv(L.W, L.width)
         L.nblocks = _cdiv(L.N, L.rows) * L.ncol
         L.part = 2 * L.width
+        L.fused = False
         return L
     L.G = 1
     L.ncol, L.width = 1, S
@@ -437,11 +421,6 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
     return L
 
 
-cdef inline Py_ssize_t _panel_width(Py_ssize_t N) noexcept nogil:
-    """Columns per panel of an (N, C) channel-minor matrix (see PANEL_VALUES)."""
-    return max(PANEL_STEP, PANEL_VALUES // N // PANEL_STEP * PANEL_STEP)
-
-
 cdef inline Py_ssize_t _fused_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
     """Channels per block of whole channels."""
     return max(1, min(FUSE_GROUP // (N * S), C // MIN_TASKS))
@@ -456,21 +435,10 @@ cdef inline int _threads(Layout L, int cap) noexcept nogil:
     return <int>min(<Py_ssize_t>n, L.nblocks)
 
 
-cdef inline Py_ssize_t _parallel(Py_ssize_t n, int nt) noexcept nogil:
-    """Of n tasks (blocks, or _fused_tasks), those run in a parallel region: all of them, or none when the call
-    runs on one thread (then a plain loop runs them and no OpenMP region is entered)."""
-    return n if nt > 1 else 0
-
-
-cdef inline Py_ssize_t _fused_tasks(Layout L) noexcept nogil:
-    """The tasks of a fused layout: its blocks (major), or its panels (minor: column k of blocks)."""
-    return L.ncol if L.minor else L.nblocks
-
-
-cdef inline void _task_channels(Layout L, Py_ssize_t k, Py_ssize_t *c0, Py_ssize_t *c1) noexcept nogil:
-    """Channels [c0, c1) of task k of a fused layout (G == 1: a panel's columns are its channels)."""
-    c0[0] = k * L.width if L.minor else k * L.group
-    c1[0] = min(L.C, c0[0] + (L.width if L.minor else L.group))
+cdef inline Py_ssize_t _parallel_blocks(Layout L, int nt) noexcept nogil:
+    """Blocks run in a parallel region: all of them, or none when the call runs on one thread (then a plain loop
+    runs them and no OpenMP region is entered)."""
+    return L.nblocks if nt > 1 else 0
 
 
 cdef inline void _major_block(Layout L, Py_ssize_t k, Py_ssize_t *c0, Py_ssize_t *c1, Py_ssize_t *n0,
@@ -499,12 +467,15 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                        Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
                        double *s0, double *s1, Positions P, Py_ssize_t p, Py_ssize_t pld,
-                       Py_ssize_t j0, const floating *h, Py_ssize_t hs, bint by_row) noexcept nogil:
+                       Py_ssize_t j0, const floating *h, Py_ssize_t hs) noexcept nogil:
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
     u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
     p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums), masked(dy) (GradSumsMasked) or gated(dy)
-    (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _dy); four rows per step, added pairwise, or
-    by_row one row at a time (_sum_by_row). Vectorised across columns: each column is one lane."""
+    (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _dy); four rows per step, added pairwise, but the
+    gradient sums of whole rows (ld == width) wider than LANES go one row at a time (in memory order: four rows at
+    a time read from four places of the run, which the prefetchers follow worse). Vectorised across columns: each
+    column is one lane."""
+    cdef bint by_row = not (SumOp is Moments or SumOp is MomentsValid) and ld == width and width > LANES
     cdef Py_ssize_t r, j, i, r4 = 0 if by_row else nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
     cdef Py_ssize_t buf[4 * COL_CHUNK]
@@ -539,14 +510,6 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
             w0 = _grad_weight(op, u0, _dy(op, x[i + j], dy[i + j], e[i + j], h, hs, j))
             s0[j] += w0
             s1[j] += w0 * u0
-
-
-cdef inline bint _sum_by_row(SumOp op, Py_ssize_t ld, Py_ssize_t width) noexcept nogil:
-    """Whether _column_sums takes the rows of a matrix width columns wide and ld apart one at a time: the gradient
-    sums of whole rows (ld == width) wider than LANES, in memory order (four rows at a time read from four places
-    of the run, which the prefetchers follow worse). Channel-minor blocks ask it of the whole matrix, whatever
-    their width, so that their columns' sums do not depend on it."""
-    return not (SumOp is Moments or SumOp is MomentsValid) and ld == width and width > LANES
 
 
 cdef inline double _weight(SumOp op, double u, const Py_ssize_t *v, Py_ssize_t j) noexcept nogil:
@@ -657,13 +620,12 @@ cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
     return width + SKEW if width >= SKEW else width
 
 
-cdef inline void _narrow(Py_ssize_t W, Py_ssize_t j0, Py_ssize_t j1, const double *coef,
-                         float *single) noexcept nogil:
+cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
     """The float32 coefficient rows of _value_single and _grad_single from coef's (c0, c1, c2, c3): hi, lo, c1,
-    c2, c3 of columns [j0, j1) of the W, rows W + SKEW apart."""
+    c2, c3 of each of the W columns, rows W + SKEW apart."""
     cdef Py_ssize_t j, F = W + SKEW
     cdef float hi
-    for j in range(j0, j1):
+    for j in range(W):
         hi = <float>coef[j]
         single[j] = hi
         single[F + j] = <float>(coef[j] - <double>hi)
@@ -751,7 +713,7 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
     """A DxSingle pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
     (GradGatedSingle): out = t1 - t2 of _grad_single, four rows per step (each column's coefficients and peaks
-    loaded once for them), or by_row one row at a time (in memory order: see _sum_by_row and _dx_by_row); each
+    loaded once for them), or by_row one row at a time (in memory order: see _column_sums and _dx_by_row); each
     column's peaks raised to its values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
     cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
@@ -845,7 +807,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
                 _counted_rows(L, x, n0, n1, a, b, shift, s, P)
             else:
                 _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK], P,
-                             n0 * L.G, L.G, a, h + a, hs, _sum_by_row(op, L.W, min(L.W, COL_CHUNK)))
+                             n0 * L.G, L.G, a, h + a, hs)
             for j in range(b - a):
                 part[off + a - i0 + j] = s[j]
                 part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
@@ -870,7 +832,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
             for j in range(q):
                 _lanes(op, coef[c + j], h + c + j, hs, &s[j * w], &shift[j * w], &gate[j * w], w, COL_CHUNK)
             _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, q * w, shift, s, &s[COL_CHUNK], P,
-                         n0 * L.S + i0, L.S, 0, gate, COL_CHUNK, _sum_by_row(op, L.W, q * w))
+                         n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
             for j in range(q):
                 _add_folded(&s[j * w], w, COL_CHUNK, &part[off + 2 * (c + j - c0)])
             c += q
@@ -901,7 +863,7 @@ cdef void _counted_rows(Layout L, const floating *x, Py_ssize_t n0, Py_ssize_t n
             n += 1
         if n > start:
             _column_sums(moments, x, x, x, start * L.W + a, L.W, n - start, b - a, shift, s, &s[COL_CHUNK], P, 0,
-                         0, 0, NULL, 0, False)
+                         0, 0, NULL, 0)
 
 
 cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
@@ -946,10 +908,10 @@ cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, con
     """The sums of the n values at x[base:] (positions p, p + 1, ...) added into the lanes of _lanes: value i in lane
     i % LANES (the row cut into rows of LANES values, down which _column_sums runs)."""
     cdef Py_ssize_t nsub = n // LANES
-    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES, False)
+    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES)
     if n > nsub * LANES:
         _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES], P,
-                     p + nsub * LANES, 0, 0, gate, LANES, False)
+                     p + nsub * LANES, 0, 0, gate, LANES)
 
 
 cdef inline void _fold(double *s, Py_ssize_t n) noexcept nogil:
@@ -1084,13 +1046,12 @@ cdef inline Py_ssize_t _terms(Layout L) noexcept nogil:
     return (L.nblocks // L.ncol) * L.G if L.minor else L.per_channel
 
 
-cdef void _merge(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double *part, double *tree,
-                 double *sums) noexcept nogil:
-    """Channels [c0, c1)'s two sums over their blocks' partial sums into sums (s0 of channel c at sums[c], s1 at
-    sums[C + c]), added pairwise in a fixed tree over them in block order (columns in order within a block, for
-    minor), so that the rounding error grows with log2 of their number. The partial sums are gathered into tree
-    (_terms(L) rows of 2C: s0 of each channel, then s1) and the tree runs down its columns of these channels."""
-    cdef Py_ssize_t C = L.C, w = 2 * L.C, n = _terms(L), t, g, c, r, s, q, j, jj, rb, b, i, run
+cdef double *_merge(Layout L, const double *part, double *tree) noexcept nogil:
+    """Every channel's two sums over its blocks' partial sums, added pairwise in a fixed tree over them in block
+    order (columns in order within a block, for minor), so the rounding error grows with log2 of their number.
+    The partial sums are gathered into tree (_terms(L) rows of 2C: s0 of each channel, then s1) and the tree runs
+    over whole rows; returns tree, whose first row then holds the sums."""
+    cdef Py_ssize_t C = L.C, w = 2 * L.C, n = _terms(L), t, g, c, cc, r, s, q, j, jj, rb, b, i, run
     if L.minor:
         # tree row rb*G + r*S + s: value s of each channel c in folded row r of row block rb, the partial sums of
         # column j = r*C*S + c*S + s: S columns apart in the blocks, gathered in runs that end where a block does
@@ -1098,11 +1059,11 @@ cdef void _merge(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double *part, dou
             for r in range(L.G // L.S):
                 for s in range(L.S):
                     t = (rb * L.G + r * L.S + s) * w
-                    c = c0
-                    while c < c1:
+                    c = 0
+                    while c < C:
                         j = r * C * L.S + c * L.S + s
                         q, jj = j // L.width, j % L.width
-                        run = min(c1 - c, _cdiv(L.width - jj, L.S))
+                        run = min(C - c, _cdiv(L.width - jj, L.S))
                         b = (rb * L.ncol + q) * L.part + jj
                         for i in range(run):
                             tree[t + c + i] = part[b + i * L.S]
@@ -1110,26 +1071,24 @@ cdef void _merge(Layout L, Py_ssize_t c0, Py_ssize_t c1, const double *part, dou
                         c += run
     else:
         for t in range(n):
-            for g in range(c0 // L.group, _cdiv(c1, L.group)):
-                b = (t * L.ngroups + g) * L.part - 2 * g * L.group
-                for c in range(max(c0, g * L.group), min(c1, (g + 1) * L.group)):
-                    tree[t * w + c] = part[b + 2 * c]
-                    tree[t * w + C + c] = part[b + 2 * c + 1]
-    _pairwise(tree + c0, n, c1 - c0, w)
-    _pairwise(tree + C + c0, n, c1 - c0, w)
-    for c in range(c0, c1):
-        sums[c], sums[C + c] = tree[c], tree[C + c]
+            for g in range(L.ngroups):
+                b = (t * L.ngroups + g) * L.part
+                for cc in range(min(L.group, C - g * L.group)):
+                    tree[t * w + g * L.group + cc] = part[b + 2 * cc]
+                    tree[t * w + C + g * L.group + cc] = part[b + 2 * cc + 1]
+    _pairwise(tree, n, w)
+    return tree
 
 
-cdef void _pairwise(double *rows, Py_ssize_t n, Py_ssize_t w, Py_ssize_t ld) noexcept nogil:
-    """rows[0:w] = the sum of the n rows of w values ld apart, the two halves added recursively (in place)."""
+cdef void _pairwise(double *rows, Py_ssize_t n, Py_ssize_t w) noexcept nogil:
+    """rows[0:w] = the sum of the n rows of w values, the two halves added recursively (in place)."""
     cdef Py_ssize_t i, h = n // 2
     if n == 1:
         return
-    _pairwise(rows, h, w, ld)
-    _pairwise(rows + h * ld, n - h, w, ld)
+    _pairwise(rows, h, w)
+    _pairwise(rows + h * w, n - h, w)
     for i in range(w):
-        rows[i] += rows[h * ld + i]
+        rows[i] += rows[h * w + i]
 
 
 cdef void _expand(Layout L, const double *cc, floating *coef, Py_ssize_t nrows) noexcept nogil:
@@ -1151,7 +1110,7 @@ cdef void _expand(Layout L, const double *cc, floating *coef, Py_ssize_t nrows) 
 # -- forward ------------------------------------------------------------------------------------------------------
 
 cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
-                        const double *s1, const double *s2,              # IN (C,) sums
+                        const double *s1, const double *s2, Py_ssize_t stride,  # IN sums of channel c at (c-c0)*stride
                         double m, bint stats_only, bint update,
                         floating *running_mean, floating *running_var,  # INOUT (C,), when update
                         const floating *weight, const floating *bias,    # IN (C,), or NULL
@@ -1163,11 +1122,12 @@ cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
     Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
     Affine coefficients of y = (x - mean)*(gamma*invstd) + beta. A loop per step, each vectorised across channels."""
-    cdef Py_ssize_t c
+    cdef Py_ssize_t c, i
     cdef double M2
     for c in range(c0, c1):  # M2 in invstd's place
-        M2 = s2[c] - s1[c] * s1[c] / m
-        mean[c] = cc[c] + s1[c] / m
+        i = (c - c0) * stride
+        M2 = s2[i] - s1[i] * s1[i] / m
+        mean[c] = cc[c] + s1[i] / m
         invstd[c] = 0.0 if M2 < 0.0 else M2
     if stats_only:
         return
@@ -1400,14 +1360,12 @@ cdef inline double *_totals(Layout L, double *work) noexcept nogil:
     return work + _sums_at(L)
 
 
-cdef inline void _coefficients(Layout L, Py_ssize_t j0, Py_ssize_t j1, const double *cc, double *coef,
-                               bint single) noexcept nogil:
-    """coef from the compact cc (_expand: every column; nothing to do for a panel, whose G is 1), and its float32
-    rows of columns [j0, j1) when a channel-minor pass runs in float32 (the channel-major ones narrow a row's
-    coefficients themselves)."""
+cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single) noexcept nogil:
+    """coef from the compact cc (_expand), and its float32 rows when a channel-minor pass runs in float32 (the
+    channel-major ones narrow a row's coefficients themselves)."""
     _expand(L, cc, coef, 4)
     if single and L.minor:
-        _narrow(L.C * L.G, j0, j1, coef, _float_rows(coef, L.C * L.G))
+        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G))
 
 
 cpdef enum ForwardFlag:
@@ -1513,42 +1471,42 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef double *coef = work
     cdef double *cc = _compact(L, work)
     cdef double *part = _parts(L, work)
-    cdef double *sums = _totals(L, work)
+    cdef double *s
     cdef bint single = _single_pass(kind, x)
     with nogil:
         if not batch:
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
             _affine_coefs(L.C, 0, L.C, mean, invstd, weight, bias, cc)
-            _coefficients(L, 0, L.C * L.G, cc, coef, single)
-            for k in prange(_parallel(L.nblocks, nt), schedule='static', num_threads=nt):
+            _coefficients(L, cc, coef, single)
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
-            for k in range(L.nblocks - _parallel(L.nblocks, nt)):
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             return
         for c in range(L.C):  # the shift K of the sums: a (counted) value of each channel
             cc[c] = <double>x[first + c * L.S]
         _expand(L, cc, coef, 1)
         if L.fused:
-            for k in prange(_parallel(_fused_tasks(L), nt), schedule='static', num_threads=nt):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
-                               momentum, eps, mean, invstd, work, P, m)
-            for k in range(_fused_tasks(L) - _parallel(_fused_tasks(L), nt)):
+                               momentum, eps, mean, invstd, coef, part, P, m)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_forward(L, k, x, y, z, kind, stats_only, update, running_mean, running_var, weight, bias,
-                               momentum, eps, mean, invstd, work, P, m)
+                               momentum, eps, mean, invstd, coef, part, P, m)
             return
-        for k in prange(_parallel(L.nblocks, nt), schedule='static', num_threads=nt):
+        for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
             _moments(L, k, x, coef, part, P)
-        for k in range(L.nblocks - _parallel(L.nblocks, nt)):
+        for k in range(L.nblocks - _parallel_blocks(L, nt)):
             _moments(L, k, x, coef, part, P)
-        _merge(L, 0, L.C, part, part + L.nblocks * L.part, sums)
-        _finish_stats(L.C, 0, L.C, sums, sums + L.C, m, stats_only, update, running_mean, running_var, weight,
-                      bias, momentum, eps, mean, invstd, cc)
+        s = _merge(L, part, part + L.nblocks * L.part)
+        _finish_stats(L.C, 0, L.C, s, s + L.C, 1, m, stats_only, update, running_mean, running_var, weight, bias,
+                      momentum, eps, mean, invstd, cc)
         if not stats_only:
-            _coefficients(L, 0, L.C * L.G, cc, coef, single)
-            for k in prange(_parallel(L.nblocks, nt), schedule='static', num_threads=nt):
+            _coefficients(L, cc, coef, single)
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
-            for k in range(L.nblocks - _parallel(L.nblocks, nt)):
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
 
 
@@ -1566,29 +1524,21 @@ cdef void _moments(Layout L, Py_ssize_t k, const floating *x, const double *coef
 cdef void _fused_forward(Layout L, Py_ssize_t k, const floating *x, floating *y, const floating *z,
                          Pass kind, bint stats_only, bint update, floating *running_mean,
                          floating *running_var, const floating *weight, const floating *bias,
-                         double momentum, double eps, double *mean, double *invstd, double *work,
-                         Positions P, double m) noexcept nogil:
-    """Task k of a fused layout (G == 1: coef is compact): sums, statistics and output of its channels in one task,
-    block by block (a panel's blocks are r*ncol + k: down its rows)."""
-    cdef Py_ssize_t r, c0, c1
-    cdef double *part = _parts(L, work)
-    cdef double *sums = _totals(L, work)
-    _task_channels(L, k, &c0, &c1)
-    for r in range(L.nblocks // _fused_tasks(L)):
-        _moments(L, r * L.ncol + k, x, work, part, P)
-    _merge(L, c0, c1, part, part + L.nblocks * L.part, sums)
-    _finish_stats(L.C, c0, c1, sums, sums + L.C, m, stats_only, update, running_mean, running_var,
-                  weight, bias, momentum, eps, mean, invstd, work)
+                         double momentum, double eps, double *mean, double *invstd, double *coef,
+                         double *part, Positions P, double m) noexcept nogil:
+    """Block k of whole channels (major, G == 1: coef is compact): sums, statistics and output in one task."""
+    cdef Py_ssize_t c0 = (k % L.ngroups) * L.group
+    _moments(L, k, x, coef, part, P)
+    _finish_stats(L.C, c0, min(L.C, c0 + L.group), part + k * L.part, part + k * L.part + 1, 2, m, stats_only,
+                  update, running_mean, running_var, weight, bias, momentum, eps, mean, invstd, coef)
     if not stats_only:
-        _coefficients(L, c0, c1, work, work, _single_pass(kind, x))
-        for r in range(L.nblocks // _fused_tasks(L)):
-            _apply_pass(kind, L, r * L.ncol + k, x, x, z, y, y, work, P)
+        _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
 
 
 # -- backward -----------------------------------------------------------------------------------------------------
 
 cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
-                       const double *s0, const double *s1,        # IN (C,) sums
+                       const double *s0, const double *s1,        # IN (C,) sums of channel c at c - c0
                        double m, bint batch,
                        const double *mean, const double *invstd,  # IN (C,) statistics the forward used
                        const floating *weight,                    # IN (C,) gamma, or NULL
@@ -1602,8 +1552,8 @@ cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
     cdef Py_ssize_t c
     _gamma_times(c0, c1, weight, invstd, cc + C)  # g
     for c in range(c0, c1):
-        dbias[c] = <floating>s0[c]
-        dweight[c] = <floating>(s1[c] * invstd[c])
+        dbias[c] = <floating>s0[c - c0]
+        dweight[c] = <floating>(s1[c - c0] * invstd[c])
     if not batch:
         for c in range(c0, c1):
             cc[c] = cc[2 * C + c] = cc[3 * C + c] = 0.0
@@ -1611,9 +1561,9 @@ cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
     for c in range(c0, c1):
         cc[c] = mean[c]
     for c in range(c0, c1):
-        cc[2 * C + c] = cc[C + c] * invstd[c] * (s1[c] * invstd[c]) / m
+        cc[2 * C + c] = cc[C + c] * invstd[c] * (s1[c - c0] * invstd[c]) / m
     for c in range(c0, c1):
-        cc[3 * C + c] = s0[c] / m
+        cc[3 * C + c] = s0[c - c0] / m
 
 
 cpdef enum BackwardFlag:
@@ -1709,6 +1659,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
     cdef double *cc = _compact(L, work)
     cdef double *part = _parts(L, work)
     cdef double *tree = part + L.nblocks * L.part  # the sums' merge tree, then a DxSingle pass's checks (_grad_redo)
+    cdef double *s
     cdef bint single = _checked(kind)
     with nogil:
         if gate != NULL:
@@ -1717,27 +1668,28 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
             cc[c] = mean[c]
         _expand(L, cc, coef, 1)
         if L.fused and not given:
-            for k in prange(_parallel(_fused_tasks(L), nt), schedule='static', num_threads=nt):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, mean, invstd, weight, dweight,
-                                dbias, batch, sums, m, work, P)
-            for k in range(_fused_tasks(L) - _parallel(_fused_tasks(L), nt)):
+                                dbias, batch, sums, m, coef, part, P)
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, mean, invstd, weight, dweight,
-                                dbias, batch, sums, m, work, P)
+                                dbias, batch, sums, m, coef, part, P)
         else:
             if not given:
-                for k in prange(_parallel(L.nblocks, nt), schedule='static', num_threads=nt):
+                for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                     _grad_sums(kind, L, k, x, dy, e, coef, part)
-                for k in range(L.nblocks - _parallel(L.nblocks, nt)):
+                for k in range(L.nblocks - _parallel_blocks(L, nt)):
                     _grad_sums(kind, L, k, x, dy, e, coef, part)
-                _merge(L, 0, L.C, part, tree, sums)
+                s = _merge(L, part, tree)
+                memcpy(sums, s, 2 * L.C * sizeof(double))
             _finish_grad(L.C, 0, L.C, sums, sums + L.C, m, batch, mean, invstd, weight, dweight, dbias, cc)
             if not sums_only:
-                _coefficients(L, 0, L.C * L.G, cc, coef, _single_pass(kind, x))
+                _coefficients(L, cc, coef, _single_pass(kind, x))
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
         if single and _grad_redo(L, work, cc, <unsigned int *>tree):
-            for k in prange(_parallel(L.nblocks, nt), schedule='static', num_threads=nt):
+            for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>tree)
-            for k in range(L.nblocks - _parallel(L.nblocks, nt)):
+            for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _redo(kind, L, k, x, dy, dx, coef, <unsigned int *>tree)
 
 
@@ -1746,9 +1698,9 @@ cdef void _dx_pass(Pass kind, Layout L, const floating *x, const floating *dy, c
                    int nt) noexcept nogil:
     """dx over every block (_grad_apply), on nt threads."""
     cdef Py_ssize_t k
-    for k in prange(_parallel(L.nblocks, nt), schedule='static', num_threads=nt):
+    for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
-    for k in range(L.nblocks - _parallel(L.nblocks, nt)):
+    for k in range(L.nblocks - _parallel_blocks(L, nt)):
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 
 
@@ -1766,20 +1718,17 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const float
                           const floating *e, floating *dx, floating *dz, Pass kind, bint sums_only,
                           const double *mean, const double *invstd,
                           const floating *weight, floating *dweight, floating *dbias, bint batch,
-                          double *sums, double m, double *work, Positions P) noexcept nogil:
-    """Task k of a fused layout (G == 1: coef is compact): gradient sums, coefficients and dx of its channels in
-    one task, block by block (as _fused_forward)."""
-    cdef Py_ssize_t r, c0, c1
-    cdef double *part = _parts(L, work)
-    _task_channels(L, k, &c0, &c1)
-    for r in range(L.nblocks // _fused_tasks(L)):
-        _grad_sums(kind, L, r * L.ncol + k, x, dy, e, work, part)
-    _merge(L, c0, c1, part, part + L.nblocks * L.part, sums)
-    _finish_grad(L.C, c0, c1, sums, sums + L.C, m, batch, mean, invstd, weight, dweight, dbias, work)
+                          double *sums, double m, double *coef, double *part,
+                          Positions P) noexcept nogil:
+    """Block k of whole channels (major, G == 1: coef is compact): gradient sums, coefficients and dx in one
+    task."""
+    cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group, c1 = min(L.C, c0 + L.group)
+    _grad_sums(kind, L, k, x, dy, e, coef, part)
+    for c in range(c0, c1):
+        sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
+    _finish_grad(L.C, c0, c1, sums + c0, sums + L.C + c0, m, batch, mean, invstd, weight, dweight, dbias, coef)
     if not sums_only:
-        _coefficients(L, c0, c1, work, work, _single_pass(kind, x))
-        for r in range(L.nblocks // _fused_tasks(L)):
-            _grad_apply(kind, L, r * L.ncol + k, x, dy, e, dx, dz, batch, work, P)
+        _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 
 
 cdef inline bint _normal32(double v) noexcept nogil:

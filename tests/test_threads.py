@@ -137,17 +137,6 @@ def test_every_channel_minor_block_holds_rows(shape):
     assert L["nblocks"] >= 2 or L["N"] * L["W"] < 1 << 16
 
 
-@pytest.mark.parametrize("shape", [(4096, 1024, 1), (256, 4096, 1), (32 * 49, 2048, 1), (4096, 384, 1)])
-def test_channel_minor_panels(shape):
-    """Wide (N, C) matrices that sum run in panels of whole columns: at least 16 (tasks for all threads), each a
-    multiple of 16 columns (whole cache lines of float32) but the last, over the same row blocks as the matrix."""
-    L = _kernels.layout(*shape)
-    assert L["minor"] and L["fused"] and L["ncol"] >= 16 and L["width"] % 16 == 0
-    assert (L["ncol"] - 1) * L["width"] < L["W"] <= L["ncol"] * L["width"]
-    assert L["rows"] == _kernels.layout(*shape, sums=False)["rows"]
-    assert not _kernels.layout(*shape, sums=False)["fused"]
-
-
 @pytest.mark.parametrize("shape", [(1, 64, 3136), (4, 64, 3136), (1, 512, 784), (2, 128, 3136)])
 def test_one_image_of_many_channels_makes_many_blocks(shape):
     """Images larger than a block, of 16 channels or more, are cut into 16 groups of channels or more, so that
