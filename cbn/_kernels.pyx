@@ -244,7 +244,10 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
 cdef double U32 = 5.9604644775390625e-08
 
 cdef enum:
-    COL_CHUNK = 512       # columns per pass of the column sums: their accumulators stay in L1
+    COL_CHUNK = 512       # columns per pass of the column sums in cache: their accumulators stay in L1
+    # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
+    # run in parallel whatever the number of rows)
+    COL_BLOCK = 2048
     # floats of padding after each float32 coefficient row and peaks row: rows W apart with W a multiple of 1024
     # would share their L1 sets (10 streams, 8 ways)
     SKEW = 16
@@ -271,10 +274,7 @@ cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t MIN_TASKS = 16
-# Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
-# run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums, and the most
-# blocks of rows a call is cut into.
-cdef Py_ssize_t COL_BLOCK = 2048
+# The budget in doubles of the channel-minor blocks' partial sums, and the most blocks of rows a call is cut into.
 cdef Py_ssize_t PART_BUDGET = 1 << 14
 cdef Py_ssize_t MAX_BLOCKS = 64
 # Channel-minor rows narrower than this are folded (k rows as one, k the largest divisor of N with k*W <= FOLD_WIDTH).
@@ -286,10 +286,12 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 # and sample) number 2 to SHORT_DX - 1: channel-major rows that short spend more on folding each row's peaks than
 # float32 saves. Both memory layouts of an array must give the same bits, so its shape decides, not the layout.
 cdef Py_ssize_t SHORT_DX = 32
-# Channel-minor arrays beyond CACHED_VALUES values come from memory: the float32 dx pass takes their whole rows of
-# at most SINGLE_RUN values one at a time, in memory order (four rows at a time read four places of the run, which
-# the prefetchers follow worse). In cache, four rows at a time load each column's coefficients and peaks once for
-# them; wider rows' five coefficient rows outgrow L1.
+# Channel-minor arrays beyond CACHED_VALUES values come from memory (_from_memory): their passes go along whole
+# rows of a block, in memory order. A block's rows cut into pieces (the sums' COL_CHUNK columns, the affine pass's
+# SINGLE_RUN) are short runs of memory far apart, which the prefetchers follow worse; the float32 dx pass takes
+# their rows one at a time (four rows at a time read four places of a run) where they hold at most SINGLE_RUN
+# values (wider rows' five coefficient rows outgrow L1). In cache, the pieces keep the accumulators and
+# coefficient rows in L1, and four rows at a time load each column's coefficients and peaks once for them.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
 # Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
 # modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
@@ -297,8 +299,9 @@ cdef Py_ssize_t CACHED_VALUES = 1 << 20
 # at a time has one such pair. (512, 1024) backward: 590-800 us four rows at a time there, 490-540 one at a time,
 # 390-490 four at a time elsewhere.
 cdef size_t STALL_BYTES = 128
-# A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns, so that the
-# run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did not).
+# A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns (in cache), so
+# that the run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did
+# not).
 cdef Py_ssize_t SINGLE_RUN = 1024
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
@@ -747,11 +750,16 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
 cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const float *dy,
                             const float *out) noexcept nogil:
     """Whether the float32 dx pass over a channel-minor block of ``width`` columns takes its rows one at a time
-    (_grad_columns): the whole rows of an array beyond the caches (CACHED_VALUES), or rows a multiple of 4 KB long
-    with dx less than STALL_BYTES past both x and dy modulo 4 KB, where four at a time would stall."""
+    (_grad_columns): whole rows of at most SINGLE_RUN values beyond the caches (_from_memory), or rows a multiple
+    of 4 KB long with dx less than STALL_BYTES past both x and dy modulo 4 KB, where four at a time would stall."""
     cdef size_t a = (<size_t>out - <size_t>x) % 4096, b = (<size_t>out - <size_t>dy) % 4096
-    return ((width == L.W and LANES < L.W <= SINGLE_RUN and L.N * L.W > CACHED_VALUES)
+    return ((width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L))
             or ((L.W * sizeof(float)) % 4096 == 0 and 0 < a < STALL_BYTES and 0 < b < STALL_BYTES))
+
+
+cdef inline bint _from_memory(Layout L) noexcept nogil:
+    """Whether a channel-minor array is beyond the caches (CACHED_VALUES): its passes then go along whole rows."""
+    return L.N * L.W > CACHED_VALUES
 
 
 cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -784,33 +792,34 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0] (MomentsValid: weighted by P;
     GradSumsGated: gated by the interval rows of _gate).
 
-    Minor: (s0 of each of the block's columns, then s1 of each), COL_CHUNK columns at a time down its rows, their
+    Minor: (s0 of each of the block's columns, then s1 of each), _sum_chunk columns at a time down its rows, their
     accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
     (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, down the block's
     images: with SHORT_IMAGES images or more, a lane per column (the lanes' setup and fold cost about three rows),
     the whole rows of up to COL_CHUNK // S channels side by side (each image's rows of them one run of memory: one
     channel at a time, its rows W apart in both x and dy, thrashed L1 sets); with fewer, channel by channel, each
     row into one set of LANES lanes (_row_lanes). The lanes are folded pairwise (_fold) once per channel."""
-    cdef double s[2 * COL_CHUNK]
-    cdef double shift[COL_CHUNK]
+    cdef double s[2 * COL_BLOCK]
+    cdef double shift[COL_BLOCK]
     cdef floating gate[2 * COL_CHUNK]
     cdef const floating *h = _gate(coef, L.C * L.G, x)
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, w, g, off = k * L.part, hs = L.C * L.G
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
-        for q in range(_cdiv(i1 - i0, COL_CHUNK)):
-            a, b = i0 + q * COL_CHUNK, min(i1, i0 + (q + 1) * COL_CHUNK)
+        w = _sum_chunk(op, L)
+        for q in range(_cdiv(i1 - i0, w)):
+            a, b = i0 + q * w, min(i1, i0 + (q + 1) * w)
             for j in range(b - a):
                 shift[j] = coef[a + j]
-            _zero_lanes(s, b - a, COL_CHUNK)
+            _zero_lanes(s, b - a, w)
             if SumOp is MomentsValid and _uniform(P, a, b):
-                _counted_rows(L, x, n0, n1, a, b, shift, s, P)
+                _counted_rows(L, x, n0, n1, a, b, shift, s, w, P)
             else:
-                _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[COL_CHUNK], P,
+                _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[w], P,
                              n0 * L.G, L.G, a, h + a, hs)
             for j in range(b - a):
                 part[off + a - i0 + j] = s[j]
-                part[off + L.width + a - i0 + j] = s[COL_CHUNK + j]
+                part[off + L.width + a - i0 + j] = s[w + j]
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for j in range(L.part):
@@ -844,15 +853,21 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
         _add_folded(s, LANES, LANES, &part[off + 2 * (c - c0)])
 
 
+cdef inline Py_ssize_t _sum_chunk(SumOp op, Layout L) noexcept nogil:
+    """Columns per pass of a channel-minor block's sums: COL_CHUNK, or the block's width for arrays from memory
+    (_from_memory; the masked moments keep COL_CHUNK: where their runs of counted rows start depends on it)."""
+    return L.width if _from_memory(L) and not (SumOp is MomentsValid) else COL_CHUNK
+
+
 cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     """True when columns [a, b) of a channel-minor folded row are at one position (in one run of C columns)."""
     return P.run != 0 and a // P.run == (b - 1) // P.run
 
 
 cdef void _counted_rows(Layout L, const floating *x, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t a, Py_ssize_t b,
-                        const double *shift, double *s, Positions P) noexcept nogil:
-    """MomentsValid sums of columns [a, b) (at one position of each row: _uniform) of rows [n0, n1): the plain
-    Moments sums of each run of counted rows, the others skipped."""
+                        const double *shift, double *s, Py_ssize_t stride, Positions P) noexcept nogil:
+    """MomentsValid sums of columns [a, b) (at one position of each row: _uniform) of rows [n0, n1) into s and
+    s[stride:]: the plain Moments sums of each run of counted rows, the others skipped."""
     cdef Moments moments
     cdef Py_ssize_t n = n0, start
     while n < n1:
@@ -862,7 +877,7 @@ cdef void _counted_rows(Layout L, const floating *x, Py_ssize_t n0, Py_ssize_t n
         while n < n1 and P.valid[n * L.G + a // P.run]:
             n += 1
         if n > start:
-            _column_sums(moments, x, x, x, start * L.W + a, L.W, n - start, b - a, shift, s, &s[COL_CHUNK], P, 0,
+            _column_sums(moments, x, x, x, start * L.W + a, L.W, n - start, b - a, shift, s, &s[stride], P, 0,
                          0, 0, NULL, 0)
 
 
@@ -953,7 +968,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                           slot, _outs_at(i1 - i0), _gate(coef, L.W, x),
                           _dx_by_row(L, i1 - i0, x, dy, out))
             return
-        run = SINGLE_RUN if _single(op, out) else i1 - i0
+        run = SINGLE_RUN if _single(op, out) and not _from_memory(L) else i1 - i0
         for c in range(_cdiv(i1 - i0, run)):
             a = i0 + c * run
             for n in range(n0, n1):

@@ -474,6 +474,40 @@ def test_float32_dx_at_any_channel_count_and_size(shape, float32):
     assert differ > 0.1 if float32 else differ < 0.01
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1100, 1000), (600, 2048), (300, 4096)])
+def test_channel_minor_beyond_the_caches(shape, dtype):
+    """Channel-minor arrays beyond the caches go along whole rows (each block's sums in one chunk, the gradient
+    sums of rows up to 2048 values one row at a time, the affine pass in one run): the training forward, eval and
+    backward against the float64 reference, and the same bits on 1 and 2 threads."""
+    rng = np.random.default_rng(16)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, shape[1]).astype(dtype)
+    rm, rv = np.zeros(shape[1]), np.ones(shape[1])
+    old = cbn.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            cbn.set_num_threads(min(n, cbn.max_num_threads()))
+            y, saved = F.batch_norm(x, None, None, w, None, True, return_saved=True)
+            results.append((y, *F.batch_norm_backward(dy, saved), F.batch_norm(x, rm, rv, w, None, False)))
+    finally:
+        cbn.set_num_threads(old)
+    for a, b in zip(*results):
+        assert a.tobytes() == b.tobytes()
+    y, dx, dw, db, y_eval = results[0]
+    y_ref, ref_saved = R.batch_norm(x.astype(np.float64), None, None, w, None, True, return_saved=True)
+    dx_ref, dw_ref, db_ref = R.batch_norm_backward(dy.astype(np.float64), ref_saved)
+    check_output(y, y_ref, dtype, "y")
+    assert_rel(y_eval, R.batch_norm(x.astype(np.float64), rm, rv, w, None, False), 1e-6 if dtype == np.float32
+               else 1e-10, "eval y")
+    g = TOL[dtype]["grad"]
+    assert_rel(dx, dx_ref, g, "dx")
+    assert_rel(dw, dw_ref, g, "dweight")
+    assert_rel(db, db_ref, g, "dbias")
+
+
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("std,eps", [(1e-20, 0.0), (1e22, 1e-5), (1e30, 1e-5)])
 @pytest.mark.parametrize("shape", [(8, 2, 32), (2, 1024, 64)])
