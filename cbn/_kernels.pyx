@@ -792,34 +792,19 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     """Partial sums of block k into part[k*L.part, +L.part), shifted by coef[0] (MomentsValid: weighted by P;
     GradSumsGated: gated by the interval rows of _gate).
 
-    Minor: (s0 of each of the block's columns, then s1 of each), _sum_chunk columns at a time down its rows, their
-    accumulators on the stack. Major: (s0, s1) of each channel of the block's group: row by row in memory order
+    Minor: _minor_sums. Major: (s0, s1) of each channel of the block's group: row by row in memory order
     (_row_sums), or, for rows shorter than COL_CHUNK in blocks of MIN_IMAGES images or more, down the block's
     images: with SHORT_IMAGES images or more, a lane per column (the lanes' setup and fold cost about three rows),
     the whole rows of up to COL_CHUNK // S channels side by side (each image's rows of them one run of memory: one
     channel at a time, its rows W apart in both x and dy, thrashed L1 sets); with fewer, channel by channel, each
     row into one set of LANES lanes (_row_lanes). The lanes are folded pairwise (_fold) once per channel."""
-    cdef double s[2 * COL_BLOCK]
-    cdef double shift[COL_BLOCK]
+    cdef double s[2 * COL_CHUNK]
+    cdef double shift[COL_CHUNK]
     cdef floating gate[2 * COL_CHUNK]
-    cdef const floating *h = _gate(coef, L.C * L.G, x)
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, a, b, w, g, off = k * L.part, hs = L.C * L.G
+    cdef const floating *h = _gate(coef, L.C, x)
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, j, n, q, w, g, off = k * L.part, hs = L.C
     if L.minor:
-        _minor_block(L, k, &n0, &n1, &i0, &i1)
-        w = _sum_chunk(op, L)
-        for q in range(_cdiv(i1 - i0, w)):
-            a, b = i0 + q * w, min(i1, i0 + (q + 1) * w)
-            for j in range(b - a):
-                shift[j] = coef[a + j]
-            _zero_lanes(s, b - a, w)
-            if SumOp is MomentsValid and _uniform(P, a, b):
-                _counted_rows(L, x, n0, n1, a, b, shift, s, w, P)
-            else:
-                _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, shift, s, &s[w], P,
-                             n0 * L.G, L.G, a, h + a, hs)
-            for j in range(b - a):
-                part[off + a - i0 + j] = s[j]
-                part[off + L.width + a - i0 + j] = s[w + j]
+        _minor_sums(op, L, k, x, dy, e, coef, part, P)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for j in range(L.part):
@@ -851,6 +836,25 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
         for n in range(n0, n1):
             _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate)
         _add_folded(s, LANES, LANES, &part[off + 2 * (c - c0)])
+
+
+cdef void _minor_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
+                      const floating *e, const double *coef, double *part, Positions P) noexcept nogil:
+    """_block_sums of channel-minor block k: s0 of each of its columns, then s1 of each, accumulated in its slot of
+    part, _sum_chunk columns at a time down its rows (shift: coef's first row)."""
+    cdef const floating *h = _gate(coef, L.C * L.G, x)
+    cdef Py_ssize_t n0, n1, i0, i1, q, a, b, w = _sum_chunk(op, L)
+    cdef double *s
+    _minor_block(L, k, &n0, &n1, &i0, &i1)
+    for q in range(_cdiv(i1 - i0, w)):
+        a, b = i0 + q * w, min(i1, i0 + (q + 1) * w)
+        s = part + k * L.part + a - i0
+        _zero_lanes(s, b - a, L.width)
+        if SumOp is MomentsValid and _uniform(P, a, b):
+            _counted_rows(L, x, n0, n1, a, b, coef + a, s, L.width, P)
+        else:
+            _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, coef + a, s, s + L.width, P, n0 * L.G,
+                         L.G, a, h + a, L.C * L.G)
 
 
 cdef inline Py_ssize_t _sum_chunk(SumOp op, Layout L) noexcept nogil:
