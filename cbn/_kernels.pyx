@@ -475,10 +475,12 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
     p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums), masked(dy) (GradSumsMasked) or gated(dy)
     (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _dy); four rows per step, added pairwise, but the
-    gradient sums of whole rows (ld == width) wider than LANES go one row at a time (in memory order: four rows at
-    a time read from four places of the run, which the prefetchers follow worse). Vectorised across columns: each
-    column is one lane."""
-    cdef bint by_row = not (SumOp is Moments or SumOp is MomentsValid) and ld == width and width > LANES
+    gradient sums of whole rows (ld == width) of more than LANES and at most SINGLE_RUN values go one row at a time
+    (in memory order: four rows at a time read from four places of the run, which the prefetchers follow worse;
+    wider rows' two rows of accumulators outgrow L1, as the dx pass's coefficients do: _dx_by_row). Vectorised
+    across columns: each column is one lane."""
+    cdef bint by_row = (not (SumOp is Moments or SumOp is MomentsValid) and ld == width
+                        and LANES < width <= SINGLE_RUN)
     cdef Py_ssize_t r, j, i, r4 = 0 if by_row else nrows // 4 * 4
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
     cdef Py_ssize_t buf[4 * COL_CHUNK]

@@ -478,7 +478,7 @@ def test_float32_dx_at_any_channel_count_and_size(shape, float32):
 @pytest.mark.parametrize("shape", [(1100, 1000), (600, 2048), (300, 4096)])
 def test_channel_minor_beyond_the_caches(shape, dtype):
     """Channel-minor arrays beyond the caches go along whole rows (each block's sums in one chunk, the gradient
-    sums of rows up to 2048 values one row at a time, the affine pass in one run): the training forward, eval and
+    sums of rows up to 1024 values one row at a time, the affine pass in one run): the training forward, eval and
     backward against the float64 reference, and the same bits on 1 and 2 threads."""
     rng = np.random.default_rng(16)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
