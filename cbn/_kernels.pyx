@@ -245,9 +245,6 @@ cdef double U32 = 5.9604644775390625e-08
 
 cdef enum:
     COL_CHUNK = 512       # columns per pass of the column sums in cache: their accumulators stay in L1
-    # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
-    # run in parallel whatever the number of rows)
-    COL_BLOCK = 2048
     # floats of padding after each float32 coefficient row and peaks row: rows W apart with W a multiple of 1024
     # would share their L1 sets (10 streams, 8 ways)
     SKEW = 16
@@ -274,7 +271,10 @@ cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t MIN_TASKS = 16
-# The budget in doubles of the channel-minor blocks' partial sums, and the most blocks of rows a call is cut into.
+# Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
+# run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums, and the most
+# blocks of rows a call is cut into.
+cdef Py_ssize_t COL_BLOCK = 2048
 cdef Py_ssize_t PART_BUDGET = 1 << 14
 cdef Py_ssize_t MAX_BLOCKS = 64
 # Channel-minor rows narrower than this are folded (k rows as one, k the largest divisor of N with k*W <= FOLD_WIDTH).
