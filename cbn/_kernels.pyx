@@ -244,7 +244,7 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
 cdef double U32 = 5.9604644775390625e-08
 
 cdef enum:
-    COL_CHUNK = 512       # columns per pass of the column sums in cache: their accumulators stay in L1
+    COL_CHUNK = 512       # columns per pass of the column sums (minor from memory: _sum_chunk): accumulators in L1
     # floats of padding after each float32 coefficient row and peaks row: rows W apart with W a multiple of 1024
     # would share their L1 sets (10 streams, 8 ways)
     SKEW = 16
