@@ -141,6 +141,14 @@ ctypedef fused DxSingle:  # the dx passes in float32
     GradSingle
     GradGatedSingle
 
+ctypedef fused SingleOp:  # the passes in float32 (_single): the affine ones and DxSingle
+    Affine
+    AffineRelu
+    AffineAdd
+    AffineAddRelu
+    GradSingle
+    GradGatedSingle
+
 ctypedef fused DxDouble:  # the double passes a float32 dx pass falls back to, per channel
     Grad
     GradGated
@@ -288,10 +296,10 @@ cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 cdef Py_ssize_t SHORT_DX = 32
 # Channel-minor arrays beyond CACHED_VALUES values come from memory (_from_memory): their passes go along whole
 # rows of a block, in memory order. A block's rows cut into pieces (the sums' COL_CHUNK columns, the affine pass's
-# SINGLE_RUN) are short runs of memory far apart, which the prefetchers follow worse; the float32 dx pass takes
-# their rows one at a time (four rows at a time read four places of a run) where they hold at most SINGLE_RUN
-# values (wider rows' five coefficient rows outgrow L1). In cache, the pieces keep the accumulators and
-# coefficient rows in L1, and four rows at a time load each column's coefficients and peaks once for them.
+# SINGLE_RUN) are short runs of memory far apart, which the prefetchers follow worse; the float32 passes take
+# their rows one at a time (four rows at a time read four places of a run), the dx pass where they hold at most
+# SINGLE_RUN values (wider rows' five coefficient rows outgrow L1). In cache, the pieces keep the accumulators and
+# coefficient rows in L1, and four rows at a time load each column's coefficients (and peaks) once for them.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
 # Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
 # modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
@@ -299,9 +307,9 @@ cdef Py_ssize_t CACHED_VALUES = 1 << 20
 # at a time has one such pair. (512, 1024) backward: 590-800 us four rows at a time there, 490-540 one at a time,
 # 390-490 four at a time elsewhere.
 cdef size_t STALL_BYTES = 128
-# A float32 affine pass runs down a channel-minor block's rows in runs of at most SINGLE_RUN columns (in cache), so
-# that the run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048 columns they did
-# not).
+# A float32 affine pass runs down a channel-minor block's rows four at a time in runs of at most SINGLE_RUN columns
+# (in cache), so that the run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048
+# columns they did not).
 cdef Py_ssize_t SINGLE_RUN = 1024
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
@@ -682,7 +690,8 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
     coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, COL_CHUNK columns at a time (the _single
-    passes in float32, with the rows of _narrow that follow coef's; GradSingle: _grad_columns)."""
+    passes in float32, with the rows of _narrow that follow coef's: a row from memory; in cache, and DxSingle:
+    _single_columns)."""
     cdef Py_ssize_t j, i, q, a, b, F = W + SKEW
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
@@ -712,14 +721,16 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                 dz[i] = d
 
 
-cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, float_row out, Py_ssize_t base,
-                        Py_ssize_t W, Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1, const_float_row f,
-                        Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g, bint by_row) noexcept nogil:
-    """A DxSingle pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
+cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, const_float_row e, float_row out,
+                          Py_ssize_t base, Py_ssize_t W, Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1,
+                          const_float_row f, Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g,
+                          bint by_row) noexcept nogil:
+    """A float32 pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
-    (GradGatedSingle): out = t1 - t2 of _grad_single, four rows per step (each column's coefficients and peaks
-    loaded once for them), or by_row one row at a time (in memory order: see _column_sums and _dx_by_row); each
-    column's peaks raised to its values': |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
+    (GradGatedSingle): out = _value_single (the affine ops, residual e) or t1 - t2 of _grad_single (DxSingle), four
+    rows per step (each column's coefficients and peaks loaded once for them), or by_row one row at a time (in
+    memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to its values':
+    |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
     cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
     cdef unsigned int *terms = peaks - j0
     cdef unsigned int *outs = peaks + gap - j0
@@ -730,23 +741,32 @@ cdef void _grad_columns(DxSingle op, const_float_row x, const_float_row dy, floa
         for j in range(j0, j1):
             hi, lo, c1, c2, c3 = f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j]
             q = i + j
-            g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), hi, lo, c1, c2, c3)
-            g1 = _grad_single(x[q + W], _dy(op, x[q + W], dy[q + W], x[q + W], g, W, j), hi, lo, c1, c2, c3)
-            g2 = _grad_single(x[q + 2 * W], _dy(op, x[q + 2 * W], dy[q + 2 * W], x[q + 2 * W], g, W, j), hi, lo, c1,
-                              c2, c3)
-            g3 = _grad_single(x[q + 3 * W], _dy(op, x[q + 3 * W], dy[q + 3 * W], x[q + 3 * W], g, W, j), hi, lo, c1,
-                              c2, c3)
-            out[q], out[q + W], out[q + 2 * W], out[q + 3 * W] = g0.out, g1.out, g2.out, g3.out
-            terms[j] = _peak(_peak(_peak(_peak(terms[j], g0.terms), g1.terms), g2.terms), g3.terms)
-            outs[j] = _peak(_peak(_peak(_peak(outs[j], g0.out), g1.out), g2.out), g3.out)
+            if SingleOp is GradSingle or SingleOp is GradGatedSingle:
+                g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), hi, lo, c1, c2, c3)
+                g1 = _grad_single(x[q + W], _dy(op, x[q + W], dy[q + W], x[q + W], g, W, j), hi, lo, c1, c2, c3)
+                g2 = _grad_single(x[q + 2 * W], _dy(op, x[q + 2 * W], dy[q + 2 * W], x[q + 2 * W], g, W, j), hi, lo,
+                                  c1, c2, c3)
+                g3 = _grad_single(x[q + 3 * W], _dy(op, x[q + 3 * W], dy[q + 3 * W], x[q + 3 * W], g, W, j), hi, lo,
+                                  c1, c2, c3)
+                out[q], out[q + W], out[q + 2 * W], out[q + 3 * W] = g0.out, g1.out, g2.out, g3.out
+                terms[j] = _peak(_peak(_peak(_peak(terms[j], g0.terms), g1.terms), g2.terms), g3.terms)
+                outs[j] = _peak(_peak(_peak(_peak(outs[j], g0.out), g1.out), g2.out), g3.out)
+            else:
+                out[q] = _value_single(op, x[q], hi, lo, c1, c2, e[q])
+                out[q + W] = _value_single(op, x[q + W], hi, lo, c1, c2, e[q + W])
+                out[q + 2 * W] = _value_single(op, x[q + 2 * W], hi, lo, c1, c2, e[q + 2 * W])
+                out[q + 3 * W] = _value_single(op, x[q + 3 * W], hi, lo, c1, c2, e[q + 3 * W])
     for r in range(r4, nrows):
         i = base + r * W
         for j in range(j0, j1):
             q = i + j
-            g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), f[j], f[F + j], f[2 * F + j],
-                              f[3 * F + j], f[4 * F + j])
-            out[q] = g0.out
-            terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
+            if SingleOp is GradSingle or SingleOp is GradGatedSingle:
+                g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), f[j], f[F + j], f[2 * F + j],
+                                  f[3 * F + j], f[4 * F + j])
+                out[q] = g0.out
+                terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
+            else:
+                out[q] = _value_single(op, x[q], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[q])
 
 
 cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const float *dy,
@@ -962,7 +982,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     """The elementwise pass over block k (the Valid passes with the weights of P). A DxSingle pass writes the peaks of
     each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|) or channels (major: of its
     group of channels, likewise) over the block's rows to the block's slot of partial sums (_block_peaks)."""
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, run
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     cdef Peaks peaks
     cdef unsigned int *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
     if L.minor:
@@ -970,15 +990,17 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         if (ApplyOp is GradSingle or ApplyOp is GradGatedSingle) and floating is float:
             for c in range(_outs_at(i1 - i0) + i1 - i0):
                 slot[c] = 0
-            _grad_columns(op, x, dy, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
-                          slot, _outs_at(i1 - i0), _gate(coef, L.W, x),
-                          _dx_by_row(L, i1 - i0, x, dy, out))
-            return
-        run = SINGLE_RUN if _single(op, out) and not _from_memory(L) else i1 - i0
-        for c in range(_cdiv(i1 - i0, run)):
-            a = i0 + c * run
+            _single_columns(op, x, dy, x, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
+                            slot, _outs_at(i1 - i0), _gate(coef, L.W, x), _dx_by_row(L, i1 - i0, x, dy, out))
+        elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
+              and floating is float and not _from_memory(L)):  # runs of SINGLE_RUN columns down the block
+            for c in range(_cdiv(i1 - i0, SINGLE_RUN)):
+                a = i0 + c * SINGLE_RUN
+                _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
+                                _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False)
+        else:  # row by row (arrays from memory: whole rows, in memory order)
             for n in range(n0, n1):
-                _apply_columns(op, x, dy, e, out, dz, n * L.W, a, min(i1, a + run), L.W, coef, P, n * L.G)
+                _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     if _dx_single(op):
