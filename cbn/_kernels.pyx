@@ -998,7 +998,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 a = i0 + c * SINGLE_RUN
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
                                 _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False)
-        else:  # row by row (arrays from memory: whole rows, in memory order)
+        else:  # the double passes, and arrays from memory: whole rows one at a time, in memory order
             for n in range(n0, n1):
                 _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
