@@ -732,10 +732,12 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to its values':
     |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
     cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
-    cdef unsigned int *terms = peaks - j0
-    cdef unsigned int *outs = peaks + gap - j0
+    cdef unsigned int *terms = NULL
+    cdef unsigned int *outs = NULL
     cdef float hi, lo, c1, c2, c3
     cdef GradPair g0, g1, g2, g3
+    if SingleOp is GradSingle or SingleOp is GradGatedSingle:  # (the affine ops keep no peaks: peaks is NULL)
+        terms, outs = peaks - j0, peaks + gap - j0
     for r in range(0, r4, 4):
         i = base + r * W
         for j in range(j0, j1):
