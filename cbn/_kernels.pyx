@@ -774,7 +774,7 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
 cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const float *dy,
                             const float *out) noexcept nogil:
     """Whether the float32 dx pass over a channel-minor block of ``width`` columns takes its rows one at a time
-    (_grad_columns): whole rows of at most SINGLE_RUN values beyond the caches (_from_memory), or rows a multiple
+    (_single_columns): whole rows of at most SINGLE_RUN values beyond the caches (_from_memory), or rows a multiple
     of 4 KB long with dx less than STALL_BYTES past both x and dy modulo 4 KB, where four at a time would stall."""
     cdef size_t a = (<size_t>out - <size_t>x) % 4096, b = (<size_t>out - <size_t>dy) % 4096
     return ((width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L))
