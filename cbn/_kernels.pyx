@@ -137,10 +137,7 @@ ctypedef fused ApplyOp:
     GradSingle
     GradGatedSingle
 
-ctypedef fused DxSingle:  # the dx passes in float32
-    GradSingle
-    GradGatedSingle
-
+# DxSingle: the dx passes in float32, GradSingle and GradGatedSingle (_dx_single).
 ctypedef fused SingleOp:  # the passes in float32 (_single): the affine ones and DxSingle
     Affine
     AffineRelu
@@ -689,9 +686,9 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                          floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
-    coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, COL_CHUNK columns at a time (the _single
-    passes in float32, with the rows of _narrow that follow coef's: a row from memory; in cache, and DxSingle:
-    _single_columns)."""
+    coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, in double COL_CHUNK columns at a time; the
+    _single passes in float32, with the rows of _narrow that follow coef's (the rows of arrays from memory: in
+    cache, and for DxSingle, _single_columns runs them)."""
     cdef Py_ssize_t j, i, q, a, b, F = W + SKEW
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
@@ -1000,7 +997,8 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 a = i0 + c * SINGLE_RUN
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
                                 _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False)
-        else:  # the double passes, and arrays from memory: whole rows one at a time, in memory order
+        else:  # the double passes, and arrays from memory: whole rows one at a time, in memory order (a call
+            # per row: _single_columns by_row over the block's rows was slower on narrow rows)
             for n in range(n0, n1):
                 _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
