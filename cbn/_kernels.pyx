@@ -686,9 +686,9 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                          floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
-    coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, in double COL_CHUNK columns at a time; the
-    _single passes in float32, with the rows of _narrow that follow coef's (the rows of arrays from memory: in
-    cache, and for DxSingle, _single_columns runs them)."""
+    coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, in double, COL_CHUNK columns at a time.
+    The float32 affine passes (_single) of arrays from memory run here too, on the rows of _narrow that follow
+    coef's; the others in float32 go through _single_columns."""
     cdef Py_ssize_t j, i, q, a, b, F = W + SKEW
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
