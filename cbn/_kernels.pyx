@@ -54,6 +54,10 @@ cdef extern from *:
     typedef union { float f; unsigned int u; } cbn_float_bits;
     static inline unsigned int cbn_magnitude(float v) { cbn_float_bits b; b.f = v; return b.u & 0x7fffffffu; }
     static inline float cbn_float_of(unsigned int u) { cbn_float_bits b; b.u = u; return b.f; }
+    static inline unsigned short cbn_peak_up(unsigned int m) {
+        return (unsigned short)(((m < 0x7f800000u ? m : 0x7f800000u) + 0x7fffu) >> 15); }
+    static inline unsigned short cbn_peak_down(unsigned int m) { return (unsigned short)(m >> 15); }
+    static inline float cbn_peak_value(unsigned short p) { return cbn_float_of((unsigned int)p << 15); }
     """
     const int CBN_OPENMP
     const char *CBN_BUILD_INFO
@@ -61,8 +65,13 @@ cdef extern from *:
     # |v| as an unsigned integer in the order of the magnitudes (NaN above inf), and back
     unsigned int cbn_magnitude(float v) noexcept nogil
     float cbn_float_of(unsigned int u) noexcept nogil
+    # a magnitude (as cbn_magnitude gives it, below 2**31) kept to 16 bits (a peak: _grad_check): its exponent and
+    # top 8 bits of mantissa, rounded up (NaN: inf) or down; and the float32 value of such a peak
+    unsigned short cbn_peak_up(unsigned int m) noexcept nogil
+    unsigned short cbn_peak_down(unsigned int m) noexcept nogil
+    float cbn_peak_value(unsigned short p) noexcept nogil
     # pointers to memory that no other pointer of the function reaches (GCC then vectorises without alias checks)
-    ctypedef unsigned int *peak_row "unsigned int *__restrict__"
+    ctypedef unsigned short *peak_row "unsigned short *__restrict__"
     ctypedef float *float_row "float *__restrict__"
     ctypedef const float *const_float_row "const float *__restrict__"
 
@@ -250,7 +259,7 @@ cdef double U32 = 5.9604644775390625e-08
 
 cdef enum:
     COL_CHUNK = 512       # columns per pass of the column sums (minor from memory: _sum_chunk): accumulators in L1
-    # floats of padding after each float32 coefficient row and peaks row: rows W apart with W a multiple of 1024
+    # values of padding after each float32 coefficient row and peaks row: rows W apart with W a multiple of 1024
     # would share their L1 sets (10 streams, 8 ways)
     SKEW = 16
     LANES = 16            # fixed lanes of a channel-major row sum
@@ -624,9 +633,14 @@ cdef inline unsigned int _peak(unsigned int p, float v) noexcept nogil:
     return m if m > p else p
 
 
+cdef inline unsigned int _largest(float a, float b, float c, float d) noexcept nogil:
+    """The largest of |a|, |b|, |c|, |d| (as cbn_magnitude)."""
+    return _peak(_peak(_peak(cbn_magnitude(a), b), c), d)
+
+
 cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
     """Where the |out| peaks of a channel-minor block of width columns start in its slot (after the |t1 + t2|
-    ones; the slot holds 4*width): SKEW beyond them where there is room."""
+    ones; 16 bits each, and the slot holds 8*width of them): SKEW beyond them where there is room."""
     return width + SKEW if width >= SKEW else width
 
 
@@ -727,10 +741,12 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     (GradGatedSingle): out = _value_single (the affine ops, residual e) or t1 - t2 of _grad_single (DxSingle), four
     rows per step (each column's coefficients and peaks loaded once for them), or by_row one row at a time (in
     memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to its values':
-    |t1 + t2| in peaks[j - j0], |out| in peaks[gap + j - j0]."""
+    |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded down:
+    cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is the
+    same whichever rows it is taken over, in whatever order."""
     cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
-    cdef unsigned int *terms = NULL
-    cdef unsigned int *outs = NULL
+    cdef unsigned short *terms = NULL
+    cdef unsigned short *outs = NULL
     cdef float hi, lo, c1, c2, c3
     cdef GradPair g0, g1, g2, g3
     if SingleOp is GradSingle or SingleOp is GradGatedSingle:  # (the affine ops keep no peaks: peaks is NULL)
@@ -748,8 +764,8 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
                 g3 = _grad_single(x[q + 3 * W], _dy(op, x[q + 3 * W], dy[q + 3 * W], x[q + 3 * W], g, W, j), hi, lo,
                                   c1, c2, c3)
                 out[q], out[q + W], out[q + 2 * W], out[q + 3 * W] = g0.out, g1.out, g2.out, g3.out
-                terms[j] = _peak(_peak(_peak(_peak(terms[j], g0.terms), g1.terms), g2.terms), g3.terms)
-                outs[j] = _peak(_peak(_peak(_peak(outs[j], g0.out), g1.out), g2.out), g3.out)
+                terms[j] = max(terms[j], cbn_peak_up(_largest(g0.terms, g1.terms, g2.terms, g3.terms)))
+                outs[j] = max(outs[j], cbn_peak_down(_largest(g0.out, g1.out, g2.out, g3.out)))
             else:
                 out[q] = _value_single(op, x[q], hi, lo, c1, c2, e[q])
                 out[q + W] = _value_single(op, x[q + W], hi, lo, c1, c2, e[q + W])
@@ -763,7 +779,8 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
                 g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), f[j], f[F + j], f[2 * F + j],
                                   f[3 * F + j], f[4 * F + j])
                 out[q] = g0.out
-                terms[j], outs[j] = _peak(terms[j], g0.terms), _peak(outs[j], g0.out)
+                terms[j] = max(terms[j], cbn_peak_up(cbn_magnitude(g0.terms)))
+                outs[j] = max(outs[j], cbn_peak_down(cbn_magnitude(g0.out)))
             else:
                 out[q] = _value_single(op, x[q], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[q])
 
@@ -979,11 +996,13 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                        const floating *e, floating *out, floating *dz, const double *coef,
                        Positions P) noexcept nogil:
     """The elementwise pass over block k (the Valid passes with the weights of P). A DxSingle pass writes the peaks of
-    each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|) or channels (major: of its
-    group of channels, likewise) over the block's rows to the block's slot of partial sums (_block_peaks)."""
+    each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|, kept to 16 bits as
+    _single_columns does) or channels (major: of its group of channels, likewise, in full 32 bits: _grad_redo
+    rounds them as it gathers them) over the block's rows to the block's slot of partial sums (_block_peaks)."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     cdef Peaks peaks
-    cdef unsigned int *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
+    cdef unsigned short *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
+    cdef unsigned int *wide = <unsigned int *>slot  # major: the peaks in full (rounded as gathered: _grad_redo)
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
         if (ApplyOp is GradSingle or ApplyOp is GradGatedSingle) and floating is float:
@@ -1005,15 +1024,15 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     if _dx_single(op):
         for c in range(2 * L.group):
-            slot[c] = 0
+            wide[c] = 0
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
             peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
                                P.valid + n * L.S + i0 if P.valid != NULL else NULL, _gate(coef, L.C, x) + c)
             if _dx_single(op):
-                slot[c - c0] = max(slot[c - c0], peaks.terms)
-                slot[L.group + c - c0] = max(slot[L.group + c - c0], peaks.out)
+                wide[c - c0] = max(wide[c - c0], peaks.terms)
+                wide[L.group + c - c0] = max(wide[L.group + c - c0], peaks.out)
 
 
 cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
@@ -1279,9 +1298,9 @@ cdef inline double *_parts(Layout L, const double *work) noexcept nogil:
     return <double *>work + _sums_at(L) + 2 * L.C
 
 
-cdef inline unsigned int *_block_peaks(Layout L, const double *work, Py_ssize_t k) noexcept nogil:
+cdef inline unsigned short *_block_peaks(Layout L, const double *work, Py_ssize_t k) noexcept nogil:
     """Block k's peaks of a DxSingle pass (_block_apply), in its slot of partial sums (used by then)."""
-    return <unsigned int *>(_parts(L, work) + k * L.part)
+    return <unsigned short *>(_parts(L, work) + k * L.part)
 
 
 cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *cc, double *coef,
@@ -1797,14 +1816,16 @@ cdef inline bint _grad_check(double T, double D, double slack) noexcept nogil:
     """True when a channel's GradSingle values kept the float32 contract: each within 1e-6*max|dx| of the exact dx
     (False for slack -1: a coefficient outside float32's normal range). A value's error is at most 3u|t1| +
     4u|t2| + u|out| + slack (_grad_single) <= 4u(|t1| + |t2|) + u|out| + slack, and |t1| + |t2| = max(|t1 + t2|,
-    |t1 - t2|): with T and D the channel's largest |t1 + t2| and |out|, every error is below E = 4.1u*max(T, D) +
-    u*D + 1.1*slack (the 0.1s cover the roundings of t1 + t2 and out themselves). max|dx| >= D - E, so E <=
-    0.99e-6*D suffices; D >= 1e-30 keeps subnormals out of it. NaN or inf peaks fail."""
+    |t1 - t2|): with T at least the channel's largest |t1 + t2| and its largest |out| at least D and below
+    top = D*(1 + 2**-8) (the peaks, rounded up and down to 8 bits of mantissa), every error is below E =
+    4.1u*max(T, top) + u*top + 1.1*slack (the 0.1s cover the roundings of t1 + t2 and out themselves). max|dx| >=
+    D - E, so E <= 0.99e-6*D suffices; D >= 1e-30 keeps subnormals out of it. NaN or inf peaks fail."""
+    cdef double top = D * 1.00390625
     return ((slack >= 0.0) & (1e-30 <= D) & (D < INFINITY)
-            & (4.1 * U32 * (T if T > D else D) + U32 * D + 1.1 * slack <= 0.99e-6 * D))
+            & (4.1 * U32 * (T if T > top else top) + U32 * top + 1.1 * slack <= 0.99e-6 * D))
 
 
-cdef inline void _raise_peaks(peak_row to, const unsigned int *peaks, Py_ssize_t n) noexcept nogil:
+cdef inline void _raise_peaks(peak_row to, const unsigned short *peaks, Py_ssize_t n) noexcept nogil:
     """to[i] = max(to[i], peaks[i]) for i < n."""
     cdef Py_ssize_t i
     for i in range(n):
@@ -1814,17 +1835,19 @@ cdef inline void _raise_peaks(peak_row to, const unsigned int *peaks, Py_ssize_t
 cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned int *redo) noexcept nogil:
     """Each channel's check of a DxSingle pass from its blocks' peaks (_block_apply): redo[c] = 1 where channel c
     failed _grad_check (its dx is then recomputed in double: _redo_block), else 0; True when any failed. redo has
-    room for 4*C values (the merge tree), minor for 2*C + 2*W (W >= C): the second C hold the channels' |out| peaks
-    meanwhile; the rest, minor, each column's peaks over the blocks (|t1 + t2|, then |out|) before they are gathered
-    by channel, then the channels' slacks (C doubles)."""
+    room for 4*C values (the merge tree), minor for 2*C + 2*W (W >= C): after the C flags, the channels' peaks
+    (|t1 + t2|, then |out|; 16 bits each); from 2*C on, minor, each column's peaks over the blocks (likewise) before
+    they are gathered by channel, then the channels' slacks (C doubles)."""
     cdef Py_ssize_t k, c, c0, c1, n0, n1, i0, i1, j, _r, _s
-    cdef unsigned int *outs = redo + L.C
-    cdef unsigned int *col = redo + 2 * L.C
+    cdef unsigned short *terms = <unsigned short *>(redo + L.C)
+    cdef unsigned short *outs = terms + L.C
+    cdef unsigned short *col = <unsigned short *>(redo + 2 * L.C)
     cdef double *slack = <double *>col  # once the columns are gathered
-    cdef const unsigned int *slot
+    cdef const unsigned short *slot
+    cdef const unsigned int *wide
     cdef bint any = False
     for c in range(2 * L.C):
-        redo[c] = 0
+        terms[c] = 0
     if L.minor:
         for j in range(2 * L.W):
             col[j] = 0
@@ -1837,19 +1860,21 @@ cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned in
         for _r in range(L.G // L.S):  # column j: value _s of channel c in folded row _r
             for c in range(L.C):
                 for _s in range(L.S):
-                    redo[c] = max(redo[c], col[j])
+                    terms[c] = max(terms[c], col[j])
                     outs[c] = max(outs[c], col[L.W + j])
                     j += 1
     else:
         for k in range(L.nblocks):
             slot = _block_peaks(L, work, k)
             _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
-            _raise_peaks(redo + c0, slot, c1 - c0)
-            _raise_peaks(outs + c0, slot + L.group, c1 - c0)
+            wide = <const unsigned int *>slot
+            for c in range(c1 - c0):
+                terms[c0 + c] = max(terms[c0 + c], cbn_peak_up(wide[c]))
+                outs[c0 + c] = max(outs[c0 + c], cbn_peak_down(wide[L.group + c]))
     for c in range(L.C):
         slack[c] = _grad_slack(L.C, c, cc)
     for c in range(L.C):
-        redo[c] = not _grad_check(cbn_float_of(redo[c]), cbn_float_of(outs[c]), slack[c])
+        redo[c] = not _grad_check(cbn_peak_value(terms[c]), cbn_peak_value(outs[c]), slack[c])
     for c in range(L.C):
         any = any | redo[c]
     return any
