@@ -278,12 +278,18 @@ cdef Py_ssize_t BLOCK = 1 << 15
 # once) for tensors beyond the caches (FUSE_MIN values) whose channel holds at most FUSE_PLANE values, with at least
 # MIN_TASKS channels: a group holds about FUSE_GROUP values but at most C // MIN_TASKS channels (tasks for all
 # threads), and its run in each image (group*S contiguous values) must be at least FUSE_RUN long, or the jumps
-# between images defeat the prefetchers. Otherwise blocks follow memory order: all channels of MIN_IMAGES or more
-# images, or of one image cut into pieces of about BLOCK values (rows of COL_CHUNK values or more).
+# between images defeat the prefetchers. Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of MIN_IMAGES images or
+# more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2 between its sums
+# and its output, where the passes over the whole tensor read it twice from L3) with runs of FUSE_CACHED_RUN values
+# or more (shorter runs, 512 to 1024 values, were slower at 2 threads). Otherwise blocks follow memory order: all
+# channels of MIN_IMAGES or more images, or of one image cut into pieces of about BLOCK values (rows of COL_CHUNK
+# values or more).
 cdef Py_ssize_t FUSE_MIN = 1 << 22
 cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t FUSE_RUN = 1 << 12
+cdef Py_ssize_t FUSE_CACHED = 1 << 16
+cdef Py_ssize_t FUSE_CACHED_RUN = 1536
 cdef Py_ssize_t MIN_TASKS = 16
 # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
 # run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums, and the most
@@ -416,8 +422,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
         L.nimg = max(1, block // S)
-    elif (sums and N * L.W >= FUSE_MIN and N * S <= FUSE_PLANE and C >= MIN_TASKS
-          and _fused_group(N, C, S) * S >= FUSE_RUN):
+    elif sums and _whole_channels(N, C, S):
         L.group = _fused_group(N, C, S)
         L.nimg = N
     elif L.W <= block:  # whole images
@@ -438,9 +443,18 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
     return L
 
 
+cdef inline bint _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    """Whether the calls that sum over an (N, C, S) channel-major tensor take blocks of whole channels (FUSE_MIN)."""
+    cdef bint cached = N * C * S < FUSE_MIN
+    if cached and (N * C * S < PARALLEL_MIN or N < MIN_IMAGES):
+        return False
+    return (N * S <= FUSE_PLANE and C >= MIN_TASKS
+            and _fused_group(N, C, S) * S >= (FUSE_CACHED_RUN if cached else FUSE_RUN))
+
+
 cdef inline Py_ssize_t _fused_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    """Channels per block of whole channels."""
-    return max(1, min(FUSE_GROUP // (N * S), C // MIN_TASKS))
+    """Channels per block of whole channels (FUSE_MIN)."""
+    return max(1, min((FUSE_CACHED if N * C * S < FUSE_MIN else FUSE_GROUP) // (N * S), C // MIN_TASKS))
 
 
 cdef inline int _threads(Layout L, int cap) noexcept nogil:

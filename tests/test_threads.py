@@ -104,14 +104,15 @@ def restore_threads():
     cbn.set_num_threads(old)
 
 
-def test_bitwise_identical_in_process(restore_threads):
+@pytest.mark.parametrize("shape", [(4, 3, 130, 130), (8, 64, 28, 28)])  # the second: whole channels in cache
+def test_bitwise_identical_in_process(restore_threads, shape):
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((4, 3, 130, 130)) * 2 + 50).astype(np.float32)
+    x = (rng.standard_normal(shape) * 2 + 50).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     results = []
     for n in (1, 2, 4):
         cbn.set_num_threads(n)
-        bn = cbn.BatchNorm2d(3)
+        bn = cbn.BatchNorm2d(shape[1])
         y = bn(x)
         dx = bn.backward(dy)
         results.append([y, dx, bn.grad_weight, bn.grad_bias, bn.running_mean, bn.running_var])
@@ -135,6 +136,24 @@ def test_every_channel_minor_block_holds_rows(shape):
     blocks_down = L["nblocks"] // L["ncol"]
     assert (blocks_down - 1) * L["rows"] < L["N"] <= blocks_down * L["rows"]
     assert L["nblocks"] >= 2 or L["N"] * L["W"] < 1 << 16
+
+
+# (N, C, S) of channel-major tensors in cache of 4 images or more and whether their calls that sum take groups of
+# whole channels: runs of group*S >= 1536 values (a group of about 64K values, at most C // 16 channels, 16 or more)
+CACHED = [((32, 2048, 49), True), ((8, 64, 784), True), ((16, 32, 3136), True), ((64, 128, 64), False),
+          ((64, 16, 1024), False), ((256, 128, 64), False), ((8, 3, 50176), False)]
+
+
+@pytest.mark.parametrize("shape,whole", CACHED, ids=[f"{n}x{c}x{s}" for (n, c, s), _ in CACHED])
+def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, whole):
+    """A tensor in cache whose group of channels holds long runs in each image sums, finishes and normalises a
+    group in one task (its x and dy then stay in L2 between the two), in 16 tasks or more; shorter runs keep blocks
+    of images in memory order."""
+    L = _kernels.layout(*shape)
+    assert not L["minor"]
+    assert (L["fused"] and L["group"] < shape[1]) == whole
+    if whole:
+        assert L["nblocks"] >= 16 and L["group"] * shape[2] >= 1536
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 3136), (4, 64, 3136), (1, 512, 784), (2, 128, 3136)])
