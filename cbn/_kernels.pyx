@@ -281,15 +281,17 @@ cdef Py_ssize_t BLOCK = 1 << 15
 # between images defeat the prefetchers. Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of MIN_IMAGES images or
 # more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2 between its sums
 # and its output, where the passes over the whole tensor read it twice from L3) with runs of FUSE_CACHED_RUN values
-# or more (shorter runs, 512 to 1024 values, were slower at 2 threads). Otherwise blocks follow memory order: all
-# channels of MIN_IMAGES or more images, or of one image cut into pieces of about BLOCK values (rows of COL_CHUNK
-# values or more).
+# or more, and the backward (two arrays kept) with runs of FUSE_GRAD_RUN or more in groups of 2 channels or more
+# (shorter runs made the training forward slower at 2 threads, and groups of 1 channel the backward). Otherwise
+# blocks follow memory order: all channels of MIN_IMAGES or more images, or of one image cut into pieces of about
+# BLOCK values (rows of COL_CHUNK values or more).
 cdef Py_ssize_t FUSE_MIN = 1 << 22
 cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t FUSE_CACHED = 1 << 16
 cdef Py_ssize_t FUSE_CACHED_RUN = 1536
+cdef Py_ssize_t FUSE_GRAD_RUN = 512
 cdef Py_ssize_t MIN_TASKS = 16
 # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
 # run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums, and the most
@@ -365,9 +367,16 @@ def force_layout(kind=None, Py_ssize_t block=64):
     _forced_block = block
 
 
-def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums=True):
-    """Test-only: the blocks (``Layout`` as a dict) an (N, C, S) tensor's calls run over (sums: calls that sum)."""
+def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS):
+    """Test-only: the blocks (``Layout`` as a dict) an (N, C, S) tensor's calls run over (sums: what the call sums,
+    0 nothing (an elementwise pass), 1 the moments of a training forward, 2 the gradient sums of a backward)."""
     return _layout(N, C, S, sums)
+
+
+cdef enum Sums:  # what a call sums (_layout)
+    NO_SUMS = 0
+    MOMENT_SUMS = 1
+    GRADIENT_SUMS = 2
 
 
 cdef struct Layout:
@@ -391,7 +400,7 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcept nogil:
+cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept nogil:
     """The blocks of an (N, C, S) tensor: a function of the shape (and the test-only switch) alone. Without sums
     (an elementwise pass only) blocks follow memory order plainly: no blocks of whole channels, and no minimum of
     images per block (it only serves sums: partial-sum budget, short rows summed down the images)."""
@@ -422,7 +431,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
         L.nimg = max(1, block // S)
-    elif sums and _whole_channels(N, C, S):
+    elif sums and _whole_channels(N, C, S, sums):
         L.group = _fused_group(N, C, S)
         L.nimg = N
     elif L.W <= block:  # whole images
@@ -443,13 +452,15 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint sums) noexcep
     return L
 
 
-cdef inline bint _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    """Whether the calls that sum over an (N, C, S) channel-major tensor take blocks of whole channels (FUSE_MIN)."""
-    cdef bint cached = N * C * S < FUSE_MIN
-    if cached and (N * C * S < PARALLEL_MIN or N < MIN_IMAGES):
-        return False
-    return (N * S <= FUSE_PLANE and C >= MIN_TASKS
-            and _fused_group(N, C, S) * S >= (FUSE_CACHED_RUN if cached else FUSE_RUN))
+cdef inline bint _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept nogil:
+    """Whether the calls with ``sums`` (_layout) over an (N, C, S) channel-major tensor take blocks of whole channels
+    (FUSE_MIN)."""
+    cdef Py_ssize_t group = _fused_group(N, C, S), run = FUSE_RUN
+    if N * C * S < FUSE_MIN:
+        if N * C * S < PARALLEL_MIN or N < MIN_IMAGES:
+            return False
+        run = FUSE_GRAD_RUN if sums == GRADIENT_SUMS and group >= 2 else FUSE_CACHED_RUN
+    return N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run
 
 
 cdef inline Py_ssize_t _fused_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
@@ -1476,7 +1487,7 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
         return
     cdef bint batch = flags & FWD_BATCH
     cdef Py_ssize_t S = cnp.PyArray_SIZE(x) // (N * C)
-    cdef Layout L = _layout(N, C, S, batch)
+    cdef Layout L = _layout(N, C, S, MOMENT_SUMS if batch else NO_SUMS)
     cdef double small[SMALL_WORK]
     cdef _Scratch big = _Scratch(_work_size(L, batch)) if _work_size(L, batch) > SMALL_WORK else None
     cdef double *work = &small[0] if big is None else big.p
@@ -1682,7 +1693,7 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
     cdef bint batch = flags & BWD_BATCH, relu = (flags & BWD_RELU) != 0
-    cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), True)
+    cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), GRADIENT_SUMS)
     cdef bint given = sums is not None and dx is not None
     cdef double small[SMALL_WORK]
     cdef _Scratch big = _Scratch(_work_size(L, True)) if _work_size(L, True) > SMALL_WORK else None

@@ -104,7 +104,8 @@ def restore_threads():
     cbn.set_num_threads(old)
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 130, 130), (8, 64, 28, 28)])  # the second: whole channels in cache
+# the second and third in cache, in groups of whole channels (the third in its backward only)
+@pytest.mark.parametrize("shape", [(4, 3, 130, 130), (8, 64, 28, 28), (32, 64, 16, 16)])
 def test_bitwise_identical_in_process(restore_threads, shape):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 50).astype(np.float32)
@@ -138,22 +139,25 @@ def test_every_channel_minor_block_holds_rows(shape):
     assert L["nblocks"] >= 2 or L["N"] * L["W"] < 1 << 16
 
 
-# (N, C, S) of channel-major tensors in cache of 4 images or more and whether their calls that sum take groups of
-# whole channels: runs of group*S >= 1536 values (a group of about 64K values, at most C // 16 channels, 16 or more)
-CACHED = [((32, 2048, 49), True), ((8, 64, 784), True), ((16, 32, 3136), True), ((64, 128, 64), False),
-          ((64, 16, 1024), False), ((256, 128, 64), False), ((8, 3, 50176), False)]
+# (N, C, S) of channel-major tensors in cache of 4 images or more and whether the training forward and the backward
+# take groups of whole channels: runs of group*S >= 1536 values (the backward: >= 512 values in groups of 2 channels
+# or more); a group of about 64K values, at most C // 16 channels, 16 groups or more
+CACHED = [((32, 2048, 49), True, True), ((8, 64, 784), True, True), ((16, 32, 3136), True, True),
+          ((64, 128, 64), False, True), ((64, 256, 49), False, True), ((64, 16, 1024), False, False),
+          ((256, 128, 64), False, False), ((8, 3, 50176), False, False)]
 
 
-@pytest.mark.parametrize("shape,whole", CACHED, ids=[f"{n}x{c}x{s}" for (n, c, s), _ in CACHED])
-def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, whole):
+@pytest.mark.parametrize("shape,forward,backward", CACHED, ids=[f"{n}x{c}x{s}" for (n, c, s), _, _ in CACHED])
+def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, forward, backward):
     """A tensor in cache whose group of channels holds long runs in each image sums, finishes and normalises a
-    group in one task (its x and dy then stay in L2 between the two), in 16 tasks or more; shorter runs keep blocks
+    group in one task (its x, and dy, then stay in L2 between the two), in 16 tasks or more; shorter runs keep blocks
     of images in memory order."""
-    L = _kernels.layout(*shape)
-    assert not L["minor"]
-    assert (L["fused"] and L["group"] < shape[1]) == whole
-    if whole:
-        assert L["nblocks"] >= 16 and L["group"] * shape[2] >= 1536
+    for sums, whole, run in ((1, forward, 1536), (2, backward, 512)):
+        L = _kernels.layout(*shape, sums=sums)
+        assert not L["minor"]
+        assert (L["fused"] and L["group"] < shape[1]) == whole
+        if whole:
+            assert L["nblocks"] >= 16 and L["group"] * shape[2] >= run
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 3136), (4, 64, 3136), (1, 512, 784), (2, 128, 3136)])
