@@ -313,8 +313,11 @@ cdef Py_ssize_t SHORT_DX = 32
 # SINGLE_RUN) are short runs of memory far apart, which the prefetchers follow worse; the float32 passes take
 # their rows one at a time (four rows at a time read four places of a run), the dx pass where they hold at most
 # SINGLE_RUN values (wider rows' five coefficient rows outgrow L1). In cache, the pieces keep the accumulators and
-# coefficient rows in L1, and four rows at a time load each column's coefficients (and peaks) once for them.
+# coefficient rows in L1, and four rows at a time load each column's coefficients (and peaks) once for them. A
+# forward's passes (the moment sums, the affine pass) take whole rows from CACHED_FORWARD values on: arrays of 1 to 4
+# MB, beyond L2, ran faster along whole rows in the forward (0.6-0.97x the time) but not in the backward.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
+cdef Py_ssize_t CACHED_FORWARD = 1 << 18
 # Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
 # modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
 # bits of the stores of this one in all four rows, and the CPU holds them behind those stores (4K aliasing); one row
@@ -816,13 +819,14 @@ cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const fl
     (_single_columns): whole rows of at most SINGLE_RUN values beyond the caches (_from_memory), or rows a multiple
     of 4 KB long with dx less than STALL_BYTES past both x and dy modulo 4 KB, where four at a time would stall."""
     cdef size_t a = (<size_t>out - <size_t>x) % 4096, b = (<size_t>out - <size_t>dy) % 4096
-    return ((width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L))
+    return ((width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L, False))
             or ((L.W * sizeof(float)) % 4096 == 0 and 0 < a < STALL_BYTES and 0 < b < STALL_BYTES))
 
 
-cdef inline bint _from_memory(Layout L) noexcept nogil:
-    """Whether a channel-minor array is beyond the caches (CACHED_VALUES): its passes then go along whole rows."""
-    return L.N * L.W > CACHED_VALUES
+cdef inline bint _from_memory(Layout L, bint forward) noexcept nogil:
+    """Whether a channel-minor array is beyond the caches (CACHED_VALUES; for the passes of a forward,
+    CACHED_FORWARD): its passes then go along whole rows."""
+    return L.N * L.W > (CACHED_FORWARD if forward else CACHED_VALUES)
 
 
 cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -923,7 +927,7 @@ cdef void _minor_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
 cdef inline Py_ssize_t _sum_chunk(SumOp op, Layout L) noexcept nogil:
     """Columns per pass of a channel-minor block's sums: COL_CHUNK, or the block's width for arrays from memory
     (_from_memory; the masked moments keep COL_CHUNK: where their runs of counted rows start depends on it)."""
-    return L.width if _from_memory(L) and not (SumOp is MomentsValid) else COL_CHUNK
+    return L.width if _from_memory(L, SumOp is Moments) and not (SumOp is MomentsValid) else COL_CHUNK
 
 
 cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -1036,7 +1040,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             _single_columns(op, x, dy, x, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
                             slot, _outs_at(i1 - i0), _gate(coef, L.W, x), _dx_by_row(L, i1 - i0, x, dy, out))
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
-              and floating is float and not _from_memory(L)):  # runs of SINGLE_RUN columns down the block
+              and floating is float and not _from_memory(L, True)):  # runs of SINGLE_RUN columns down the block
             for c in range(_cdiv(i1 - i0, SINGLE_RUN)):
                 a = i0 + c * SINGLE_RUN
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
