@@ -409,8 +409,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept
     images per block (it only serves sums: partial-sum budget, short rows summed down the images)."""
     cdef Layout L
     cdef Py_ssize_t block = _forced_block if _forced_kind else BLOCK
-    cdef Py_ssize_t cap
-    cdef Py_ssize_t k
+    cdef Py_ssize_t cap, k, whole
     L.N, L.C, L.S, L.W, L.count = N, C, S, C * S, N * S
     L.group = L.ngroups = L.nimg = L.per_channel = L.rows = 0
     L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_IMAGES)) if _forced_kind == 0 else _forced_kind == 2
@@ -429,13 +428,14 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept
         return L
     L.G = 1
     L.ncol, L.width = 1, S
+    whole = _whole_channels(N, C, S, sums) if sums else 0
     if _forced_kind == 1:  # groups of 2 channels, images and row pieces of about block values
         L.group = 2
         L.ncol = _cdiv(S, block)
         L.width = _cdiv(S, L.ncol)
         L.nimg = max(1, block // S)
-    elif sums and _whole_channels(N, C, S, sums):
-        L.group = _fused_group(N, C, S)
+    elif whole:
+        L.group = whole
         L.nimg = N
     elif L.W <= block:  # whole images
         L.group = C
@@ -455,20 +455,17 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept
     return L
 
 
-cdef inline bint _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept nogil:
-    """Whether the calls with ``sums`` (_layout) over an (N, C, S) channel-major tensor take blocks of whole channels
-    (FUSE_MIN)."""
-    cdef Py_ssize_t group = _fused_group(N, C, S), run = FUSE_RUN
-    if N * C * S < FUSE_MIN:
+cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept nogil:
+    """Channels per block where the calls with ``sums`` (_layout) over an (N, C, S) channel-major tensor take
+    blocks of whole channels, else 0 (FUSE_MIN)."""
+    cdef bint cached = N * C * S < FUSE_MIN
+    cdef Py_ssize_t group = max(1, min((FUSE_CACHED if cached else FUSE_GROUP) // (N * S), C // MIN_TASKS))
+    cdef Py_ssize_t run = FUSE_RUN
+    if cached:
         if N * C * S < PARALLEL_MIN or N < MIN_IMAGES:
-            return False
+            return 0
         run = FUSE_GRAD_RUN if sums == GRADIENT_SUMS and group >= 2 else FUSE_CACHED_RUN
-    return N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run
-
-
-cdef inline Py_ssize_t _fused_group(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    """Channels per block of whole channels (FUSE_MIN)."""
-    return max(1, min((FUSE_CACHED if N * C * S < FUSE_MIN else FUSE_GROUP) // (N * S), C // MIN_TASKS))
+    return group if N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run else 0
 
 
 cdef inline int _threads(Layout L, int cap) noexcept nogil:
