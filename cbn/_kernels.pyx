@@ -58,6 +58,36 @@ cdef extern from *:
         return (unsigned short)(((m < 0x7f800000u ? m : 0x7f800000u) + 0x7fffu) >> 15); }
     static inline unsigned short cbn_peak_down(unsigned int m) { return (unsigned short)(m >> 15); }
     static inline float cbn_peak_value(unsigned short p) { return cbn_float_of((unsigned int)p << 15); }
+    #if defined(__SSE2__) || defined(_M_X64)
+    #include <immintrin.h>
+    #define CBN_STREAM_STORES 1
+    #if defined(__AVX512F__)
+    #define CBN_VECTOR_BYTES 64
+    #define cbn_stream_ps(p, s) _mm512_stream_ps(p, _mm512_loadu_ps(s))
+    #define cbn_stream_pd(p, s) _mm512_stream_pd(p, _mm512_loadu_pd(s))
+    #elif defined(__AVX__)
+    #define CBN_VECTOR_BYTES 32
+    #define cbn_stream_ps(p, s) _mm256_stream_ps(p, _mm256_loadu_ps(s))
+    #define cbn_stream_pd(p, s) _mm256_stream_pd(p, _mm256_loadu_pd(s))
+    #else
+    #define CBN_VECTOR_BYTES 16
+    #define cbn_stream_ps(p, s) _mm_stream_ps(p, _mm_loadu_ps(s))
+    #define cbn_stream_pd(p, s) _mm_stream_pd(p, _mm_loadu_pd(s))
+    #endif
+    #define CBN_STREAM_BODY(stream)                                                                     \
+        Py_ssize_t i = 0, step = CBN_VECTOR_BYTES / (Py_ssize_t)sizeof(*dst);                           \
+        for (; i < n && (size_t)(dst + i) % CBN_VECTOR_BYTES; i++) dst[i] = src[i];                    \
+        for (; i + step <= n; i += step) stream(dst + i, src + i);                                      \
+        for (; i < n; i++) dst[i] = src[i];
+    static inline void cbn_stream_fence(void) { _mm_sfence(); }
+    #else
+    #define CBN_STREAM_STORES 0
+    #define CBN_STREAM_BODY(stream) memcpy(dst, src, (size_t)n * sizeof(*dst));
+    static inline void cbn_stream_fence(void) {}
+    #endif
+    static inline void cbn_stream_float(float *dst, const float *src, Py_ssize_t n) { CBN_STREAM_BODY(cbn_stream_ps) }
+    static inline void cbn_stream_double(double *dst, const double *src, Py_ssize_t n) {
+        CBN_STREAM_BODY(cbn_stream_pd) }
     """
     const int CBN_OPENMP
     const char *CBN_BUILD_INFO
@@ -70,6 +100,12 @@ cdef extern from *:
     unsigned short cbn_peak_up(unsigned int m) noexcept nogil
     unsigned short cbn_peak_down(unsigned int m) noexcept nogil
     float cbn_peak_value(unsigned short p) noexcept nogil
+    # dst[0:n] = src[0:n] with non-temporal stores (the aligned part; x86-64 only, elsewhere a memcpy), and the
+    # fence that orders them before later stores (once a pass is done)
+    const bint CBN_STREAM_STORES
+    void cbn_stream_float(float *dst, const float *src, Py_ssize_t n) noexcept nogil
+    void cbn_stream_double(double *dst, const double *src, Py_ssize_t n) noexcept nogil
+    void cbn_stream_fence() noexcept nogil
     # pointers to memory that no other pointer of the function reaches (GCC then vectorises without alias checks)
     ctypedef unsigned short *peak_row "unsigned short *__restrict__"
     ctypedef float *float_row "float *__restrict__"
@@ -328,11 +364,20 @@ cdef size_t STALL_BYTES = 128
 # (in cache), so that the run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048
 # columns they did not).
 cdef Py_ssize_t SINGLE_RUN = 1024
+# The elementwise passes of a tensor of STREAM_MIN values or more (beyond the caches) write their output with
+# non-temporal stores (Layout.stream): computed STREAM_CHUNK values at a time into a buffer in L1, then stored past
+# the caches, so that the output's cache lines are not first read from memory (a plain store reads its line: three
+# streams of memory traffic for a copy, two for this). A pass over a tensor that size writes it to memory anyway.
+cdef Py_ssize_t STREAM_MIN = FUSE_MIN
+cdef enum:
+    STREAM_CHUNK = 1024
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
-# _forced_block values and threads even for tiny inputs.
+# _forced_block values and threads even for tiny inputs; _forced_stream: every output through non-temporal stores,
+# in chunks of at most _forced_block values.
 cdef int _forced_kind = 0
 cdef Py_ssize_t _forced_block = 0
+cdef bint _forced_stream = False
 
 
 def openmp_enabled():
@@ -360,14 +405,16 @@ cdef inline int _runtime_threads(int cap) noexcept nogil:
     return n if cap <= 0 else min(n, cap)
 
 
-def force_layout(kind=None, Py_ssize_t block=64):
+def force_layout(kind=None, Py_ssize_t block=64, bint stream=False):
     """Test-only: run every call with the given layout kind ("major" or "minor"; None: by shape), blocks of about
-    ``block`` values, and the caller's thread count even for tiny inputs."""
-    global _forced_kind, _forced_block
+    ``block`` values, and the caller's thread count even for tiny inputs; with ``stream``, outputs written with
+    non-temporal stores (Layout.stream) in chunks of at most ``block`` values."""
+    global _forced_kind, _forced_block, _forced_stream
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     _forced_kind = {None: 0, "major": 1, "minor": 2}[kind]
     _forced_block = block
+    _forced_stream = stream and _forced_kind != 0
 
 
 def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS):
@@ -397,6 +444,7 @@ cdef struct Layout:
     Py_ssize_t group, ngroups, nimg, ncol, width, per_channel
     # channel-minor: block k = rows [(k // ncol)*rows, +rows) x columns [(k % ncol)*width, +width)
     Py_ssize_t rows
+    Py_ssize_t stream     # values per chunk of output written with non-temporal stores (STREAM_MIN), 0: none
 
 
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -412,6 +460,10 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept
     cdef Py_ssize_t cap, k, whole
     L.N, L.C, L.S, L.W, L.count = N, C, S, C * S, N * S
     L.group = L.ngroups = L.nimg = L.per_channel = L.rows = 0
+    if _forced_kind:
+        L.stream = min(block, STREAM_CHUNK) if _forced_stream else 0
+    else:
+        L.stream = STREAM_CHUNK if CBN_STREAM_STORES and N * C * S >= STREAM_MIN else 0
     L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_IMAGES)) if _forced_kind == 0 else _forced_kind == 2
     if L.minor:
         k = max(1, FOLD_WIDTH // L.W)
@@ -721,24 +773,43 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
     return peaks
 
 
+cdef Peaks _streamed_row(ApplyOp op, const floating *x, const floating *dy, const floating *e, floating *out,
+                         floating *dz, Py_ssize_t i0, Py_ssize_t i1, const double *cf, Py_ssize_t W,
+                         const Py_ssize_t *v, const floating *gc, Py_ssize_t stream) noexcept nogil:
+    """_apply_row of a channel-major row's values [i0, i1), stream values (Layout.stream) at a time into a buffer
+    that goes out with non-temporal stores (its peaks are the largest of its chunks')."""
+    cdef floating buf[STREAM_CHUNK]
+    cdef Py_ssize_t t, a, b
+    cdef Peaks peaks, chunk
+    peaks.terms = peaks.out = 0
+    for t in range(_cdiv(i1 - i0, stream)):
+        a, b = i0 + t * stream, min(i1, i0 + (t + 1) * stream)
+        chunk = _apply_row(op, x + a, dy + a, e + a, buf, dz + a, 0, b - a, cf, W, v + (a - i0) if v != NULL else NULL,
+                           gc)
+        _stream(out + a, buf, b - a)
+        peaks.terms, peaks.out = max(peaks.terms, chunk.terms), max(peaks.out, chunk.out)
+    return peaks
+
+
+cdef inline void _stream(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
+    """dst[0:n] = src[0:n] with non-temporal stores (cbn_stream_float, cbn_stream_double)."""
+    if floating is float:
+        cbn_stream_float(dst, src, n)
+    else:
+        cbn_stream_double(dst, src, n)
+
+
 cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, const floating *e,
                          floating *out, floating *dz, Py_ssize_t base, Py_ssize_t j0, Py_ssize_t j1,
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
-    coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, in double, COL_CHUNK columns at a time.
-    The float32 affine passes (_single) of arrays from memory run here too, on the rows of _narrow that follow
-    coef's; the others in float32 go through _single_columns."""
-    cdef Py_ssize_t j, i, q, a, b, F = W + SKEW
+    coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, in double, COL_CHUNK columns at a time
+    (the passes in float32 go through _single_columns)."""
+    cdef Py_ssize_t j, i, q, a, b
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
-    cdef const float *f = _float_rows(coef, W)
     cdef const floating *g = _gate(coef, W, x)
     cdef floating d
-    if _single(op, out):
-        for j in range(j0, j1):
-            i = base + j
-            out[i] = _value_single(op, x[i], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[i])
-        return
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
         if ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
@@ -760,7 +831,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
 cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, const_float_row e, float_row out,
                           Py_ssize_t base, Py_ssize_t W, Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1,
                           const_float_row f, Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g,
-                          bint by_row) noexcept nogil:
+                          bint by_row, Py_ssize_t stream) noexcept nogil:
     """A float32 pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
     (GradGatedSingle): out = _value_single (the affine ops, residual e) or t1 - t2 of _grad_single (DxSingle), four
@@ -768,8 +839,13 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to its values':
     |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded down:
     cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is the
-    same whichever rows it is taken over, in whatever order."""
-    cdef Py_ssize_t r, j, i, q, r4 = 0 if by_row else nrows // 4 * 4
+    same whichever rows it is taken over, in whatever order. With ``stream`` (Layout.stream), the rows taken one at a
+    time go out through a buffer of stream values and non-temporal stores: pieces of stream columns, or as many
+    whole rows (contiguous in memory) as the buffer holds."""
+    cdef Py_ssize_t r, j, i, q, t, a, b, r4 = 0 if by_row else nrows // 4 * 4
+    cdef Py_ssize_t pieces = _cdiv(j1 - j0, stream) if stream else 0, filled = 0
+    cdef bint whole = j0 == 0 and j1 == W
+    cdef float buf[STREAM_CHUNK]
     cdef unsigned short *terms = NULL
     cdef unsigned short *outs = NULL
     cdef float hi, lo, c1, c2, c3
@@ -798,16 +874,34 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
                 out[q + 3 * W] = _value_single(op, x[q + 3 * W], hi, lo, c1, c2, e[q + 3 * W])
     for r in range(r4, nrows):
         i = base + r * W
-        for j in range(j0, j1):
-            q = i + j
-            if SingleOp is GradSingle or SingleOp is GradGatedSingle:
-                g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), f[j], f[F + j], f[2 * F + j],
-                                  f[3 * F + j], f[4 * F + j])
-                out[q] = g0.out
-                terms[j] = max(terms[j], cbn_peak_up(cbn_magnitude(g0.terms)))
-                outs[j] = max(outs[j], cbn_peak_down(cbn_magnitude(g0.out)))
-            else:
-                out[q] = _value_single(op, x[q], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[q])
+        if not stream:
+            _single_piece(op, x + i, dy + i, e + i, out + i + j0, j0, j1, f, F, terms, outs, g, W)
+            continue
+        for t in range(pieces):
+            a, b = j0 + t * stream, min(j1, j0 + (t + 1) * stream)
+            _single_piece(op, x + i, dy + i, e + i, buf + filled, a, b, f, F, terms, outs, g, W)
+            filled += b - a
+            if not whole or filled + W > stream or r == nrows - 1:
+                cbn_stream_float(out + i + b - filled, buf, filled)
+                filled = 0
+
+
+cdef inline void _single_piece(SingleOp op, const_float_row x, const_float_row dy, const_float_row e, float_row dst,
+                               Py_ssize_t a, Py_ssize_t b, const_float_row f, Py_ssize_t F, peak_row terms,
+                               peak_row outs, const_float_row g, Py_ssize_t W) noexcept nogil:
+    """Columns [a, b) of one row of _single_columns (at x, dy, e) into dst[0:b - a], raising the peaks of a DxSingle
+    pass."""
+    cdef Py_ssize_t j
+    cdef GradPair g0
+    for j in range(a, b):
+        if SingleOp is GradSingle or SingleOp is GradGatedSingle:
+            g0 = _grad_single(x[j], _dy(op, x[j], dy[j], x[j], g, W, j), f[j], f[F + j], f[2 * F + j], f[3 * F + j],
+                              f[4 * F + j])
+            dst[j - a] = g0.out
+            terms[j] = max(terms[j], cbn_peak_up(cbn_magnitude(g0.terms)))
+            outs[j] = max(outs[j], cbn_peak_down(cbn_magnitude(g0.out)))
+        else:
+            dst[j - a] = _value_single(op, x[j], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[j])
 
 
 cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const float *dy,
@@ -1027,6 +1121,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     rounds them as it gathers them) over the block's rows to the block's slot of partial sums (_block_peaks)."""
     cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
     cdef Peaks peaks
+    cdef const Py_ssize_t *v
     cdef unsigned short *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
     cdef unsigned int *wide = <unsigned int *>slot  # major: the peaks in full (rounded as gathered: _grad_redo)
     if L.minor:
@@ -1035,15 +1130,19 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             for c in range(_outs_at(i1 - i0) + i1 - i0):
                 slot[c] = 0
             _single_columns(op, x, dy, x, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
-                            slot, _outs_at(i1 - i0), _gate(coef, L.W, x), _dx_by_row(L, i1 - i0, x, dy, out))
+                            slot, _outs_at(i1 - i0), _gate(coef, L.W, x), _dx_by_row(L, i1 - i0, x, dy, out),
+                            L.stream)
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
-              and floating is float and not _from_memory(L, True)):  # runs of SINGLE_RUN columns down the block
-            for c in range(_cdiv(i1 - i0, SINGLE_RUN)):
-                a = i0 + c * SINGLE_RUN
-                _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
-                                _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False)
-        else:  # the double passes, and arrays from memory: whole rows one at a time, in memory order (a call
-            # per row: _single_columns by_row over the block's rows was slower on narrow rows)
+              and floating is float):
+            if not _from_memory(L, True):  # runs of SINGLE_RUN columns down the block
+                for c in range(_cdiv(i1 - i0, SINGLE_RUN)):
+                    a = i0 + c * SINGLE_RUN
+                    _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
+                                    _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False, L.stream)
+            else:  # arrays from memory: whole rows one at a time, in memory order
+                _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
+                                L.W + SKEW, NULL, 0, NULL, True, L.stream)
+        else:  # the double passes, row by row
             for n in range(n0, n1):
                 _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
@@ -1054,8 +1153,12 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     for n in range(n0, n1):
         for c in range(c0, c1):
             a = n * L.W + c * L.S
-            peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C,
-                               P.valid + n * L.S + i0 if P.valid != NULL else NULL, _gate(coef, L.C, x) + c)
+            v = P.valid + n * L.S + i0 if P.valid != NULL else NULL
+            if L.stream:
+                peaks = _streamed_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C, v,
+                                      _gate(coef, L.C, x) + c, L.stream)
+            else:
+                peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C, v, _gate(coef, L.C, x) + c)
             if _dx_single(op):
                 wide[c - c0] = max(wide[c - c0], peaks.terms)
                 wide[L.group + c - c0] = max(wide[L.group + c - c0], peaks.out)
@@ -1107,6 +1210,8 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
         _block_apply(grad_gated_single, L, k, x, dy, e, out, dz, coef, P)
     else:
         _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
+    if L.stream:
+        cbn_stream_fence()
 
 
 cdef void _grad_sums(Pass kind, Layout L, Py_ssize_t k, const floating *x, const floating *dy,

@@ -10,10 +10,12 @@ from cbn import reference as R
 
 EPS64 = np.finfo(np.float64).eps
 
-# Layouts the kernels can be forced into (a kind and a block size in values; None: chosen by shape). Small blocks
-# cut even tiny inputs into many blocks, and a forced layout runs them on two threads: the property tests reach the
-# channel-major and channel-minor paths, their block merges and their parallel loops.
-FORCED_LAYOUTS = [None, ("major", 1), ("major", 23), ("minor", 1), ("minor", 40)]
+# Layouts the kernels can be forced into (a kind, a block size in values, and whether outputs go out through
+# non-temporal stores, in chunks of at most a block; None: chosen by shape). Small blocks cut even tiny inputs into
+# many blocks, and a forced layout runs them on two threads: the property tests reach the channel-major and
+# channel-minor paths, their block merges, their parallel loops and the stream stores.
+FORCED_LAYOUTS = [None, ("major", 1), ("major", 23), ("minor", 1), ("minor", 40), ("major", 23, True),
+                  ("minor", 40, True)]
 
 
 @contextlib.contextmanager

@@ -160,6 +160,59 @@ def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, forward, backw
             assert L["nblocks"] >= 16 and L["group"] * shape[2] >= run
 
 
+STREAM_MIN = 1 << 22
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 65536), (2, 32, 65535), (4096, 1024, 1), (4095, 1024, 1), (1, 3, 1 << 22)])
+def test_outputs_beyond_the_caches_take_non_temporal_stores(shape):
+    """A tensor of 4M values or more (beyond the caches) writes its outputs with non-temporal stores on x86-64 (the
+    only platform that has them here), in chunks of 1024 values; smaller ones with plain stores."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    for sums in (0, 1, 2):
+        expected = 1024 if x86 and np.prod(shape) >= STREAM_MIN else 0
+        assert _kernels.layout(*shape, sums=sums)["stream"] == expected
+
+
+# forced layouts (kind, block): the stream chunks are at most block values, so odd blocks cut runs and rows into
+# odd chunks, and outputs one value past an aligned address start them mid-vector
+STREAMED = [("major", 23), ("major", 700), ("minor", 40), ("minor", 1)]
+
+
+@pytest.mark.parametrize("layout", STREAMED, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_temporal_stores_change_no_bit(layout, dtype):
+    """Every pass gives the same bits through the stream buffer and non-temporal stores as with plain stores:
+    forward (plain, fused ReLU, residual + ReLU), eval and backward (one channel's dx cancelling and one holding a
+    NaN: recomputed in double), into outputs at an unaligned offset."""
+    from bn_helpers import forced_layout
+    rng = np.random.default_rng(3)
+    shape = (6, 5, 37, 11)
+    x = (rng.standard_normal(shape) * 3 + 20).astype(dtype)
+    dy, z = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+
+    def unaligned():
+        return np.empty(x.size + 1, dtype)[1:].reshape(shape)
+
+    def run(stream):
+        results = []
+        with forced_layout(layout + (stream,)):
+            for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
+                bn = cbn.BatchNorm2d(5, dtype=dtype, **options)
+                y, dx = unaligned(), unaligned()
+                bn(x, out=y, **extra)
+                dy2 = dy.copy()
+                dy2[:, 1] += 1e3 * y[:, 1]
+                dy2[0, 2, 0, 0] = np.nan
+                bn.backward(dy2, out=dx)
+                results += [y, dx, bn.grad_weight, bn.grad_bias, bn.running_mean, bn.running_var]
+                bn.eval()
+                results.append(bn(x, out=unaligned(), **extra))
+        return results
+
+    for a, b in zip(run(False), run(True)):
+        assert a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("shape", [(1, 64, 3136), (4, 64, 3136), (1, 512, 784), (2, 128, 3136)])
 def test_one_image_of_many_channels_makes_many_blocks(shape):
     """Images larger than a block, of 16 channels or more, are cut into 16 groups of channels or more, so that
