@@ -6,14 +6,19 @@ running-statistic update), the eval forward and the training backward of cbn, th
 the roofline: a multi-threaded copy (the floor for forward and eval) and add (the floor for backward) of the same
 tensor. Layouts: NCHW (C-contiguous, channels at axis 1), channels-last (the NCHW view of NHWC memory that
 PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC ((N, L, C) C-contiguous at
-axis -1; PyTorch gets its (N, C, L) view). cbn and its roofline are timed round-robin, call after call, so that
-drift on a shared machine touches both alike. cbn's results are checked against the reference as it runs, and
+axis -1; PyTorch gets its (N, C, L) view). cbn, its roofline and PyTorch are timed round-robin, call after call,
+so that drift on a shared machine touches them alike. cbn's results are checked against the reference as it runs, and
 tracemalloc records what each call allocates (numpy arrays and the kernels' scratch) beyond its output.
 
 A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times the per-call cost on the shapes
 most NumPy users run: the layer calls as they make them, round-robin with the floor of a trivial NumPy ufunc call;
-the NumPy reference in a round-robin of its own (its temporaries would evict the layer's input from the caches
-that PyTorch's calls find warm); and (after all cbn measurements, as above) PyTorch's module calls.
+then PyTorch's module calls and the NumPy reference, each in a round-robin of its own right after (calls that
+heavy between the layer's would evict its code and data from the caches, which stay warm in a loop of calls).
+
+PyTorch's calls share the round-robin with cbn's where they share its OpenMP runtime, as they do beside a cbn built
+from source on Linux (one libgomp.so.1 in the process). Beside a wheel's vendored runtime, each runtime's threads spin
+for a while after its parallel regions while the other's want the same cores (``benches/torch_openmp.py``): times at
+2 threads or more then hold some of that contention, on both sides.
 """
 from __future__ import annotations
 
@@ -205,6 +210,8 @@ def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, bu
              "backward": lambda: train.backward(dy, out=dx),
              "copy": lambda: _roofline.copy(flat_x, flat_out, threads),
              "add": lambda: _roofline.add(flat_x, flat_dy, flat_out, threads)}
+    torch_calls = _torch_calls(x, dy, layout, threads)
+    calls.update({f"torch {op}": fn for op, fn in (torch_calls or {}).items()})
     t = median_times(calls, budget)
     floor = {"train": t["copy"], "eval": t["copy"], "backward": t["add"]}
     # Bytes allocated beyond the output: with out=, and without (then the output itself is returned).
@@ -222,7 +229,8 @@ def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, bu
              "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "roofline_us": floor[op] * 1e6,
              "cbn_over_roofline": t[op] / floor[op],
              "numpy_us": ref[op] * 1e6 if ref else None, "numpy_over_cbn": ref[op] / t[op] if ref else None,
-             "torch_us": None, "torch_over_cbn": None,
+             "torch_us": t[f"torch {op}"] * 1e6 if torch_calls else None,
+             "torch_over_cbn": t[f"torch {op}"] / t[op] if torch_calls else None,
              "alloc_bytes_out": alloc_out[op], "alloc_bytes": alloc_new[op],
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
@@ -301,8 +309,8 @@ def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool 
     """Per-call times of one small float32 (N, C, *) shape (C-contiguous): in one round-robin the layer called as
     a NumPy user calls it (``bn(x)`` training with the running-statistic update, ``bn_eval(x)``, ``bn.backward(dy)``
     after the training forward; a new output each call) and the floor, ``np.add(a, b, out=c)`` on 64 float32
-    values; then the NumPy reference in a round-robin of its own. Returns one row per op (times in us; numpy None
-    when not measured, torch None until :func:`add_torch` fills it in with PyTorch's module calls)."""
+    values; then PyTorch's module calls (:func:`_torch_module_calls`) and the NumPy reference, each in a
+    round-robin of its own. Returns one row per op (times in us; numpy and torch None when not measured)."""
     x, dy, axis = _data(shape, "NCHW", np.float32)
     cbn.set_num_threads(threads)
     cls = LAYERS[len(shape)]
@@ -311,6 +319,9 @@ def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool 
     calls: dict[object, Callable[[], object]] = {"floor": lambda: np.add(a, b, out=c), ("cbn", "train"): lambda: bn(x),
              ("cbn", "eval"): lambda: bn_eval(x), ("cbn", "backward"): lambda: bn.backward(dy)}
     t = {k: v * 1e6 for k, v in median_times(calls, budget).items()}
+    torch_calls = _torch_module_calls(x, dy, threads)
+    if torch_calls:
+        t.update({("torch", op): v * 1e6 for op, v in median_times(torch_calls, budget).items()})
     if with_reference:
         reference = {("numpy", op): fn for op, fn in _reference_calls(x, dy, axis).items()}
         t.update({k: v * 1e6 for k, v in median_times(reference, budget).items()})
@@ -318,12 +329,13 @@ def bench_small(shape: Shape, threads: int, budget: float, with_reference: bool 
              "cbn_us": t["cbn", op], "floor_us": t["floor"], "cbn_over_floor": t["cbn", op] / t["floor"],
              "numpy_us": t.get(("numpy", op)),
              "numpy_over_cbn": t["numpy", op] / t["cbn", op] if with_reference else None,
-             "torch_us": None, "torch_over_cbn": None} for op in OPS]
+             "torch_us": t["torch", op] if torch_calls else None,
+             "torch_over_cbn": t["torch", op] / t["cbn", op] if torch_calls else None} for op in OPS]
 
 
 SMALL_TITLE = ("Small shapes (per call, float32): the layer calls as a NumPy user makes them (new outputs) and "
-               "the floor\n(a 64-value np.add(a, b, out=c)) in one round-robin per row, the NumPy reference in its "
-               "own; PyTorch's module calls (backward: autograd)\nafter all cbn measurements; cbn/floor = cbn time / "
+               "the floor\n(a 64-value np.add(a, b, out=c)) in one round-robin per row, PyTorch's module calls "
+               "(backward: autograd) and the NumPy\nreference each in its own right after; cbn/floor = cbn time / "
                "floor; numpy/cbn and torch/cbn = how many times faster cbn is")
 SMALL_HEADER = (f"{'shape':>16} {'thr':>3} {'op':>8} {'cbn us':>8} {'numpy us':>9} {'torch us':>9} {'floor us':>8} "
                 f"{'cbn/floor':>9} {'numpy/cbn':>9} {'torch/cbn':>9}")
@@ -339,28 +351,6 @@ def format_small(r: Row) -> str:
 def _shapes(text: str) -> list[Shape]:
     """Shapes written like 8x3x224x224,2x8x4x4."""
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
-
-
-def add_torch(rows: list[Row], budget: float, modules: bool = False) -> None:
-    """Time PyTorch on every case of ``rows`` and fill in torch_us and torch_over_cbn (no-op without torch): its
-    batch-norm kernels (:func:`_torch_calls`), or with ``modules`` its module calls (:func:`_torch_module_calls`);
-    a case's three calls round-robin, as cbn's are timed.
-
-    PyTorch runs after all cbn measurements: its OpenMP threads keep spinning after a call and would slow down
-    whatever runs next in the process.
-    """
-    for i in range(0, len(rows), len(OPS)):
-        case = rows[i:i + len(OPS)]
-        shape, layout, dtype, threads = (tuple(case[0]["shape"]), case[0]["layout"], case[0]["dtype"],
-                                         case[0]["threads"])
-        x, dy, _ = _data(shape, layout, dtype)
-        calls = _torch_module_calls(x, dy, threads) if modules else _torch_calls(x, dy, layout, threads)
-        if calls is None:
-            return
-        t = median_times({r["op"]: calls[r["op"]] for r in case}, budget)
-        for r in case:
-            r["torch_us"] = t[r["op"]] * 1e6
-            r["torch_over_cbn"] = r["torch_us"] / r["cbn_us"]
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -479,8 +469,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not a.no_small:
                 for shape in SMALL_SHAPES if a.small_shapes == "all" else _shapes(a.small_shapes):
                     small += bench_small(shape, threads, a.budget, not a.no_reference)
-        add_torch(rows, a.budget)
-        add_torch(small, a.budget, modules=True)
     finally:
         cbn.set_num_threads(saved_threads)
     print(HEADER)
