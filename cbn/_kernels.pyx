@@ -58,7 +58,7 @@ cdef extern from *:
         return (unsigned short)(((m < 0x7f800000u ? m : 0x7f800000u) + 0x7fffu) >> 15); }
     static inline unsigned short cbn_peak_down(unsigned int m) { return (unsigned short)(m >> 15); }
     static inline float cbn_peak_value(unsigned short p) { return cbn_float_of((unsigned int)p << 15); }
-    #if defined(__SSE2__) || defined(_M_X64)
+    #if defined(__SSE2__) || (defined(_M_X64) && !defined(_M_ARM64EC))
     #include <immintrin.h>
     #define CBN_STREAM_STORES 1
     #if defined(__AVX512F__)
@@ -87,7 +87,7 @@ cdef extern from *:
     #endif
     #if defined(__GNUC__) || defined(__clang__)
     static inline void cbn_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
-    #elif defined(_M_X64)
+    #elif defined(_M_X64) && !defined(_M_ARM64EC)
     static inline void cbn_prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0); }
     #else
     static inline void cbn_prefetch(const void *p) { (void)p; }
@@ -373,17 +373,20 @@ cdef size_t STALL_BYTES = 128
 # (in cache), so that the run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048
 # columns they did not).
 cdef Py_ssize_t SINGLE_RUN = 1024
-# The elementwise passes of a tensor of STREAM_MIN values or more (beyond the caches) write their output with
-# non-temporal stores (Layout.stream): computed STREAM_CHUNK values at a time into a buffer in L1, then stored past
-# the caches, so that the output's cache lines are not first read from memory (a plain store reads its line: three
-# streams of memory traffic for a copy, two for this). A pass over a tensor that size writes it to memory anyway.
+# The elementwise passes of a tensor of STREAM_MIN values or more (beyond the caches) write their output (y or dx;
+# not dz) with non-temporal stores on x86-64 (Layout.stream): computed STREAM_CHUNK values at a time into a buffer in
+# L1, then stored past the caches, so that the output's cache lines are not first read from memory (a plain store
+# reads its line: three streams of memory traffic for a copy, two for this). A pass over a tensor that size writes it
+# to memory anyway. The passes that do: every channel-major one (_streamed_row), and the float32 passes of
+# channel-minor rows taken one at a time (_single_columns); the channel-minor passes in double (_apply_columns) and
+# the rows taken four at a time store plainly.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) load
 # the lines PREFETCH_BYTES ahead of where they read (cbn_prefetch): the hardware prefetchers stop at each 4 KB page
 # and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
 # time of their training forward and backward; in cache no change).
 cdef Py_ssize_t PREFETCH_BYTES = 4096
-cdef Py_ssize_t CACHE_LINE = 64
+cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step)
 cdef enum:
     STREAM_CHUNK = 1024
 
@@ -422,14 +425,16 @@ cdef inline int _runtime_threads(int cap) noexcept nogil:
 
 def force_layout(kind=None, Py_ssize_t block=64, bint stream=False):
     """Test-only: run every call with the given layout kind ("major" or "minor"; None: by shape), blocks of about
-    ``block`` values, and the caller's thread count even for tiny inputs; with ``stream``, outputs written with
-    non-temporal stores (Layout.stream) in chunks of at most ``block`` values."""
+    ``block`` values, and the caller's thread count even for tiny inputs; with ``stream``, the passes that take
+    non-temporal stores beyond the caches (STREAM_MIN) take them, in chunks of at most ``block`` values."""
     global _forced_kind, _forced_block, _forced_stream
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    if stream and kind is None:
+        raise ValueError("stream needs a forced layout kind ('major' or 'minor'), got None")
     _forced_kind = {None: 0, "major": 1, "minor": 2}[kind]
     _forced_block = block
-    _forced_stream = stream and _forced_kind != 0
+    _forced_stream = stream
 
 
 def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS):
@@ -459,7 +464,7 @@ cdef struct Layout:
     Py_ssize_t group, ngroups, nimg, ncol, width, per_channel
     # channel-minor: block k = rows [(k // ncol)*rows, +rows) x columns [(k % ncol)*width, +width)
     Py_ssize_t rows
-    Py_ssize_t stream     # values per chunk of output written with non-temporal stores (STREAM_MIN), 0: none
+    Py_ssize_t stream     # values per chunk of output written with non-temporal stores (STREAM_MIN), 0: plain
 
 
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -597,7 +602,7 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     cdef Py_ssize_t q, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
     for r in range(0, r4, 4):
         i = base + r * ld
-        for q in range(ahead):  # a channel-major row (_row_lanes): the lines PREFETCH_BYTES past this step's
+        for q in range(ahead):  # a row's LANES lanes (_row_lanes): the lines PREFETCH_BYTES past the step's rows
             cbn_prefetch(<const char *>(x + i) + PREFETCH_BYTES + q * CACHE_LINE)
             if not (SumOp is Moments or SumOp is MomentsValid):
                 cbn_prefetch(<const char *>(dy + i) + PREFETCH_BYTES + q * CACHE_LINE)
@@ -806,8 +811,8 @@ cdef Peaks _streamed_row(ApplyOp op, const floating *x, const floating *dy, cons
     peaks.terms = peaks.out = 0
     for t in range(_cdiv(i1 - i0, stream)):
         a, b = i0 + t * stream, min(i1, i0 + (t + 1) * stream)
-        chunk = _apply_row(op, x + a, dy + a, e + a, buf, dz + a, 0, b - a, cf, W, v + (a - i0) if v != NULL else NULL,
-                           gc)
+        chunk = _apply_row(op, x + a, dy + a, e + a, buf, dz + a if dz != NULL else NULL, 0, b - a, cf, W,
+                           v + (a - i0) if v != NULL else NULL, gc)
         _stream(out + a, buf, b - a)
         peaks.terms, peaks.out = max(peaks.terms, chunk.terms), max(peaks.out, chunk.out)
     return peaks
@@ -826,7 +831,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                          Py_ssize_t W, const double *coef, Positions P, Py_ssize_t p) noexcept nogil:
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
     coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, in double, COL_CHUNK columns at a time
-    (the passes in float32 go through _single_columns)."""
+    (the _single passes, computed in float32, go through _single_columns)."""
     cdef Py_ssize_t j, i, q, a, b
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL

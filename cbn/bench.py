@@ -15,10 +15,10 @@ most NumPy users run: the layer calls as they make them, round-robin with the fl
 then PyTorch's module calls and the NumPy reference, each in a round-robin of its own right after (calls that
 heavy between the layer's would evict its code and data from the caches, which stay warm in a loop of calls).
 
-PyTorch's calls share the round-robin with cbn's where they share its OpenMP runtime, as they do beside a cbn built
-from source on Linux (one libgomp.so.1 in the process). Beside a wheel's vendored runtime, each runtime's threads spin
-for a while after its parallel regions while the other's want the same cores (``benches/torch_openmp.py``): times at
-2 threads or more then hold some of that contention, on both sides.
+PyTorch's calls always share cbn's round-robin. Beside a cbn built from source on Linux the two share one OpenMP
+runtime (one libgomp.so.1 in the process); beside a wheel's vendored runtime, each runtime's threads spin for a while
+after its parallel regions while the other's want the same cores (``benches/torch_openmp.py``), so that times at 2
+threads or more, cbn's and PyTorch's, hold some of that contention.
 """
 from __future__ import annotations
 

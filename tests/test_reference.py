@@ -129,7 +129,9 @@ def test_other_classes_match_reference(cls, shapes, dtype, momentum, affine):
     (cbn.BatchNorm2d, (64, 512, 8, 8)),     # many channels, short rows
     (cbn.BatchNorm1d, (2048, 1024)),        # S = 1, many channels
     (cbn.BatchNorm1d, (4096, 1024)),        # S = 1, 4M values: outputs through non-temporal stores
-], ids=["2d-channel-groups", "2d-cached-channel-groups", "2d-short-rows", "1d-NC", "1d-NC-streamed"])
+    (cbn.BatchNorm1d, (65536, 64)),         # the same, 16 rows of 64 channels at a time
+], ids=["2d-channel-groups", "2d-cached-channel-groups", "2d-short-rows", "1d-NC", "1d-NC-streamed",
+        "1d-narrow-streamed"])
 def test_large_tensors_match_reference(cls, shape, dtype):
     """Millions of values: tasks of whole channels (>= 4M values, and in cache), and many blocks of many channels;
     from 4M values on, outputs go out through non-temporal stores (uniform data, as millions of normal samples

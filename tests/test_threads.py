@@ -167,26 +167,29 @@ STREAM_MIN = 1 << 22
 def test_outputs_beyond_the_caches_take_non_temporal_stores(shape):
     """A tensor of 4M values or more (beyond the caches) writes its outputs with non-temporal stores on x86-64 (the
     only platform that has them here), in chunks of 1024 values; smaller ones with plain stores."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.maxsize > 2**32  # a 64-bit interpreter
     for sums in (0, 1, 2):
         expected = 1024 if x86 and np.prod(shape) >= STREAM_MIN else 0
         assert _kernels.layout(*shape, sums=sums)["stream"] == expected
+    with pytest.raises(ValueError, match="stream needs a forced layout kind"):
+        _kernels.force_layout(None, 64, True)
 
 
 # forced layouts (kind, block): the stream chunks are at most block values, so odd blocks cut runs and rows into
-# odd chunks, and outputs one value past an aligned address start them mid-vector
-STREAMED = [("major", 23), ("major", 700), ("minor", 40), ("minor", 1)]
+# odd chunks, and outputs one value past an aligned address start them mid-vector; rows of 13 columns in blocks of
+# 40 or 100 values: whole rows gathered three at a time (after four rows taken together, at 100)
+STREAMED = [("major", 23), ("major", 700), ("minor", 40), ("minor", 100), ("minor", 1)]
 
 
 @pytest.mark.parametrize("layout", STREAMED, ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_non_temporal_stores_change_no_bit(layout, dtype):
+@pytest.mark.parametrize("shape", [(6, 5, 37, 11), (7, 13)], ids=str)
+def test_non_temporal_stores_change_no_bit(layout, dtype, shape):
     """Every pass gives the same bits through the stream buffer and non-temporal stores as with plain stores:
     forward (plain, fused ReLU, residual + ReLU), eval and backward (one channel's dx cancelling and one holding a
     NaN: recomputed in double), into outputs at an unaligned offset."""
     from bn_helpers import forced_layout
     rng = np.random.default_rng(3)
-    shape = (6, 5, 37, 11)
     x = (rng.standard_normal(shape) * 3 + 20).astype(dtype)
     dy, z = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
 
@@ -197,12 +200,12 @@ def test_non_temporal_stores_change_no_bit(layout, dtype):
         results = []
         with forced_layout(layout + (stream,)):
             for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
-                bn = cbn.BatchNorm2d(5, dtype=dtype, **options)
+                bn = (cbn.BatchNorm2d if len(shape) == 4 else cbn.BatchNorm1d)(shape[1], dtype=dtype, **options)
                 y, dx = unaligned(), unaligned()
                 bn(x, out=y, **extra)
                 dy2 = dy.copy()
                 dy2[:, 1] += 1e3 * y[:, 1]
-                dy2[0, 2, 0, 0] = np.nan
+                dy2[(0, 2) + (0,) * (len(shape) - 2)] = np.nan
                 bn.backward(dy2, out=dx)
                 results += [y, dx, bn.grad_weight, bn.grad_bias, bn.running_mean, bn.running_var]
                 bn.eval()
