@@ -381,18 +381,18 @@ cdef Py_ssize_t SINGLE_RUN = 1024
 # channel-minor rows taken one at a time (_single_columns); the channel-minor passes in double (_apply_columns) and
 # the rows taken four at a time store plainly.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
-# The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) load
-# the lines PREFETCH_BYTES ahead of where they read (cbn_prefetch): the hardware prefetchers stop at each 4 KB page
-# and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
-# time of their training forward and backward; in cache no change).
-cdef Py_ssize_t PREFETCH_BYTES = 4096
-cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step)
+# The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) longer
+# than PREFETCH_BYTES go in pieces of that size, each after a prefetch of the next piece's lines (cbn_prefetch): the
+# hardware prefetchers stop at each 4 KB page and start slowly on the next, and the run's sums then waited for memory
+# (tensors beyond the caches: 0.8-0.9x the time of their training forward and backward; in cache no change).
 cdef enum:
+    PREFETCH_BYTES = 4096
+    CACHE_LINE = 64  # bytes of a cache line (the prefetch's step)
     STREAM_CHUNK = 1024
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
-# _forced_block values and threads even for tiny inputs; _forced_stream: every output through non-temporal stores,
-# in chunks of at most _forced_block values.
+# _forced_block values and threads even for tiny inputs; _forced_stream: the passes that take non-temporal stores
+# beyond the caches take them, in chunks of at most _forced_block values.
 cdef int _forced_kind = 0
 cdef Py_ssize_t _forced_block = 0
 cdef bint _forced_stream = False
@@ -599,15 +599,8 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     cdef const Py_ssize_t *v1 = NULL
     cdef const Py_ssize_t *v2 = NULL
     cdef const Py_ssize_t *v3 = NULL
-    cdef Py_ssize_t q, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
     for r in range(0, r4, 4):
         i = base + r * ld
-        for q in range(ahead):  # a row's LANES lanes (_row_lanes): the lines PREFETCH_BYTES past the step's rows
-            cbn_prefetch(<const char *>(x + i) + PREFETCH_BYTES + q * CACHE_LINE)
-            if not (SumOp is Moments or SumOp is MomentsValid):
-                cbn_prefetch(<const char *>(dy + i) + PREFETCH_BYTES + q * CACHE_LINE)
-            if SumOp is GradSumsMasked:
-                cbn_prefetch(<const char *>(e + i) + PREFETCH_BYTES + q * CACHE_LINE)
         if SumOp is MomentsValid:
             v0 = _row_weights(P, p + r * pld, j0, j0 + width, buf)
             v1 = _row_weights(P, p + (r + 1) * pld, j0, j0 + width, &buf[COL_CHUNK])
@@ -811,8 +804,8 @@ cdef Peaks _streamed_row(ApplyOp op, const floating *x, const floating *dy, cons
     peaks.terms = peaks.out = 0
     for t in range(_cdiv(i1 - i0, stream)):
         a, b = i0 + t * stream, min(i1, i0 + (t + 1) * stream)
-        chunk = _apply_row(op, x + a, dy + a, e + a, buf, dz + a if dz != NULL else NULL, 0, b - a, cf, W,
-                           v + (a - i0) if v != NULL else NULL, gc)
+        chunk = _apply_row(op, x + a, dy + a, e + a if e != NULL else NULL, buf, dz + a if dz != NULL else NULL, 0,
+                           b - a, cf, W, v + (a - i0) if v != NULL else NULL, gc)
         _stream(out + a, buf, b - a)
         peaks.terms, peaks.out = max(peaks.terms, chunk.terms), max(peaks.out, chunk.out)
     return peaks
@@ -873,6 +866,7 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     cdef Py_ssize_t pieces = _cdiv(j1 - j0, stream) if stream else 0, filled = 0
     cdef bint whole = j0 == 0 and j1 == W
     cdef float buf[STREAM_CHUNK]
+    cdef const float *er
     cdef unsigned short *terms = NULL
     cdef unsigned short *outs = NULL
     cdef float hi, lo, c1, c2, c3
@@ -901,12 +895,13 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
                 out[q + 3 * W] = _value_single(op, x[q + 3 * W], hi, lo, c1, c2, e[q + 3 * W])
     for r in range(r4, nrows):
         i = base + r * W
+        er = e + i if e != NULL else NULL  # (no residual: NULL)
         if not stream:
-            _single_piece(op, x + i, dy + i, e + i, out + i + j0, j0, j1, f, F, terms, outs, g, W)
+            _single_piece(op, x + i, dy + i, er, out + i + j0, j0, j1, f, F, terms, outs, g, W)
             continue
         for t in range(pieces):
             a, b = j0 + t * stream, min(j1, j0 + (t + 1) * stream)
-            _single_piece(op, x + i, dy + i, e + i, buf + filled, a, b, f, F, terms, outs, g, W)
+            _single_piece(op, x + i, dy + i, er, buf + filled, a, b, f, F, terms, outs, g, W)
             filled += b - a
             if not whole or filled + W > stream or r == nrows - 1:
                 cbn_stream_float(out + i + b - filled, buf, filled)
@@ -1110,12 +1105,31 @@ cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, con
                             Py_ssize_t base, Py_ssize_t n, const double *shift, double *s, Positions P,
                             Py_ssize_t p, const floating *gate) noexcept nogil:
     """The sums of the n values at x[base:] (positions p, p + 1, ...) added into the lanes of _lanes: value i in lane
-    i % LANES (the row cut into rows of LANES values, down which _column_sums runs)."""
-    cdef Py_ssize_t nsub = n // LANES
-    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES)
+    i % LANES (the row cut into rows of LANES values, down which _column_sums runs). A row longer than
+    PREFETCH_BYTES goes in pieces of that size (a multiple of four rows of LANES: the same sums in the same order),
+    each after a prefetch of the piece after it."""
+    cdef Py_ssize_t nsub = n // LANES, piece = PREFETCH_BYTES // (LANES * sizeof(floating)), t, r
+    for t in range(max(1, _cdiv(nsub, piece))):
+        r = t * piece
+        if nsub > piece:
+            _prefetch(op, x, dy, e, base + (r + piece) * LANES, piece * LANES)
+        _column_sums(op, x, dy, e, base + r * LANES, LANES, min(piece, nsub - r), LANES, shift, s, &s[LANES], P,
+                     p + r * LANES, LANES, 0, gate, LANES)
     if n > nsub * LANES:
         _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES], P,
                      p + nsub * LANES, 0, 0, gate, LANES)
+
+
+cdef inline void _prefetch(SumOp op, const floating *x, const floating *dy, const floating *e, Py_ssize_t i,
+                           Py_ssize_t n) noexcept nogil:
+    """Prefetch the lines of the n values at x[i:] (and dy[i:] for the gradient sums, e[i:] for the masked ones)."""
+    cdef Py_ssize_t q
+    for q in range(_cdiv(n * <Py_ssize_t>sizeof(floating), CACHE_LINE)):
+        cbn_prefetch(<const char *>(x + i) + q * CACHE_LINE)
+        if not (SumOp is Moments or SumOp is MomentsValid):
+            cbn_prefetch(<const char *>(dy + i) + q * CACHE_LINE)
+        if SumOp is GradSumsMasked:
+            cbn_prefetch(<const char *>(e + i) + q * CACHE_LINE)
 
 
 cdef inline void _fold(double *s, Py_ssize_t n) noexcept nogil:
