@@ -381,13 +381,13 @@ cdef Py_ssize_t SINGLE_RUN = 1024
 # channel-minor rows taken one at a time (_single_columns); the channel-minor passes in double (_apply_columns) and
 # the rows taken four at a time store plainly.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
-# The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) longer
-# than PREFETCH_BYTES go in pieces of that size, each after a prefetch of the next piece's lines (cbn_prefetch): the
-# hardware prefetchers stop at each 4 KB page and start slowly on the next, and the run's sums then waited for memory
-# (tensors beyond the caches: 0.8-0.9x the time of their training forward and backward; in cache no change).
+# The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) load
+# the lines PREFETCH_BYTES ahead of where they read (cbn_prefetch): the hardware prefetchers stop at each 4 KB page
+# and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
+# time of their training forward and backward; in cache no change).
+cdef Py_ssize_t PREFETCH_BYTES = 4096
+cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step)
 cdef enum:
-    PREFETCH_BYTES = 4096
-    CACHE_LINE = 64  # bytes of a cache line (the prefetch's step)
     STREAM_CHUNK = 1024
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
@@ -599,8 +599,15 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     cdef const Py_ssize_t *v1 = NULL
     cdef const Py_ssize_t *v2 = NULL
     cdef const Py_ssize_t *v3 = NULL
+    cdef Py_ssize_t q, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
     for r in range(0, r4, 4):
         i = base + r * ld
+        for q in range(ahead):  # a row's LANES lanes (_row_lanes): the lines PREFETCH_BYTES past the step's rows
+            cbn_prefetch(<const char *>(x + i) + PREFETCH_BYTES + q * CACHE_LINE)
+            if not (SumOp is Moments or SumOp is MomentsValid):
+                cbn_prefetch(<const char *>(dy + i) + PREFETCH_BYTES + q * CACHE_LINE)
+            if SumOp is GradSumsMasked:
+                cbn_prefetch(<const char *>(e + i) + PREFETCH_BYTES + q * CACHE_LINE)
         if SumOp is MomentsValid:
             v0 = _row_weights(P, p + r * pld, j0, j0 + width, buf)
             v1 = _row_weights(P, p + (r + 1) * pld, j0, j0 + width, &buf[COL_CHUNK])
@@ -1105,31 +1112,12 @@ cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, con
                             Py_ssize_t base, Py_ssize_t n, const double *shift, double *s, Positions P,
                             Py_ssize_t p, const floating *gate) noexcept nogil:
     """The sums of the n values at x[base:] (positions p, p + 1, ...) added into the lanes of _lanes: value i in lane
-    i % LANES (the row cut into rows of LANES values, down which _column_sums runs). A row longer than
-    PREFETCH_BYTES goes in pieces of that size (a multiple of four rows of LANES: the same sums in the same order),
-    each after a prefetch of the piece after it."""
-    cdef Py_ssize_t nsub = n // LANES, piece = PREFETCH_BYTES // (LANES * sizeof(floating)), t, r
-    for t in range(max(1, _cdiv(nsub, piece))):
-        r = t * piece
-        if nsub > piece:
-            _prefetch(op, x, dy, e, base + (r + piece) * LANES, piece * LANES)
-        _column_sums(op, x, dy, e, base + r * LANES, LANES, min(piece, nsub - r), LANES, shift, s, &s[LANES], P,
-                     p + r * LANES, LANES, 0, gate, LANES)
+    i % LANES (the row cut into rows of LANES values, down which _column_sums runs)."""
+    cdef Py_ssize_t nsub = n // LANES
+    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES)
     if n > nsub * LANES:
         _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES], P,
                      p + nsub * LANES, 0, 0, gate, LANES)
-
-
-cdef inline void _prefetch(SumOp op, const floating *x, const floating *dy, const floating *e, Py_ssize_t i,
-                           Py_ssize_t n) noexcept nogil:
-    """Prefetch the lines of the n values at x[i:] (and dy[i:] for the gradient sums, e[i:] for the masked ones)."""
-    cdef Py_ssize_t q
-    for q in range(_cdiv(n * <Py_ssize_t>sizeof(floating), CACHE_LINE)):
-        cbn_prefetch(<const char *>(x + i) + q * CACHE_LINE)
-        if not (SumOp is Moments or SumOp is MomentsValid):
-            cbn_prefetch(<const char *>(dy + i) + q * CACHE_LINE)
-        if SumOp is GradSumsMasked:
-            cbn_prefetch(<const char *>(e + i) + q * CACHE_LINE)
 
 
 cdef inline void _fold(double *s, Py_ssize_t n) noexcept nogil:
