@@ -14,6 +14,8 @@ import cbn
 from cbn import _dispatch
 from cbn._dispatch import kernels as _kernels
 
+from bn_helpers import forced_layout, layer_class
+
 
 def openmp_on():
     """Whether this build has OpenMP, as its kernels report it (show_config prints the same: test_show_config)."""
@@ -188,7 +190,6 @@ def test_non_temporal_stores_change_no_bit(layout, dtype, shape):
     """Every pass gives the same bits through the stream buffer and non-temporal stores as with plain stores:
     forward (plain, fused ReLU, residual + ReLU), eval and backward (one channel's dx cancelling and one holding a
     NaN: recomputed in double), into outputs at an unaligned offset."""
-    from bn_helpers import forced_layout
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(shape) * 3 + 20).astype(dtype)
     dy, z = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
@@ -200,7 +201,7 @@ def test_non_temporal_stores_change_no_bit(layout, dtype, shape):
         results = []
         with forced_layout(layout + (stream,)):
             for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
-                bn = (cbn.BatchNorm2d if len(shape) == 4 else cbn.BatchNorm1d)(shape[1], dtype=dtype, **options)
+                bn = layer_class(len(shape))(shape[1], dtype=dtype, **options)
                 y, dx = unaligned(), unaligned()
                 bn(x, out=y, **extra)
                 dy2 = dy.copy()
