@@ -495,7 +495,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept
         cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
         L.rows = max(max(1, block // L.W), _cdiv(L.N, cap))
         L.nblocks = _cdiv(L.N, L.rows) * L.ncol
-        L.part = 2 * L.width
+        L.part = _slot(2 * L.width)
         L.fused = False
         return L
     L.G = 1
@@ -523,8 +523,15 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept
     L.fused = L.per_channel == 1
     L.ngroups = _cdiv(C, L.group)
     L.nblocks = L.ngroups * L.per_channel
-    L.part = 2 * L.group
+    L.part = _slot(2 * L.group)
     return L
+
+
+cdef inline Py_ssize_t _slot(Py_ssize_t n) noexcept nogil:
+    """Doubles of a block's slot of partial sums that holds n: n rounded up to whole cache lines, and a line more,
+    so that no two blocks' slots share a line wherever the scratch starts (the threads update their blocks' slots as
+    they go, and a line two of them update moves between their cores at each update)."""
+    return (_cdiv(n, CACHE_LINE // sizeof(double)) + 1) * (CACHE_LINE // sizeof(double))
 
 
 cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept nogil:
