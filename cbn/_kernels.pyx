@@ -82,6 +82,7 @@ cdef extern from *:
     static inline void cbn_stream_fence(void) { _mm_sfence(); }
     #else
     #define CBN_STREAM_STORES 0
+    #define CBN_VECTOR_BYTES 16
     #define CBN_STREAM_BODY(stream) memcpy(dst, src, (size_t)n * sizeof(*dst));
     static inline void cbn_stream_fence(void) {}
     #endif
@@ -110,6 +111,7 @@ cdef extern from *:
     # dst[0:n] = src[0:n] with non-temporal stores (the aligned part; x86-64 only, elsewhere a memcpy), and the
     # fence that orders them before later stores (once a pass is done)
     const bint CBN_STREAM_STORES
+    const int CBN_VECTOR_BYTES  # bytes of the widest vectors of the instruction set compiled for (16 elsewhere)
     void cbn_stream_float(float *dst, const float *src, Py_ssize_t n) noexcept nogil
     void cbn_stream_double(double *dst, const double *src, Py_ssize_t n) noexcept nogil
     void cbn_stream_fence() noexcept nogil
@@ -308,6 +310,12 @@ cdef enum:
     # would share their L1 sets (10 streams, 8 ways)
     SKEW = 16
     LANES = 16            # fixed lanes of a channel-major row sum
+    # The in-cache float32 affine pass of a channel-minor block wider than ALIGNED_RUN columns takes the columns
+    # before the output of the block's first row reaches a vector boundary (CBN_VECTOR_BYTES) on their own
+    # (_block_apply): rows a multiple of 16 values wide then store no vector across two cache lines ((256, 512)
+    # eval with AVX-512: 1.9x the time with its rows 16 bytes past a line, as NumPy allocates them); narrower
+    # blocks lose more to the split than they gain.
+    ALIGNED_RUN = 64
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
 # holds. Longer rows go channel-major.
@@ -940,6 +948,11 @@ cdef inline void _single_piece(SingleOp op, const_float_row x, const_float_row d
             dst[j - a] = _value_single(op, x[j], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[j])
 
 
+cdef inline Py_ssize_t _to_vector(const float *p) noexcept nogil:
+    """Values from p to the next multiple of CBN_VECTOR_BYTES (0 when p is one)."""
+    return <Py_ssize_t>((CBN_VECTOR_BYTES - <size_t>p % CBN_VECTOR_BYTES) % CBN_VECTOR_BYTES) // sizeof(float)
+
+
 cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const float *dy,
                             const float *out) noexcept nogil:
     """Whether the float32 dx pass over a channel-minor block of ``width`` columns takes its rows one at a time
@@ -1155,7 +1168,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|, kept to 16 bits as
     _single_columns does) or channels (major: of its group of channels, likewise, in full 32 bits: _grad_redo
     rounds them as it gathers them) over the block's rows to the block's slot of partial sums (_block_peaks)."""
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, b
     cdef Peaks peaks
     cdef const Py_ssize_t *v
     cdef unsigned short *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
@@ -1170,9 +1183,13 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                             L.stream)
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
               and floating is float):
-            if not _from_memory(L, True):  # runs of SINGLE_RUN columns down the block
-                for c in range(_cdiv(i1 - i0, SINGLE_RUN)):
-                    a = i0 + c * SINGLE_RUN
+            if not _from_memory(L, True):  # runs of SINGLE_RUN columns down the block (ALIGNED_RUN)
+                b = min(i1, i0 + _to_vector(out + n0 * L.W + i0)) if i1 - i0 > ALIGNED_RUN else i0
+                if b > i0:
+                    _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, b, _float_rows(coef, L.W),
+                                    L.W + SKEW, NULL, 0, NULL, False, L.stream)
+                for c in range(_cdiv(i1 - b, SINGLE_RUN)):
+                    a = b + c * SINGLE_RUN
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
                                     _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False, L.stream)
             elif L.stream:  # arrays from memory: whole rows one at a time, in memory order; streamed in one call

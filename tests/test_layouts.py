@@ -244,3 +244,27 @@ def test_dx_bits_do_not_depend_on_where_dx_lies(shape):
     bn.backward(dy, out=apart)
     np.testing.assert_array_equal(stalled, apart)
     np.testing.assert_array_equal(stalled, bn.backward(dy))
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (37, 200), (24, 96), (16, 64)])
+def test_y_bits_do_not_depend_on_where_y_lies(shape):
+    # the in-cache affine pass of rows wider than 64 values takes the columns before y's first vector boundary on
+    # their own (ALIGNED_RUN): y at every float offset within a cache line gets the same bits, for every affine
+    # op (training forward plain, with a fused ReLU, with a residual and ReLU; eval)
+    keep = []
+    rng = np.random.default_rng(8)
+    x, z = _at(shape, 0, keep), _at(shape, 0, keep)
+    x[...] = rng.standard_normal(shape) * 3 + 20
+    z[...] = rng.standard_normal(shape)
+    for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
+        results = []
+        for offset in range(0, 64, 4):
+            bn = cbn.BatchNorm1d(shape[1], **options)
+            y, y_eval = _at(shape, offset, keep), _at(shape, offset, keep)
+            bn(x, out=y, **extra)
+            bn.eval()
+            bn(x, out=y_eval, **extra)
+            results.append((y, y_eval))
+        for y, y_eval in results[1:]:
+            np.testing.assert_array_equal(y, results[0][0])
+            np.testing.assert_array_equal(y_eval, results[0][1])
