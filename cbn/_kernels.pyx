@@ -310,11 +310,12 @@ cdef enum:
     # would share their L1 sets (10 streams, 8 ways)
     SKEW = 16
     LANES = 16            # fixed lanes of a channel-major row sum
-    # The in-cache float32 affine pass of a channel-minor block wider than ALIGNED_RUN columns takes the columns
-    # before the output of the block's first row reaches a vector boundary (CBN_VECTOR_BYTES) on their own
-    # (_block_apply): rows a multiple of 16 values wide then store no vector across two cache lines ((256, 512)
-    # eval with AVX-512: 1.9x the time with its rows 16 bytes past a line, as NumPy allocates them); narrower
-    # blocks lose more to the split than they gain.
+    # The affine passes in cache take the values before the output's first vector boundary (CBN_VECTOR_BYTES) on
+    # their own where a run holds more than ALIGNED_RUN of them (_block_apply): the columns of a float32
+    # channel-minor block from its first row on (rows a multiple of 16 values wide keep the alignment), and each
+    # channel-major row, so that no vector store straddles two cache lines (with AVX-512 and y 16 bytes past a
+    # line, as NumPy allocates arrays three times in four: the (256, 512) eval took 1.9x the time, the
+    # (1, 64, 56, 56) one 1.15x). Shorter runs lose more to the split than they gain.
     ALIGNED_RUN = 64
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
@@ -948,9 +949,9 @@ cdef inline void _single_piece(SingleOp op, const_float_row x, const_float_row d
             dst[j - a] = _value_single(op, x[j], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[j])
 
 
-cdef inline Py_ssize_t _to_vector(const float *p) noexcept nogil:
-    """Values from p to the next multiple of CBN_VECTOR_BYTES (0 when p is one)."""
-    return <Py_ssize_t>((CBN_VECTOR_BYTES - <size_t>p % CBN_VECTOR_BYTES) % CBN_VECTOR_BYTES) // sizeof(float)
+cdef inline Py_ssize_t _to_vector(const void *p, size_t item) noexcept nogil:
+    """Items of ``item`` bytes from p to the next multiple of CBN_VECTOR_BYTES (0 when p is one)."""
+    return <Py_ssize_t>(((CBN_VECTOR_BYTES - <size_t>p % CBN_VECTOR_BYTES) % CBN_VECTOR_BYTES) // item)
 
 
 cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const float *dy,
@@ -1184,7 +1185,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
               and floating is float):
             if not _from_memory(L, True):  # runs of SINGLE_RUN columns down the block (ALIGNED_RUN)
-                b = min(i1, i0 + _to_vector(out + n0 * L.W + i0)) if i1 - i0 > ALIGNED_RUN else i0
+                b = min(i1, i0 + _to_vector(out + n0 * L.W + i0, sizeof(float))) if i1 - i0 > ALIGNED_RUN else i0
                 if b > i0:
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, b, _float_rows(coef, L.W),
                                     L.W + SKEW, NULL, 0, NULL, False, L.stream)
@@ -1206,6 +1207,15 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
+    if ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
+            and not L.stream and i1 - i0 > ALIGNED_RUN):  # each row's values before out's vector boundary, the rest
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                a = n * L.W + c * L.S + i0
+                b = a + min(i1 - i0, _to_vector(out + a, sizeof(floating)))
+                _apply_row(op, x, dy, e, out, dz, a, b, coef + c, L.C, NULL, _gate(coef, L.C, x) + c)
+                _apply_row(op, x, dy, e, out, dz, b, a + i1 - i0, coef + c, L.C, NULL, _gate(coef, L.C, x) + c)
+        return
     if _dx_single(op):
         for c in range(2 * L.group):
             wide[c] = 0

@@ -246,11 +246,12 @@ def test_dx_bits_do_not_depend_on_where_dx_lies(shape):
     np.testing.assert_array_equal(stalled, bn.backward(dy))
 
 
-@pytest.mark.parametrize("shape", [(64, 256), (37, 200), (24, 96), (16, 64)])
+@pytest.mark.parametrize("shape", [(64, 256), (37, 200), (24, 96), (16, 64), (2, 3, 100), (3, 4, 80), (2, 5, 64)])
 def test_y_bits_do_not_depend_on_where_y_lies(shape):
-    # the in-cache affine pass of rows wider than 64 values takes the columns before y's first vector boundary on
-    # their own (ALIGNED_RUN): y at every float offset within a cache line gets the same bits, for every affine
-    # op (training forward plain, with a fused ReLU, with a residual and ReLU; eval)
+    # the in-cache affine pass of runs longer than 64 values (channel-minor: a block's columns; channel-major: each
+    # row) takes the values before y's first vector boundary on their own (ALIGNED_RUN): y at every float offset
+    # within a cache line gets the same bits, for every affine op (training forward plain, with a fused ReLU, with a
+    # residual and ReLU; eval)
     keep = []
     rng = np.random.default_rng(8)
     x, z = _at(shape, 0, keep), _at(shape, 0, keep)
