@@ -348,8 +348,9 @@ cdef Py_ssize_t FUSE_CACHED_RUN = 1536
 cdef Py_ssize_t FUSE_GRAD_RUN = 512
 cdef Py_ssize_t MIN_TASKS = 16
 # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
-# run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums, and the most
-# blocks of rows a call is cut into.
+# run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums (the sums
+# themselves: each block's slot holds them in whole cache lines and a line more, _slot), and the most blocks of rows
+# a call is cut into.
 cdef Py_ssize_t COL_BLOCK = 2048
 cdef Py_ssize_t PART_BUDGET = 1 << 14
 cdef Py_ssize_t MAX_BLOCKS = 64

@@ -219,13 +219,13 @@ def test_functional_out_and_dtype():
     np.testing.assert_array_equal(dx, bn.backward(dy))
 
 
-def _at(shape, offset, keep):
-    """A float32 array of ``shape`` whose data starts ``offset`` bytes past a 4 KB boundary."""
-    size = int(np.prod(shape)) * 4
+def _at(shape, offset, keep, dtype=np.float32):
+    """An array of ``shape`` and ``dtype`` whose data starts ``offset`` bytes past a 4 KB boundary."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = np.empty(size + 8192, np.uint8)
     keep.append(buf)
     start = (-buf.ctypes.data) % 4096 + offset
-    return buf[start:start + size].view(np.float32).reshape(shape)
+    return buf[start:start + size].view(dtype).reshape(shape)
 
 
 @pytest.mark.parametrize("shape", [(64, 1024), (16, 2048), (8, 4096)])
@@ -246,26 +246,31 @@ def test_dx_bits_do_not_depend_on_where_dx_lies(shape):
     np.testing.assert_array_equal(stalled, bn.backward(dy))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(64, 256), (37, 200), (24, 96), (16, 64), (2, 3, 100), (3, 4, 80), (2, 5, 64)])
-def test_y_bits_do_not_depend_on_where_y_lies(shape):
-    # the in-cache affine pass of runs longer than 64 values (channel-minor: a block's columns; channel-major: each
-    # row) takes the values before y's first vector boundary on their own (ALIGNED_RUN): y at every float offset
-    # within a cache line gets the same bits, for every affine op (training forward plain, with a fused ReLU, with a
-    # residual and ReLU; eval)
+def test_y_bits_do_not_depend_on_where_y_lies(shape, dtype):
+    # the in-cache affine pass of runs longer than 64 values (channel-minor float32: a block's columns;
+    # channel-major: each row) takes the values before y's first vector boundary on their own (ALIGNED_RUN): y at
+    # every offset within a cache line gets the same bits, for every affine op (training forward plain, with a fused
+    # ReLU, with a residual, with both; eval; the eval backward, an affine pass on dy)
     keep = []
     rng = np.random.default_rng(8)
-    x, z = _at(shape, 0, keep), _at(shape, 0, keep)
+    x, z, dy = (_at(shape, 0, keep, dtype) for _ in range(3))
     x[...] = rng.standard_normal(shape) * 3 + 20
     z[...] = rng.standard_normal(shape)
-    for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
+    dy[...] = rng.standard_normal(shape)
+    step = np.dtype(dtype).itemsize
+    for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({}, {"residual": z}),
+                           ({"activation": "relu"}, {"residual": z})):
         results = []
-        for offset in range(0, 64, 4):
-            bn = cbn.BatchNorm1d(shape[1], **options)
-            y, y_eval = _at(shape, offset, keep), _at(shape, offset, keep)
+        for offset in range(0, 64, step):
+            bn = cbn.BatchNorm1d(shape[1], dtype=dtype, **options)
+            y, y_eval, dx_eval = (_at(shape, offset, keep, dtype) for _ in range(3))
             bn(x, out=y, **extra)
             bn.eval()
             bn(x, out=y_eval, **extra)
-            results.append((y, y_eval))
-        for y, y_eval in results[1:]:
-            np.testing.assert_array_equal(y, results[0][0])
-            np.testing.assert_array_equal(y_eval, results[0][1])
+            bn.backward(dy, out=dx_eval)
+            results.append((y, y_eval, dx_eval))
+        for outputs in results[1:]:
+            for a, b in zip(outputs, results[0]):
+                np.testing.assert_array_equal(a, b)
