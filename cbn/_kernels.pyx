@@ -396,7 +396,7 @@ cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
 # time of their training forward and backward; in cache no change).
 cdef Py_ssize_t PREFETCH_BYTES = 4096
-cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step)
+cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step, the unit of _slot)
 cdef enum:
     STREAM_CHUNK = 1024
 
@@ -692,9 +692,14 @@ cdef inline const Py_ssize_t *_row_weights(Positions P, Py_ssize_t p, Py_ssize_t
 cdef inline bint _single(ApplyOp op, floating *out) noexcept nogil:
     """True for the passes computed in float32 on float32 data (see _value_single; out only selects the type)."""
     if floating is float:
-        return (ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu
-                or ApplyOp is GradSingle or ApplyOp is GradGatedSingle)
+        return _affine(op) or _dx_single(op)
     return False
+
+
+cdef inline bint _affine(ApplyOp op) noexcept nogil:
+    """The affine forward ops, y = (x - c0)*c1 + c2 (then the residual, the ReLU): Affine, AffineRelu, AffineAdd,
+    AffineAddRelu."""
+    return ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu
 
 
 cdef inline bint _single_pass(Pass kind, const floating *x) noexcept nogil:
@@ -1184,7 +1189,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                             slot, _outs_at(i1 - i0), _gate(coef, L.W, x), _dx_by_row(L, i1 - i0, x, dy, out),
                             L.stream)
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
-              and floating is float):
+              and floating is float):  # (_affine spelt out: _single_columns takes SingleOp, known at compile time)
             if not _from_memory(L, True):  # runs of SINGLE_RUN columns down the block (ALIGNED_RUN)
                 b = min(i1, i0 + _to_vector(out + n0 * L.W + i0, sizeof(float))) if i1 - i0 > ALIGNED_RUN else i0
                 if b > i0:
@@ -1208,8 +1213,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
-    if ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
-            and not L.stream and i1 - i0 > ALIGNED_RUN):  # each row's values before out's vector boundary, the rest
+    if _affine(op) and not L.stream and i1 - i0 > ALIGNED_RUN:  # each row: before out's vector boundary, the rest
         for n in range(n0, n1):
             for c in range(c0, c1):
                 a = n * L.W + c * L.S + i0
