@@ -335,8 +335,10 @@ cdef Py_ssize_t BLOCK = 1 << 15
 # between images defeat the prefetchers. Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of MIN_IMAGES images or
 # more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2 between its sums
 # and its output, where the passes over the whole tensor read it twice from L3) with runs of FUSE_CACHED_RUN values
-# or more, and the backward (two arrays kept) with runs of FUSE_GRAD_RUN or more in groups of 2 channels or more
-# (shorter runs made the training forward slower at 2 threads, and groups of 1 channel the backward). Otherwise
+# or more, and the backward (two arrays kept) with runs of FUSE_GRAD_RUN or more in groups of 2 channels or more,
+# of FUSE_GRAD_CHANNEL_RUN or more in groups of 1 channel (shorter runs made the calls slower at 2 threads, 1.03-1.3x
+# the time of blocks in memory order: the training forward with runs of 1024 values in groups of 4 channels, the
+# backward with runs of 512, 576 or 729 in groups of 1 channel). Otherwise
 # blocks follow memory order: all channels of MIN_IMAGES or more images, or of one image cut into pieces of about
 # BLOCK values (rows of COL_CHUNK values or more).
 cdef Py_ssize_t FUSE_MIN = 1 << 22
@@ -346,6 +348,7 @@ cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t FUSE_CACHED = 1 << 16
 cdef Py_ssize_t FUSE_CACHED_RUN = 1536
 cdef Py_ssize_t FUSE_GRAD_RUN = 512
+cdef Py_ssize_t FUSE_GRAD_CHANNEL_RUN = 768
 cdef Py_ssize_t MIN_TASKS = 16
 # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
 # run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums (the sums
@@ -394,7 +397,11 @@ cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) load
 # the lines PREFETCH_BYTES ahead of where they read (cbn_prefetch): the hardware prefetchers stop at each 4 KB page
 # and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
-# time of their training forward and backward; in cache no change).
+# time of their training forward and backward). In cache, past the run's end they load the block's next run
+# (_next_run): a block of whole channels reads runs an image apart, and the lines right after a run are another
+# block's (groups of 1 channel with runs of 1024 values: the backward 1.12x the time of blocks in memory order
+# with those lines, 0.82x with the next run's). Beyond the caches the lines right after the run served better
+# ((32, 256, 56, 56) backward: 1.06x the time with the next run's).
 cdef Py_ssize_t PREFETCH_BYTES = 4096
 cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step, the unit of _slot)
 cdef enum:
@@ -553,7 +560,10 @@ cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     if cached:
         if N * C * S < PARALLEL_MIN or N < MIN_IMAGES:
             return 0
-        run = FUSE_GRAD_RUN if sums == GRADIENT_SUMS and group >= 2 else FUSE_CACHED_RUN
+        if sums == GRADIENT_SUMS:
+            run = FUSE_GRAD_RUN if group >= 2 else FUSE_GRAD_CHANNEL_RUN
+        else:
+            run = FUSE_CACHED_RUN
     return group if N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run else 0
 
 
@@ -598,7 +608,7 @@ cdef inline void _minor_block(Layout L, Py_ssize_t k, Py_ssize_t *n0, Py_ssize_t
 cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                        Py_ssize_t base, Py_ssize_t ld, Py_ssize_t nrows, Py_ssize_t width, const double *shift,
                        double *s0, double *s1, Positions P, Py_ssize_t p, Py_ssize_t pld,
-                       Py_ssize_t j0, const floating *h, Py_ssize_t hs) noexcept nogil:
+                       Py_ssize_t j0, const floating *h, Py_ssize_t hs, Py_ssize_t jump) noexcept nogil:
     """Sums down the columns of the (nrows, width) matrix at x[base + r*ld + j]: s0[j] += sum(w), s1[j] += sum(w*u),
     u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
     p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums), masked(dy) (GradSumsMasked) or gated(dy)
@@ -606,7 +616,9 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     gradient sums of whole rows (ld == width) of more than LANES and at most SINGLE_RUN values go one row at a time
     (in memory order: four rows at a time read from four places of the run, which the prefetchers follow worse;
     wider rows' two rows of accumulators outgrow L1, as the dx pass's coefficients do: _dx_by_row). Vectorised
-    across columns: each column is one lane."""
+    across columns: each column is one lane. A row of LANES lanes (_row_lanes) prefetches PREFETCH_BYTES ahead of
+    its steps in the order its block reads: past the matrix's end, ``jump`` values further on (where the block's
+    next run starts; 0: right after this one)."""
     cdef bint by_row = (not (SumOp is Moments or SumOp is MomentsValid) and ld == width
                         and LANES < width <= SINGLE_RUN)
     cdef Py_ssize_t r, j, i, r4 = 0 if by_row else nrows // 4 * 4
@@ -616,15 +628,18 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     cdef const Py_ssize_t *v1 = NULL
     cdef const Py_ssize_t *v2 = NULL
     cdef const Py_ssize_t *v3 = NULL
-    cdef Py_ssize_t q, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
+    cdef Py_ssize_t q, t, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
     for r in range(0, r4, 4):
         i = base + r * ld
-        for q in range(ahead):  # a row's LANES lanes (_row_lanes): the lines PREFETCH_BYTES past the step's rows
-            cbn_prefetch(<const char *>(x + i) + PREFETCH_BYTES + q * CACHE_LINE)
+        t = i + PREFETCH_BYTES // <Py_ssize_t>sizeof(floating)
+        if t >= base + nrows * ld:
+            t += jump
+        for q in range(ahead):  # the lines PREFETCH_BYTES ahead of the step's rows
+            cbn_prefetch(<const char *>(x + t) + q * CACHE_LINE)
             if not (SumOp is Moments or SumOp is MomentsValid):
-                cbn_prefetch(<const char *>(dy + i) + PREFETCH_BYTES + q * CACHE_LINE)
+                cbn_prefetch(<const char *>(dy + t) + q * CACHE_LINE)
             if SumOp is GradSumsMasked:
-                cbn_prefetch(<const char *>(e + i) + PREFETCH_BYTES + q * CACHE_LINE)
+                cbn_prefetch(<const char *>(e + t) + q * CACHE_LINE)
         if SumOp is MomentsValid:
             v0 = _row_weights(P, p + r * pld, j0, j0 + width, buf)
             v1 = _row_weights(P, p + (r + 1) * pld, j0, j0 + width, &buf[COL_CHUNK])
@@ -1024,10 +1039,10 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     for j in range(L.part):
         part[off + j] = 0.0
     if i1 - i0 >= COL_CHUNK or n1 - n0 < MIN_IMAGES:
-        for n in range(n0, n1):
+        for n in range(n0, n1):  # (in cache, the prefetch follows the block: see PREFETCH_BYTES)
             for c in range(c0, c1):
                 _row_sums(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, coef[c], &part[off + 2 * (c - c0)], P,
-                          n * L.S + i0, h + c, hs)
+                          n * L.S + i0, h + c, hs, _next_run(L, c, c0, c1, i1 - i0))
         return
     if n1 - n0 >= SHORT_IMAGES:  # short rows down the block's images, a lane per column: the whole rows of
         w = i1 - i0                # up to COL_CHUNK // S channels side by side (one run of memory per image)
@@ -1040,7 +1055,7 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
             for j in range(q):
                 _lanes(op, coef[c + j], h + c + j, hs, &s[j * w], &shift[j * w], &gate[j * w], w, COL_CHUNK)
             _column_sums(op, x, dy, e, n0 * L.W + c * L.S + i0, L.W, n1 - n0, q * w, shift, s, &s[COL_CHUNK], P,
-                         n0 * L.S + i0, L.S, 0, gate, COL_CHUNK)
+                         n0 * L.S + i0, L.S, 0, gate, COL_CHUNK, 0)
             for j in range(q):
                 _add_folded(&s[j * w], w, COL_CHUNK, &part[off + 2 * (c + j - c0)])
             c += q
@@ -1048,8 +1063,18 @@ cdef void _block_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
     for c in range(c0, c1):  # fewer images: channel by channel, each row into LANES lanes
         _lanes(op, coef[c], h + c, hs, s, shift, gate, LANES, LANES)
         for n in range(n0, n1):
-            _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate)
+            _row_lanes(op, x, dy, e, n * L.W + c * L.S + i0, i1 - i0, shift, s, P, n * L.S + i0, gate, 0)
         _add_folded(s, LANES, LANES, &part[off + 2 * (c - c0)])
+
+
+cdef inline Py_ssize_t _next_run(Layout L, Py_ssize_t c, Py_ssize_t c0, Py_ssize_t c1,
+                                 Py_ssize_t width) noexcept nogil:
+    """Values from the end of channel c's run of ``width`` values in a channel-major block of channels [c0, c1) to
+    the start of the block's next run (channel c + 1's in the same image, or channel c0's in the next image) in
+    cache; beyond the caches 0 (the values right after the run)."""
+    if L.N * L.W >= FUSE_MIN:
+        return 0
+    return L.S - width + (L.W - (c1 - c0) * L.S if c + 1 == c1 else 0)
 
 
 cdef void _minor_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const floating *dy,
@@ -1068,7 +1093,7 @@ cdef void _minor_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
             _counted_rows(L, x, n0, n1, a, b, coef + a, s, L.width, P)
         else:
             _column_sums(op, x, dy, e, n0 * L.W + a, L.W, n1 - n0, b - a, coef + a, s, s + L.width, P, n0 * L.G,
-                         L.G, a, h + a, L.C * L.G)
+                         L.G, a, h + a, L.C * L.G, 0)
 
 
 cdef inline Py_ssize_t _sum_chunk(SumOp op, Layout L) noexcept nogil:
@@ -1096,20 +1121,20 @@ cdef void _counted_rows(Layout L, const floating *x, Py_ssize_t n0, Py_ssize_t n
             n += 1
         if n > start:
             _column_sums(moments, x, x, x, start * L.W + a, L.W, n - start, b - a, shift, s, &s[stride], P, 0,
-                         0, 0, NULL, 0)
+                         0, 0, NULL, 0, 0)
 
 
 cdef void _row_sums(SumOp op, const floating *x, const floating *dy, const floating *e,
                     Py_ssize_t base, Py_ssize_t n, double k, double *pair, Positions P, Py_ssize_t p,
-                    const floating *hc, Py_ssize_t hs) noexcept nogil:
+                    const floating *hc, Py_ssize_t hs, Py_ssize_t jump) noexcept nogil:
     """pair[0] += sum(w), pair[1] += sum(w*u) over the n values at x[base:] of one channel (at positions p, p + 1,
     ...; u = x - k, w as in _column_sums, the channel's gate coefficients at hc[r*hs]): value i in lane i % LANES
-    (_row_lanes), the lanes folded pairwise."""
+    (_row_lanes), the lanes folded pairwise; the block's next run starts ``jump`` values past this one's end."""
     cdef double s[2 * LANES]
     cdef double shift[LANES]
     cdef floating gate[2 * LANES]
     _lanes(op, k, hc, hs, s, shift, gate, LANES, LANES)
-    _row_lanes(op, x, dy, e, base, n, shift, s, P, p, gate)
+    _row_lanes(op, x, dy, e, base, n, shift, s, P, p, gate, jump)
     _add_folded(s, LANES, LANES, pair)
 
 
@@ -1137,14 +1162,16 @@ cdef inline void _add_folded(double *s, Py_ssize_t n, Py_ssize_t stride, double 
 
 cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, const floating *e,
                             Py_ssize_t base, Py_ssize_t n, const double *shift, double *s, Positions P,
-                            Py_ssize_t p, const floating *gate) noexcept nogil:
+                            Py_ssize_t p, const floating *gate, Py_ssize_t jump) noexcept nogil:
     """The sums of the n values at x[base:] (positions p, p + 1, ...) added into the lanes of _lanes: value i in lane
-    i % LANES (the row cut into rows of LANES values, down which _column_sums runs)."""
+    i % LANES (the row cut into rows of LANES values, down which _column_sums runs, prefetching as the block reads:
+    its next run starts ``jump`` values past this one's end)."""
     cdef Py_ssize_t nsub = n // LANES
-    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES)
+    _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES,
+                 jump + n - nsub * LANES)
     if n > nsub * LANES:
         _column_sums(op, x, dy, e, base + nsub * LANES, 0, 1, n - nsub * LANES, shift, s, &s[LANES], P,
-                     p + nsub * LANES, 0, 0, gate, LANES)
+                     p + nsub * LANES, 0, 0, gate, LANES, 0)
 
 
 cdef inline void _fold(double *s, Py_ssize_t n) noexcept nogil:

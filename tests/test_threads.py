@@ -35,6 +35,7 @@ SHAPES = [
     ("BatchNorm2d", (2, 32, 256, 256)),  # tasks of whole channels (>= 4M values)
     ("BatchNorm2d", (64, 512, 8, 8)),
     ("BatchNorm2d", (32, 4, 40, 40)),  # rows of 1600 values in memory order
+    ("BatchNorm2d", (64, 16, 32, 32)),  # the backward in tasks of 1 channel (in cache)
     ("BatchNorm1d", (4096, 24, 3)),  # rows of 3 values: run as 72 columns per image
     ("BatchNorm2d", (1, 512, 28, 28)),  # one image: tiles of channels
     ("BatchNorm1d", (70001, 2)),
@@ -143,9 +144,10 @@ def test_every_channel_minor_block_holds_rows(shape):
 
 # (N, C, S) of channel-major tensors in cache of 4 images or more and whether the training forward and the backward
 # take groups of whole channels: runs of group*S >= 1536 values (the backward: >= 512 values in groups of 2 channels
-# or more); a group of about 64K values, at most C // 16 channels, 16 groups or more
+# or more, >= 768 in groups of 1 channel); a group of about 64K values, at most C // 16 channels, 16 groups or more
 CACHED = [((32, 2048, 49), True, True), ((8, 64, 784), True, True), ((16, 32, 3136), True, True),
-          ((64, 128, 64), False, True), ((64, 256, 49), False, True), ((64, 16, 1024), False, False),
+          ((64, 128, 64), False, True), ((64, 256, 49), False, True), ((64, 16, 1024), False, True),
+          ((64, 32, 784), False, True), ((64, 32, 729), False, False), ((128, 16, 512), False, False),
           ((256, 128, 64), False, False), ((8, 3, 50176), False, False)]
 
 
@@ -154,11 +156,12 @@ def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, forward, backw
     """A tensor in cache whose group of channels holds long runs in each image sums, finishes and normalises a
     group in one task (its x, and dy, then stay in L2 between the two), in 16 tasks or more; shorter runs keep blocks
     of images in memory order."""
-    for sums, whole, run in ((1, forward, 1536), (2, backward, 512)):
+    for sums, whole in ((1, forward), (2, backward)):
         L = _kernels.layout(*shape, sums=sums)
         assert not L["minor"]
         assert (L["fused"] and L["group"] < shape[1]) == whole
         if whole:
+            run = 1536 if sums == 1 else 512 if L["group"] >= 2 else 768
             assert L["nblocks"] >= 16 and L["group"] * shape[2] >= run
 
 
