@@ -335,10 +335,12 @@ cdef Py_ssize_t BLOCK = 1 << 15
 # between images defeat the prefetchers. Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of MIN_IMAGES images or
 # more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2 between its sums
 # and its output, where the passes over the whole tensor read it twice from L3) with runs of FUSE_CACHED_RUN values
-# or more, and the backward (two arrays kept) with runs of FUSE_GRAD_RUN or more in groups of 2 channels or more,
-# of FUSE_GRAD_CHANNEL_RUN or more in groups of 1 channel (shorter runs made the calls slower at 2 threads, 1.03-1.3x
-# the time of blocks in memory order: the training forward with runs of 1024 values in groups of 4 channels, the
-# backward with runs of 512, 576 or 729 in groups of 1 channel). Otherwise
+# or more: the backward (two arrays kept) in groups of 1 channel, the training forward of rows shorter than
+# FUSE_SHORT_ROW (which blocks in memory order sum channel by channel, a few images at a time: (64, 256, 7, 7) at
+# 1.4x the time of groups); the backward in groups of 2 channels or more with runs of FUSE_GRAD_RUN or more, the
+# forward of longer rows with runs of FUSE_ROW_RUN or more. Shorter runs made the calls slower at 2 threads,
+# 1.03-1.3x the time of blocks in memory order: the backward with runs of 512, 576 or 729 values in groups of 1
+# channel, the forward with runs of 768 to 1296 of rows of 256 or 324 values. Otherwise
 # blocks follow memory order: all channels of MIN_IMAGES or more images, or of one image cut into pieces of about
 # BLOCK values (rows of COL_CHUNK values or more).
 cdef Py_ssize_t FUSE_MIN = 1 << 22
@@ -346,9 +348,10 @@ cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
 cdef Py_ssize_t FUSE_RUN = 1 << 12
 cdef Py_ssize_t FUSE_CACHED = 1 << 16
-cdef Py_ssize_t FUSE_CACHED_RUN = 1536
+cdef Py_ssize_t FUSE_CACHED_RUN = 768
+cdef Py_ssize_t FUSE_SHORT_ROW = 256
 cdef Py_ssize_t FUSE_GRAD_RUN = 512
-cdef Py_ssize_t FUSE_GRAD_CHANNEL_RUN = 768
+cdef Py_ssize_t FUSE_ROW_RUN = 1536
 cdef Py_ssize_t MIN_TASKS = 16
 # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
 # run in parallel whatever the number of rows). The budget in doubles of the blocks' partial sums (the sums
@@ -561,9 +564,9 @@ cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         if N * C * S < PARALLEL_MIN or N < MIN_IMAGES:
             return 0
         if sums == GRADIENT_SUMS:
-            run = FUSE_GRAD_RUN if group >= 2 else FUSE_GRAD_CHANNEL_RUN
+            run = FUSE_GRAD_RUN if group >= 2 else FUSE_CACHED_RUN
         else:
-            run = FUSE_CACHED_RUN
+            run = FUSE_CACHED_RUN if S < FUSE_SHORT_ROW else FUSE_ROW_RUN
     return group if N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run else 0
 
 

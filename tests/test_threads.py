@@ -143,11 +143,13 @@ def test_every_channel_minor_block_holds_rows(shape):
 
 
 # (N, C, S) of channel-major tensors in cache of 4 images or more and whether the training forward and the backward
-# take groups of whole channels: runs of group*S >= 1536 values (the backward: >= 512 values in groups of 2 channels
-# or more, >= 768 in groups of 1 channel); a group of about 64K values, at most C // 16 channels, 16 groups or more
+# take groups of whole channels: runs of group*S >= 768 values (the backward: >= 512 values in groups of 2 channels
+# or more; the forward of rows of 256 values or more: >= 1536); a group of about 64K values, at most C // 16
+# channels, 16 groups or more
 CACHED = [((32, 2048, 49), True, True), ((8, 64, 784), True, True), ((16, 32, 3136), True, True),
-          ((64, 128, 64), False, True), ((64, 256, 49), False, True), ((64, 16, 1024), False, True),
+          ((64, 128, 64), False, True), ((64, 256, 49), True, True), ((64, 16, 1024), False, True),
           ((64, 32, 784), False, True), ((64, 32, 729), False, False), ((128, 16, 512), False, False),
+          ((64, 128, 100), True, True), ((32, 64, 256), False, True), ((32, 48, 256), False, True),
           ((256, 128, 64), False, False), ((8, 3, 50176), False, False)]
 
 
@@ -161,7 +163,7 @@ def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, forward, backw
         assert not L["minor"]
         assert (L["fused"] and L["group"] < shape[1]) == whole
         if whole:
-            run = 1536 if sums == 1 else 512 if L["group"] >= 2 else 768
+            run = (1536 if shape[2] >= 256 else 768) if sums == 1 else 512 if L["group"] >= 2 else 768
             assert L["nblocks"] >= 16 and L["group"] * shape[2] >= run
 
 
