@@ -335,10 +335,11 @@ cdef Py_ssize_t BLOCK = 1 << 15
 # between images defeat the prefetchers. Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of MIN_IMAGES images or
 # more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2 between its sums
 # and its output, where the passes over the whole tensor read it twice from L3) with runs of FUSE_CACHED_RUN values
-# or more: the backward (two arrays kept) in groups of 1 channel, the training forward of rows shorter than
+# or more: the backward (two arrays kept) in groups of 1 channel, the float32 training forward of rows shorter than
 # FUSE_SHORT_ROW (which blocks in memory order sum channel by channel, a few images at a time: (64, 256, 7, 7) at
-# 1.4x the time of groups); the backward in groups of 2 channels or more with runs of FUSE_GRAD_RUN or more, the
-# forward of longer rows with runs of FUSE_ROW_RUN or more. Shorter runs made the calls slower at 2 threads,
+# 1.4x the time of groups; float64's ran as fast as groups or faster, (16, 128, 12, 12) 0.73-0.87x); the backward
+# in groups of 2 channels or more with runs of FUSE_GRAD_RUN or more, the other forwards with runs of FUSE_ROW_RUN
+# or more. Shorter runs made the calls slower at 2 threads,
 # 1.03-1.3x the time of blocks in memory order: the backward with runs of 512, 576 or 729 values in groups of 1
 # channel, the forward with runs of 768 to 1296 of rows of 256 or 324 values. Otherwise
 # blocks follow memory order: all channels of MIN_IMAGES or more images, or of one image cut into pieces of about
@@ -457,10 +458,11 @@ def force_layout(kind=None, Py_ssize_t block=64, bint stream=False):
     _forced_stream = stream
 
 
-def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS):
-    """Test-only: the blocks (``Layout`` as a dict) an (N, C, S) tensor's calls run over (sums: what the call sums,
-    0 nothing (an elementwise pass), 1 the moments of a training forward, 2 the gradient sums of a backward)."""
-    return _layout(N, C, S, sums)
+def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS, Py_ssize_t item=4):
+    """Test-only: the blocks (``Layout`` as a dict) an (N, C, S) tensor of ``item``-byte values runs its calls over
+    (sums: what the call sums, 0 nothing (an elementwise pass), 1 the moments of a training forward, 2 the gradient
+    sums of a backward)."""
+    return _layout(N, C, S, sums, item)
 
 
 cdef enum Sums:  # what a call sums (_layout)
@@ -491,8 +493,9 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept nogil:
-    """The blocks of an (N, C, S) tensor: a function of the shape (and the test-only switch) alone. Without sums
+cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums, Py_ssize_t item) noexcept nogil:
+    """The blocks of an (N, C, S) tensor of ``item``-byte values: a function of the shape and the dtype (and the
+    test-only switch) alone, whatever the memory layout. Without sums
     (an elementwise pass only) blocks follow memory order plainly: no blocks of whole channels, and no minimum of
     images per block (it only serves sums: partial-sum budget, short rows summed down the images)."""
     cdef Layout L
@@ -520,7 +523,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept
         return L
     L.G = 1
     L.ncol, L.width = 1, S
-    whole = _whole_channels(N, C, S, sums) if sums else 0
+    whole = _whole_channels(N, C, S, sums, item) if sums else 0
     if _forced_kind == 1:  # groups of 2 channels, images and row pieces of about block values
         L.group = 2
         L.ncol = _cdiv(S, block)
@@ -554,9 +557,10 @@ cdef inline Py_ssize_t _slot(Py_ssize_t n) noexcept nogil:
     return (_cdiv(n, CACHE_LINE // sizeof(double)) + 1) * (CACHE_LINE // sizeof(double))
 
 
-cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums) noexcept nogil:
-    """Channels per block where the calls with ``sums`` (_layout) over an (N, C, S) channel-major tensor take
-    blocks of whole channels, else 0 (FUSE_MIN)."""
+cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums,
+                                       Py_ssize_t item) noexcept nogil:
+    """Channels per block where the calls with ``sums`` (_layout) over an (N, C, S) channel-major tensor of
+    ``item``-byte values take blocks of whole channels, else 0 (FUSE_MIN)."""
     cdef bint cached = N * C * S < FUSE_MIN
     cdef Py_ssize_t group = max(1, min((FUSE_CACHED if cached else FUSE_GROUP) // (N * S), C // MIN_TASKS))
     cdef Py_ssize_t run = FUSE_RUN
@@ -566,7 +570,7 @@ cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         if sums == GRADIENT_SUMS:
             run = FUSE_GRAD_RUN if group >= 2 else FUSE_CACHED_RUN
         else:
-            run = FUSE_CACHED_RUN if S < FUSE_SHORT_ROW else FUSE_ROW_RUN
+            run = FUSE_CACHED_RUN if S < FUSE_SHORT_ROW and item == 4 else FUSE_ROW_RUN
     return group if N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run else 0
 
 
@@ -1697,7 +1701,7 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
         return
     cdef bint batch = flags & FWD_BATCH
     cdef Py_ssize_t S = cnp.PyArray_SIZE(x) // (N * C)
-    cdef Layout L = _layout(N, C, S, MOMENT_SUMS if batch else NO_SUMS)
+    cdef Layout L = _layout(N, C, S, MOMENT_SUMS if batch else NO_SUMS, cnp.PyArray_ITEMSIZE(x))
     cdef double small[SMALL_WORK]
     cdef _Scratch big = _Scratch(_work_size(L, batch)) if _work_size(L, batch) > SMALL_WORK else None
     cdef double *work = &small[0] if big is None else big.p
@@ -1903,7 +1907,7 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
         return
     cdef bint batch = flags & BWD_BATCH, relu = (flags & BWD_RELU) != 0
-    cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), GRADIENT_SUMS)
+    cdef Layout L = _layout(N, C, cnp.PyArray_SIZE(x) // (N * C), GRADIENT_SUMS, cnp.PyArray_ITEMSIZE(x))
     cdef bint given = sums is not None and dx is not None
     cdef double small[SMALL_WORK]
     cdef _Scratch big = _Scratch(_work_size(L, True)) if _work_size(L, True) > SMALL_WORK else None

@@ -144,8 +144,8 @@ def test_every_channel_minor_block_holds_rows(shape):
 
 # (N, C, S) of channel-major tensors in cache of 4 images or more and whether the training forward and the backward
 # take groups of whole channels: runs of group*S >= 768 values (the backward: >= 512 values in groups of 2 channels
-# or more; the forward of rows of 256 values or more: >= 1536); a group of about 64K values, at most C // 16
-# channels, 16 groups or more
+# or more; the forward of rows of 256 values or more, and every float64 forward: >= 1536); a group of about 64K
+# values, at most C // 16 channels, 16 groups or more
 CACHED = [((32, 2048, 49), True, True), ((8, 64, 784), True, True), ((16, 32, 3136), True, True),
           ((64, 128, 64), False, True), ((64, 256, 49), True, True), ((64, 16, 1024), False, True),
           ((64, 32, 784), False, True), ((64, 32, 729), False, False), ((128, 16, 512), False, False),
@@ -165,6 +165,9 @@ def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, forward, backw
         if whole:
             run = (1536 if shape[2] >= 256 else 768) if sums == 1 else 512 if L["group"] >= 2 else 768
             assert L["nblocks"] >= 16 and L["group"] * shape[2] >= run
+    group = _kernels.layout(*shape, sums=1)["group"]
+    L = _kernels.layout(*shape, sums=1, item=8)  # float64: the forward's groups need runs of 1536 values
+    assert (L["fused"] and L["group"] < shape[1]) == (forward and group * shape[2] >= 1536)
 
 
 STREAM_MIN = 1 << 22
