@@ -7,8 +7,14 @@ the roofline: a multi-threaded copy (the floor for forward and eval) and add (th
 tensor. Layouts: NCHW (C-contiguous, channels at axis 1), channels-last (the NCHW view of NHWC memory that
 PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC ((N, L, C) C-contiguous at
 axis -1; PyTorch gets its (N, C, L) view). cbn, its roofline and PyTorch are timed round-robin, call after call,
-so that drift on a shared machine touches them alike. cbn's results are checked against the reference as it runs, and
-tracemalloc records what each call allocates (numpy arrays and the kernels' scratch) beyond its output.
+so that drift on a shared machine touches them alike. cbn's calls are timed twice in that round-robin: writing into
+a given output (``out=``), against the roofline, which writes into one of its own, and returning a new output, against
+PyTorch and the NumPy reference, whose calls return new arrays. Like for like: a new output comes from the
+allocator's cache, the memory the round's previous output just gave back (warm in the caches, as PyTorch's is),
+while a given output is last written a round earlier (the channels-last (256, 128, 8, 8) backward at 1 thread: 2.3
+ms into a given output, 1.6 ms into a new one; PyTorch's 1.8 ms). cbn's results are checked against the reference as
+it runs, and tracemalloc records what each call allocates (numpy arrays and the kernels' scratch) beyond its
+output.
 
 A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times the per-call cost on the shapes
 most NumPy users run: the layer calls as they make them, round-robin with the floor of a trivial NumPy ufunc call;
@@ -196,7 +202,8 @@ def _check(y: FloatArray, dx: FloatArray, x: FloatArray, dy: FloatArray, axis: i
 
 def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, budget: float,
                with_reference: bool = True) -> list[Row]:
-    """Time cbn, the roofline and the NumPy reference on one case; return one row per op (times in us)."""
+    """Time cbn (into ``out=`` and into a new output), the roofline, PyTorch and the NumPy reference on one case;
+    return one row per op (times in us)."""
     x, dy, axis = _data(shape, layout, dtype)
     C = shape[1]
     cbn.set_num_threads(threads)
@@ -207,7 +214,8 @@ def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, bu
     flat_x, flat_dy, flat_out = x.ravel(order="K"), dy.ravel(order="K"), np.empty(x.size, dtype)
     train.forward(x, out=y)
     calls: Calls = {"train": lambda: train.forward(x, out=y), "eval": lambda: ev.forward(x, out=y),
-             "backward": lambda: train.backward(dy, out=dx),
+             "backward": lambda: train.backward(dy, out=dx), "train new": lambda: train.forward(x),
+             "eval new": lambda: ev.forward(x), "backward new": lambda: train.backward(dy),
              "copy": lambda: _roofline.copy(flat_x, flat_out, threads),
              "add": lambda: _roofline.add(flat_x, flat_dy, flat_out, threads)}
     torch_calls = _torch_calls(x, dy, layout, threads)
@@ -226,11 +234,12 @@ def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, bu
         calls = _reference_calls(x, dy, axis)
         ref = {op: median_time(calls[op], budget, min_runs=3) for op in OPS}
     return [{"shape": list(shape), "layout": layout, "dtype": np.dtype(dtype).name, "threads": threads, "op": op,
-             "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "roofline_us": floor[op] * 1e6,
-             "cbn_over_roofline": t[op] / floor[op],
-             "numpy_us": ref[op] * 1e6 if ref else None, "numpy_over_cbn": ref[op] / t[op] if ref else None,
+             "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "cbn_new_us": t[f"{op} new"] * 1e6,
+             "roofline_us": floor[op] * 1e6, "cbn_over_roofline": t[op] / floor[op],
+             "numpy_us": ref[op] * 1e6 if ref else None,
+             "numpy_over_cbn": ref[op] / t[f"{op} new"] if ref else None,
              "torch_us": t[f"torch {op}"] * 1e6 if torch_calls else None,
-             "torch_over_cbn": t[f"torch {op}"] / t[op] if torch_calls else None,
+             "torch_over_cbn": t[f"torch {op}"] / t[f"{op} new"] if torch_calls else None,
              "alloc_bytes_out": alloc_out[op], "alloc_bytes": alloc_new[op],
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
@@ -358,14 +367,16 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 HEADER = (f"{'shape':>18} {'layout':>13} {'dtype':>7} {'thr':>3} {'op':>8} {'MB':>7} {'cbn us':>10} {'cbn/roof':>8} "
-          f"{'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
+          f"{'new us':>10} {'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
 
 
 def format_row(r: Row) -> str:
-    """One table line: time, ratio to the roofline, speedups over NumPy and PyTorch, allocation, correctness."""
+    """One table line: time into out= and its ratio to the roofline, time into a new output and the speedups over
+    NumPy and PyTorch (of that time), allocation, correctness."""
     return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} "
             f"{r['MB']:7.1f} "
-            f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {_fmt(r['numpy_over_cbn'], '9.1f')} "
+            f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {r['cbn_new_us']:10.1f} "
+            f"{_fmt(r['numpy_over_cbn'], '9.1f')} "
             f"{_fmt(r['torch_over_cbn'], '9.2f')} {r['alloc_bytes_out'] / 1e3:9.1f} "
             f"{'yes' if r['correct'] else 'NO':>3}")
 
@@ -451,8 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = [(s, lay) for s in _shapes(a.shapes) for lay in layouts
                  if lay == "NCHW" or (lay == "channels-last" and len(s) == 4) or (lay == "NLC" and len(s) == 3)]
     info = header()
-    print("cbn benchmark: medians; cbn/roof = cbn time / (copy for train and eval, add for backward);")
-    print("numpy/cbn and torch/cbn = how many times faster cbn is. " +
+    print("cbn benchmark: medians; cbn us: into out=; cbn/roof = cbn time / (copy for train and eval, add for "
+          "backward);\nnew us: into a new output; numpy/cbn and torch/cbn = how many times faster that is. " +
           ", ".join(f"{k} {v}" for k, v in info.items()))
     rows, variants, small = [], [], []
     saved_threads = cbn.get_num_threads()
