@@ -401,11 +401,12 @@ cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) load
 # the lines PREFETCH_BYTES ahead of where they read (cbn_prefetch): the hardware prefetchers stop at each 4 KB page
 # and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
-# time of their training forward and backward). In cache, past the run's end they load the block's next run
-# (_next_run): a block of whole channels reads runs an image apart, and the lines right after a run are another
-# block's (groups of 1 channel with runs of 1024 values: the backward 1.12x the time of blocks in memory order
-# with those lines, 0.82x with the next run's). Beyond the caches the lines right after the run served better
-# ((32, 256, 56, 56) backward: 1.06x the time with the next run's).
+# time of their training forward and backward). In cache, a prefetch that passes the run's end goes as far into the
+# block's next run instead (_next_run; the rows summed one at a time, _row_sums): a block of whole channels reads
+# runs an image apart, and the lines right after a run are another block's (groups of 1 channel with runs of 1024
+# values: the backward 1.12x the time of blocks in memory order with those lines, 0.82x with the next run's). A run
+# shorter than PREFETCH_BYTES leaves the start of the next one unfetched. Beyond the caches the lines right after the
+# run served better ((32, 256, 56, 56) backward: 1.06x the time with the next run's).
 cdef Py_ssize_t PREFETCH_BYTES = 4096
 cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step, the unit of _slot)
 cdef enum:
@@ -494,8 +495,8 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 
 cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums, Py_ssize_t item) noexcept nogil:
-    """The blocks of an (N, C, S) tensor of ``item``-byte values: a function of the shape and the dtype (and the
-    test-only switch) alone, whatever the memory layout. Without sums
+    """The blocks of the kernels' (N, C, S) view of a tensor of ``item``-byte values: a function of that shape and
+    the item size (and the test-only switch) alone. Without sums
     (an elementwise pass only) blocks follow memory order plainly: no blocks of whole channels, and no minimum of
     images per block (it only serves sums: partial-sum budget, short rows summed down the images)."""
     cdef Layout L

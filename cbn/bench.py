@@ -9,12 +9,14 @@ PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC 
 axis -1; PyTorch gets its (N, C, L) view). cbn, its roofline and PyTorch are timed round-robin, call after call,
 so that drift on a shared machine touches them alike. cbn's calls are timed twice in that round-robin: writing into
 a given output (``out=``), against the roofline, which writes into one of its own, and returning a new output, against
-PyTorch and the NumPy reference, whose calls return new arrays. Like for like: a new output comes from the
-allocator's cache, the memory the round's previous output just gave back (warm in the caches, as PyTorch's is),
-while a given output is last written a round earlier (the channels-last (256, 128, 8, 8) backward at 1 thread: 2.3
-ms into a given output, 1.6 ms into a new one; PyTorch's 1.8 ms). cbn's results are checked against the reference as
-it runs, and tracemalloc records what each call allocates (numpy arrays and the kernels' scratch) beyond its
-output.
+PyTorch and the NumPy reference, whose calls return new arrays. Like for like: a new output of up to 32 MB (glibc's
+largest mmap threshold) is the memory the round's previous output just gave back, warm in the caches as PyTorch's
+is, where a given output was last written a round earlier (the channels-last (256, 128, 8, 8) backward at 1 thread:
+2.3 ms into a given output, 1.6 ms into a new one; PyTorch's 1.8 ms; eval's is warm either way: the training
+forward writes it just before); a larger one is a fresh mapping each call, whose pages fault in, PyTorch's too
+(tensors of 50 MB or more: 1.6-2.9x the time into ``out=``). The JSON keeps PyTorch's ratio to the call into
+``out=`` too (``torch_over_cbn_out``). cbn's results are checked against the reference as it runs, and tracemalloc
+records what each call allocates (numpy arrays and the kernels' scratch) beyond its output.
 
 A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times the per-call cost on the shapes
 most NumPy users run: the layer calls as they make them, round-robin with the floor of a trivial NumPy ufunc call;
@@ -240,6 +242,7 @@ def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, bu
              "numpy_over_cbn": ref[op] / t[f"{op} new"] if ref else None,
              "torch_us": t[f"torch {op}"] * 1e6 if torch_calls else None,
              "torch_over_cbn": t[f"torch {op}"] / t[f"{op} new"] if torch_calls else None,
+             "torch_over_cbn_out": t[f"torch {op}"] / t[op] if torch_calls else None,
              "alloc_bytes_out": alloc_out[op], "alloc_bytes": alloc_new[op],
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
@@ -367,7 +370,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 HEADER = (f"{'shape':>18} {'layout':>13} {'dtype':>7} {'thr':>3} {'op':>8} {'MB':>7} {'cbn us':>10} {'cbn/roof':>8} "
-          f"{'new us':>10} {'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
+          f"{'new-out us':>10} {'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
 
 
 def format_row(r: Row) -> str:
@@ -425,7 +428,7 @@ def plot(rows: list[Row], path: str) -> None:
             ax1.bar(xs, [vals[s]["cbn_over_roofline"] for s in shapes], 0.27, label=op)
             ax2.bar(xs, [vals[s]["torch_over_cbn"] or 0 for s in shapes], 0.27, label=op)
         for ax, title, line in ((ax1, "cbn time / roofline (lower is better, log scale)", 1.0),
-                                (ax2, "PyTorch time / cbn time (higher is better)", 1.0)):
+                                (ax2, "PyTorch time / cbn time, new outputs (higher is better)", 1.0)):
             ax.axhline(line, color="k", lw=0.8)
             if ax is ax1:
                 ax.set_yscale("log")
@@ -463,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  if lay == "NCHW" or (lay == "channels-last" and len(s) == 4) or (lay == "NLC" and len(s) == 3)]
     info = header()
     print("cbn benchmark: medians; cbn us: into out=; cbn/roof = cbn time / (copy for train and eval, add for "
-          "backward);\nnew us: into a new output; numpy/cbn and torch/cbn = how many times faster that is. " +
+          "backward);\nnew-out us: into a new output; numpy/cbn and torch/cbn = how many times faster that is. " +
           ", ".join(f"{k} {v}" for k, v in info.items()))
     rows, variants, small = [], [], []
     saved_threads = cbn.get_num_threads()

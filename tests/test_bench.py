@@ -25,6 +25,7 @@ def test_bench_smoke(tmp_path, capsys):
         # the libraries' calls return new arrays: they are compared with cbn's that return one too
         assert r["cbn_new_us"] > 0 and r["numpy_over_cbn"] == pytest.approx(r["numpy_us"] / r["cbn_new_us"])
         assert r["torch_over_cbn"] is None or r["torch_over_cbn"] == pytest.approx(r["torch_us"] / r["cbn_new_us"])
+        assert r["torch_over_cbn_out"] is None or r["torch_over_cbn_out"] == pytest.approx(r["torch_us"] / r["cbn_us"])
         # with out= nothing of input size is allocated (kernel scratch and (C,) statistics only)
         assert r["alloc_bytes_out"] < 16e3, r
     printed = capsys.readouterr().out
