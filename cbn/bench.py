@@ -8,15 +8,15 @@ tensor. Layouts: NCHW (C-contiguous, channels at axis 1), channels-last (the NCH
 PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC ((N, L, C) C-contiguous at
 axis -1; PyTorch gets its (N, C, L) view). cbn, its roofline and PyTorch are timed round-robin, call after call,
 so that drift on a shared machine touches them alike. cbn's calls are timed twice in that round-robin: writing into
-a given output (``out=``), against the roofline, which writes into one of its own, and returning a new output, against
-PyTorch and the NumPy reference, whose calls return new arrays. Like for like: a new output of up to 32 MB (glibc's
-largest mmap threshold) is the memory the round's previous output just gave back, warm in the caches as PyTorch's
-is, where a given output was last written a round earlier (the channels-last (256, 128, 8, 8) backward at 1 thread:
-2.3 ms into a given output, 1.6 ms into a new one; PyTorch's 1.8 ms; eval's is warm either way: the training
-forward writes it just before); a larger one is a fresh mapping each call, whose pages fault in, PyTorch's too
-(tensors of 50 MB or more: 1.6-2.9x the time into ``out=``). The JSON keeps PyTorch's ratio to the call into
-``out=`` too (``torch_over_cbn_out``). cbn's results are checked against the reference as it runs, and tracemalloc
-records what each call allocates (numpy arrays and the kernels' scratch) beyond its output.
+a given output (``out=``: the table's time and ratios) and returning a new output (``new-out us``, and PyTorch's time
+over it, ``torch/new``), as PyTorch's calls do. A new output comes from the allocator: up to 32 MB (glibc's largest
+mmap threshold) often the memory the round's previous output just gave back, warm in the caches, where a given
+output was last written a round earlier (the channels-last (256, 128, 8, 8) backward at 1 thread: 2.3 ms into a given
+output, 1.6 ms into a new one, PyTorch's 1.8 ms; eval's given output is warm: the training forward writes it just
+before); otherwise a fresh mapping whose pages fault in on first touch (tensors of 50 MB or more: 1.6-2.9x the time
+into ``out=``; the training forward of (64, 256, 400) at 2 threads, whose page faults the two threads take at once:
+27 ms against 2 ms). cbn's results are checked against the reference as it runs, and tracemalloc records what each
+call allocates (numpy arrays and the kernels' scratch) beyond its output.
 
 A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times the per-call cost on the shapes
 most NumPy users run: the layer calls as they make them, round-robin with the floor of a trivial NumPy ufunc call;
@@ -239,10 +239,10 @@ def bench_case(shape: Shape, layout: str, dtype: np.dtype[Any], threads: int, bu
              "MB": x.nbytes / 1e6, "cbn_us": t[op] * 1e6, "cbn_new_us": t[f"{op} new"] * 1e6,
              "roofline_us": floor[op] * 1e6, "cbn_over_roofline": t[op] / floor[op],
              "numpy_us": ref[op] * 1e6 if ref else None,
-             "numpy_over_cbn": ref[op] / t[f"{op} new"] if ref else None,
+             "numpy_over_cbn": ref[op] / t[op] if ref else None,
              "torch_us": t[f"torch {op}"] * 1e6 if torch_calls else None,
-             "torch_over_cbn": t[f"torch {op}"] / t[f"{op} new"] if torch_calls else None,
-             "torch_over_cbn_out": t[f"torch {op}"] / t[op] if torch_calls else None,
+             "torch_over_cbn": t[f"torch {op}"] / t[op] if torch_calls else None,
+             "torch_over_cbn_new": t[f"torch {op}"] / t[f"{op} new"] if torch_calls else None,
              "alloc_bytes_out": alloc_out[op], "alloc_bytes": alloc_new[op],
              "max_err_y": err_y, "max_rel_err_dx": err_dx, "correct": ok} for op in OPS]
 
@@ -370,17 +370,17 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 HEADER = (f"{'shape':>18} {'layout':>13} {'dtype':>7} {'thr':>3} {'op':>8} {'MB':>7} {'cbn us':>10} {'cbn/roof':>8} "
-          f"{'new-out us':>10} {'numpy/cbn':>9} {'torch/cbn':>9} {'alloc KB':>9} {'ok':>3}")
+          f"{'numpy/cbn':>9} {'torch/cbn':>9} {'new-out us':>10} {'torch/new':>9} {'alloc KB':>9} {'ok':>3}")
 
 
 def format_row(r: Row) -> str:
-    """One table line: time into out= and its ratio to the roofline, time into a new output and the speedups over
-    NumPy and PyTorch (of that time), allocation, correctness."""
+    """One table line: time into out=, its ratio to the roofline and speedups over NumPy and PyTorch, the time
+    returning a new output and PyTorch's over it, allocation, correctness."""
     return (f"{str(tuple(r['shape'])):>18} {r['layout']:>13} {r['dtype']:>7} {r['threads']:>3} {r['op']:>8} "
             f"{r['MB']:7.1f} "
-            f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {r['cbn_new_us']:10.1f} "
-            f"{_fmt(r['numpy_over_cbn'], '9.1f')} "
-            f"{_fmt(r['torch_over_cbn'], '9.2f')} {r['alloc_bytes_out'] / 1e3:9.1f} "
+            f"{r['cbn_us']:10.1f} {r['cbn_over_roofline']:8.2f} {_fmt(r['numpy_over_cbn'], '9.1f')} "
+            f"{_fmt(r['torch_over_cbn'], '9.2f')} {r['cbn_new_us']:10.1f} {_fmt(r['torch_over_cbn_new'], '9.2f')} "
+            f"{r['alloc_bytes_out'] / 1e3:9.1f} "
             f"{'yes' if r['correct'] else 'NO':>3}")
 
 
@@ -428,7 +428,7 @@ def plot(rows: list[Row], path: str) -> None:
             ax1.bar(xs, [vals[s]["cbn_over_roofline"] for s in shapes], 0.27, label=op)
             ax2.bar(xs, [vals[s]["torch_over_cbn"] or 0 for s in shapes], 0.27, label=op)
         for ax, title, line in ((ax1, "cbn time / roofline (lower is better, log scale)", 1.0),
-                                (ax2, "PyTorch time / cbn time, new outputs (higher is better)", 1.0)):
+                                (ax2, "PyTorch time / cbn time (higher is better)", 1.0)):
             ax.axhline(line, color="k", lw=0.8)
             if ax is ax1:
                 ax.set_yscale("log")
@@ -466,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  if lay == "NCHW" or (lay == "channels-last" and len(s) == 4) or (lay == "NLC" and len(s) == 3)]
     info = header()
     print("cbn benchmark: medians; cbn us: into out=; cbn/roof = cbn time / (copy for train and eval, add for "
-          "backward);\nnew-out us: into a new output; numpy/cbn and torch/cbn = how many times faster that is. " +
+          "backward);\nnumpy/cbn and torch/cbn = how many times faster cbn is; new-out us: cbn returning a new output, "
+          "torch/new = PyTorch's time over it. " +
           ", ".join(f"{k} {v}" for k, v in info.items()))
     rows, variants, small = [], [], []
     saved_threads = cbn.get_num_threads()
