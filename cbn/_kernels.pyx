@@ -339,11 +339,10 @@ cdef Py_ssize_t BLOCK = 1 << 15
 # FUSE_SHORT_ROW (which blocks in memory order sum channel by channel, a few images at a time: (64, 256, 7, 7) at
 # 1.4x the time of groups; float64's ran as fast as groups or faster, (16, 128, 12, 12) 0.73-0.87x); the backward
 # in groups of 2 channels or more with runs of FUSE_GRAD_RUN or more, the other forwards with runs of FUSE_ROW_RUN
-# or more. Shorter runs made the calls slower at 2 threads,
-# 1.03-1.3x the time of blocks in memory order: the backward with runs of 512, 576 or 729 values in groups of 1
-# channel, the forward with runs of 768 to 1296 of rows of 256 or 324 values. Otherwise
-# blocks follow memory order: all channels of MIN_IMAGES or more images, or of one image cut into pieces of about
-# BLOCK values (rows of COL_CHUNK values or more).
+# or more. Shorter runs made the calls slower at 2 threads, 1.03-1.3x the time of blocks in memory order: the
+# backward with runs of 512, 576 or 729 values in groups of 1 channel, the forward with runs of 768 to 1296 of rows
+# of 256 or 324 values. Otherwise blocks follow memory order: all channels of MIN_IMAGES or more images, or of one
+# image cut into pieces of about BLOCK values (rows of COL_CHUNK values or more).
 cdef Py_ssize_t FUSE_MIN = 1 << 22
 cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
