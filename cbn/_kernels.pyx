@@ -403,9 +403,10 @@ cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # time of their training forward and backward). In cache, a prefetch that passes the run's end goes as far into the
 # block's next run instead (_next_run; the rows summed one at a time, _row_sums): a block of whole channels reads
 # runs an image apart, and the lines right after a run are another block's (groups of 1 channel with runs of 1024
-# values: the backward 1.12x the time of blocks in memory order with those lines, 0.82x with the next run's). A run
-# shorter than PREFETCH_BYTES leaves the start of the next one unfetched. Beyond the caches the lines right after the
-# run served better ((32, 256, 56, 56) backward: 1.06x the time with the next run's).
+# values: the backward 1.12x the time of blocks in memory order with those lines, 0.82x with the next run's); a run
+# shorter than PREFETCH_BYTES there prefetches one run ahead (runs of 784 or 900 values: the backward 0.93-0.99x the
+# time of PREFETCH_BYTES ahead, which skipped the next run's start). Beyond the caches the lines right after the run
+# served better ((32, 256, 56, 56) backward: 1.06x the time with the next run's).
 cdef Py_ssize_t PREFETCH_BYTES = 4096
 cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step, the unit of _slot)
 cdef enum:
@@ -625,7 +626,7 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     wider rows' two rows of accumulators outgrow L1, as the dx pass's coefficients do: _dx_by_row). Vectorised
     across columns: each column is one lane. A row of LANES lanes (_row_lanes) prefetches PREFETCH_BYTES ahead of
     its steps in the order its block reads: past the matrix's end, ``jump`` values further on (where the block's
-    next run starts; 0: right after this one)."""
+    next run starts; 0: right after this one), and where the jump is not 0, at most one run ahead."""
     cdef bint by_row = (not (SumOp is Moments or SumOp is MomentsValid) and ld == width
                         and LANES < width <= SINGLE_RUN)
     cdef Py_ssize_t r, j, i, r4 = 0 if by_row else nrows // 4 * 4
@@ -636,9 +637,12 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     cdef const Py_ssize_t *v2 = NULL
     cdef const Py_ssize_t *v3 = NULL
     cdef Py_ssize_t q, t, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
+    cdef Py_ssize_t step = PREFETCH_BYTES // <Py_ssize_t>sizeof(floating)
+    if jump:  # the block's next run lies elsewhere: a shorter run prefetches one run ahead
+        step = min(step, nrows * ld)
     for r in range(0, r4, 4):
         i = base + r * ld
-        t = i + PREFETCH_BYTES // <Py_ssize_t>sizeof(floating)
+        t = i + step
         if t >= base + nrows * ld:
             t += jump
         for q in range(ahead):  # the lines PREFETCH_BYTES ahead of the step's rows
