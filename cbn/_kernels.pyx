@@ -558,11 +558,17 @@ cdef inline Py_ssize_t _slot(Py_ssize_t n) noexcept nogil:
     return (_cdiv(n, CACHE_LINE // sizeof(double)) + 1) * (CACHE_LINE // sizeof(double))
 
 
+cdef inline bint _in_cache(Py_ssize_t values) noexcept nogil:
+    """Whether a channel-major tensor of this many values counts as in cache (below FUSE_MIN): its groups of whole
+    channels follow FUSE_CACHED, and its row sums' prefetch follows the block (_next_run)."""
+    return values < FUSE_MIN
+
+
 cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums,
                                        Py_ssize_t item) noexcept nogil:
     """Channels per block where the calls with ``sums`` (_layout) over an (N, C, S) channel-major tensor of
     ``item``-byte values take blocks of whole channels, else 0 (FUSE_MIN)."""
-    cdef bint cached = N * C * S < FUSE_MIN
+    cdef bint cached = _in_cache(N * C * S)
     cdef Py_ssize_t group = max(1, min((FUSE_CACHED if cached else FUSE_GROUP) // (N * S), C // MIN_TASKS))
     cdef Py_ssize_t run = FUSE_RUN
     if cached:
@@ -1083,7 +1089,7 @@ cdef inline Py_ssize_t _next_run(Layout L, Py_ssize_t c, Py_ssize_t c0, Py_ssize
     """Values from the end of channel c's run of ``width`` values in a channel-major block of channels [c0, c1) to
     the start of the block's next run (channel c + 1's in the same image, or channel c0's in the next image) in
     cache; beyond the caches 0 (the values right after the run)."""
-    if L.N * L.W >= FUSE_MIN:
+    if not _in_cache(L.N * L.W):
         return 0
     return L.S - width + (L.W - (c1 - c0) * L.S if c + 1 == c1 else 0)
 
