@@ -802,18 +802,18 @@ cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
     return width + SKEW if width >= SKEW else width
 
 
-cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
-    """The float32 coefficient rows of _value_single and _grad_single from coef's (c0, c1, c2, c3): hi, lo, c1,
-    c2, c3 of each of the W columns, rows W + SKEW apart."""
-    cdef Py_ssize_t j, F = W + SKEW
+cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single, Py_ssize_t rows) noexcept nogil:
+    """The float32 coefficient rows of _value_single and _grad_single from coef's first ``rows`` rows (c0, c1, c2,
+    and c3 for a dx pass): hi, lo, c1, c2 (, c3) of each of the W columns, rows W + SKEW apart."""
+    cdef Py_ssize_t j, r, F = W + SKEW
     cdef float hi
     for j in range(W):
         hi = <float>coef[j]
         single[j] = hi
         single[F + j] = <float>(coef[j] - <double>hi)
-        single[2 * F + j] = <float>coef[W + j]
-        single[3 * F + j] = <float>coef[2 * W + j]
-        single[4 * F + j] = <float>coef[3 * W + j]
+    for r in range(1, rows):
+        for j in range(W):
+            single[(r + 1) * F + j] = <float>coef[r * W + j]
 
 
 cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -1453,13 +1453,12 @@ cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
 
 cdef void _affine_coefs(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const double *mean, const double *invstd,
                         const floating *weight, const floating *bias, double *cc) noexcept nogil:
-    """cc of channels [c0, c1) = (mean, gamma*invstd, beta, 0) (gamma = 1, beta = 0 where weight, bias are
-    NULL)."""
+    """cc of channels [c0, c1) = (mean, gamma*invstd, beta) (gamma = 1, beta = 0 where weight, bias are NULL): the
+    three rows a forward pass reads."""
     cdef Py_ssize_t c
     _gamma_times(c0, c1, weight, invstd, cc + C)
     for c in range(c0, c1):
         cc[c] = mean[c]
-        cc[3 * C + c] = 0.0
     if bias == NULL:
         for c in range(c0, c1):
             cc[2 * C + c] = 0.0
@@ -1671,12 +1670,14 @@ cdef inline double *_totals(Layout L, double *work) noexcept nogil:
     return work + _sums_at(L)
 
 
-cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single) noexcept nogil:
-    """coef from the compact cc (_expand), and its float32 rows when a channel-minor pass runs in float32 (the
-    channel-major ones narrow a row's coefficients themselves)."""
-    _expand(L, cc, coef, 4)
+cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single,
+                               Py_ssize_t rows) noexcept nogil:
+    """coef's first ``rows`` rows from the compact cc (_expand: c0, c1, c2 for a forward pass, and c3 for a dx
+    pass), and their float32 rows when a channel-minor pass runs in float32 (the channel-major ones narrow a row's
+    coefficients themselves)."""
+    _expand(L, cc, coef, rows)
     if single and L.minor:
-        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G))
+        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G), rows)
 
 
 cpdef enum ForwardFlag:
@@ -1789,7 +1790,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
             for c in range(L.C):
                 invstd[c] = 1.0 / sqrt(invstd[c] + eps)
             _affine_coefs(L.C, 0, L.C, mean, invstd, weight, bias, cc)
-            _coefficients(L, cc, coef, single)
+            _coefficients(L, cc, coef, single, 3)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
@@ -1814,7 +1815,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
         _finish_stats(L.C, 0, L.C, s, s + L.C, 1, m, stats_only, update, running_mean, running_var, weight, bias,
                       momentum, eps, mean, invstd, cc)
         if not stats_only:
-            _coefficients(L, cc, coef, single)
+            _coefficients(L, cc, coef, single, 3)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
@@ -1995,7 +1996,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
                 memcpy(sums, s, 2 * L.C * sizeof(double))
             _finish_grad(L.C, 0, L.C, sums, sums + L.C, m, batch, mean, invstd, weight, dweight, dbias, cc)
             if not sums_only:
-                _coefficients(L, cc, coef, _single_pass(kind, x))
+                _coefficients(L, cc, coef, _single_pass(kind, x), 4)
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
         if single and _grad_redo(L, work, cc, <unsigned int *>tree):
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
