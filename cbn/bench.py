@@ -58,7 +58,7 @@ Row = dict[str, Any]  # one row of results (as the JSON file holds it)
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7), (8, 3, 224, 224),
           (256, 128, 8, 8), (64, 16, 32, 32), (1, 64, 56, 56), (2, 8, 4, 4),
-          (4096, 1024), (256, 4096), (64, 256, 400)]
+          (4096, 1024), (256, 4096), (16, 16384), (64, 256, 400)]
 # (shape as (N, C, *), layout): every suite shape as it is, the 4-D ones also as channels-last views, and
 # sequences (N, C, L) stored as (N, L, C).
 CASES = ([(s, "NCHW") for s in SHAPES] + [(s, "channels-last") for s in SHAPES if len(s) == 4]
