@@ -2151,23 +2151,23 @@ cdef inline void _redo(Pass kind, Layout L, Py_ssize_t k, const floating *x, con
 
 cdef void _redo_block(DxDouble op, Layout L, Py_ssize_t k, const floating *x, const floating *dy, floating *dx,
                       const double *coef, const unsigned int *redo) noexcept nogil:
-    """The double pass op over block k's values of the channels with redo[c] (_grad_redo): minor, each row's runs
-    of such channels' columns; major, their rows."""
+    """The double pass op over block k's values of the channels with redo[c] (_grad_redo): minor, the runs of such
+    channels' columns (found once: the block's rows share its columns), each down the block's rows; major, their
+    rows."""
     cdef Py_ssize_t c, c0, c1, n0, n1, i0, i1, n, j, s, start
     if L.minor:
         _minor_block(L, k, &n0, &n1, &i0, &i1)
-        for n in range(n0, n1):
-            c, s, j = (i0 // L.S) % L.C, i0 % L.S, i0
-            while j < i1:
-                start = j
-                while j < i1 and redo[c]:
-                    c, s = _next_column(L, c, s)
-                    j += 1
-                if j > start:
-                    _apply_columns(op, x, dy, x, dx, NULL, n * L.W, start, j, L.W, coef, _every(), 0)
-                while j < i1 and not redo[c]:
-                    c, s = _next_column(L, c, s)
-                    j += 1
+        c, s, j = (i0 // L.S) % L.C, i0 % L.S, i0
+        while j < i1:
+            start = j
+            while j < i1 and redo[c]:
+                c, s = _next_column(L, c, s)
+                j += 1
+            for n in range(n0, n1 if j > start else n0):
+                _apply_columns(op, x, dy, x, dx, NULL, n * L.W, start, j, L.W, coef, _every(), 0)
+            while j < i1 and not redo[c]:
+                c, s = _next_column(L, c, s)
+                j += 1
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     for n in range(n0, n1):
