@@ -2075,11 +2075,12 @@ cdef inline bint _grad_check(double T, double D, double slack) noexcept nogil:
             & (4.1 * U32 * (T if T > top else top) + U32 * top + 1.1 * slack <= 0.99e-6 * D))
 
 
-cdef inline void _raise_peaks(peak_row to, const unsigned short *peaks, Py_ssize_t n) noexcept nogil:
-    """to[i] = max(to[i], peaks[i]) for i < n."""
+cdef inline void _raise_peaks(peak_row to, const unsigned short *peaks, Py_ssize_t n,
+                              Py_ssize_t stride) noexcept nogil:
+    """to[i] = max(to[i], peaks[i*stride]) for i < n."""
     cdef Py_ssize_t i
     for i in range(n):
-        to[i] = max(to[i], peaks[i])
+        to[i] = max(to[i], peaks[i * stride])
 
 
 cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned int *redo) noexcept nogil:
@@ -2104,15 +2105,13 @@ cdef bint _grad_redo(Layout L, const double *work, const double *cc, unsigned in
         for k in range(L.nblocks):
             slot = _block_peaks(L, work, k)
             _minor_block(L, k, &n0, &n1, &i0, &i1)
-            _raise_peaks(col + i0, slot, i1 - i0)
-            _raise_peaks(col + L.W + i0, slot + _outs_at(i1 - i0), i1 - i0)
-        j = 0
-        for _r in range(L.G // L.S):  # column j: value _s of channel c in folded row _r
-            for c in range(L.C):
-                for _s in range(L.S):
-                    terms[c] = max(terms[c], col[j])
-                    outs[c] = max(outs[c], col[L.W + j])
-                    j += 1
+            _raise_peaks(col + i0, slot, i1 - i0, 1)
+            _raise_peaks(col + L.W + i0, slot + _outs_at(i1 - i0), i1 - i0, 1)
+        for _r in range(L.G // L.S):  # column _r*C*S + c*S + _s: value _s of channel c in folded row _r
+            for _s in range(L.S):
+                j = _r * L.C * L.S + _s
+                _raise_peaks(terms, col + j, L.C, L.S)
+                _raise_peaks(outs, col + L.W + j, L.C, L.S)
     else:
         for k in range(L.nblocks):
             slot = _block_peaks(L, work, k)
