@@ -2162,8 +2162,9 @@ cdef void _redo_block(DxDouble op, Layout L, Py_ssize_t k, const floating *x, co
             while j < i1 and redo[c]:
                 c, s = _next_column(L, c, s)
                 j += 1
-            for n in range(n0, n1 if j > start else n0):
-                _apply_columns(op, x, dy, x, dx, NULL, n * L.W, start, j, L.W, coef, _every(), 0)
+            if j > start:
+                for n in range(n0, n1):
+                    _apply_columns(op, x, dy, x, dx, NULL, n * L.W, start, j, L.W, coef, _every(), 0)
             while j < i1 and not redo[c]:
                 c, s = _next_column(L, c, s)
                 j += 1
