@@ -803,8 +803,8 @@ cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
 
 
 cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single, Py_ssize_t rows) noexcept nogil:
-    """The float32 coefficient rows of _value_single and _grad_single from coef's first ``rows`` rows (c0, c1, c2,
-    and c3 for a dx pass): hi, lo, c1, c2 (, c3) of each of the W columns, rows W + SKEW apart."""
+    """The float32 coefficient rows of _value_single and _grad_single from coef's first ``rows`` rows
+    (_coefficients): hi, lo, c1, c2 (, c3) of each of the W columns, rows W + SKEW apart."""
     cdef Py_ssize_t j, r, F = W + SKEW
     cdef float hi
     for j in range(W):
@@ -914,14 +914,14 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
                           const_float_row f, Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g,
                           bint by_row, Py_ssize_t stream) noexcept nogil:
     """A float32 pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
-    coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow) and gate interval at g[j], g[W + j]
-    (GradGatedSingle): out = _value_single (the affine ops, residual e) or t1 - t2 of _grad_single (DxSingle), four
-    rows per step (each column's coefficients and peaks loaded once for them), or by_row one row at a time (in
-    memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to its values':
-    |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded down:
-    cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is the
-    same whichever rows it is taken over, in whatever order. With ``stream`` (Layout.stream), the rows taken one at a
-    time go out through a buffer of stream values and non-temporal stores: pieces of stream columns, or as many
+    coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow; c3 a dx pass's only) and gate interval at
+    g[j], g[W + j] (GradGatedSingle): out = _value_single (the affine ops, residual e) or t1 - t2 of _grad_single
+    (DxSingle), four rows per step (each column's coefficients and peaks loaded once for them), or by_row one row at
+    a time (in memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to its
+    values': |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded
+    down: cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is
+    the same whichever rows it is taken over, in whatever order. With ``stream`` (Layout.stream), the rows taken one
+    at a time go out through a buffer of stream values and non-temporal stores: pieces of stream columns, or as many
     whole rows (contiguous in memory) as the buffer holds."""
     cdef Py_ssize_t r, j, i, q, t, a, b, r4 = 0 if by_row else nrows // 4 * 4
     cdef Py_ssize_t pieces = _cdiv(j1 - j0, stream) if stream else 0, filled = 0
@@ -1349,8 +1349,8 @@ cdef void _grad_sums(Pass kind, Layout L, Py_ssize_t k, const floating *x, const
 
 # -- per-channel work -----------------------------------------------------------------------------------------------
 # The coefficients of the elementwise passes are four rows of C*G columns (coef[row*C*G + j]: column j as the data
-# passes read it); the per-channel steps write them compactly, four rows of C (cc[row*C + c]), and _expand spreads
-# those over the columns. With G == 1 the two are one array.
+# passes read it; a forward pass reads the first three, c3 is left unwritten there); the per-channel steps write them
+# compactly, rows of C (cc[row*C + c]), and _expand spreads those over the columns. With G == 1 the two are one array.
 
 cdef inline Py_ssize_t _terms(Layout L) noexcept nogil:
     """Partial sums per channel: minor, a column per row block and coefficient column; major, its group's blocks."""
@@ -1427,7 +1427,7 @@ cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
                         const floating *weight, const floating *bias,    # IN (C,), or NULL
                         double momentum, double eps,
                         double *mean, double *invstd,                    # OUT (C,)
-                        double *cc) noexcept nogil:                      # INOUT (4, C): IN shift K, OUT affine
+                        double *cc) noexcept nogil:                      # INOUT (3, C): IN shift K, OUT affine
     """Channels [c0, c1), each from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (cc[c]) a value of
     it: mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
@@ -1453,8 +1453,7 @@ cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
 
 cdef void _affine_coefs(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const double *mean, const double *invstd,
                         const floating *weight, const floating *bias, double *cc) noexcept nogil:
-    """cc of channels [c0, c1) = (mean, gamma*invstd, beta) (gamma = 1, beta = 0 where weight, bias are NULL): the
-    three rows a forward pass reads."""
+    """cc of channels [c0, c1) = (mean, gamma*invstd, beta) (gamma = 1, beta = 0 where weight, bias are NULL)."""
     cdef Py_ssize_t c
     _gamma_times(c0, c1, weight, invstd, cc + C)
     for c in range(c0, c1):
