@@ -9,14 +9,10 @@ PyTorch's ``channels_last`` tensors are; PyTorch gets the same strides) and NLC 
 axis -1; PyTorch gets its (N, C, L) view). cbn, its roofline and PyTorch are timed round-robin, call after call,
 so that drift on a shared machine touches them alike. cbn's calls are timed twice in that round-robin: writing into
 a given output (``out=``: the table's time and ratios) and returning a new output (``new-out us``, and PyTorch's time
-over it, ``torch/new``), as PyTorch's calls do. A new output comes from the allocator: up to 32 MB (glibc's largest
-mmap threshold) often the memory the round's previous output just gave back, warm in the caches, where a given
-output was last written a round earlier (the channels-last (256, 128, 8, 8) backward at 1 thread: 2.3 ms into a given
-output, 1.6 ms into a new one, PyTorch's 1.8 ms; eval's given output is warm: the training forward writes it just
-before); otherwise a fresh mapping whose pages fault in on first touch (tensors of 50 MB or more: 1.6-2.9x the time
-into ``out=``; the training forward of (64, 256, 400) at 2 threads, whose page faults the two threads take at once:
-27 ms against 2 ms). cbn's results are checked against the reference as it runs, and tracemalloc records what each
-call allocates (numpy arrays and the kernels' scratch) beyond its output.
+over it, ``torch/new``), as PyTorch's calls do: a new output is the allocator's memory, warm or faulting in where a
+given one was last written a round earlier (docs/benchmarks.md, "Reading the table", says when and by how much).
+cbn's results are checked against the reference as it runs, and tracemalloc records what each call allocates (numpy
+arrays and the kernels' scratch) beyond its output.
 
 A small-shapes section (:func:`bench_small`, skipped with ``--no-small``) times the per-call cost on the shapes
 most NumPy users run: the layer calls as they make them, round-robin with the floor of a trivial NumPy ufunc call;
