@@ -30,7 +30,7 @@ and nothing here allocates more than the small scratch of partial sums and coeff
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, fabs, sqrt
+from libc.math cimport INFINITY, fabs, sqrt, sqrtf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -1690,8 +1690,10 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
             z,                            # IN (N*C*S,) the residual added to the normalised value, or None
             Py_ssize_t N, Py_ssize_t C,
             tuple channels,               # (running_mean, running_var, weight, bias): INOUT, INOUT, IN, IN; None
-                                          # where absent (the running ones are read only with FWD_UPDATE)
-            cnp.ndarray stats,            # OUT (2C,) batch mean, invstd; or IN running mean, var (OUT: invstd)
+                                          # where absent (the running ones are read with FWD_UPDATE, and without
+                                          # FWD_BATCH when given)
+            cnp.ndarray stats,            # OUT (2C,) mean, invstd; IN mean, var without FWD_BATCH and running
+                                          # statistics in channels
             int flags, double momentum, double eps, int thread_cap,
             valid=None,                   # IN (N*S,) intp: 1 where a position counts in the statistics, else 0; or None
             double count=0.0,             # with valid: the number of positions it marks (> 0)
@@ -1702,8 +1704,9 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
     the caller checked.
 
     FWD_BATCH: mean and var (biased) of the batch, written to stats as (mean, invstd); with FWD_UPDATE the running
-    statistics are updated in place. Otherwise stats comes in as the running (mean, var), and var is replaced by
-    invstd. With y None: the batch mean and, in invstd's place, M2 = sum((x - mean)**2), nothing else.
+    statistics are updated in place. Otherwise the given statistics' mean and invstd (_given_stats): the running
+    ones of channels when it has them, else stats comes in as (mean, var). With y None: the batch mean and, in
+    invstd's place, M2 = sum((x - mean)**2), nothing else.
     With valid, the batch statistics are those of the count positions it marks (every position is normalised).
     With gate: each channel's gamma*invstd, then beta, for the backward to recompute the ReLU's gate (_gate_coef).
     """
@@ -1786,8 +1789,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef bint single = _single_pass(kind, x)
     with nogil:
         if not batch:
-            for c in range(L.C):
-                invstd[c] = 1.0 / sqrt(invstd[c] + eps)
+            _given_stats(L.C, running_mean, running_var, eps, mean, invstd)
             _affine_coefs(L.C, 0, L.C, mean, invstd, weight, bias, cc)
             _coefficients(L, cc, coef, single, 3)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
@@ -1819,6 +1821,31 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
+
+
+cdef void _given_stats(Py_ssize_t C, const floating *running_mean, const floating *running_var, double eps,
+                       double *mean, double *invstd) noexcept nogil:
+    """mean and invstd = 1/sqrt(v), v = var + eps, of the statistics a call is given: the running ones when
+    running_mean and running_var are not NULL, else the float64 (mean, var) in (mean, invstd). Float32 running
+    statistics: r = 1/sqrt(v) in float32, refined by a Newton step in double, r + r*(1/2 - v*r*r/2) (within about
+    1e-14 of 1/sqrt(v), at a fraction of a double division and square root; r itself where the step is NaN: v = 0
+    or inf)."""
+    cdef Py_ssize_t c
+    cdef double v, r, step
+    if running_mean == NULL:
+        for c in range(C):
+            invstd[c] = 1.0 / sqrt(invstd[c] + eps)
+    elif floating is float:
+        for c in range(C):
+            mean[c] = running_mean[c]
+            v = running_var[c] + eps
+            r = <float>1.0 / sqrtf(<float>v)
+            step = r * (0.5 - 0.5 * (v * r) * r)
+            invstd[c] = r + (step if step == step else 0.0)
+    else:
+        for c in range(C):
+            mean[c] = running_mean[c]
+            invstd[c] = 1.0 / sqrt(running_var[c] + eps)
 
 
 cdef void _moments(Layout L, Py_ssize_t k, const floating *x, const double *coef, double *part,

@@ -148,7 +148,8 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
         Input of at least 2 dimensions, any floating dtype, layout and strides. Never modified.
     running_mean, running_var : ndarray or None
         (C,) running statistics, C = x.shape[axis]. Updated in place when ``training`` (then they must be
-        contiguous, writeable and of the compute dtype); required when not ``training``.
+        contiguous, writeable and of the compute dtype); required when not ``training`` (then read in the compute
+        dtype).
     weight, bias : ndarray or None
         (C,) gamma and beta; None means 1 and 0.
     training : bool
@@ -283,12 +284,7 @@ def _planned(plan: V.Plan, x: FloatArray, channels: tuple[FloatArray | None, ...
     """The forward of an input that fits ``plan`` on checked arguments (``channels``: running_mean, running_var,
     weight, bias, None where absent): with the _BATCH flag the batch statistics (the running ones updated with
     _UPDATE), else the running statistics. Returns (y, saved)."""
-    C = plan.acb[1]
-    stats = np.empty(2 * C)
-    if flags & _BATCH:
-        return _normalize(plan, x, stats, channels, flags, momentum, eps, out)
-    stats[:C], stats[C:] = channels[0], channels[1]
-    return _normalize(plan, x, stats, (None, None) + channels[2:], flags, 0.0, eps, out)
+    return _normalize(plan, x, np.empty(2 * plan.acb[1]), channels, flags, momentum, eps, out)
 
 
 def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArray | None, weight: FloatArray | None,
@@ -334,11 +330,8 @@ def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArr
         if running_mean is None or running_var is None:
             raise ValueError(f"running_mean and running_var are required when training=False, got "
                              f"{type(running_mean).__name__} and {type(running_var).__name__}")
-        # Float64 copies, (mean, var) in one array: the kernel turns the variance into invstd in place; both are
-        # saved for the backward.
-        stats = np.empty(2 * C)
-        stats[:C] = V.channel_array(running_mean, "running_mean", C)
-        stats[C:] = V.channel_array(running_var, "running_var", C)
+        running_mean = V.channel_param(running_mean, "running_mean", C, dt)
+        running_var = V.channel_param(running_var, "running_var", C, dt)
     weight = V.channel_param(weight, "weight", C, dt)
     bias = V.channel_param(bias, "bias", C, dt)
     y = V.out_array(out, "out", shape, inp.out_dtype, order, None if disjoint else {
@@ -361,14 +354,12 @@ def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArr
             update_running_stats(running_mean, running_var,  # type: ignore[arg-type]
                                  count, mean, M2, momentum, nan_guard)
         return y, saved
-    if training:
-        stats = np.empty(2 * C)
     guard = update and nan_guard
     # nan_guard: the kernel updates copies; only the finite channels are committed (commit_running_stats)
-    new_mean, new_var = (running_mean, running_var) if update else (None, None)
+    new_mean, new_var = (running_mean, running_var) if update or not training else (None, None)
     if guard:
         new_mean, new_var = running_mean.copy(), running_var.copy()  # type: ignore[union-attr]
-    y, saved = _normalize(V.plan(inp), x, stats, (new_mean, new_var, weight, bias),
+    y, saved = _normalize(V.plan(inp), x, np.empty(2 * C), (new_mean, new_var, weight, bias),
                           training * _BATCH + update * _UPDATE + relu * _RELU, momentum, eps, y, z, valid)
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)  # type: ignore[arg-type]
@@ -540,9 +531,10 @@ def _normalize(plan: V.Plan, x: FloatArray, stats: FloatArray, channels: tuple[F
     and the saved forward.
 
     ``stats``: (2C,) float64, filled with the batch's (mean, invstd) with the _BATCH flag (over the
-    :func:`positions` ``valid`` when given), else the given (mean, var), var replaced by invstd. ``channels``:
-    (running_mean, running_var, weight, bias), None where absent (the running statistics are updated with the
-    _UPDATE flag). ``flags``: the kernels' forward flags. ``z``: the residual or None."""
+    :func:`positions` ``valid`` when given), else with the running statistics' (mean, invstd): those of
+    ``channels`` when it has them, else ``stats`` comes in as (mean, var). ``channels``: (running_mean,
+    running_var, weight, bias), None where absent (the running statistics are updated with the _UPDATE flag).
+    ``flags``: the kernels' forward flags. ``z``: the residual or None."""
     A, C, B = acb = plan.acb
     dt = plan.dtype
     if plan.direct:
@@ -560,6 +552,8 @@ def _normalize(plan: V.Plan, x: FloatArray, stats: FloatArray, channels: tuple[F
     elif flags & _BATCH:
         stats.fill(np.nan)
     else:
+        if channels[0] is not None:
+            mean[...], invstd[...] = channels[0], channels[1]
         np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
     return y, BatchNormSaved._make((x3, mean, invstd, channels[2], bool(flags & _BATCH), plan.shape,
                                     plan.out_dtype, plan.axis, plan.order, y1.reshape(acb) if flags & _RELU else None,

@@ -204,6 +204,24 @@ def test_float32_offset_eval_is_exact(offset):
     assert err <= 2e-6
 
 
+def test_float32_eval_invstd_is_the_double_one():
+    """Float32 eval: the saved invstd (scale of y and of the eval backward) is within 3e-14 of the double
+    1/sqrt(running_var + eps) over float32's range of variances, and 1/sqrt's own value at 0, inf, NaN and below 0."""
+    rng = np.random.default_rng(5)
+    var = np.concatenate((np.exp(rng.uniform(-100, 88, 4096)), [0.0, np.inf, np.nan, -1.0, 1e-45, 3e38]))
+    for eps in (1e-5, 0.0):
+        layer = cbn.BatchNorm1d(var.size, eps=eps).eval()
+        layer.running_var[...] = var
+        layer(np.ones((2, var.size), np.float32))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            want = 1.0 / np.sqrt(layer.running_var.astype(np.float64) + eps)
+        got = layer._saved.invstd
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        finite = np.isfinite(want) & (want > 0)
+        np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+        assert np.max(np.abs(got[finite] - want[finite]) / want[finite]) <= 3e-14
+
+
 def _finite_diff(f, a, h):
     g = np.zeros_like(a)
     it = np.nditer(a, flags=["multi_index"])
