@@ -126,6 +126,10 @@ ctypedef fused floating:
     float
     double
 
+ctypedef fused coef_t:  # a coefficient row: double (coef, cc) or a float32 pass's own (_single_coefs)
+    float
+    double
+
 # The operations, as types of a fused argument: each kernel is specialised for its operation at compile time.
 # a = x (dy for the eval backward, which scales dy, except AffineGated), d = dy, e = the extra input: the residual z
 # of a forward, the saved output y of a forward with ReLU and a residual in a backward; masked(d) = d where e > 0,
@@ -1420,25 +1424,24 @@ cdef void _expand(Layout L, const double *cc, floating *coef, Py_ssize_t nrows) 
 
 # -- forward ------------------------------------------------------------------------------------------------------
 
-cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+cdef void _finish_stats(Py_ssize_t c0, Py_ssize_t c1,
                         const double *s1, const double *s2, Py_ssize_t stride,  # IN sums of channel c at (c-c0)*stride
                         double m, bint stats_only, bint update,
                         floating *running_mean, floating *running_var,  # INOUT (C,), when update
-                        const floating *weight, const floating *bias,    # IN (C,), or NULL
                         double momentum, double eps,
                         double *mean, double *invstd,                    # OUT (C,)
-                        double *cc) noexcept nogil:                      # INOUT (3, C): IN shift K, OUT affine
-    """Channels [c0, c1), each from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (cc[c]) a value of
-    it: mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
+                        const double *shift) noexcept nogil:             # IN (C,) K
+    """Channels [c0, c1), each from s1 = sum(x - K), s2 = sum((x - K)**2) over its m values, K (shift[c]) a value
+    of it: mean = K + s1/m, M2 = s2 - s1**2/m (>= 0; loses at most log2(m + 1) bits, nothing for data near K),
     invstd = 1/sqrt(M2/m + eps) (stats_only: M2 in invstd's place, and nothing else). NaN stays NaN.
-    Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1).
-    Affine coefficients of y = (x - mean)*(gamma*invstd) + beta. A loop per step, each vectorised across channels."""
+    Running statistics: r_mean = (1 - f)*r_mean + f*mean, r_var = (1 - f)*r_var + f*M2/(m - 1). A loop per step,
+    each vectorised across channels."""
     cdef Py_ssize_t c, i
     cdef double M2
     for c in range(c0, c1):  # M2 in invstd's place
         i = (c - c0) * stride
         M2 = s2[i] - s1[i] * s1[i] / m
-        mean[c] = cc[c] + s1[i] / m
+        mean[c] = shift[c] + s1[i] / m
         invstd[c] = 0.0 if M2 < 0.0 else M2
     if stats_only:
         return
@@ -1448,7 +1451,6 @@ cdef void _finish_stats(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
             running_var[c] = <floating>((1.0 - momentum) * running_var[c] + momentum * (invstd[c] / (m - 1.0)))
     for c in range(c0, c1):
         invstd[c] = 1.0 / sqrt(invstd[c] / m + eps)
-    _affine_coefs(C, c0, c1, mean, invstd, weight, bias, cc)
 
 
 cdef void _affine_coefs(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const double *mean, const double *invstd,
@@ -1458,25 +1460,31 @@ cdef void _affine_coefs(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const double
     _gamma_times(c0, c1, weight, invstd, cc + C)
     for c in range(c0, c1):
         cc[c] = mean[c]
-    if bias == NULL:
-        for c in range(c0, c1):
-            cc[2 * C + c] = 0.0
-    else:
-        for c in range(c0, c1):
-            cc[2 * C + c] = <double>bias[c]
+    _beta(c0, c1, bias, cc + 2 * C)
 
 
 cdef void _gamma_times(Py_ssize_t c0, Py_ssize_t c1, const floating *weight, const double *v,
-                       double *out) noexcept nogil:
-    """out[c] = gamma*v[c] for the channels [c0, c1) (gamma = 1 where weight is NULL): a loop of its own for each
-    case, without a select in it, so that both vectorise."""
+                       coef_t *out) noexcept nogil:
+    """out[c] = gamma*v[c] for the channels [c0, c1) (gamma = 1 where weight is NULL), rounded once to out's type:
+    a loop of its own for each case, without a select in it, so that both vectorise."""
     cdef Py_ssize_t c
     if weight == NULL:
         for c in range(c0, c1):
-            out[c] = v[c]
+            out[c] = <coef_t>v[c]
     else:
         for c in range(c0, c1):
-            out[c] = <double>weight[c] * v[c]
+            out[c] = <coef_t>(<double>weight[c] * v[c])
+
+
+cdef void _beta(Py_ssize_t c0, Py_ssize_t c1, const floating *bias, coef_t *out) noexcept nogil:
+    """out[c] = beta for the channels [c0, c1) (0 where bias is NULL)."""
+    cdef Py_ssize_t c
+    if bias == NULL:
+        for c in range(c0, c1):
+            out[c] = 0.0
+    else:
+        for c in range(c0, c1):
+            out[c] = <coef_t>bias[c]
 
 
 cdef inline void *_data(object a):
@@ -1737,8 +1745,21 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
                          <double *>_data(channels[0]), <double *>_data(channels[1]), <double *>_data(channels[2]),
                          <double *>_data(channels[3]), mean, mean + C, batch, (flags & FWD_UPDATE) != 0, momentum,
                          eps, work, _threads(L, thread_cap), P, first, count if valid is not None else L.count)
-    if gate is not None:  # the (scale, shift) rows of the compact coefficients the pass used
-        memcpy(_data(gate), _compact(L, work) + C, 2 * C * sizeof(double))
+    if gate is not None:
+        _pass_gate(L, cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT, work, <double *>_data(gate))
+
+
+cdef void _pass_gate(Layout L, bint single, double *work, double *gate) noexcept nogil:
+    """The (scale, shift) of each channel that a forward pass used, for the gate of its backward (_gate_coef): rows
+    1 and 2 of the compact coefficients, or a channel-minor float32 pass's own (_single_coefs), widened."""
+    cdef Py_ssize_t c, F = L.W + SKEW
+    cdef const float *rows = _float_rows(work, L.W)
+    if not (single and L.minor):
+        memcpy(gate, _compact(L, work) + L.C, 2 * L.C * sizeof(double))
+        return
+    for c in range(L.C):
+        gate[c] = rows[2 * F + c * L.S]
+        gate[L.C + c] = rows[3 * F + c * L.S]
 
 
 cdef object _columns(Layout L, valid):
@@ -1790,8 +1811,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     with nogil:
         if not batch:
             _given_stats(L.C, running_mean, running_var, eps, mean, invstd)
-            _affine_coefs(L.C, 0, L.C, mean, invstd, weight, bias, cc)
-            _coefficients(L, cc, coef, single, 3)
+            _forward_coefs(L, single, mean, invstd, weight, bias, cc, coef)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
@@ -1813,14 +1833,57 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
         for k in range(L.nblocks - _parallel_blocks(L, nt)):
             _moments(L, k, x, coef, part, P)
         s = _merge(L, part, part + L.nblocks * L.part)
-        _finish_stats(L.C, 0, L.C, s, s + L.C, 1, m, stats_only, update, running_mean, running_var, weight, bias,
-                      momentum, eps, mean, invstd, cc)
+        _finish_stats(0, L.C, s, s + L.C, 1, m, stats_only, update, running_mean, running_var, momentum, eps, mean,
+                      invstd, cc)
         if not stats_only:
-            _coefficients(L, cc, coef, single, 3)
+            _forward_coefs(L, single, mean, invstd, weight, bias, cc, coef)
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
                 _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
+
+
+cdef void _forward_coefs(Layout L, bint single, const double *mean, const double *invstd, const floating *weight,
+                         const floating *bias, double *cc, double *coef) noexcept nogil:
+    """The coefficient rows of a forward pass, (mean, gamma*invstd, beta) per channel: coef's (_affine_coefs into
+    cc, _expand), or for a channel-minor float32 pass straight its float32 rows (_single_coefs)."""
+    if single and L.minor:
+        _single_coefs(L, mean, invstd, weight, bias, _float_rows(coef, L.W))
+    else:
+        _affine_coefs(L.C, 0, L.C, mean, invstd, weight, bias, cc)
+        _expand(L, cc, coef, 3)
+
+
+cdef void _single_coefs(Layout L, const double *mean, const double *invstd, const floating *weight,
+                        const floating *bias, float *rows) noexcept nogil:
+    """A channel-minor float32 forward pass's rows, as _narrow makes them from coef's (hi and lo of the mean,
+    gamma*invstd and beta rounded once, rows W + SKEW apart), from the statistics without coef: a loop a row over
+    the channels, then each value spread over its G columns (_spread)."""
+    cdef Py_ssize_t c, F = L.W + SKEW
+    cdef float hi
+    for c in range(L.C):
+        hi = <float>mean[c]
+        rows[c] = hi
+        rows[F + c] = <float>(mean[c] - <double>hi)
+    _gamma_times(0, L.C, weight, invstd, rows + 2 * F)
+    _beta(0, L.C, bias, rows + 3 * F)
+    _spread(L, rows, F, 4)
+
+
+cdef void _spread(Layout L, float *rows, Py_ssize_t F, Py_ssize_t nrows) noexcept nogil:
+    """Each channel's value in rows [0, nrows) (F apart), at column c, into its G columns (value s of channel c in
+    folded row r is column r*C*S + c*S + s): in place, from the last channel down, then fold 0 copied over the
+    others."""
+    cdef Py_ssize_t row, c, s, r, CS = L.C * L.S
+    cdef float *p
+    for row in range(nrows):
+        p = rows + row * F
+        if L.S > 1:
+            for c in range(L.C - 1, -1, -1):
+                for s in range(L.S - 1, -1, -1):
+                    p[c * L.S + s] = p[c]
+        for r in range(1, L.G // L.S):
+            memcpy(p + r * CS, p, CS * sizeof(float))
 
 
 cdef void _given_stats(Py_ssize_t C, const floating *running_mean, const floating *running_var, double eps,
@@ -1866,10 +1929,12 @@ cdef void _fused_forward(Layout L, Py_ssize_t k, const floating *x, floating *y,
                          double *part, Positions P, double m) noexcept nogil:
     """Block k of whole channels (major, G == 1: coef is compact): sums, statistics and output in one task."""
     cdef Py_ssize_t c0 = (k % L.ngroups) * L.group
+    cdef Py_ssize_t c1 = min(L.C, c0 + L.group)
     _moments(L, k, x, coef, part, P)
-    _finish_stats(L.C, c0, min(L.C, c0 + L.group), part + k * L.part, part + k * L.part + 1, 2, m, stats_only,
-                  update, running_mean, running_var, weight, bias, momentum, eps, mean, invstd, coef)
+    _finish_stats(c0, c1, part + k * L.part, part + k * L.part + 1, 2, m, stats_only, update, running_mean,
+                  running_var, momentum, eps, mean, invstd, coef)
     if not stats_only:
+        _affine_coefs(L.C, c0, c1, mean, invstd, weight, bias, coef)
         _apply_pass(kind, L, k, x, x, z, y, y, coef, P)
 
 
