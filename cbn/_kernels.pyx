@@ -370,8 +370,9 @@ cdef Py_ssize_t FOLD_WIDTH = 64
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 # A float32 training backward (plain, or after a fused ReLU without residual) computes dx in float32 (DxSingle,
 # each channel checked and recomputed in double where its bound fails) unless the input's rows (values per channel
-# and sample) number 2 to SHORT_DX - 1: channel-major rows that short spend more on folding each row's peaks than
-# float32 saves. Both memory layouts of an array must give the same bits, so its shape decides, not the layout.
+# and sample) number 2 to SHORT_DX - 1, or its channels fewer than SHORT_DX values: channel-major rows that short
+# spend more on folding each row's peaks than float32 saves, and channels that small more on their checks. Both
+# memory layouts of an array must give the same bits, so its shape decides, not the layout.
 cdef Py_ssize_t SHORT_DX = 32
 # Channel-minor arrays beyond CACHED_VALUES values come from memory (_from_memory): their passes go along whole
 # rows of a block, in memory order. A block's rows cut into pieces (the sums' COL_CHUNK columns, the affine pass's
@@ -1994,8 +1995,9 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     Training: dx = gamma*invstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m), xhat = (x - mean)*invstd. Eval (running
     statistics are constants): dx = gamma*invstd*dy. Both: dgamma = sum(dy*xhat), dbeta = sum(dy). dx is computed
     in double and rounded once, except the training dx of float32 data (plain, or gated: after a ReLU without a
-    residual) with rows (a property of the array, not its layout: see SHORT_DX) of 1 or at least SHORT_DX values:
-    in float32, each channel checked and recomputed in double where its error bound fails (_grad_check).
+    residual) with rows (a property of the array, not its layout: see SHORT_DX) of 1 or at least SHORT_DX values,
+    and at least SHORT_DX values a channel: in float32, each channel checked and recomputed in double where its
+    error bound fails (_grad_check).
     Data-parallel use: with dx None, this tensor's sums (sum dy, sum dy*(x - mean)) go to sums; given sums (and
     their count m) of a larger batch, dx uses them instead of this tensor's own.
     After a forward with ReLU, dy stands for gated(dy) in all of the above: dy where the forward's ReLU let the
@@ -2030,7 +2032,7 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     elif valid is not None:
         kind = <Pass>(kind + GRAD_VALID - GRAD)
     if ((kind == GRAD or kind == GRAD_GATED) and dx is not None and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
-            and not 1 < rows < SHORT_DX):
+            and not 1 < rows < SHORT_DX and L.count >= SHORT_DX):
         kind = <Pass>(kind - GRAD + GRAD_SINGLE)
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)

@@ -478,12 +478,14 @@ def test_float32_dx_same_bits_with_the_channel_axis_first(shape, activation):
 
 
 @pytest.mark.parametrize("shape,float32", [((2**14 + 1, 64), True), ((2**17 + 1, 8), True), ((1024, 3, 33), True),
-                                           ((64, 8, 5, 5), False)])
+                                           ((32, 1024), True), ((64, 8, 5, 5), False), ((31, 1024), False),
+                                           ((16, 4096), False)])
 def test_float32_dx_at_any_channel_count_and_size(shape, float32):
     """dx runs in float32 (checked per channel) at any channel count and size, arrays beyond the caches too (whose
-    channel-minor rows go one at a time), unless the rows (values per channel and sample) hold 2 to 31 values: then
-    in double, and dx differs from the float64 result rounded once only where double rounding lands on the other
-    side. Either way within 1e-6, with the same bits in both memory layouts of the array."""
+    channel-minor rows go one at a time), unless the rows (values per channel and sample) hold 2 to 31 values or the
+    channels fewer than 32 values: then in double, and dx differs from the float64 result rounded once only where
+    double rounding lands on the other side. Either way within 1e-6, with the same bits in both memory layouts of
+    the array."""
     rng = np.random.default_rng(15)
     x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
     _, saved = F.batch_norm(x, None, None, None, None, True, return_saved=True)
