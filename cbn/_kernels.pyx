@@ -30,6 +30,7 @@ and nothing here allocates more than the small scratch of partial sums and coeff
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
+from libc.float cimport FLT_MAX, FLT_MIN
 from libc.math cimport INFINITY, fabs, sqrt, sqrtf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -807,16 +808,17 @@ cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
     return width + SKEW if width >= SKEW else width
 
 
-cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single, Py_ssize_t rows) noexcept nogil:
-    """The float32 coefficient rows of _value_single and _grad_single from coef's first ``rows`` rows
-    (_coefficients): hi, lo, c1, c2 (, c3) of each of the W columns, rows W + SKEW apart."""
+cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
+    """The float32 coefficient rows of a channel-minor dx pass (_grad_single) from coef's four rows
+    (_coefficients): hi, lo, c1, c2, c3 of each of the W columns, rows W + SKEW apart (a forward pass has the first
+    four from _single_coefs)."""
     cdef Py_ssize_t j, r, F = W + SKEW
     cdef float hi
     for j in range(W):
         hi = <float>coef[j]
         single[j] = hi
         single[F + j] = <float>(coef[j] - <double>hi)
-    for r in range(1, rows):
+    for r in range(1, 4):
         for j in range(W):
             single[(r + 1) * F + j] = <float>coef[r * W + j]
 
@@ -1354,8 +1356,9 @@ cdef void _grad_sums(Pass kind, Layout L, Py_ssize_t k, const floating *x, const
 
 # -- per-channel work -----------------------------------------------------------------------------------------------
 # The coefficients of the elementwise passes are four rows of C*G columns (coef[row*C*G + j]: column j as the data
-# passes read it; a forward pass reads the first three, c3 is left unwritten there); the per-channel steps write them
-# compactly, rows of C (cc[row*C + c]), and _expand spreads those over the columns. With G == 1 the two are one array.
+# passes read it; a forward pass reads the first three, c3 is left unwritten there, and a channel-minor float32
+# forward pass none: its float32 rows come from _single_coefs); the per-channel steps write them compactly, rows of
+# C (cc[row*C + c]), and _expand spreads those over the columns. With G == 1 the two are one array.
 
 cdef inline Py_ssize_t _terms(Layout L) noexcept nogil:
     """Partial sums per channel: minor, a column per row block and coefficient column; major, its group's blocks."""
@@ -1512,13 +1515,13 @@ cdef class _Scratch:
         free(self.p)
 
 
-# A call's scratch (doubles): coef (4*C*G), the gate rows of a backward after a ReLU (_gate: room for 2*C*G), coef's
-# float32 rows (_narrow: 5 of C*G + SKEW floats, _single_rows), cc (4*C, when G > 1), the sums (2*C) and, for calls
-# that sum (and every backward), the partial sums and their merge tree; a DxSingle pass then writes its peaks over
-# the partial sums (_block_peaks) and its channels' checks over the tree (_grad_redo).
+# A call's scratch (doubles): coef (4*C*G), the gate rows of a backward after a ReLU (_gate: room for 2*C*G), the
+# float32 rows (_single_coefs, _narrow: 5 of C*G + SKEW floats, _single_rows), cc (4*C, when G > 1), the sums (2*C)
+# and, for calls that sum (and every backward), the partial sums and their merge tree; a DxSingle pass then writes
+# its peaks over the partial sums (_block_peaks) and its channels' checks over the tree (_grad_redo).
 
 cdef inline Py_ssize_t _single_rows(Layout L) noexcept nogil:
-    """Doubles of scratch that _narrow's rows take."""
+    """Doubles of scratch that the float32 rows take (_single_coefs, _narrow)."""
     return (5 * (L.C * L.G + SKEW) + 1) // 2
 
 
@@ -1545,7 +1548,8 @@ cdef inline floating *_gate(const double *coef, Py_ssize_t W, const floating *x)
 
 
 cdef inline float *_float_rows(const double *coef, Py_ssize_t W) noexcept nogil:
-    """Where _narrow's float32 rows start: after coef's four rows and the two gate rows, of W columns each."""
+    """Where the float32 rows start (_single_coefs, _narrow): after coef's four rows and the two gate rows, of W
+    columns each."""
     return <float *>(coef + 6 * W)
 
 
@@ -1565,7 +1569,7 @@ cdef void _gate_coef(Layout L, const double *mean, const double *gate, double *c
     per channel): per channel the interval [lo, hi] of the inputs whose output the ReLU let through, computed
     into cc and spread over the columns (_expand). The forward's AffineRelu pass computes the pre-activation of
     input a as v(a) = ((a - h0) - h1)*h2 + h3 in the floating type of x (float32: h0 + h1 the float split of the
-    mean, as _narrow, h2 and h3 the rounded scale and shift; float64: (mean, 0, scale, shift)). Each step rounds
+    mean, as _single_coefs, h2 and h3 the rounded scale and shift; float64: (mean, 0, scale, shift)). Each step rounds
     monotonically, so the inputs with v > 0 are an interval of the floating values (an end of it infinite when
     v(+inf) or v(-inf) > 0; else around h0 if v(h0) > 0; else empty: [inf, -inf]), and its ends, found by
     _edge, make the gate the forward's own test, to the bit, for every input (NaN: outside)."""
@@ -1678,14 +1682,12 @@ cdef inline double *_totals(Layout L, double *work) noexcept nogil:
     return work + _sums_at(L)
 
 
-cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single,
-                               Py_ssize_t rows) noexcept nogil:
-    """coef's first ``rows`` rows from the compact cc (_expand: c0, c1, c2 for a forward pass, and c3 for a dx
-    pass), and their float32 rows when a channel-minor pass runs in float32 (the channel-major ones narrow a row's
-    coefficients themselves)."""
-    _expand(L, cc, coef, rows)
+cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint single) noexcept nogil:
+    """A dx pass's four coef rows from the compact cc (_expand), and their float32 rows when a channel-minor dx
+    pass runs in float32 (the channel-major ones narrow a row's coefficients themselves)."""
+    _expand(L, cc, coef, 4)
     if single and L.minor:
-        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G), rows)
+        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G))
 
 
 cpdef enum ForwardFlag:
@@ -1754,10 +1756,11 @@ cdef void _pass_gate(Layout L, bint single, double *work, double *gate) noexcept
     """The (scale, shift) of each channel that a forward pass used, for the gate of its backward (_gate_coef): rows
     1 and 2 of the compact coefficients, or a channel-minor float32 pass's own (_single_coefs), widened."""
     cdef Py_ssize_t c, F = L.W + SKEW
-    cdef const float *rows = _float_rows(work, L.W)
+    cdef const float *rows
     if not (single and L.minor):
         memcpy(gate, _compact(L, work) + L.C, 2 * L.C * sizeof(double))
         return
+    rows = _float_rows(work, L.W)
     for c in range(L.C):
         gate[c] = rows[2 * F + c * L.S]
         gate[L.C + c] = rows[3 * F + c * L.S]
@@ -1857,8 +1860,8 @@ cdef void _forward_coefs(Layout L, bint single, const double *mean, const double
 
 cdef void _single_coefs(Layout L, const double *mean, const double *invstd, const floating *weight,
                         const floating *bias, float *rows) noexcept nogil:
-    """A channel-minor float32 forward pass's rows, as _narrow makes them from coef's (hi and lo of the mean,
-    gamma*invstd and beta rounded once, rows W + SKEW apart), from the statistics without coef: a loop a row over
+    """A channel-minor float32 forward pass's rows (hi and lo of the mean, gamma*invstd and beta rounded once, rows
+    W + SKEW apart, as _narrow makes a dx pass's from coef's), from the statistics without coef: a loop a row over
     the channels, then each value spread over its G columns (_spread)."""
     cdef Py_ssize_t c, F = L.W + SKEW
     cdef float hi
@@ -1887,15 +1890,22 @@ cdef void _spread(Layout L, float *rows, Py_ssize_t F, Py_ssize_t nrows) noexcep
             memcpy(p + r * CS, p, CS * sizeof(float))
 
 
+cdef inline bint _normal_float(double v) noexcept nogil:
+    """v is a positive float32 normal number or between two of them (False for NaN)."""
+    return (v >= FLT_MIN) & (v <= FLT_MAX)
+
+
 cdef void _given_stats(Py_ssize_t C, const floating *running_mean, const floating *running_var, double eps,
                        double *mean, double *invstd) noexcept nogil:
     """mean and invstd = 1/sqrt(v), v = var + eps, of the statistics a call is given: the running ones when
     running_mean and running_var are not NULL, else the float64 (mean, var) in (mean, invstd). Float32 running
     statistics: r = 1/sqrt(v) in float32, refined by a Newton step in double, r + r*(1/2 - v*r*r/2) (within about
-    1e-14 of 1/sqrt(v), at a fraction of a double division and square root; r itself where the step is NaN: v = 0
-    or inf)."""
+    1e-14 of 1/sqrt(v), at a fraction of a double division and square root), where v is a float32 normal number;
+    elsewhere (0, subnormal, beyond float32, inf, NaN, negative) 1/sqrt(v) in double, in a loop of its own that
+    runs only for a call that has such a channel."""
     cdef Py_ssize_t c
-    cdef double v, r, step
+    cdef double v, r
+    cdef bint outside = False
     if running_mean == NULL:
         for c in range(C):
             invstd[c] = 1.0 / sqrt(invstd[c] + eps)
@@ -1904,8 +1914,12 @@ cdef void _given_stats(Py_ssize_t C, const floating *running_mean, const floatin
             mean[c] = running_mean[c]
             v = running_var[c] + eps
             r = <float>1.0 / sqrtf(<float>v)
-            step = r * (0.5 - 0.5 * (v * r) * r)
-            invstd[c] = r + (step if step == step else 0.0)
+            invstd[c] = r + r * (0.5 - 0.5 * (v * r) * r)
+            outside = outside | (not _normal_float(v))
+        for c in range(C if outside else 0):
+            v = running_var[c] + eps
+            if not _normal_float(v):
+                invstd[c] = 1.0 / sqrt(v)
     else:
         for c in range(C):
             mean[c] = running_mean[c]
@@ -2089,7 +2103,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
                 memcpy(sums, s, 2 * L.C * sizeof(double))
             _finish_grad(L.C, 0, L.C, sums, sums + L.C, m, batch, mean, invstd, weight, dweight, dbias, cc)
             if not sums_only:
-                _coefficients(L, cc, coef, _single_pass(kind, x), 4)
+                _coefficients(L, cc, coef, _single_pass(kind, x))
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
         if single and _grad_redo(L, work, cc, <unsigned int *>tree):
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):

@@ -148,8 +148,7 @@ def batch_norm(x: FloatArray, running_mean: FloatArray | None, running_var: Floa
         Input of at least 2 dimensions, any floating dtype, layout and strides. Never modified.
     running_mean, running_var : ndarray or None
         (C,) running statistics, C = x.shape[axis]. Updated in place when ``training`` (then they must be
-        contiguous, writeable and of the compute dtype); required when not ``training`` (then read in the compute
-        dtype).
+        contiguous, writeable and of the compute dtype); required when not ``training``.
     weight, bias : ndarray or None
         (C,) gamma and beta; None means 1 and 0.
     training : bool
@@ -330,8 +329,8 @@ def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArr
         if running_mean is None or running_var is None:
             raise ValueError(f"running_mean and running_var are required when training=False, got "
                              f"{type(running_mean).__name__} and {type(running_var).__name__}")
-        running_mean = V.channel_param(running_mean, "running_mean", C, dt)
-        running_var = V.channel_param(running_var, "running_var", C, dt)
+        running_mean = V.channel_array(running_mean, "running_mean", C)
+        running_var = V.channel_array(running_var, "running_var", C)
     weight = V.channel_param(weight, "weight", C, dt)
     bias = V.channel_param(bias, "bias", C, dt)
     y = V.out_array(out, "out", shape, inp.out_dtype, order, None if disjoint else {
@@ -356,14 +355,29 @@ def forward(inp: V.Input, running_mean: FloatArray | None, running_var: FloatArr
         return y, saved
     guard = update and nan_guard
     # nan_guard: the kernel updates copies; only the finite channels are committed (commit_running_stats)
-    new_mean, new_var = (running_mean, running_var) if update or not training else (None, None)
+    stats = np.empty(2 * C)
+    new_mean, new_var = (running_mean, running_var) if update else (None, None)
     if guard:
         new_mean, new_var = running_mean.copy(), running_var.copy()  # type: ignore[union-attr]
-    y, saved = _normalize(V.plan(inp), x, np.empty(2 * C), (new_mean, new_var, weight, bias),
+    if not training:
+        new_mean, new_var = _eval_statistics(running_mean, running_var, dt, stats)  # type: ignore[arg-type]
+    y, saved = _normalize(V.plan(inp), x, stats, (new_mean, new_var, weight, bias),
                           training * _BATCH + update * _UPDATE + relu * _RELU, momentum, eps, y, z, valid)
     if guard and x.size:
         commit_running_stats(running_mean, running_var, new_mean, new_var, True)  # type: ignore[arg-type]
     return y, saved
+
+
+def _eval_statistics(running_mean: FloatArray, running_var: FloatArray, dt: np.dtype[Any],
+                     stats: FloatArray) -> tuple[FloatArray | None, FloatArray | None]:
+    """The running statistics for the kernels' eval pass: as they are (contiguous) when of the compute dtype
+    ``dt``; else (None, None), copied to float64 into ``stats`` as (mean, var), so that they are not rounded to
+    ``dt``."""
+    if running_mean.dtype == dt and running_var.dtype == dt:
+        return V.contiguous(running_mean, dt), V.contiguous(running_var, dt)
+    C = running_mean.shape[0]
+    stats[:C], stats[C:] = running_mean, running_var
+    return None, None
 
 
 def _ghost_forward(inp: V.Input, groups: tuple[tuple[int, int], ...], weight: FloatArray | None,

@@ -204,12 +204,24 @@ def test_float32_offset_eval_is_exact(offset):
     assert err <= 2e-6
 
 
+def test_float32_eval_with_float64_running_statistics_is_exact():
+    """Float32 data, float64 running statistics far from zero (not float32 values): eval uses them as given, not
+    rounded to float32 (that would move y by up to 5e-4/std here)."""
+    rng = np.random.default_rng(9)
+    x = (1e4 + rng.standard_normal((16, 8))).astype(np.float32)
+    mean, var = 1e4 + rng.standard_normal(8) * 0.1 + 1e-4 / 3, rng.uniform(0.5, 2.0, 8)
+    y = F.batch_norm(x, mean, var, training=False)
+    y_ref = R.batch_norm(x, mean, var, training=False)
+    assert max_err(y, y_ref) <= 1e-6 * np.max(np.abs(y_ref))
+
+
 def test_float32_eval_invstd_is_the_double_one():
     """Float32 eval: the saved invstd (scale of y and of the eval backward) is within 3e-14 of the double
-    1/sqrt(running_var + eps) over float32's range of variances, and 1/sqrt's own value at 0, inf, NaN and below 0."""
+    1/sqrt(running_var + eps) over float32's range of variances, eps that takes var + eps below or beyond float32's
+    normal numbers included, and 1/sqrt's own value at 0, inf, NaN and below 0."""
     rng = np.random.default_rng(5)
     var = np.concatenate((np.exp(rng.uniform(-100, 88, 4096)), [0.0, np.inf, np.nan, -1.0, 1e-45, 3e38]))
-    for eps in (1e-5, 0.0):
+    for eps in (1e-5, 0.0, 1e-50, 1e-44, 1e39):
         layer = cbn.BatchNorm1d(var.size, eps=eps).eval()
         layer.running_var[...] = var
         layer(np.ones((2, var.size), np.float32))

@@ -2,9 +2,10 @@
 and the forward's scale and shift (``saved.gate``) instead of reading the saved output: it must give the bits of the
 backward that reads the output (``saved._replace(gate=None)``), in every kernel layout, dtype and training mode,
 with masks, ghost batches and renorm, and on inputs whose pre-activation is exactly 0, tiny, huge, infinite or NaN.
-(A float32 training dx runs in float32 from the gate, unless the input's rows hold 2 to 31 values, and in double
-from the saved output: there dweight and dbias keep the bits and dx agrees within the contract, 1e-6 of its largest
-magnitude; a value the two gated differently would move dx by its whole gamma*invstd*dy, and dweight and dbias.)"""
+(A float32 training dx runs in float32 from the gate, unless the input's rows hold 2 to 31 values or its channels
+fewer than 32, and in double from the saved output: there dweight and dbias keep the bits and dx agrees within the
+contract, 1e-6 of its largest magnitude; a value the two gated differently would move dx by its whole
+gamma*invstd*dy, and dweight and dbias.)"""
 import numpy as np
 import pytest
 
