@@ -545,7 +545,7 @@ def _normalize(plan: V.Plan, x: FloatArray, stats: FloatArray, channels: tuple[F
     and the saved forward.
 
     ``stats``: (2C,) float64, filled with the batch's (mean, invstd) with the _BATCH flag (over the
-    :func:`positions` ``valid`` when given), else with the running statistics' (mean, invstd): those of
+    :func:`positions` ``valid`` when given), else with the given statistics' (mean, invstd): the running ones of
     ``channels`` when it has them, else ``stats`` comes in as (mean, var). ``channels``: (running_mean,
     running_var, weight, bias), None where absent (the running statistics are updated with the _UPDATE flag).
     ``flags``: the kernels' forward flags. ``z``: the residual or None."""
