@@ -1411,19 +1411,15 @@ cdef void _pairwise(double *rows, Py_ssize_t n, Py_ssize_t w) noexcept nogil:
 
 
 cdef void _expand(Layout L, const double *cc, floating *coef, Py_ssize_t nrows) noexcept nogil:
-    """coef rows [0, nrows) from the compact cc: each channel's value in each of its G columns (minor: value s of
-    channel c in folded row r is column r*C*S + c*S + s; major: column c), in coef's type. Nothing to do when cc
-    is coef."""
-    cdef Py_ssize_t row, _r, c, _s, j, W = L.C * L.G, S = L.S if L.minor else 1
+    """coef rows [0, nrows) from the compact cc, in coef's type: each channel's value at column c, then in each of
+    its G columns (_spread). Nothing to do when cc is coef."""
+    cdef Py_ssize_t row, c, W = L.C * L.G
     if <const void *>cc == <void *>coef:
         return
     for row in range(nrows):
-        j = row * W
-        for _r in range(L.G // S):
-            for c in range(L.C):
-                for _s in range(S):
-                    coef[j] = <floating>cc[row * L.C + c]
-                    j += 1
+        for c in range(L.C):
+            coef[row * W + c] = <floating>cc[row * L.C + c]
+    _spread(L, coef, W, nrows)
 
 
 # -- forward ------------------------------------------------------------------------------------------------------
@@ -1874,20 +1870,20 @@ cdef void _single_coefs(Layout L, const double *mean, const double *invstd, cons
     _spread(L, rows, F, 4)
 
 
-cdef void _spread(Layout L, float *rows, Py_ssize_t F, Py_ssize_t nrows) noexcept nogil:
-    """Each channel's value in rows [0, nrows) (F apart), at column c, into its G columns (value s of channel c in
-    folded row r is column r*C*S + c*S + s): in place, from the last channel down, then fold 0 copied over the
-    others."""
-    cdef Py_ssize_t row, c, s, r, CS = L.C * L.S
-    cdef float *p
+cdef void _spread(Layout L, floating *rows, Py_ssize_t F, Py_ssize_t nrows) noexcept nogil:
+    """Each channel's value in rows [0, nrows) (F apart), at column c, into its G columns (minor: value s of
+    channel c in folded row r is column r*C*S + c*S + s; major: column c): in place, from the last channel down,
+    then fold 0 copied over the others."""
+    cdef Py_ssize_t row, c, s, r, S = L.S if L.minor else 1
+    cdef floating *p
     for row in range(nrows):
         p = rows + row * F
-        if L.S > 1:
+        if S > 1:
             for c in range(L.C - 1, -1, -1):
-                for s in range(L.S - 1, -1, -1):
-                    p[c * L.S + s] = p[c]
-        for r in range(1, L.G // L.S):
-            memcpy(p + r * CS, p, CS * sizeof(float))
+                for s in range(S - 1, -1, -1):
+                    p[c * S + s] = p[c]
+        for r in range(1, L.G // S):
+            memcpy(p + r * L.C * S, p, L.C * S * sizeof(floating))
 
 
 cdef inline bint _normal_float(double v) noexcept nogil:
