@@ -122,10 +122,15 @@ cdef extern from *:
     ctypedef unsigned short *peak_row "unsigned short *__restrict__"
     ctypedef float *float_row "float *__restrict__"
     ctypedef const float *const_float_row "const float *__restrict__"
+    ctypedef double *double_row "double *__restrict__"
 
 ctypedef fused floating:
     float
     double
+
+ctypedef fused floating_row:  # a floating pointer that no other pointer of the function writes through (restrict)
+    float_row
+    double_row
 
 ctypedef fused coef_t:  # a coefficient row: double (coef, cc) or a float32 pass's own (_single_coefs)
     float
@@ -316,11 +321,12 @@ cdef enum:
     SKEW = 16
     LANES = 16            # fixed lanes of a channel-major row sum
     # The affine passes in cache take the values before the output's first vector boundary (CBN_VECTOR_BYTES) on
-    # their own where a run holds more than ALIGNED_RUN of them (_block_apply): the columns of a float32
-    # channel-minor block from its first row on (rows a multiple of 16 values wide keep the alignment), and each
-    # channel-major row, so that no vector store straddles two cache lines (with AVX-512 and y 16 bytes past a
-    # line, as NumPy allocates arrays three times in four: the (256, 512) eval took 1.9x the time, the
-    # (1, 64, 56, 56) one 1.15x). Shorter runs lose more to the split than they gain.
+    # their own where a run holds more than ALIGNED_RUN of them (_block_apply, _aligned_from): the columns of a
+    # channel-minor block taken four rows at a time (float32 affine passes, double passes), from its first row on
+    # (rows a whole number of vectors wide keep the alignment), and each channel-major row, so that no vector store
+    # straddles two cache lines (with AVX-512 and y 16 bytes past a line, as NumPy allocates arrays three times in
+    # four: the (256, 512) eval took 1.9x the time, the (1, 64, 56, 56) one 1.15x, the float64 (64, 256) one 1.35x).
+    # Shorter runs lose more to the split than they gain.
     ALIGNED_RUN = 64
 
 # Rows shorter than this go channel-minor (given MIN_IMAGES images): a row of a few values would cost more than it
@@ -395,6 +401,11 @@ cdef size_t STALL_BYTES = 128
 # (in cache), so that the run's four float32 coefficient rows (16 KB) stay in L1 beside the rows of data (at 2048
 # columns they did not).
 cdef Py_ssize_t SINGLE_RUN = 1024
+# Likewise the double passes of blocks wider than DOUBLE_RUN columns, in runs of DOUBLE_RUN (four double coefficient
+# rows of 16 KB), which row by row read their coefficients from L2 (float32 backwards of fewer than 32 values a
+# channel: (16, 16384) 0.91x the time, (8, 4096) 0.88x, (16, 1024) 0.93x); narrower blocks keep them in L1 row by
+# row, and ran no faster four rows at a time (the float64 (256, 512) eval 1.08x slower).
+cdef Py_ssize_t DOUBLE_RUN = 512
 # The elementwise passes of a tensor of STREAM_MIN values or more (beyond the caches) write their output (y or dx;
 # not dz) with non-temporal stores on x86-64 (Layout.stream): computed STREAM_CHUNK values at a time into a buffer in
 # L1, then stored past the caches, so that the output's cache lines are not first read from memory (a plain store
@@ -893,11 +904,10 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     """Columns [j0, j1) of the row at x[base:] whose positions start at p, each column j with its own coefficients
     coef[r*W + j], r = 0..3 (its gate interval, r = 4, 5): as _apply_row, in double, COL_CHUNK columns at a time
     (the _single passes, computed in float32, go through _single_columns)."""
-    cdef Py_ssize_t j, i, q, a, b
+    cdef Py_ssize_t j, q, a, b
     cdef Py_ssize_t buf[COL_CHUNK]
     cdef const Py_ssize_t *v = NULL
     cdef const floating *g = _gate(coef, W, x)
-    cdef floating d
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
         if ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
@@ -906,14 +916,51 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
                 continue
             v = _row_weights(P, p, a, b, buf)
         for j in range(a, b):
-            i = base + j
-            d = _dy(op, x[i], dy[i], e[i], g, W, j)
-            out[i] = <floating>_value(op, x[i], d, e[i], coef[j], coef[W + j], coef[2 * W + j], coef[3 * W + j],
-                                      _position(op, v, j - a))
-            if ApplyOp is AffineMaskedDz:
-                dz[i] = <floating>_masked(x[i], e[i])
-            elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
-                dz[i] = d
+            out[base + j] = <floating>_applied(op, x, dy, e, base + j, j, g, W, coef[j], coef[W + j],
+                                               coef[2 * W + j], coef[3 * W + j], _position(op, v, j - a))
+            _dz_at(op, x, dy, e, dz, base + j, j, g, W)
+
+
+cdef void _apply_fours(ApplyOp op, floating_row x, floating_row dy, floating_row e, floating_row out,
+                       floating_row dz, Py_ssize_t base, Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t W,
+                       const double *coef) noexcept nogil:
+    """Columns [j0, j1) of the rows [0, nrows) at x[base:] (row r at base + r*W; nrows a multiple of 4) of a pass
+    without position weights: as _apply_columns, four rows per step, each column's coefficients loaded once for
+    them, and the step's four values stored after its loads (see STALL_BYTES). Only out and dz are written: restrict
+    pointers, so that GCC vectorises the step without alias checks (x, dy and e may be one array, and dz out where
+    the op writes no dz)."""
+    cdef Py_ssize_t r, j, q
+    cdef double c0, c1, c2, c3, v0, v1, v2, v3
+    g = _gate(coef, W, x)
+    for r in range(0, nrows, 4):
+        for j in range(j0, j1):
+            c0, c1, c2, c3 = coef[j], coef[W + j], coef[2 * W + j], coef[3 * W + j]
+            q = base + r * W + j
+            v0 = _applied(op, x, dy, e, q, j, g, W, c0, c1, c2, c3, 1)
+            v1 = _applied(op, x, dy, e, q + W, j, g, W, c0, c1, c2, c3, 1)
+            v2 = _applied(op, x, dy, e, q + 2 * W, j, g, W, c0, c1, c2, c3, 1)
+            v3 = _applied(op, x, dy, e, q + 3 * W, j, g, W, c0, c1, c2, c3, 1)
+            out[q], out[q + W], out[q + 2 * W], out[q + 3 * W] = v0, v1, v2, v3
+            _dz_at(op, x, dy, e, dz, q, j, g, W)
+            _dz_at(op, x, dy, e, dz, q + W, j, g, W)
+            _dz_at(op, x, dy, e, dz, q + 2 * W, j, g, W)
+            _dz_at(op, x, dy, e, dz, q + 3 * W, j, g, W)
+
+
+cdef inline double _applied(ApplyOp op, const floating *x, const floating *dy, const floating *e, Py_ssize_t i,
+                            Py_ssize_t j, const floating *g, Py_ssize_t W, double c0, double c1, double c2, double c3,
+                            Py_ssize_t v) noexcept nogil:
+    """_value of a double pass at value i (column j, gate interval g[j], g[W + j]; position weight v)."""
+    return _value(op, x[i], _dy(op, x[i], dy[i], e[i], g, W, j), e[i], c0, c1, c2, c3, v)
+
+
+cdef inline void _dz_at(ApplyOp op, const floating *x, const floating *dy, const floating *e, floating *dz,
+                        Py_ssize_t i, Py_ssize_t j, const floating *g, Py_ssize_t W) noexcept nogil:
+    """dz[i] of the Dz passes: masked(x) (AffineMaskedDz) or the dy the pass read (GradMaskedDz*); else nothing."""
+    if ApplyOp is AffineMaskedDz:
+        dz[i] = <floating>_masked(x[i], e[i])
+    elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
+        dz[i] = _dy(op, x[i], dy[i], e[i], g, W, j)
 
 
 cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, const_float_row e, float_row out,
@@ -994,6 +1041,12 @@ cdef inline void _single_piece(SingleOp op, const_float_row x, const_float_row d
             dst[j - a] = _value_single(op, x[j], f[j], f[F + j], f[2 * F + j], f[3 * F + j], e[j])
 
 
+cdef inline Py_ssize_t _aligned_from(const floating *row, Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
+    """Where the run [i0, i1) of a row of out (at row) takes up at a vector boundary (see ALIGNED_RUN): the affine
+    passes in cache take a run of more than ALIGNED_RUN values before it on their own; i0 for shorter runs."""
+    return min(i1, i0 + _to_vector(row + i0, sizeof(floating))) if i1 - i0 > ALIGNED_RUN else i0
+
+
 cdef inline Py_ssize_t _to_vector(const void *p, size_t item) noexcept nogil:
     """Items of ``item`` bytes from p to the next multiple of CBN_VECTOR_BYTES (0 when p is one)."""
     return <Py_ssize_t>(((CBN_VECTOR_BYTES - <size_t>p % CBN_VECTOR_BYTES) % CBN_VECTOR_BYTES) // item)
@@ -1004,9 +1057,14 @@ cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const fl
     """Whether the float32 dx pass over a channel-minor block of ``width`` columns takes its rows one at a time
     (_single_columns): whole rows of at most SINGLE_RUN values beyond the caches (_from_memory), or rows a multiple
     of 4 KB long with dx less than STALL_BYTES past both x and dy modulo 4 KB, where four at a time would stall."""
+    return (width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L, False)) or _stalls(L, x, dy, out)
+
+
+cdef inline bint _stalls(Layout L, const floating *x, const floating *dy, const floating *out) noexcept nogil:
+    """Whether a channel-minor pass taking four rows at a time would stall on 4K aliasing: rows a multiple of 4 KB
+    long, with out less than STALL_BYTES past both x and dy modulo 4 KB."""
     cdef size_t a = (<size_t>out - <size_t>x) % 4096, b = (<size_t>out - <size_t>dy) % 4096
-    return ((width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L, False))
-            or ((L.W * sizeof(float)) % 4096 == 0 and 0 < a < STALL_BYTES and 0 < b < STALL_BYTES))
+    return (L.W * sizeof(floating)) % 4096 == 0 and 0 < a < STALL_BYTES and 0 < b < STALL_BYTES
 
 
 cdef inline bint _from_memory(Layout L, bint forward) noexcept nogil:
@@ -1242,7 +1300,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
               and floating is float):  # (_affine spelt out: _single_columns takes SingleOp, known at compile time)
             if not _from_memory(L, True):  # runs of SINGLE_RUN columns down the block (ALIGNED_RUN)
-                b = min(i1, i0 + _to_vector(out + n0 * L.W + i0, sizeof(float))) if i1 - i0 > ALIGNED_RUN else i0
+                b = _aligned_from(out + n0 * L.W, i0, i1)
                 if b > i0:
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, b, _float_rows(coef, L.W),
                                     L.W + SKEW, NULL, 0, NULL, False, L.stream)
@@ -1259,18 +1317,31 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 for n in range(n0, n1):
                     _single_columns(op, x, x, e, out, n * L.W, L.W, 1, i0, i1, _float_rows(coef, L.W),
                                     L.W + SKEW, NULL, 0, NULL, True, 0)
-        else:  # the double passes, row by row
-            for n in range(n0, n1):
+        else:  # the double passes: row by row in memory order, but four rows at a time in runs of DOUBLE_RUN
+            # columns where the block's coefficient rows outgrow L1 (in cache; not those with position weights)
+            n = n0
+            if (not (ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid)
+                    and i1 - i0 > DOUBLE_RUN and not _from_memory(L, False) and not _stalls(L, x, dy, out)):
+                n = n0 + (n1 - n0) // 4 * 4
+                b = _aligned_from(out + n0 * L.W, i0, i1)
+                if b > i0:
+                    _apply_fours(op, <floating *>x, <floating *>dy, <floating *>e, out, dz, n0 * L.W, n - n0, i0, b,
+                                 L.W, coef)
+                for c in range(_cdiv(i1 - b, DOUBLE_RUN)):
+                    a = b + c * DOUBLE_RUN
+                    _apply_fours(op, <floating *>x, <floating *>dy, <floating *>e, out, dz, n0 * L.W, n - n0, a,
+                                 min(i1, a + DOUBLE_RUN), L.W, coef)
+            for n in range(n, n1):
                 _apply_columns(op, x, dy, e, out, dz, n * L.W, i0, i1, L.W, coef, P, n * L.G)
         return
     _major_block(L, k, &c0, &c1, &n0, &n1, &i0, &i1)
     if _affine(op) and not L.stream and i1 - i0 > ALIGNED_RUN:  # each row: before out's vector boundary, the rest
         for n in range(n0, n1):
             for c in range(c0, c1):
-                a = n * L.W + c * L.S + i0
-                b = a + min(i1 - i0, _to_vector(out + a, sizeof(floating)))
-                _apply_row(op, x, dy, e, out, dz, a, b, coef + c, L.C, NULL, _gate(coef, L.C, x) + c)
-                _apply_row(op, x, dy, e, out, dz, b, a + i1 - i0, coef + c, L.C, NULL, _gate(coef, L.C, x) + c)
+                a = n * L.W + c * L.S
+                b = a + _aligned_from(out + a, i0, i1)
+                _apply_row(op, x, dy, e, out, dz, a + i0, b, coef + c, L.C, NULL, _gate(coef, L.C, x) + c)
+                _apply_row(op, x, dy, e, out, dz, b, a + i1, coef + c, L.C, NULL, _gate(coef, L.C, x) + c)
         return
     if _dx_single(op):
         for c in range(2 * L.group):
@@ -1954,15 +2025,15 @@ cdef void _fused_forward(Layout L, Py_ssize_t k, const floating *x, floating *y,
 cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
                        const double *s0, const double *s1,        # IN (C,) sums of channel c at c - c0
                        double m, bint batch,
-                       const double *mean, const double *invstd,  # IN (C,) statistics the forward used
+                       const double *invstd,                      # IN (C,) the forward's
                        const floating *weight,                    # IN (C,) gamma, or NULL
                        floating *dweight, floating *dbias,        # OUT (C,)
-                       double *cc) noexcept nogil:                # OUT (4, C)
+                       double *cc) noexcept nogil:                # IN/OUT (4, C): row 0 the mean on entry
     """Channels [c0, c1), each from s0 = sum(dy), s1 = sum(dy*(x - mean)) over m values: dbeta = s0, dgamma =
     invstd*s1, and the coefficients of dx. Training, g = gamma*invstd: dx = g*(dy - dbeta/m - xhat*dgamma/m)
     = (dy - dbeta/m)*g - (x - mean)*(g*invstd*dgamma/m): Grad with coef = (mean, g, g*invstd*dgamma/m, dbeta/m),
-    both differences taken before scaling. Eval: dx = g*dy, Affine on dy with coef = (0, g, 0, 0). Vectorised
-    across channels."""
+    both differences taken before scaling (row 0 is the sums' shift already: kept). Eval: dx = g*dy, Affine on dy
+    with coef = (0, g, 0, 0). Vectorised across channels."""
     cdef Py_ssize_t c
     _gamma_times(c0, c1, weight, invstd, cc + C)  # g
     for c in range(c0, c1):
@@ -1972,8 +2043,6 @@ cdef void _finish_grad(Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
         for c in range(c0, c1):
             cc[c] = cc[2 * C + c] = cc[3 * C + c] = 0.0
         return
-    for c in range(c0, c1):
-        cc[c] = mean[c]
     for c in range(c0, c1):
         cc[2 * C + c] = cc[C + c] * invstd[c] * (s1[c - c0] * invstd[c]) / m
     for c in range(c0, c1):
@@ -2084,10 +2153,10 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
         _expand(L, cc, coef, 1)
         if L.fused and not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
-                _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, mean, invstd, weight, dweight,
+                _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, invstd, weight, dweight,
                                 dbias, batch, sums, m, coef, part, P)
             for k in range(L.nblocks - _parallel_blocks(L, nt)):
-                _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, mean, invstd, weight, dweight,
+                _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, invstd, weight, dweight,
                                 dbias, batch, sums, m, coef, part, P)
         else:
             if not given:
@@ -2097,7 +2166,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
                     _grad_sums(kind, L, k, x, dy, e, coef, part)
                 s = _merge(L, part, tree)
                 memcpy(sums, s, 2 * L.C * sizeof(double))
-            _finish_grad(L.C, 0, L.C, sums, sums + L.C, m, batch, mean, invstd, weight, dweight, dbias, cc)
+            _finish_grad(L.C, 0, L.C, sums, sums + L.C, m, batch, invstd, weight, dweight, dbias, cc)
             if not sums_only:
                 _coefficients(L, cc, coef, _single_pass(kind, x))
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
@@ -2131,7 +2200,7 @@ cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating *
 
 cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                           const floating *e, floating *dx, floating *dz, Pass kind, bint sums_only,
-                          const double *mean, const double *invstd,
+                          const double *invstd,
                           const floating *weight, floating *dweight, floating *dbias, bint batch,
                           double *sums, double m, double *coef, double *part,
                           Positions P) noexcept nogil:
@@ -2141,7 +2210,7 @@ cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const float
     _grad_sums(kind, L, k, x, dy, e, coef, part)
     for c in range(c0, c1):
         sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
-    _finish_grad(L.C, c0, c1, sums + c0, sums + L.C + c0, m, batch, mean, invstd, weight, dweight, dbias, coef)
+    _finish_grad(L.C, c0, c1, sums + c0, sums + L.C + c0, m, batch, invstd, weight, dweight, dbias, coef)
     if not sums_only:
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 

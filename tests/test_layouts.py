@@ -228,29 +228,40 @@ def _at(shape, offset, keep, dtype=np.float32):
     return buf[start:start + size].view(dtype).reshape(shape)
 
 
-@pytest.mark.parametrize("shape", [(64, 1024), (16, 2048), (8, 4096)])
-def test_dx_bits_do_not_depend_on_where_dx_lies(shape):
+@pytest.mark.parametrize("dtype,shape", [(np.float32, (64, 1024)), (np.float32, (16, 2048)), (np.float32, (8, 4096)),
+                                         (np.float32, (13, 1024)), (np.float64, (64, 1024)), (np.float64, (13, 1024))])
+def test_dx_bits_do_not_depend_on_where_dx_lies(shape, dtype):
     # rows a multiple of 4 KB long, dy 16 bytes past x and dx 16 past dy modulo 4 KB (back-to-back allocations):
-    # the float32 dx pass then steps one row at a time instead of four (_dx_by_row); the same bits either way
+    # the channel-minor dx passes that take four rows at a time (float32 from 32 values a channel, _dx_by_row; in
+    # double below that and for float64 data, blocks wider than DOUBLE_RUN) then step one row at a time; the same
+    # bits either way, plain, after a fused ReLU (gated dy) and after a fused ReLU with a residual (masked dy, dz)
     keep = []
     rng = np.random.default_rng(7)
-    x, dy = _at(shape, 0, keep), _at(shape, 16, keep)
+    x, dy, z = _at(shape, 0, keep, dtype), _at(shape, 16, keep, dtype), _at(shape, 0, keep, dtype)
     x[...] = rng.standard_normal(shape) * 3 + 1
     dy[...] = rng.standard_normal(shape)
-    bn = cbn.BatchNorm1d(shape[1])
-    bn(x)
-    stalled, apart = _at(shape, 32, keep), _at(shape, 2048, keep)
-    bn.backward(dy, out=stalled)
-    bn.backward(dy, out=apart)
-    np.testing.assert_array_equal(stalled, apart)
-    np.testing.assert_array_equal(stalled, bn.backward(dy))
+    z[...] = rng.standard_normal(shape)
+    for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
+        bn = cbn.BatchNorm1d(shape[1], dtype=dtype, **options)
+        bn(x, **extra)
+        stalled, apart = _at(shape, 32, keep, dtype), _at(shape, 2048, keep, dtype)
+        bn.backward(dy, out=stalled)
+        dz = bn.grad_residual
+        bn.backward(dy, out=apart)
+        np.testing.assert_array_equal(stalled, apart)
+        np.testing.assert_array_equal(stalled, bn.backward(dy))
+        if extra:
+            np.testing.assert_array_equal(dz, bn.grad_residual)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(64, 256), (37, 200), (24, 96), (16, 64), (2, 3, 100), (3, 4, 80), (2, 5, 64)])
+@pytest.mark.parametrize("shape", [(64, 256), (37, 200), (24, 96), (16, 64), (2, 3, 100), (3, 4, 80), (2, 5, 64),
+                                   (9, 1030), (8, 2048)])
 def test_y_bits_do_not_depend_on_where_y_lies(shape, dtype):
-    # the in-cache affine pass of runs longer than 64 values (channel-minor float32: a block's columns;
-    # channel-major: each row) takes the values before y's first vector boundary on their own (ALIGNED_RUN): y at
+    # the in-cache affine pass of runs longer than 64 values (channel-minor: a block's columns, float32 and the
+    # double passes four rows at a time; channel-major: each row) takes the values before y's first vector boundary
+    # on their own (ALIGNED_RUN), and a double pass over rows a multiple of 4 KB long steps one row at a time where
+    # y lies less than 128 bytes past x modulo 4 KB (_stalls): y at
     # every offset within a cache line gets the same bits, for every affine op (training forward plain, with a fused
     # ReLU, with a residual, with both; eval; the eval backward, an affine pass on dy)
     keep = []
