@@ -2095,11 +2095,7 @@ def backward(cnp.ndarray x,               # IN the forward's (N, C, S) input's m
     cdef double small[SMALL_WORK]
     cdef _Scratch big = _Scratch(_work_size(L, True)) if _work_size(L, True) > SMALL_WORK else None
     cdef double *work = &small[0] if big is None else big.p
-    cdef double *totals = _totals(L, work)
-    if given:  # copied: given sums are only read, and may be read-only
-        memcpy(totals, _data(sums), 2 * C * sizeof(double))
-    elif sums is not None:
-        totals = <double *>_data(sums)
+    cdef double *totals = _totals(L, work) if sums is None else <double *>_data(sums)  # given sums are only read
     cdef double m = count if given or valid is not None else <double>L.count
     cdef Pass kind = GRAD if batch else AFFINE
     if relu and e is None:
@@ -2165,8 +2161,11 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
                 for k in range(L.nblocks - _parallel_blocks(L, nt)):
                     _grad_sums(kind, L, k, x, dy, e, coef, part)
                 s = _merge(L, part, tree)
-                memcpy(sums, s, 2 * L.C * sizeof(double))
-            _finish_grad(L.C, 0, L.C, sums, sums + L.C, m, batch, invstd, weight, dweight, dbias, cc)
+                if sums_only:
+                    memcpy(sums, s, 2 * L.C * sizeof(double))
+            else:
+                s = sums
+            _finish_grad(L.C, 0, L.C, s, s + L.C, m, batch, invstd, weight, dweight, dbias, cc)
             if not sums_only:
                 _coefficients(L, cc, coef, _single_pass(kind, x))
                 _dx_pass(kind, L, x, dy, e, dx, dz, batch, coef, P, nt)
