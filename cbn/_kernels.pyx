@@ -325,7 +325,7 @@ cdef enum:
     # channel-minor block taken four rows at a time (float32 affine passes, double passes), from its first row on
     # (rows a whole number of vectors wide keep the alignment), and each channel-major row, so that no vector store
     # straddles two cache lines (with AVX-512 and y 16 bytes past a line, as NumPy allocates arrays three times in
-    # four: the (256, 512) eval took 1.9x the time, the (1, 64, 56, 56) one 1.15x, the float64 (64, 256) one 1.35x).
+    # four: the (256, 512) eval took 1.9x the time, the (1, 64, 56, 56) one 1.15x).
     # Shorter runs lose more to the split than they gain.
     ALIGNED_RUN = 64
 
