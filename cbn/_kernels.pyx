@@ -819,16 +819,21 @@ cdef inline Py_ssize_t _outs_at(Py_ssize_t width) noexcept nogil:
     return width + SKEW if width >= SKEW else width
 
 
+cdef inline void _split(double v, float *hi, float *lo) noexcept nogil:
+    """v as the float32 pair the float32 passes subtract from x one after the other: hi = float32(v),
+    lo = float32(v - hi)."""
+    cdef float h = <float>v
+    hi[0] = h
+    lo[0] = <float>(v - <double>h)
+
+
 cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
     """The float32 coefficient rows of a channel-minor dx pass (_grad_single) from coef's four rows
     (_coefficients): hi, lo, c1, c2, c3 of each of the W columns, rows W + SKEW apart (a forward pass has the first
     four from _single_coefs)."""
     cdef Py_ssize_t j, r, F = W + SKEW
-    cdef float hi
     for j in range(W):
-        hi = <float>coef[j]
-        single[j] = hi
-        single[F + j] = <float>(coef[j] - <double>hi)
+        _split(coef[j], &single[j], &single[F + j])
     for r in range(1, 4):
         for j in range(W):
             single[(r + 1) * F + j] = <float>coef[r * W + j]
@@ -841,7 +846,7 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
     _value(op, x, dy, e) in double, rounded once (and dz, for the Dz ops); value i with the position weight
     v[i - i0] (read by the Valid ops only). The _single passes in float32; returns a DxSingle pass's peaks."""
     cdef Py_ssize_t i
-    cdef float hi
+    cdef float hi, lo
     cdef double c0 = cf[0], c1 = cf[W], c2 = cf[2 * W], c3 = cf[3 * W]
     cdef floating h[2]
     cdef floating d
@@ -852,15 +857,15 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
     if ApplyOp is AffineGated or ApplyOp is GradGated or ApplyOp is GradGatedValid or ApplyOp is GradGatedSingle:
         h[0], h[1] = gc[0], gc[W]
     if _single(op, out):
-        hi = <float>c0
+        _split(c0, &hi, &lo)
         for i in range(i0, i1):
             if (ApplyOp is GradSingle or ApplyOp is GradGatedSingle) and floating is float:
-                g = _grad_single(x[i], _dy(op, x[i], dy[i], x[i], h, 1, 0), hi, <float>(c0 - <double>hi),
-                                 <float>c1, <float>c2, <float>c3)
+                g = _grad_single(x[i], _dy(op, x[i], dy[i], x[i], h, 1, 0), hi, lo, <float>c1, <float>c2,
+                                 <float>c3)
                 out[i] = g.out
                 peaks.terms, peaks.out = _peak(peaks.terms, g.terms), _peak(peaks.out, g.out)
             else:
-                out[i] = _value_single(op, x[i], hi, <float>(c0 - <double>hi), <float>c1, <float>c2, e[i])
+                out[i] = _value_single(op, x[i], hi, lo, <float>c1, <float>c2, e[i])
         return peaks
     for i in range(i0, i1):
         d = _dy(op, x[i], dy[i], e[i], h, 1, 0)
@@ -1931,11 +1936,8 @@ cdef void _single_coefs(Layout L, const double *mean, const double *invstd, cons
     W + SKEW apart, as _narrow makes a dx pass's from coef's), from the statistics without coef: a loop a row over
     the channels, then each value spread over its G columns (_spread)."""
     cdef Py_ssize_t c, F = L.W + SKEW
-    cdef float hi
     for c in range(L.C):
-        hi = <float>mean[c]
-        rows[c] = hi
-        rows[F + c] = <float>(mean[c] - <double>hi)
+        _split(mean[c], &rows[c], &rows[F + c])
     _gamma_times(0, L.C, weight, invstd, rows + 2 * F)
     _beta(0, L.C, bias, rows + 3 * F)
     _spread(L, rows, F, 4)
