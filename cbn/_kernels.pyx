@@ -961,7 +961,8 @@ cdef inline double _applied(ApplyOp op, const floating *x, const floating *dy, c
 
 cdef inline void _dz_at(ApplyOp op, const floating *x, const floating *dy, const floating *e, floating *dz,
                         Py_ssize_t i, Py_ssize_t j, const floating *g, Py_ssize_t W) noexcept nogil:
-    """dz[i] of the Dz passes: masked(x) (AffineMaskedDz) or the dy the pass read (GradMaskedDz*); else nothing."""
+    """dz[i] of the Dz passes: masked(x) (AffineMaskedDz) or the dy the pass read (GradMaskedDz*); else nothing.
+    Read after out[i] is stored: out overlaps none of x, dy and e (the Python layer checks it: no_overlap)."""
     if ApplyOp is AffineMaskedDz:
         dz[i] = <floating>_masked(x[i], e[i])
     elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:

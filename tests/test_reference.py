@@ -386,7 +386,7 @@ def test_float32_within_1e6_of_float64_far_from_zero(shape, layout, dy_kind):
 
 @pytest.mark.parametrize("layout", FORCED_LAYOUTS)
 @pytest.mark.parametrize("shape", [(512, 24), (16, 6, 9, 9), (3, 4, 2000), (64, 1024), (3, 1024, 64), (256, 64),
-                                   (4, 128, 8, 8), (16, 6, 5, 5)])
+                                   (4, 128, 8, 8), (16, 6, 5, 5), (9, 3000)])
 @pytest.mark.parametrize("slope", [0.0, 0.3, 0.6, 1.0, 2.0, 10.0, 1e3])
 @pytest.mark.parametrize("fused", [None, "relu", "add+relu"])
 def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope, fused):
@@ -394,7 +394,9 @@ def test_float32_dx_within_1e6_as_its_terms_cancel(shape, layout, slope, fused):
     (from none to about 1000 times dx's largest value); every case keeps the contract (1e-6 of the float64 result,
     relative to its largest magnitude), in every layout, plain, with a fused ReLU and with a residual and ReLU (its
     dresidual exact). With rows of 1 or 32 or more values dx runs in float32 where its check allows and falls back to
-    double per channel where it does not; rows of 2 to 31 values run in double: both sides of that limit."""
+    double per channel where it does not; rows of 2 to 31 values run in double: both sides of that limit. (9, 3000)
+    runs in double (channels of 9 values), in its own layout four rows at a time in runs of 512 columns, in two
+    column blocks of 1500 (the second starting mid-row); the forced layouts take it row by row."""
     rng = np.random.default_rng(12)
     C = shape[1]
     x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
