@@ -305,7 +305,7 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
         return (d - c0) * c1 + c2
     elif ApplyOp is AffineMaskedDz:
         return (_masked(a, e) - c0) * c1 + c2
-    elif ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
+    elif _weighted(op):
         return (d - c3) * c1 - (a - c0) * c2 if v else d * c1
     else:  # Grad, GradGated, GradMaskedDz (GradSingle, GradGatedSingle in double: never selected, float32 only)
         return (d - c3) * c1 - (a - c0) * c2
@@ -751,6 +751,11 @@ cdef inline bint _affine(ApplyOp op) noexcept nogil:
     return ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu
 
 
+cdef inline bint _weighted(ApplyOp op) noexcept nogil:
+    """The ops that read position weights (after a masked forward): GradValid, GradGatedValid, GradMaskedDzValid."""
+    return ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid
+
+
 cdef inline bint _single_pass(Pass kind, const floating *x) noexcept nogil:
     """_single by pass number: the forward passes (AFFINE to AFFINE_ADD_RELU) and the float32 dx passes (_checked)
     on float32 data (x only selects the type)."""
@@ -915,7 +920,7 @@ cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, cons
     cdef const floating *g = _gate(coef, W, x)
     for q in range(_cdiv(j1 - j0, COL_CHUNK)):
         a, b = j0 + q * COL_CHUNK, min(j1, j0 + (q + 1) * COL_CHUNK)
-        if ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
+        if _weighted(op):
             if _uniform(P, a, b) and P.valid[p + a // P.run]:
                 _apply_counted(op, x, dy, e, out, dz, base, a, b, W, coef)
                 continue
@@ -1096,7 +1101,7 @@ cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, cons
 
 cdef inline Py_ssize_t _position(ApplyOp op, const Py_ssize_t *v, Py_ssize_t j) noexcept nogil:
     """The weight v[j] for the passes that read position weights (v is NULL for the others)."""
-    if ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid:
+    if _weighted(op):
         return v[j]
     else:
         return 1
@@ -1326,8 +1331,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         else:  # the double passes: row by row in memory order, but four rows at a time in runs of DOUBLE_RUN
             # columns where the block's coefficient rows outgrow L1 (in cache; not those with position weights)
             n = n0
-            if (not (ApplyOp is GradValid or ApplyOp is GradGatedValid or ApplyOp is GradMaskedDzValid)
-                    and i1 - i0 > DOUBLE_RUN and not _from_memory(L, False) and not _stalls(L, x, dy, out)):
+            if not _weighted(op) and i1 - i0 > DOUBLE_RUN and not _from_memory(L, False) and not _stalls(L, x, dy, out):
                 n = n0 + (n1 - n0) // 4 * 4
                 b = _aligned_from(out + n0 * L.W, i0, i1)
                 if b > i0:
