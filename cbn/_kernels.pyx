@@ -17,7 +17,8 @@ The caller passes an (N, C, S) tensor (S = product of the sizes after the channe
 Every operation (statistics, normalisation, gradient sums, dx, and the statistics-only and two-step calls of
 SyncBatchNorm) is the same three steps over the blocks: partial sums of each block (``_block_sums``), their merge in
 block order (``_merge``), then the elementwise pass over the same blocks (``_block_apply``). Blocks whose
-channels are whole (``Layout.fused``) do all three in one task, so a channel leaves memory once.
+channels are whole (``Layout.fused``) do all three in one task, so a channel leaves memory once; so do the
+backward's channel-minor blocks when each holds all the rows of its columns (``_whole_columns``).
 
 Masked statistics: position weights (one word per position of the (N, C, S) tensor without its channel axis)
 restrict the moment sums to the counted positions, and the dx pass applies the batch-statistics correction there
@@ -844,15 +845,16 @@ cdef inline void _split(double v, float *hi, float *lo) noexcept nogil:
     lo[0] = <float>(v - <double>h)
 
 
-cdef inline void _narrow(Py_ssize_t W, const double *coef, float *single) noexcept nogil:
-    """The float32 coefficient rows of a channel-minor dx pass (_grad_single) from coef's four rows
-    (_coefficients): hi, lo, c1, c2, c3 of each of the W columns, rows W + SKEW apart (a forward pass has the first
-    four from _single_coefs)."""
+cdef inline void _narrow(Py_ssize_t W, Py_ssize_t j0, Py_ssize_t j1, const double *coef,
+                         float *single) noexcept nogil:
+    """The float32 coefficient rows of a channel-minor dx pass (_grad_single) from coef's four rows of W columns
+    (_coefficients), at columns [j0, j1): hi, lo, c1, c2, c3 of each column, rows W + SKEW apart (a forward pass has
+    the first four from _single_coefs)."""
     cdef Py_ssize_t j, r, F = W + SKEW
-    for j in range(W):
+    for j in range(j0, j1):
         _split(coef[j], &single[j], &single[F + j])
     for r in range(1, 4):
-        for j in range(W):
+        for j in range(j0, j1):
             single[(r + 1) * F + j] = <float>coef[r * W + j]
 
 
@@ -1797,7 +1799,7 @@ cdef inline void _coefficients(Layout L, const double *cc, double *coef, bint si
     pass runs in float32 (the channel-major ones narrow a row's coefficients themselves)."""
     _expand(L, cc, coef, 4)
     if single and L.minor:
-        _narrow(L.C * L.G, coef, _float_rows(coef, L.C * L.G))
+        _narrow(L.C * L.G, 0, L.C * L.G, coef, _float_rows(coef, L.C * L.G))
 
 
 cpdef enum ForwardFlag:
@@ -2189,7 +2191,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
         for c in range(L.C):  # the shift of the sums: the mean the forward used
             cc[c] = mean[c]
         _expand(L, cc, coef, 1)
-        if L.fused and not given:
+        if (L.fused or _whole_columns(L)) and not given:
             for k in prange(_parallel_blocks(L, nt), schedule='static', num_threads=nt):
                 _fused_backward(L, k, x, dy, e, dx, dz, kind, sums_only, invstd, weight, dweight,
                                 dbias, batch, sums, m, coef, part, P)
@@ -2239,20 +2241,35 @@ cdef inline void _grad_apply(Pass kind, Layout L, Py_ssize_t k, const floating *
         _apply_pass(kind, L, k, dy, dy, e, dx, dz, coef, P)
 
 
+cdef inline bint _whole_columns(Layout L) noexcept nogil:
+    """Whether a channel-minor layout's blocks hold all the rows of their columns, a channel each (G == 1): a
+    backward then takes each block's sums, coefficients and dx in one task (_fused_backward), while the block's
+    data is in cache."""
+    return L.minor and L.G == 1 and L.rows >= L.N
+
+
 cdef void _fused_backward(Layout L, Py_ssize_t k, const floating *x, const floating *dy,
                           const floating *e, floating *dx, floating *dz, Pass kind, bint sums_only,
                           const double *invstd,
                           const floating *weight, floating *dweight, floating *dbias, bint batch,
                           double *sums, double m, double *coef, double *part,
                           Positions P) noexcept nogil:
-    """Block k of whole channels (major, G == 1: coef is compact): gradient sums, coefficients and dx in one
-    task."""
-    cdef Py_ssize_t c, c0 = (k % L.ngroups) * L.group, c1 = min(L.C, c0 + L.group)
+    """Block k of whole channels (major, L.fused; or minor, _whole_columns; G == 1: coef is compact): gradient
+    sums, coefficients and dx in one task."""
+    cdef Py_ssize_t c, c0, c1, n0, n1, s = k * L.part, t = 2, u = 1  # channel c's sums: part[s + t*(c - c0)], +u
+    if L.minor:
+        _minor_block(L, k, &n0, &n1, &c0, &c1)
+        t, u = 1, L.width
+    else:
+        c0 = (k % L.ngroups) * L.group
+        c1 = min(L.C, c0 + L.group)
     _grad_sums(kind, L, k, x, dy, e, coef, part)
     for c in range(c0, c1):
-        sums[c], sums[L.C + c] = part[k * L.part + 2 * (c - c0)], part[k * L.part + 2 * (c - c0) + 1]
+        sums[c], sums[L.C + c] = part[s + t * (c - c0)], part[s + t * (c - c0) + u]
     _finish_grad(L.C, c0, c1, sums + c0, sums + L.C + c0, m, batch, invstd, weight, dweight, dbias, coef)
     if not sums_only:
+        if L.minor and _single_pass(kind, x):
+            _narrow(L.C, c0, c1, coef, _float_rows(coef, L.C))
         _grad_apply(kind, L, k, x, dy, e, dx, dz, batch, coef, P)
 
 
