@@ -493,7 +493,7 @@ def test_float32_dx_same_bits_with_the_channel_axis_first(shape, activation):
 
 @pytest.mark.parametrize("shape,float32", [((2**14 + 1, 64), True), ((2**17 + 1, 8), True), ((1024, 3, 33), True),
                                            ((32, 1024), True), ((64, 8, 5, 5), False), ((31, 1024), False),
-                                           ((16, 4096), False)])
+                                           ((16, 4096), False), ((128, 2048), True), ((64, 4096), True)])
 def test_float32_dx_at_any_channel_count_and_size(shape, float32):
     """dx runs in float32 (checked per channel) at any channel count and size, arrays beyond the caches too (whose
     channel-minor rows go one at a time), unless the rows (values per channel and sample) hold 2 to 31 values or the

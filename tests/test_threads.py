@@ -32,6 +32,7 @@ SHAPES = [
     ("BatchNorm1d", (64, 16)),
     ("BatchNorm1d", (4096, 32)),
     ("BatchNorm1d", (200, 1300)),
+    ("BatchNorm1d", (128, 2048)),  # the backward in blocks of all rows of 512 columns (FUSE_WIDTH)
     ("BatchNorm2d", (2, 32, 256, 256)),  # tasks of whole channels (>= 4M values)
     ("BatchNorm2d", (64, 512, 8, 8)),
     ("BatchNorm2d", (32, 4, 40, 40)),  # rows of 1600 values in memory order
