@@ -428,9 +428,11 @@ cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # of dy a few values on, and the CPU holds those loads behind it (4K aliasing). The buffer lies just past out modulo
 # 4 KB (_placed), where neither its stores nor the copy's loads meet that. Channels-last (32, 2048, 7, 7) backward:
 # 1.2-1.4x the time of a dx elsewhere stored straight, 1.02-1.12x through chunks of 256 values, 1.1-1.2x through
-# chunks of 1024 (copied out in bursts that wait for their lines). Channel-major rows stay as they are: through the
-# buffer, the (32, 2048, 7, 7) backward's rows of 49 values took 1.35x the time; in four rows at a time, a narrow
-# block's rows, not one at a time ((64, 16, 32, 32) channels-last: 1.05x the time).
+# chunks of 1024 (copied out in bursts that wait for their lines); (256, 128, 8, 8) 0.90-0.92x the time stored
+# straight. Rows narrower than COPY_WIDTH values stay as they are: they did not stall, and through the buffer
+# (8, 3, 224, 224) channels-last (rows of 48 values) took 1.11-1.14x the time. So do channel-major rows (through
+# the buffer, the (32, 2048, 7, 7) backward's rows of 49 values took 1.35x the time), and the rows a block takes
+# four at a time ((64, 16, 32, 32) channels-last one at a time through the buffer: 1.05x the time).
 # The sums of a channel-major row (a run of the row's channel, or of a group of whole channels, in one image) load
 # the lines PREFETCH_BYTES ahead of where they read (cbn_prefetch): the hardware prefetchers stop at each 4 KB page
 # and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
@@ -446,6 +448,7 @@ cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step, t
 cdef enum:
     STREAM_CHUNK = 1024
     COPY_CHUNK = 256
+    COPY_WIDTH = 128
 
 # Test-only switch (force_layout): 0 chooses by shape; 1 channel-major, 2 channel-minor, with blocks of about
 # _forced_block values and threads even for tiny inputs; _forced_stream: the passes that take non-temporal stores
@@ -2196,7 +2199,7 @@ cdef void _backward(Layout L, const floating *x, const floating *dy, const float
     cdef double *tree = part + L.nblocks * L.part  # the sums' merge tree, then a DxSingle pass's checks (_grad_redo)
     cdef double *s
     cdef bint single = _checked(kind)
-    if L.minor and not sums_only and not L.stream and _past(dy, dx):  # rows one at a time: buffered (COPY_CHUNK)
+    if L.minor and L.W >= COPY_WIDTH and not sums_only and not L.stream and _past(dy, dx):  # (COPY_CHUNK)
         L.stream, L.nontemporal = COPY_CHUNK, False
     with nogil:
         if gate != NULL:

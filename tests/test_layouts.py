@@ -230,15 +230,15 @@ def _at(shape, offset, keep, dtype=np.float32):
 
 @pytest.mark.parametrize("dtype,shape", [(np.float32, (64, 1024)), (np.float32, (16, 2048)), (np.float32, (8, 4096)),
                                          (np.float32, (13, 1024)), (np.float64, (64, 1024)), (np.float64, (13, 1024)),
-                                         (np.float32, (20000, 64)), (np.float32, (5000, 300))])
+                                         (np.float32, (10000, 128)), (np.float32, (5000, 300))])
 def test_dx_bits_do_not_depend_on_where_dx_lies(shape, dtype):
     # dy 16 bytes past x and dx 16 past dy modulo 4 KB (back-to-back allocations): with rows a multiple of 4 KB long,
     # the channel-minor dx passes that take four rows at a time (float32 from 32 values a channel, _dx_by_row; in
     # double below that and for float64 data, blocks wider than DOUBLE_RUN) then step one row at a time; the float32
-    # passes' rows taken one at a time (those, and the rows of arrays beyond the caches: the last two shapes, whose
-    # buffer holds four whole rows, or pieces of one) go out through a buffer (COPY_CHUNK); the same bits either
-    # way, plain, after a fused ReLU (gated dy) and after a fused ReLU with a residual (masked dy, dz), in training
-    # and in eval (an affine pass on dy)
+    # passes' rows of 128 values or more taken one at a time (those, and the rows of arrays beyond the caches: the
+    # last two shapes, whose buffer holds two whole rows, or pieces of one) go out through a buffer (COPY_CHUNK,
+    # COPY_WIDTH); the same bits either way, plain, after a fused ReLU (gated dy) and after a fused ReLU with a
+    # residual (masked dy, dz), in training and in eval (an affine pass on dy)
     keep = []
     rng = np.random.default_rng(7)
     x, dy, z = _at(shape, 0, keep, dtype), _at(shape, 16, keep, dtype), _at(shape, 0, keep, dtype)
