@@ -914,12 +914,10 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
 
 cdef Peaks _streamed_row(ApplyOp op, const floating *x, const floating *dy, const floating *e, floating *out,
                          floating *dz, Py_ssize_t i0, Py_ssize_t i1, const double *cf, Py_ssize_t W,
-                         const Py_ssize_t *v, const floating *gc, Py_ssize_t stream,
-                         bint nontemporal) noexcept nogil:
+                         const Py_ssize_t *v, const floating *gc, Py_ssize_t stream) noexcept nogil:
     """_apply_row of a channel-major row's values [i0, i1), stream values (Layout.stream) at a time into a buffer
-    that goes out with non-temporal stores or a copy (_flush; its peaks are the largest of its chunks')."""
-    cdef floating space[STREAM_CHUNK + 1024]
-    cdef floating *buf = _placed(space, out, nontemporal)
+    that goes out with non-temporal stores (its peaks are the largest of its chunks')."""
+    cdef floating buf[STREAM_CHUNK]
     cdef Py_ssize_t t, a, b
     cdef Peaks peaks, chunk
     peaks.terms = peaks.out = 0
@@ -927,29 +925,25 @@ cdef Peaks _streamed_row(ApplyOp op, const floating *x, const floating *dy, cons
         a, b = i0 + t * stream, min(i1, i0 + (t + 1) * stream)
         chunk = _apply_row(op, x + a, dy + a, e + a if e != NULL else NULL, buf, dz + a if dz != NULL else NULL, 0,
                            b - a, cf, W, v + (a - i0) if v != NULL else NULL, gc)
-        _flush(out + a, buf, b - a, nontemporal)
+        _stream(out + a, buf, b - a)
         peaks.terms, peaks.out = max(peaks.terms, chunk.terms), max(peaks.out, chunk.out)
     return peaks
 
 
-cdef inline void _flush(floating *dst, const floating *src, Py_ssize_t n, bint nontemporal) noexcept nogil:
-    """dst[0:n] = src[0:n]: with non-temporal stores (cbn_stream_float, cbn_stream_double), or a copy."""
-    if not nontemporal:
-        memcpy(dst, src, n * sizeof(floating))
-    elif floating is float:
+cdef inline void _stream(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
+    """dst[0:n] = src[0:n] with non-temporal stores (cbn_stream_float, cbn_stream_double)."""
+    if floating is float:
         cbn_stream_float(dst, src, n)
     else:
         cbn_stream_double(dst, src, n)
 
 
-cdef inline floating *_placed(floating *space, const floating *out, bint nontemporal) noexcept nogil:
-    """Where a buffer for out starts in ``space`` (STREAM_CHUNK values and 1024 more: 4 KB or more): a copied one
-    STALL_BYTES past out modulo 4 KB, so that neither its copy into out nor its stores meet the loads of nearby
-    inputs (see COPY_CHUNK); a non-temporal one at the start (placed so, the (32, 256, 56, 56) training forward took
-    1.08x the time)."""
-    if nontemporal:
-        return space
-    return space + ((<size_t>out + STALL_BYTES - <size_t>space) % 4096) // sizeof(floating)
+cdef inline float *_placed(float *space, const float *out) noexcept nogil:
+    """Where a copied buffer for out starts in ``space`` (COPY_CHUNK values and 4 KB more): STALL_BYTES past out
+    modulo 4 KB, so that neither its copy into out nor its stores meet the loads of nearby inputs (see COPY_CHUNK).
+    (The non-temporal buffers stay where the compiler puts them: placed so too, the (32, 256, 56, 56) training
+    forward took 1.08x the time.)"""
+    return space + ((<size_t>out + STALL_BYTES - <size_t>space) % 4096) // sizeof(float)
 
 
 cdef void _apply_columns(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -1030,13 +1024,15 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     values': |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded
     down: cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is
     the same whichever rows it is taken over, in whatever order. With ``stream`` (Layout.stream), the rows taken one
-    at a time go out through a buffer of stream values and non-temporal stores or a copy (_flush): pieces of stream
-    columns, or as many whole rows (contiguous in memory) as the buffer holds."""
+    at a time go out through a buffer of stream values and non-temporal stores, or (not nontemporal) a copy of a
+    buffer placed by _placed: pieces of stream columns, or as many whole rows (contiguous in memory) as the buffer
+    holds."""
     cdef Py_ssize_t r, j, i, q, t, a, b, r4 = 0 if by_row else nrows // 4 * 4
     cdef Py_ssize_t pieces = _cdiv(j1 - j0, stream) if stream else 0, filled = 0
     cdef bint whole = j0 == 0 and j1 == W
-    cdef float space[STREAM_CHUNK + 1024]
-    cdef float *buf = _placed(space, <const float *>out, nontemporal)
+    cdef float streamed[STREAM_CHUNK]
+    cdef float space[COPY_CHUNK + 1024]
+    cdef float *buf = &streamed[0] if nontemporal else _placed(space, <const float *>out)
     cdef const float *er
     cdef unsigned short *terms = NULL
     cdef unsigned short *outs = NULL
@@ -1075,7 +1071,10 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
             _single_piece(op, x + i, dy + i, er, buf + filled, a, b, f, F, terms, outs, g, W)
             filled += b - a
             if not whole or filled + W > stream or r == nrows - 1:
-                _flush(out + i + b - filled, buf, filled, nontemporal)
+                if nontemporal:
+                    cbn_stream_float(out + i + b - filled, buf, filled)
+                else:
+                    memcpy(out + i + b - filled, buf, filled * sizeof(float))
                 filled = 0
 
 
@@ -1413,7 +1412,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             v = P.valid + n * L.S + i0 if P.valid != NULL else NULL
             if L.stream:
                 peaks = _streamed_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C, v,
-                                      _gate(coef, L.C, x) + c, L.stream, L.nontemporal)
+                                      _gate(coef, L.C, x) + c, L.stream)
             else:
                 peaks = _apply_row(op, x, dy, e, out, dz, a + i0, a + i1, coef + c, L.C, v, _gate(coef, L.C, x) + c)
             if _dx_single(op):
