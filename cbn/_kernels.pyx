@@ -525,7 +525,7 @@ cdef struct Layout:
     Py_ssize_t group, ngroups, nimg, ncol, width, per_channel
     # channel-minor: block k = rows [(k // ncol)*rows, +rows) x columns [(k % ncol)*width, +width)
     Py_ssize_t rows
-    Py_ssize_t stream     # values per chunk of output computed into a buffer first (STREAM_MIN), 0: none
+    Py_ssize_t stream     # values per chunk of output computed into a buffer first (STREAM_MIN, COPY_CHUNK), 0: none
     bint nontemporal      # the buffer goes out with non-temporal stores (else a copy: COPY_CHUNK)
 
 
