@@ -540,7 +540,7 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums, Py_ssize
     images per block (it only serves sums: partial-sum budget, short rows summed down the images)."""
     cdef Layout L
     cdef Py_ssize_t block = _forced_block if _forced_kind else BLOCK
-    cdef Py_ssize_t cap, k, whole
+    cdef Py_ssize_t cap, k, cols, whole
     L.N, L.C, L.S, L.W, L.count = N, C, S, C * S, N * S
     L.group = L.ngroups = L.nimg = L.per_channel = L.rows = 0
     if _forced_kind:
@@ -558,10 +558,10 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums, Py_ssize
         L.width = _cdiv(L.W, L.ncol)
         cap = max(1, min(MAX_BLOCKS, PART_BUDGET // (2 * L.W)))
         L.rows = max(max(1, block // L.W), _cdiv(L.N, cap))
-        k = FUSE_CACHED // L.N  # a backward's blocks of whole columns (FUSE_WIDTH)
-        if (sums == GRADIENT_SUMS and not _forced_kind and L.G == 1 and k >= FUSE_WIDTH and L.W >= 2 * k
+        cols = FUSE_CACHED // L.N  # a backward's blocks of whole columns (FUSE_WIDTH)
+        if (sums == GRADIENT_SUMS and not _forced_kind and L.G == 1 and cols >= FUSE_WIDTH and L.W >= 2 * cols
                 and L.N * L.W <= CACHED_VALUES):
-            L.ncol = _cdiv(L.W, min(k, COL_BLOCK))
+            L.ncol = _cdiv(L.W, min(cols, COL_BLOCK))
             L.width = _cdiv(L.W, L.ncol)
             L.rows = L.N
         L.nblocks = _cdiv(L.N, L.rows) * L.ncol
@@ -1466,7 +1466,7 @@ cdef void _apply_pass(Pass kind, Layout L, Py_ssize_t k, const floating *x, cons
         _block_apply(grad_gated_single, L, k, x, dy, e, out, dz, coef, P)
     else:
         _block_apply(grad_masked_dz_valid, L, k, x, dy, e, out, dz, coef, P)
-    if L.stream:
+    if L.nontemporal:
         cbn_stream_fence()
 
 
