@@ -95,6 +95,15 @@ cdef extern from *:
     #else
     static inline void cbn_prefetch(const void *p) { (void)p; }
     #endif
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    static int cbn_cpu_is_amd(void) { __builtin_cpu_init(); return __builtin_cpu_is("amd"); }
+    #elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86)) && !defined(_M_ARM64EC)
+    #include <intrin.h>
+    static int cbn_cpu_is_amd(void) {  /* the vendor string "AuthenticAMD" in EBX, EDX, ECX */
+        int r[4]; __cpuid(r, 0); return r[1] == 0x68747541 && r[3] == 0x69746e65 && r[2] == 0x444d4163; }
+    #else
+    static int cbn_cpu_is_amd(void) { return 0; }
+    #endif
     static inline void cbn_stream_float(float *dst, const float *src, Py_ssize_t n) { CBN_STREAM_BODY(cbn_stream_ps) }
     static inline void cbn_stream_double(double *dst, const double *src, Py_ssize_t n) {
         CBN_STREAM_BODY(cbn_stream_pd) }
@@ -119,6 +128,8 @@ cdef extern from *:
     void cbn_stream_fence() noexcept nogil
     # a hint to load the cache line at p (any address: it never faults)
     void cbn_prefetch(const void *p) noexcept nogil
+    # whether the CPU running this is AMD's (x86 only; elsewhere 0)
+    int cbn_cpu_is_amd() noexcept nogil
     # pointers to memory that no other pointer of the function reaches (GCC then vectorises without alias checks)
     ctypedef unsigned short *peak_row "unsigned short *__restrict__"
     ctypedef float *float_row "float *__restrict__"
@@ -396,9 +407,13 @@ cdef Py_ssize_t SHORT_DX = 32
 # SINGLE_RUN values (wider rows' five coefficient rows outgrow L1). In cache, the pieces keep the accumulators and
 # coefficient rows in L1, and four rows at a time load each column's coefficients (and peaks) once for them. A
 # forward's passes (the moment sums, the affine pass) take whole rows from CACHED_FORWARD values on: arrays of 1 to 4
-# MB, beyond L2, ran faster along whole rows in the forward (0.6-0.97x the time) but not in the backward.
+# MB, beyond L2, ran faster along whole rows in the forward (0.6-0.97x the time, Intel Xeon) but not in the backward.
+# On AMD's CPUs the float32 affine pass keeps four rows at a time up to CACHED_VALUES (AFFINE_CACHED): along whole
+# rows, the eval of (256, 4096) took 1.23-1.40x the time there, channels-last (64, 16, 32, 32) 1.47x, (2048, 256)
+# 1.32x (EPYC, Zen 3; (512, 1024) 0.93-0.95x). The bits are the same either way.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
 cdef Py_ssize_t CACHED_FORWARD = 1 << 18
+cdef Py_ssize_t AFFINE_CACHED = CACHED_VALUES if cbn_cpu_is_amd() else CACHED_FORWARD
 # Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
 # modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
 # bits of the stores of this one in all four rows, and the CPU holds them behind those stores (4K aliasing); one row
@@ -1112,7 +1127,8 @@ cdef inline bint _dx_by_row(Layout L, Py_ssize_t width, const float *x, const fl
     """Whether the float32 dx pass over a channel-minor block of ``width`` columns takes its rows one at a time
     (_single_columns): whole rows of at most SINGLE_RUN values beyond the caches (_from_memory), or rows a multiple
     of 4 KB long with dx less than STALL_BYTES past both x and dy modulo 4 KB, where four at a time would stall."""
-    return (width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L, False)) or _stalls(L, x, dy, out)
+    return ((width == L.W and LANES < L.W <= SINGLE_RUN and _from_memory(L, CACHED_VALUES))
+            or _stalls(L, x, dy, out))
 
 
 cdef inline bint _stalls(Layout L, const floating *x, const floating *dy, const floating *out) noexcept nogil:
@@ -1127,10 +1143,11 @@ cdef inline bint _past(const floating *a, const floating *out) noexcept nogil:
     return 0 < d < STALL_BYTES
 
 
-cdef inline bint _from_memory(Layout L, bint forward) noexcept nogil:
-    """Whether a channel-minor array is beyond the caches (CACHED_VALUES; for the passes of a forward,
-    CACHED_FORWARD): its passes then go along whole rows."""
-    return L.N * L.W > (CACHED_FORWARD if forward else CACHED_VALUES)
+cdef inline bint _from_memory(Layout L, Py_ssize_t cached) noexcept nogil:
+    """Whether a channel-minor array is beyond the caches for a pass that takes arrays of up to ``cached`` values
+    as in cache (CACHED_VALUES; a forward's moment sums CACHED_FORWARD, its float32 affine pass AFFINE_CACHED): the
+    pass then goes along whole rows."""
+    return L.N * L.W > cached
 
 
 cdef void _apply_counted(ApplyOp op, const floating *x, const floating *dy, const floating *e,
@@ -1241,7 +1258,8 @@ cdef void _minor_sums(SumOp op, Layout L, Py_ssize_t k, const floating *x, const
 cdef inline Py_ssize_t _sum_chunk(SumOp op, Layout L) noexcept nogil:
     """Columns per pass of a channel-minor block's sums: COL_CHUNK, or the block's width for arrays from memory
     (_from_memory; the masked moments keep COL_CHUNK: where their runs of counted rows start depends on it)."""
-    return L.width if _from_memory(L, SumOp is Moments) and not (SumOp is MomentsValid) else COL_CHUNK
+    cdef Py_ssize_t cached = CACHED_FORWARD if SumOp is Moments else CACHED_VALUES
+    return L.width if _from_memory(L, cached) and not (SumOp is MomentsValid) else COL_CHUNK
 
 
 cdef inline bint _uniform(Positions P, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -1359,7 +1377,9 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                             L.stream, L.nontemporal)
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
               and floating is float):  # (_affine spelt out: _single_columns takes SingleOp, known at compile time)
-            if not _from_memory(L, True):  # runs of SINGLE_RUN columns down the block (ALIGNED_RUN)
+            # in cache, runs of SINGLE_RUN columns down the block (ALIGNED_RUN), unless four rows at a time would
+            # stall (_stalls): then as from memory
+            if not _from_memory(L, AFFINE_CACHED) and not _stalls(L, x, x, out):
                 b = _aligned_from(out + n0 * L.W, i0, i1)
                 if b > i0:
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, b, _float_rows(coef, L.W),
@@ -1381,7 +1401,8 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
         else:  # the double passes: row by row in memory order, but four rows at a time in runs of DOUBLE_RUN
             # columns where the block's coefficient rows outgrow L1 (in cache; not those with position weights)
             n = n0
-            if not _weighted(op) and i1 - i0 > DOUBLE_RUN and not _from_memory(L, False) and not _stalls(L, x, dy, out):
+            if (not _weighted(op) and i1 - i0 > DOUBLE_RUN and not _from_memory(L, CACHED_VALUES)
+                    and not _stalls(L, x, dy, out)):
                 n = n0 + (n1 - n0) // 4 * 4
                 b = _aligned_from(out + n0 * L.W, i0, i1)
                 if b > i0:
