@@ -408,12 +408,26 @@ cdef Py_ssize_t SHORT_DX = 32
 # coefficient rows in L1, and four rows at a time load each column's coefficients (and peaks) once for them. A
 # forward's passes (the moment sums, the affine pass) take whole rows from CACHED_FORWARD values on: arrays of 1 to 4
 # MB, beyond L2, ran faster along whole rows in the forward (0.6-0.97x the time, Intel Xeon) but not in the backward.
-# On AMD's CPUs the float32 affine pass keeps four rows at a time up to CACHED_VALUES (AFFINE_CACHED): along whole
-# rows, the eval of (256, 4096) took 1.23-1.40x the time there, channels-last (64, 16, 32, 32) 1.47x, (2048, 256)
-# 1.32x (EPYC, Zen 3; (512, 1024) 0.93-0.95x). The bits are the same either way.
+# On AMD's CPUs (AMD_CPU, from the vendor at import) the float32 affine pass keeps four rows at a time up to
+# CACHED_VALUES (AFFINE_CACHED): along whole rows, the eval of (256, 4096) took 1.23-1.40x the time there,
+# channels-last (64, 16, 32, 32) 1.47x, (2048, 256) 1.32x (EPYC, Zen 3; (512, 1024) 0.93-0.95x). Beyond that (and
+# short of the non-temporal stores) it takes a block's rows in one call, where Intel's Xeon ran a call per row faster
+# ((16384, 64): one call 1.02-1.06x the time); a call per row took 1.04-1.26x the time of one call on AMD's
+# (channels-last (256, 128, 8, 8) eval 1.10-1.19x, (8, 3, 224, 224) 1.17-1.26x). The bits are the same either way.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
 cdef Py_ssize_t CACHED_FORWARD = 1 << 18
-cdef Py_ssize_t AFFINE_CACHED = CACHED_VALUES if cbn_cpu_is_amd() else CACHED_FORWARD
+cdef bint AMD_CPU
+cdef Py_ssize_t AFFINE_CACHED
+
+
+cdef void _take_rules(bint amd) noexcept nogil:
+    """Take the rules of AMD's CPUs (amd) or of the others (AMD_CPU, AFFINE_CACHED)."""
+    global AMD_CPU, AFFINE_CACHED
+    AMD_CPU = amd
+    AFFINE_CACHED = CACHED_VALUES if amd else CACHED_FORWARD
+
+
+_take_rules(cbn_cpu_is_amd())
 # Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
 # modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
 # bits of the stores of this one in all four rows, and the CPU holds them behind those stores (4K aliasing); one row
@@ -510,6 +524,13 @@ def force_layout(kind=None, Py_ssize_t block=64, bint stream=False):
     _forced_kind = {None: 0, "major": 1, "minor": 2}[kind]
     _forced_block = block
     _forced_stream = stream
+
+
+def vendor_rules(amd=None):
+    """Test-only: take the rules of AMD's CPUs (True) or of the others (False) whatever the CPU, or the CPU's own
+    (None; see AFFINE_CACHED); returns whether AMD's are taken."""
+    _take_rules(cbn_cpu_is_amd() if amd is None else amd)
+    return AMD_CPU
 
 
 def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS, Py_ssize_t item=4):
@@ -1390,13 +1411,14 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                                     _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False, L.stream,
                                     L.nontemporal)
             elif L.stream:  # arrays from memory: whole rows one at a time, in memory order; streamed in one call
-                # (whole rows gather in the stream buffer), else a call per row (one call over a block's narrow
-                # rows was 1.02-1.06x slower: (16384, 64))
+                # (whole rows gather in the stream buffer), else a call per row on Intel's CPUs (AFFINE_CACHED)
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
                                 L.W + SKEW, NULL, 0, NULL, True, L.stream, L.nontemporal)
             else:
-                for n in range(n0, n1):
-                    _single_columns(op, x, x, e, out, n * L.W, L.W, 1, i0, i1, _float_rows(coef, L.W),
+                a = n1 - n0 if AMD_CPU else 1  # rows per call
+                for c in range(_cdiv(n1 - n0, a)):
+                    n = n0 + c * a
+                    _single_columns(op, x, x, e, out, n * L.W, L.W, min(a, n1 - n), i0, i1, _float_rows(coef, L.W),
                                     L.W + SKEW, NULL, 0, NULL, True, 0, False)
         else:  # the double passes: row by row in memory order, but four rows at a time in runs of DOUBLE_RUN
             # columns where the block's coefficient rows outgrow L1 (in cache; not those with position weights)

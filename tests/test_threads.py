@@ -226,6 +226,41 @@ def test_non_temporal_stores_change_no_bit(layout, dtype, shape):
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("shape", [(600, 1000), (512, 1024), (1100, 1000), (300, 64, 70)], ids=str)
+def test_the_rules_of_either_cpu_vendor_change_no_bit(shape):
+    """The channel-minor float32 forwards between 256K and 4M values give the same bits under AMD's rules (the affine
+    pass four rows at a time up to 1M values, a block's rows in one call beyond) and the others' (whole rows from
+    256K, a call per row): plain, fused ReLU, residual + ReLU, eval; with y 16 bytes past x modulo 4 KB too (rows of
+    4 KB then go one at a time), and against the float64 reference."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 3 + 20).astype(np.float32)
+    z = rng.standard_normal(shape).astype(np.float32)
+    space = np.empty(x.size + 1024, np.float32)
+    start = ((x.ctypes.data + 16 - space.ctypes.data) % 4096) // 4
+    past = space[start:start + x.size].reshape(shape)  # 16 bytes past x modulo 4 KB
+
+    def run(amd):
+        results = []
+        try:
+            _kernels.vendor_rules(amd)
+            for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
+                for out in (np.empty_like(x), past):
+                    bn = cbn.BatchNorm1d(shape[-1], axis=-1, **options)
+                    results.append(bn(x, out=out, **extra).copy())
+                    bn.eval()
+                    results.append(bn(x, out=out, **extra).copy())
+        finally:
+            _kernels.vendor_rules(None)
+        return results
+
+    amd, other = run(True), run(False)
+    for a, b in zip(amd, other):
+        assert a.tobytes() == b.tobytes()
+    xd = x.astype(np.float64).reshape(-1, shape[-1])
+    y = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5)
+    assert np.abs(amd[0].reshape(y.shape) - y).max() <= 1e-6 * np.abs(y).max()
+
+
 @pytest.mark.parametrize("shape", [(1, 64, 3136), (4, 64, 3136), (1, 512, 784), (2, 128, 3136)])
 def test_one_image_of_many_channels_makes_many_blocks(shape):
     """Images larger than a block, of 16 channels or more, are cut into 16 groups of channels or more, so that
