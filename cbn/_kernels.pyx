@@ -428,6 +428,8 @@ cdef void _take_rules(bint amd) noexcept nogil:
 
 
 _take_rules(cbn_cpu_is_amd())
+
+
 # Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
 # modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
 # bits of the stores of this one in all four rows, and the CPU holds them behind those stores (4K aliasing); one row
@@ -1383,7 +1385,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|, kept to 16 bits as
     _single_columns does) or channels (major: of its group of channels, likewise, in full 32 bits: _grad_redo
     rounds them as it gathers them) over the block's rows to the block's slot of partial sums (_block_peaks)."""
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, b
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, b, rows
     cdef Peaks peaks
     cdef const Py_ssize_t *v
     cdef unsigned short *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
@@ -1415,11 +1417,11 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
                                 L.W + SKEW, NULL, 0, NULL, True, L.stream, L.nontemporal)
             else:
-                a = n1 - n0 if AMD_CPU else 1  # rows per call
-                for c in range(_cdiv(n1 - n0, a)):
-                    n = n0 + c * a
-                    _single_columns(op, x, x, e, out, n * L.W, L.W, min(a, n1 - n), i0, i1, _float_rows(coef, L.W),
-                                    L.W + SKEW, NULL, 0, NULL, True, 0, False)
+                rows = n1 - n0 if AMD_CPU else 1  # per call
+                for c in range(_cdiv(n1 - n0, rows)):
+                    n = n0 + c * rows
+                    _single_columns(op, x, x, e, out, n * L.W, L.W, min(rows, n1 - n), i0, i1,
+                                    _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, True, 0, False)
         else:  # the double passes: row by row in memory order, but four rows at a time in runs of DOUBLE_RUN
             # columns where the block's coefficient rows outgrow L1 (in cache; not those with position weights)
             n = n0
