@@ -95,12 +95,17 @@ cdef extern from *:
     #else
     static inline void cbn_prefetch(const void *p) { (void)p; }
     #endif
-    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-    static int cbn_cpu_is_amd(void) { __builtin_cpu_init(); return __builtin_cpu_is("amd"); }
-    #elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86)) && !defined(_M_ARM64EC)
+    /* whether cpuid's vendor string is "AuthenticAMD" (EBX, EDX, ECX): read with the instruction itself, as
+       __builtin_cpu_is needs a runtime symbol (__cpu_model) that Apple's toolchain lacks */
+    #define CBN_AUTHENTIC_AMD(b, c, d) ((b) == 0x68747541u && (d) == 0x69746e65u && (c) == 0x444d4163u)
+    #if defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86)) && !defined(_M_ARM64EC)
     #include <intrin.h>
-    static int cbn_cpu_is_amd(void) {  /* the vendor string "AuthenticAMD" in EBX, EDX, ECX */
-        int r[4]; __cpuid(r, 0); return r[1] == 0x68747541 && r[3] == 0x69746e65 && r[2] == 0x444d4163; }
+    static int cbn_cpu_is_amd(void) {
+        int r[4]; __cpuid(r, 0); return CBN_AUTHENTIC_AMD((unsigned)r[1], (unsigned)r[2], (unsigned)r[3]); }
+    #elif (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    #include <cpuid.h>
+    static int cbn_cpu_is_amd(void) {
+        unsigned a, b, c, d; return __get_cpuid(0, &a, &b, &c, &d) && CBN_AUTHENTIC_AMD(b, c, d); }
     #else
     static int cbn_cpu_is_amd(void) { return 0; }
     #endif
@@ -1412,8 +1417,9 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
                                     _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False, L.stream,
                                     L.nontemporal)
-            elif L.stream:  # arrays from memory: whole rows one at a time, in memory order; streamed in one call
-                # (whole rows gather in the stream buffer), else a call per row on Intel's CPUs (AFFINE_CACHED)
+            elif L.stream:  # arrays from memory (or rows that would stall): whole rows one at a time, in memory
+                # order; streamed in one call (whole rows gather in the stream buffer), else in one call on AMD's
+                # CPUs and a call per row on the others (AMD_CPU)
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
                                 L.W + SKEW, NULL, 0, NULL, True, L.stream, L.nontemporal)
             else:
