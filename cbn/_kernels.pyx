@@ -414,27 +414,14 @@ cdef Py_ssize_t SHORT_DX = 32
 # forward's passes (the moment sums, the affine pass) take whole rows from CACHED_FORWARD values on: arrays of 1 to 4
 # MB, beyond L2, ran faster along whole rows in the forward (0.6-0.97x the time, Intel Xeon) but not in the backward.
 # On AMD's CPUs (AMD_CPU, from the vendor at import) the float32 affine pass keeps four rows at a time up to
-# CACHED_VALUES (AFFINE_CACHED): along whole rows, the eval of (256, 4096) took 1.23-1.40x the time there,
+# CACHED_VALUES: along whole rows, the eval of (256, 4096) took 1.23-1.40x the time there,
 # channels-last (64, 16, 32, 32) 1.47x, (2048, 256) 1.32x (EPYC, Zen 3; (512, 1024) 0.93-0.95x). Beyond that (and
 # short of the non-temporal stores) it takes a block's rows in one call, where Intel's Xeon ran a call per row faster
 # ((16384, 64): one call 1.02-1.06x the time); a call per row took 1.04-1.26x the time of one call on AMD's
 # (channels-last (256, 128, 8, 8) eval 1.10-1.19x, (8, 3, 224, 224) 1.17-1.26x). The bits are the same either way.
 cdef Py_ssize_t CACHED_VALUES = 1 << 20
 cdef Py_ssize_t CACHED_FORWARD = 1 << 18
-cdef bint AMD_CPU
-cdef Py_ssize_t AFFINE_CACHED
-
-
-cdef void _take_rules(bint amd) noexcept nogil:
-    """Take the rules of AMD's CPUs (amd) or of the others (AMD_CPU, AFFINE_CACHED)."""
-    global AMD_CPU, AFFINE_CACHED
-    AMD_CPU = amd
-    AFFINE_CACHED = CACHED_VALUES if amd else CACHED_FORWARD
-
-
-_take_rules(cbn_cpu_is_amd())
-
-
+cdef bint AMD_CPU = cbn_cpu_is_amd()
 # Nor do four rows at a time suit rows a multiple of 4 KB long when dx lies less than STALL_BYTES past both x and dy
 # modulo 4 KB (as back-to-back allocations place arrays): the loads of the next steps then share the low 12 address
 # bits of the stores of this one in all four rows, and the CPU holds them behind those stores (4K aliasing); one row
@@ -535,8 +522,9 @@ def force_layout(kind=None, Py_ssize_t block=64, bint stream=False):
 
 def vendor_rules(amd=None):
     """Test-only: take the rules of AMD's CPUs (True) or of the others (False) whatever the CPU, or the CPU's own
-    (None; see AFFINE_CACHED); returns whether AMD's are taken."""
-    _take_rules(cbn_cpu_is_amd() if amd is None else amd)
+    (None; see AMD_CPU); returns whether AMD's are taken."""
+    global AMD_CPU
+    AMD_CPU = cbn_cpu_is_amd() if amd is None else amd
     return AMD_CPU
 
 
@@ -1173,8 +1161,8 @@ cdef inline bint _past(const floating *a, const floating *out) noexcept nogil:
 
 cdef inline bint _from_memory(Layout L, Py_ssize_t cached) noexcept nogil:
     """Whether a channel-minor array is beyond the caches for a pass that takes arrays of up to ``cached`` values
-    as in cache (CACHED_VALUES; a forward's moment sums CACHED_FORWARD, its float32 affine pass AFFINE_CACHED): the
-    pass then goes along whole rows."""
+    as in cache (CACHED_VALUES; a forward's moment sums CACHED_FORWARD, its float32 affine pass CACHED_FORWARD, or
+    CACHED_VALUES on AMD's CPUs: AMD_CPU): the pass then goes along whole rows."""
     return L.N * L.W > cached
 
 
@@ -1390,7 +1378,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
     each of the block's columns (minor: the |t1 + t2| of its columns, then their |out|, kept to 16 bits as
     _single_columns does) or channels (major: of its group of channels, likewise, in full 32 bits: _grad_redo
     rounds them as it gathers them) over the block's rows to the block's slot of partial sums (_block_peaks)."""
-    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, b, rows
+    cdef Py_ssize_t c0, c1, n0, n1, i0, i1, c, n, a, b
     cdef Peaks peaks
     cdef const Py_ssize_t *v
     cdef unsigned short *slot = _block_peaks(L, coef, k) if _dx_single(op) else NULL
@@ -1407,7 +1395,7 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
               and floating is float):  # (_affine spelt out: _single_columns takes SingleOp, known at compile time)
             # in cache, runs of SINGLE_RUN columns down the block (ALIGNED_RUN), unless four rows at a time would
             # stall (_stalls): then as from memory
-            if not _from_memory(L, AFFINE_CACHED) and not _stalls(L, x, x, out):
+            if not _from_memory(L, CACHED_VALUES if AMD_CPU else CACHED_FORWARD) and not _stalls(L, x, x, out):
                 b = _aligned_from(out + n0 * L.W, i0, i1)
                 if b > i0:
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, b, _float_rows(coef, L.W),
@@ -1417,17 +1405,15 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
                                     _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False, L.stream,
                                     L.nontemporal)
-            elif L.stream:  # arrays from memory (or rows that would stall): whole rows one at a time, in memory
-                # order; streamed in one call (whole rows gather in the stream buffer), else in one call on AMD's
-                # CPUs and a call per row on the others (AMD_CPU)
+            elif L.stream or AMD_CPU:  # arrays from memory (or rows that would stall): whole rows one at a time,
+                # in memory order, in one call (streamed, whole rows gather in the stream buffer); not streamed, a
+                # call per row on CPUs other than AMD's (AMD_CPU)
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
                                 L.W + SKEW, NULL, 0, NULL, True, L.stream, L.nontemporal)
             else:
-                rows = n1 - n0 if AMD_CPU else 1  # per call
-                for c in range(_cdiv(n1 - n0, rows)):
-                    n = n0 + c * rows
-                    _single_columns(op, x, x, e, out, n * L.W, L.W, min(rows, n1 - n), i0, i1,
-                                    _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, True, 0, False)
+                for n in range(n0, n1):
+                    _single_columns(op, x, x, e, out, n * L.W, L.W, 1, i0, i1, _float_rows(coef, L.W),
+                                    L.W + SKEW, NULL, 0, NULL, True, 0, False)
         else:  # the double passes: row by row in memory order, but four rows at a time in runs of DOUBLE_RUN
             # columns where the block's coefficient rows outgrow L1 (in cache; not those with position weights)
             n = n0
