@@ -46,6 +46,16 @@ def require_torch():
 CLASSES = {2: cbn.BatchNorm1d, 3: cbn.BatchNorm1d, 4: cbn.BatchNorm2d, 5: cbn.BatchNorm3d}
 
 
+def placed(shape, offset, keep, dtype=np.float32):
+    """An array of ``shape`` and ``dtype`` whose data starts ``offset`` bytes past a 4 KB boundary (its buffer
+    appended to ``keep``)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(size + 8192, np.uint8)
+    keep.append(buf)
+    start = (-buf.ctypes.data) % 4096 + offset
+    return buf[start:start + size].view(dtype).reshape(shape)
+
+
 def layer_class(ndim):
     """The cbn layer class that accepts ``ndim``-dimensional input."""
     return CLASSES[ndim]

@@ -6,6 +6,8 @@ import pytest
 
 import cbn
 
+from bn_helpers import placed
+
 
 def _noncontig(a):
     big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
@@ -219,15 +221,6 @@ def test_functional_out_and_dtype():
     np.testing.assert_array_equal(dx, bn.backward(dy))
 
 
-def _at(shape, offset, keep, dtype=np.float32):
-    """An array of ``shape`` and ``dtype`` whose data starts ``offset`` bytes past a 4 KB boundary."""
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = np.empty(size + 8192, np.uint8)
-    keep.append(buf)
-    start = (-buf.ctypes.data) % 4096 + offset
-    return buf[start:start + size].view(dtype).reshape(shape)
-
-
 @pytest.mark.parametrize("dtype,shape", [(np.float32, (64, 1024)), (np.float32, (16, 2048)), (np.float32, (8, 4096)),
                                          (np.float32, (13, 1024)), (np.float64, (64, 1024)), (np.float64, (13, 1024)),
                                          (np.float32, (10000, 128)), (np.float32, (5000, 300))])
@@ -241,14 +234,14 @@ def test_dx_bits_do_not_depend_on_where_dx_lies(shape, dtype):
     # residual (masked dy, dz), in training and in eval (an affine pass on dy)
     keep = []
     rng = np.random.default_rng(7)
-    x, dy, z = _at(shape, 0, keep, dtype), _at(shape, 16, keep, dtype), _at(shape, 0, keep, dtype)
+    x, dy, z = placed(shape, 0, keep, dtype), placed(shape, 16, keep, dtype), placed(shape, 0, keep, dtype)
     x[...] = rng.standard_normal(shape) * 3 + 1
     dy[...] = rng.standard_normal(shape)
     z[...] = rng.standard_normal(shape)
     for options, extra in (({}, {}), ({"activation": "relu"}, {}), ({"activation": "relu"}, {"residual": z})):
         bn = cbn.BatchNorm1d(shape[1], dtype=dtype, **options)
         bn(x, **extra)
-        stalled, apart = _at(shape, 32, keep, dtype), _at(shape, 2048, keep, dtype)
+        stalled, apart = placed(shape, 32, keep, dtype), placed(shape, 2048, keep, dtype)
         bn.backward(dy, out=stalled)
         dz = bn.grad_residual
         bn.backward(dy, out=apart)
@@ -275,7 +268,7 @@ def test_y_bits_do_not_depend_on_where_y_lies(shape, dtype):
     # ReLU, with a residual, with both; eval; the eval backward, an affine pass on dy)
     keep = []
     rng = np.random.default_rng(8)
-    x, z, dy = (_at(shape, 0, keep, dtype) for _ in range(3))
+    x, z, dy = (placed(shape, 0, keep, dtype) for _ in range(3))
     x[...] = rng.standard_normal(shape) * 3 + 20
     z[...] = rng.standard_normal(shape)
     dy[...] = rng.standard_normal(shape)
@@ -285,7 +278,7 @@ def test_y_bits_do_not_depend_on_where_y_lies(shape, dtype):
         results = []
         for offset in range(0, 64, step):
             bn = cbn.BatchNorm1d(shape[1], dtype=dtype, **options)
-            y, y_eval, dx_eval = (_at(shape, offset, keep, dtype) for _ in range(3))
+            y, y_eval, dx_eval = (placed(shape, offset, keep, dtype) for _ in range(3))
             bn(x, out=y, **extra)
             bn.eval()
             bn(x, out=y_eval, **extra)
