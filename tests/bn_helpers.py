@@ -34,6 +34,17 @@ def forced_layout(layout):
         kernels.force_layout(None)
         cbn.set_num_threads(threads)
 
+@contextlib.contextmanager
+def vendor_rules(amd):
+    """Run the block under the kernels' rules for AMD's CPUs (True) or for the others (False), whatever the CPU."""
+    from cbn._dispatch import kernels
+    kernels.vendor_rules(amd)
+    try:
+        yield
+    finally:
+        kernels.vendor_rules(None)
+
+
 def require_torch():
     """The torch module, or skip the calling test when it is not installed (a failure when CBN_EXPECT_TORCH=1: CI
     installed it)."""
