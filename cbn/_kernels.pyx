@@ -56,6 +56,8 @@ cdef extern from *:
     typedef union { float f; unsigned int u; } cbn_float_bits;
     static inline unsigned int cbn_magnitude(float v) { cbn_float_bits b; b.f = v; return b.u & 0x7fffffffu; }
     static inline float cbn_float_of(unsigned int u) { cbn_float_bits b; b.u = u; return b.f; }
+    static inline float cbn_keep_float(float v, int keep) {
+        cbn_float_bits b; b.f = v; b.u &= 0u - (unsigned int)(keep != 0); return b.f; }
     static inline unsigned short cbn_peak_up(unsigned int m) {
         return (unsigned short)(((m < 0x7f800000u ? m : 0x7f800000u) + 0x7fffu) >> 15); }
     static inline unsigned short cbn_peak_down(unsigned int m) { return (unsigned short)(m >> 15); }
@@ -119,6 +121,7 @@ cdef extern from *:
     # |v| as an unsigned integer in the order of the magnitudes (NaN above inf), and back
     unsigned int cbn_magnitude(float v) noexcept nogil
     float cbn_float_of(unsigned int u) noexcept nogil
+    float cbn_keep_float(float v, int keep) noexcept nogil
     # a magnitude (as cbn_magnitude gives it, below 2**31) kept to 16 bits (a peak: _grad_check): its exponent and
     # top 8 bits of mantissa, rounded up (NaN: inf) or down; and the float32 value of such a peak
     unsigned short cbn_peak_up(unsigned int m) noexcept nogil
@@ -297,13 +300,21 @@ cdef inline floating _dy(AnyOp op, floating a, floating d, floating e, const flo
     """The dy an op reads at input a, in the data's type (selected before any conversion to double): for the
     Gated ops gated(d), d where the forward's ReLU let a through (h[j] <= a <= h[hs + j], the interval of the
     inputs it passed: _gate_coef), else 0; for the masked ones masked(d) = d where e > 0 (as _masked); else d."""
-    cdef floating zero = 0.0
     if (AnyOp is GradSumsGated or AnyOp is AffineGated or AnyOp is GradGated or AnyOp is GradGatedValid
             or AnyOp is GradGatedSingle):
-        return d if (a >= h[j]) & (a <= h[hs + j]) else zero
+        return _keep(d, (a >= h[j]) & (a <= h[hs + j]))
     elif AnyOp is GradSumsMasked or AnyOp is GradMaskedDz or AnyOp is GradMaskedDzValid:
-        return d if e > 0 else zero
+        return _keep(d, e > 0)
     return d
+
+
+cdef inline floating _keep(floating d, bint keep) noexcept nogil:
+    """d where keep, else +0 (a NaN d too). Float32 by masking its bits, so that the mask stays float32 where the
+    value is converted to double after (a select there took a mask widened to double, two per vector)."""
+    cdef floating zero = 0.0
+    if floating is float:
+        return cbn_keep_float(d, keep)
+    return d if keep else zero
 
 
 cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, double c1, double c2, double c3,
