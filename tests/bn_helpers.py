@@ -34,6 +34,7 @@ def forced_layout(layout):
         kernels.force_layout(None)
         cbn.set_num_threads(threads)
 
+
 @contextlib.contextmanager
 def vendor_rules(amd):
     """Run the block under the kernels' rules for AMD's CPUs (True) or for the others (False), whatever the CPU."""
