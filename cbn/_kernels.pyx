@@ -285,11 +285,6 @@ cdef struct Positions:
     const Py_ssize_t *col        # channel-minor with S > 1: the position of each column; else NULL
 
 
-cdef inline double _masked(double d, double e) noexcept nogil:
-    """d where the mask source e is > 0 (the ReLU's output was positive), else 0 (NaN in e: 0, as torch)."""
-    return d if e > 0.0 else 0.0
-
-
 cdef inline double _relu(double v) noexcept nogil:
     """max(0, v) with NaN kept (as torch's relu)."""
     return 0.0 if v < 0.0 else v
@@ -299,7 +294,8 @@ cdef inline floating _dy(AnyOp op, floating a, floating d, floating e, const flo
                          Py_ssize_t j) noexcept nogil:
     """The dy an op reads at input a, in the data's type (selected before any conversion to double): for the
     Gated ops gated(d), d where the forward's ReLU let a through (h[j] <= a <= h[hs + j], the interval of the
-    inputs it passed: _gate_coef), else 0; for the masked ones masked(d) = d where e > 0 (as _masked); else d."""
+    inputs it passed: _gate_coef), else 0; for the masked ones masked(d) = d where e > 0, else 0 (a NaN e: 0, as
+    torch); else d."""
     if (AnyOp is GradSumsGated or AnyOp is AffineGated or AnyOp is GradGated or AnyOp is GradGatedValid
             or AnyOp is GradGatedSingle):
         return _keep(d, (a >= h[j]) & (a <= h[hs + j]))
@@ -332,7 +328,7 @@ cdef inline double _value(ApplyOp op, double a, double d, double e, double c0, d
     elif ApplyOp is AffineGated:
         return (d - c0) * c1 + c2
     elif ApplyOp is AffineMaskedDz:
-        return (_masked(a, e) - c0) * c1 + c2
+        return (_keep(a, e > 0) - c0) * c1 + c2
     elif _weighted(op):
         return (d - c3) * c1 - (a - c0) * c2 if v else d * c1
     else:  # Grad, GradGated, GradMaskedDz (GradSingle, GradGatedSingle in double: never selected, float32 only)
@@ -953,7 +949,7 @@ cdef Peaks _apply_row(ApplyOp op, const floating *x, const floating *dy, const f
         d = _dy(op, x[i], dy[i], e[i], h, 1, 0)
         out[i] = <floating>_value(op, x[i], d, e[i], c0, c1, c2, c3, _position(op, v, i - i0))
         if ApplyOp is AffineMaskedDz:
-            dz[i] = <floating>_masked(x[i], e[i])
+            dz[i] = _keep(x[i], e[i] > 0)
         elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
             dz[i] = d
     return peaks
@@ -1054,7 +1050,7 @@ cdef inline void _dz_at(ApplyOp op, const floating *x, const floating *dy, const
     """dz[i] of the Dz passes: masked(x) (AffineMaskedDz) or the dy the pass read (GradMaskedDz*); else nothing.
     Read after out[i] is stored: out overlaps none of x, dy and e (the Python layer checks it: no_overlap)."""
     if ApplyOp is AffineMaskedDz:
-        dz[i] = <floating>_masked(x[i], e[i])
+        dz[i] = _keep(x[i], e[i] > 0)
     elif ApplyOp is GradMaskedDz or ApplyOp is GradMaskedDzValid:
         dz[i] = _dy(op, x[i], dy[i], e[i], g, W, j)
 
