@@ -450,12 +450,19 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # reads its line: three streams of memory traffic for a copy, two for this). A pass over a tensor that size writes it
 # to memory anyway. The passes that do: every channel-major one (_streamed_row), and the float32 passes of
 # channel-minor rows taken one at a time (_single_columns); the channel-minor passes in double (_apply_columns) and
-# the rows taken four at a time store plainly, and so does the channel-minor backward on AMD's CPUs (AMD_CPU) unless
-# dx would stall behind dy (COPY_CHUNK): its float32 dx pass took 0.65-0.93x the time with plain stores (EPYC, Zen
-# 3, in one process: channels-last (32, 64, 56, 56) 0.67-0.73x, (25088, 256) 0.65-0.69x, (4096, 1024) 0.88-0.89x,
-# NLC (64, 256, 400) 0.86-0.87x; (16384, 1024) 0.93-1.07x), but 1.09-1.15x with dx 16-64 bytes past dy through the
-# copy of COPY_CHUNK. The forwards' passes were faster with non-temporal stores on some shapes, slower on others
-# ((4096, 1024) training 1.01-1.23x the time with plain stores, channels-last (8, 3, 512, 512) 0.89-1.14x).
+# the rows taken four at a time store plainly. On AMD's CPUs (AMD_CPU) the channel-major passes store plainly too
+# (not Layout.stream), and so does the channel-minor backward unless dx would stall behind dy (COPY_CHUNK). There
+# the time of a non-temporal pass depends on where the output lies in physical memory: over 8 outputs of one
+# process (EPYC, Zen 3), one in four took 1.4-4.5x the time of the others (the NCHW (64, 256, 400) eval 7.2 ms
+# against 1.8-2.4 ms); with plain stores none did. Plain stores took, as the mean over the 8 outputs, 1 / 2 threads
+# (in one build, and against the build before): NCHW evals 0.69-0.94x / 0.69-1.10x the time ((32, 256, 56, 56) and
+# (32, 512, 28, 28) 1.06-1.10x at 2 threads), backwards 0.80-0.98x / 0.80-0.99x, training forwards 0.82-1.04x /
+# 0.82-1.14x ((64, 256, 400) at 2 threads 1.14x against a build with no slow placement, 0.86x in one build); the
+# channel-minor float32 dx pass 0.65-0.93x (one output each: channels-last (32, 64, 56, 56) 0.67-0.73x, (25088, 256)
+# 0.65-0.69x), but 1.09-1.15x with dx 16-64 bytes past dy. The channel-minor forwards keep non-temporal stores: on
+# the mean, their slow placements included, plain ones took 0.76-1.09x / 0.90-1.15x the time (channels-last
+# (8, 3, 512, 512) eval 0.76x / 0.90x, the others 0.97x or more; (1024, 4096) eval 1.12x at 2 threads). Not
+# measured beyond 2 threads, where memory bandwidth is scarcer and the non-temporal stores move less of it.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
 # arrays) takes the rows it takes one at a time through that buffer too, COPY_CHUNK values at a time, copied out with
@@ -586,12 +593,12 @@ cdef Layout _layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums, Py_ssize
     cdef Py_ssize_t cap, k, cols, whole
     L.N, L.C, L.S, L.W, L.count = N, C, S, C * S, N * S
     L.group = L.ngroups = L.nimg = L.per_channel = L.rows = 0
+    L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_IMAGES)) if _forced_kind == 0 else _forced_kind == 2
     if _forced_kind:
         L.stream = min(block, STREAM_CHUNK) if _forced_stream else 0
     else:
-        L.stream = STREAM_CHUNK if CBN_STREAM_STORES and N * C * S >= STREAM_MIN else 0
+        L.stream = STREAM_CHUNK if CBN_STREAM_STORES and N * C * S >= STREAM_MIN and (L.minor or not AMD_CPU) else 0
     L.nontemporal = L.stream != 0
-    L.minor = (S == 1 or (S < SHORT_ROW and N >= MIN_IMAGES)) if _forced_kind == 0 else _forced_kind == 2
     if L.minor:
         k = max(1, FOLD_WIDTH // L.W)
         while N % k:
