@@ -451,8 +451,8 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # to memory anyway. The passes that do: every channel-major one (_streamed_row), and the float32 passes of
 # channel-minor rows taken one at a time (_single_columns); the channel-minor passes in double (_apply_columns) and
 # the rows taken four at a time store plainly. On AMD's CPUs (AMD_CPU) the channel-major passes store plainly too
-# (not Layout.stream), and so does the channel-minor backward unless dx would stall behind dy (COPY_CHUNK). There
-# the time of a non-temporal pass depends on where the output lies in physical memory: over 8 outputs of one
+# (their Layout.stream is 0), and so does the channel-minor backward unless dx would stall behind dy (COPY_CHUNK). On
+# those CPUs the time of a non-temporal pass depends on where its output lies in physical memory: over 8 outputs of one
 # process (EPYC, Zen 3), one in four took 1.4-4.5x the time of the others (the NCHW (64, 256, 400) eval 7.2 ms
 # against 1.8-2.4 ms); with plain stores none did. Plain stores took, as the mean over the 8 outputs, 1 / 2 threads
 # (in one build, and against the build before): NCHW evals 0.69-0.94x / 0.69-1.10x the time ((32, 256, 56, 56) and
