@@ -16,7 +16,10 @@ With ``--in-process`` the other build is a source tree built in place (``python 
 imported into this process beside this one's cbn under other module names (``cbn_other*``), and both builds'
 calls of each case are timed in rounds, each op's two calls one after the other, the first alternating between
 rounds (new/main: the ratio of the two medians; see ``time_in_process``). Both run on the same arrays and write the
-same outputs, so a drift of the machine between processes cancels out; the suite's cases only.
+same outputs, so a drift of the machine between processes cancels out; the suite's cases only. With ``--outputs K``
+each call writes K output arrays in turn, and a build's time is the mean over them of their medians: where an output
+lies in memory can decide a call's time (on AMD's CPUs non-temporal stores were slow into one output in four), and
+one output per case measures that placement rather than the build.
 """
 import argparse
 import importlib
@@ -96,11 +99,12 @@ def load_tree(path):
     return other
 
 
-def time_in_process(other, threads, budget):
+def time_in_process(other, threads, budget, outputs=1):
     """[(case, {op: (new seconds, main seconds)})]: medians of this process's cbn and ``other`` on each case, each
     op's two calls one after the other, the first of them alternating from round to round (the second runs on
     caches the first warmed), writing the same output arrays (a call's time moves with where its arrays lie),
-    for at least 6 rounds and about ``budget`` seconds per call."""
+    for at least 6 rounds and about ``budget`` seconds per call; with ``outputs`` arrays (y and dx) per case, each
+    call writes every one of them in a round, and its time is the mean over them of their medians."""
     import time
 
     import cbn
@@ -110,18 +114,21 @@ def time_in_process(other, threads, budget):
     times = []
     for shape, layout in bench.CASES:
         x, dy, axis = bench._data(shape, layout, np.float32)
-        y, dx = np.empty_like(x), np.empty_like(x)
-        calls = {name: layer_calls(lib, x, dy, axis, y, dx) for name, lib in (("new", cbn), ("main", other))}
-        samples = {(name, op): [] for name in calls for op in OPS}
+        places = [(np.empty_like(x), np.empty_like(x)) for _ in range(outputs)]
+        calls = {(name, k): layer_calls(lib, x, dy, axis, y, dx)
+                 for name, lib in (("new", cbn), ("main", other)) for k, (y, dx) in enumerate(places)}
+        samples = {(name, k, op): [] for name, k in calls for op in OPS}
         start, rounds = time.perf_counter(), 0
         while rounds < 6 or time.perf_counter() - start < budget * len(samples):
             for op in OPS:
                 for name in (("new", "main") if rounds % 2 else ("main", "new")):
-                    t0 = time.perf_counter()
-                    calls[name][op]()
-                    samples[name, op].append(time.perf_counter() - t0)
+                    for k in range(outputs):
+                        t0 = time.perf_counter()
+                        calls[name, k][op]()
+                        samples[name, k, op].append(time.perf_counter() - t0)
             rounds += 1
-        med = {k: statistics.median(v) for k, v in samples.items()}
+        med = {(name, op): statistics.mean(statistics.median(samples[name, k, op]) for k in range(outputs))
+               for name in ("new", "main") for op in OPS}
         times.append((f"{shape} {layout}", {op: (med["new", op], med["main", op]) for op in OPS}))
     return times
 
@@ -150,14 +157,19 @@ def main(argv=None):
     p.add_argument("--threads", default="1,2")
     p.add_argument("--budget", type=float, default=0.1, help="seconds per call kind and case")
     p.add_argument("--rounds", type=int, default=2, help="process pairs per thread count")
+    p.add_argument("--outputs", type=int, default=1,
+                   help="--in-process: output arrays per case, each call's time the mean over them (see the docstring)")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
+    if a.outputs < 1 or (a.outputs > 1 and not a.in_process):
+        p.error(f"--outputs takes a count of 1 or more, with --in-process; got {a.outputs}"
+                f"{'' if a.in_process else ' without --in-process'}")
     rows = []
     print(f"{'case':>32} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
     other = load_tree(a.other) if a.in_process else None
     for threads in map(int, a.threads.split(",")):
         if other is not None:
-            for case, ops in time_in_process(other, threads, a.budget):
+            for case, ops in time_in_process(other, threads, a.budget, a.outputs):
                 for op, (new, main) in ops.items():
                     report(rows, case, threads, op, main, new, new / main)
             continue
