@@ -161,9 +161,10 @@ def main(argv=None):
                    help="--in-process: output arrays per case, each call's time the mean over them (see the docstring)")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
-    if a.outputs < 1 or (a.outputs > 1 and not a.in_process):
-        p.error(f"--outputs takes a count of 1 or more, with --in-process; got {a.outputs}"
-                f"{'' if a.in_process else ' without --in-process'}")
+    if a.outputs < 1:
+        p.error(f"--outputs must be 1 or more, got {a.outputs}")
+    if a.outputs > 1 and not a.in_process:
+        p.error(f"--outputs {a.outputs} needs --in-process")
     rows = []
     print(f"{'case':>32} {'thr':>3} {'op':>8} {'main us':>10} {'new us':>10} {'new/main':>8}")
     other = load_tree(a.other) if a.in_process else None

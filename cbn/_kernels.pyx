@@ -451,18 +451,12 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # to memory anyway. The passes that do: every channel-major one (_streamed_row), and the float32 passes of
 # channel-minor rows taken one at a time (_single_columns); the channel-minor passes in double (_apply_columns) and
 # the rows taken four at a time store plainly. On AMD's CPUs (AMD_CPU) the channel-major passes store plainly too
-# (their Layout.stream is 0), and so does the channel-minor backward unless dx would stall behind dy (COPY_CHUNK). On
-# those CPUs the time of a non-temporal pass depends on where its output lies in physical memory: over 8 outputs of one
-# process (EPYC, Zen 3), one in four took 1.4-4.5x the time of the others (the NCHW (64, 256, 400) eval 7.2 ms
-# against 1.8-2.4 ms); with plain stores none did. Plain stores took, as the mean over the 8 outputs, 1 / 2 threads
-# (in one build, and against the build before): NCHW evals 0.69-0.94x / 0.69-1.10x the time ((32, 256, 56, 56) and
-# (32, 512, 28, 28) 1.06-1.10x at 2 threads), backwards 0.80-0.98x / 0.80-0.99x, training forwards 0.82-1.04x /
-# 0.82-1.14x ((64, 256, 400) at 2 threads 1.14x against a build with no slow placement, 0.86x in one build); the
-# channel-minor float32 dx pass 0.65-0.93x (one output each: channels-last (32, 64, 56, 56) 0.67-0.73x, (25088, 256)
-# 0.65-0.69x), but 1.09-1.15x with dx 16-64 bytes past dy. The channel-minor forwards keep non-temporal stores: on
-# the mean, their slow placements included, plain ones took 0.76-1.09x / 0.90-1.15x the time (channels-last
-# (8, 3, 512, 512) eval 0.76x / 0.90x, the others 0.97x or more; (1024, 4096) eval 1.12x at 2 threads). Not
-# measured beyond 2 threads, where memory bandwidth is scarcer and the non-temporal stores move less of it.
+# (their Layout.stream is 0), and so does the channel-minor backward unless dx would stall behind dy (COPY_CHUNK):
+# there a non-temporal pass took 1.4-4.5x its time into one output in four, by where the output lies in physical
+# memory (EPYC, Zen 3), and plain stores were faster on the mean over 8 outputs (NCHW evals 0.69-0.94x the time at
+# 1 thread, backwards 0.80-0.99x, the (32, 512, 28, 28) training forward 1.04x; the float32 channel-minor dx pass,
+# one output each, 0.65-0.93x, but 1.09-1.15x with dx 16-64 bytes past dy). The channel-minor forwards keep them:
+# plain ones took 0.76-1.15x their time on that mean, mostly more. Not measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
 # arrays) takes the rows it takes one at a time through that buffer too, COPY_CHUNK values at a time, copied out with
