@@ -98,8 +98,8 @@ cdef extern from *:
     static inline void cbn_prefetch(const void *p) { (void)p; }
     #endif
     /* The sums of a channel-major row cut into nrows rows of CBN_LANES values (_row_lanes) at x (and dy), added
-       into its lanes s[0:16] and s[16:32] as _column_sums adds them: u = x - k, w = u (the moments, NAME
-       cbn_row_moments_T) or dy (the gradient sums, cbn_row_grads_T), four rows a step, s[j] += (w0 + w1) +
+       into its lanes s[0:16] and s[16:32] as _column_sums adds them: u = x - k, w = u (the moments:
+       cbn_row_moments_T) or dy (the gradient sums: cbn_row_grads_T), four rows a step, s[j] += (w0 + w1) +
        (w2 + w3), s[16 + j] += (w0*u0 + w1*u1) + (w2*u2 + w3*u3), then the remaining rows one at a time; each step
        prefetches the lines `step` values ahead, `jump` values further where that passes the rows' end. The lanes
        stay in registers, in GCC's and clang's vector types of 4 lanes (in _column_sums they are memory, loaded
