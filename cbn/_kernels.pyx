@@ -813,9 +813,7 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     cdef const Py_ssize_t *v2 = NULL
     cdef const Py_ssize_t *v3 = NULL
     cdef Py_ssize_t q, t, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
-    cdef Py_ssize_t step = PREFETCH_BYTES // <Py_ssize_t>sizeof(floating)
-    if jump:  # the block's next run lies elsewhere: a shorter run prefetches one run ahead
-        step = min(step, nrows * ld)
+    cdef Py_ssize_t step = _prefetch_step(sizeof(floating), nrows * ld, jump)
     for r in range(0, r4, 4):
         i = base + r * ld
         t = i + step
@@ -852,6 +850,14 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
             w0 = _grad_weight(op, u0, _dy(op, x[i + j], dy[i + j], e[i + j], h, hs, j))
             s0[j] += w0
             s1[j] += w0 * u0
+
+
+cdef inline Py_ssize_t _prefetch_step(size_t item, Py_ssize_t run, Py_ssize_t jump) noexcept nogil:
+    """Values ahead of where they read that the sums of a run of ``run`` values of ``item`` bytes prefetch:
+    PREFETCH_BYTES, but at most one run where the block's next run lies elsewhere (``jump`` values past this one's
+    end, not 0)."""
+    cdef Py_ssize_t step = PREFETCH_BYTES // <Py_ssize_t>item
+    return min(step, run) if jump else step
 
 
 cdef inline double _weight(SumOp op, double u, const Py_ssize_t *v, Py_ssize_t j) noexcept nogil:
@@ -1437,9 +1443,8 @@ cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, con
     its next run starts ``jump`` values past this one's end); the moments and the plain gradient sums keep the lanes
     in registers where CBN_LANES_IN_REGISTERS (cbn_row_moments, cbn_row_grads)."""
     cdef Py_ssize_t nsub = n // LANES, further = jump + n - nsub * LANES
-    cdef Py_ssize_t step = PREFETCH_BYTES // <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t step = _prefetch_step(sizeof(floating), nsub * LANES, further)
     if (SumOp is Moments or SumOp is GradSums) and CBN_LANES_IN_REGISTERS:
-        step = min(step, nsub * LANES) if further else step
         if SumOp is Moments and floating is float:
             cbn_row_moments_float(x + base, dy, nsub, shift[0], s, step, further)
         elif SumOp is Moments:
