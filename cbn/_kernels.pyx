@@ -177,12 +177,25 @@ cdef extern from *:
     static inline void NAME##_##T(const T *x, const T *dy, Py_ssize_t nrows, double k, T lo, T hi, double *s,\
                                   Py_ssize_t step, Py_ssize_t jump) {}
     #endif
-    CBN_ROW_SUMS(cbn_row_moments, float, 0)
-    CBN_ROW_SUMS(cbn_row_moments, double, 0)
-    CBN_ROW_SUMS(cbn_row_grads, float, 1)
-    CBN_ROW_SUMS(cbn_row_grads, double, 1)
-    CBN_ROW_SUMS(cbn_row_gated, float, 2)
-    CBN_ROW_SUMS(cbn_row_gated, double, 2)
+    #define CBN_ROW_MOMENTS 0
+    #define CBN_ROW_GRADS 1
+    #define CBN_ROW_GATED 2
+    CBN_ROW_SUMS(cbn_row_moments, float, CBN_ROW_MOMENTS)
+    CBN_ROW_SUMS(cbn_row_moments, double, CBN_ROW_MOMENTS)
+    CBN_ROW_SUMS(cbn_row_grads, float, CBN_ROW_GRADS)
+    CBN_ROW_SUMS(cbn_row_grads, double, CBN_ROW_GRADS)
+    CBN_ROW_SUMS(cbn_row_gated, float, CBN_ROW_GATED)
+    CBN_ROW_SUMS(cbn_row_gated, double, CBN_ROW_GATED)
+    /* the row sums of kind `sums` (CBN_ROW_MOMENTS, CBN_ROW_GRADS, CBN_ROW_GATED) */
+    #define CBN_ROW_SUMS_OF(T)                                                                              \
+    static inline void cbn_row_sums_##T(int sums, const T *x, const T *dy, Py_ssize_t nrows, double k, T lo, T hi,\
+                                        double *s, Py_ssize_t step, Py_ssize_t jump) {                       \
+        if (sums == CBN_ROW_MOMENTS) cbn_row_moments_##T(x, dy, nrows, k, lo, hi, s, step, jump);             \
+        else if (sums == CBN_ROW_GRADS) cbn_row_grads_##T(x, dy, nrows, k, lo, hi, s, step, jump);            \
+        else cbn_row_gated_##T(x, dy, nrows, k, lo, hi, s, step, jump);                                      \
+    }
+    CBN_ROW_SUMS_OF(float)
+    CBN_ROW_SUMS_OF(double)
     /* whether cpuid's vendor string is "AuthenticAMD" (EBX, EDX, ECX): read with the instruction itself, as
        __builtin_cpu_is needs a runtime symbol (__cpu_model) that Apple's toolchain lacks */
     #define CBN_AUTHENTIC_AMD(b, c, d) ((b) == 0x68747541u && (d) == 0x69746e65u && (c) == 0x444d4163u)
@@ -222,22 +235,16 @@ cdef extern from *:
     void cbn_stream_fence() noexcept nogil
     # a hint to load the cache line at p (any address: it never faults)
     void cbn_prefetch(const void *p) noexcept nogil
-    # _row_lanes' sums of Moments, GradSums and GradSumsGated with the lanes in registers, where
-    # CBN_LANES_IN_REGISTERS (dy is not read by the moments; lo and hi, the gate interval, only by the gated sums)
+    # _row_lanes' sums of Moments, GradSums and GradSumsGated (sums: CBN_ROW_MOMENTS, CBN_ROW_GRADS,
+    # CBN_ROW_GATED) with the lanes in registers, where CBN_LANES_IN_REGISTERS (dy is not read by the moments; lo and
+    # hi, the gate interval, only by the gated sums)
     const bint CBN_LANES_IN_REGISTERS
     enum: CBN_LANES
-    void cbn_row_moments_float(const float *x, const float *dy, Py_ssize_t nrows, double k, float lo, float hi,
-                               double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
-    void cbn_row_moments_double(const double *x, const double *dy, Py_ssize_t nrows, double k, double lo, double hi,
-                                double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
-    void cbn_row_grads_float(const float *x, const float *dy, Py_ssize_t nrows, double k, float lo, float hi,
-                             double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
-    void cbn_row_grads_double(const double *x, const double *dy, Py_ssize_t nrows, double k, double lo, double hi,
-                              double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
-    void cbn_row_gated_float(const float *x, const float *dy, Py_ssize_t nrows, double k, float lo, float hi,
-                             double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
-    void cbn_row_gated_double(const double *x, const double *dy, Py_ssize_t nrows, double k, double lo, double hi,
-                              double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
+    enum: CBN_ROW_MOMENTS, CBN_ROW_GRADS, CBN_ROW_GATED
+    void cbn_row_sums_float(int sums, const float *x, const float *dy, Py_ssize_t nrows, double k, float lo,
+                            float hi, double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
+    void cbn_row_sums_double(int sums, const double *x, const double *dy, Py_ssize_t nrows, double k, double lo,
+                             double hi, double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
     # whether the CPU running this is AMD's (x86 only; elsewhere 0)
     int cbn_cpu_is_amd() noexcept nogil
     # pointers to memory that no other pointer of the function reaches (GCC then vectorises without alias checks)
@@ -1466,19 +1473,17 @@ cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, con
     the lanes in registers where CBN_LANES_IN_REGISTERS (cbn_row_moments, cbn_row_grads, cbn_row_gated)."""
     cdef Py_ssize_t nsub = n // LANES, further = jump + n - nsub * LANES
     cdef Py_ssize_t step = _prefetch_step(sizeof(floating), nsub * LANES, further)
+    cdef int sums
     if (SumOp is Moments or SumOp is GradSums or SumOp is GradSumsGated) and CBN_LANES_IN_REGISTERS:
-        if SumOp is Moments and floating is float:
-            cbn_row_moments_float(x + base, dy, nsub, shift[0], 0, 0, s, step, further)
-        elif SumOp is Moments:
-            cbn_row_moments_double(x + base, dy, nsub, shift[0], 0, 0, s, step, further)
-        elif SumOp is GradSums and floating is float:
-            cbn_row_grads_float(x + base, dy + base, nsub, shift[0], 0, 0, s, step, further)
-        elif SumOp is GradSums:
-            cbn_row_grads_double(x + base, dy + base, nsub, shift[0], 0, 0, s, step, further)
-        elif floating is float:
-            cbn_row_gated_float(x + base, dy + base, nsub, shift[0], gate[0], gate[LANES], s, step, further)
+        sums = CBN_ROW_MOMENTS if SumOp is Moments else CBN_ROW_GRADS if SumOp is GradSums else CBN_ROW_GATED
+        if floating is float:
+            cbn_row_sums_float(sums, x + base, dy if SumOp is Moments else dy + base, nsub, shift[0],
+                               gate[0] if SumOp is GradSumsGated else 0, gate[LANES] if SumOp is GradSumsGated else 0,
+                               s, step, further)
         else:
-            cbn_row_gated_double(x + base, dy + base, nsub, shift[0], gate[0], gate[LANES], s, step, further)
+            cbn_row_sums_double(sums, x + base, dy if SumOp is Moments else dy + base, nsub, shift[0],
+                                gate[0] if SumOp is GradSumsGated else 0, gate[LANES] if SumOp is GradSumsGated else 0,
+                                s, step, further)
     else:
         _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES,
                      further)
