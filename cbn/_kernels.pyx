@@ -99,14 +99,12 @@ cdef extern from *:
     #endif
     /* The sums of a channel-major row cut into nrows rows of CBN_LANES values (_row_lanes) at x (and dy), added
        into its lanes s[0:16] and s[16:32] as _column_sums adds them: u = x - k, w = u (the moments:
-       cbn_row_moments_T), dy (the gradient sums: cbn_row_grads_T) or gated(dy), dy where lo <= x <= hi, else +0
-       (cbn_row_gated_T: the mask of _keep), four rows a step, s[j] += (w0 + w1) +
+       cbn_row_moments_T) or dy (the gradient sums: cbn_row_grads_T), four rows a step, s[j] += (w0 + w1) +
        (w2 + w3), s[16 + j] += (w0*u0 + w1*u1) + (w2*u2 + w3*u3), then the remaining rows one at a time; each step
        prefetches the lines `step` values ahead, `jump` values further where that passes the rows' end. The lanes
        stay in registers, in GCC's and clang's vector types of 4 lanes (in _column_sums they are memory, loaded
        and stored every step): long-row backwards in cache took 0.90-0.93x the time of ca8cce3's, beyond the caches
-       1.02-1.04x (where _column_sums in the same build took 1.02-1.06x this one's; EPYC, Zen 3); the fused-ReLU
-       backwards with the gated sums so, 0.96-0.99x the time of 92d3824's in cache. With AVX only
+       1.02-1.04x (where _column_sums in the same build took 1.02-1.06x this one's; EPYC, Zen 3). With AVX only
        (CBN_LANES_IN_REGISTERS): in SSE2's 16 registers of 2 doubles they spilled (the baseline level's training
        forwards and backwards 1.03-1.07x the time of _column_sums'). */
     #define CBN_LANES 16
@@ -116,24 +114,10 @@ cdef extern from *:
     typedef double cbn_d4_at __attribute__((vector_size(32), aligned(8), may_alias));  /* 4 doubles anywhere */
     static inline cbn_d4 cbn_lane4_float(const float *p) { return (cbn_d4)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
     static inline cbn_d4 cbn_lane4_double(const double *p) { return *(const cbn_d4_at *)p; }
-    typedef __m128 cbn_gate_float;  /* a gate bound in 4 lanes of the data's type */
-    typedef __m256d cbn_gate_double;
-    static inline __m128 cbn_splat_float(float v) { return _mm_set1_ps(v); }
-    static inline __m256d cbn_splat_double(double v) { return _mm256_set1_pd(v); }
-    static inline cbn_d4 cbn_gated4_float(const float *x, const float *d, __m128 lo, __m128 hi) {
-        __m128 a = _mm_loadu_ps(x), m = _mm_and_ps(_mm_cmp_ps(a, lo, _CMP_GE_OQ), _mm_cmp_ps(a, hi, _CMP_LE_OQ));
-        return (cbn_d4)_mm256_cvtps_pd(_mm_and_ps(m, _mm_loadu_ps(d))); }
-    static inline cbn_d4 cbn_gated4_double(const double *x, const double *d, __m256d lo, __m256d hi) {
-        __m256d a = _mm256_loadu_pd(x);
-        __m256d m = _mm256_and_pd(_mm256_cmp_pd(a, lo, _CMP_GE_OQ), _mm256_cmp_pd(a, hi, _CMP_LE_OQ));
-        return (cbn_d4)_mm256_and_pd(m, _mm256_loadu_pd(d)); }
-    /* the w of a gradient sum at x + o: gated(dy) (GRAD 2) or dy */
-    #define CBN_W4(T, GRAD, o) (GRAD == 2 ? cbn_gated4_##T(x + (o), dy + (o), LO, HI) : cbn_lane4_##T(dy + (o)))
     #define CBN_ROW_SUMS(NAME, T, GRAD)                                                                     \
-    static inline void NAME##_##T(const T *x, const T *dy, Py_ssize_t nrows, double k, T lo, T hi, double *s,\
+    static inline void NAME##_##T(const T *x, const T *dy, Py_ssize_t nrows, double k, double *s,            \
                                   Py_ssize_t step, Py_ssize_t jump) {                                        \
         cbn_d4 s0[4], s1[4], u0, u1, u2, u3, w0, w1, w2, w3, a, b, K = {k, k, k, k};                         \
-        cbn_gate_##T LO = cbn_splat_##T(lo), HI = cbn_splat_##T(hi);                                         \
         Py_ssize_t r, l, q, t, o, end = nrows * CBN_LANES, ahead = 4 * CBN_LANES * (Py_ssize_t)sizeof(T) / 64;\
         memcpy(s0, s, sizeof s0);                                                                            \
         memcpy(s1, s + CBN_LANES, sizeof s1);                                                                \
@@ -148,14 +132,14 @@ cdef extern from *:
                 o = r * CBN_LANES + 4 * l;                                                                   \
                 u0 = cbn_lane4_##T(x + o) - K;                                                               \
                 u1 = cbn_lane4_##T(x + o + CBN_LANES) - K;                                                   \
-                w0 = GRAD ? CBN_W4(T, GRAD, o) : u0;                                                         \
-                w1 = GRAD ? CBN_W4(T, GRAD, o + CBN_LANES) : u1;                                             \
+                w0 = GRAD ? cbn_lane4_##T(dy + o) : u0;                                                      \
+                w1 = GRAD ? cbn_lane4_##T(dy + o + CBN_LANES) : u1;                                          \
                 a = w0 + w1;                                                                                 \
                 b = w0 * u0 + w1 * u1;                                                                       \
                 u2 = cbn_lane4_##T(x + o + 2 * CBN_LANES) - K;                                               \
                 u3 = cbn_lane4_##T(x + o + 3 * CBN_LANES) - K;                                               \
-                w2 = GRAD ? CBN_W4(T, GRAD, o + 2 * CBN_LANES) : u2;                                         \
-                w3 = GRAD ? CBN_W4(T, GRAD, o + 3 * CBN_LANES) : u3;                                         \
+                w2 = GRAD ? cbn_lane4_##T(dy + o + 2 * CBN_LANES) : u2;                                      \
+                w3 = GRAD ? cbn_lane4_##T(dy + o + 3 * CBN_LANES) : u3;                                      \
                 s0[l] += a + (w2 + w3);                                                                      \
                 s1[l] += b + (w2 * u2 + w3 * u3);                                                            \
             }                                                                                                \
@@ -164,7 +148,7 @@ cdef extern from *:
             for (l = 0; l < 4; l++) {                                                                        \
                 o = r * CBN_LANES + 4 * l;                                                                   \
                 u0 = cbn_lane4_##T(x + o) - K;                                                               \
-                w0 = GRAD ? CBN_W4(T, GRAD, o) : u0;                                                         \
+                w0 = GRAD ? cbn_lane4_##T(dy + o) : u0;                                                      \
                 s0[l] += w0;                                                                                 \
                 s1[l] += w0 * u0;                                                                            \
             }                                                                                                \
@@ -174,28 +158,13 @@ cdef extern from *:
     #else  /* never called: _row_lanes runs _column_sums */
     #define CBN_LANES_IN_REGISTERS 0
     #define CBN_ROW_SUMS(NAME, T, GRAD)                                                                     \
-    static inline void NAME##_##T(const T *x, const T *dy, Py_ssize_t nrows, double k, T lo, T hi, double *s,\
+    static inline void NAME##_##T(const T *x, const T *dy, Py_ssize_t nrows, double k, double *s,            \
                                   Py_ssize_t step, Py_ssize_t jump) {}
     #endif
-    #define CBN_ROW_MOMENTS 0
-    #define CBN_ROW_GRADS 1
-    #define CBN_ROW_GATED 2
-    CBN_ROW_SUMS(cbn_row_moments, float, CBN_ROW_MOMENTS)
-    CBN_ROW_SUMS(cbn_row_moments, double, CBN_ROW_MOMENTS)
-    CBN_ROW_SUMS(cbn_row_grads, float, CBN_ROW_GRADS)
-    CBN_ROW_SUMS(cbn_row_grads, double, CBN_ROW_GRADS)
-    CBN_ROW_SUMS(cbn_row_gated, float, CBN_ROW_GATED)
-    CBN_ROW_SUMS(cbn_row_gated, double, CBN_ROW_GATED)
-    /* the row sums of kind `sums` (CBN_ROW_MOMENTS, CBN_ROW_GRADS, CBN_ROW_GATED) */
-    #define CBN_ROW_SUMS_OF(T)                                                                              \
-    static inline void cbn_row_sums_##T(int sums, const T *x, const T *dy, Py_ssize_t nrows, double k, T lo, T hi,\
-                                        double *s, Py_ssize_t step, Py_ssize_t jump) {                       \
-        if (sums == CBN_ROW_MOMENTS) cbn_row_moments_##T(x, dy, nrows, k, lo, hi, s, step, jump);             \
-        else if (sums == CBN_ROW_GRADS) cbn_row_grads_##T(x, dy, nrows, k, lo, hi, s, step, jump);            \
-        else cbn_row_gated_##T(x, dy, nrows, k, lo, hi, s, step, jump);                                      \
-    }
-    CBN_ROW_SUMS_OF(float)
-    CBN_ROW_SUMS_OF(double)
+    CBN_ROW_SUMS(cbn_row_moments, float, 0)
+    CBN_ROW_SUMS(cbn_row_moments, double, 0)
+    CBN_ROW_SUMS(cbn_row_grads, float, 1)
+    CBN_ROW_SUMS(cbn_row_grads, double, 1)
     /* whether cpuid's vendor string is "AuthenticAMD" (EBX, EDX, ECX): read with the instruction itself, as
        __builtin_cpu_is needs a runtime symbol (__cpu_model) that Apple's toolchain lacks */
     #define CBN_AUTHENTIC_AMD(b, c, d) ((b) == 0x68747541u && (d) == 0x69746e65u && (c) == 0x444d4163u)
@@ -235,16 +204,18 @@ cdef extern from *:
     void cbn_stream_fence() noexcept nogil
     # a hint to load the cache line at p (any address: it never faults)
     void cbn_prefetch(const void *p) noexcept nogil
-    # _row_lanes' sums of Moments, GradSums and GradSumsGated (sums: CBN_ROW_MOMENTS, CBN_ROW_GRADS,
-    # CBN_ROW_GATED) with the lanes in registers, where CBN_LANES_IN_REGISTERS (dy is not read by the moments; lo and
-    # hi, the gate interval, only by the gated sums)
+    # _row_lanes' sums of Moments and GradSums with the lanes in registers, where CBN_LANES_IN_REGISTERS (dy is not
+    # read by the moments)
     const bint CBN_LANES_IN_REGISTERS
     enum: CBN_LANES
-    enum: CBN_ROW_MOMENTS, CBN_ROW_GRADS, CBN_ROW_GATED
-    void cbn_row_sums_float(int sums, const float *x, const float *dy, Py_ssize_t nrows, double k, float lo,
-                            float hi, double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
-    void cbn_row_sums_double(int sums, const double *x, const double *dy, Py_ssize_t nrows, double k, double lo,
-                             double hi, double *s, Py_ssize_t step, Py_ssize_t jump) noexcept nogil
+    void cbn_row_moments_float(const float *x, const float *dy, Py_ssize_t nrows, double k, double *s,
+                               Py_ssize_t step, Py_ssize_t jump) noexcept nogil
+    void cbn_row_moments_double(const double *x, const double *dy, Py_ssize_t nrows, double k, double *s,
+                                Py_ssize_t step, Py_ssize_t jump) noexcept nogil
+    void cbn_row_grads_float(const float *x, const float *dy, Py_ssize_t nrows, double k, double *s,
+                             Py_ssize_t step, Py_ssize_t jump) noexcept nogil
+    void cbn_row_grads_double(const double *x, const double *dy, Py_ssize_t nrows, double k, double *s,
+                              Py_ssize_t step, Py_ssize_t jump) noexcept nogil
     # whether the CPU running this is AMD's (x86 only; elsewhere 0)
     int cbn_cpu_is_amd() noexcept nogil
     # pointers to memory that no other pointer of the function reaches (GCC then vectorises without alias checks)
@@ -1469,21 +1440,19 @@ cdef inline void _row_lanes(SumOp op, const floating *x, const floating *dy, con
                             Py_ssize_t p, const floating *gate, Py_ssize_t jump) noexcept nogil:
     """The sums of the n values at x[base:] (positions p, p + 1, ...) added into the lanes of _lanes: value i in lane
     i % LANES (the row cut into rows of LANES values, down which _column_sums runs, prefetching as the block reads:
-    its next run starts ``jump`` values past this one's end); the moments and the plain and gated gradient sums keep
-    the lanes in registers where CBN_LANES_IN_REGISTERS (cbn_row_moments, cbn_row_grads, cbn_row_gated)."""
+    its next run starts ``jump`` values past this one's end); the moments and the plain gradient sums keep the lanes
+    in registers where CBN_LANES_IN_REGISTERS (cbn_row_moments, cbn_row_grads)."""
     cdef Py_ssize_t nsub = n // LANES, further = jump + n - nsub * LANES
     cdef Py_ssize_t step = _prefetch_step(sizeof(floating), nsub * LANES, further)
-    cdef int sums
-    if (SumOp is Moments or SumOp is GradSums or SumOp is GradSumsGated) and CBN_LANES_IN_REGISTERS:
-        sums = CBN_ROW_MOMENTS if SumOp is Moments else CBN_ROW_GRADS if SumOp is GradSums else CBN_ROW_GATED
-        if floating is float:
-            cbn_row_sums_float(sums, x + base, dy if SumOp is Moments else dy + base, nsub, shift[0],
-                               gate[0] if SumOp is GradSumsGated else 0, gate[LANES] if SumOp is GradSumsGated else 0,
-                               s, step, further)
+    if (SumOp is Moments or SumOp is GradSums) and CBN_LANES_IN_REGISTERS:
+        if SumOp is Moments and floating is float:
+            cbn_row_moments_float(x + base, dy, nsub, shift[0], s, step, further)
+        elif SumOp is Moments:
+            cbn_row_moments_double(x + base, dy, nsub, shift[0], s, step, further)
+        elif floating is float:
+            cbn_row_grads_float(x + base, dy + base, nsub, shift[0], s, step, further)
         else:
-            cbn_row_sums_double(sums, x + base, dy if SumOp is Moments else dy + base, nsub, shift[0],
-                                gate[0] if SumOp is GradSumsGated else 0, gate[LANES] if SumOp is GradSumsGated else 0,
-                                s, step, further)
+            cbn_row_grads_double(x + base, dy + base, nsub, shift[0], s, step, further)
     else:
         _column_sums(op, x, dy, e, base, LANES, nsub, LANES, shift, s, &s[LANES], P, p, LANES, 0, gate, LANES,
                      further)
