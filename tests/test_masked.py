@@ -33,15 +33,20 @@ def _print_worst_errors():
             print(f"  {key:32s} {WORST[key]:.3e}")
 
 
-def compare(what, got, want, dtype, bound=None, floor=0.0):
-    """|got - want| <= bound*max(max|want|, floor) (bound: BOUND[dtype]); records the relative error in WORST."""
+def compare(what, got, want, dtype, bound=None, floor=0.0, terms=0.0):
+    """|got - want| <= bound*max(max|want|, floor), or bound*max|want| + BOUND[float64]*terms where that is larger
+    (bound: BOUND[dtype]); records the relative error in WORST. ``terms``: the magnitude of the terms of a sum
+    taken in double, whose rounding error (eps64-sized against them, in any order of addition) is all that is
+    left of a sum that cancels."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    bound = BOUND[dtype] if bound is None else bound
     if want.size:
-        err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), floor, 1e-300))
+        floor = max(floor, float(np.max(np.abs(want))) + BOUND[np.float64] / bound * terms)
+        err = float(np.max(np.abs(got - want)) / max(floor, 1e-300))
         key = f"{np.dtype(dtype).name} {what.split(' ')[0]}"
         WORST[key] = max(WORST.get(key, 0.0), err)
-    assert_rel(got, want, BOUND[dtype] if bound is None else bound, what, floor=floor)
+    assert_rel(got, want, bound, what, floor=floor)
 
 
 def same_layout(a, b):
@@ -92,6 +97,7 @@ def masked_reference(x, mask, weight=None, bias=None, dy=None, running=None, mom
     ref = dict(n=n, mean=mean, var=var, M2=M2, y=y)
     if running is not None:
         ref["running_mean"] = (1 - momentum) * np.asarray(running[0], np.float64) + momentum * mean
+        ref["running_mean_terms"] = momentum * float(np.max(np.where(valid, np.abs(x), 0.0).sum(axis=axes) / n))
         ref["running_var"] = (1 - momentum) * np.asarray(running[1], np.float64) + momentum * M2 / (n - 1)
     if dy is not None:
         dy = np.asarray(dy, np.float64)
@@ -101,6 +107,8 @@ def masked_reference(x, mask, weight=None, bias=None, dy=None, running=None, mom
         g = (weight * invstd).reshape(cshape)
         ref["dx"] = g * (dy - w * (sdy / n).reshape(cshape) - w * xhat * (sdyx / n).reshape(cshape))
         ref["dweight"], ref["dbias"], ref["dresidual"] = sdyx, sdy, dy
+        ref["dweight_terms"] = float(np.max(np.abs(dy * xhat).sum(axis=axes), initial=0.0))
+        ref["dbias_terms"] = float(np.max(np.abs(dy).sum(axis=axes), initial=0.0))
         # dx = g*dy - (terms that cancel it at the valid positions; exactly with two valid values that are all):
         # errors are measured against max(|dx|, |g*dy|), the size of what was subtracted
         ref["dx_scale"] = float(np.max(np.abs(g * dy), initial=0.0))
@@ -170,7 +178,8 @@ def check_step(bn, x, mask, dy, weight, bias, dtype, axis=1, layout="C", residua
     assert same_layout(y, xv) and same_layout(dx, xv), f"{what}: output layout"
     for name, got in (("y", y), ("dx", dx), ("dweight", bn.grad_weight), ("dbias", bn.grad_bias),
                       ("running_mean", bn.running_mean), ("running_var", bn.running_var)):
-        compare(f"{name} {what}", got, ref[name], dtype, floor=ref["dx_scale"] if name == "dx" else 0.0)
+        compare(f"{name} {what}", got, ref[name], dtype, floor=ref["dx_scale"] if name == "dx" else 0.0,
+                terms=ref.get(f"{name}_terms", 0.0))
     if residual is not None:
         compare(f"dresidual {what}", bn.grad_residual, ref["dresidual"], dtype)
     return ref
