@@ -799,13 +799,19 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _dy); four rows per step, added pairwise, but the
     gradient sums of whole rows (ld == width) of more than LANES and at most SINGLE_RUN values go one row at a time
     (in memory order: four rows at a time read from four places of the run, which the prefetchers follow worse;
-    wider rows' two rows of accumulators outgrow L1, as the dx pass's coefficients do: _dx_by_row). Vectorised
+    wider rows' two rows of accumulators outgrow L1, as the dx pass's coefficients do: _dx_by_row), and the moments
+    of whole rows of more than LANES values take a step's four rows from the four quarters of the first 4*(nrows//4)
+    rows (rows r, r + q, r + 2q, r + 3q, q = nrows // 4: four runs of memory read in order), the rest one at a
+    time. Vectorised
     across columns: each column is one lane. A row of LANES lanes (_row_lanes) prefetches PREFETCH_BYTES ahead of
     its steps in the order its block reads: past the matrix's end, ``jump`` values further on (where the block's
     next run starts; 0: right after this one), and where the jump is not 0, at most one run ahead."""
     cdef bint by_row = (not (SumOp is Moments or SumOp is MomentsValid) and ld == width
                         and LANES < width <= SINGLE_RUN)
     cdef Py_ssize_t r, j, i, r4 = 0 if by_row else nrows // 4 * 4
+    cdef bint quarters = SumOp is Moments and ld == width and width > LANES
+    cdef Py_ssize_t gap = r4 // 4 * ld if quarters else ld  # from a step's row to its next
+    cdef Py_ssize_t advance = ld if quarters else 4 * ld    # from a step's first row to the next step's
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
     cdef Py_ssize_t buf[4 * COL_CHUNK]
     cdef const Py_ssize_t *v0 = NULL
@@ -815,7 +821,7 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     cdef Py_ssize_t q, t, ahead = 4 * LANES * sizeof(floating) // CACHE_LINE if ld == width == LANES else 0
     cdef Py_ssize_t step = _prefetch_step(sizeof(floating), nrows * ld, jump)
     for r in range(0, r4, 4):
-        i = base + r * ld
+        i = base + r // 4 * advance
         t = i + step
         if t >= base + nrows * ld:
             t += jump
@@ -832,13 +838,13 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
             v3 = _row_weights(P, p + (r + 3) * pld, j0, j0 + width, &buf[3 * COL_CHUNK])
         for j in range(width):
             u0 = _weight(op, <double>x[i + j] - shift[j], v0, j)
-            u1 = _weight(op, <double>x[i + ld + j] - shift[j], v1, j)
-            u2 = _weight(op, <double>x[i + 2 * ld + j] - shift[j], v2, j)
-            u3 = _weight(op, <double>x[i + 3 * ld + j] - shift[j], v3, j)
+            u1 = _weight(op, <double>x[i + gap + j] - shift[j], v1, j)
+            u2 = _weight(op, <double>x[i + 2 * gap + j] - shift[j], v2, j)
+            u3 = _weight(op, <double>x[i + 3 * gap + j] - shift[j], v3, j)
             w0 = _grad_weight(op, u0, _dy(op, x[i + j], dy[i + j], e[i + j], h, hs, j))
-            w1 = _grad_weight(op, u1, _dy(op, x[i + ld + j], dy[i + ld + j], e[i + ld + j], h, hs, j))
-            w2 = _grad_weight(op, u2, _dy(op, x[i + 2 * ld + j], dy[i + 2 * ld + j], e[i + 2 * ld + j], h, hs, j))
-            w3 = _grad_weight(op, u3, _dy(op, x[i + 3 * ld + j], dy[i + 3 * ld + j], e[i + 3 * ld + j], h, hs, j))
+            w1 = _grad_weight(op, u1, _dy(op, x[i + gap + j], dy[i + gap + j], e[i + gap + j], h, hs, j))
+            w2 = _grad_weight(op, u2, _dy(op, x[i + 2 * gap + j], dy[i + 2 * gap + j], e[i + 2 * gap + j], h, hs, j))
+            w3 = _grad_weight(op, u3, _dy(op, x[i + 3 * gap + j], dy[i + 3 * gap + j], e[i + 3 * gap + j], h, hs, j))
             s0[j] += (w0 + w1) + (w2 + w3)
             s1[j] += (w0 * u0 + w1 * u1) + (w2 * u2 + w3 * u3)
     for r in range(r4, nrows):
