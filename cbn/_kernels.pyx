@@ -535,9 +535,16 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # there a non-temporal pass took 1.4-4.5x its time into one output in four, by where the output lies in physical
 # memory (EPYC, Zen 3), and plain stores were faster on the mean over 8 outputs (NCHW evals 0.69-0.94x the time at
 # 1 thread, backwards 0.80-0.99x, the (32, 512, 28, 28) training forward 1.04x; the float32 channel-minor dx pass,
-# one output each, 0.65-0.93x, but 1.09-1.15x with dx 16-64 bytes past dy). The channel-minor forwards keep them:
-# plain ones took 0.76-1.15x their time on that mean, mostly more. Not measured beyond 2 threads.
+# one output each, 0.65-0.93x, but 1.09-1.15x with dx 16-64 bytes past dy). The channel-minor forwards kept them
+# (plain ones took 0.76-1.15x their time on that mean, mostly more) until their float32 affine pass took four rows a
+# step from the block's quarters, stored plainly (QUARTER_ROWS): against rows one at a time streamed, over 8
+# outputs, the evals of (65536, 256), (16384, 256), channels-last (32, 64, 56, 56), (256, 128, 8, 8) and
+# (32, 256, 56, 56) and NLC (64, 256, 400) took 0.58-0.92x the time at 1 thread, and at 2 threads 0.76-0.95x below
+# QUARTERS_MAX values but 1.05-1.12x from there on (two threads' plain stores read their lines first from a memory
+# they already share to the full). So on AMD's CPUs a channel-minor forward stores plainly unless it runs on more
+# than one thread over QUARTERS_MAX values or more. Not measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
+cdef Py_ssize_t QUARTERS_MAX = 1 << 24
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
 # arrays) takes the rows it takes one at a time through that buffer too, COPY_CHUNK values at a time, copied out with
 # plain stores (Layout.nontemporal False): stored straight, each store shares the low 12 address bits of the loads
@@ -626,6 +633,12 @@ def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS, Py_ss
     (sums: what the call sums, 0 nothing (an elementwise pass), 1 the moments of a training forward, 2 the gradient
     sums of a backward)."""
     return _layout(N, C, S, sums, item)
+
+
+cdef enum RowOrder:  # the rows a float32 pass over a channel-minor block takes at each step (_single_columns)
+    ADJACENT_ROWS = 0  # four adjacent rows
+    ONE_ROW = 1        # one row, in memory order
+    QUARTER_ROWS = 2   # four rows, one from each quarter of the block's rows
 
 
 cdef enum Sums:  # what a call sums (_layout)
@@ -1151,19 +1164,23 @@ cdef inline void _dz_at(ApplyOp op, const floating *x, const floating *dy, const
 cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, const_float_row e, float_row out,
                           Py_ssize_t base, Py_ssize_t W, Py_ssize_t nrows, Py_ssize_t j0, Py_ssize_t j1,
                           const_float_row f, Py_ssize_t F, peak_row peaks, Py_ssize_t gap, const_float_row g,
-                          bint by_row, Py_ssize_t stream, bint nontemporal) noexcept nogil:
+                          RowOrder rows, Py_ssize_t stream, bint nontemporal) noexcept nogil:
     """A float32 pass over columns [j0, j1) of the nrows rows at x[base:] (row r at base + r*W), column j's float32
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow; c3 a dx pass's only) and gate interval at
     g[j], g[W + j] (GradGatedSingle): out = _value_single (the affine ops, residual e) or t1 - t2 of _grad_single
-    (DxSingle), four rows per step (each column's coefficients and peaks loaded once for them), or by_row one row at
-    a time (in memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to its
+    (DxSingle), four rows per step (each column's coefficients and peaks loaded once for them: ADJACENT_ROWS, or
+    QUARTER_ROWS rows r, r + q, r + 2q, r + 3q of the first 4q, q = nrows // 4, then the rest one at a time), or
+    ONE_ROW one row at a time (in memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each
+    column's peaks to its
     values': |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded
     down: cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is
     the same whichever rows it is taken over, in whatever order. With ``stream`` (Layout.stream), the rows taken one
     at a time go out through a buffer of stream values and non-temporal stores, or (not nontemporal) a copy of a
     buffer placed by _placed: pieces of stream columns, or as many whole rows (contiguous in memory) as the buffer
     holds."""
-    cdef Py_ssize_t r, j, i, q, t, a, b, r4 = 0 if by_row else nrows // 4 * 4
+    cdef Py_ssize_t r, j, i, q, q1, q2, q3, t, a, b, r4 = 0 if rows == ONE_ROW else nrows // 4 * 4
+    cdef Py_ssize_t apart = r4 // 4 * W if rows == QUARTER_ROWS else W  # from a step's row to its next
+    cdef Py_ssize_t advance = W if rows == QUARTER_ROWS else 4 * W      # from a step's first row to the next step's
     cdef Py_ssize_t pieces = _cdiv(j1 - j0, stream) if stream else 0, filled = 0
     cdef bint whole = j0 == 0 and j1 == W
     cdef float streamed[STREAM_CHUNK]
@@ -1177,25 +1194,24 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     if SingleOp is GradSingle or SingleOp is GradGatedSingle:  # (the affine ops keep no peaks: peaks is NULL)
         terms, outs = peaks - j0, peaks + gap - j0
     for r in range(0, r4, 4):
-        i = base + r * W
+        i = base + r // 4 * advance
         for j in range(j0, j1):
             hi, lo, c1, c2, c3 = f[j], f[F + j], f[2 * F + j], f[3 * F + j], f[4 * F + j]
             q = i + j
+            q1, q2, q3 = q + apart, q + 2 * apart, q + 3 * apart
             if SingleOp is GradSingle or SingleOp is GradGatedSingle:
                 g0 = _grad_single(x[q], _dy(op, x[q], dy[q], x[q], g, W, j), hi, lo, c1, c2, c3)
-                g1 = _grad_single(x[q + W], _dy(op, x[q + W], dy[q + W], x[q + W], g, W, j), hi, lo, c1, c2, c3)
-                g2 = _grad_single(x[q + 2 * W], _dy(op, x[q + 2 * W], dy[q + 2 * W], x[q + 2 * W], g, W, j), hi, lo,
-                                  c1, c2, c3)
-                g3 = _grad_single(x[q + 3 * W], _dy(op, x[q + 3 * W], dy[q + 3 * W], x[q + 3 * W], g, W, j), hi, lo,
-                                  c1, c2, c3)
-                out[q], out[q + W], out[q + 2 * W], out[q + 3 * W] = g0.out, g1.out, g2.out, g3.out
+                g1 = _grad_single(x[q1], _dy(op, x[q1], dy[q1], x[q1], g, W, j), hi, lo, c1, c2, c3)
+                g2 = _grad_single(x[q2], _dy(op, x[q2], dy[q2], x[q2], g, W, j), hi, lo, c1, c2, c3)
+                g3 = _grad_single(x[q3], _dy(op, x[q3], dy[q3], x[q3], g, W, j), hi, lo, c1, c2, c3)
+                out[q], out[q1], out[q2], out[q3] = g0.out, g1.out, g2.out, g3.out
                 terms[j] = max(terms[j], cbn_peak_up(_largest(g0.terms, g1.terms, g2.terms, g3.terms)))
                 outs[j] = max(outs[j], cbn_peak_down(_largest(g0.out, g1.out, g2.out, g3.out)))
             else:
                 out[q] = _value_single(op, x[q], hi, lo, c1, c2, e[q])
-                out[q + W] = _value_single(op, x[q + W], hi, lo, c1, c2, e[q + W])
-                out[q + 2 * W] = _value_single(op, x[q + 2 * W], hi, lo, c1, c2, e[q + 2 * W])
-                out[q + 3 * W] = _value_single(op, x[q + 3 * W], hi, lo, c1, c2, e[q + 3 * W])
+                out[q1] = _value_single(op, x[q1], hi, lo, c1, c2, e[q1])
+                out[q2] = _value_single(op, x[q2], hi, lo, c1, c2, e[q2])
+                out[q3] = _value_single(op, x[q3], hi, lo, c1, c2, e[q3])
     for r in range(r4, nrows):
         i = base + r * W
         er = e + i if e != NULL else NULL  # (no residual: NULL)
@@ -1506,8 +1522,8 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
             for c in range(_outs_at(i1 - i0) + i1 - i0):
                 slot[c] = 0
             _single_columns(op, x, dy, x, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W), L.W + SKEW,
-                            slot, _outs_at(i1 - i0), _gate(coef, L.W, x), _dx_by_row(L, i1 - i0, x, dy, out),
-                            L.stream, L.nontemporal)
+                            slot, _outs_at(i1 - i0), _gate(coef, L.W, x),
+                            ONE_ROW if _dx_by_row(L, i1 - i0, x, dy, out) else ADJACENT_ROWS, L.stream, L.nontemporal)
         elif ((ApplyOp is Affine or ApplyOp is AffineRelu or ApplyOp is AffineAdd or ApplyOp is AffineAddRelu)
               and floating is float):  # (_affine spelt out: _single_columns takes SingleOp, known at compile time)
             # in cache, runs of SINGLE_RUN columns down the block (ALIGNED_RUN), unless four rows at a time would
@@ -1516,21 +1532,25 @@ cdef void _block_apply(ApplyOp op, Layout L, Py_ssize_t k, const floating *x, co
                 b = _aligned_from(out + n0 * L.W, i0, i1)
                 if b > i0:
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, b, _float_rows(coef, L.W),
-                                    L.W + SKEW, NULL, 0, NULL, False, L.stream, L.nontemporal)
+                                    L.W + SKEW, NULL, 0, NULL, ADJACENT_ROWS, L.stream, L.nontemporal)
                 for c in range(_cdiv(i1 - b, SINGLE_RUN)):
                     a = b + c * SINGLE_RUN
                     _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, a, min(i1, a + SINGLE_RUN),
-                                    _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, False, L.stream,
+                                    _float_rows(coef, L.W), L.W + SKEW, NULL, 0, NULL, ADJACENT_ROWS, L.stream,
                                     L.nontemporal)
+            elif AMD_CPU and not L.stream and not _stalls(L, x, x, out):  # arrays from memory on AMD's CPUs: four
+                # rows a step from the block's quarters (four runs of memory read in order), stored plainly
+                _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
+                                L.W + SKEW, NULL, 0, NULL, QUARTER_ROWS, 0, False)
             elif L.stream or AMD_CPU:  # arrays from memory (or rows that would stall): whole rows one at a time,
                 # in memory order, in one call (streamed, whole rows gather in the stream buffer); not streamed, a
                 # call per row on CPUs other than AMD's (AMD_CPU)
                 _single_columns(op, x, x, e, out, n0 * L.W, L.W, n1 - n0, i0, i1, _float_rows(coef, L.W),
-                                L.W + SKEW, NULL, 0, NULL, True, L.stream, L.nontemporal)
+                                L.W + SKEW, NULL, 0, NULL, ONE_ROW, L.stream, L.nontemporal)
             else:
                 for n in range(n0, n1):
                     _single_columns(op, x, x, e, out, n * L.W, L.W, 1, i0, i1, _float_rows(coef, L.W),
-                                    L.W + SKEW, NULL, 0, NULL, True, 0, False)
+                                    L.W + SKEW, NULL, 0, NULL, ONE_ROW, 0, False)
         else:  # the double passes: row by row in memory order, but four rows at a time in runs of DOUBLE_RUN
             # columns where the block's coefficient rows outgrow L1 (in cache; not those with position weights)
             n = n0
@@ -2093,6 +2113,8 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef double *part = _parts(L, work)
     cdef double *s
     cdef bint single = _single_pass(kind, x)
+    if L.minor and AMD_CPU and (nt == 1 or L.N * L.W < QUARTERS_MAX):  # (QUARTERS_MAX)
+        L.stream, L.nontemporal = 0, False
     with nogil:
         if not batch:
             _given_stats(L.C, running_mean, running_var, eps, mean, invstd)
