@@ -539,12 +539,13 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # (plain ones took 0.76-1.15x their time on that mean, mostly more) until their float32 affine pass took four rows a
 # step from the block's quarters, stored plainly (QUARTER_ROWS): against rows one at a time streamed, over 8
 # outputs, the evals of (65536, 256), (16384, 256), channels-last (32, 64, 56, 56), (256, 128, 8, 8) and
-# (32, 256, 56, 56) and NLC (64, 256, 400) took 0.58-0.92x the time at 1 thread, and at 2 threads 0.76-0.95x below
-# QUARTERS_MAX values but 1.05-1.12x from there on (two threads' plain stores read their lines first from a memory
-# they already share to the full). So on AMD's CPUs a channel-minor forward stores plainly unless it runs on more
-# than one thread over QUARTERS_MAX values or more. Not measured beyond 2 threads.
+# (32, 256, 56, 56) and NLC (64, 256, 400) took 0.58-0.92x the time at 1 thread, and at 2 threads 0.56-1.04x below
+# QUARTERS_MAX values (about the L3 cache in float32) but 1.05-1.12x from there on ((65536, 256), channels-last
+# (32, 512, 28, 28) and (32, 256, 56, 56): two threads' plain stores read their lines first from a memory they
+# already share to the full). So on AMD's CPUs a channel-minor forward stores plainly unless it runs on more than
+# one thread over QUARTERS_MAX values or more. Not measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
-cdef Py_ssize_t QUARTERS_MAX = 1 << 24
+cdef Py_ssize_t QUARTERS_MAX = 1 << 23
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
 # arrays) takes the rows it takes one at a time through that buffer too, COPY_CHUNK values at a time, copied out with
 # plain stores (Layout.nontemporal False): stored straight, each store shares the low 12 address bits of the loads
