@@ -235,9 +235,10 @@ def test_non_temporal_stores_change_no_bit(layout, dtype, shape):
 @pytest.mark.parametrize("shape", [(600, 1000), (512, 1024), (1100, 1000), (300, 64, 70)], ids=str)
 def test_the_rules_of_either_cpu_vendor_change_no_bit(shape):
     """The channel-minor float32 forwards between 256K and 4M values give the same bits under AMD's rules (the affine
-    pass four rows at a time up to 1M values, a block's rows in one call beyond) and the others' (whole rows from
-    256K, a call per row): plain, fused ReLU, residual + ReLU, eval; with y 16 bytes past x modulo 4 KB too (rows of
-    4 KB then go one at a time), and against the float64 reference."""
+    pass four adjacent rows at a time up to 1M values, beyond four rows a step from the block's quarters, remainders
+    of rows included) and the others' (whole rows from 256K, a call per row): plain, fused ReLU, residual + ReLU,
+    eval; with y 16 bytes past x modulo 4 KB too (rows of 4 KB then go one at a time), and against the float64
+    reference."""
     rng = np.random.default_rng(5)
     keep = []
     x, past = placed(shape, 0, keep), placed(shape, 16, keep)  # the output 16 bytes past x modulo 4 KB
