@@ -543,7 +543,8 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # QUARTERS_MAX values (about the L3 cache in float32) but 1.05-1.12x from there on ((65536, 256), channels-last
 # (32, 512, 28, 28) and (32, 256, 56, 56): two threads' plain stores read their lines first from a memory they
 # already share to the full). So on AMD's CPUs a channel-minor forward stores plainly unless it runs on more than
-# one thread over QUARTERS_MAX values or more. Not measured beyond 2 threads.
+# one thread over QUARTERS_MAX values or more, or its rows would stall (_stalls: they keep the stream buffer). Not
+# measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 cdef Py_ssize_t QUARTERS_MAX = 1 << 23
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
@@ -811,15 +812,14 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     u = x - shift[j], w = u (Moments; MomentsValid: u where the weight of column j0 + j of the row at position
     p + r*pld is 1, else 0, and u = 0 there too), dy (GradSums), masked(dy) (GradSumsMasked) or gated(dy)
     (GradSumsGated, column j's gate interval at h[j], h[hs + j]: _dy); four rows per step, added pairwise, but the
-    gradient sums of whole rows (ld == width) of more than LANES and at most SINGLE_RUN values go one row at a time
-    (in memory order: four rows at a time read from four places of the run, which the prefetchers follow worse;
-    wider rows' two rows of accumulators outgrow L1, as the dx pass's coefficients do: _dx_by_row), and the moments
-    of whole rows of more than LANES values take a step's four rows from the four quarters of the first 4*(nrows//4)
-    rows (rows r, r + q, r + 2q, r + 3q, q = nrows // 4: four runs of memory read in order), the rest one at a
-    time. Vectorised
-    across columns: each column is one lane. A row of LANES lanes (_row_lanes) prefetches PREFETCH_BYTES ahead of
-    its steps in the order its block reads: past the matrix's end, ``jump`` values further on (where the block's
-    next run starts; 0: right after this one), and where the jump is not 0, at most one run ahead."""
+    gradient sums of whole rows (ld == width) of more than LANES and at most SINGLE_RUN values go one row at a time (in
+    memory order: four rows at a time read from four places of the run, which the prefetchers follow worse; wider rows'
+    two rows of accumulators outgrow L1, as the dx pass's coefficients do: _dx_by_row), and the moments of whole rows of
+    more than LANES values take a step's four rows from the four quarters of the first 4*(nrows//4) rows (rows r, r + q,
+    r + 2q, r + 3q, q = nrows // 4: four runs of memory read in order), the rest one at a time. Vectorised across
+    columns: each column is one lane. A row of LANES lanes (_row_lanes) prefetches PREFETCH_BYTES ahead of its steps in
+    the order its block reads: past the matrix's end, ``jump`` values further on (where the block's next run starts; 0:
+    right after this one), and where the jump is not 0, at most one run ahead."""
     cdef bint by_row = (not (SumOp is Moments or SumOp is MomentsValid) and ld == width
                         and LANES < width <= SINGLE_RUN)
     cdef Py_ssize_t r, j, i, r4 = 0 if by_row else nrows // 4 * 4
@@ -1170,15 +1170,13 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     coefficients at f[r*F + j] (hi, lo, c1, c2, c3: the rows of _narrow; c3 a dx pass's only) and gate interval at
     g[j], g[W + j] (GradGatedSingle): out = _value_single (the affine ops, residual e) or t1 - t2 of _grad_single
     (DxSingle), four rows per step (each column's coefficients and peaks loaded once for them: ADJACENT_ROWS, or
-    QUARTER_ROWS rows r, r + q, r + 2q, r + 3q of the first 4q, q = nrows // 4, then the rest one at a time), or
-    ONE_ROW one row at a time (in memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each
-    column's peaks to its
-    values': |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded
-    down: cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is
-    the same whichever rows it is taken over, in whatever order. With ``stream`` (Layout.stream), the rows taken one
-    at a time go out through a buffer of stream values and non-temporal stores, or (not nontemporal) a copy of a
-    buffer placed by _placed: pieces of stream columns, or as many whole rows (contiguous in memory) as the buffer
-    holds."""
+    QUARTER_ROWS rows r, r + q, r + 2q, r + 3q of the first 4q, q = nrows // 4, then the rest one at a time), or ONE_ROW
+    one row at a time (in memory order: see _column_sums and _dx_by_row); a DxSingle pass raises each column's peaks to
+    its values': |t1 + t2| in peaks[j - j0] (rounded up to 16 bits: cbn_peak_up), |out| in peaks[gap + j - j0] (rounded
+    down: cbn_peak_down). A peak of 16 bits is half the stores of a full one; rounding is monotone, so the peak is the
+    same whichever rows it is taken over, in whatever order. With ``stream`` (Layout.stream), the rows taken one at a
+    time go out through a buffer of stream values and non-temporal stores, or (not nontemporal) a copy of a buffer
+    placed by _placed: pieces of stream columns, or as many whole rows (contiguous in memory) as the buffer holds."""
     cdef Py_ssize_t r, j, i, q, q1, q2, q3, t, a, b, r4 = 0 if rows == ONE_ROW else nrows // 4 * 4
     cdef Py_ssize_t apart = r4 // 4 * W if rows == QUARTER_ROWS else W  # from a step's row to its next
     cdef Py_ssize_t advance = W if rows == QUARTER_ROWS else 4 * W      # from a step's first row to the next step's
@@ -2114,7 +2112,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef double *part = _parts(L, work)
     cdef double *s
     cdef bint single = _single_pass(kind, x)
-    if L.minor and AMD_CPU and (nt == 1 or L.N * L.W < QUARTERS_MAX):  # (QUARTERS_MAX)
+    if L.minor and AMD_CPU and (nt == 1 or L.N * L.W < QUARTERS_MAX) and not _stalls(L, x, x, y):  # (QUARTERS_MAX)
         L.stream, L.nontemporal = 0, False
     with nogil:
         if not batch:
