@@ -543,8 +543,9 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # QUARTERS_MAX values (about the L3 cache in float32) but 1.05-1.12x from there on ((65536, 256), channels-last
 # (32, 512, 28, 28) and (32, 256, 56, 56): two threads' plain stores read their lines first from a memory they
 # already share to the full). So on AMD's CPUs a channel-minor forward stores plainly unless it runs on more than
-# one thread over QUARTERS_MAX values or more, or its rows would stall (_stalls: they keep the stream buffer). Not
-# measured beyond 2 threads.
+# one thread over QUARTERS_MAX values or more; rows that would stall (_stalls) then go one at a time, stored plainly
+# too ((4096, 1024) eval at 1 thread, over 8 outputs of which 3 lie 16-127 bytes past x: 0.73-0.85x the time of the
+# streamed rows at every output). Not measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 cdef Py_ssize_t QUARTERS_MAX = 1 << 23
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
@@ -2112,7 +2113,7 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef double *part = _parts(L, work)
     cdef double *s
     cdef bint single = _single_pass(kind, x)
-    if L.minor and AMD_CPU and (nt == 1 or L.N * L.W < QUARTERS_MAX) and not _stalls(L, x, x, y):  # (QUARTERS_MAX)
+    if L.minor and AMD_CPU and (nt == 1 or L.N * L.W < QUARTERS_MAX):  # (QUARTERS_MAX)
         L.stream, L.nontemporal = 0, False
     with nogil:
         if not batch:
