@@ -544,8 +544,8 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # (32, 512, 28, 28) and (32, 256, 56, 56): two threads' plain stores read their lines first from a memory they
 # already share to the full). So on AMD's CPUs a channel-minor forward stores plainly unless it runs on more than
 # one thread over QUARTERS_MAX values or more; rows that would stall (_stalls) then go one at a time, stored plainly
-# too ((4096, 1024) eval at 1 thread, over 8 outputs of which 3 lie 16-127 bytes past x: 0.73-0.85x the time of the
-# streamed rows at every output). Not measured beyond 2 threads.
+# too ((4096, 1024) eval at 1 thread with y 16, 64 and 128 bytes past x modulo 4 KB: 0.78x, 0.64x and 0.82x the
+# time of the streamed rows). Not measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 cdef Py_ssize_t QUARTERS_MAX = 1 << 23
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
@@ -638,10 +638,20 @@ def layout(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int sums=MOMENT_SUMS, Py_ss
     return _layout(N, C, S, sums, item)
 
 
-cdef enum RowOrder:  # the rows a float32 pass over a channel-minor block takes at each step (_single_columns)
+cdef enum RowOrder:  # the rows a pass down the rows of a matrix takes at each step (_column_sums, _single_columns)
     ADJACENT_ROWS = 0  # four adjacent rows
     ONE_ROW = 1        # one row, in memory order
     QUARTER_ROWS = 2   # four rows, one from each quarter of the block's rows
+
+
+cdef inline Py_ssize_t _apart(RowOrder rows, Py_ssize_t nrows, Py_ssize_t ld) noexcept nogil:
+    """Values from a step's row to its next in a pass over nrows rows ld values apart (four rows a step)."""
+    return nrows // 4 * ld if rows == QUARTER_ROWS else ld
+
+
+cdef inline Py_ssize_t _advance(RowOrder rows, Py_ssize_t ld) noexcept nogil:
+    """Values from a step's first row to the next step's (four rows a step, rows ld values apart)."""
+    return ld if rows == QUARTER_ROWS else 4 * ld
 
 
 cdef enum Sums:  # what a call sums (_layout)
@@ -821,12 +831,14 @@ cdef void _column_sums(SumOp op, const floating *x, const floating *dy, const fl
     columns: each column is one lane. A row of LANES lanes (_row_lanes) prefetches PREFETCH_BYTES ahead of its steps in
     the order its block reads: past the matrix's end, ``jump`` values further on (where the block's next run starts; 0:
     right after this one), and where the jump is not 0, at most one run ahead."""
-    cdef bint by_row = (not (SumOp is Moments or SumOp is MomentsValid) and ld == width
-                        and LANES < width <= SINGLE_RUN)
-    cdef Py_ssize_t r, j, i, r4 = 0 if by_row else nrows // 4 * 4
-    cdef bint quarters = SumOp is Moments and ld == width and width > LANES
-    cdef Py_ssize_t gap = r4 // 4 * ld if quarters else ld  # from a step's row to its next
-    cdef Py_ssize_t advance = ld if quarters else 4 * ld    # from a step's first row to the next step's
+    cdef RowOrder rows = ADJACENT_ROWS
+    cdef Py_ssize_t r, j, i, r4, gap, advance
+    if not (SumOp is Moments or SumOp is MomentsValid) and ld == width and LANES < width <= SINGLE_RUN:
+        rows = ONE_ROW
+    elif SumOp is Moments and ld == width and width > LANES:
+        rows = QUARTER_ROWS
+    r4 = 0 if rows == ONE_ROW else nrows // 4 * 4
+    gap, advance = _apart(rows, nrows, ld), _advance(rows, ld)
     cdef double u0, u1, u2, u3, w0, w1, w2, w3
     cdef Py_ssize_t buf[4 * COL_CHUNK]
     cdef const Py_ssize_t *v0 = NULL
@@ -1179,8 +1191,7 @@ cdef void _single_columns(SingleOp op, const_float_row x, const_float_row dy, co
     time go out through a buffer of stream values and non-temporal stores, or (not nontemporal) a copy of a buffer
     placed by _placed: pieces of stream columns, or as many whole rows (contiguous in memory) as the buffer holds."""
     cdef Py_ssize_t r, j, i, q, q1, q2, q3, t, a, b, r4 = 0 if rows == ONE_ROW else nrows // 4 * 4
-    cdef Py_ssize_t apart = r4 // 4 * W if rows == QUARTER_ROWS else W  # from a step's row to its next
-    cdef Py_ssize_t advance = W if rows == QUARTER_ROWS else 4 * W      # from a step's first row to the next step's
+    cdef Py_ssize_t apart = _apart(rows, nrows, W), advance = _advance(rows, W)
     cdef Py_ssize_t pieces = _cdiv(j1 - j0, stream) if stream else 0, filled = 0
     cdef bint whole = j0 == 0 and j1 == W
     cdef float streamed[STREAM_CHUNK]
