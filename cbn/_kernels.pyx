@@ -545,7 +545,11 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # already share to the full). So on AMD's CPUs a channel-minor forward stores plainly unless it runs on more than
 # one thread over QUARTERS_MAX values or more; rows that would stall (_stalls) then go one at a time, stored plainly
 # too ((4096, 1024) eval at 1 thread with y 16, 64 and 128 bytes past x modulo 4 KB: 0.78x, 0.64x and 0.82x the
-# time of the streamed rows). Not measured beyond 2 threads.
+# time of the streamed rows). The passes with a residual keep the streamed rows where the block's quarters start at
+# the same offset modulo 4 KB (_quarters_alias: their 12 runs of x, the residual and y then share L1 sets): the fused
+# add+ReLU forwards of (4096, 1024), (16384, 256), (65536, 256), channels-last (32, 512, 28, 28) and (32, 256, 56,
+# 56) took 0.77-0.95x the time of the quartered rows at 1 thread (NLC (64, 256, 400) 1.01), 0.89-1.01x at 2.
+# Not measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 cdef Py_ssize_t QUARTERS_MAX = 1 << 23
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
@@ -1283,6 +1287,11 @@ cdef inline bint _stalls(Layout L, const floating *x, const floating *dy, const 
     """Whether a channel-minor pass taking four rows at a time would stall on 4K aliasing: rows a multiple of 4 KB
     long, with out less than STALL_BYTES past both x and dy modulo 4 KB."""
     return (L.W * sizeof(floating)) % 4096 == 0 and _past(x, out) and _past(dy, out)
+
+
+cdef inline bint _quarters_alias(Layout L, size_t item) noexcept nogil:
+    """Whether the four quarters of a channel-minor block of L.rows rows start at the same offset modulo 4 KB."""
+    return (L.rows // 4 * L.W * <Py_ssize_t>item) % 4096 == 0
 
 
 cdef inline bint _past(const floating *a, const floating *out) noexcept nogil:
@@ -2124,8 +2133,9 @@ cdef void _forward(Layout L, const floating *x, floating *y, const floating *z, 
     cdef double *part = _parts(L, work)
     cdef double *s
     cdef bint single = _single_pass(kind, x)
-    if L.minor and AMD_CPU and (nt == 1 or L.N * L.W < QUARTERS_MAX):  # (QUARTERS_MAX)
-        L.stream, L.nontemporal = 0, False
+    if (L.minor and AMD_CPU and (nt == 1 or L.N * L.W < QUARTERS_MAX)
+            and not ((kind == AFFINE_ADD or kind == AFFINE_ADD_RELU) and _quarters_alias(L, sizeof(floating)))):
+        L.stream, L.nontemporal = 0, False  # (QUARTERS_MAX)
     with nogil:
         if not batch:
             _given_stats(L.C, running_mean, running_var, eps, mean, invstd)
