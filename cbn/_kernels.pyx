@@ -548,8 +548,8 @@ cdef Py_ssize_t DOUBLE_RUN = 512
 # time of the streamed rows). The passes with a residual keep the streamed rows where the block's quarters start at
 # the same offset modulo 4 KB (_quarters_alias: their 12 runs of x, the residual and y then share L1 sets): the fused
 # add+ReLU forwards of (4096, 1024), (16384, 256), (65536, 256), channels-last (32, 512, 28, 28) and (32, 256, 56,
-# 56) took 0.77-0.95x the time of the quartered rows at 1 thread (NLC (64, 256, 400) 1.01), 0.89-1.01x at 2.
-# Not measured beyond 2 threads.
+# 56) took 0.71-0.95x the time of the quartered rows at 1 thread, 0.74-1.04x at 2 (NLC (64, 256, 400), whose
+# quarters alias too: 1.01x at 1 thread, 0.85-1.10x at 2 in six runs). Not measured beyond 2 threads.
 cdef Py_ssize_t STREAM_MIN = FUSE_MIN
 cdef Py_ssize_t QUARTERS_MAX = 1 << 23
 # A channel-minor dx pass whose dx lies less than STALL_BYTES past dy modulo 4 KB (as back-to-back allocations place
