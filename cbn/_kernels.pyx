@@ -1291,7 +1291,7 @@ cdef inline bint _stalls(Layout L, const floating *x, const floating *dy, const 
 
 cdef inline bint _quarters_alias(Layout L, size_t item) noexcept nogil:
     """Whether the four quarters of a channel-minor block of L.rows rows start at the same offset modulo 4 KB."""
-    return (L.rows // 4 * L.W * <Py_ssize_t>item) % 4096 == 0
+    return (_apart(QUARTER_ROWS, L.rows, L.W) * <Py_ssize_t>item) % 4096 == 0
 
 
 cdef inline bint _past(const floating *a, const floating *out) noexcept nogil:
