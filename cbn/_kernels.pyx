@@ -449,15 +449,21 @@ cdef Py_ssize_t BLOCK = 1 << 15
 # threads), and its run in each image (group*S contiguous values) must be at least FUSE_RUN long, or the jumps
 # between images defeat the prefetchers. Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of MIN_IMAGES images or
 # more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2 between its sums
-# and its output, where the passes over the whole tensor read it twice from L3) with runs of FUSE_CACHED_RUN values
-# or more: the backward (two arrays kept) in groups of 1 channel, the float32 training forward of rows shorter than
-# FUSE_SHORT_ROW (which blocks in memory order sum channel by channel, a few images at a time: (64, 256, 7, 7) at
-# 1.4x the time of groups; float64's ran as fast as groups or faster, (16, 128, 12, 12) 0.73-0.87x); the backward
-# in groups of 2 channels or more with runs of FUSE_GRAD_RUN or more, the other forwards with runs of FUSE_ROW_RUN
-# or more. Shorter runs made the calls slower at 2 threads, 1.03-1.3x the time of blocks in memory order: the
-# backward with runs of 512, 576 or 729 values in groups of 1 channel, the forward with runs of 768 to 1296 of rows
-# of 256 or 324 values. Otherwise blocks follow memory order: all channels of MIN_IMAGES or more images, or of one
-# image cut into pieces of about BLOCK values (rows of COL_CHUNK values or more).
+# and its output, where the passes over the whole tensor read it twice from L3): the float32 training forward of rows
+# shorter than FUSE_SHORT_ROW with runs of FUSE_CACHED_RUN values or more (blocks in memory order sum those channel
+# by channel, a few images at a time: (64, 256, 7, 7) at 1.4x the time of groups; float64's ran as fast as groups or
+# faster, (16, 128, 12, 12) 0.73-0.87x), the other forwards with runs of FUSE_ROW_RUN or more (shorter runs made them
+# slower at 2 threads: runs of 768 to 1296 of rows of 256 or 324 values 1.03-1.3x the time of blocks in memory
+# order); the backward (two arrays kept) of rows shorter than FUSE_SHORT_ROW with runs of FUSE_GRAD_RUN or more, of
+# longer rows with runs of FUSE_GRAD_ROW_RUN or more. A group's runs lie an image apart, each on pages the
+# prefetchers meet cold, and the backward reads them twice (sums, then dx), where blocks in memory order read whole
+# images: float32 backwards in memory order took 0.73x / 0.78x the time of groups at 1 / 2 threads with runs of
+# 1024 ((64, 16, 32, 32)), 0.74x / 0.79x with runs of 512 ((128, 32, 16, 16)), 0.83x / 0.84x with 2048
+# ((32, 32, 32, 32)), but 1.01x / 0.99x with 3136 ((32, 16, 56, 56)), 1.00x / 1.03x with 4096 ((16, 64, 32, 32)) and
+# 1.04x / 1.01x with 8192 ((8, 64, 64, 64)) (float64: 0.81-0.88x at 1 thread, 0.86-0.95x at 2, with runs of 512 to
+# 2048); short rows in memory order run channel by channel or down fewer images ((32, 2048, 7, 7) 1.26x / 1.47x,
+# (16, 256, 14, 14) 1.03x / 1.09x; EPYC, Zen 3). Otherwise blocks follow memory order: all channels of MIN_IMAGES or
+# more images, or of one image cut into pieces of about BLOCK values (rows of COL_CHUNK values or more).
 cdef Py_ssize_t FUSE_MIN = 1 << 22
 cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
@@ -466,6 +472,7 @@ cdef Py_ssize_t FUSE_CACHED = 1 << 16
 cdef Py_ssize_t FUSE_CACHED_RUN = 768
 cdef Py_ssize_t FUSE_SHORT_ROW = 256
 cdef Py_ssize_t FUSE_GRAD_RUN = 512
+cdef Py_ssize_t FUSE_GRAD_ROW_RUN = 3072
 cdef Py_ssize_t FUSE_ROW_RUN = 1536
 cdef Py_ssize_t MIN_TASKS = 16
 # Channel-minor blocks are at most COL_BLOCK columns wide (wide matrices get blocks side by side, so that they
@@ -568,11 +575,9 @@ cdef Py_ssize_t QUARTERS_MAX = 1 << 23
 # and start slowly on the next, and the run's sums then wait for memory (tensors beyond the caches: 0.8-0.9x the
 # time of their training forward and backward). In cache, a prefetch that passes the run's end goes as far into the
 # block's next run instead (_next_run; the rows summed one at a time, _row_sums): a block of whole channels reads
-# runs an image apart, and the lines right after a run are another block's (groups of 1 channel with runs of 1024
-# values: the backward 1.12x the time of blocks in memory order with those lines, 0.82x with the next run's); a run
-# shorter than PREFETCH_BYTES there prefetches one run ahead (runs of 784 or 900 values: the backward 0.93-0.99x the
-# time of PREFETCH_BYTES ahead, which skipped the next run's start). Beyond the caches the lines right after the run
-# served better ((32, 256, 56, 56) backward: 1.06x the time with the next run's).
+# runs an image apart, and the lines right after a run are another block's; a run shorter than PREFETCH_BYTES there
+# prefetches one run ahead (PREFETCH_BYTES ahead would skip the next run's start). Beyond the caches the lines right
+# after the run served better ((32, 256, 56, 56) backward: 1.06x the time with the next run's).
 cdef Py_ssize_t PREFETCH_BYTES = 4096
 cdef Py_ssize_t CACHE_LINE = 64  # bytes of a cache line (the prefetch's step, the unit of _slot)
 cdef enum:
@@ -775,7 +780,7 @@ cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         if N * C * S < PARALLEL_MIN or N < MIN_IMAGES:
             return 0
         if sums == GRADIENT_SUMS:
-            run = FUSE_GRAD_RUN if group >= 2 else FUSE_CACHED_RUN
+            run = FUSE_GRAD_RUN if S < FUSE_SHORT_ROW else FUSE_GRAD_ROW_RUN
         else:
             run = FUSE_CACHED_RUN if S < FUSE_SHORT_ROW and item == 4 else FUSE_ROW_RUN
     return group if N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run else 0

@@ -31,7 +31,7 @@ SHAPES = [
     ("BatchNorm2d", (256, 8, 8, 8)),
     ("BatchNorm3d", (2, 8, 8, 32, 32)),
     ("BatchNorm2d", (2, 32, 256, 256)),
-    ("BatchNorm2d", (64, 16, 32, 32)),  # in cache: the backward in tasks of 1 channel (_next_run's prefetch)
+    ("BatchNorm2d", (16, 16, 56, 56)),  # in cache: the backward in tasks of 1 channel (_next_run's prefetch)
     ("BatchNorm2d", (16, 256, 7, 7)),  # in cache: the float32 forward of short rows in groups of whole channels
 ]
 

@@ -37,7 +37,7 @@ SHAPES = [
     ("BatchNorm2d", (2, 32, 256, 256)),  # tasks of whole channels (>= 4M values)
     ("BatchNorm2d", (64, 512, 8, 8)),
     ("BatchNorm2d", (32, 4, 40, 40)),  # rows of 1600 values in memory order
-    ("BatchNorm2d", (64, 16, 32, 32)),  # the backward in tasks of 1 channel (in cache)
+    ("BatchNorm2d", (16, 16, 56, 56)),  # the backward in tasks of 1 channel (in cache)
     ("BatchNorm1d", (4096, 24, 3)),  # rows of 3 values: run as 72 columns per image
     ("BatchNorm2d", (1, 512, 28, 28)),  # one image: tiles of channels
     ("BatchNorm1d", (70001, 2)),
@@ -109,8 +109,8 @@ def restore_threads():
     cbn.set_num_threads(old)
 
 
-# the second and third in cache, in groups of whole channels (the third in its backward only)
-@pytest.mark.parametrize("shape", [(4, 3, 130, 130), (8, 64, 28, 28), (32, 64, 16, 16)])
+# the second and third in cache, in groups of whole channels (the third in its backward only: rows of 64 values)
+@pytest.mark.parametrize("shape", [(4, 3, 130, 130), (8, 64, 28, 28), (64, 128, 8, 8)])
 def test_bitwise_identical_in_process(restore_threads, shape):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 50).astype(np.float32)
@@ -145,14 +145,15 @@ def test_every_channel_minor_block_holds_rows(shape):
 
 
 # (N, C, S) of channel-major tensors in cache of 4 images or more and whether the training forward and the backward
-# take groups of whole channels: runs of group*S >= 768 values (the backward: >= 512 values in groups of 2 channels
-# or more; the forward of rows of 256 values or more, and every float64 forward: >= 1536); a group of about 64K
-# values, at most C // 16 channels, 16 groups or more
+# take groups of whole channels: runs of group*S >= 768 values (the forward of rows of 256 values or more, and every
+# float64 forward: >= 1536; the backward: >= 512 values for rows shorter than 256, >= 3072 for longer ones); a group of
+# about 64K values, at most C // 16 channels, 16 groups or more
 CACHED = [((32, 2048, 49), True, True), ((8, 64, 784), True, True), ((16, 32, 3136), True, True),
-          ((64, 128, 64), False, True), ((64, 256, 49), True, True), ((64, 16, 1024), False, True),
-          ((64, 32, 784), False, True), ((64, 32, 729), False, False), ((128, 16, 512), False, False),
-          ((64, 128, 100), True, True), ((32, 64, 256), False, True), ((32, 48, 256), False, True),
-          ((256, 128, 64), False, False), ((8, 3, 50176), False, False)]
+          ((64, 128, 64), False, True), ((64, 256, 49), True, True), ((64, 16, 1024), False, False),
+          ((64, 32, 784), False, False), ((64, 32, 729), False, False), ((128, 16, 512), False, False),
+          ((64, 128, 100), True, True), ((32, 64, 256), False, False), ((32, 48, 256), False, False),
+          ((256, 128, 64), False, False), ((8, 3, 50176), False, False), ((16, 64, 1024), True, True),
+          ((32, 32, 1024), True, False)]
 
 
 @pytest.mark.parametrize("shape,forward,backward", CACHED, ids=[f"{n}x{c}x{s}" for (n, c, s), _, _ in CACHED])
@@ -165,7 +166,7 @@ def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, forward, backw
         assert not L["minor"]
         assert (L["fused"] and L["group"] < shape[1]) == whole
         if whole:
-            run = (1536 if shape[2] >= 256 else 768) if sums == 1 else 512 if L["group"] >= 2 else 768
+            run = (1536 if shape[2] >= 256 else 768) if sums == 1 else 512 if shape[2] < 256 else 3072
             assert L["nblocks"] >= 16 and L["group"] * shape[2] >= run
     group = _kernels.layout(*shape, sums=1)["group"]
     L = _kernels.layout(*shape, sums=1, item=8)  # float64: the forward's groups need runs of 1536 values
