@@ -222,7 +222,7 @@ CASES = [
     ("NLC-wide", (6, 7, 80), -1, (6, 7), "C"),
     ("NHWC-view-wide", (4, 96, 5, 6), 1, (4, 5, 6), "channels-last"),
     ("NC-wide-parallel", (1024, 130), 1, (1024,), "C"),
-    # in cache, channel-major, in groups of whole channels (runs of 2 channels' rows per image: _whole_channels)
+    # in cache, channel-major, in groups of whole channels (runs of 4 channels' rows per image: _whole_channels)
     ("NCHW-whole-channels", (4, 64, 32, 32), 1, (4, 32, 32), "C"),
 ]
 
