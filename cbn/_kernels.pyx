@@ -443,27 +443,30 @@ cdef Py_ssize_t SHORT_IMAGES = 16
 cdef Py_ssize_t MIN_BLOCKS = 8
 # Values per block (about 128 KB of float32: a block stays in L2 between its sums and its elementwise pass).
 cdef Py_ssize_t BLOCK = 1 << 15
-# Channel-major blocks of whole channels (sums, statistics and output in one task, so that a channel leaves memory
-# once) for tensors beyond the caches (FUSE_MIN values) whose channel holds at most FUSE_PLANE values, with at least
-# MIN_TASKS channels: a group holds about FUSE_GROUP values but at most C // MIN_TASKS channels (tasks for all
-# threads), and its run in each image (group*S contiguous values) must be at least FUSE_RUN long, or the jumps
-# between images defeat the prefetchers. Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of MIN_IMAGES images or
-# more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2 between its sums
-# and its output, where the passes over the whole tensor read it twice from L3): the float32 training forward of rows
-# shorter than FUSE_SHORT_ROW with runs of FUSE_CACHED_RUN values or more (blocks in memory order sum those channel
-# by channel, a few images at a time: (64, 256, 7, 7) at 1.4x the time of groups; float64's ran as fast as groups or
-# faster, (16, 128, 12, 12) 0.73-0.87x), the other forwards with runs of FUSE_ROW_RUN or more (shorter runs made them
-# slower at 2 threads: runs of 768 to 1296 of rows of 256 or 324 values 1.03-1.3x the time of blocks in memory
+# Channel-major blocks of whole channels (sums, statistics and output in one task, so that a channel leaves memory once)
+# for tensors beyond the caches (FUSE_MIN values) whose channel holds at most FUSE_PLANE values, with at least MIN_TASKS
+# channels: a group holds about FUSE_GROUP values but at most C // MIN_TASKS channels (tasks for all threads), and its
+# run in each image (group*S contiguous values) must be at least FUSE_RUN long (the backward's FUSE_GRAD_ROW_RUN), or
+# the jumps between images defeat the prefetchers (the backward, which reads a group twice, in groups with runs of 3136
+# to 4000 values against blocks in memory order at 1 / 2 threads: (64, 64, 56, 56) 0.88x / 0.84x the time,
+# (64, 128, 28, 28) 0.91x / 0.90x, (64, 256, 400) 0.98x / 0.96x; the training forwards of (64, 64, 56, 56) 0.93x / 0.89x
+# but of (64, 256, 400) 1.08x / 1.03x: kept at FUSE_RUN). Tensors in cache (PARALLEL_MIN to FUSE_MIN values, of
+# MIN_IMAGES images or more) take them too, in groups of about FUSE_CACHED values (so that a group's x and dy stay in L2
+# between its sums and its output, where the passes over the whole tensor read it twice from L3): the float32 training
+# forward of rows shorter than FUSE_SHORT_ROW with runs of FUSE_CACHED_RUN values or more (blocks in memory order sum
+# those channel by channel, a few images at a time: (64, 256, 7, 7) at 1.4x the time of groups; float64's ran as fast as
+# groups or faster, (16, 128, 12, 12) 0.73-0.87x), the other forwards with runs of FUSE_ROW_RUN or more (shorter runs
+# made them slower at 2 threads: runs of 768 to 1296 of rows of 256 or 324 values 1.03-1.3x the time of blocks in memory
 # order); the backward (two arrays kept) of rows shorter than FUSE_SHORT_ROW with runs of FUSE_GRAD_RUN or more, of
-# longer rows with runs of FUSE_GRAD_ROW_RUN or more. A group's runs lie an image apart, each on pages the
-# prefetchers meet cold, and the backward reads them twice (sums, then dx), where blocks in memory order read whole
-# images: float32 backwards in memory order took 0.73x / 0.78x the time of groups at 1 / 2 threads with runs of
-# 1024 ((64, 16, 32, 32)), 0.74x / 0.79x with runs of 512 ((128, 32, 16, 16)), 0.83x / 0.84x with 2048
-# ((32, 32, 32, 32)), but 1.01x / 0.99x with 3136 ((32, 16, 56, 56)), 1.00x / 1.03x with 4096 ((16, 64, 32, 32)) and
-# 1.04x / 1.01x with 8192 ((8, 64, 64, 64)) (float64: 0.81-0.88x at 1 thread, 0.86-0.95x at 2, with runs of 512 to
-# 2048); short rows in memory order run channel by channel or down fewer images ((32, 2048, 7, 7) 1.26x / 1.47x,
-# (16, 256, 14, 14) 1.03x / 1.09x; EPYC, Zen 3). Otherwise blocks follow memory order: all channels of MIN_IMAGES or
-# more images, or of one image cut into pieces of about BLOCK values (rows of COL_CHUNK values or more).
+# longer rows with runs of FUSE_GRAD_ROW_RUN or more. A group's runs lie an image apart, each on pages the prefetchers
+# meet cold, and the backward reads them twice (sums, then dx), where blocks in memory order read whole images: float32
+# backwards in memory order took 0.73x / 0.78x the time of groups at 1 / 2 threads with runs of 1024 ((64, 16, 32, 32)),
+# 0.74x / 0.79x with runs of 512 ((128, 32, 16, 16)), 0.83x / 0.84x with 2048 ((32, 32, 32, 32)), but 1.01x / 0.99x with
+# 3136 ((32, 16, 56, 56)), 1.00x / 1.03x with 4096 ((16, 64, 32, 32)) and 1.04x / 1.01x with 8192 ((8, 64, 64, 64))
+# (float64: 0.81-0.88x at 1 thread, 0.86-0.95x at 2, with runs of 512 to 2048); short rows in memory order run channel
+# by channel or down fewer images ((32, 2048, 7, 7) 1.26x / 1.47x, (16, 256, 14, 14) 1.03x / 1.09x; EPYC, Zen 3).
+# Otherwise blocks follow memory order: all channels of MIN_IMAGES or more images, or of one image cut into pieces of
+# about BLOCK values (rows of COL_CHUNK values or more).
 cdef Py_ssize_t FUSE_MIN = 1 << 22
 cdef Py_ssize_t FUSE_PLANE = 1 << 20
 cdef Py_ssize_t FUSE_GROUP = 1 << 18
@@ -775,7 +778,7 @@ cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     ``item``-byte values take blocks of whole channels, else 0 (FUSE_MIN)."""
     cdef bint cached = _in_cache(N * C * S)
     cdef Py_ssize_t group = max(1, min((FUSE_CACHED if cached else FUSE_GROUP) // (N * S), C // MIN_TASKS))
-    cdef Py_ssize_t run = FUSE_RUN
+    cdef Py_ssize_t run = FUSE_GRAD_ROW_RUN if sums == GRADIENT_SUMS else FUSE_RUN
     if cached:
         if N * C * S < PARALLEL_MIN or N < MIN_IMAGES:
             return 0

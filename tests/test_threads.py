@@ -173,6 +173,21 @@ def test_tensors_in_cache_of_long_runs_take_whole_channels(shape, forward, backw
     assert (L["fused"] and L["group"] < shape[1]) == (forward and group * shape[2] >= 1536)
 
 
+# (N, C, S) of channel-major tensors beyond the caches and whether the training forward and the backward take groups
+# of whole channels: runs of group*S >= 4096 values (the backward: >= 3072)
+BEYOND = [((64, 256, 400), False, True), ((64, 64, 3136), False, True), ((32, 64, 3136), True, True),
+          ((128, 64, 784), False, False)]
+
+
+@pytest.mark.parametrize("shape,forward,backward", BEYOND, ids=[f"{n}x{c}x{s}" for (n, c, s), _, _ in BEYOND])
+def test_tensors_beyond_the_caches_of_long_runs_take_whole_channels(shape, forward, backward):
+    for sums, whole in ((1, forward), (2, backward)):
+        L = _kernels.layout(*shape, sums=sums)
+        assert not L["minor"] and L["fused"] == whole
+        if whole:
+            assert L["group"] * shape[2] >= (4096 if sums == 1 else 3072)
+
+
 STREAM_MIN = 1 << 22
 
 
