@@ -181,6 +181,9 @@ BEYOND = [((64, 256, 400), False, True), ((64, 64, 3136), False, True), ((32, 64
 
 @pytest.mark.parametrize("shape,forward,backward", BEYOND, ids=[f"{n}x{c}x{s}" for (n, c, s), _, _ in BEYOND])
 def test_tensors_beyond_the_caches_of_long_runs_take_whole_channels(shape, forward, backward):
+    """A tensor beyond the caches sums, finishes and normalises a group of whole channels in one task (a channel
+    leaves memory once) where the group's run in each image is long enough for the prefetchers; the backward, which
+    reads a group twice, from shorter runs than the forward."""
     for sums, whole in ((1, forward), (2, backward)):
         L = _kernels.layout(*shape, sums=sums)
         assert not L["minor"] and L["fused"] == whole
