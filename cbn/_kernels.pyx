@@ -778,14 +778,15 @@ cdef inline Py_ssize_t _whole_channels(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     ``item``-byte values take blocks of whole channels, else 0 (FUSE_MIN)."""
     cdef bint cached = _in_cache(N * C * S)
     cdef Py_ssize_t group = max(1, min((FUSE_CACHED if cached else FUSE_GROUP) // (N * S), C // MIN_TASKS))
-    cdef Py_ssize_t run = FUSE_GRAD_ROW_RUN if sums == GRADIENT_SUMS else FUSE_RUN
-    if cached:
-        if N * C * S < PARALLEL_MIN or N < MIN_IMAGES:
-            return 0
-        if sums == GRADIENT_SUMS:
-            run = FUSE_GRAD_RUN if S < FUSE_SHORT_ROW else FUSE_GRAD_ROW_RUN
-        else:
-            run = FUSE_CACHED_RUN if S < FUSE_SHORT_ROW and item == 4 else FUSE_ROW_RUN
+    cdef Py_ssize_t run
+    if cached and (N * C * S < PARALLEL_MIN or N < MIN_IMAGES):
+        return 0
+    if sums == GRADIENT_SUMS:
+        run = FUSE_GRAD_RUN if cached and S < FUSE_SHORT_ROW else FUSE_GRAD_ROW_RUN
+    elif cached:
+        run = FUSE_CACHED_RUN if S < FUSE_SHORT_ROW and item == 4 else FUSE_ROW_RUN
+    else:
+        run = FUSE_RUN
     return group if N * S <= FUSE_PLANE and C >= MIN_TASKS and group * S >= run else 0
 
 
