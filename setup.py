@@ -162,7 +162,7 @@ class BuildExt(build_ext):
 
     def finalize_options(self):
         """Compile the modules (one per instruction-set level) side by side, one compiler per core, unless -j/--parallel
-        says otherwise: pip gives no -j (a 2-core VM built the three levels in 111 s so, 155 s one at a time)."""
+        says otherwise (pip gives no -j)."""
         super().finalize_options()
         if self.parallel is None:
             self.parallel = True

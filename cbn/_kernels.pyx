@@ -2051,7 +2051,13 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
     With valid, the batch statistics are those of the count positions it marks (every position is normalised).
     With gate: each channel's gamma*invstd, then beta, for the backward to recompute the ReLU's gate (_gate_coef).
     """
-    if cnp.PyArray_SIZE(x) == 0:  # nothing to compute (the caller never sends an empty tensor)
+    if cnp.PyArray_SIZE(x) == 0:  # no values: a given statistics' (mean, invstd) only (a batch's: the caller's NaN)
+        if not flags & FWD_BATCH and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            _given_stats[float](C, <float *>_data(channels[0]), <float *>_data(channels[1]), eps,
+                                <double *>cnp.PyArray_DATA(stats), <double *>cnp.PyArray_DATA(stats) + C)
+        elif not flags & FWD_BATCH:
+            _given_stats[double](C, <double *>_data(channels[0]), <double *>_data(channels[1]), eps,
+                                 <double *>cnp.PyArray_DATA(stats), <double *>cnp.PyArray_DATA(stats) + C)
         return
     cdef bint batch = flags & FWD_BATCH
     cdef Py_ssize_t S = cnp.PyArray_SIZE(x) // (N * C)

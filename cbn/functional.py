@@ -558,17 +558,13 @@ def _normalize(plan: V.Plan, x: FloatArray, stats: FloatArray, channels: tuple[F
     y, y1, copy = _target(plan, y)
     mean, invstd = stats[:C], stats[C:]
     gate = np.empty((2, C)) if flags & _RELU and z is None else None
-    if x3.size:
+    if x3.size or not flags & _BATCH:  # (empty: the given statistics' mean and invstd only)
         _kernels.forward(x3, y1, None if z is None else _kernel_input(plan, z), A, C, channels, stats, flags, momentum,
                          eps, thread_cap(), valid, _valid_count(valid), gate)
         if copy:
             _copy_result(y, y1, plan.order)
-    elif flags & _BATCH:
-        stats.fill(np.nan)
     else:
-        if channels[0] is not None:
-            mean[...], invstd[...] = channels[0], channels[1]
-        np.divide(1.0, np.sqrt(invstd + eps), out=invstd)
+        stats.fill(np.nan)
     return y, BatchNormSaved._make((x3, mean, invstd, channels[2], bool(flags & _BATCH), plan.shape,
                                     plan.out_dtype, plan.axis, plan.order, y1.reshape(acb) if flags & _RELU else None,
                                     z is not None, None, valid, gate))

@@ -606,15 +606,19 @@ def test_data_parallel_primitives_match_batch_norm_bitwise(shape, dtype, momentu
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_an_empty_part_normalises_with_the_bits_of_any_other(dtype):
-    """batch_norm_elemt of an empty input (a rank without samples in SyncBatchNorm) saves the invstd bits that a
-    non-empty one does: the kernels compute both."""
+def test_an_empty_input_normalises_with_the_bits_of_any_other(dtype):
+    """An empty input saves the (mean, invstd) bits that a non-empty one does, given (mean, var) (batch_norm_elemt: a
+    rank without samples in SyncBatchNorm) or running statistics (eval; float32's invstd takes a Newton step): the
+    kernels compute both."""
     rng = np.random.default_rng(10)
     mean, var = rng.standard_normal(6), rng.uniform(0.5, 2, 6)
-    _, empty = F.batch_norm_elemt(np.empty((0, 6, 3), dtype), mean, var, return_saved=True)
-    _, full = F.batch_norm_elemt(rng.standard_normal((2, 6, 3)).astype(dtype), mean, var, return_saved=True)
-    np.testing.assert_array_equal(empty.mean, full.mean)
-    np.testing.assert_array_equal(empty.invstd, full.invstd)
+    rm, rv = mean.astype(dtype), var.astype(dtype)
+    x = rng.standard_normal((2, 6, 3)).astype(dtype)
+    saved = [F.batch_norm_elemt(v, mean, var, return_saved=True)[1] for v in (x[:0], x)]
+    saved += [F.batch_norm(v, rm, rv, training=False, return_saved=True)[1] for v in (x[:0], x)]
+    for empty, full in (saved[:2], saved[2:]):
+        np.testing.assert_array_equal(empty.mean, full.mean)
+        np.testing.assert_array_equal(empty.invstd, full.invstd)
 
 
 def test_merge_statistics_of_parts_is_the_whole():
