@@ -2051,13 +2051,14 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
     With valid, the batch statistics are those of the count positions it marks (every position is normalised).
     With gate: each channel's gamma*invstd, then beta, for the backward to recompute the ReLU's gate (_gate_coef).
     """
+    cdef double *mean = <double *>cnp.PyArray_DATA(stats)
     if cnp.PyArray_SIZE(x) == 0:  # no values: a given statistics' (mean, invstd) only (a batch's: the caller's NaN)
-        if not flags & FWD_BATCH and cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-            _given_stats[float](C, <float *>_data(channels[0]), <float *>_data(channels[1]), eps,
-                                <double *>cnp.PyArray_DATA(stats), <double *>cnp.PyArray_DATA(stats) + C)
-        elif not flags & FWD_BATCH:
-            _given_stats[double](C, <double *>_data(channels[0]), <double *>_data(channels[1]), eps,
-                                 <double *>cnp.PyArray_DATA(stats), <double *>cnp.PyArray_DATA(stats) + C)
+        if flags & FWD_BATCH:
+            return
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            _given_stats[float](C, <float *>_data(channels[0]), <float *>_data(channels[1]), eps, mean, mean + C)
+        else:
+            _given_stats[double](C, <double *>_data(channels[0]), <double *>_data(channels[1]), eps, mean, mean + C)
         return
     cdef bint batch = flags & FWD_BATCH
     cdef Py_ssize_t S = cnp.PyArray_SIZE(x) // (N * C)
@@ -2069,7 +2070,6 @@ def forward(cnp.ndarray x,                # IN the (N, C, S) input's memory (any
     cdef object cols = _columns(L, valid)
     cdef Positions P = _positions(L, valid, cols)
     cdef Py_ssize_t first = 0  # offset of the shift K of channel 0: its value at the first counted position
-    cdef double *mean = <double *>cnp.PyArray_DATA(stats)
     if valid is not None:
         first = np.argmax(valid)
         first = (first // S) * C * S + first % S
